@@ -1,0 +1,102 @@
+"""truncpinv: truncated pseudoinverses for PyTorch, NumPy and matrix-free operators.
+
+The truncated pseudoinverse keeps the ``r`` largest singular values of ``A``
+above a cut-off, ``A_r^+ = V_r \\Sigma_r^{-1} U_r^T``, and ``x = A_r^+ b`` is the
+minimum-norm least-squares solution of the truncated problem.
+
+>>> import torch, truncpinv as tp
+>>> A = torch.randn(64, 1000, dtype=torch.float64)
+>>> b = torch.randn(64, dtype=torch.float64)
+>>> x = tp.lstsq(A, b, rank=32, rtol=1e-3)
+>>> F = tp.pinv(A, rank=32, rtol=1e-3)
+>>> bool(torch.allclose(F @ b, x))
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._factorization import Triplets, TruncatedPinv, no_tf32
+from ._operator import CallableOperator, LinearOperator, ScipyOperator, TensorOperator, aslinearoperator
+from ._tolerance import Tolerance, default_rtol, resolve_cutoff, select_rank
+from .solvers import SOLVERS, LOBPCG, Auto, DenseSVD, GramEigen, Lanczos, RandomizedSVD, Solver, get_solver
+
+__all__ = [
+    "SOLVERS",
+    "LOBPCG",
+    "Auto",
+    "CallableOperator",
+    "DenseSVD",
+    "GramEigen",
+    "Lanczos",
+    "LinearOperator",
+    "RandomizedSVD",
+    "ScipyOperator",
+    "Solver",
+    "TensorOperator",
+    "Tolerance",
+    "Triplets",
+    "TruncatedPinv",
+    "aslinearoperator",
+    "default_rtol",
+    "get_solver",
+    "lstsq",
+    "no_tf32",
+    "pinv",
+    "resolve_cutoff",
+    "select_rank",
+]
+
+__version__ = "0.1.0"
+
+
+def pinv(
+    A: Any,
+    *,
+    rank: int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    solver: str | Solver = "auto",
+    check_finite: bool = True,
+) -> TruncatedPinv:
+    """Factorised truncated pseudoinverse of ``A``.
+
+    Keeps at most ``rank`` singular values ``sigma > max(atol, rtol * sigma_max)``.
+    The default ``rtol`` is ``max(m, n) * eps`` as in :func:`torch.linalg.pinv`.
+
+    Args:
+        A: ``m x n`` tensor, array, or matrix-free operator.
+        rank: maximum rank (default ``min(m, n)``; larger values are clamped).
+        rtol: relative tolerance.
+        atol: absolute tolerance (default 0).
+        solver: a registry name (``"auto"``, ``"svd"``, ``"gram"``,
+            ``"randomized"``, ``"lobpcg"``, ``"lanczos"``) or a solver object.
+        check_finite: reject NaN/Inf in a dense ``A``.
+
+    Returns:
+        A :class:`TruncatedPinv`; ``F @ b`` solves, ``F.T`` is the pseudoinverse of
+        ``A^T``, ``F.truncate(...)`` re-thresholds, ``F.to_dense()`` forms the matrix.
+    """
+    return get_solver(solver).factorize(A, rank=rank, rtol=rtol, atol=atol, check_finite=check_finite)
+
+
+def lstsq(
+    A: Any,
+    b: Any,
+    *,
+    rank: int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    solver: str | Solver = "auto",
+    check_finite: bool = True,
+) -> Any:
+    """Minimum-norm least-squares solution ``x = A_r^+ b`` of the truncated problem.
+
+    ``x`` minimises ``||A_r x - b||`` and, among the minimisers, ``||x||``. With
+    nothing truncated it equals :func:`numpy.linalg.lstsq`'s solution. ``b`` may
+    be ``(m,)`` or ``(m, k)``; the result is ``(n,)`` or ``(n, k)``, of the same
+    kind (tensor or array) as ``b``. Arguments as in :func:`pinv`.
+    """
+    F = pinv(A, rank=rank, rtol=rtol, atol=atol, solver=solver, check_finite=check_finite)
+    return F.solve(b, check_finite=check_finite)

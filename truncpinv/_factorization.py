@@ -1,0 +1,245 @@
+"""The factorised truncated pseudoinverse returned by every solver."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._operator import LinearOperator
+from ._tolerance import Tolerance, make_tolerance
+from ._validation import prepare_rhs
+
+__all__ = ["Triplets", "TruncatedPinv", "no_tf32"]
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """Run float32 matmuls in full float32 (no TF32, no bf16 tricks) inside the block."""
+    prev_prec = torch.get_float32_matmul_precision()
+    prev_cuda = torch.backends.cuda.matmul.allow_tf32
+    prev_cudnn = torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev_prec)
+        torch.backends.cuda.matmul.allow_tf32 = prev_cuda
+        torch.backends.cudnn.allow_tf32 = prev_cudnn
+
+
+@dataclass
+class Triplets:
+    """What a solver computes: the leading singular triplets of ``A``.
+
+    Attributes:
+        U: ``(m, q)`` left singular vectors, orthonormal columns.
+        S: ``(q,)`` singular values, descending and non-negative.
+        V: ``(n, q)`` right singular vectors, or ``None`` when the solver only
+            computed ``U`` and ``S`` (the Gram route); ``V = A^T U S^{-1}`` is
+            then applied implicitly through ``A``.
+        stats: solver statistics (``matvecs``, ``iterations``, ...).
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _out(x: torch.Tensor, numpy_out: bool) -> Any:
+    return x.detach().cpu().numpy() if numpy_out else x
+
+
+class TruncatedPinv:
+    r"""A factorised truncated pseudoinverse :math:`A_r^+ = V_r \Sigma_r^{-1} U_r^\top`.
+
+    ``A_r = U_r \Sigma_r V_r^\top`` is the truncation of the SVD of ``A`` to the
+    ``r`` largest singular values with ``sigma > cutoff`` (see
+    :mod:`truncpinv._tolerance`). ``x = F @ b`` is the minimum-norm solution of
+    ``min_x ||A_r x - b||``: it satisfies the normal equations
+    ``A_r^T (A_r x - b) = 0`` and lies in the row space of ``A_r``.
+
+    The dense ``n x m`` pseudoinverse is never formed unless :meth:`to_dense`
+    is called. All computed triplets are kept, so :meth:`truncate` can
+    re-threshold without recomputing.
+
+    Attributes:
+        rank: number of singular values in use (``r``).
+        cutoff: the absolute cut-off that was applied.
+        stats: solver statistics: ``solver``, ``matvecs``, ``iterations`` and,
+            where the solver estimates it, ``residual``.
+        shape: ``(m, n)``, the shape of ``A``.
+    """
+
+    def __init__(
+        self,
+        U: torch.Tensor,
+        S: torch.Tensor,
+        V: torch.Tensor | None,
+        *,
+        tol: Tolerance,
+        shape: tuple[int, int],
+        stats: dict[str, Any] | None = None,
+        operator: torch.Tensor | LinearOperator | None = None,
+        numpy_out: bool = False,
+    ) -> None:
+        if V is None and operator is None:
+            raise ValueError("`operator` is required when the right singular vectors `V` are implicit")
+        self._U = U
+        self._S = S
+        self._V = V
+        self._op = operator
+        self.tol = tol
+        self.shape = shape
+        self.stats: dict[str, Any] = dict(stats or {})
+        self.numpy_out = numpy_out
+        self.rank, self.cutoff = tol.keep(S)
+
+    # ------------------------------------------------------------------ factors
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._U.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._U.device
+
+    @property
+    def U(self) -> Any:
+        """``(m, r)`` left singular vectors in use."""
+        return _out(self._U[:, : self.rank], self.numpy_out)
+
+    @property
+    def S(self) -> Any:
+        """``(r,)`` singular values in use, descending."""
+        return _out(self._S[: self.rank], self.numpy_out)
+
+    @property
+    def V(self) -> Any:
+        """``(n, r)`` right singular vectors in use (formed on first access if implicit)."""
+        return _out(self._full_V()[:, : self.rank], self.numpy_out)
+
+    @property
+    def Vh(self) -> Any:
+        """``(r, n)``: the transpose of :attr:`V`, as in ``torch.linalg.svd``."""
+        return _out(self._full_V()[:, : self.rank].T, self.numpy_out)
+
+    @property
+    def singular_values(self) -> Any:
+        """Every singular value the solver computed, kept or not."""
+        return _out(self._S, self.numpy_out)
+
+    def _full_V(self) -> torch.Tensor:
+        if self._V is None:
+            assert self._op is not None
+            S = self._S
+            pos = S > 0
+            inv = torch.where(pos, 1.0 / torch.where(pos, S, torch.ones_like(S)), torch.zeros_like(S))
+            W = self._rmatmat(self._U)
+            self._V = W * inv
+        return self._V
+
+    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        op = self._op
+        if isinstance(op, torch.Tensor):
+            return (op.T @ Y.to(op.dtype)).to(self._U.dtype)
+        assert op is not None
+        return op.rmatmat(Y.to(op.dtype)).to(self._U.dtype)
+
+    # ------------------------------------------------------------------ solving
+    def solve(self, b: Any, *, check_finite: bool = True) -> Any:
+        r"""Minimum-norm solution ``x = A_r^+ b``.
+
+        Args:
+            b: ``(m,)`` or ``(m, k)`` right-hand side(s), tensor or array.
+            check_finite: reject NaN/Inf in ``b`` (default ``True``).
+
+        Returns:
+            ``(n,)`` or ``(n, k)``, of the same kind (tensor or array) as ``b``.
+        """
+        b2, vec, was_numpy = prepare_rhs(
+            b, shape=self.shape, dtype=self.dtype, device=self.device, check_finite=check_finite
+        )
+        r = self.rank
+        with no_tf32():
+            if r == 0:
+                x = torch.zeros(self.shape[1], b2.shape[1], dtype=self.dtype, device=self.device)
+            else:
+                y = self._U[:, :r].T @ b2
+                S = self._S[:r, None]
+                if self._V is not None:
+                    x = self._V[:, :r] @ (y / S)
+                else:
+                    x = self._rmatmat(self._U[:, :r] @ (y / (S * S)))
+        if vec:
+            x = x[:, 0]
+        return x.detach().cpu().numpy() if was_numpy else x
+
+    def __matmul__(self, b: Any) -> Any:
+        return self.solve(b)
+
+    @property
+    def T(self) -> TruncatedPinv:
+        """The truncated pseudoinverse of ``A^T``: the same factors with ``U`` and ``V`` swapped."""
+        V = self._full_V()
+        return TruncatedPinv(
+            V,
+            self._S,
+            self._U,
+            tol=self.tol,
+            shape=(self.shape[1], self.shape[0]),
+            stats=self.stats,
+            numpy_out=self.numpy_out,
+        )
+
+    def truncate(self, *, rank: int | None = None, rtol: float | None = None, atol: float | None = None) -> TruncatedPinv:
+        """Re-threshold the computed spectrum without recomputing anything.
+
+        Arguments left as ``None`` keep their current value. Only singular
+        values that were computed can be kept: asking for a looser truncation
+        than the solver computed keeps all computed ones (see
+        :attr:`singular_values`).
+        """
+        tol = make_tolerance(
+            self.shape,
+            self.dtype,
+            rank=self.tol.rank if rank is None else rank,
+            rtol=self.tol.rtol if rtol is None else rtol,
+            atol=self.tol.atol if atol is None else atol,
+        )
+        return TruncatedPinv(
+            self._U,
+            self._S,
+            self._V,
+            tol=tol,
+            shape=self.shape,
+            stats=self.stats,
+            operator=self._op,
+            numpy_out=self.numpy_out,
+        )
+
+    def to_dense(self) -> Any:
+        """The ``n x m`` matrix ``A_r^+ = V_r diag(1/sigma) U_r^T`` (memory ``O(m n)``)."""
+        r = self.rank
+        V = self._full_V()[:, :r]
+        return _out((V / self._S[:r]) @ self._U[:, :r].T, self.numpy_out)
+
+    def approximation(self) -> Any:
+        """The ``m x n`` rank-``r`` approximation ``A_r = U_r diag(sigma) V_r^T``."""
+        r = self.rank
+        V = self._full_V()[:, :r]
+        return _out((self._U[:, :r] * self._S[:r]) @ V.T, self.numpy_out)
+
+    def __repr__(self) -> str:
+        name = self.stats.get("solver", "?")
+        return (
+            f"TruncatedPinv(shape={self.shape}, rank={self.rank}, cutoff={self.cutoff:.3g}, "
+            f"solver={name!r}, dtype={self.dtype}, device={self.device})"
+        )

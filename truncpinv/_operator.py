@@ -1,0 +1,188 @@
+"""Matrix-free linear operators.
+
+An operator only has to provide ``shape``, ``dtype``, ``device``,
+``matmat(X)`` (``A @ X`` for an ``n x r`` tensor ``X``) and ``rmatmat(Y)``
+(``A^T @ Y`` for an ``m x r`` tensor ``Y``). :func:`aslinearoperator` adapts
+dense tensors, NumPy arrays, SciPy sparse matrices and
+:class:`scipy.sparse.linalg.LinearOperator` objects to this protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = ["LinearOperator", "TensorOperator", "ScipyOperator", "CallableOperator", "aslinearoperator"]
+
+
+@runtime_checkable
+class LinearOperator(Protocol):
+    """The matrix-free protocol: an ``m x n`` real linear map ``A``."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        """``A @ X`` for ``X`` of shape ``(n, r)``; returns ``(m, r)``."""
+        ...
+
+    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        """``A^T @ Y`` for ``Y`` of shape ``(m, r)``; returns ``(n, r)``."""
+        ...
+
+
+class TensorOperator:
+    """A dense ``torch.Tensor`` seen as an operator (``matmat`` is ``A @ X``)."""
+
+    def __init__(self, A: torch.Tensor) -> None:
+        self.A = A
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.A.shape[0]), int(self.A.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.A.device
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.A @ X
+
+    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.A.T @ Y
+
+
+class CallableOperator:
+    """An operator built from two functions.
+
+    Example:
+        >>> import torch, truncpinv as tp
+        >>> A = torch.randn(5, 7, dtype=torch.float64)
+        >>> op = tp.CallableOperator((5, 7), lambda X: A @ X, lambda Y: A.T @ Y, dtype=torch.float64)
+        >>> F = tp.pinv(op, rank=3, solver="lanczos")
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        matmat: Any,
+        rmatmat: Any,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self._shape = (int(shape[0]), int(shape[1]))
+        self._matmat = matmat
+        self._rmatmat = rmatmat
+        self._dtype = dtype
+        self._device = torch.device(device)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self._matmat(X)  # type: ignore[no-any-return]
+
+    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self._rmatmat(Y)  # type: ignore[no-any-return]
+
+
+class ScipyOperator:
+    """Adapter for :class:`scipy.sparse.linalg.LinearOperator` and SciPy sparse matrices.
+
+    Products run in NumPy/SciPy on the CPU; tensors cross the boundary with
+    ``torch.from_numpy`` (no copy when dtypes agree).
+    """
+
+    def __init__(self, op: Any) -> None:
+        from scipy.sparse.linalg import aslinearoperator as _sp_aslinop
+
+        self.op = _sp_aslinop(op)
+        np_dtype = np.dtype(self.op.dtype)
+        if np_dtype == np.float64:
+            self._dtype = torch.float64
+        elif np_dtype == np.float32:
+            self._dtype = torch.float32
+        else:
+            raise TypeError(
+                f"`A` must have a real floating dtype (float32 or float64), got a SciPy operator of dtype {np_dtype}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.op.shape[0]), int(self.op.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _call(self, f: Any, X: torch.Tensor) -> torch.Tensor:
+        out = np.asarray(f(X.detach().cpu().numpy()))
+        if out.ndim == 1:
+            out = out[:, None]
+        return torch.from_numpy(np.ascontiguousarray(out)).to(self._dtype)
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self._call(self.op.matmat, X)
+
+    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self._call(self.op.rmatmat, Y)
+
+
+def is_operator(A: Any) -> bool:
+    """Whether ``A`` is a matrix-free operator (rather than a dense array)."""
+    if isinstance(A, (torch.Tensor, np.ndarray)):
+        return False
+    return all(hasattr(A, a) for a in ("shape", "matmat", "rmatmat"))
+
+
+def aslinearoperator(A: Any) -> LinearOperator:
+    """Adapt ``A`` to the :class:`LinearOperator` protocol.
+
+    Accepts a 2-D ``torch.Tensor``, a 2-D ``numpy.ndarray`` (converted to a CPU
+    tensor), a SciPy sparse matrix or :class:`scipy.sparse.linalg.LinearOperator`,
+    or any object that already implements the protocol.
+    """
+    if isinstance(A, torch.Tensor):
+        return TensorOperator(A)
+    if isinstance(A, np.ndarray):
+        return TensorOperator(torch.from_numpy(A))
+    try:
+        import scipy.sparse as sp
+        from scipy.sparse.linalg import LinearOperator as SpLinOp
+
+        if isinstance(A, SpLinOp) or sp.issparse(A):
+            return ScipyOperator(A)
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        pass
+    if all(hasattr(A, a) for a in ("shape", "dtype", "device", "matmat", "rmatmat")):
+        return A  # type: ignore[no-any-return]
+    raise TypeError(
+        "`A` must be a torch.Tensor, a numpy.ndarray, a scipy LinearOperator/sparse matrix, or an object "
+        f"with `shape`, `dtype`, `device`, `matmat` and `rmatmat`; got {type(A).__name__}"
+    )

@@ -1,0 +1,129 @@
+"""Input validation, done once at the public entry points.
+
+Every message names the argument in backticks, states the rule and shows what
+was received, so that the fix is obvious from the error alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._operator import LinearOperator, aslinearoperator, is_operator
+
+__all__ = ["PreparedMatrix", "prepare_matrix", "prepare_rhs"]
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+@dataclass
+class PreparedMatrix:
+    """A validated input: a dense tensor or an operator, and whether NumPy results are wanted."""
+
+    A: torch.Tensor | LinearOperator
+    numpy_out: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.A.shape[0]), int(self.A.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.A.device
+
+    @property
+    def dense(self) -> bool:
+        return isinstance(self.A, torch.Tensor)
+
+
+def _check_dtype(name: str, dtype: Any) -> None:
+    if dtype in _FLOATS:
+        return
+    if isinstance(dtype, torch.dtype) and dtype.is_complex:
+        raise TypeError(f"`{name}` must be real (float32 or float64); complex dtype {dtype} is not supported")
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        raise TypeError(
+            f"`{name}` must be float32 or float64, got {dtype}; half precision loses the small singular values, "
+            f"convert with `.float()`"
+        )
+    raise TypeError(f"`{name}` must have a floating dtype (float32 or float64), got {dtype}; convert with `.float()`")
+
+
+def _as_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
+    if isinstance(x, torch.Tensor):
+        return x, False
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind == "c":
+            raise TypeError(f"`{name}` must be real (float32 or float64); complex dtype {x.dtype} is not supported")
+        if x.dtype.kind != "f" or x.dtype.itemsize < 4:
+            raise TypeError(
+                f"`{name}` must have a floating dtype (float32 or float64), got numpy {x.dtype}; "
+                f"convert with `.astype(np.float64)`"
+            )
+        return torch.from_numpy(np.ascontiguousarray(x)), True
+    raise TypeError(f"`{name}` must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def prepare_matrix(A: Any, *, allow_operator: bool, solver: str, check_finite: bool = True) -> PreparedMatrix:
+    """Validate the matrix ``A`` and convert it to a tensor or an operator."""
+    if is_operator(A):
+        if not allow_operator:
+            raise TypeError(
+                f"solver {solver!r} needs a dense matrix, but `A` is a matrix-free operator "
+                f"({type(A).__name__}); use solver='randomized', 'lanczos', 'lobpcg', 'gram' or 'auto'"
+            )
+        op = aslinearoperator(A)
+        shape = tuple(op.shape)
+        if len(shape) != 2:
+            raise ValueError(f"`A` must be 2-D, got an operator of shape {shape}")
+        _check_dtype("A", op.dtype)
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"`A` must be non-empty, got shape {shape}")
+        return PreparedMatrix(op, numpy_out=False)
+    t, numpy_out = _as_tensor("A", A)
+    if t.ndim != 2:
+        raise ValueError(f"`A` must be a 2-D matrix, got {t.ndim} dimension(s) with shape {tuple(t.shape)}")
+    _check_dtype("A", t.dtype)
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"`A` must be non-empty, got shape {tuple(t.shape)}")
+    if check_finite and not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"`A` must be finite, but it contains {n_bad} NaN or Inf entr{'y' if n_bad == 1 else 'ies'}; "
+            f"clean the input or pass check_finite=False to skip this check"
+        )
+    return PreparedMatrix(t, numpy_out=numpy_out)
+
+
+def prepare_rhs(
+    b: Any, *, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, check_finite: bool = True
+) -> tuple[torch.Tensor, bool, bool]:
+    """Validate a right-hand side for an ``m x n`` problem.
+
+    Returns ``(b2, was_vector, was_numpy)`` where ``b2`` has shape ``(m, r)``
+    and the dtype of the factorisation.
+    """
+    t, was_numpy = _as_tensor("b", b)
+    if t.ndim not in (1, 2):
+        raise ValueError(f"`b` must have shape (m,) or (m, r), got {t.ndim} dimensions with shape {tuple(t.shape)}")
+    _check_dtype("b", t.dtype)
+    if t.shape[0] != shape[0]:
+        raise ValueError(
+            f"`b` must have {shape[0]} rows to match `A` of shape {shape}, got shape {tuple(t.shape)}"
+        )
+    if was_numpy:
+        t = t.to(device)
+    elif t.device != device:
+        raise ValueError(f"`b` is on {t.device} but the factorisation is on {device}; move it with `.to({str(device)!r})`")
+    if check_finite and not bool(torch.isfinite(t).all()):
+        raise ValueError("`b` must be finite, but it contains NaN or Inf")
+    vec = t.ndim == 1
+    t2 = t.unsqueeze(1) if vec else t
+    return t2.to(dtype), vec, was_numpy

@@ -1,0 +1,76 @@
+"""Automatic solver choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .._factorization import Triplets
+from .._operator import LinearOperator
+from .._tolerance import Tolerance
+from ._base import Solver
+from .dense_svd import DenseSVD
+from .gram_eigen import GramEigen
+from .lanczos import Lanczos
+from .randomized import RandomizedSVD
+
+__all__ = ["Auto", "choose_solver"]
+
+#: Below this short side, every dense problem is cheap: use the exact Gram route.
+SMALL_SIDE = 64
+#: A request of ``rank <= short_side / LOW_RANK_FRACTION`` counts as low-rank.
+LOW_RANK_FRACTION = 8
+#: Gram route needs a sufficiently rectangular matrix to be cheaper than an SVD.
+GRAM_ASPECT = 2.0
+
+
+def choose_solver(shape: tuple[int, int], rank: int, *, dense: bool, seed: int | None = 0) -> Solver:
+    """The rule behind ``solver="auto"`` (measured in ``benchmarks/bench_solvers.py``).
+
+    * **Matrix-free operator:** ``RandomizedSVD`` for low rank
+      (``rank <= min(m, n) / 8``), ``Lanczos`` otherwise; exact Gram route when
+      the short side is at most 64 (64 products build it exactly).
+    * **Dense, low rank** (``rank <= min(m, n) / 8`` and ``min(m, n) > 64``):
+      ``RandomizedSVD`` (a few passes over ``A`` with ``rank + p`` columns).
+    * **Dense, rectangular** (aspect ratio >= 2): ``GramEigen`` in float64:
+      one GEMM plus a small eigendecomposition, accurate to working precision.
+    * **Dense, nearly square:** ``DenseSVD``.
+    """
+    m, n = shape
+    short, long_ = min(m, n), max(m, n)
+    low_rank = short > SMALL_SIDE and rank * LOW_RANK_FRACTION <= short
+    if not dense:
+        if short <= SMALL_SIDE:
+            return GramEigen()
+        return RandomizedSVD(seed=seed) if low_rank else Lanczos()
+    if low_rank:
+        return RandomizedSVD(seed=seed)
+    if long_ >= GRAM_ASPECT * short:
+        return GramEigen()
+    return DenseSVD()
+
+
+@dataclass(frozen=True)
+class Auto(Solver):
+    """Chooses a solver from the shape, the requested rank and whether ``A`` is an operator.
+
+    See :func:`choose_solver` for the rule; the chosen solver's name is recorded
+    in ``F.stats["solver"]`` and ``F.stats["auto"]`` is ``True``.
+
+    Args:
+        seed: seed passed to a randomized solver if one is chosen.
+    """
+
+    seed: int | None = 0
+
+    name: ClassVar[str] = "auto"
+    exact: ClassVar[bool] = False
+    matrix_free: ClassVar[bool] = True
+
+    def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
+        chosen = choose_solver(tuple(A.shape), tol.rank, dense=isinstance(A, torch.Tensor), seed=self.seed)  # type: ignore[arg-type]
+        trip = chosen._compute(A, tol)
+        trip.stats = {**trip.stats, "chosen": chosen.name}
+        return trip
