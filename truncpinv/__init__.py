@@ -20,7 +20,7 @@ from typing import Any
 from ._factorization import Triplets, TruncatedPinv, no_tf32
 from ._operator import CallableOperator, LinearOperator, ScipyOperator, TensorOperator, aslinearoperator
 from ._tolerance import Tolerance, default_rtol, resolve_cutoff, select_rank
-from .solvers import SOLVERS, LOBPCG, Auto, DenseSVD, GramEigen, Lanczos, RandomizedSVD, Solver, get_solver
+from .solvers import SOLVERS, LOBPCG, Auto, DenseSVD, GramEigen, Lanczos, RandomizedSVD, Solver, SolverError, get_solver
 
 __all__ = [
     "SOLVERS",
@@ -34,6 +34,7 @@ __all__ = [
     "RandomizedSVD",
     "ScipyOperator",
     "Solver",
+    "SolverError",
     "TensorOperator",
     "Tolerance",
     "Triplets",

@@ -17,10 +17,39 @@ from ._validation import prepare_rhs
 __all__ = ["Triplets", "TruncatedPinv", "no_tf32"]
 
 
+def _precision_knobs() -> list[Any]:
+    """The per-backend float32 precision settings of this torch (``fp32_precision``, torch >= 2.9)."""
+    knobs = []
+    for path in ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn"):
+        obj: Any = torch.backends
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            knobs.append(obj)
+    return knobs
+
+
 @contextlib.contextmanager
 def no_tf32() -> Iterator[None]:
-    """Run float32 matmuls in full float32 (no TF32, no bf16 tricks) inside the block."""
-    prev_prec = torch.get_float32_matmul_precision()
+    """Run float32 matmuls and convolutions in full IEEE float32 (no TF32/bf16) inside the block.
+
+    Uses the per-backend ``fp32_precision`` settings where torch has them (so
+    it never mixes the legacy and the new API), and the legacy
+    ``allow_tf32``/``set_float32_matmul_precision`` switches otherwise. The
+    previous settings are restored on exit.
+    """
+    knobs = _precision_knobs()
+    if knobs:
+        saved = [k.fp32_precision for k in knobs]
+        try:
+            for k in knobs:
+                k.fp32_precision = "ieee"
+            yield
+        finally:
+            for k, v in zip(knobs, saved):
+                k.fp32_precision = v
+        return
+    prev_prec = torch.get_float32_matmul_precision()  # pragma: no cover - torch < 2.9
     prev_cuda = torch.backends.cuda.matmul.allow_tf32
     prev_cudnn = torch.backends.cudnn.allow_tf32
     try:

@@ -154,11 +154,20 @@ class ScipyOperator:
         return self._call(self.op.rmatmat, Y)
 
 
+def _is_scipy(A: Any) -> bool:
+    try:
+        import scipy.sparse as sp
+        from scipy.sparse.linalg import LinearOperator as SpLinOp
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        return False
+    return isinstance(A, SpLinOp) or bool(sp.issparse(A))
+
+
 def is_operator(A: Any) -> bool:
     """Whether ``A`` is a matrix-free operator (rather than a dense array)."""
     if isinstance(A, (torch.Tensor, np.ndarray)):
         return False
-    return all(hasattr(A, a) for a in ("shape", "matmat", "rmatmat"))
+    return _is_scipy(A) or all(hasattr(A, a) for a in ("shape", "matmat", "rmatmat"))
 
 
 def aslinearoperator(A: Any) -> LinearOperator:
@@ -172,14 +181,8 @@ def aslinearoperator(A: Any) -> LinearOperator:
         return TensorOperator(A)
     if isinstance(A, np.ndarray):
         return TensorOperator(torch.from_numpy(A))
-    try:
-        import scipy.sparse as sp
-        from scipy.sparse.linalg import LinearOperator as SpLinOp
-
-        if isinstance(A, SpLinOp) or sp.issparse(A):
-            return ScipyOperator(A)
-    except ImportError:  # pragma: no cover - scipy is a dependency
-        pass
+    if _is_scipy(A):
+        return ScipyOperator(A)
     if all(hasattr(A, a) for a in ("shape", "dtype", "device", "matmat", "rmatmat")):
         return A  # type: ignore[no-any-return]
     raise TypeError(

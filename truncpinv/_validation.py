@@ -68,7 +68,8 @@ def _as_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
                 f"convert with `.astype(np.float64)`"
             )
         return torch.from_numpy(np.ascontiguousarray(x)), True
-    raise TypeError(f"`{name}` must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    what = "a torch.Tensor, a numpy.ndarray, or a matrix-free operator (see truncpinv.LinearOperator)"
+    raise TypeError(f"`{name}` must be {what if name == 'A' else 'a torch.Tensor or numpy.ndarray'}, got {type(x).__name__}")
 
 
 def prepare_matrix(A: Any, *, allow_operator: bool, solver: str, check_finite: bool = True) -> PreparedMatrix:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import Solver
+from ._base import Solver, SolverError
 from .auto import Auto
 from .dense_svd import DenseSVD
 from .gram_eigen import GramEigen
@@ -17,7 +17,7 @@ from .lanczos import Lanczos
 from .lobpcg import LOBPCG
 from .randomized import RandomizedSVD
 
-__all__ = ["SOLVERS", "Auto", "DenseSVD", "GramEigen", "LOBPCG", "Lanczos", "RandomizedSVD", "Solver", "get_solver"]
+__all__ = ["SOLVERS", "Auto", "DenseSVD", "GramEigen", "LOBPCG", "Lanczos", "RandomizedSVD", "Solver", "SolverError", "get_solver"]
 
 #: Registry name -> solver class. Strings are only used at the edge (configs,
 #: the seed-compatible Sven API); inside, solvers are objects.

@@ -20,7 +20,11 @@ from .._operator import LinearOperator
 from .._tolerance import Tolerance, make_tolerance
 from .._validation import prepare_matrix
 
-__all__ = ["Solver", "check_seed", "make_generator"]
+__all__ = ["Solver", "SolverError", "check_seed", "make_generator"]
+
+
+class SolverError(RuntimeError):
+    """A solver failed to converge or broke down on valid, finite input."""
 
 
 class Solver(abc.ABC):
@@ -68,8 +72,15 @@ class Solver(abc.ABC):
         prep = prepare_matrix(A, allow_operator=self.matrix_free, solver=self.name, check_finite=check_finite)
         tol = make_tolerance(prep.shape, prep.dtype, rank=rank, rtol=rtol, atol=atol)
         t0 = time.perf_counter()
-        with no_tf32(), torch.no_grad():
-            trip = self._compute(prep.A, tol)
+        try:
+            with no_tf32(), torch.no_grad():
+                trip = self._compute(prep.A, tol)
+        except torch.linalg.LinAlgError as e:
+            if prep.dense and not bool(torch.isfinite(prep.A).all()):  # type: ignore[arg-type]
+                raise ValueError(
+                    "`A` must be finite, but it contains NaN or Inf (check_finite=False skipped the scan)"
+                ) from e
+            raise SolverError(f"solver {self.name!r} failed on a {prep.shape[0]}x{prep.shape[1]} matrix: {e}") from e
         S = trip.S
         if not bool(torch.isfinite(S).all()):
             raise ValueError(

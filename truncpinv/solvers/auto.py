@@ -24,9 +24,14 @@ SMALL_SIDE = 64
 LOW_RANK_FRACTION = 8
 #: Gram route needs a sufficiently rectangular matrix to be cheaper than an SVD.
 GRAM_ASPECT = 2.0
+#: From this many entries on, the float32 Gram matrix plus refinement (``"mixed"``) beats
+#: float64 accumulation; below it the float64 Gram matrix is cheap and slightly more accurate.
+MIXED_SIZE = 1 << 22
 
 
-def choose_solver(shape: tuple[int, int], rank: int, *, dense: bool, seed: int | None = 0) -> Solver:
+def choose_solver(
+    shape: tuple[int, int], rank: int, *, dense: bool, dtype: torch.dtype = torch.float32, seed: int | None = 0
+) -> Solver:
     """The rule behind ``solver="auto"`` (measured in ``benchmarks/bench_solvers.py``).
 
     * **Matrix-free operator:** ``RandomizedSVD`` for low rank
@@ -34,9 +39,12 @@ def choose_solver(shape: tuple[int, int], rank: int, *, dense: bool, seed: int |
       the short side is at most 64 (64 products build it exactly).
     * **Dense, low rank** (``rank <= min(m, n) / 8`` and ``min(m, n) > 64``):
       ``RandomizedSVD`` (a few passes over ``A`` with ``rank + p`` columns).
-    * **Dense, rectangular** (aspect ratio >= 2): ``GramEigen`` in float64:
-      one GEMM plus a small eigendecomposition, accurate to working precision.
-    * **Dense, nearly square:** ``DenseSVD``.
+    * **Dense float32, rectangular** (aspect ratio >= 2): ``GramEigen``: one
+      GEMM plus a small eigendecomposition, as accurate as a float32 SVD. From
+      ``m n >= 2^22`` entries on with ``precision="mixed"`` (float32 Gram,
+      refined through ``A``), below that accumulated in float64.
+    * **Dense float64, or nearly square:** ``DenseSVD`` (QR-reduced when
+      rectangular): backward stable, which a Gram matrix in float64 is not.
     """
     m, n = shape
     short, long_ = min(m, n), max(m, n)
@@ -47,8 +55,8 @@ def choose_solver(shape: tuple[int, int], rank: int, *, dense: bool, seed: int |
         return RandomizedSVD(seed=seed) if low_rank else Lanczos()
     if low_rank:
         return RandomizedSVD(seed=seed)
-    if long_ >= GRAM_ASPECT * short:
-        return GramEigen()
+    if dtype == torch.float32 and long_ >= GRAM_ASPECT * short:
+        return GramEigen(precision="mixed" if m * n >= MIXED_SIZE else "float64")
     return DenseSVD()
 
 
@@ -70,7 +78,13 @@ class Auto(Solver):
     matrix_free: ClassVar[bool] = True
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
-        chosen = choose_solver(tuple(A.shape), tol.rank, dense=isinstance(A, torch.Tensor), seed=self.seed)  # type: ignore[arg-type]
+        chosen = choose_solver(
+            tuple(A.shape),
+            tol.rank,
+            dense=isinstance(A, torch.Tensor),
+            dtype=A.dtype,
+            seed=self.seed,  # type: ignore[arg-type]
+        )
         trip = chosen._compute(A, tol)
         trip.stats = {**trip.stats, "chosen": chosen.name}
         return trip

@@ -1,0 +1,36 @@
+"""Solver benchmarks (pytest-benchmark): time and relative error of every solver and peer.
+
+Run the comparison (sizes of TASKS.md):
+
+    TRUNCPINV_BENCH=full .venv/bin/python -m pytest benchmarks/bench_solvers.py --benchmark-only \\
+        --benchmark-group-by=group --benchmark-json=bench.json
+
+Each benchmark's ``extra_info`` holds ``rel_err``, the relative error of
+``x = pinv_k(A) b`` against the float64 SVD solution of the truncated problem.
+Under ``--benchmark-disable`` (CI) every case runs once on small matrices as a
+smoke test, and the accuracy of truncpinv's solvers is asserted.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .cases import METHODS, OURS, Case, cases, matrix, rel_err
+
+#: Peers that cannot cap the rank and are prohibitively slow at low rank in full runs are still measured;
+#: accuracy is only asserted for our own solvers.
+ACCURACY_BOUND = 1e-4
+
+
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c.id)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_solver(benchmark, case: Case, method: str) -> None:  # type: ignore[no-untyped-def]
+    A, b = matrix(case.shape, case.spectrum)
+    benchmark.group = f"{case.shape[0]}x{case.shape[1]} {case.spectrum} rank={case.rank}"
+    fn = METHODS[method]
+    x = benchmark.pedantic(fn, args=(A, b, case.rank), rounds=3, iterations=1, warmup_rounds=0)
+    err = rel_err(x, case)
+    benchmark.extra_info["rel_err"] = err
+    benchmark.extra_info["method"] = method
+    if method in OURS and method not in ("truncpinv-svd",):
+        assert err <= ACCURACY_BOUND, f"{method}: relative error {err:.2e} > {ACCURACY_BOUND:g}"
