@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import truncpinv as tp
 
 from .checker import Reference, check_factorization
+from .conftest import DEVICES
 from .registry import DTYPES, SHAPES, SOLVER_INFOS, SolverInfo
 from .spectra import KINDS, make_matrix, spectrum
 
@@ -47,14 +48,18 @@ def _kappa(ref: Reference, r: int) -> float:
     return float(ref.s[0] / ref.s[r - 1]) if r > 0 else 1.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("info", SOLVER_INFOS, ids=str)
 @given(data=st.data())
-def test_minimum_norm_least_squares(info: SolverInfo, shape: tuple[int, int], dtype: torch.dtype, data: st.DataObject) -> None:
+def test_minimum_norm_least_squares(
+    info: SolverInfo, shape: tuple[int, int], dtype: torch.dtype, device: str, data: st.DataObject
+) -> None:
     A, rank, rtol, kind = _problem(data, shape, dtype)
     ref = Reference.of(A)
-    F = info.solver.factorize(torch.from_numpy(A), rank=rank, rtol=rtol)
+    F = info.solver.factorize(torch.from_numpy(A).to(device), rank=rank, rtol=rtol)
+    assert F.device.type == device
     b = np.random.default_rng(1).standard_normal(shape[0])
     check_factorization(
         F,

@@ -1,0 +1,329 @@
+r"""The Sven update as pure functions.
+
+Everything that is mathematics lives here; :class:`sven.Sven` (the
+``torch.optim`` optimizer) and the seed-compatible :class:`sven.opt.Sven`
+only gather parameters and state and call these functions. Hyperparameters
+are keyword-only.
+
+Notation, for a batch of ``B`` samples and ``P`` parameters:
+
+* ``L`` -- per-sample losses, shape ``(B,)``;
+* ``R = L^{kappa/2}`` -- the residuals, so that ``sum_a L_a = sum_a (R_a)^{2/kappa}``;
+* ``M = dR/dtheta`` -- the per-sample residual Jacobian, shape ``(B, P)``;
+* ``pinv_k(M)`` -- the truncated pseudoinverse that keeps at most ``k``
+  singular values ``sigma > max(atol, rtol * sigma_max)`` (computed by a
+  :mod:`truncpinv` solver, never by a private SVD).
+
+The Sven step is the minimum-norm solution of the linearised problem
+``R + M delta = 0`` in the least-squares sense, restricted to the kept
+singular directions, scaled by a learning rate:
+
+.. math::
+
+    \delta = -\eta \, M_k^{+} R
+           = -\eta \sum_{i \le r} v_i \, \frac{u_i^\top R}{\sigma_i}.
+
+With ``lr = 1`` and nothing truncated, a model that is linear in its
+parameters lands in one step on the minimum-norm least-squares solution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from truncpinv import Solver, TruncatedPinv
+
+__all__ = [
+    "VariableKResult",
+    "all_finite",
+    "group_rows",
+    "rank_one_components",
+    "residual_jacobian",
+    "residuals_from_losses",
+    "rmsprop_precondition_",
+    "rmsprop_transform_",
+    "sven_direction",
+    "sven_update",
+    "variable_k_search",
+]
+
+
+# --------------------------------------------------------------------------- residuals
+def residuals_from_losses(losses: torch.Tensor, *, kappa: float) -> torch.Tensor:
+    r"""Residuals :math:`R_\alpha = \ell_\alpha^{\kappa/2}` of non-negative per-sample losses.
+
+    ``kappa = 2`` uses the losses themselves as residuals (the paper's
+    default: no fractional powers of, e.g., a cross-entropy). ``kappa = 1``
+    views :math:`\sqrt{\ell_\alpha}` as the residual of an :math:`L_2` loss;
+    for ``loss = (pred - y)^2`` that is :math:`|pred - y|`.
+    """
+    if kappa == 2.0:
+        return losses
+    return losses.pow(kappa / 2.0)
+
+
+def residual_jacobian(
+    losses: torch.Tensor, loss_jacobian: torch.Tensor, *, kappa: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Residuals and their Jacobian from the losses and the loss Jacobian (chain rule).
+
+    .. math::
+
+        R_\alpha = \ell_\alpha^{\kappa/2}, \qquad
+        M_{\alpha i} = \frac{\kappa}{2}\, \ell_\alpha^{\kappa/2 - 1}\,
+                       \frac{\partial \ell_\alpha}{\partial \theta_i}.
+
+    For ``kappa < 2`` the factor :math:`\ell^{\kappa/2-1}` is infinite at a
+    zero loss, where differentiating ``loss ** (kappa/2)`` directly gives
+    NaN rows. Such a sample is already at its minimum (``R = 0``), so its row
+    is set to zero: it asks for no change and constrains nothing.
+
+    Args:
+        losses: ``(B,)`` per-sample losses (non-negative unless ``kappa == 2``).
+        loss_jacobian: ``(B, P)`` Jacobian ``d losses / d theta``.
+        kappa: the exponent, ``> 0``.
+
+    Returns:
+        ``(R, M)`` of shapes ``(B,)`` and ``(B, P)``. For ``kappa == 2`` the
+        inputs are returned unchanged.
+    """
+    if kappa == 2.0:
+        return losses, loss_jacobian
+    half = kappa / 2.0
+    R = losses.pow(half)
+    if half >= 1.0:
+        scale = half * losses.pow(half - 1.0)
+    else:
+        pos = losses > 0
+        safe = torch.where(pos, losses, torch.ones_like(losses))
+        scale = torch.where(pos, half * safe.pow(half - 1.0), torch.zeros_like(losses))
+    return R, loss_jacobian * scale.unsqueeze(1).to(loss_jacobian.dtype)
+
+
+def group_rows(x: torch.Tensor, *, size: int) -> torch.Tensor:
+    r"""Average consecutive groups of ``size`` rows (microbatching).
+
+    ``x`` of shape ``(B, ...)`` becomes ``(B / size, ...)`` with row ``j`` the
+    mean of rows ``j*size ... (j+1)*size - 1``. Applied to the losses and,
+    because differentiation is linear, to the loss Jacobian, it gives the
+    Jacobian of the microbatch-averaged losses.
+
+    Raises:
+        ValueError: if ``B`` is not divisible by ``size``.
+    """
+    if size == 1:
+        return x
+    n = x.shape[0]
+    if n % size:
+        raise ValueError(
+            f"the batch size {n} is not divisible by `microbatch_size`={size}; "
+            f"pass drop_last=True to the DataLoader or choose a microbatch_size that divides the batch size"
+        )
+    return x.reshape(n // size, size, *x.shape[1:]).mean(dim=1)
+
+
+#: Up to this many entries, ``isfinite(t).all()`` is cheaper than a sum and its check.
+_SMALL = 1 << 16
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every entry of every tensor is finite (one host sync per tensor).
+
+    A large tensor is summed first: NaN and +-Inf propagate through a sum, so
+    one reduction replaces an element-wise mask. Only when that sum is not
+    finite (which huge finite entries can also produce, by overflow) is the
+    exact element-wise test run.
+    """
+    for t in tensors:
+        if t.numel() <= _SMALL:
+            ok = bool(torch.isfinite(t).all())
+        else:
+            ok = bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+        if not ok:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- the update
+def sven_direction(
+    M: torch.Tensor,
+    R: torch.Tensor,
+    *,
+    rank: int | None,
+    rtol: float,
+    atol: float = 0.0,
+    solver: Solver,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, TruncatedPinv]:
+    r"""The Sven direction :math:`d = M_k^{+} R` and the factorisation it came from.
+
+    ``M_k^+`` keeps at most ``rank`` singular values
+    ``sigma > max(atol, rtol * sigma_max)``; the step is ``-lr * d``.
+
+    Args:
+        M: ``(B, P)`` residual Jacobian.
+        R: ``(B,)`` residuals.
+        rank: maximum number of singular values kept (``None``: no cap).
+        rtol: relative cut-off.
+        atol: absolute cut-off.
+        solver: a :mod:`truncpinv` solver object.
+        check_finite: let :mod:`truncpinv` reject NaN/Inf (pass ``False`` when
+            the caller has already checked, to skip a pass over ``M``).
+
+    Returns:
+        ``(d, F)``: the ``(P,)`` direction and the
+        :class:`truncpinv.TruncatedPinv` (``F.S`` kept singular values,
+        ``F.rank`` the rank used, ``F.singular_values`` all computed ones).
+    """
+    F = solver.factorize(M, rank=rank, rtol=rtol, atol=atol, check_finite=check_finite)
+    d = F.solve(R.to(F.dtype), check_finite=check_finite)
+    return d, F
+
+
+def sven_update(
+    M: torch.Tensor,
+    R: torch.Tensor,
+    *,
+    lr: float,
+    rank: int | None,
+    rtol: float,
+    atol: float = 0.0,
+    solver: Solver,
+) -> torch.Tensor:
+    r"""The Sven parameter change :math:`\delta = -\eta\, M_k^{+} R` as a ``(P,)`` vector.
+
+    Example:
+        >>> import torch, truncpinv
+        >>> from sven.functional import sven_update
+        >>> X = torch.randn(8, 20, dtype=torch.float64)
+        >>> w0 = torch.zeros(20, dtype=torch.float64)
+        >>> y = torch.randn(8, dtype=torch.float64)
+        >>> d = sven_update(X, X @ w0 - y, lr=1.0, rank=None, rtol=1e-12, solver=truncpinv.GramEigen())
+        >>> bool(torch.allclose(X @ (w0 + d), y))
+        True
+    """
+    d, _ = sven_direction(M, R, rank=rank, rtol=rtol, atol=atol, solver=solver)
+    return -lr * d
+
+
+# --------------------------------------------------------------------------- variable k
+def rank_one_components(F: TruncatedPinv, R: torch.Tensor) -> torch.Tensor:
+    r"""The kept rank-one pieces of the direction, as the columns of a ``(P, r)`` matrix.
+
+    Column ``i`` is :math:`v_i\, (u_i^\top R) / \sigma_i`, in order of
+    descending :math:`\sigma_i`; their sum is ``F @ R``.
+    """
+    U, S, V = F.U, F.S, F.V
+    coeff = (U.T @ R.to(U.dtype)) / S
+    return V * coeff
+
+
+@dataclass
+class VariableKResult:
+    """Outcome of :func:`variable_k_search`.
+
+    Attributes:
+        k_used: number of rank-one components kept.
+        substep_losses: the reference loss followed by the loss after each
+            accepted component.
+        applied: ``(P,)`` sum of the accepted components (before ``-lr``).
+    """
+
+    k_used: int
+    substep_losses: list[float] = field(default_factory=list)
+    applied: torch.Tensor | None = None
+
+
+def variable_k_search(
+    components: torch.Tensor,
+    *,
+    apply: Callable[[torch.Tensor, float], None],
+    evaluate: Callable[[], float],
+    reference: float,
+) -> VariableKResult:
+    r"""Greedy choice of the rank: add rank-one components while the loss does not increase.
+
+    Components are tried in order of descending singular value.
+    ``apply(c, +1.0)`` adds ``-lr * c`` to the parameters, ``apply(c, -1.0)``
+    undoes it. After each component the batch loss is re-evaluated; the first
+    component that makes it exceed ``reference`` (the loss before the step)
+    is undone and the search stops. A NaN loss counts as an increase.
+
+    Args:
+        components: ``(P, r)`` from :func:`rank_one_components`.
+        apply: adds ``-sign * lr * c`` to the parameters.
+        evaluate: the mean batch loss at the current parameters.
+        reference: the mean batch loss before the step.
+
+    Returns:
+        A :class:`VariableKResult`.
+    """
+    substep = [float(reference)]
+    k_used = 0
+    for i in range(components.shape[1]):
+        c = components[:, i]
+        apply(c, 1.0)
+        new = float(evaluate())
+        if not new <= reference:  # also rejects NaN
+            apply(c, -1.0)
+            break
+        substep.append(new)
+        k_used += 1
+    applied = components[:, :k_used].sum(dim=1)
+    return VariableKResult(k_used=k_used, substep_losses=substep, applied=applied)
+
+
+# --------------------------------------------------------------------------- RMSProp
+def rmsprop_precondition_(M: torch.Tensor, square_avg: torch.Tensor, *, alpha: float, eps: float) -> torch.Tensor:
+    r"""RMSProp applied to the Jacobian *before* the pseudoinverse (``rmsprop_post=False``).
+
+    With :math:`\bar g = \frac{1}{B}\sum_\alpha M_{\alpha\cdot}` the mean
+    gradient of the residuals,
+
+    .. math::
+
+        v \leftarrow \alpha v + (1-\alpha)\, \bar g^2, \qquad
+        M \leftarrow M \,\mathrm{diag}\big(1/(\sqrt{v} + \epsilon)\big).
+
+    The pseudoinverse of the rescaled ``M`` is then used *as is* (the
+    direction is not mapped back by the scaling), as in the original code.
+
+    ``square_avg`` (shape ``(P,)``) is updated in place; a new, scaled ``M``
+    is returned.
+    """
+    g = M.mean(dim=0)
+    square_avg.mul_(alpha).addcmul_(g, g, value=1.0 - alpha)
+    return M / (square_avg.sqrt() + eps)
+
+
+def rmsprop_transform_(
+    update: torch.Tensor,
+    square_avg: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    *,
+    alpha: float,
+    eps: float,
+    momentum: float,
+) -> torch.Tensor:
+    r"""RMSProp applied to the Sven direction *after* the pseudoinverse (``rmsprop_post=True``).
+
+    .. math::
+
+        v \leftarrow \alpha v + (1-\alpha)\, d^2, \qquad
+        d \leftarrow d / (\sqrt{v} + \epsilon), \qquad
+        b \leftarrow \mu b + d,\ d \leftarrow b \ (\mu > 0).
+
+    ``square_avg`` and ``momentum_buffer`` are updated in place; with
+    momentum the returned tensor *is* ``momentum_buffer``.
+    """
+    square_avg.mul_(alpha).addcmul_(update, update, value=1.0 - alpha)
+    out = update / (square_avg.sqrt() + eps)
+    if momentum > 0:
+        if momentum_buffer is None:
+            raise ValueError("`momentum_buffer` is required when `momentum` > 0")
+        momentum_buffer.mul_(momentum).add_(out)
+        return momentum_buffer
+    return out

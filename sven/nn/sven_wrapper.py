@@ -1,0 +1,280 @@
+r"""``SvenWrapper``: the seed-compatible model wrapper that computes the per-sample Jacobian."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector
+
+from .. import functional as SF
+from .._validation import check_bool, check_fraction, check_positive_float, check_positive_int
+from ..jacobian import JACOBIAN_METHODS, PerSampleJacobian, func_jacobian
+
+__all__ = ["SvenWrapper"]
+
+
+class SvenWrapper:
+    r"""Wraps a model and a per-sample loss for the seed-compatible Sven API.
+
+    ``loss_and_grad(batch)`` evaluates the per-sample losses
+    :math:`\ell_\alpha` of ``batch = (x, *args)``, averages them over
+    microbatches if asked, and stores the residuals
+    :math:`R = \ell^{\kappa/2}` and their Jacobian
+    :math:`M = \partial R/\partial\theta` for :class:`sven.opt.Sven`'s
+    ``step()``.
+
+    The model's parameters are re-bound as views of one flat vector
+    :attr:`params`, so the optimizer updates them with one operation and the
+    model sees the change. Every parameter is optimised (``requires_grad``
+    is set on all of them, as in the original wrapper); use the
+    ``torch.optim`` form :class:`sven.Sven` to optimise a subset.
+
+    The Jacobian comes from the fast per-sample path of :mod:`sven.jacobian`
+    (one forward and one backward pass) when every optimised parameter
+    belongs to an ``nn.Linear`` layer and samples are verified to be
+    independent; otherwise from ``torch.func.jacrev`` of a
+    ``functional_call``, with the buffers passed as inputs so that
+    BatchNorm's running statistics are updated exactly once per call.
+
+    Args:
+        model: the module.
+        loss_fn: ``loss_fn(pred, *args) -> (B,)`` per-sample losses (not
+            reduced over the batch). Extra ``args`` come from the batch.
+        device: where the model and the flat parameter vector live.
+        kappa: residual exponent, :math:`R = \ell^{\kappa/2}` (default 2).
+        param_fraction: fraction of the parameters that a step may change;
+            a fresh random subset is drawn at each ``loss_and_grad``.
+        mask_by_block: draw whole parameter tensors (visited in random order,
+            added while they fit in the budget; at least one) instead of
+            single entries. Only the selected tensors are differentiated, so
+            the Jacobian really shrinks to ``(B, n_active)``.
+        microbatch_size: average the losses of consecutive groups of this many
+            samples before differentiating: the Jacobian has ``B /
+            microbatch_size`` rows. ``B`` must be divisible by it.
+        seed: seed (or generator) of the random parameter subsets.
+        jacobian: ``"auto"`` (fast path when valid), ``"hooks"``,
+            ``"autograd"`` or ``"func"`` (always ``torch.func.jacrev``).
+
+    Attributes:
+        params: the flat parameter vector (a leaf tensor).
+        param_mask: boolean mask of the entries selected for the current step
+            (``None`` when ``param_fraction == 1``).
+        actual_param_fraction: the selected fraction (whole tensors with
+            ``mask_by_block``).
+        grads: ``(B', P')`` residual Jacobian of the last ``loss_and_grad``.
+        losses: ``(B',)`` (microbatch-averaged) losses.
+        residuals: ``(B',)`` residuals ``losses ** (kappa / 2)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        device: torch.device | str,
+        kappa: float = 2.0,
+        param_fraction: float = 1.0,
+        mask_by_block: bool = False,
+        microbatch_size: int = 1,
+        *,
+        seed: int | torch.Generator = 0,
+        jacobian: str = "auto",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}")
+        self.kappa = check_positive_float("kappa", kappa)
+        self.param_fraction = check_fraction("param_fraction", param_fraction)
+        self.mask_by_block = check_bool("mask_by_block", mask_by_block)
+        self.microbatch_size = int(check_positive_int("microbatch_size", microbatch_size) or 1)
+        if jacobian not in (*JACOBIAN_METHODS, "func"):
+            raise ValueError(f"`jacobian` must be one of {[*JACOBIAN_METHODS, 'func']}, got {jacobian!r}")
+        if isinstance(seed, torch.Generator):
+            self.generator = seed
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer or a torch.Generator, got {seed!r}")
+        else:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(seed)
+
+        self.device = torch.device(device)
+        self.model: nn.Module = model.to(self.device)
+        self.loss_fn = loss_fn
+        try:
+            self.num_loss_args: int = len(inspect.signature(loss_fn).parameters) - 1
+        except (TypeError, ValueError):  # builtins without a signature
+            self.num_loss_args = -1
+
+        self.param_names_counts_startIdx: list[tuple[str, int, int]] = []
+        self.params: torch.Tensor = self._tie_parameters_to_flat()
+        self.n_params: int = int(self.params.shape[0])
+        self.param_shapes: list[tuple[str, torch.Size, int]] = [
+            (name, p.shape, p.numel()) for name, p in self.model.named_parameters()
+        ]
+        self.param_mask: torch.Tensor | None = None
+        self.actual_param_fraction: float = 1.0
+        self._block_selection: list[tuple[str, int, int]] = []
+
+        self._method = jacobian
+        self._jac = PerSampleJacobian("hooks" if jacobian == "hooks" else "auto")
+        only_linear = all(
+            type(mod).forward is nn.Linear.forward
+            for mod in self.model.modules()
+            if any(True for _ in mod.parameters(recurse=False))
+        )
+        self._try_hooks = jacobian in ("auto", "hooks") and only_linear
+
+        # populated by loss_and_grad(), consumed by the optimizer's step()
+        self.grads: torch.Tensor = torch.empty(0, device=self.device)
+        self.losses: torch.Tensor = torch.empty(0, device=self.device)
+        self.residuals: torch.Tensor = torch.empty(0, device=self.device)
+        self.jacobian_method: str = ""
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output on ``x``, without gradient tracking."""
+        return self.model(x)
+
+    @torch.no_grad()
+    def evaluate_and_loss(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        """Per-sample losses ``loss_fn(model(x), *args)`` (not microbatch-averaged)."""
+        return self._checked_losses(self.model(x), args, x)
+
+    def _checked_losses(self, pred: torch.Tensor, args: Sequence[Any], x: torch.Tensor) -> torch.Tensor:
+        losses = self.loss_fn(pred, *args)
+        if not isinstance(losses, torch.Tensor):
+            raise TypeError(f"`loss_fn` must return a tensor of per-sample losses, got {type(losses).__name__}")
+        b = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+        if losses.dim() == 0:
+            raise ValueError(
+                f"`loss_fn` returned a scalar, but Sven needs one loss per sample, shape (B,)"
+                f"{f' = ({b},)' if b is not None else ''}: use reduction='none' and reduce only the non-batch "
+                f"dimensions, e.g. `loss_fn = lambda pred, y: ((pred - y) ** 2).sum(dim=-1)` instead of nn.MSELoss()"
+            )
+        if losses.dim() != 1:
+            raise ValueError(
+                f"`loss_fn` returned shape {tuple(losses.shape)}, but Sven needs one loss per sample, shape (B,): "
+                f"reduce the non-batch dimensions, e.g. `.sum(dim=-1)`"
+            )
+        return losses
+
+    # ------------------------------------------------------------------ Jacobian
+    def loss_and_grad(self, batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluate the losses of ``batch = (x, *args)`` and store the residual Jacobian.
+
+        Returns:
+            ``(losses, preds)``, both detached; ``losses`` has one entry per
+            microbatch.
+        """
+        if isinstance(batch, torch.Tensor) or not isinstance(batch, (tuple, list)) or len(batch) == 0:
+            raise TypeError("`batch` must be a tuple (x, *args), e.g. (x, y)")
+        x, *args = batch
+        self._draw_mask()
+
+        if self.param_mask is not None and self.mask_by_block:
+            names = [name for name, _, _ in self._block_selection]
+        else:
+            names = [name for name, _, _ in self.param_names_counts_startIdx]
+        named = dict(self.model.named_parameters())
+        active = [named[n] for n in names]
+
+        preds: list[torch.Tensor] = []
+
+        def closure() -> torch.Tensor:
+            pred = self.model(x)
+            preds.append(pred)
+            return pred
+
+        def rows(pred: torch.Tensor) -> torch.Tensor:
+            return self._checked_losses(pred, args, x)
+
+        if self._try_hooks:
+            res = self._jac(closure, active, rows=rows)
+            losses, J, method = res.output, res.jacobian, res.method
+            pred = preds[-1].detach()
+            if method != "hooks":  # samples are coupled: use torch.func from now on
+                self._try_hooks = False
+        elif self._method == "autograd":
+            res = PerSampleJacobian("autograd")(closure, active, rows=rows)
+            losses, J, method, pred = res.output, res.jacobian, res.method, preds[-1].detach()
+        else:
+            losses, J, pred = func_jacobian(self.model, names, rows, (x,))
+            method = "func"
+
+        if self.param_mask is not None and not self.mask_by_block:
+            J = J[:, self.param_mask]
+        losses = SF.group_rows(losses, size=self.microbatch_size)
+        J = SF.group_rows(J, size=self.microbatch_size)
+        R, M = SF.residual_jacobian(losses, J, kappa=self.kappa)
+        self.grads = M.detach()
+        self.losses = losses.detach()
+        self.residuals = R.detach()
+        self.jacobian_method = method
+        return self.losses, pred
+
+    # ------------------------------------------------------------------ parameters
+    def _tie_parameters_to_flat(self) -> torch.Tensor:
+        """Copy the parameters into one flat vector and re-bind them as views of it."""
+        params = list(self.model.parameters())
+        if len({id(p) for p in params}) != len(params):  # pragma: no cover - named_parameters dedups
+            raise ValueError("shared parameters are not supported")
+        flat = parameters_to_vector(params).detach().clone() if params else torch.zeros(0, device=self.device)
+        start = 0
+        for name, p in list(self.model.named_parameters()):
+            n = p.numel()
+            view = flat[start : start + n].view_as(p)
+            self.param_names_counts_startIdx.append((name, n, start))
+            start += n
+            mod: nn.Module = self.model
+            *prefix, leaf = name.split(".")
+            for part in prefix:
+                mod = getattr(mod, part)
+            # every parameter is optimised (as in the original wrapper), frozen or not
+            mod._parameters[leaf] = nn.Parameter(view, requires_grad=True)
+        return flat.requires_grad_(True)
+
+    def _draw_mask(self) -> None:
+        if self.param_fraction >= 1.0:
+            self.param_mask = None
+            self.actual_param_fraction = 1.0
+            return
+        if self.mask_by_block:
+            mask = self._make_param_mask_by_block(self.param_fraction)
+        else:
+            mask = self._make_param_mask()
+        self.param_mask = mask.to(self.params.device)
+
+    def _make_param_mask(self) -> torch.Tensor:
+        """A random boolean mask selecting ``int(param_fraction * P)`` entries (at least one)."""
+        n_active = max(1, int(self.param_fraction * self.n_params))
+        mask = torch.zeros(self.n_params, dtype=torch.bool)
+        mask[torch.randperm(self.n_params, generator=self.generator)[:n_active]] = True
+        self.actual_param_fraction = n_active / self.n_params
+        return mask
+
+    def _make_param_mask_by_block(self, fraction: float) -> torch.Tensor:
+        """Whole tensors, in random order, while they fit in ``fraction * P`` (at least one, the smallest)."""
+        blocks = self.param_names_counts_startIdx
+        target = int(fraction * self.n_params)
+        selected: list[tuple[str, int, int]] = []
+        running = 0
+        for i in torch.randperm(len(blocks), generator=self.generator).tolist():
+            name, n, start = blocks[i]
+            if running + n <= target:
+                selected.append((name, n, start))
+                running += n
+        if not selected:
+            selected.append(min(blocks, key=lambda blk: blk[1]))
+            running = selected[0][1]
+        selected.sort(key=lambda blk: blk[2])  # flat order, matching the Jacobian columns
+        self._block_selection = selected
+        self.actual_param_fraction = running / self.n_params
+        mask = torch.zeros(self.n_params, dtype=torch.bool)
+        for _, n, start in selected:
+            mask[start : start + n] = True
+        return mask
