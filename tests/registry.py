@@ -24,7 +24,7 @@ ACCURACY: dict[str, tuple[float, bool]] = {
     "auto": (50.0, True),
     "randomized": (200.0, True),
     "lobpcg": (200.0, True),
-    "lanczos": (200.0, True),
+    "lanczos": (200.0, False),
 }
 
 

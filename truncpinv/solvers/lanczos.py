@@ -1,15 +1,224 @@
-"""Temporary: being written (delegates to GramEigen until the real solver lands)."""
+"""Block Golub–Kahan–Lanczos bidiagonalisation with thick restarts (Baglama & Reichel 2005)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .gram_eigen import GramEigen
+import torch
+
+from .._factorization import Triplets
+from .._operator import LinearOperator
+from .._tolerance import Tolerance
+from ._base import Solver, check_seed, make_generator
+from .lobpcg import short_side_products
 
 __all__ = ["Lanczos"]
 
+_F64 = torch.float64
+
+
+def _fresh_rows(Bt: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` random orthonormal rows orthogonal to the orthonormal rows of ``Bt`` (room permitting)."""
+    Z = torch.randn(count, Bt.shape[1], dtype=_F64, device=Bt.device, generator=gen)
+    for _ in range(2):
+        Z = Z - (Z @ Bt.T) @ Bt
+        Z = torch.linalg.qr(Z.T).Q.T
+    return Z
+
+
+def _grow(M: torch.Tensor, rows: int, cols: int | None = None) -> torch.Tensor:
+    """``M`` zero-padded to ``rows`` rows (and ``cols`` columns)."""
+    out = M.new_zeros(rows, M.shape[1] if cols is None else cols)
+    out[: M.shape[0], : M.shape[1]] = M
+    return out
+
+
+def _orth_rows(
+    Bt: torch.Tensor, Yt: torch.Tensor, room: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Orthonormalise the rows of ``Yt`` against the orthonormal rows of ``Bt`` and among themselves.
+
+    Returns ``(Zt, C, R)`` with ``Yt = C Bt + R Zt`` and ``Zt`` at most ``room``
+    orthonormal rows orthogonal to ``Bt``. Projection twice ("twice is enough"),
+    then a QR factorisation. If a direction is small against the once projected
+    ``Yt`` it may carry rounding noise from ``span(Bt)``: then an SVD sorts the
+    directions, the orthonormal rows are projected and orthonormalised once more, and those
+    that were mostly noise (breakdown: rank deficiency, an invariant subspace)
+    are replaced by random ones with zero coefficient.
+    """
+    C = Yt @ Bt.T
+    Y1 = Yt - C @ Bt
+    C2 = Y1 @ Bt.T
+    Y2, C = Y1 - C2 @ Bt, C + C2
+    if Y2.shape[0] <= room:  # fast path: Householder QR, when Y2 is well conditioned against Y1
+        Qy, Ry = torch.linalg.qr(Y2.T)
+        if float(torch.linalg.svdvals(Ry)[-1]) > 0.01 * float(Y1.norm()):
+            return Qy.T, C, Ry.T
+    W, S, Ut = torch.linalg.svd(Y2, full_matrices=False)  # Y2 = W S Ut
+    WS = W * S
+    D = Ut @ Bt.T
+    W2, S2, Zt = torch.linalg.svd(Ut - D @ Bt, full_matrices=False)  # Ut = D Bt + W2 S2 Zt
+    C, R = C + WS @ D, (WS @ W2) * S2
+    w = min(Zt.shape[0], room)
+    Zt, R = Zt[:w], R[:, :w]
+    bad = S2[:w] < 0.5
+    if bool(bad.any()):
+        Zt[bad] = _fresh_rows(torch.cat([Bt, Zt[~bad]]), int(bad.sum()), gen)
+        R[:, bad] = 0
+    return Zt, C, R
+
 
 @dataclass(frozen=True)
-class Lanczos(GramEigen):
+class Lanczos(Solver):
+    r"""Truncated pseudoinverse by restarted block Golub–Kahan–Lanczos bidiagonalisation.
+
+    With ``C = A^T`` for wide ``A`` and ``C = A`` for tall (the start block
+    ``P_1`` lives on the short side, of dimension ``s``), each step of the block
+    Golub–Kahan recurrence (Golub & Kahan 1965; Golub, Luk & Overton 1981)
+    multiplies a block of ``b`` vectors by ``C`` and by ``C^T``:
+
+    .. math::
+        Q_j R_j = C P_j - \sum_{i<j} Q_i B_{ij}, \qquad
+        P_{j+1} T_j = C^\top Q_j - P_j R_j^\top,
+
+    giving orthonormal bases ``P``, ``Q`` and a block upper-triangular
+    ``B = Q^T C P`` with ``C P = Q B`` and ``C^T Q = P B^T + P_{j+1} T_j E_j^T``.
+    Both bases are fully reorthogonalised, twice ("twice is enough"). The SVD
+    ``B = X \Sigma Y^T`` gives Ritz triplets ``(\sigma_i, Q x_i, P y_i)``
+    whose residual is ``||C^T Q x_i - \sigma_i P y_i|| = ||T_j E_j^T x_i||``.
+    With ``block_size=1`` this is the classical bidiagonalisation
+    (``R_j = \alpha_j``, ``T_j = \beta_j``); a block of ``b`` vectors resolves
+    singular values of multiplicity up to ``b`` (a single Krylov vector sees
+    one copy of a repeated value) and multiplies ``A`` by ``b`` columns at once.
+
+    When the basis is full it is *thick restarted* (Baglama & Reichel 2005):
+    the ``l`` leading Ritz vectors are kept, ``B`` becomes ``diag(\sigma_{1..l})``
+    coupled to the next block, and the recurrence continues; at each restart
+    the basis grows by half (up to ``4 krylov_dim``). Iteration stops once the
+    wanted pairs (at most ``rank``, above the cut-off) have residual
+    ``<= tol * sigma_max`` and the first unwanted Ritz value is settled below
+    the cut-off. On breakdown (an invariant subspace: rank deficiency, an
+    all-zero matrix) random directions orthogonal to the basis continue the
+    recurrence; once the basis spans the short side the result is exact.
+
+    The bases and ``B`` are float64; only the products with ``A`` run in its
+    dtype, so the accuracy is that of a backward-stable SVD (no squaring).
+    Memory: ``(krylov_dim + b) * (m + n)`` float64 numbers.
+
+    Args:
+        krylov_dim: basis size before a restart (default ``2 rank + 2 b + 16``,
+            at most ``min(m, n)``).
+        block_size: ``b``, the number of vectors per step (default 8).
+        max_restarts: restart limit (a warning is issued if reached).
+        tol: relative residual tolerance (default: ``eps`` of ``A``'s dtype, the
+            level of the rounding errors of the products; the residual is the
+            recurrence's estimate, which keeps decreasing below it).
+        seed: seed or generator of the start block (and of breakdown directions).
+
+    References:
+        G. Golub and W. Kahan, *Calculating the singular values and
+        pseudo-inverse of a matrix*, SIAM J. Numer. Anal. 2(2), 1965.
+        G. Golub, F. Luk and M. Overton, *A block Lanczos method for computing
+        the singular values and corresponding singular vectors of a matrix*,
+        ACM Trans. Math. Softw. 7(2), 1981.
+        J. Baglama and L. Reichel, *Augmented implicitly restarted Lanczos
+        bidiagonalization methods*, SIAM J. Sci. Comput. 27(1), 2005.
+    """
+
+    krylov_dim: int | None = None
+    block_size: int = 8
+    max_restarts: int = 100
+    tol: float | None = None
+    seed: int | torch.Generator | None = 0
+
     name: ClassVar[str] = "lanczos"
+    matrix_free: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.krylov_dim is not None and (
+            isinstance(self.krylov_dim, bool) or not isinstance(self.krylov_dim, int) or self.krylov_dim < 2
+        ):
+            raise ValueError(f"`krylov_dim` must be an integer >= 2 or None, got {self.krylov_dim!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"`block_size` must be a positive integer, got {self.block_size!r}")
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"`max_restarts` must be a non-negative integer, got {self.max_restarts!r}")
+        if self.tol is not None and (
+            isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 < self.tol < 1
+        ):
+            raise ValueError(f"`tol` must be a float in (0, 1) or None, got {self.tol!r}")
+        check_seed(self.seed)
+
+    def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
+        m, n = A.shape
+        s, k, L = min(m, n), tol.rank, max(m, n)
+        bs = min(self.block_size, s)
+        K = min(s, max(self.krylov_dim or 2 * k + 2 * bs + 16, k + 2 * bs))
+        rtol_res = self.tol if self.tol is not None else torch.finfo(A.dtype).eps
+        Cp, Ctq = short_side_products(A)  # row blocks: Cp(P^T) = (C P)^T (long side), Ctq(Q^T) = (C^T Q)^T
+        dev = A.device
+        gen = make_generator(self.seed, dev)
+        K_max = min(s, 4 * K)
+        Pt = torch.zeros(K + bs, s, dtype=_F64, device=dev)  # basis vectors as rows
+        Qt = torch.zeros(K, L, dtype=_F64, device=dev)
+        Bm = torch.zeros(K, K, dtype=_F64, device=dev)
+        Pt[:bs] = _fresh_rows(Pt[:0], bs, gen)
+        j, w, matvecs, steps, restarts, done = 0, bs, 0, 0, 0, False
+        T = Pt[:0, :0]
+        while True:
+            # one block step: C P_j = Q_{<j} C^T + Q_j R^T, then C^T Q_j - P_j R = P_next^T T^T
+            Yt = Cp(Pt[j : j + w])
+            Zt, C, R = _orth_rows(Qt[:j], Yt, L - j, gen)
+            Qt[j : j + w], Bm[:j, j : j + w], Bm[j : j + w, j : j + w] = Zt, C.T, R.T
+            Rt = Ctq(Zt) - R.T @ Pt[j : j + w]
+            matvecs, steps, j = matvecs + 2 * w, steps + 1, j + w
+            if j < s:
+                Pn, _, T = _orth_rows(Pt[:j], Rt, s - j, gen)
+                w = Pn.shape[0]
+                Pt[j : j + w] = Pn
+            X, sig, Yh = torch.linalg.svd(Bm[:j, :j])
+            res = (T.T @ X[j - T.shape[0] :]).norm(dim=0) if j < s else torch.zeros_like(sig)
+            if j == s or self._converged(sig, res, tol, rtol_res):
+                done = True
+                break
+            if j + w > K:  # thick restart: keep the leading Ritz vectors and the next block
+                if restarts == self.max_restarts:
+                    break
+                restarts += 1
+                if K < K_max:  # hard spectrum: grow the basis (by half, up to 4 x krylov_dim)
+                    K = min(K_max, K + K // 2)
+                    Pt, Qt, Bm = _grow(Pt, K + bs), _grow(Qt, K), _grow(Bm, K, K)
+                keep = min(K - w, max(k, (j + k) // 2))
+                Pt[:keep], Pt[keep : keep + w] = Yh[:keep] @ Pt[:j], Pt[j : j + w].clone()
+                Qt[:keep] = X[:, :keep].T @ Qt[:j]
+                Bm.zero_()
+                Bm[:keep, :keep] = torch.diag(sig[:keep])
+                j = keep
+        if not done:
+            warnings.warn(
+                f"Lanczos did not converge in {self.max_restarts} restarts; increase `krylov_dim`, "
+                f"`max_restarts` or `tol`",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        t = min(k, j)
+        Us, Vl = (Yh[:t] @ Pt[:j]).T, (X[:, :t].T @ Qt[:j]).T  # short-side and long-side vectors
+        U, V = (Us, Vl) if m <= n else (Vl, Us)
+        c = min(k, int((sig > tol.cutoff(float(sig[0]))).sum()))
+        residual = float(res[:c].max() / sig[0]) if c > 0 else 0.0  # relative residual of the kept pairs
+        stats = {"matvecs": matvecs, "iterations": steps, "restarts": restarts, "residual": residual, "converged": done}
+        return Triplets(U.to(A.dtype), sig[:t].to(A.dtype), V.to(A.dtype), stats=stats)
+
+    @staticmethod
+    def _converged(sig: torch.Tensor, res: torch.Tensor, tol: Tolerance, rtol_res: float) -> bool:
+        """Whether the wanted Ritz pairs have converged and the first unwanted one lies below the cut-off."""
+        smax = float(sig[0])
+        cut = tol.cutoff(smax)
+        conv = res <= rtol_res * smax
+        c = min(tol.rank, int((sig > cut).sum()))
+        if c < tol.rank and c == sig.numel():  # every Ritz value is wanted, but more may exist
+            return False
+        settled = c == tol.rank or float(res[c]) <= max(rtol_res * smax, cut - float(sig[c]))
+        return bool(conv[:c].all()) and settled
