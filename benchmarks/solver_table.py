@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cases import PEERS, Case, matrix, ours, rel_err  # noqa: E402
+from benchmarks.cases import PEERS, Case, matrix, ours, rel_err
 
 
 def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -33,13 +33,19 @@ def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, out
 
 
-def run(shape: tuple[int, int], spectrum: str, rank: int, methods: list[str], repeats: int) -> dict[str, tuple[float, float]]:
+def run(
+    shape: tuple[int, int], spectrum: str, rank: int, methods: list[str], repeats: int
+) -> dict[str, tuple[float, float]]:
     A, b = matrix(shape, spectrum)
     case = Case(shape, spectrum, rank)
     res: dict[str, tuple[float, float]] = {}
     for name in methods:
         fn = ours(name.removeprefix("truncpinv-")) if name.startswith("truncpinv-") else PEERS[name]
-        reps = 1 if name in ("torch-svd-then-truncate", "numpy.linalg.pinv", "scipy.linalg.pinv", "torch.linalg.pinv") else repeats
+        reps = (
+            1
+            if name in ("torch-svd-then-truncate", "numpy.linalg.pinv", "scipy.linalg.pinv", "torch.linalg.pinv")
+            else repeats
+        )
         t, x = best_time(lambda fn=fn: fn(A, b, rank), reps)
         res[name] = (t, rel_err(x, case))
         print(f"  {name:<28} {t:8.3f} s  err {res[name][1]:.1e}", file=sys.stderr, flush=True)
@@ -51,7 +57,12 @@ def run(shape: tuple[int, int], spectrum: str, rank: int, methods: list[str], re
 
 def table(title: str, res: dict[str, tuple[float, float]], base: str) -> str:
     tb = res[base][0]
-    lines = [f"**{title}** (ratios against `{base}`)", "", "| method | time [s] | time / baseline | rel. error |", "|---|---:|---:|---:|"]
+    lines = [
+        f"**{title}** (ratios against `{base}`)",
+        "",
+        "| method | time [s] | time / baseline | rel. error |",
+        "|---|---:|---:|---:|",
+    ]
     for name, (t, e) in res.items():
         err = "" if e != e else f"{e:.1e}"
         lines.append(f"| {name} | {t:.3f} | {t / tb:.3f} | {err} |")
@@ -70,15 +81,29 @@ def main() -> None:
     for spec in ("decay0.9", "flat"):
         print(f"exact path {big} {spec}", file=sys.stderr)
         res = run(big, spec, big[0] // 2, exact_methods, args.repeats)
-        out.append(table(f"Exact path: {big[0]}x{big[1]} {spec}, rank={big[0] // 2}, rtol=1e-3", res, "torch-svd-then-truncate"))
-    low = ["truncpinv-auto", "truncpinv-randomized", "truncpinv-lanczos", "truncpinv-lobpcg", "sklearn-randomized_svd", "scipy-svds", "torch.svd_lowrank"]
+        out.append(
+            table(
+                f"Exact path: {big[0]}x{big[1]} {spec}, rank={big[0] // 2}, rtol=1e-3", res, "torch-svd-then-truncate"
+            )
+        )
+    low = [
+        "truncpinv-auto",
+        "truncpinv-randomized",
+        "truncpinv-lanczos",
+        "truncpinv-lobpcg",
+        "sklearn-randomized_svd",
+        "scipy-svds",
+        "torch.svd_lowrank",
+    ]
     for spec in ("decay0.9", "flat"):
         rank = 32 if not args.small else 8
         print(f"low-rank path {mid} {spec}", file=sys.stderr)
         res = run(mid, spec, rank, low, args.repeats)
         exact = run(mid, spec, mid[0] // 2, ["truncpinv-auto"], args.repeats)["truncpinv-auto"]
         res[f"exact path (auto, rank={mid[0] // 2})"] = (exact[0], float("nan"))
-        out.append(table(f"Low-rank path: {mid[0]}x{mid[1]} {spec}, rank={rank}, rtol=1e-3", res, "sklearn-randomized_svd"))
+        out.append(
+            table(f"Low-rank path: {mid[0]}x{mid[1]} {spec}, rank={rank}, rtol=1e-3", res, "sklearn-randomized_svd")
+        )
     print("\n".join(out))
 
 

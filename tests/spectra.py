@@ -36,7 +36,7 @@ def spectrum(kind: str, q: int) -> tuple[np.ndarray, list[int]]:
     else:
         raise ValueError(kind)
     s = np.maximum(s, 0.0)
-    return s, sorted(set(safe + [q]))
+    return s, sorted({*safe, q})
 
 
 def make_matrix(m: int, n: int, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

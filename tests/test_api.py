@@ -126,7 +126,13 @@ def test_gram_float64_accumulation_beats_float32_gram_on_ill_conditioned_float32
     U, _ = np.linalg.qr(rng.standard_normal((64, 64)))
     Aw = ((U * 0.9 ** np.arange(64)) @ rng.standard_normal((64, 4000)) / np.sqrt(4000)).astype(np.float32)
     b = rng.standard_normal(64).astype(np.float32)
-    x_ref = _np_trunc_pinv(Aw.astype(np.float64), int((np.linalg.svd(Aw.astype(np.float64))[1] > 1e-3 * np.linalg.norm(Aw.astype(np.float64), 2)).sum())) @ b
+    x_ref = (
+        _np_trunc_pinv(
+            Aw.astype(np.float64),
+            int((np.linalg.svd(Aw.astype(np.float64))[1] > 1e-3 * np.linalg.norm(Aw.astype(np.float64), 2)).sum()),
+        )
+        @ b
+    )
     err = {}
     for prec in ("float64", "working"):
         x = tp.GramEigen(precision=prec).factorize(Aw, rtol=1e-3) @ b

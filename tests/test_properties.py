@@ -23,7 +23,9 @@ from .spectra import KINDS, make_matrix, spectrum
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _problem(data: st.DataObject, shape: tuple[int, int], dtype: torch.dtype) -> tuple[np.ndarray, int | None, float | None, str]:
+def _problem(
+    data: st.DataObject, shape: tuple[int, int], dtype: torch.dtype
+) -> tuple[np.ndarray, int | None, float | None, str]:
     """Draw a matrix (cast to ``dtype``), and a truncation at a spectral gap."""
     m, n = shape
     kind = data.draw(st.sampled_from(KINDS), label="kind")

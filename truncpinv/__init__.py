@@ -20,11 +20,11 @@ from typing import Any
 from ._factorization import Triplets, TruncatedPinv, no_tf32
 from ._operator import CallableOperator, LinearOperator, ScipyOperator, TensorOperator, aslinearoperator
 from ._tolerance import Tolerance, default_rtol, resolve_cutoff, select_rank
-from .solvers import SOLVERS, LOBPCG, Auto, DenseSVD, GramEigen, Lanczos, RandomizedSVD, Solver, SolverError, get_solver
+from .solvers import LOBPCG, SOLVERS, Auto, DenseSVD, GramEigen, Lanczos, RandomizedSVD, Solver, SolverError, get_solver
 
 __all__ = [
-    "SOLVERS",
     "LOBPCG",
+    "SOLVERS",
     "Auto",
     "CallableOperator",
     "DenseSVD",

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._operator import LinearOperator
@@ -29,6 +28,9 @@ def _precision_knobs() -> list[Any]:
     return knobs
 
 
+_KNOBS = _precision_knobs()
+
+
 @contextlib.contextmanager
 def no_tf32() -> Iterator[None]:
     """Run float32 matmuls and convolutions in full IEEE float32 (no TF32/bf16) inside the block.
@@ -38,15 +40,16 @@ def no_tf32() -> Iterator[None]:
     ``allow_tf32``/``set_float32_matmul_precision`` switches otherwise. The
     previous settings are restored on exit.
     """
-    knobs = _precision_knobs()
+    knobs = _KNOBS
     if knobs:
-        saved = [k.fp32_precision for k in knobs]
+        # only touch the settings that differ (this runs twice per Sven step)
+        changed = [(k, v) for k in knobs if (v := k.fp32_precision) != "ieee"]
         try:
-            for k in knobs:
+            for k, _ in changed:
                 k.fp32_precision = "ieee"
             yield
         finally:
-            for k, v in zip(knobs, saved):
+            for k, v in changed:
                 k.fp32_precision = v
         return
     prev_prec = torch.get_float32_matmul_precision()  # pragma: no cover - torch < 2.9
@@ -228,7 +231,9 @@ class TruncatedPinv:
             numpy_out=self.numpy_out,
         )
 
-    def truncate(self, *, rank: int | None = None, rtol: float | None = None, atol: float | None = None) -> TruncatedPinv:
+    def truncate(
+        self, *, rank: int | None = None, rtol: float | None = None, atol: float | None = None
+    ) -> TruncatedPinv:
         """Re-threshold the computed spectrum without recomputing anything.
 
         Arguments left as ``None`` keep their current value. Only singular

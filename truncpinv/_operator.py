@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-__all__ = ["LinearOperator", "TensorOperator", "ScipyOperator", "CallableOperator", "aslinearoperator"]
+__all__ = ["CallableOperator", "LinearOperator", "ScipyOperator", "TensorOperator", "aslinearoperator"]
 
 
 @runtime_checkable

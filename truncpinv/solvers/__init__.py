@@ -17,7 +17,18 @@ from .lanczos import Lanczos
 from .lobpcg import LOBPCG
 from .randomized import RandomizedSVD
 
-__all__ = ["SOLVERS", "Auto", "DenseSVD", "GramEigen", "LOBPCG", "Lanczos", "RandomizedSVD", "Solver", "SolverError", "get_solver"]
+__all__ = [
+    "LOBPCG",
+    "SOLVERS",
+    "Auto",
+    "DenseSVD",
+    "GramEigen",
+    "Lanczos",
+    "RandomizedSVD",
+    "Solver",
+    "SolverError",
+    "get_solver",
+]
 
 #: Registry name -> solver class. Strings are only used at the edge (configs,
 #: the seed-compatible Sven API); inside, solvers are objects.

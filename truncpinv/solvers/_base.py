@@ -127,7 +127,9 @@ def make_generator(seed: int | torch.Generator | None, device: torch.device) -> 
     return g
 
 
-def sort_desc(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def sort_desc(
+    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Sort triplets by descending singular value (clamping tiny negatives to 0)."""
     S = S.clamp_min(0)
     order = torch.argsort(S, descending=True)

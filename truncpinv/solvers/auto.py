@@ -60,12 +60,38 @@ def choose_solver(
     return DenseSVD()
 
 
+def ritz_residual(A: torch.Tensor | LinearOperator, trip: Triplets, k: int) -> float:
+    """``max_i ||A v_i - sigma_i u_i|| / sigma_1`` over the leading ``k`` computed triplets.
+
+    One product with ``k`` columns. For Rayleigh–Ritz triplets ``A^T u_i = sigma_i v_i``
+    holds by construction, so this is the whole SVD residual.
+    """
+    k = min(k, trip.S.numel())
+    if k == 0 or trip.V is None or float(trip.S[0]) == 0.0:
+        return 0.0
+    V = trip.V[:, :k]
+    AV = A @ V if isinstance(A, torch.Tensor) else A.matmat(V)
+    R = AV - trip.U[:, :k] * trip.S[:k]
+    return float(R.norm(dim=0).max()) / float(trip.S[0])
+
+
+#: A randomized result whose relative SVD residual exceeds this is not trusted by ``Auto``.
+RESIDUAL_TRUST = 1e-5
+
+
 @dataclass(frozen=True)
 class Auto(Solver):
     """Chooses a solver from the shape, the requested rank and whether ``A`` is an operator.
 
     See :func:`choose_solver` for the rule; the chosen solver's name is recorded
-    in ``F.stats["solver"]`` and ``F.stats["auto"]`` is ``True``.
+    in ``F.stats["chosen"]``.
+
+    A randomized sketch is only as good as the spectral gap at the requested
+    rank (a flat spectrum has none). When ``Auto`` picks :class:`RandomizedSVD`
+    it therefore checks the result a posteriori, at the cost of one product
+    with ``rank`` columns: if ``max_i ||A v_i - sigma_i u_i|| > 1e-5 sigma_1`` it
+    recomputes with the exact rule (``GramEigen``/``DenseSVD`` for dense input,
+    ``Lanczos`` for operators) and records ``stats["fallback"]``.
 
     Args:
         seed: seed passed to a randomized solver if one is chosen.
@@ -78,13 +104,19 @@ class Auto(Solver):
     matrix_free: ClassVar[bool] = True
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
-        chosen = choose_solver(
-            tuple(A.shape),
-            tol.rank,
-            dense=isinstance(A, torch.Tensor),
-            dtype=A.dtype,
-            seed=self.seed,  # type: ignore[arg-type]
-        )
+        m, n = int(A.shape[0]), int(A.shape[1])
+        dense = isinstance(A, torch.Tensor)
+        chosen = choose_solver((m, n), tol.rank, dense=dense, dtype=A.dtype, seed=self.seed)
         trip = chosen._compute(A, tol)
-        trip.stats = {**trip.stats, "chosen": chosen.name}
+        extra: dict[str, object] = {}
+        if isinstance(chosen, RandomizedSVD):
+            res = ritz_residual(A, trip, tol.rank)
+            extra["sketch_residual"] = res
+            if res > RESIDUAL_TRUST:
+                full = min(m, n)
+                fallback = choose_solver((m, n), full, dense=dense, dtype=A.dtype) if dense else Lanczos()
+                trip = fallback._compute(A, tol)
+                extra["fallback"] = fallback.name
+                chosen = fallback
+        trip.stats = {**trip.stats, **extra, "chosen": chosen.name}
         return trip
