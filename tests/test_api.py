@@ -171,3 +171,19 @@ def test_mixed_gram_refinement_reaches_float32_svd_accuracy() -> None:
         assert np.linalg.norm(x - x_ref) / np.linalg.norm(x_ref) < 1e-4
     working = tp.GramEigen(precision="working").factorize(Aw, rtol=1e-3) @ b
     assert np.linalg.norm(working - x_ref) / np.linalg.norm(x_ref) > 1e-3  # what the refinement repairs
+
+
+@pytest.mark.parametrize(
+    ("decay", "expect_fallback"),
+    [(0.85, False), (0.7, True), (1.0, True)],  # kappa ~ 11 | kappa ~ 210 (eps kappa^2 too big) | no gap
+)
+def test_auto_checks_its_sketch_and_falls_back_to_an_exact_solver(decay: float, expect_fallback: bool) -> None:
+    rng = np.random.default_rng(11)
+    U, _ = np.linalg.qr(rng.standard_normal((128, 128)))
+    Aw = ((U * decay ** np.arange(128)) @ rng.standard_normal((128, 3000)) / np.sqrt(3000)).astype(np.float32)
+    b = rng.standard_normal(128).astype(np.float32)
+    F = tp.pinv(Aw, rank=16, rtol=1e-6)
+    assert ("fallback" in F.stats) == expect_fallback
+    assert F.stats["chosen"] == ("gram" if expect_fallback else "randomized")
+    x_ref = _np_trunc_pinv(Aw.astype(np.float64), 16) @ b
+    assert np.linalg.norm(F @ b - x_ref) / np.linalg.norm(x_ref) < 1e-4
