@@ -10,7 +10,6 @@ exactly (checked below) without its per-sample collation cost.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,18 +20,6 @@ from sven.tasks import LOADER_SEED, batches, make_toy1d, mlp, per_sample_mse
 
 EPOCHS = 2
 MODEL_SEED = 0
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """A 593-parameter model gains nothing from intra-op threads, and on a busy machine
-    OpenMP threads competing for the cores can slow every step by 100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _val(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

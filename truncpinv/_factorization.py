@@ -85,6 +85,12 @@ class Triplets:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def reciprocal_or_zero(S: torch.Tensor) -> torch.Tensor:
+    """``1 / S`` where ``S > 0`` and ``0`` elsewhere (zero singular values are never inverted)."""
+    pos = S > 0
+    return torch.where(pos, 1.0 / torch.where(pos, S, torch.ones_like(S)), torch.zeros_like(S))
+
+
 def _out(x: torch.Tensor, numpy_out: bool) -> Any:
     return x.detach().cpu().numpy() if numpy_out else x
 
@@ -171,9 +177,7 @@ class TruncatedPinv:
     def _full_V(self) -> torch.Tensor:
         if self._V is None:
             assert self._op is not None
-            S = self._S
-            pos = S > 0
-            inv = torch.where(pos, 1.0 / torch.where(pos, S, torch.ones_like(S)), torch.zeros_like(S))
+            inv = reciprocal_or_zero(self._S)
             W = self._rmatmat(self._U)
             self._V = W * inv
         return self._V

@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from .._factorization import Triplets
+from .._factorization import Triplets, reciprocal_or_zero
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
 from ._base import Solver
@@ -182,8 +182,7 @@ class GramEigen(Solver):
             return Triplets(Q.to(dtype), S.to(dtype), None, stats={"matvecs": matvecs, "iterations": 1})
         # tall: Q holds V; form U = A V S^{-1} for the positive part.
         V = Q.to(dtype)
-        pos = S > 0
-        inv = torch.where(pos, 1.0 / torch.where(pos, S, torch.ones_like(S)), torch.zeros_like(S)).to(dtype)
+        inv = reciprocal_or_zero(S).to(dtype)
         AV = A @ V if isinstance(A, torch.Tensor) else A.matmat(V)
         return Triplets(AV * inv, S.to(dtype), V, stats={"matvecs": matvecs + n, "iterations": 1})
 
@@ -200,8 +199,7 @@ class GramEigen(Solver):
         mu, Z = mu.flip(0), Z.flip(1)
         S = mu.clamp_min(0).sqrt()
         S = _zero_below(S, torch.finfo(dtype).eps * math.sqrt(max(m, n)) * float(S[0]))
-        pos = S > 0
-        inv = torch.where(pos, 1.0 / torch.where(pos, S, torch.ones_like(S)), torch.zeros_like(S))
+        inv = reciprocal_or_zero(S)
         U = (Q1.double() @ Z).to(dtype)
         V = W @ (Z * inv).to(dtype)
         if m > n:

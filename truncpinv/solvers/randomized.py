@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from .._factorization import Triplets
+from .._factorization import Triplets, reciprocal_or_zero
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
 from ._base import Solver, check_seed, make_generator
@@ -170,7 +170,7 @@ class RandomizedSVD(Solver):
         mu, Z = torch.linalg.eigh(_gram64(Ws))  # exact products of the float32 data, float64 eigensolver
         mu, Z = mu.flip(0)[:k], Z.flip(1)[:, :k]
         S = mu.clamp_min(0).sqrt()
-        inv = torch.where(S > 0, 1.0 / torch.where(S > 0, S, torch.ones_like(S)), torch.zeros_like(S))
+        inv = reciprocal_or_zero(S)
         Zs, V, j = (Z * inv).to(dtype), torch.zeros(N, Z.shape[1], dtype=dtype, device=dev), 0
         for W in Ws:  # V = W Z S^{-1}, block by block
             V.addmm_(W, Zs[j : j + W.shape[1]])
