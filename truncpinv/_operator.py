@@ -9,6 +9,7 @@ dense tensors, NumPy arrays, SciPy sparse matrices and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -152,6 +153,19 @@ class ScipyOperator:
 
     def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
         return self._call(self.op.rmatmat, Y)
+
+
+def wide_products(A: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """``(Q -> X^T Q, W -> X W)`` for the wide orientation ``X`` (``s x N``, ``s = min(m, n)``) of ``A``.
+
+    ``X`` is ``A`` when ``m <= n`` and ``A^T`` otherwise; works for dense tensors
+    (as views, no copy) and operators. Solvers that work on the short side use it.
+    """
+    m, n = A.shape
+    if isinstance(A, torch.Tensor):
+        X = A if m <= n else A.T
+        return (lambda Q: X.T @ Q), (lambda W: X @ W)
+    return (A.rmatmat, A.matmat) if m <= n else (A.matmat, A.rmatmat)
 
 
 def _is_scipy(A: Any) -> bool:

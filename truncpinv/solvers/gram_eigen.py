@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
 
 from .._factorization import Triplets, reciprocal_or_zero
-from .._operator import LinearOperator
+from .._operator import LinearOperator, wide_products
 from .._tolerance import Tolerance
 from ._base import Solver
 
@@ -64,19 +63,6 @@ def gram(A: torch.Tensor | LinearOperator, *, accumulate: torch.dtype, chunk_siz
 #: ``"mixed"`` refines through ``A`` only when the refinement basis is at most this fraction of the
 #: short side; a wider one costs more (three skinny products) than accumulating in float64.
 REFINE_FRACTION = 0.2
-
-
-def _wide_view(
-    A: torch.Tensor | LinearOperator,
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    """``(X @ ., X^T @ .)`` for the wide orientation ``X`` of ``A`` (``A`` or ``A^T``)."""
-    m, n = A.shape
-    if isinstance(A, torch.Tensor):
-        X = A if m <= n else A.T
-        return (lambda Y: X @ Y), (lambda Y: X.T @ Y)
-    if m <= n:
-        return A.matmat, A.rmatmat
-    return A.rmatmat, A.matmat
 
 
 def _zero_below(S: torch.Tensor, floor: float) -> torch.Tensor:
@@ -190,7 +176,7 @@ class GramEigen(Solver):
     def _refine(A: torch.Tensor | LinearOperator, Q0: torch.Tensor, matvecs: int) -> Triplets:
         """One subspace-iteration step through ``A`` and a float64 Rayleigh–Ritz step (``"mixed"``)."""
         m, n = A.shape
-        mm, rmm = _wide_view(A)
+        rmm, mm = wide_products(A)
         dtype = Q0.dtype
         Q1 = torch.linalg.qr(mm(rmm(Q0)).double()).Q.to(dtype)
         W = rmm(Q1)  # long x r'

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from .._factorization import Triplets, reciprocal_or_zero
-from .._operator import LinearOperator
+from .._operator import LinearOperator, wide_products
 from .._tolerance import Tolerance
 from ._base import Solver, check_seed, make_generator
 from .gram_eigen import gram
@@ -20,15 +20,6 @@ _F64 = torch.float64
 _Op = Callable[[torch.Tensor], torch.Tensor]
 #: Rows of ``W`` converted to float64 at a time for its Gram matrix (bounds the extra memory).
 _CHUNK = 4096
-
-
-def _wide_products(A: torch.Tensor | LinearOperator) -> tuple[_Op, _Op]:
-    """``(Q -> X^T Q, W -> X W)`` for the wide orientation ``X`` (``s x N``) of ``A`` (``A`` or ``A^T``)."""
-    m, n = A.shape
-    if isinstance(A, torch.Tensor):
-        X = A if m <= n else A.T
-        return (lambda Q: X.T @ Q), (lambda W: X @ W)
-    return (A.rmatmat, A.matmat) if m <= n else (A.matmat, A.rmatmat)
 
 
 def _gram64(Ws: list[torch.Tensor]) -> torch.Tensor:
@@ -122,7 +113,7 @@ class RandomizedSVD(Solver):
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
         m, n = A.shape
         s, k, q, dtype, dev = min(m, n), tol.rank, self.power_iters, A.dtype, A.device
-        xt, x = _wide_products(A)
+        xt, x = wide_products(A)
         width = k + (k + 32 if self.oversample is None else self.oversample)
         b = -(-width // (q + 1)) if self.block_krylov else width
         L = (q + 1) * b if self.block_krylov else b
