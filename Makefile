@@ -21,6 +21,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest tests benchmarks --benchmark-disable -q
+	$(BIN)/python -m pytest truncpinv sven --doctest-modules -q
 
 lint: setup
 	$(BIN)/ruff check .
