@@ -37,8 +37,14 @@ import torch
 from truncpinv import Solver, TruncatedPinv
 
 __all__ = [
+    "DampingState",
     "VariableKResult",
     "all_finite",
+    "cap_norm",
+    "filter_factors",
+    "filtered_direction",
+    "gain_ratio",
+    "madsen_nielsen_update",
     "group_rows",
     "rank_one_components",
     "residual_jacobian",
@@ -210,15 +216,130 @@ def sven_update(
 
 
 # --------------------------------------------------------------------------- variable k
-def rank_one_components(F: TruncatedPinv, R: torch.Tensor) -> torch.Tensor:
+def rank_one_components(F: TruncatedPinv, R: torch.Tensor, *, damping: float = 0.0) -> torch.Tensor:
     r"""The kept rank-one pieces of the direction, as the columns of a ``(P, r)`` matrix.
 
-    Column ``i`` is :math:`v_i\, (u_i^\top R) / \sigma_i`, in order of
-    descending :math:`\sigma_i`; their sum is ``F @ R``.
+    Column ``i`` is :math:`v_i\, \phi(\sigma_i)\, u_i^\top R` with the filter
+    :math:`\phi` of :func:`filter_factors` (``1/sigma_i`` without damping), in
+    order of descending :math:`\sigma_i`; their sum is the (filtered) direction.
     """
     U, S, V = F.U, F.S, F.V
-    coeff = (U.T @ R.to(U.dtype)) / S
+    coeff = (U.T @ R.to(U.dtype)) * filter_factors(S, damping=damping)
     return V * coeff
+
+
+# --------------------------------------------------------------------------- damping
+def filter_factors(S: torch.Tensor, *, damping: float) -> torch.Tensor:
+    r"""The spectral filter applied to the kept singular values.
+
+    Hard truncation inverts every kept value, :math:`\phi(\sigma) = 1/\sigma`.
+    Tikhonov (Levenberg--Marquardt) damping shrinks the small ones:
+
+    .. math::
+
+        \phi(\sigma) = \frac{\sigma}{\sigma^2 + \lambda}, \qquad
+        \lambda = \text{damping} \cdot \sigma_{max}^2,
+
+    so ``damping`` is dimensionless (scaling ``M`` by ``c`` scales the step by
+    ``1/c`` for any damping). Zero singular values get a zero factor.
+
+    Args:
+        S: ``(r,)`` kept singular values, descending.
+        damping: :math:`\lambda / \sigma_{max}^2 \ge 0`.
+    """
+    if S.numel() == 0:
+        return S
+    if damping == 0.0:
+        pos = S > 0
+        return torch.where(pos, 1.0 / torch.where(pos, S, torch.ones_like(S)), torch.zeros_like(S))
+    lam = damping * S[0] ** 2
+    return S / (S * S + lam)
+
+
+def filtered_direction(F: TruncatedPinv, R: torch.Tensor, *, damping: float) -> torch.Tensor:
+    r"""The damped direction :math:`d = V_r\, \phi(\Sigma_r)\, U_r^\top R` from a cached factorisation.
+
+    Re-filtering costs one application of ``V`` (through ``F.solve``), never a
+    new factorisation: ``F.solve(U_r (\Sigma_r \phi(\Sigma_r) \circ U_r^\top R))`` equals
+    :math:`V_r \phi(\Sigma_r) U_r^\top R` because ``U_r`` has orthonormal columns.
+    With ``damping == 0`` this is ``F @ R``.
+    """
+    Rf = R.to(F.dtype)
+    if damping == 0.0 or F.rank == 0:
+        return F.solve(Rf, check_finite=False)  # type: ignore[no-any-return]
+    U, S = F.U, F.S
+    coeff = (U.T @ Rf) * filter_factors(S, damping=damping) * S
+    return F.solve(U @ coeff, check_finite=False)  # type: ignore[no-any-return]
+
+
+def cap_norm(d: torch.Tensor, *, radius: float | None, scale: float = 1.0) -> tuple[torch.Tensor, bool]:
+    r"""Trust-region cap: shrink ``d`` so that :math:`\|\text{scale}\cdot d\| \le \text{radius}`.
+
+    Returns ``(d, capped)``. ``radius=None`` leaves ``d`` unchanged.
+    """
+    if radius is None:
+        return d, False
+    norm = float(d.double().norm()) * abs(scale)
+    if norm <= radius or norm == 0.0:
+        return d, False
+    return d * (radius / norm), True
+
+
+def gain_ratio(R_old: torch.Tensor, R_new: torch.Tensor, R_pred: torch.Tensor) -> float:
+    r"""Actual over predicted decrease of :math:`\phi = \tfrac12\|R\|^2`.
+
+    .. math::
+
+        \rho = \frac{\|R(\theta)\|^2 - \|R(\theta + \delta)\|^2}
+                     {\|R(\theta)\|^2 - \|R(\theta) + M\delta\|^2},
+
+    where ``R_pred`` :math:`= R + M\delta` is the linear model's prediction.
+    Sven's step is the Gauss--Newton step of :math:`\phi` (the minimum-norm
+    solution of :math:`M\delta = -R`), so :math:`\rho \approx 1` where the
+    linearisation is good. A non-finite new loss gives :math:`-\infty`.
+    When the model predicts no decrease (``R`` already zero in the kept
+    directions), :math:`\rho = 1` if the loss did not grow and
+    :math:`-\infty` if it did.
+    """
+    old = float(R_old.double().pow(2).sum())
+    new = float(R_new.double().pow(2).sum())
+    pred = float(R_pred.double().pow(2).sum())
+    if not (new == new and abs(new) != float("inf")):
+        return float("-inf")
+    predicted = old - pred
+    actual = old - new
+    if predicted <= 0.0:
+        return 1.0 if actual >= 0.0 else float("-inf")
+    return actual / predicted
+
+
+@dataclass
+class DampingState:
+    """Adaptive Levenberg--Marquardt damping: ``lam`` (relative to ``sigma_max^2``) and the growth factor ``nu``."""
+
+    lam: float
+    nu: float = 2.0
+
+
+def madsen_nielsen_update(state: DampingState, rho: float, *, accept_threshold: float = 0.0) -> bool:
+    r"""Update the damping from the gain ratio (Madsen, Nielsen & Tingleff 2004, Alg. 3.16).
+
+    .. math::
+
+        \rho > \rho_0:\ \lambda \leftarrow \lambda \max\big(\tfrac13, 1 - (2\rho - 1)^3\big),\ \nu \leftarrow 2;
+        \qquad \text{otherwise}:\ \lambda \leftarrow \nu\lambda,\ \nu \leftarrow 2\nu.
+
+    A zero ``lam`` that must grow restarts at ``1e-6``. ``lam`` is kept in
+    ``[1e-12, 1e12]``. Returns whether the step is accepted; ``state`` is
+    updated in place.
+    """
+    if rho > accept_threshold:
+        state.lam = max(state.lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-12)
+        state.nu = 2.0
+        return True
+    state.lam = min(max(state.lam, 1e-6) * state.nu, 1e12)
+    state.nu = min(state.nu * 2.0, 1e6)
+    return False
 
 
 @dataclass

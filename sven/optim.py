@@ -2,6 +2,7 @@ r"""The Sven optimizer as a :class:`torch.optim.Optimizer`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -43,13 +44,24 @@ GLOBAL_OPTIONS = (
     "rmsprop_momentum",
     "rmsprop_post",
     "jacobian",
-    "nonfinite",
+    "on_nonfinite",
+    "damping",
+    "adaptive_damping",
+    "max_retries",
+    "trust_radius",
+    "check_step",
+    "seed",
 )
+
+#: Starting damping of ``adaptive_damping=True`` when ``damping`` is 0.
+ADAPTIVE_DAMPING_START = 1e-3
+#: Keys of the optimizer-wide state saved under ``state_dict()["sven"]``.
+_COUNTERS = ("steps", "skipped_steps", "rejected_steps")
 
 
 @dataclass
 class StepInfo:
-    """Diagnostics of the last step, recorded at no extra cost.
+    r"""Diagnostics of the last step, recorded at no extra cost.
 
     Attributes:
         losses: ``(B,)`` the per-sample losses (or residuals) the step used, detached.
@@ -62,6 +74,13 @@ class StepInfo:
         jacobian_method: how the Jacobian was computed (``"hooks"``, ``"autograd"``, ``"func"``, ...).
         k_used: components kept by ``variable_k`` (``None`` otherwise).
         substep_losses: the ``variable_k`` loss after each accepted component.
+        damping: the damping :math:`\lambda/\sigma_{max}^2` of the applied
+            (or last tried) step.
+        gain_ratio: actual over predicted decrease of :math:`\|R\|^2`
+            (``adaptive_damping`` only).
+        retries: rejected tries before the applied step.
+        rejected: every try was rejected; the parameters are unchanged.
+        capped: the step was shortened to ``trust_radius``.
     """
 
     losses: torch.Tensor
@@ -72,6 +91,11 @@ class StepInfo:
     jacobian_method: str = ""
     k_used: int | None = None
     substep_losses: list[float] | None = None
+    damping: float = 0.0
+    gain_ratio: float | None = None
+    retries: int = 0
+    rejected: bool = False
+    capped: bool = False
     _direction: torch.Tensor | None = field(default=None, repr=False)
     _lrs: list[tuple[int, int, float]] = field(default_factory=list, repr=False)
 
@@ -137,11 +161,27 @@ class Sven(Optimizer):
     options are global (constructor arguments) and a group that sets one of
     them is rejected.
 
-    **Non-finite values.** If the residuals, the Jacobian or the direction
-    contain NaN/Inf, the parameters are left unchanged: with
-    ``nonfinite="skip"`` (default) the step is skipped, counted in
-    ``state_dict()["sven"]["skipped_steps"]`` and a ``RuntimeWarning`` is
-    issued; with ``nonfinite="raise"`` a ``FloatingPointError`` is raised.
+    **Faults never corrupt the model.** If the residuals, the Jacobian or
+    the direction contain NaN/Inf, or the solver fails (:class:`truncpinv.SolverError`,
+    ``torch.linalg.LinAlgError``), the parameters are left bit-identical:
+    with ``on_nonfinite="skip"`` (default) the step is skipped, counted in
+    ``state_dict()["sven"]["skipped_steps"]`` (also :attr:`skipped_steps`)
+    and a ``RuntimeWarning`` is issued; with ``on_nonfinite="raise"`` a
+    ``FloatingPointError`` is raised. With ``check_step=True`` (implied by
+    ``adaptive_damping``) the loss is re-evaluated after the step and a step
+    that makes it non-finite is undone.
+
+    **Damping and step control** (opt-in, Levenberg--Marquardt style). The
+    kept singular values are filtered by :math:`\sigma/(\sigma^2+\lambda)`
+    with :math:`\lambda = \text{damping}\cdot\sigma_{max}^2` instead of
+    :math:`1/\sigma` (:func:`sven.functional.filter_factors`). With
+    ``adaptive_damping`` the closure is re-evaluated after the step, the gain
+    ratio :math:`\rho` (actual over predicted decrease of :math:`\|R\|^2`)
+    updates :math:`\lambda` by the Madsen--Nielsen rule, and a step with
+    :math:`\rho \le 0` is rejected: the *cached* factorisation is re-filtered
+    with the larger :math:`\lambda` and tried again (one forward pass per
+    try, at most ``max_retries`` retries). ``trust_radius`` caps
+    :math:`\|\delta\theta\|`. See ``docs/robustness.md``.
 
     Args:
         params: parameters or parameter groups.
@@ -169,7 +209,19 @@ class Sven(Optimizer):
             Jacobian before the pseudoinverse (``False``).
         jacobian: ``"auto"``, ``"hooks"`` or ``"autograd"``, see
             :mod:`sven.jacobian`.
-        nonfinite: ``"skip"`` or ``"raise"``.
+        on_nonfinite: ``"skip"`` or ``"raise"``.
+        damping: Tikhonov damping :math:`\lambda/\sigma_{max}^2` (``0``: hard
+            truncation only); with ``adaptive_damping`` the starting value
+            (``0`` starts at ``1e-3``).
+        adaptive_damping: adapt the damping from the gain ratio and reject
+            steps that do not decrease :math:`\|R\|^2`.
+        max_retries: retries after a rejected step (``adaptive_damping``);
+            when every try is rejected the parameters stay unchanged.
+        trust_radius: cap on :math:`\|\delta\theta\|` (``None``: no cap).
+        check_step: re-evaluate the loss after each step (one forward pass)
+            and undo a step that makes it non-finite.
+        seed: seed of the randomized solvers; step ``t`` uses ``seed + t``,
+            so a run resumed from :meth:`state_dict` draws the same sketches.
 
     Attributes:
         last_step: :class:`StepInfo` of the last step.
@@ -202,7 +254,13 @@ class Sven(Optimizer):
         rmsprop_post: bool = ...,
         variable_k: bool = ...,
         *,
-        nonfinite: str = ...,
+        on_nonfinite: str = ...,
+        damping: float = ...,
+        adaptive_damping: bool = ...,
+        max_retries: int = ...,
+        trust_radius: float | None = ...,
+        check_step: bool = ...,
+        seed: int = ...,
     ) -> None: ...
 
     @overload
@@ -224,7 +282,13 @@ class Sven(Optimizer):
         rmsprop_momentum: float = ...,
         rmsprop_post: bool = ...,
         jacobian: str = ...,
-        nonfinite: str = ...,
+        on_nonfinite: str = ...,
+        damping: float = ...,
+        adaptive_damping: bool = ...,
+        max_retries: int = ...,
+        trust_radius: float | None = ...,
+        check_step: bool = ...,
+        seed: int = ...,
     ) -> None: ...
 
     def __init__(
@@ -245,7 +309,13 @@ class Sven(Optimizer):
         rmsprop_momentum: float = 0.0,
         rmsprop_post: bool = False,
         jacobian: str = "auto",
-        nonfinite: str = "skip",
+        on_nonfinite: str = "skip",
+        damping: float = 0.0,
+        adaptive_damping: bool = False,
+        max_retries: int = 3,
+        trust_radius: float | None = None,
+        check_step: bool = False,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         if args or kwargs:
@@ -285,9 +355,26 @@ class Sven(Optimizer):
                 "the rank-one components of the raw direction; use rmsprop_post=False (RMSProp on the Jacobian)"
             )
         self.jacobian = check_choice("jacobian", jacobian, JACOBIAN_METHODS)
-        self.nonfinite = check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
+        self.damping = check_nonneg_float("damping", damping)
+        self.adaptive_damping = check_bool("adaptive_damping", adaptive_damping)
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"`max_retries` must be a non-negative integer, got {max_retries!r}")
+        self.max_retries = max_retries
+        self.trust_radius = None if trust_radius is None else check_positive_float("trust_radius", trust_radius)
+        self.check_step = check_bool("check_step", check_step)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
+        self.seed = seed
+        if self.adaptive_damping and self.variable_k:
+            raise ValueError(
+                "`adaptive_damping=True` cannot be combined with `variable_k=True`: both decide the step from "
+                "re-evaluated losses; choose one"
+            )
         self.last_step: StepInfo | None = None
-        self._counters = {"steps": 0, "skipped_steps": 0}
+        self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        start = self.damping if (self.damping > 0 or not self.adaptive_damping) else ADAPTIVE_DAMPING_START
+        self._damping = SF.DampingState(lam=start)
         self._jac = PerSampleJacobian(self.jacobian)
         super().__init__(params, {"lr": float(lr)})
 
@@ -305,29 +392,43 @@ class Sven(Optimizer):
         super().add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
-        """The ``torch.optim`` state dict plus ``"sven"``: the step and skipped-step counters."""
+        """The ``torch.optim`` state dict plus ``"sven"``: everything an exact resume needs.
+
+        ``"sven"`` holds the counters (``steps``, ``skipped_steps``,
+        ``rejected_steps``) and the adaptive damping (``damping``, ``nu``).
+        The per-parameter RMSProp buffers are in ``"state"`` as usual. The
+        randomized solvers are seeded from ``seed`` and the step counter, so
+        no generator state is needed.
+        """
         sd = super().state_dict()
-        sd["sven"] = dict(self._counters)
+        sd["sven"] = {**self._counters, "damping": self._damping.lam, "nu": self._damping.nu}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a dict from :meth:`state_dict` (the ``"sven"`` counters are optional)."""
+        """Load a dict from :meth:`state_dict` (every ``"sven"`` entry is optional)."""
         sd = dict(state_dict)
-        counters = sd.pop("sven", None)
+        extra = sd.pop("sven", None)
         super().load_state_dict(sd)
-        if counters is not None:
-            self._counters = {k: int(counters.get(k, 0)) for k in ("steps", "skipped_steps")}
+        if extra is not None:
+            self._counters = {k: int(extra.get(k, 0)) for k in _COUNTERS}
+            if "damping" in extra:
+                self._damping = SF.DampingState(lam=float(extra["damping"]), nu=float(extra.get("nu", 2.0)))
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for k in (*GLOBAL_OPTIONS, "last_step", "_counters", "_jac"):
+        for k in (*GLOBAL_OPTIONS, "last_step", "_counters", "_jac", "_damping"):
             state[k] = getattr(self, k)
         return state
 
     @property
     def skipped_steps(self) -> int:
-        """Number of steps skipped because of non-finite values."""
+        """Number of steps skipped because of non-finite values or a solver failure."""
         return self._counters["skipped_steps"]
+
+    @property
+    def rejected_steps(self) -> int:
+        """Number of tries rejected by ``adaptive_damping`` (each cost one forward pass)."""
+        return self._counters["rejected_steps"]
 
     # ------------------------------------------------------------------ the step
     def _rows(self, out: Any) -> torch.Tensor:
@@ -394,16 +495,29 @@ class Sven(Optimizer):
         else:
             R, M = SF.residual_jacobian(out, res.jacobian, kappa=self.kappa)
 
-        def evaluate() -> float:
+        def evaluate() -> torch.Tensor:
             with torch.no_grad():
-                rows = self._rows(closure())
-            return float((rows.pow(2) if self.residuals else rows).mean())
+                return self._rows(closure()).detach()
 
-        reference = None if not self.variable_k else (out.pow(2).mean() if self.residuals else out.mean())
-        self._sven_step(out, R, M, blocks, evaluate=evaluate, reference=reference, method=res.method)
+        self._sven_step(out, R, M, blocks, evaluate=evaluate, method=res.method)
         return out
 
-    # shared by the seed-compatible subclass
+    # ------------------------------------------------------------------ shared by the seed-compatible subclass
+    def _mean_loss(self, rows: torch.Tensor) -> float:
+        """The mean batch loss of closure rows (losses, or residuals whose squares are the losses)."""
+        return float((rows.pow(2) if self.residuals else rows).mean())
+
+    def _residuals_of(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.residuals else SF.residuals_from_losses(rows, kappa=self.kappa)
+
+    def _solver_for_step(self) -> truncpinv.Solver:
+        """The solver, with a per-step seed ``seed + step`` if it is randomized (reproducible on resume)."""
+        solver = self.solver
+        if dataclasses.is_dataclass(solver) and any(f.name == "seed" for f in dataclasses.fields(solver)):
+            if not isinstance(getattr(solver, "seed", None), torch.Generator):
+                return dataclasses.replace(solver, seed=(self.seed + self._counters["steps"]) % (1 << 62))
+        return solver
+
     @torch.no_grad()
     def _sven_step(
         self,
@@ -412,26 +526,26 @@ class Sven(Optimizer):
         M: torch.Tensor,
         blocks: Sequence[_Block],
         *,
-        evaluate: Callable[[], float],
-        reference: torch.Tensor | None,
+        evaluate: Callable[[], torch.Tensor] | None,
         method: str,
     ) -> StepInfo:
         """Given the residuals and their Jacobian, compute and apply the step.
 
-        ``evaluate`` and ``reference`` (the mean batch loss before the step)
-        are only used by ``variable_k``.
+        ``evaluate`` re-evaluates the closure's rows at the current parameters
+        (under ``no_grad``); it is used by ``variable_k``, ``adaptive_damping``
+        and ``check_step``, and may be ``None`` when none of them is on.
         """
         self._counters["steps"] += 1
-        info = StepInfo(losses=losses, jacobian_method=method)
+        info = StepInfo(losses=losses, jacobian_method=method, damping=self._damping.lam)
         self.last_step = info
         # The residuals (B numbers) are always checked. The Jacobian is checked here only when
         # RMSProp would fold it into its state; otherwise a NaN/Inf in it surfaces as a solver
-        # error (non-finite singular values), classified below, which saves a pass over B x P.
+        # error or as a non-finite direction, classified below, which saves a pass over B x P.
         pre_rmsprop = self.rmsprop and not self.rmsprop_post
         if not SF.all_finite(R, M) if pre_rmsprop else not SF.all_finite(R):
             self._nonfinite(info, losses, "the residuals or their Jacobian")
             return info
-
+        M_true = M
         if pre_rmsprop:
             scaled = []
             for b in blocks:
@@ -442,59 +556,160 @@ class Sven(Optimizer):
                 self._store_buffer(b, "square_avg", v)
             M = torch.cat(scaled, dim=1)
 
+        solver = self._solver_for_step()
         try:
-            d, F = SF.sven_direction(
-                M, R, rank=self.rank, rtol=self.rtol, atol=self.atol, solver=self.solver, check_finite=False
-            )
-        except (ValueError, RuntimeError):  # torch.linalg.LinAlgError is a RuntimeError
+            F = solver.factorize(M, rank=self.rank, rtol=self.rtol, atol=self.atol, check_finite=False)
+        except (truncpinv.SolverError, torch.linalg.LinAlgError) as err:
+            self._nonfinite(info, losses, f"the solver failed ({type(err).__name__}: {err})", fault=True)
+            return info
+        except (ValueError, RuntimeError):
             if SF.all_finite(M):
                 raise
             self._nonfinite(info, losses, "the Jacobian")
             return info
-        if not SF.all_finite(d):
-            self._nonfinite(info, losses, "the Sven direction")
+        if not SF.all_finite(F.S):
+            self._nonfinite(info, losses, "the Jacobian")
             return info
         info.singular_values = F.singular_values
         info.rank = F.rank
         info.cutoff = F.cutoff
 
+        lam = self._damping.lam if (self.adaptive_damping or self.damping > 0) else 0.0
         if self.variable_k:
-            comps = SF.rank_one_components(F, R)
+            self._variable_k_step(info, F, R, blocks, evaluate, lam)
+            return info
 
-            def apply(c: torch.Tensor, sign: float) -> None:
-                self._apply(blocks, c, sign)
-
-            if reference is None:
-                raise ValueError("`reference` is required with variable_k=True")
-            vk = SF.variable_k_search(comps, apply=apply, evaluate=evaluate, reference=float(reference))
-            info.k_used = vk.k_used
-            info.substep_losses = vk.substep_losses
-            d = vk.applied if vk.applied is not None else torch.zeros_like(d)
-        else:
+        needs_eval = self.adaptive_damping or self.check_step
+        if needs_eval and evaluate is None:
+            raise ValueError("this Sven configuration re-evaluates the loss after the step: pass the batch to step()")
+        backup = [b.param.detach().clone() for b in blocks] if needs_eval else None
+        post_state = self._snapshot_post_rmsprop(blocks) if (needs_eval and self.rmsprop_post) else None
+        tries = 1 + (self.max_retries if self.adaptive_damping else 0)
+        for attempt in range(tries):
+            info.damping = lam
+            d = SF.filtered_direction(F, R, damping=lam)
+            if not SF.all_finite(d):
+                self._restore(blocks, backup, post_state)
+                self._nonfinite(info, losses, "the Sven direction")
+                return info
             if self.rmsprop and self.rmsprop_post:
-                parts = []
-                for b in blocks:
-                    v = self._state_buffer(b, "square_avg")
-                    mom = self._state_buffer(b, "momentum_buffer") if self.rmsprop_momentum > 0 else None
-                    u = SF.rmsprop_transform_(
-                        d[b.start : b.stop],
-                        v,
-                        mom,
-                        alpha=self.rmsprop_alpha,
-                        eps=self.rmsprop_eps,
-                        momentum=self.rmsprop_momentum,
-                    )
-                    self._store_buffer(b, "square_avg", v)
-                    if mom is not None:
-                        self._store_buffer(b, "momentum_buffer", mom)
-                    parts.append(u.clone())
-                d = torch.cat(parts)
+                d = self._post_rmsprop(blocks, d)
+            d, info.capped = self._cap(blocks, d)
             self._apply(blocks, d, 1.0)
-        info._direction = d
-        info._lrs = [(b.start, b.stop, b.lr) for b in blocks]
+            info._direction = d
+            info._lrs = [(b.start, b.stop, b.lr) for b in blocks]
+            if not needs_eval:
+                return info
+            assert evaluate is not None  # checked above
+            R_new = self._residuals_of(evaluate())
+            if self.adaptive_damping:
+                R_pred = R - self._jvp(M_true, blocks, d).to(R.dtype)
+                info.gain_ratio = SF.gain_ratio(R, R_new, R_pred)
+                accepted = SF.madsen_nielsen_update(self._damping, info.gain_ratio)
+                lam = self._damping.lam
+            else:
+                accepted = SF.all_finite(R_new)
+            if accepted:
+                info.retries = attempt
+                return info
+            self._restore(blocks, backup, post_state)
+            self._counters["rejected_steps"] += 1
+            if not self.adaptive_damping:  # check_step: the loss became non-finite
+                info._direction = None
+                self._nonfinite(info, losses, "the loss after the step")
+                return info
+        info.rejected = True
+        info.retries = tries
+        info._direction = None
         return info
 
-    def _nonfinite(self, info: StepInfo, losses: torch.Tensor, what: str) -> None:
+    def _variable_k_step(
+        self,
+        info: StepInfo,
+        F: truncpinv.TruncatedPinv,
+        R: torch.Tensor,
+        blocks: Sequence[_Block],
+        evaluate: Callable[[], torch.Tensor] | None,
+        lam: float,
+    ) -> None:
+        if evaluate is None:
+            raise ValueError("`variable_k=True` re-evaluates the loss after each component: pass the batch to step()")
+        comps = SF.rank_one_components(F, R, damping=lam)
+
+        def apply(c: torch.Tensor, sign: float) -> None:
+            self._apply(blocks, c, sign)
+
+        reference = self._mean_loss(info.losses)
+        vk = SF.variable_k_search(
+            comps, apply=apply, evaluate=lambda: self._mean_loss(evaluate()), reference=reference
+        )
+        info.k_used = vk.k_used
+        info.substep_losses = vk.substep_losses
+        info._direction = vk.applied if vk.applied is not None else torch.zeros(comps.shape[0], dtype=comps.dtype)
+        info._lrs = [(b.start, b.stop, b.lr) for b in blocks]
+
+    def _post_rmsprop(self, blocks: Sequence[_Block], d: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for b in blocks:
+            v = self._state_buffer(b, "square_avg")
+            mom = self._state_buffer(b, "momentum_buffer") if self.rmsprop_momentum > 0 else None
+            u = SF.rmsprop_transform_(
+                d[b.start : b.stop], v, mom, alpha=self.rmsprop_alpha, eps=self.rmsprop_eps, momentum=self.rmsprop_momentum
+            )
+            self._store_buffer(b, "square_avg", v)
+            if mom is not None:
+                self._store_buffer(b, "momentum_buffer", mom)
+            parts.append(u.clone())
+        return torch.cat(parts)
+
+    def _snapshot_post_rmsprop(
+        self, blocks: Sequence[_Block]
+    ) -> list[tuple[torch.Tensor, str, torch.Tensor | None]]:
+        """Copies of the post-RMSProp buffers (``None``: not created yet), restored when a try is rejected."""
+        snap: list[tuple[torch.Tensor, str, torch.Tensor | None]] = []
+        for b in blocks:
+            for name in ("square_avg", "momentum_buffer"):
+                buf = self.state[b.param].get(name)
+                snap.append((b.param, name, None if buf is None else buf.clone()))
+        return snap
+
+    def _restore(
+        self,
+        blocks: Sequence[_Block],
+        backup: list[torch.Tensor] | None,
+        post_state: list[tuple[torch.Tensor, str, torch.Tensor | None]] | None,
+    ) -> None:
+        """Put back the parameters (bit for bit) and the post-RMSProp buffers."""
+        if backup is not None:
+            for b, saved in zip(blocks, backup):
+                b.param.copy_(saved)
+        for p, name, buf in post_state or ():
+            if buf is None:
+                self.state[p].pop(name, None)
+            else:
+                self.state[p][name].copy_(buf)
+
+    def _scaled(self, blocks: Sequence[_Block], d: torch.Tensor) -> torch.Tensor:
+        """``lr_b * d_b`` for every block: the applied change is ``-`` this."""
+        out = d.clone()
+        for b in blocks:
+            out[b.start : b.stop] *= b.lr
+        return out
+
+    def _cap(self, blocks: Sequence[_Block], d: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        if self.trust_radius is None:
+            return d, False
+        norm = float(self._scaled(blocks, d).double().norm())
+        if norm <= self.trust_radius or norm == 0.0:
+            return d, False
+        return d * (self.trust_radius / norm), True
+
+    def _jvp(self, M: torch.Tensor, blocks: Sequence[_Block], d: torch.Tensor) -> torch.Tensor:
+        """``M @ (lr * d)``: the linear model's predicted change of ``R`` is minus this."""
+        x = self._scaled(blocks, d)
+        return M @ x.to(M.dtype)
+
+    def _nonfinite(self, info: StepInfo, losses: torch.Tensor, what: str, *, fault: bool = False) -> None:
         if self.kappa != 2.0 and not self.residuals and bool((losses < 0).any()):
             raise ValueError(
                 f"kappa={self.kappa} needs non-negative losses (R = loss ** (kappa/2)), but a loss is "
@@ -502,8 +717,11 @@ class Sven(Optimizer):
             )
         info.skipped = True
         self._counters["skipped_steps"] += 1
-        msg = f"Sven step skipped: {what} contain NaN or Inf; the parameters were left unchanged"
-        if self.nonfinite == "raise":
+        if fault:
+            msg = f"Sven step skipped: {what}; the parameters were left unchanged"
+        else:
+            msg = f"Sven step skipped: NaN or Inf in {what}; the parameters were left unchanged"
+        if self.on_nonfinite == "raise":
             raise FloatingPointError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 

@@ -118,7 +118,7 @@ def test_state_dict_round_trip_continues_the_same_trajectory() -> None:
     for _ in range(3):
         opt_a.step(_closure(a, x, y))
     sd = opt_a.state_dict()
-    assert sd["sven"] == {"steps": 3, "skipped_steps": 0}
+    assert sd["sven"] == {"steps": 3, "skipped_steps": 0, "rejected_steps": 0, "damping": 0.0, "nu": 2.0}
     assert set(sd["state"][0]) == {"square_avg", "momentum_buffer"}
 
     b = copy.deepcopy(a)
@@ -260,7 +260,7 @@ def test_nonfinite_losses_skip_the_step_and_leave_parameters_unchanged() -> None
 def test_nonfinite_raise_mode() -> None:
     model = mlp(width=4, depth=1)
     x, y = _data(8)
-    opt = sven.Sven(model.parameters(), lr=0.1, nonfinite="raise")
+    opt = sven.Sven(model.parameters(), lr=0.1, on_nonfinite="raise")
     before = _flat(model)
     with pytest.raises(FloatingPointError, match="parameters were left unchanged"):
         opt.step(lambda: per_sample_mse(model(x), y) * float("inf"))
@@ -292,7 +292,7 @@ def test_negative_losses_with_fractional_kappa_are_explained() -> None:
         ({"rmsprop_alpha": 1.0}, r"`rmsprop_alpha` must be a float in \[0, 1\), got 1.0"),
         ({"rmsprop_momentum": -0.1}, r"`rmsprop_momentum` must be a float in \[0, 1\)"),
         ({"jacobian": "fast"}, r"`jacobian` must be one of \['auto', 'hooks', 'autograd'\], got 'fast'"),
-        ({"nonfinite": "ignore"}, r"`nonfinite` must be one of \['skip', 'raise'\], got 'ignore'"),
+        ({"on_nonfinite": "ignore"}, r"`on_nonfinite` must be one of \['skip', 'raise'\], got 'ignore'"),
         (
             {"variable_k": True, "rmsprop": True, "rmsprop_post": True},
             r"`variable_k=True` cannot be combined with `rmsprop_post=True`",

@@ -217,6 +217,24 @@ class SvenWrapper:
         self.jacobian_method = method
         return self.losses, pred
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the model's state dict and the parameter-mask RNG state.
+
+        Together with :meth:`sven.opt.Sven.state_dict` this makes a resumed
+        run bit-identical on the CPU, ``param_fraction`` masks included.
+        """
+        return {"model": self.model.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict from :meth:`state_dict` (copies into the flat parameter vector in place)."""
+        if not isinstance(state_dict, dict) or "model" not in state_dict:
+            raise ValueError("`state_dict` must be a dict from SvenWrapper.state_dict() with a 'model' entry")
+        with torch.no_grad():
+            self.model.load_state_dict(state_dict["model"])
+        if "generator" in state_dict:
+            self.generator.set_state(state_dict["generator"])
+
     # ------------------------------------------------------------------ parameters
     def _tie_parameters_to_flat(self) -> torch.Tensor:
         """Copy the parameters into one flat vector and re-bind them as views of it."""

@@ -9,6 +9,7 @@ import torch
 
 import truncpinv
 
+from .. import functional as SF
 from .._validation import check_bool, check_nonneg_float, check_positive_int, check_unit_interval
 from ..nn.sven_wrapper import SvenWrapper
 from ..optim import StepInfo, Sven, _Block
@@ -53,7 +54,10 @@ class WrappedSven(Sven):
         mu_rmsprop: RMSProp momentum (post mode only).
         rmsprop_post: RMSProp on the direction instead of on the Jacobian.
         variable_k: greedy rank search; ``step(batch)`` then needs the batch.
-        nonfinite: ``"skip"`` (default) or ``"raise"``, see :class:`sven.Sven`.
+        on_nonfinite: ``"skip"`` (default) or ``"raise"``, see :class:`sven.Sven`.
+        damping, adaptive_damping, max_retries, trust_radius, check_step, seed:
+            keyword-only extensions, as in :class:`sven.Sven`; those that
+            re-evaluate the loss need ``step(batch)``.
 
     Differences from the original, all deliberate: the solvers are accurate
     (the original randomized modes were not, at ``k = B/2``); with a random
@@ -80,7 +84,13 @@ class WrappedSven(Sven):
         rmsprop_post: bool = False,
         variable_k: bool = False,
         *,
-        nonfinite: str = "skip",
+        on_nonfinite: str = "skip",
+        damping: float = 0.0,
+        adaptive_damping: bool = False,
+        max_retries: int = 3,
+        trust_radius: float | None = None,
+        check_step: bool = False,
+        seed: int = 0,
     ) -> None:
         if not isinstance(model, SvenWrapper):
             raise TypeError(f"`model` must be a sven.nn.SvenWrapper, got {type(model).__name__}")
@@ -120,7 +130,13 @@ class WrappedSven(Sven):
             rmsprop_eps=float(eps_rmsprop),
             rmsprop_momentum=float(mu_rmsprop),
             rmsprop_post=rmsprop_post,
-            nonfinite=nonfinite,
+            on_nonfinite=on_nonfinite,
+            damping=damping,
+            adaptive_damping=adaptive_damping,
+            max_retries=max_retries,
+            trust_radius=trust_radius,
+            check_step=check_step,
+            seed=seed,
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -131,6 +147,19 @@ class WrappedSven(Sven):
         ):  # fmt: skip
             state[key] = getattr(self, key)
         return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`sven.Sven.state_dict` plus the wrapper's parameter-mask RNG state (``"sven"]["mask_rng"]``)."""
+        sd = super().state_dict()
+        sd["sven"]["mask_rng"] = self.model.generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict from :meth:`state_dict`; restores the wrapper's mask RNG when present."""
+        extra = state_dict.get("sven") or {}
+        if "mask_rng" in extra:
+            self.model.generator.set_state(extra["mask_rng"])
+        super().load_state_dict(state_dict)
 
     @property
     def lr(self) -> float:
@@ -153,26 +182,28 @@ class WrappedSven(Sven):
         M, R, losses = wrapped.grads, wrapped.residuals, wrapped.losses
         if M.numel() == 0 or M.shape[0] != R.shape[0]:
             raise RuntimeError("call `model.loss_and_grad(batch)` before `step()`: no Jacobian is stored")
-        if self.variable_k and batch is None:
-            raise ValueError("`batch` must be passed to step(batch) when variable_k=True")
+        if batch is None and (self.variable_k or self.adaptive_damping or self.check_step):
+            raise ValueError(
+                "`batch` must be passed to step(batch) with variable_k, adaptive_damping or check_step "
+                "(the loss is re-evaluated after the step)"
+            )
 
         mask = wrapped.param_mask
         index = None if mask is None else mask.nonzero().squeeze(1)
         ncols = wrapped.n_params if index is None else int(index.numel())
         blocks = [_Block(wrapped.params, self.lr, 0, ncols, index)]
 
-        def evaluate() -> float:
+        def evaluate() -> torch.Tensor:
             assert batch is not None  # checked above
             x, *args = batch
-            return float(wrapped.evaluate_and_loss(x, *args).mean())
+            return SF.group_rows(wrapped.evaluate_and_loss(x, *args), size=wrapped.microbatch_size)
 
         info: StepInfo = self._sven_step(
             losses,
             R,
             M,
             blocks,
-            evaluate=evaluate,
-            reference=losses.mean() if self.variable_k else None,
+            evaluate=None if batch is None else evaluate,
             method=wrapped.jacobian_method,
         )
         if self.track_svd_info and not info.skipped:
