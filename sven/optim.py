@@ -435,6 +435,12 @@ class Sven(Optimizer):
         """Validate the closure's output and flatten it to rows."""
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the closure must return a tensor of per-sample losses, got {type(out).__name__}")
+        if not out.is_floating_point():
+            raise TypeError(f"the closure must return floating-point losses, got dtype {out.dtype}")
+        if out.numel() == 0:
+            raise ValueError(
+                f"the closure returned an empty batch (shape {tuple(out.shape)}): Sven needs at least one sample"
+            )
         if self.residuals:
             if out.dim() == 0:
                 raise ValueError(
@@ -538,12 +544,14 @@ class Sven(Optimizer):
         self._counters["steps"] += 1
         info = StepInfo(losses=losses, jacobian_method=method, damping=self._damping.lam)
         self.last_step = info
-        # The residuals (B numbers) are always checked. The Jacobian is checked here only when
-        # RMSProp would fold it into its state; otherwise a NaN/Inf in it surfaces as a solver
-        # error or as a non-finite direction, classified below, which saves a pass over B x P.
+        # Both are checked before anything else: a pass over M costs about 1/B of its
+        # factorisation, and a solver given NaN may return garbage (check_finite=False).
         pre_rmsprop = self.rmsprop and not self.rmsprop_post
-        if not SF.all_finite(R, M) if pre_rmsprop else not SF.all_finite(R):
-            self._nonfinite(info, losses, "the residuals or their Jacobian")
+        if not SF.all_finite(R):
+            self._nonfinite(info, losses, "the residuals")
+            return info
+        if not SF.all_finite(M):
+            self._nonfinite(info, losses, "the Jacobian")
             return info
         M_true = M
         if pre_rmsprop:

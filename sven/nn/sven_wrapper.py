@@ -161,6 +161,15 @@ class SvenWrapper:
                 f"`loss_fn` returned shape {tuple(losses.shape)}, but Sven needs one loss per sample, shape (B,): "
                 f"reduce the non-batch dimensions, e.g. `.sum(dim=-1)`"
             )
+        if b is not None and losses.shape[0] != b:
+            raise ValueError(
+                f"`loss_fn` returned {losses.shape[0]} losses for a batch of {b} samples: it must return one loss "
+                f"per sample, shape ({b},)"
+            )
+        if losses.shape[0] == 0:
+            raise ValueError("the batch is empty (0 samples): Sven needs at least one sample")
+        if not losses.is_floating_point():
+            raise TypeError(f"`loss_fn` must return floating-point losses, got dtype {losses.dtype}")
         return losses
 
     # ------------------------------------------------------------------ Jacobian
