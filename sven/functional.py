@@ -44,10 +44,11 @@ __all__ = [
     "filter_factors",
     "filtered_direction",
     "gain_ratio",
-    "madsen_nielsen_update",
     "group_rows",
+    "madsen_nielsen_update",
     "rank_one_components",
     "residual_jacobian",
+    "residual_scale",
     "residuals_from_losses",
     "rmsprop_precondition_",
     "rmsprop_transform_",
@@ -98,6 +99,19 @@ def residual_jacobian(
     """
     if kappa == 2.0:
         return losses, loss_jacobian
+    R, scale = residual_scale(losses, kappa=kappa)
+    return R, loss_jacobian * scale.unsqueeze(1).to(loss_jacobian.dtype)
+
+
+def residual_scale(losses: torch.Tensor, *, kappa: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Residuals and the row scaling of the chain rule: ``M = diag(scale) J``.
+
+    :math:`R = \ell^{\kappa/2}` and :math:`\text{scale} = \frac{\kappa}{2}\ell^{\kappa/2-1}`,
+    zero where a loss is zero and ``kappa < 2`` (see :func:`residual_jacobian`).
+    Used by the Gram route, which never forms ``J``: ``K_M = diag(s) K diag(s)``.
+    """
+    if kappa == 2.0:
+        return losses, torch.ones_like(losses)
     half = kappa / 2.0
     R = losses.pow(half)
     if half >= 1.0:
@@ -106,7 +120,7 @@ def residual_jacobian(
         pos = losses > 0
         safe = torch.where(pos, losses, torch.ones_like(losses))
         scale = torch.where(pos, half * safe.pow(half - 1.0), torch.zeros_like(losses))
-    return R, loss_jacobian * scale.unsqueeze(1).to(loss_jacobian.dtype)
+    return R, scale
 
 
 def group_rows(x: torch.Tensor, *, size: int) -> torch.Tensor:

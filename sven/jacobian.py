@@ -159,7 +159,8 @@ class _Recorder:
 
 
 @contextmanager
-def _recording(recorder: _Recorder) -> Iterator[None]:
+def _recording(recorder: Callable[[nn.Module, tuple[Any, ...], Any], None]) -> Iterator[None]:
+    """Install ``recorder`` as a global module forward hook for the duration of the block."""
     handle = register_module_forward_hook(recorder)
     try:
         yield

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 import truncpinv
 
+from . import distributed as dist_
 from . import functional as SF
 from ._validation import (
     check_bool,
@@ -23,7 +24,8 @@ from ._validation import (
     check_positive_int,
     check_unit_interval,
 )
-from .jacobian import JACOBIAN_METHODS, JacobianResult, PerSampleJacobian
+from .gram import GramJacobian, GramOperator, LayerGram, Unsupported, gather_gram, row_transform
+from .jacobian import JacobianResult, PerSampleJacobian, autograd_jacobian
 from .nn.sven_wrapper import SvenWrapper
 
 __all__ = ["StepInfo", "Sven"]
@@ -51,7 +53,15 @@ GLOBAL_OPTIONS = (
     "trust_radius",
     "check_step",
     "seed",
+    "process_group",
+    "chunk_size",
 )
+
+#: Accepted values of the ``jacobian`` option (see :class:`Sven`).
+JACOBIAN_ROUTES = ("auto", "gram", "hooks", "autograd", "matfree")
+#: Under ``jacobian="auto"`` the Gram route is used from this many Jacobian entries (``N * P``)
+#: on; below it the materialised hook path is as fast (Python overhead dominates both).
+GRAM_MIN_ENTRIES = 1 << 16
 
 #: Starting damping of ``adaptive_damping=True`` when ``damping`` is 0.
 ADAPTIVE_DAMPING_START = 1e-3
@@ -107,6 +117,31 @@ class StepInfo:
         d = self._direction
         total = sum(float(lr * lr) * float(d[a:b].double().pow(2).sum()) for a, b, lr in self._lrs)
         return math.sqrt(total)
+
+
+class _WithGram:
+    """A matrix-free operator together with its Gram matrix (the matrix-free route)."""
+
+    def __init__(self, op: Any, gram: torch.Tensor, output: torch.Tensor) -> None:
+        self.op, self.gram, self.output = op, gram, output
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.op.shape  # type: ignore[no-any-return]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype  # type: ignore[no-any-return]
+
+    @property
+    def device(self) -> torch.device:
+        return self.op.device  # type: ignore[no-any-return]
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.op.matmat(X)  # type: ignore[no-any-return]
+
+    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.op.rmatmat(Y)  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -207,8 +242,30 @@ class Sven(Optimizer):
         rmsprop_momentum: momentum of the post-pseudoinverse RMSProp.
         rmsprop_post: apply RMSProp to the direction (``True``) or to the
             Jacobian before the pseudoinverse (``False``).
-        jacobian: ``"auto"``, ``"hooks"`` or ``"autograd"``, see
-            :mod:`sven.jacobian`.
+        jacobian: how ``M`` is obtained:
+
+            * ``"gram"``: the Gram route (:mod:`sven.gram`): ``K = M M^T``
+              and ``M^T c`` from per-layer factors of one forward and one
+              backward pass; ``M`` (``B x P``) is never formed. Linear,
+              Conv1d/2d, Embedding, LayerNorm and RMSNorm layers.
+            * ``"hooks"`` / ``"autograd"``: the materialised Jacobian
+              (:mod:`sven.jacobian`), then the ``solver``.
+            * ``"matfree"``: any model; ``M^T u`` and ``M v`` by autograd
+              (:mod:`sven.matfree`), ``K`` from ``B`` batched
+              vector-Jacobian products in chunks of ``chunk_size``:
+              memory ``O(P * chunk_size + B^2)``.
+            * ``"auto"`` (default): the Gram route when ``solver`` is
+              ``"auto"``, the model is supported and ``B * P >= 65536``
+              (below that the materialised hook path is as fast);
+              otherwise the materialised path, where ``solver`` applies.
+              A model the Gram route cannot handle (BatchNorm in training
+              mode, a parameter used outside a supported layer) falls back once, with a warning naming the layer. RMSProp on
+              the Jacobian (``rmsprop=True, rmsprop_post=False``) needs the
+              materialised ``M``.
+
+            On the Gram and matrix-free routes the pseudoinverse comes from
+            the float64 eigendecomposition of ``K``
+            (:func:`truncpinv.pinv_from_gram`) and ``solver`` is not used.
         on_nonfinite: ``"skip"`` or ``"raise"``.
         damping: Tikhonov damping :math:`\lambda/\sigma_{max}^2` (``0``: hard
             truncation only); with ``adaptive_damping`` the starting value
@@ -222,6 +279,12 @@ class Sven(Optimizer):
             and undo a step that makes it non-finite.
         seed: seed of the randomized solvers; step ``t`` uses ``seed + t``,
             so a run resumed from :meth:`state_dict` draws the same sketches.
+        process_group: data-parallel Sven on :mod:`torch.distributed`. Each
+            rank's closure covers its shard of the batch; ``None`` uses the
+            default group when one is initialised. The parameters are
+            broadcast from rank 0 here; every rank then takes the same step
+            (see :mod:`sven.distributed` for the communication volume).
+        chunk_size: columns per batched autograd call of ``jacobian="matfree"``.
 
     Attributes:
         last_step: :class:`StepInfo` of the last step.
@@ -289,6 +352,8 @@ class Sven(Optimizer):
         trust_radius: float | None = ...,
         check_step: bool = ...,
         seed: int = ...,
+        process_group: Any = ...,
+        chunk_size: int = ...,
     ) -> None: ...
 
     def __init__(
@@ -316,6 +381,8 @@ class Sven(Optimizer):
         trust_radius: float | None = None,
         check_step: bool = False,
         seed: int = 0,
+        process_group: Any = None,
+        chunk_size: int = 64,
         **kwargs: Any,
     ) -> None:
         if args or kwargs:
@@ -354,7 +421,8 @@ class Sven(Optimizer):
                 "`variable_k=True` cannot be combined with `rmsprop_post=True`: the greedy rank search applies "
                 "the rank-one components of the raw direction; use rmsprop_post=False (RMSProp on the Jacobian)"
             )
-        self.jacobian = check_choice("jacobian", jacobian, JACOBIAN_METHODS)
+        self.jacobian = check_choice("jacobian", jacobian, JACOBIAN_ROUTES)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, ("skip", "raise"))
         self.damping = check_nonneg_float("damping", damping)
         self.adaptive_damping = check_bool("adaptive_damping", adaptive_damping)
@@ -375,8 +443,20 @@ class Sven(Optimizer):
         self._counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         start = self.damping if (self.damping > 0 or not self.adaptive_damping) else ADAPTIVE_DAMPING_START
         self._damping = SF.DampingState(lam=start)
-        self._jac = PerSampleJacobian(self.jacobian)
+        self._jac = PerSampleJacobian(self.jacobian if self.jacobian in ("hooks", "autograd") else "auto")
+        self._gram = LayerGram(seed=seed)
+        self._gram_failed: str | None = None  # why the Gram route does not apply (auto: warned once)
+        self._last_rows: int | None = None  # rows of the last step, for the choice of route
+        self.process_group = process_group
+        if self.jacobian == "matfree" and dist_.world_size(process_group) > 1:
+            raise ValueError(
+                "`jacobian='matfree'` does not support data-parallel training; use jacobian='auto' (the Gram route, "
+                "or the materialised Jacobian gathered across ranks)"
+            )
         super().__init__(params, {"lr": float(lr)})
+        group = dist_.resolve_group(process_group)
+        if group is not None and dist_.world_size(group) > 1:
+            dist_.broadcast_parameters_([p for g in self.param_groups for p in g["params"]], src=0, group=group)
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -416,8 +496,9 @@ class Sven(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for k in (*GLOBAL_OPTIONS, "last_step", "_counters", "_jac", "_damping"):
+        for k in (*GLOBAL_OPTIONS, "last_step", "_counters", "_jac", "_damping", "_gram", "_gram_failed"):
             state[k] = getattr(self, k)
+        state["process_group"] = None  # a process group cannot be pickled
         return state
 
     @property
@@ -477,14 +558,15 @@ class Sven(Optimizer):
         return blocks, params
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Evaluate ``closure``, compute its per-sample Jacobian and apply the Sven step.
+        """Evaluate ``closure``, linearise it (Gram route or Jacobian) and apply the Sven step.
 
         Args:
             closure: re-evaluates the model and returns the per-sample losses
                 (shape ``(B,)``), or the residuals when ``residuals=True``.
+                Data-parallel: this rank's shard of the batch.
 
         Returns:
-            The closure's output (detached).
+            The closure's output (detached; this rank's rows).
         """
         if closure is None:
             raise ValueError(
@@ -494,19 +576,94 @@ class Sven(Optimizer):
         blocks, params = self._blocks()
         if not params:
             raise ValueError("Sven has no parameter that requires grad to optimise")
-        res: JacobianResult = self._jac(closure, params, rows=self._rows)
-        out = res.output
+        group = dist_.resolve_group(self.process_group)
+        if group is not None and dist_.world_size(group) == 1:
+            group = None
+        local, out, M, method = self._linearize(closure, params, group)
         if self.residuals:
-            R, M = out, res.jacobian
+            R = out
+        elif isinstance(M, torch.Tensor):
+            R, M = SF.residual_jacobian(out, M, kappa=self.kappa)
         else:
-            R, M = SF.residual_jacobian(out, res.jacobian, kappa=self.kappa)
+            R, scale = SF.residual_scale(out, kappa=self.kappa)
+            if self.kappa != 2.0:
+                M = row_transform(M, scale)
 
         def evaluate() -> torch.Tensor:
             with torch.no_grad():
-                return self._rows(closure()).detach()
+                rows = self._rows(closure()).detach()
+            return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
 
-        self._sven_step(out, R, M, blocks, evaluate=evaluate, method=res.method)
-        return out
+        self._sven_step(out, R, M, blocks, evaluate=evaluate, method=method)
+        return local
+
+    def _linearize(
+        self, closure: Callable[[], torch.Tensor], params: list[torch.Tensor], group: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | GramOperator, str]:
+        """Run the closure once and return ``(local rows, global rows, J or its Gram operator, method)``."""
+        route = self.jacobian
+        if route in ("auto", "gram") and self.rmsprop and not self.rmsprop_post:
+            if route == "gram":
+                raise ValueError(
+                    "`jacobian='gram'` cannot be combined with RMSProp on the Jacobian (rmsprop_post=False), which "
+                    "rescales the columns of the materialised M; use rmsprop_post=True or jacobian='auto'"
+                )
+            route = "dense"
+        if route == "auto":
+            n_cols = sum(p.numel() for p in params)
+            tiny = self._last_rows is not None and self._last_rows * n_cols < GRAM_MIN_ENTRIES and group is None
+            use_gram = self._gram_failed is None and isinstance(self.solver, truncpinv.Auto) and not tiny
+            route = "gram" if use_gram else "dense"
+        if route == "matfree":
+            return self._linearize_matfree(closure, params)
+        if route == "gram":
+            res = self._gram(closure, params, rows=self._rows)
+            ok = isinstance(res, GramJacobian)
+            if group is not None:
+                ok = dist_.all_agree(ok, group)
+            if ok and isinstance(res, GramJacobian):
+                self._last_rows = res.shape[0]
+                if group is None:
+                    return res.output, res.output, res, "gram"
+                G = gather_gram(res, group)
+                return res.output, G.output, G, "gram"
+            reason = res.reason if isinstance(res, Unsupported) else "another rank could not use the Gram route"
+            if self.jacobian == "gram":
+                raise ValueError(f"`jacobian='gram'` does not apply to this model: {reason}")
+            self._gram_failed = reason
+            warnings.warn(
+                f"Sven: the Gram route does not apply ({reason}); using the materialised Jacobian instead "
+                f"(memory B x P). Pass jacobian='hooks' or 'autograd' to silence this warning.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            if isinstance(res, Unsupported):
+                out = res.output
+                J = autograd_jacobian(out, params)
+                return self._gather_dense(out.detach(), J, "autograd", group)
+            route = "dense"
+        res_d: JacobianResult = self._jac(closure, params, rows=self._rows)
+        self._last_rows = int(res_d.output.shape[0])
+        return self._gather_dense(res_d.output, res_d.jacobian, res_d.method, group)
+
+    @staticmethod
+    def _gather_dense(
+        out: torch.Tensor, J: torch.Tensor, method: str, group: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        if group is None:
+            return out, out, J, method
+        # the materialised fallback, data-parallel: every rank gets all B x P rows
+        return out, dist_.all_gather_rows(out.contiguous(), group), dist_.all_gather_rows(J.contiguous(), group), method
+
+    def _linearize_matfree(
+        self, closure: Callable[[], torch.Tensor], params: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, GramOperator, str]:
+        from .matfree import ClosureJacobian, gram_from_operator
+
+        op = ClosureJacobian.from_closure(lambda: self._rows(closure()), params, chunk_size=self.chunk_size)
+        K = gram_from_operator(op, int(self.chunk_size or 64))
+        out = op.output
+        return out, out, _WithGram(op, K, out), "matfree"
 
     # ------------------------------------------------------------------ shared by the seed-compatible subclass
     def _mean_loss(self, rows: torch.Tensor) -> float:
@@ -529,7 +686,7 @@ class Sven(Optimizer):
         self,
         losses: torch.Tensor,
         R: torch.Tensor,
-        M: torch.Tensor,
+        M: torch.Tensor | GramOperator,
         blocks: Sequence[_Block],
         *,
         evaluate: Callable[[], torch.Tensor] | None,
@@ -550,11 +707,13 @@ class Sven(Optimizer):
         if not SF.all_finite(R):
             self._nonfinite(info, losses, "the residuals")
             return info
-        if not SF.all_finite(M):
+        if not SF.all_finite(M if isinstance(M, torch.Tensor) else M.gram):
             self._nonfinite(info, losses, "the Jacobian")
             return info
         M_true = M
         if pre_rmsprop:
+            if not isinstance(M, torch.Tensor):
+                raise TypeError("RMSProp on the Jacobian needs the materialised M")  # the routes ensure it
             scaled = []
             for b in blocks:
                 v = self._state_buffer(b, "square_avg")
@@ -564,14 +723,20 @@ class Sven(Optimizer):
                 self._store_buffer(b, "square_avg", v)
             M = torch.cat(scaled, dim=1)
 
-        solver = self._solver_for_step()
         try:
-            F = solver.factorize(M, rank=self.rank, rtol=self.rtol, atol=self.atol, check_finite=False)
+            if isinstance(M, torch.Tensor):
+                F = self._solver_for_step().factorize(
+                    M, rank=self.rank, rtol=self.rtol, atol=self.atol, check_finite=False
+                )
+            else:  # the Gram or matrix-free route: eigh of K in float64, V = M^T U S^-1 implicit
+                F = truncpinv.pinv_from_gram(
+                    M.gram, M, rank=self.rank, rtol=self.rtol, atol=self.atol, check_finite=False
+                )
         except (truncpinv.SolverError, torch.linalg.LinAlgError) as err:
             self._nonfinite(info, losses, f"the solver failed ({type(err).__name__}: {err})", fault=True)
             return info
         except (ValueError, RuntimeError):
-            if SF.all_finite(M):
+            if not isinstance(M, torch.Tensor) or SF.all_finite(M):
                 raise
             self._nonfinite(info, losses, "the Jacobian")
             return info
@@ -648,9 +813,7 @@ class Sven(Optimizer):
             self._apply(blocks, c, sign)
 
         reference = self._mean_loss(info.losses)
-        vk = SF.variable_k_search(
-            comps, apply=apply, evaluate=lambda: self._mean_loss(evaluate()), reference=reference
-        )
+        vk = SF.variable_k_search(comps, apply=apply, evaluate=lambda: self._mean_loss(evaluate()), reference=reference)
         info.k_used = vk.k_used
         info.substep_losses = vk.substep_losses
         info._direction = vk.applied if vk.applied is not None else torch.zeros(comps.shape[0], dtype=comps.dtype)
@@ -662,7 +825,12 @@ class Sven(Optimizer):
             v = self._state_buffer(b, "square_avg")
             mom = self._state_buffer(b, "momentum_buffer") if self.rmsprop_momentum > 0 else None
             u = SF.rmsprop_transform_(
-                d[b.start : b.stop], v, mom, alpha=self.rmsprop_alpha, eps=self.rmsprop_eps, momentum=self.rmsprop_momentum
+                d[b.start : b.stop],
+                v,
+                mom,
+                alpha=self.rmsprop_alpha,
+                eps=self.rmsprop_eps,
+                momentum=self.rmsprop_momentum,
             )
             self._store_buffer(b, "square_avg", v)
             if mom is not None:
@@ -670,9 +838,7 @@ class Sven(Optimizer):
             parts.append(u.clone())
         return torch.cat(parts)
 
-    def _snapshot_post_rmsprop(
-        self, blocks: Sequence[_Block]
-    ) -> list[tuple[torch.Tensor, str, torch.Tensor | None]]:
+    def _snapshot_post_rmsprop(self, blocks: Sequence[_Block]) -> list[tuple[torch.Tensor, str, torch.Tensor | None]]:
         """Copies of the post-RMSProp buffers (``None``: not created yet), restored when a try is rejected."""
         snap: list[tuple[torch.Tensor, str, torch.Tensor | None]] = []
         for b in blocks:
@@ -712,10 +878,12 @@ class Sven(Optimizer):
             return d, False
         return d * (self.trust_radius / norm), True
 
-    def _jvp(self, M: torch.Tensor, blocks: Sequence[_Block], d: torch.Tensor) -> torch.Tensor:
+    def _jvp(self, M: torch.Tensor | GramOperator, blocks: Sequence[_Block], d: torch.Tensor) -> torch.Tensor:
         """``M @ (lr * d)``: the linear model's predicted change of ``R`` is minus this."""
         x = self._scaled(blocks, d)
-        return M @ x.to(M.dtype)
+        if isinstance(M, torch.Tensor):
+            return M @ x.to(M.dtype)
+        return M.matmat(x.to(M.dtype)[:, None])[:, 0]
 
     def _nonfinite(self, info: StepInfo, losses: torch.Tensor, what: str, *, fault: bool = False) -> None:
         if self.kappa != 2.0 and not self.residuals and bool((losses < 0).any()):

@@ -13,6 +13,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -106,7 +107,9 @@ def test_gain_ratio_of_a_linear_model_is_one() -> None:
     X = torch.randn(20, 8, generator=g, dtype=torch.float64)
     y = torch.randn(20, generator=g, dtype=torch.float64)
     w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
-    opt = sven.Sven([w], lr=0.7, rank=5, rtol=1e-8, residuals=True, adaptive_damping=True, damping=0.01)
+    opt = sven.Sven(
+        [w], lr=0.7, rank=5, rtol=1e-8, residuals=True, adaptive_damping=True, damping=0.01, jacobian="autograd"
+    )
     for _ in range(3):
         opt.step(lambda: X @ w - y)
         info = opt.last_step
@@ -121,7 +124,7 @@ def test_gain_ratio_of_a_linear_model_is_one() -> None:
 class CountingSVD(tp.DenseSVD):
     """A solver that counts its factorisations (a class attribute, the dataclass is frozen)."""
 
-    calls = [0]
+    calls: ClassVar[list[int]] = [0]
 
     def _compute(self, A, tol):  # type: ignore[no-untyped-def]
         CountingSVD.calls[0] += 1
@@ -148,7 +151,7 @@ def test_a_rejected_step_refilters_the_cached_factorisation() -> None:
     assert info.retries >= 1 and opt.rejected_steps == info.retries
     assert evals[0] == 1 + info.retries + 1  # the Jacobian pass, then one forward per try
     assert not info.rejected and info.gain_ratio is not None and info.gain_ratio > 0
-    after = float(per_sample_mse(model(x), y).mean())
+    after = float(per_sample_mse(model(x), y).detach().mean())
     assert after == after and info.damping > 1e-3  # finite, and damped
 
 
@@ -162,6 +165,7 @@ def test_when_every_try_is_rejected_the_parameters_are_bit_identical() -> None:
         calls[0] += 1
         out = per_sample_mse(model(x), y)
         return out if calls[0] == 1 else out + 1e6  # every re-evaluation looks worse
+
     opt = sven.Sven(model.parameters(), lr=0.1, rank=8, adaptive_damping=True, max_retries=2)
     opt.step(closure)
     info = opt.last_step
@@ -188,7 +192,7 @@ def test_fixed_damping_changes_the_step_as_the_filter_says() -> None:
     X = torch.randn(10, 6, generator=g, dtype=torch.float64)
     y = torch.randn(10, generator=g, dtype=torch.float64)
     w = nn.Parameter(torch.zeros(6, dtype=torch.float64))
-    opt = sven.Sven([w], lr=1.0, rank=None, rtol=1e-10, residuals=True, damping=0.2)
+    opt = sven.Sven([w], lr=1.0, rank=None, rtol=1e-10, residuals=True, damping=0.2, jacobian="autograd")
     opt.step(lambda: X @ w - y)
     U, S, Vh = np.linalg.svd(X.numpy(), full_matrices=False)
     phi = S / (S**2 + 0.2 * S[0] ** 2)
@@ -261,7 +265,7 @@ def test_a_solver_that_raises_skips_the_step(mode: str) -> None:
 def test_a_jacobian_row_of_inf_skips_the_step(value: float, solver: str) -> None:
     model = mlp(width=8, depth=2, seed=10)
     x, y = _data(16)
-    opt = sven.Sven(model.parameters(), lr=0.1, rank=8, solver=solver)
+    opt = sven.Sven(model.parameters(), lr=0.1, rank=8, solver=solver, jacobian="hooks")
     real = opt._jac
 
     def poisoned(closure, params, *, rows):  # type: ignore[no-untyped-def]
@@ -273,6 +277,27 @@ def test_a_jacobian_row_of_inf_skips_the_step(value: float, solver: str) -> None
     opt._jac = poisoned  # type: ignore[assignment]
     before = _params(model)
     with pytest.warns(RuntimeWarning, match="Sven step skipped"):
+        opt.step(lambda: per_sample_mse(model(x), y))
+    assert _identical(before, _params(model)) and opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_nonfinite_gram_route_skips_the_step(value: float) -> None:
+    """On the Gram route a non-finite Jacobian row shows up in ``K``: same outcome."""
+    model = mlp(width=8, depth=2, seed=10)
+    x, y = _data(16)
+    opt = sven.Sven(model.parameters(), lr=0.1, rank=8, jacobian="gram")
+    real = opt._gram
+
+    def poisoned(closure, params, *, rows):  # type: ignore[no-untyped-def]
+        G = real(closure, params, rows=rows)
+        G.gram[3] = value
+        G.gram[:, 3] = value
+        return G
+
+    opt._gram = poisoned  # type: ignore[assignment]
+    before = _params(model)
+    with pytest.warns(RuntimeWarning, match="NaN or Inf in the Jacobian"):
         opt.step(lambda: per_sample_mse(model(x), y))
     assert _identical(before, _params(model)) and opt.skipped_steps == 1
 

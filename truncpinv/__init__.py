@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._factorization import Triplets, TruncatedPinv, no_tf32
+from ._gram import pinv_from_gram
 from ._operator import CallableOperator, LinearOperator, ScipyOperator, TensorOperator, aslinearoperator
 from ._tolerance import Tolerance, default_rtol, resolve_cutoff, select_rank
 from .solvers import LOBPCG, SOLVERS, Auto, DenseSVD, GramEigen, Lanczos, RandomizedSVD, Solver, SolverError, get_solver
@@ -45,6 +46,7 @@ __all__ = [
     "lstsq",
     "no_tf32",
     "pinv",
+    "pinv_from_gram",
     "resolve_cutoff",
     "select_rank",
 ]

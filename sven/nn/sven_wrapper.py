@@ -3,6 +3,7 @@ r"""``SvenWrapper``: the seed-compatible model wrapper that computes the per-sam
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,7 +13,8 @@ from torch.nn.utils import parameters_to_vector
 
 from .. import functional as SF
 from .._validation import check_bool, check_fraction, check_positive_float, check_positive_int
-from ..jacobian import JACOBIAN_METHODS, PerSampleJacobian, func_jacobian
+from ..gram import GramJacobian, GramOperator, LayerGram, row_transform
+from ..jacobian import JACOBIAN_METHODS, PerSampleJacobian, autograd_jacobian, func_jacobian
 
 __all__ = ["SvenWrapper"]
 
@@ -33,10 +35,17 @@ class SvenWrapper:
     is set on all of them, as in the original wrapper); use the
     ``torch.optim`` form :class:`sven.Sven` to optimise a subset.
 
-    The Jacobian comes from the fast per-sample path of :mod:`sven.jacobian`
-    (one forward and one backward pass) when every optimised parameter
-    belongs to an ``nn.Linear`` layer and samples are verified to be
-    independent; otherwise from ``torch.func.jacrev`` of a
+    With ``jacobian="auto"`` the Jacobian is not formed at all when the model
+    is made of layers the Gram route supports (:mod:`sven.gram`: Linear,
+    Conv1d/2d, Embedding, LayerNorm, RMSNorm): :attr:`grads` is then an
+    operator holding ``K = M M^T`` and the products with ``M``
+    (microbatching and ``kappa`` are row transforms of ``K``), and the
+    optimizer uses the float64 eigendecomposition of ``K`` whatever its
+    ``svd_mode``. Element-wise ``param_fraction`` masks use the materialised
+    path. Otherwise the Jacobian comes from the fast per-sample path of
+    :mod:`sven.jacobian` (one forward and one backward pass) when every
+    optimised parameter belongs to an ``nn.Linear`` layer and samples are
+    verified to be independent, or from ``torch.func.jacrev`` of a
     ``functional_call``, with the buffers passed as inputs so that
     BatchNorm's running statistics are updated exactly once per call.
 
@@ -56,8 +65,9 @@ class SvenWrapper:
             samples before differentiating: the Jacobian has ``B /
             microbatch_size`` rows. ``B`` must be divisible by it.
         seed: seed (or generator) of the random parameter subsets.
-        jacobian: ``"auto"`` (fast path when valid), ``"hooks"``,
-            ``"autograd"`` or ``"func"`` (always ``torch.func.jacrev``).
+        jacobian: ``"auto"`` (the Gram route or the fast path when valid),
+            ``"gram"``, ``"hooks"``, ``"autograd"`` or ``"func"`` (always
+            ``torch.func.jacrev``).
 
     Attributes:
         params: the flat parameter vector (a leaf tensor).
@@ -65,7 +75,8 @@ class SvenWrapper:
             (``None`` when ``param_fraction == 1``).
         actual_param_fraction: the selected fraction (whole tensors with
             ``mask_by_block``).
-        grads: ``(B', P')`` residual Jacobian of the last ``loss_and_grad``.
+        grads: ``(B', P')`` residual Jacobian of the last ``loss_and_grad``
+            (a :class:`sven.gram.GramOperator` on the Gram route).
         losses: ``(B',)`` (microbatch-averaged) losses.
         residuals: ``(B',)`` residuals ``losses ** (kappa / 2)``.
     """
@@ -91,8 +102,8 @@ class SvenWrapper:
         self.param_fraction = check_fraction("param_fraction", param_fraction)
         self.mask_by_block = check_bool("mask_by_block", mask_by_block)
         self.microbatch_size = int(check_positive_int("microbatch_size", microbatch_size) or 1)
-        if jacobian not in (*JACOBIAN_METHODS, "func"):
-            raise ValueError(f"`jacobian` must be one of {[*JACOBIAN_METHODS, 'func']}, got {jacobian!r}")
+        if jacobian not in (*JACOBIAN_METHODS, "gram", "func"):
+            raise ValueError(f"`jacobian` must be one of {[*JACOBIAN_METHODS, 'gram', 'func']}, got {jacobian!r}")
         if isinstance(seed, torch.Generator):
             self.generator = seed
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -127,9 +138,11 @@ class SvenWrapper:
             if any(True for _ in mod.parameters(recurse=False))
         )
         self._try_hooks = jacobian in ("auto", "hooks") and only_linear
+        self._try_gram = jacobian in ("auto", "gram")
+        self._gram = LayerGram()
 
         # populated by loss_and_grad(), consumed by the optimizer's step()
-        self.grads: torch.Tensor = torch.empty(0, device=self.device)
+        self.grads: torch.Tensor | GramOperator = torch.empty(0, device=self.device)
         self.losses: torch.Tensor = torch.empty(0, device=self.device)
         self.residuals: torch.Tensor = torch.empty(0, device=self.device)
         self.jacobian_method: str = ""
@@ -202,7 +215,23 @@ class SvenWrapper:
         def rows(pred: torch.Tensor) -> torch.Tensor:
             return self._checked_losses(pred, args, x)
 
-        if self._try_hooks:
+        if self._try_gram and (self.param_mask is None or self.mask_by_block):
+            active_names = names
+            gres = self._gram(closure, active, rows=rows, names=active_names)
+            if isinstance(gres, GramJacobian):
+                return self._store_gram(gres, preds[-1].detach())
+            if self._method == "gram":
+                raise ValueError(f"`jacobian='gram'` does not apply to this model: {gres.reason}")
+            warnings.warn(
+                f"Sven: the Gram route does not apply ({gres.reason}); using the materialised Jacobian instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._try_gram = False
+            self._try_hooks = False  # the Gram route covers every model the Linear hook path covers
+            losses, J, method = gres.output.detach(), autograd_jacobian(gres.output, active), "autograd"
+            pred = preds[-1].detach()
+        elif self._try_hooks:
             res = self._jac(closure, active, rows=rows)
             losses, J, method = res.output, res.jacobian, res.method
             pred = preds[-1].detach()
@@ -224,6 +253,28 @@ class SvenWrapper:
         self.losses = losses.detach()
         self.residuals = R.detach()
         self.jacobian_method = method
+        return self.losses, pred
+
+    def _store_gram(self, G: GramJacobian, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Microbatching and ``kappa`` as row transforms of the Gram route: ``M = diag(s) A J``."""
+        losses = G.output
+        M: GramOperator = G
+        if self.microbatch_size > 1:
+            n = losses.shape[0]
+            if n % self.microbatch_size:
+                SF.group_rows(losses, size=self.microbatch_size)  # raises the documented error
+            groups = torch.arange(n, device=losses.device) // self.microbatch_size
+            avg = torch.zeros(n // self.microbatch_size, n, dtype=torch.float64, device=losses.device)
+            avg[groups, torch.arange(n, device=losses.device)] = 1.0 / self.microbatch_size
+            M = row_transform(M, avg)
+            losses = SF.group_rows(losses, size=self.microbatch_size)
+        R, scale = SF.residual_scale(losses, kappa=self.kappa)
+        if self.kappa != 2.0:
+            M = row_transform(M, scale)
+        self.grads = M
+        self.losses = losses.detach()
+        self.residuals = R.detach()
+        self.jacobian_method = "gram"
         return self.losses, pred
 
     # ------------------------------------------------------------------ checkpoints

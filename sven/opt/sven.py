@@ -103,6 +103,8 @@ class WrappedSven(Sven):
         check_nonneg_float("eps_rmsprop", eps_rmsprop)
         check_unit_interval("mu_rmsprop", mu_rmsprop)
         self.model = model
+        if use_rmsprop and not rmsprop_post:
+            model._try_gram = False  # RMSProp rescales the columns of the materialised Jacobian
         self.k = k
         self.svd_mode = svd_mode
         self.power_iterations = power_iterations
@@ -180,7 +182,7 @@ class WrappedSven(Sven):
         """
         wrapped = self.model
         M, R, losses = wrapped.grads, wrapped.residuals, wrapped.losses
-        if M.numel() == 0 or M.shape[0] != R.shape[0]:
+        if (isinstance(M, torch.Tensor) and M.numel() == 0) or M.shape[0] != R.shape[0]:
             raise RuntimeError("call `model.loss_and_grad(batch)` before `step()`: no Jacobian is stored")
         if batch is None and (self.variable_k or self.adaptive_damping or self.check_step):
             raise ValueError(
@@ -214,4 +216,4 @@ class WrappedSven(Sven):
                 self.svd_info["k_used"].append(info.k_used)
                 self.svd_info["variable_k_substep_losses"].append(info.substep_losses)
         # free the Jacobian, as the original did
-        wrapped.grads = torch.empty(0, device=M.device)
+        wrapped.grads = torch.empty(0, device=wrapped.device)

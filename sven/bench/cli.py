@@ -1,0 +1,126 @@
+"""The command line: ``python -m sven.bench`` or ``sven-bench``.
+
+::
+
+    sven-bench --task toy1d polynomial digits --optimizers sven adam sgd rmsprop lbfgs polyak sven-reference \\
+               --seeds 3 --epochs 20 --out results/
+
+Defaults: every task, every optimizer, 3 seeds, 20 epochs, 2 threads,
+``results/``. ``--quick`` is a smoke test of everything in well under 3
+minutes on 2 cores (see :data:`QUICK`). See ``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .optimizers import OPTIMIZERS
+from .report import write_all, write_json, write_markdown
+from .runner import BenchConfig, BenchResults, run_benchmark
+from .tasks import TASKS
+
+__all__ = ["QUICK", "build_parser", "main"]
+
+#: What ``--quick`` changes (documented in ``--help`` and docs/results.md).
+QUICK = (
+    "--quick: 1 seed and 5 epochs (unless --seeds / --epochs are given); toy1d and polynomial train on the "
+    "first 2,000 of their 10,000 training points (validation sets and digits unchanged); baseline grids "
+    "reduced to lr in {1e-3, 1e-2} for adam/sgd/rmsprop and lr=1, max_iter in {1, 5} for lbfgs; with --grid, "
+    "Sven's grid is reduced to k in {B/2, B} x lr in {0.1, 0.5} x rtol=1e-3."
+)
+QUICK_SEEDS = 1
+QUICK_EPOCHS = 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``argparse`` parser of ``sven-bench``."""
+    ap = argparse.ArgumentParser(
+        prog="sven-bench",
+        description="Benchmark Sven against Adam, SGD, RMSprop, L-BFGS, Polyak SGD and the original Sven code "
+        "on the tasks of TASKS.md; writes results.json, results.md and PNG plots.",
+        epilog=QUICK,
+    )
+    ap.add_argument("--task", nargs="+", default=list(TASKS), metavar="NAME", help=f"tasks ({', '.join(TASKS)})")
+    ap.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=list(OPTIMIZERS),
+        metavar="NAME",
+        help=f"optimizers ({', '.join(OPTIMIZERS)})",
+    )
+    ap.add_argument("--seeds", type=int, default=None, help="number of model seeds 0..N-1 (default 3; --quick: 1)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20; --quick: 5)")
+    ap.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument(
+        "--grid",
+        action="store_true",
+        help="Sven's own grid: k in {B/4, B/2, B} x lr in {0.1, 0.3, 0.5, 1.0} x rtol in {1e-4, 1e-3, 1e-2}; "
+        "the best point on validation is reported",
+    )
+    ap.add_argument(
+        "--grid-all-seeds",
+        action="store_true",
+        help="run every grid point on every seed (default: grid points on seed 0, the selected one on all seeds)",
+    )
+    ap.add_argument("--quick", action="store_true", help="a fast smoke test of everything (see below)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (also off when stderr is not a TTY)")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark from command-line arguments.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 130 if interrupted by Ctrl-C (the finished
+        runs are written in both cases).
+    """
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 3)
+    epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else 20)
+    for name, value in (("--seeds", seeds), ("--epochs", epochs), ("--threads", args.threads)):
+        if value < 1:
+            ap.error(f"{name} must be a positive integer, got {value}")
+    try:
+        config = BenchConfig(
+            tasks=tuple(dict.fromkeys(args.task)),
+            optimizers=tuple(dict.fromkeys(args.optimizers)),
+            seeds=seeds,
+            epochs=epochs,
+            quick=args.quick,
+            sven_grid=args.grid,
+            grid_all_seeds=args.grid_all_seeds,
+            threads=args.threads,
+            progress=not args.no_progress,
+        )
+    except ValueError as e:
+        ap.error(str(e))
+    out: Path = args.out
+    command = "sven-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+    def save(results: BenchResults) -> None:
+        write_json(results, out / "results.json")
+        write_markdown(results, out / "results.md", plots=[])
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        results = run_benchmark(config, on_run=save, command=command)
+    finally:
+        torch.set_num_threads(threads_before)
+    paths = write_all(results, out)
+    status = "interrupted after" if results.interrupted else "finished"
+    print(f"sven-bench {status} {len(results.runs)} runs in {results.elapsed:.1f} s; wrote:", file=sys.stderr)
+    for p in paths:
+        print(f"  {p}", file=sys.stderr)
+    return 130 if results.interrupted else 0

@@ -1,0 +1,203 @@
+r"""The truncated pseudoinverse from a Gram matrix the caller already has.
+
+Some callers can form ``K = A A^T`` more cheaply than any product with ``A``
+(Sven builds the Gram matrix of a per-sample Jacobian from per-layer factors,
+without ever forming the Jacobian). :func:`pinv_from_gram` turns that ``K``
+and a matrix-free ``A`` into the same :class:`~truncpinv.TruncatedPinv` that
+:class:`~truncpinv.GramEigen` computes:
+
+.. math::
+
+    K = A A^\top = U \Lambda U^\top, \qquad \sigma_i = \sqrt{\lambda_i}, \qquad
+    V = A^\top U \Sigma^{-1},
+
+with ``V`` never formed for a solve: ``x = A^T U_r \Sigma_r^{-2} U_r^T b``
+costs one product with ``A^T`` (``operator.rmatmat``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._factorization import TruncatedPinv, no_tf32
+from ._operator import aslinearoperator
+from ._tolerance import make_tolerance
+from .solvers.gram_eigen import _zero_below
+
+__all__ = ["pinv_from_gram"]
+
+_FLOATS = (torch.float32, torch.float64)
+#: ``solver`` entry of the result's ``stats``.
+NAME = "from_gram"
+
+
+class _RmatmatOperator:
+    """An object with ``shape``/``dtype``/``device``/``rmatmat`` only: ``matmat`` is never needed here."""
+
+    def __init__(self, op: Any) -> None:
+        self.op = op
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.op.shape[0]), int(self.op.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype  # type: ignore[no-any-return]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.op.device)
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"the operator {type(self.op).__name__} only provides `rmatmat`")
+
+    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.op.rmatmat(Y)  # type: ignore[no-any-return]
+
+
+def _prepare_operator(operator: Any) -> tuple[Any, bool]:
+    """Validate ``operator``; returns ``(op, numpy_out)`` with ``op`` a tensor or an operator."""
+    numpy_out = isinstance(operator, np.ndarray)
+    if isinstance(operator, (torch.Tensor, np.ndarray)):
+        op: Any = aslinearoperator(operator).A  # type: ignore[attr-defined]
+        if op.ndim != 2:
+            raise ValueError(f"`operator` must be a 2-D matrix, got shape {tuple(op.shape)}")
+    elif all(hasattr(operator, a) for a in ("shape", "dtype", "device", "rmatmat")) and not hasattr(operator, "matmat"):
+        op = _RmatmatOperator(operator)
+    else:
+        try:
+            op = aslinearoperator(operator)
+        except TypeError:
+            raise TypeError(
+                "`operator` must be a torch.Tensor, a numpy.ndarray, a scipy LinearOperator/sparse matrix, or an "
+                f"object with `shape`, `dtype`, `device` and `rmatmat`; got {type(operator).__name__}"
+            ) from None
+    shape = tuple(op.shape)
+    if len(shape) != 2:
+        raise ValueError(f"`operator` must be 2-D, got shape {shape}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"`operator` must be non-empty, got shape {shape}")
+    if op.dtype not in _FLOATS:
+        raise TypeError(f"`operator` must have dtype float32 or float64, got {op.dtype}")
+    return op, numpy_out
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _prepare_gram(K: Any, m: int, device: torch.device, check_finite: bool) -> tuple[torch.Tensor, torch.dtype]:
+    """Validate ``K`` (``m x m``, symmetric, finite); return it in float64 and the dtype it came in."""
+    if isinstance(K, np.ndarray):
+        if K.dtype.kind != "f":
+            raise TypeError(f"`K` must have a floating dtype, got numpy {K.dtype}")
+        K = torch.from_numpy(np.ascontiguousarray(K))
+    if not isinstance(K, torch.Tensor):
+        raise TypeError(f"`K` must be a torch.Tensor or numpy.ndarray, got {type(K).__name__}")
+    if not K.dtype.is_floating_point:
+        raise TypeError(f"`K` must have a real floating dtype, got {K.dtype}")
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"`K` must be a square matrix, got shape {tuple(K.shape)}")
+    if K.shape[0] != m:
+        raise ValueError(
+            f"`K` must be {m}x{m} to match `operator` with {m} rows (K = A A^T), got shape {tuple(K.shape)}"
+        )
+    if not _same_device(K.device, device):
+        raise ValueError(f"`K` is on {K.device} but `operator` is on {device}; move it with `.to({str(device)!r})`")
+    if check_finite and not bool(torch.isfinite(K).all()):
+        raise ValueError("`K` must be finite, but it contains NaN or Inf; pass check_finite=False to skip this check")
+    K64 = K.to(torch.float64)
+    # A Gram matrix computed in floating point is symmetric up to the rounding of its products:
+    # sqrt(eps) of the largest entry leaves room for that and still rejects a non-Gram matrix.
+    scale = float(K64.abs().max())
+    asym = float((K64 - K64.T).abs().max())
+    if asym > math.sqrt(torch.finfo(K.dtype).eps) * scale:
+        raise ValueError(
+            f"`K` must be symmetric (the Gram matrix A A^T), but max|K - K^T| = {asym:.3g} for max|K| = {scale:.3g}"
+        )
+    return (K64 + K64.T) * 0.5, K.dtype
+
+
+def pinv_from_gram(
+    K: Any,
+    operator: Any,
+    *,
+    rank: int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    check_finite: bool = True,
+) -> TruncatedPinv:
+    r"""Truncated pseudoinverse of ``A`` from its Gram matrix ``K = A A^T``.
+
+    The eigendecomposition ``K = U \Lambda U^T`` (float64, descending) gives
+    the singular values ``sigma_i = sqrt(lambda_i)`` and left vectors ``U`` of
+    ``A``; the right vectors ``V = A^T U \Sigma^{-1}`` stay implicit and are
+    applied with ``operator.rmatmat``. Truncation is that of every solver
+    (see :mod:`truncpinv._tolerance`): keep at most ``rank`` values with
+    ``sigma > max(atol, rtol * sigma_max)``, default ``rtol = max(m, n) * eps``
+    of ``operator.dtype``.
+
+    As in :class:`~truncpinv.GramEigen`, eigenvalues of ``K`` are only known
+    to ``~ eps_K * max(m, n) * lambda_max`` (``eps_K`` of the dtype ``K`` was
+    given in), so singular values below ``sqrt(eps_K * max(m, n)) * sigma_max``
+    are reported as zero. At most ``min(m, n)`` values are kept (``rank(K) <= n``).
+
+    Args:
+        K: ``(m, m)`` symmetric positive semi-definite ``A A^T`` (tensor or
+            array, any float dtype; decomposed in float64). Symmetric up to
+            ``sqrt(eps)`` of its largest entry; it is symmetrised.
+        operator: the ``m x n`` matrix ``A``: a tensor, an array, anything
+            :func:`~truncpinv.aslinearoperator` accepts, or an object with
+            ``shape``, ``dtype``, ``device`` and ``rmatmat`` (``A^T Y``).
+        rank: keep at most this many singular values (default ``min(m, n)``).
+        rtol: relative cut-off (default ``max(m, n) * eps(operator.dtype)``).
+        atol: absolute cut-off (default 0).
+        check_finite: reject NaN/Inf in ``K`` (default ``True``).
+
+    Returns:
+        A :class:`~truncpinv.TruncatedPinv` in ``operator.dtype`` with
+        ``stats["solver"] == "from_gram"``.
+
+    Example:
+        >>> import torch, truncpinv as tp
+        >>> A = torch.randn(8, 50, dtype=torch.float64)
+        >>> F = tp.pinv_from_gram(A @ A.T, tp.TensorOperator(A), rank=5)
+        >>> b = torch.randn(8, dtype=torch.float64)
+        >>> bool(torch.allclose(F @ b, tp.pinv(A, rank=5) @ b))
+        True
+    """
+    op, numpy_out = _prepare_operator(operator)
+    m, n = int(op.shape[0]), int(op.shape[1])
+    dtype, device = op.dtype, torch.device(op.device)
+    K64, k_dtype = _prepare_gram(K, m, device, check_finite)
+    tol = make_tolerance((m, n), dtype, rank=rank, rtol=rtol, atol=atol)
+    t0 = time.perf_counter()
+    with no_tf32(), torch.no_grad():
+        try:
+            lam, Q = torch.linalg.eigh(K64)
+        except torch.linalg.LinAlgError as e:
+            raise ValueError(f"the eigendecomposition of `K` failed (does it contain NaN or Inf?): {e}") from e
+        if not bool(torch.isfinite(lam).all()):
+            raise ValueError("the eigenvalues of `K` are not finite: `K` contains NaN or Inf")
+        q = min(m, n)
+        lam, Q = lam.flip(0)[:q], Q.flip(1)[:, :q]
+        lam_max = max(float(lam[0]), 0.0)
+        # same noise floor as GramEigen, for the precision K was accumulated in
+        eps_k = torch.finfo(k_dtype).eps
+        if float(lam[-1]) < -100 * eps_k * max(m, n) * lam_max:
+            raise ValueError(
+                f"`K` must be positive semi-definite (the Gram matrix A A^T), but it has the eigenvalue "
+                f"{float(lam[-1]):.3g} for the largest {lam_max:.3g}"
+            )
+        S = lam.clamp_min(0).sqrt()
+        S = _zero_below(S, math.sqrt(eps_k * max(m, n)) * float(S[0]))
+    stats = {"solver": NAME, "matvecs": 0, "iterations": 1, "time": time.perf_counter() - t0}
+    return TruncatedPinv(
+        Q.to(dtype), S.to(dtype), None, tol=tol, shape=(m, n), stats=stats, operator=op, numpy_out=numpy_out
+    )
