@@ -259,7 +259,8 @@ class Sven(Optimizer):
               (below that the materialised hook path is as fast);
               otherwise the materialised path, where ``solver`` applies.
               A model the Gram route cannot handle (BatchNorm in training
-              mode, a parameter used outside a supported layer) falls back once, with a warning naming the layer. RMSProp on
+              mode, a parameter used outside a supported layer) falls
+              back once, with a warning naming the layer. RMSProp on
               the Jacobian (``rmsprop=True, rmsprop_post=False``) needs the
               materialised ``M``.
 
