@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_one(task, fac, dict(task.sven_defaults), seed, data=data, epochs=args.epochs)
                 runs.setdefault((name, variant), []).append(res)
 
-    print("| task | variant | final val loss, median (min-max) | train time (s) | time to target (s) | seeds at target |")
+    print(
+        "| task | variant | final val loss, median (min-max) | train time (s) | time to target (s) | seeds at target |"
+    )
     print("|---|---|---|---|---|---|")
     for (name, variant), rs in runs.items():
         finals = [r.final_val_loss for r in rs]

@@ -30,6 +30,10 @@ Documented behaviour decided here:
   its singular values and ``x`` are representable; otherwise the result
   overflows and ``factorize`` raises the documented ``ValueError``.
 
+Known limit, skipped with ``assume``: block Lanczos cannot resolve a kept
+singular value of multiplicity above its block size (documented in
+:class:`truncpinv.Lanczos`); generated spectra hit that with repeated draws.
+
 Cost: the correctness tests are parametrised over the solvers (so the CI
 profile covers each one); the validation tests draw the solver. Under
 ``HYPOTHESIS_PROFILE=thorough`` each test (each parametrisation) runs 1,000
@@ -49,6 +53,7 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from threadpoolctl import threadpool_limits
 
 import truncpinv as tp
 
@@ -82,11 +87,17 @@ _S_NONFINITE = r"solver '\w+' produced non-finite singular values"
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    """Small matrices on one thread: competing OpenMP threads on a shared 2-core machine only slow them down."""
+    """Small matrices on one thread (torch and NumPy's BLAS).
+
+    Competing threads on a shared 2-core machine only slow them down: with
+    another process busy, NumPy's two-thread QR of a 100 x 100 matrix took up
+    to 100x longer than on one thread (one test: 151 s instead of 8 s).
+    """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 
@@ -321,9 +332,11 @@ def test_check_finite_false_with_nonfinite_b_propagates_visibly(
     assert F.rank >= 1  # a Gaussian matrix has full rank
     assert not np.isfinite(x[:, bad_cols]).any(), "a NaN/Inf in b must not vanish from its column of x"
     if good_cols:
+        # the same solution, up to the rounding of a product with fewer columns (registry accuracy)
         x_good = _np64(F.solve(_input(b[:, good_cols], dtype, numpy)))
-        scale = np.abs(x_good).max() + 1e-300
-        np.testing.assert_allclose(x[:, good_cols], x_good, rtol=0, atol=100 * torch.finfo(dtype).eps * scale)
+        S = _np64(F.S)
+        x_scale = np.linalg.norm(b[:, good_cols]) / S[-1]
+        np.testing.assert_allclose(x[:, good_cols], x_good, rtol=0, atol=info.rel_tol(dtype, S[0] / S[-1]) * x_scale)
 
 
 @given(

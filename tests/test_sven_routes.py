@@ -20,7 +20,6 @@ from sven.nn import SvenWrapper
 from sven.opt import Sven as SeedSven
 
 
-
 class SeqModel(nn.Module):
     """Embedding -> LayerNorm -> Conv1d -> Linear: every supported layer type in one model."""
 

@@ -139,6 +139,12 @@ class TruncatedPinv:
         self.stats: dict[str, Any] = dict(stats or {})
         self.numpy_out = numpy_out
         self.rank, self.cutoff = tol.keep(S)
+        # The implicit-V solve x = A^T U S^{-2} U^T b squares S: safe while sigma_max lies within the fourth
+        # root of the dtype's range (2^+-32 in float32), with room for the kept part's kappa^2. Beyond it
+        # (|A| ~ 1e+-20 in float32) V = A^T U S^{-1} is formed once instead (one product with r columns).
+        s1 = float(S[0]) if S.numel() else 0.0
+        fi = torch.finfo(U.dtype)
+        self._squares_safe = s1 == 0.0 or float(fi.tiny) ** 0.25 <= s1 <= float(fi.max) ** 0.25
 
     # ------------------------------------------------------------------ factors
     @property
@@ -210,10 +216,10 @@ class TruncatedPinv:
             else:
                 y = self._U[:, :r].T @ b2
                 S = self._S[:r, None]
-                if self._V is not None:
-                    x = self._V[:, :r] @ (y / S)
-                else:
+                if self._V is None and self._squares_safe:
                     x = self._rmatmat(self._U[:, :r] @ (y / (S * S)))
+                else:  # V orthonormal, y / S of the order of x: no intermediate over- or underflows
+                    x = self._full_V()[:, :r] @ (y / S)
         if vec:
             x = x[:, 0]
         return x.detach().cpu().numpy() if was_numpy else x

@@ -58,16 +58,22 @@ def _check_dtype(name: str, dtype: Any) -> None:
 
 def _as_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
     if isinstance(x, torch.Tensor):
+        if x.layout != torch.strided:
+            raise TypeError(
+                f"`{name}` must be a dense (strided) tensor, got layout {x.layout}; convert it with `.to_dense()`"
+                + (" or pass it as a matrix-free operator (truncpinv.TensorOperator)" if name == "A" else "")
+            )
         return x, False
     if isinstance(x, np.ndarray):
         if x.dtype.kind == "c":
             raise TypeError(f"`{name}` must be real (float32 or float64); complex dtype {x.dtype} is not supported")
-        if x.dtype.kind != "f" or x.dtype.itemsize < 4:
+        if x.dtype.kind != "f" or x.dtype.itemsize not in (4, 8):  # not half, not long double
             raise TypeError(
                 f"`{name}` must have a floating dtype (float32 or float64), got numpy {x.dtype}; "
                 f"convert with `.astype(np.float64)`"
             )
-        return torch.from_numpy(np.ascontiguousarray(x)), True
+        # native byte order (torch cannot read swapped bytes); np.require keeps a 0-d array 0-d
+        return torch.from_numpy(np.require(x, dtype=x.dtype.newbyteorder("="), requirements="C")), True
     what = "a torch.Tensor, a numpy.ndarray, or a matrix-free operator (see truncpinv.LinearOperator)"
     raise TypeError(
         f"`{name}` must be {what if name == 'A' else 'a torch.Tensor or numpy.ndarray'}, got {type(x).__name__}"

@@ -10,6 +10,8 @@ triplets. Adding a solver means writing one file with one ``_compute``.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import math
 import time
 from typing import Any, ClassVar
 
@@ -74,7 +76,14 @@ class Solver(abc.ABC):
         t0 = time.perf_counter()
         try:
             with no_tf32(), torch.no_grad():
-                trip = self._compute(prep.A, tol)
+                A_work, shift = prep.A, 0
+                if isinstance(A_work, torch.Tensor):
+                    A_work, shift = _equilibrate(A_work)
+                # the solvers see 2^-shift A (exactly): scale atol alike, and the singular values back below
+                tol_work = dataclasses.replace(tol, atol=_ldexp_float(tol.atol, -shift)) if shift else tol
+                trip = self._compute(A_work, tol_work)
+                if shift:
+                    trip.S = _ldexp(trip.S, shift)
         except torch.linalg.LinAlgError as e:
             if prep.dense and not bool(torch.isfinite(prep.A).all()):  # type: ignore[arg-type]
                 raise ValueError(
@@ -82,10 +91,15 @@ class Solver(abc.ABC):
                 ) from e
             raise SolverError(f"solver {self.name!r} failed on a {prep.shape[0]}x{prep.shape[1]} matrix: {e}") from e
         S = trip.S
-        if not bool(torch.isfinite(S).all()):
+        # the vectors too: an SVD may return finite singular values with NaN vectors (MKL, for a 1 x n
+        # matrix holding a NaN). A sum suffices: orthonormal columns cannot overflow it.
+        vectors = [X for X in (trip.U, trip.V) if X is not None]
+        if not bool(torch.isfinite(S).all()) or not all(bool(torch.isfinite(X.sum())) for X in vectors):
+            if prep.dense and not bool(torch.isfinite(prep.A).all()):  # type: ignore[arg-type]
+                raise ValueError("`A` must be finite, but it contains NaN or Inf (check_finite=False skipped the scan)")
             raise ValueError(
-                f"solver {self.name!r} produced non-finite singular values: `A` (or the operator's products) "
-                f"contains NaN/Inf or overflows in {prep.dtype}"
+                f"solver {self.name!r} produced non-finite singular values or vectors: `A` (or the operator's "
+                f"products) contains NaN/Inf or overflows in {prep.dtype}"
             )
         stats = {"solver": self.name, **trip.stats, "time": time.perf_counter() - t0}
         return TruncatedPinv(
@@ -104,6 +118,48 @@ class Solver(abc.ABC):
         """Return at least the ``tol.rank`` leading triplets of ``A`` whose
         singular values exceed ``tol.cutoff(sigma_max)`` (more is allowed),
         with ``S`` sorted descending."""
+
+
+#: Binary exponent range of ``max|A|`` that every solver handles without scaling: products with ``A A^T``
+#: (``~ max|A|^2``) stay within the dtype's range, and LOBPCG's float64 residual norms (``~ max|A|^4``) too.
+_SAFE_EXPONENT = {torch.float32: 32, torch.float64: 128}
+
+
+def _equilibrate(A: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(2^-e A, e)`` with ``max|2^-e A|`` in ``[1/2, 1)`` when ``max|A|`` lies outside ``2^{+-32}`` (float32;
+    ``2^{+-128}`` float64), where the solvers' squared products would over- or underflow; else ``(A, 0)``.
+
+    Scaling by a power of two is exact (subnormal entries gain bits, none lose
+    any), and ``pinv(c A) = pinv(A) / c``, so the result is unchanged. Common
+    data takes the first branch: one reduction, no copy.
+    """
+    lo, hi = torch.aminmax(A)
+    amax = max(-float(lo), float(hi))
+    if amax == 0.0 or not math.isfinite(amax):  # zero, or NaN/Inf (check_finite=False): nothing to scale
+        return A, 0
+    e = math.frexp(amax)[1]
+    if abs(e) <= _SAFE_EXPONENT.get(A.dtype, 32):
+        return A, 0
+    return _ldexp(A, -e), e
+
+
+def _ldexp(x: torch.Tensor, e: int) -> torch.Tensor:
+    """``2^e x`` (a new tensor), exact unless the result over- or underflows.
+
+    Two factors ``2^h``, ``2^{e-h}``, each representable in float32 (``2^e``
+    alone may not be, e.g. for subnormal data); the intermediate lies between
+    ``x`` and the result, so it never over- or underflows where the result does not.
+    """
+    h = e // 2
+    return (x * math.ldexp(1.0, h)).mul_(math.ldexp(1.0, e - h))
+
+
+def _ldexp_float(v: float, e: int) -> float:
+    """``2^e v`` for a non-negative float, ``inf`` on overflow."""
+    try:
+        return math.ldexp(v, e)
+    except OverflowError:
+        return math.inf
 
 
 def check_seed(seed: Any) -> None:

@@ -10,7 +10,7 @@ import torch
 from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
-from ._base import Solver
+from ._base import Solver, check_seed
 from .dense_svd import DenseSVD
 from .gram_eigen import GramEigen
 from .lanczos import Lanczos
@@ -30,7 +30,12 @@ MIXED_SIZE = 1 << 22
 
 
 def choose_solver(
-    shape: tuple[int, int], rank: int, *, dense: bool, dtype: torch.dtype = torch.float32, seed: int | None = 0
+    shape: tuple[int, int],
+    rank: int,
+    *,
+    dense: bool,
+    dtype: torch.dtype = torch.float32,
+    seed: int | torch.Generator | None = 0,
 ) -> Solver:
     """The rule behind ``solver="auto"`` (measured in ``benchmarks/bench_solvers.py``).
 
@@ -99,14 +104,17 @@ class Auto(Solver):
     ``Lanczos`` for operators) and records ``stats["fallback"]``.
 
     Args:
-        seed: seed passed to a randomized solver if one is chosen.
+        seed: seed or ``torch.Generator`` passed to a randomized solver if one is chosen.
     """
 
-    seed: int | None = 0
+    seed: int | torch.Generator | None = 0
 
     name: ClassVar[str] = "auto"
     exact: ClassVar[bool] = False
     matrix_free: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
         m, n = int(A.shape[0]), int(A.shape[1])

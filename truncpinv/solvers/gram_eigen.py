@@ -66,7 +66,8 @@ REFINE_FRACTION = 0.2
 
 
 def _zero_below(S: torch.Tensor, floor: float) -> torch.Tensor:
-    return torch.where(S > floor, S, torch.zeros_like(S))
+    """``S`` with the finite values ``<= floor`` set to zero; NaN and Inf stay (for the finiteness check)."""
+    return torch.where((S <= floor) & torch.isfinite(S), torch.zeros_like(S), S)
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,9 @@ class LOBPCG(Solver):
         sig = theta.clamp_min(0).sqrt()
         res = float((rn[:c] / sig[:c]).max() / sig[0]) if c > 0 else 0.0  # relative SVD residual of the kept pairs
         # sigma^2 comes from a float64 Rayleigh quotient: below this floor it is rounding noise (as in GramEigen)
-        sig = torch.where(sig > math.sqrt(_EPS64 * max(m, n)) * sig[0], sig, torch.zeros_like(sig))
+        # (only finite values are zeroed: NaN and Inf must reach the finiteness check)
+        noise = (sig <= math.sqrt(_EPS64 * max(m, n)) * sig[0]) & torch.isfinite(sig)
+        sig = torch.where(noise, torch.zeros_like(sig), sig)
         pos = sig > 0
         Y = (Wt / torch.where(pos, sig, torch.ones_like(sig))[:, None] * pos[:, None]).T  # long-side vectors
         U, V = (X, Y) if m <= n else (Y, X)
