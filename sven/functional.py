@@ -286,15 +286,14 @@ def filtered_direction(F: TruncatedPinv, R: torch.Tensor, *, damping: float) -> 
     return F.solve(U @ coeff, check_finite=False)  # type: ignore[no-any-return]
 
 
-def cap_norm(d: torch.Tensor, *, radius: float | None, scale: float = 1.0) -> tuple[torch.Tensor, bool]:
-    r"""Trust-region cap: shrink ``d`` so that :math:`\|\text{scale}\cdot d\| \le \text{radius}`.
+def cap_norm(d: torch.Tensor, *, radius: float | None, norm: float) -> tuple[torch.Tensor, bool]:
+    r"""Trust-region cap: shrink ``d`` by :math:`r / \|\delta\|` when the step norm ``norm`` exceeds ``radius``.
 
-    Returns ``(d, capped)``. ``radius=None`` leaves ``d`` unchanged.
+    ``norm`` is :math:`\|\delta\|` of the step that ``d`` produces (the
+    caller knows how ``d`` maps to the step, e.g. per-group learning rates).
+    Returns ``(d, capped)``; ``radius=None`` leaves ``d`` unchanged.
     """
-    if radius is None:
-        return d, False
-    norm = float(d.double().norm()) * abs(scale)
-    if norm <= radius or norm == 0.0:
+    if radius is None or norm <= radius or norm == 0.0:
         return d, False
     return d * (radius / norm), True
 

@@ -875,9 +875,7 @@ class Sven(Optimizer):
         if self.trust_radius is None:
             return d, False
         norm = float(self._scaled(blocks, d).double().norm())
-        if norm <= self.trust_radius or norm == 0.0:
-            return d, False
-        return d * (self.trust_radius / norm), True
+        return SF.cap_norm(d, radius=self.trust_radius, norm=norm)
 
     def _jvp(self, M: torch.Tensor | GramOperator, blocks: Sequence[_Block], d: torch.Tensor) -> torch.Tensor:
         """``M @ (lr * d)``: the linear model's predicted change of ``R`` is minus this."""
