@@ -14,15 +14,38 @@ Two ways to use it:
   and ``opt.step(closure)`` with a closure returning per-sample losses;
 * the original API: ``SvenWrapper`` + ``sven.opt.Sven(wrapped, lr, k, rtol)``.
 
-The maths is in :mod:`sven.functional`; per-sample Jacobians in
-:mod:`sven.jacobian`.
+A step is a pipeline of small parts, each in its own module:
+
+* :mod:`sven.linearize`: routes that linearise the closure (Gram, dense, matrix-free, data-parallel);
+* :mod:`sven.precondition`: RMSProp scaling;
+* :mod:`sven.factorize`: the truncated pseudoinverse from :mod:`truncpinv`;
+* :mod:`sven.control`: step-control policies (damping, trust radius, variable-k, ...);
+* :mod:`sven.params`: applying a direction to the parameter groups.
+
+The maths is in :mod:`sven.functional`; :class:`sven.Sven` (:mod:`sven.optim`)
+wires the parts to ``torch.optim``; :mod:`sven.nn` and :mod:`sven.opt` are the
+seed-compatible API.
 """
 
-from . import functional, jacobian
+from . import control, functional, jacobian, linearize
+from .config import SvenConfig
+from .info import StepInfo
 from .nn import SvenWrapper
 from .opt import PolyakSGD, WrappedSven, pinv
-from .optim import StepInfo, Sven
+from .optim import Sven
 
-__all__ = ["PolyakSGD", "StepInfo", "Sven", "SvenWrapper", "WrappedSven", "functional", "jacobian", "pinv"]
+__all__ = [
+    "PolyakSGD",
+    "StepInfo",
+    "Sven",
+    "SvenConfig",
+    "SvenWrapper",
+    "WrappedSven",
+    "control",
+    "functional",
+    "jacobian",
+    "linearize",
+    "pinv",
+]
 
 __version__ = "0.2.0"

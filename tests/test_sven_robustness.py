@@ -266,7 +266,7 @@ def test_a_jacobian_row_of_inf_skips_the_step(value: float, solver: str) -> None
     model = mlp(width=8, depth=2, seed=10)
     x, y = _data(16)
     opt = sven.Sven(model.parameters(), lr=0.1, rank=8, solver=solver, jacobian="hooks")
-    real = opt._jac
+    real = opt.route.dense.per_sample
 
     def poisoned(closure, params, *, rows):  # type: ignore[no-untyped-def]
         res = real(closure, params, rows=rows)
@@ -274,7 +274,7 @@ def test_a_jacobian_row_of_inf_skips_the_step(value: float, solver: str) -> None
         J[3] = value
         return JacobianResult(res.output, J, res.method)
 
-    opt._jac = poisoned  # type: ignore[assignment]
+    opt.route.dense.per_sample = poisoned  # type: ignore[assignment]
     before = _params(model)
     with pytest.warns(RuntimeWarning, match="Sven step skipped"):
         opt.step(lambda: per_sample_mse(model(x), y))
@@ -287,7 +287,7 @@ def test_a_nonfinite_gram_route_skips_the_step(value: float) -> None:
     model = mlp(width=8, depth=2, seed=10)
     x, y = _data(16)
     opt = sven.Sven(model.parameters(), lr=0.1, rank=8, jacobian="gram")
-    real = opt._gram
+    real = opt.route.gram.layer_gram
 
     def poisoned(closure, params, *, rows):  # type: ignore[no-untyped-def]
         G = real(closure, params, rows=rows)
@@ -295,7 +295,7 @@ def test_a_nonfinite_gram_route_skips_the_step(value: float) -> None:
         G.gram[:, 3] = value
         return G
 
-    opt._gram = poisoned  # type: ignore[assignment]
+    opt.route.gram.layer_gram = poisoned  # type: ignore[assignment]
     before = _params(model)
     with pytest.warns(RuntimeWarning, match="NaN or Inf in the Jacobian"):
         opt.step(lambda: per_sample_mse(model(x), y))

@@ -13,8 +13,9 @@ from torch.nn.utils import parameters_to_vector
 
 from .. import functional as SF
 from .._validation import check_bool, check_fraction, check_positive_float, check_positive_int
-from ..gram import GramJacobian, GramOperator, LayerGram, row_transform
-from ..jacobian import JACOBIAN_METHODS, PerSampleJacobian, autograd_jacobian, func_jacobian
+from ..linearize.base import GramOperator, row_transform
+from ..linearize.dense import JACOBIAN_METHODS, PerSampleJacobian, autograd_jacobian, func_jacobian
+from ..linearize.gram import GramJacobian, LayerGram
 
 __all__ = ["SvenWrapper"]
 
@@ -36,14 +37,14 @@ class SvenWrapper:
     ``torch.optim`` form :class:`sven.Sven` to optimise a subset.
 
     With ``jacobian="auto"`` the Jacobian is not formed at all when the model
-    is made of layers the Gram route supports (:mod:`sven.gram`: Linear,
+    is made of layers the Gram route supports (:mod:`sven.linearize.gram`: Linear,
     Conv1d/2d, Embedding, LayerNorm, RMSNorm): :attr:`grads` is then an
     operator holding ``K = M M^T`` and the products with ``M``
     (microbatching and ``kappa`` are row transforms of ``K``), and the
     optimizer uses the float64 eigendecomposition of ``K`` whatever its
     ``svd_mode``. Element-wise ``param_fraction`` masks use the materialised
     path. Otherwise the Jacobian comes from the fast per-sample path of
-    :mod:`sven.jacobian` (one forward and one backward pass) when every
+    :mod:`sven.linearize.dense` (one forward and one backward pass) when every
     optimised parameter belongs to an ``nn.Linear`` layer and samples are
     verified to be independent, or from ``torch.func.jacrev`` of a
     ``functional_call``, with the buffers passed as inputs so that

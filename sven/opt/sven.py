@@ -11,14 +11,17 @@ import truncpinv
 
 from .. import functional as SF
 from .._validation import check_bool, check_nonneg_float, check_positive_int, check_unit_interval
+from ..control import Evaluator
+from ..info import StepInfo
 from ..nn.sven_wrapper import SvenWrapper
-from ..optim import StepInfo, Sven, _Block
+from ..optim import Sven
+from ..params import ParamBlock
 from .pinv import solver_for_mode
 
 __all__ = ["Sven", "WrappedSven"]
 
 
-class WrappedSven(Sven):
+class WrappedSven(Sven, form=SvenWrapper):
     r"""Sven for a :class:`sven.nn.SvenWrapper`, with the original constructor and ``step(batch=None)``.
 
     Built by ``sven.opt.Sven(wrapped, lr, k, rtol, ...)`` (``sven.opt.Sven`` is
@@ -193,21 +196,15 @@ class WrappedSven(Sven):
         mask = wrapped.param_mask
         index = None if mask is None else mask.nonzero().squeeze(1)
         ncols = wrapped.n_params if index is None else int(index.numel())
-        blocks = [_Block(wrapped.params, self.lr, 0, ncols, index)]
+        blocks = [ParamBlock(wrapped.params, self.lr, 0, ncols, index)]
 
-        def evaluate() -> torch.Tensor:
+        def rows_after() -> torch.Tensor:
             assert batch is not None  # checked above
             x, *args = batch
             return SF.group_rows(wrapped.evaluate_and_loss(x, *args), size=wrapped.microbatch_size)
 
-        info: StepInfo = self._sven_step(
-            losses,
-            R,
-            M,
-            blocks,
-            evaluate=None if batch is None else evaluate,
-            method=wrapped.jacobian_method,
-        )
+        evaluate = None if batch is None else Evaluator(rows_after, self.rows)
+        info: StepInfo = self._descend(losses, R, M, blocks, evaluate=evaluate, method=wrapped.jacobian_method)
         if self.track_svd_info and not info.skipped:
             assert info.singular_values is not None
             self.svd_info["svs"].append(np.asarray(info.singular_values[: info.rank].detach().cpu().numpy()))

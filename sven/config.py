@@ -1,0 +1,160 @@
+r"""The options of :class:`sven.Sven`, validated once, and the parts they build.
+
+:class:`SvenConfig` holds the keyword options of the native API. Each is
+checked with a message that names it and states the rule; then the config
+builds the stages of a step: the route (:mod:`sven.linearize`), the
+preconditioner (:mod:`sven.precondition`), the step-control policy
+(:mod:`sven.control`) and the :mod:`truncpinv` solver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import truncpinv
+
+from ._validation import (
+    check_bool,
+    check_choice,
+    check_nonneg_float,
+    check_positive_float,
+    check_positive_int,
+    check_unit_interval,
+)
+from .control import Policy, make_policy
+from .linearize import ROUTES, Linearizer, RowSpec
+from .precondition import RMSProp
+
+__all__ = ["GLOBAL_OPTIONS", "SvenConfig"]
+
+
+@dataclass(frozen=True)
+class SvenConfig:
+    r"""The keyword options of :class:`sven.Sven` (all global: one Jacobian and one pseudoinverse per step).
+
+    Args:
+        rank: ``k``, the maximum number of singular values kept (``None``: every one above the cut-off).
+        rtol: keep :math:`\sigma > rtol\,\sigma_{max}`.
+        atol: keep :math:`\sigma > atol`.
+        kappa: the residual exponent, :math:`R = \ell^{\kappa/2}`.
+        solver: a :mod:`truncpinv` solver object or registry name.
+        residuals: the closure returns residuals (any shape, flattened) instead of losses.
+        variable_k: greedy rank choice (:class:`sven.control.VariableK`).
+        rmsprop, rmsprop_alpha, rmsprop_eps, rmsprop_momentum, rmsprop_post: :class:`sven.precondition.RMSProp`.
+        jacobian: the route, one of :data:`sven.linearize.ROUTES`.
+        on_nonfinite: ``"skip"`` or ``"raise"``.
+        damping: Tikhonov damping :math:`\lambda/\sigma_{max}^2` (the start, with ``adaptive_damping``).
+        adaptive_damping: :class:`sven.control.AdaptiveDamping`.
+        max_retries: retries after a rejected step (``adaptive_damping``).
+        trust_radius: cap on :math:`\|\delta\theta\|` (:class:`sven.control.TrustRadius`).
+        check_step: :class:`sven.control.CheckStep`.
+        seed: seed of the randomized solvers (step ``t`` uses ``seed + t``) and of the verification probes.
+        chunk_size: columns per batched autograd call of the matrix-free route.
+    """
+
+    rank: int | None = None
+    rtol: float = 1e-3
+    atol: float = 0.0
+    kappa: float = 2.0
+    solver: Any = "auto"
+    residuals: bool = False
+    variable_k: bool = False
+    rmsprop: bool = False
+    rmsprop_alpha: float = 0.99
+    rmsprop_eps: float = 1e-8
+    rmsprop_momentum: float = 0.0
+    rmsprop_post: bool = False
+    jacobian: str = "auto"
+    on_nonfinite: str = "skip"
+    damping: float = 0.0
+    adaptive_damping: bool = False
+    max_retries: int = 3
+    trust_radius: float | None = None
+    check_step: bool = False
+    seed: int = 0
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("rank", check_positive_int("rank", self.rank, allow_none=True))
+        put("rtol", check_nonneg_float("rtol", self.rtol))
+        put("atol", check_nonneg_float("atol", self.atol))
+        put("kappa", check_positive_float("kappa", self.kappa))
+        put("residuals", check_bool("residuals", self.residuals))
+        if self.residuals and self.kappa != 2.0:
+            raise ValueError(
+                f"`kappa` has no effect with `residuals=True` (the closure already returns the residuals R), "
+                f"got kappa={self.kappa!r}; leave it at 2.0"
+            )
+        if isinstance(self.solver, str):
+            put("solver", truncpinv.get_solver(self.solver))
+        elif not isinstance(self.solver, truncpinv.Solver):
+            raise ValueError(
+                f"`solver` must be a truncpinv Solver object or one of {sorted(truncpinv.SOLVERS)}, got {self.solver!r}"
+            )
+        for name in ("variable_k", "rmsprop"):
+            put(name, check_bool(name, getattr(self, name)))
+        put("rmsprop_alpha", check_unit_interval("rmsprop_alpha", self.rmsprop_alpha))
+        put("rmsprop_eps", check_nonneg_float("rmsprop_eps", self.rmsprop_eps))
+        put("rmsprop_momentum", check_unit_interval("rmsprop_momentum", self.rmsprop_momentum))
+        put("rmsprop_post", check_bool("rmsprop_post", self.rmsprop_post))
+        if self.variable_k and self.rmsprop and self.rmsprop_post:
+            raise ValueError(
+                "`variable_k=True` cannot be combined with `rmsprop_post=True`: the greedy rank search applies "
+                "the rank-one components of the raw direction; use rmsprop_post=False (RMSProp on the Jacobian)"
+            )
+        put("jacobian", check_choice("jacobian", self.jacobian, ROUTES))
+        put("chunk_size", check_positive_int("chunk_size", self.chunk_size))
+        put("on_nonfinite", check_choice("on_nonfinite", self.on_nonfinite, ("skip", "raise")))
+        put("damping", check_nonneg_float("damping", self.damping))
+        put("adaptive_damping", check_bool("adaptive_damping", self.adaptive_damping))
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"`max_retries` must be a non-negative integer, got {self.max_retries!r}")
+        if self.trust_radius is not None:
+            put("trust_radius", check_positive_float("trust_radius", self.trust_radius))
+        put("check_step", check_bool("check_step", self.check_step))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}")
+        if self.adaptive_damping and self.variable_k:
+            raise ValueError(
+                "`adaptive_damping=True` cannot be combined with `variable_k=True`: both decide the step from "
+                "re-evaluated losses; choose one"
+            )
+
+    def rows(self) -> RowSpec:
+        """What the closure returns (losses or residuals) and how it becomes ``R``."""
+        return RowSpec(residuals=self.residuals, kappa=self.kappa)
+
+    def route(self) -> Linearizer:
+        """The route choice of ``jacobian`` (:class:`sven.linearize.Linearizer`)."""
+        return Linearizer(
+            self.jacobian,
+            gram_allowed=isinstance(self.solver, truncpinv.Auto),
+            rmsprop_on_jacobian=self.rmsprop and not self.rmsprop_post,
+            chunk_size=self.chunk_size,
+            seed=self.seed,
+        )
+
+    def preconditioner(self) -> RMSProp | None:
+        """The RMSProp preconditioner, or ``None``."""
+        if not self.rmsprop:
+            return None
+        return RMSProp(self.rmsprop_alpha, self.rmsprop_eps, self.rmsprop_momentum, self.rmsprop_post)
+
+    def policy(self) -> Policy:
+        """The step-control policy of the damping, variable-k, check-step and trust-radius options."""
+        return make_policy(
+            damping=self.damping,
+            adaptive_damping=self.adaptive_damping,
+            max_retries=self.max_retries,
+            variable_k=self.variable_k,
+            check_step=self.check_step,
+            trust_radius=self.trust_radius,
+        )
+
+
+#: Options that apply to the whole step and therefore cannot differ between parameter groups.
+GLOBAL_OPTIONS = (*(f.name for f in fields(SvenConfig)), "process_group", "control", "route")

@@ -1,0 +1,382 @@
+r"""Step control: small policies that turn a factorisation into an applied step.
+
+After the linearisation and the factorisation, a *policy* decides which
+direction to apply and whether to keep it. Every policy has one interface:
+
+.. code-block:: python
+
+    outcome = policy.run(ctx)   # ctx: StepContext; outcome: Outcome
+
+The :class:`StepContext` offers the factorisation ``F`` of :math:`M`, the
+residuals :math:`R`, ``direction(lam)`` (the filtered Sven direction
+:math:`d_\lambda = \sum_i \frac{\sigma_i}{\sigma_i^2 + \lambda\sigma_1^2} v_i u_i^\top R`,
+preconditioned), ``apply(d, sign)``, ``predict(d)`` (the linear model's change of
+:math:`R`), ``save()`` (a snapshot to restore) and ``evaluate`` (the loss after
+the step). The policy returns the applied direction and its diagnostics.
+
+==========================  ===================================================================
+policy                      rule
+==========================  ===================================================================
+:class:`Plain`              apply :math:`d_0` (hard truncation only)
+:class:`Tikhonov`           apply :math:`d_\lambda` for a fixed damping :math:`\lambda`
+:class:`AdaptiveDamping`    Levenberg--Marquardt: gain ratio, Madsen--Nielsen update, rejection
+:class:`VariableK`          greedy rank: rank-one components while the loss does not increase
+:class:`CheckStep`          wraps a policy: undo a step that makes the loss non-finite
+:class:`TrustRadius`        wraps a policy: cap :math:`\|\eta d\|` at a radius
+==========================  ===================================================================
+
+A new step-control feature is a new class here with ``run``; it composes with
+the wrappers. Pass it as ``sven.Sven(..., control=...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from truncpinv import TruncatedPinv
+
+from . import functional as SF
+from .info import StepFault
+from .linearize.base import RowSpec
+from .params import ParamBlock, apply_direction, lr_scaled, save_parameters
+from .precondition import RMSProp
+
+__all__ = [
+    "ADAPTIVE_DAMPING_START",
+    "AdaptiveDamping",
+    "CheckStep",
+    "Evaluator",
+    "Outcome",
+    "Plain",
+    "Policy",
+    "StepContext",
+    "Tikhonov",
+    "TrustRadius",
+    "VariableK",
+    "make_policy",
+    "step_context",
+]
+
+#: Starting damping of :class:`AdaptiveDamping` when none is given.
+ADAPTIVE_DAMPING_START = 1e-3
+
+
+@dataclass
+class Evaluator:
+    """Re-evaluates the closure after a step: ``rows()`` (every rank's), as residuals or as a mean loss."""
+
+    rows: Callable[[], torch.Tensor]
+    spec: RowSpec
+
+    def residuals(self) -> torch.Tensor:
+        return self.spec.residuals_of(self.rows())
+
+    def mean_loss(self) -> float:
+        return self.spec.mean_loss(self.rows())
+
+
+@dataclass
+class StepContext:
+    """What a policy may use (see the module docstring)."""
+
+    F: TruncatedPinv
+    R: torch.Tensor
+    loss: Callable[[], float]
+    direction: Callable[[float], torch.Tensor]
+    apply: Callable[[torch.Tensor, float], None]
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    norm: Callable[[torch.Tensor], float]
+    save: Callable[[], Callable[[], None]]
+    reject: Callable[[], None]
+    evaluate: Evaluator | None
+
+
+@dataclass
+class Outcome:
+    """What a policy did: the applied direction (``None``: nothing applied) and its diagnostics."""
+
+    direction: torch.Tensor | None = None
+    damping: float = 0.0
+    gain_ratio: float | None = None
+    retries: int = 0
+    rejected: bool = False
+    capped: bool = False
+    k_used: int | None = None
+    substep_losses: list[float] | None = None
+
+
+class Policy:
+    """The policy interface: ``run(ctx) -> Outcome``; ``damping`` is the current :math:`\\lambda`."""
+
+    #: The policy re-evaluates the loss (the closure, or the batch in the seed API).
+    needs_evaluate: bool = False
+
+    @property
+    def damping(self) -> float:
+        return 0.0
+
+    def run(self, ctx: StepContext) -> Outcome:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, float]:
+        """State to save with the optimizer (``damping`` and ``nu``)."""
+        return {"damping": self.damping, "nu": 2.0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (stateless policies ignore it)."""
+
+
+def _evaluator(ctx: StepContext) -> Evaluator:
+    if ctx.evaluate is None:
+        raise ValueError("this Sven configuration re-evaluates the loss after the step: pass the batch to step()")
+    return ctx.evaluate
+
+
+@dataclass
+class Tikhonov(Policy):
+    r"""Apply :math:`d_\lambda` with a fixed damping :math:`\lambda` (relative to :math:`\sigma_{max}^2`)."""
+
+    lam: float = 0.0
+
+    @property
+    def damping(self) -> float:
+        return self.lam
+
+    def run(self, ctx: StepContext) -> Outcome:
+        d = ctx.direction(self.lam)
+        ctx.apply(d, 1.0)
+        return Outcome(direction=d, damping=self.lam)
+
+
+class Plain(Tikhonov):
+    """Apply the truncated pseudoinverse step :math:`d_0 = M_k^+ R` (no damping)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+
+class AdaptiveDamping(Policy):
+    r"""Levenberg--Marquardt step control with rejection.
+
+    Each try applies :math:`d_\lambda`, re-evaluates the loss and computes the
+    gain ratio :math:`\rho` (actual over predicted decrease of :math:`\|R\|^2`,
+    :func:`sven.functional.gain_ratio`). :math:`\lambda` is updated by the
+    Madsen--Nielsen rule (:func:`sven.functional.madsen_nielsen_update`); a try
+    with :math:`\rho \le 0` is undone and retried with the larger
+    :math:`\lambda` on the *cached* factorisation, at most ``max_retries``
+    times. When every try is rejected the parameters stay unchanged.
+    """
+
+    needs_evaluate = True
+
+    def __init__(self, start: float = ADAPTIVE_DAMPING_START, max_retries: int = 3) -> None:
+        self.state = SF.DampingState(lam=start)
+        self.max_retries = max_retries
+
+    @property
+    def damping(self) -> float:
+        return self.state.lam
+
+    def state_dict(self) -> dict[str, float]:
+        return {"damping": self.state.lam, "nu": self.state.nu}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "damping" in state:
+            self.state = SF.DampingState(lam=float(state["damping"]), nu=float(state.get("nu", 2.0)))
+
+    def run(self, ctx: StepContext) -> Outcome:
+        evaluate = _evaluator(ctx)
+        restore = ctx.save()
+        tries = 1 + self.max_retries
+        out = Outcome(damping=self.state.lam)
+        for attempt in range(tries):
+            lam = out.damping = self.state.lam
+            d = ctx.direction(lam)
+            ctx.apply(d, 1.0)
+            out.direction = d
+            R_new = evaluate.residuals()
+            R_pred = ctx.R - ctx.predict(d).to(ctx.R.dtype)
+            out.gain_ratio = SF.gain_ratio(ctx.R, R_new, R_pred)
+            if SF.madsen_nielsen_update(self.state, out.gain_ratio):
+                out.retries = attempt
+                return out
+            restore()
+            ctx.reject()
+        out.rejected, out.retries, out.direction = True, tries, None
+        return out
+
+
+@dataclass
+class VariableK(Policy):
+    r"""Greedy rank: add the rank-one components :math:`\sigma_i^{-1} v_i u_i^\top R` one at a time
+    while the batch loss does not increase (:func:`sven.functional.variable_k_search`).
+
+    The components are filtered by a fixed damping ``lam``. A trust radius does
+    not apply to them (they are applied one by one).
+    """
+
+    lam: float = 0.0
+    needs_evaluate = True
+
+    @property
+    def damping(self) -> float:
+        return self.lam
+
+    def run(self, ctx: StepContext) -> Outcome:
+        if ctx.evaluate is None:
+            raise ValueError("`variable_k=True` re-evaluates the loss after each component: pass the batch to step()")
+        comps = SF.rank_one_components(ctx.F, ctx.R, damping=self.lam)
+        vk = SF.variable_k_search(comps, apply=ctx.apply, evaluate=ctx.evaluate.mean_loss, reference=ctx.loss())
+        applied = vk.applied if vk.applied is not None else torch.zeros(comps.shape[0], dtype=comps.dtype)
+        return Outcome(direction=applied, damping=self.lam, k_used=vk.k_used, substep_losses=vk.substep_losses)
+
+
+class _Wrapper(Policy):
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+
+    @property
+    def needs_evaluate(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_evaluate
+
+    @property
+    def damping(self) -> float:
+        return self.inner.damping
+
+    def state_dict(self) -> dict[str, float]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+class CheckStep(_Wrapper):
+    """Re-evaluate the loss after ``inner``'s step (one forward pass) and undo a step that makes it non-finite."""
+
+    @property
+    def needs_evaluate(self) -> bool:  # type: ignore[override]
+        return True
+
+    def run(self, ctx: StepContext) -> Outcome:
+        evaluate = _evaluator(ctx)
+        restore = ctx.save()
+        out = self.inner.run(ctx)
+        if SF.all_finite(evaluate.residuals()):
+            return out
+        restore()
+        ctx.reject()
+        raise StepFault("the loss after the step")
+
+
+class TrustRadius(_Wrapper):
+    r"""Cap the applied change at a radius: :math:`d \leftarrow d \min(1, r / \|\eta d\|)`.
+
+    See :func:`sven.functional.cap_norm`; it wraps any policy that applies
+    ``ctx.direction``.
+    """
+
+    def __init__(self, inner: Policy, radius: float) -> None:
+        super().__init__(inner)
+        self.radius = radius
+
+    def run(self, ctx: StepContext) -> Outcome:
+        capped = [False]
+
+        def direction(lam: float) -> torch.Tensor:
+            d = ctx.direction(lam)
+            d, capped[0] = SF.cap_norm(d, radius=self.radius, norm=ctx.norm(d))
+            return d
+
+        out = self.inner.run(dataclasses.replace(ctx, direction=direction))
+        out.capped = capped[0]
+        return out
+
+
+def make_policy(
+    *,
+    damping: float = 0.0,
+    adaptive_damping: bool = False,
+    max_retries: int = 3,
+    variable_k: bool = False,
+    check_step: bool = False,
+    trust_radius: float | None = None,
+) -> Policy:
+    """The policy that :class:`sven.Sven`'s keyword options describe.
+
+    ``variable_k`` gives :class:`VariableK`; ``adaptive_damping`` gives
+    :class:`AdaptiveDamping` (starting at ``damping``, or
+    :data:`ADAPTIVE_DAMPING_START` when it is 0), which already checks each
+    step; otherwise :class:`Tikhonov` (:class:`Plain` for ``damping=0``),
+    wrapped in :class:`CheckStep` if ``check_step``. ``trust_radius`` wraps
+    the result in :class:`TrustRadius`.
+    """
+    policy: Policy
+    if variable_k:
+        policy = VariableK(damping)
+    elif adaptive_damping:
+        policy = AdaptiveDamping(damping if damping > 0 else ADAPTIVE_DAMPING_START, max_retries)
+    else:
+        policy = Tikhonov(damping) if damping > 0 else Plain()
+        if check_step:
+            policy = CheckStep(policy)
+    if trust_radius is not None:
+        policy = TrustRadius(policy, trust_radius)
+    return policy
+
+
+def step_context(
+    F: TruncatedPinv,
+    R: torch.Tensor,
+    M: Any,
+    blocks: list[ParamBlock],
+    *,
+    state: Any,
+    precondition: RMSProp | None,
+    loss: Callable[[], float],
+    evaluate: Evaluator | None,
+    reject: Callable[[], None],
+) -> StepContext:
+    """Wire a factorisation to the parameters: the :class:`StepContext` an optimizer hands its policy.
+
+    ``M`` is the Jacobian *before* preconditioning (the linear model of ``R``);
+    ``state`` holds the preconditioner's per-parameter buffers.
+    """
+
+    def direction(lam: float) -> torch.Tensor:
+        d = SF.filtered_direction(F, R, damping=lam)
+        if not SF.all_finite(d):
+            raise StepFault("the Sven direction")
+        return precondition.direction(d, blocks, state) if precondition is not None else d
+
+    def predict(d: torch.Tensor) -> torch.Tensor:
+        x = lr_scaled(blocks, d).to(M.dtype)
+        return M @ x if isinstance(M, torch.Tensor) else M.matmat(x[:, None])[:, 0]
+
+    def save() -> Callable[[], None]:
+        params = save_parameters(blocks)
+        buffers = precondition.save(blocks, state) if precondition is not None else None
+
+        def restore() -> None:
+            params()
+            if buffers is not None:
+                buffers()
+
+        return restore
+
+    return StepContext(
+        F=F,
+        R=R,
+        loss=loss,
+        direction=direction,
+        apply=lambda d, sign: apply_direction(blocks, d, sign),
+        predict=predict,
+        norm=lambda d: float(lr_scaled(blocks, d).double().norm()),
+        save=save,
+        reject=reject,
+        evaluate=evaluate,
+    )

@@ -1,0 +1,54 @@
+r"""The factorisation stage: the truncated pseudoinverse of :math:`M` from :mod:`truncpinv`.
+
+A materialised ``M`` goes to the configured solver; an operator with a Gram
+matrix (the Gram and matrix-free routes) to :func:`truncpinv.pinv_from_gram`
+(float64 eigendecomposition of ``K``, ``V = M^T U S^{-1}`` kept implicit).
+Failures and non-finite spectra become a :class:`~sven.info.StepFault`, so
+the step is skipped with the parameters unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+import truncpinv
+
+from . import functional as SF
+from .info import StepFault
+
+__all__ = ["factorize", "solver_for_step"]
+
+
+def solver_for_step(solver: truncpinv.Solver, seed: int, step: int) -> truncpinv.Solver:
+    """The solver with a per-step seed ``seed + step`` if it is randomized (reproducible on resume)."""
+    if dataclasses.is_dataclass(solver) and any(f.name == "seed" for f in dataclasses.fields(solver)):
+        if not isinstance(getattr(solver, "seed", None), torch.Generator):
+            return dataclasses.replace(solver, seed=(seed + step) % (1 << 62))  # type: ignore[type-var]
+    return solver
+
+
+def factorize(
+    M: Any, solver: truncpinv.Solver, *, rank: int | None, rtol: float, atol: float
+) -> truncpinv.TruncatedPinv:
+    """``M_k^+``: keep at most ``rank`` singular values above ``max(atol, rtol * sigma_max)``.
+
+    Raises:
+        StepFault: the solver failed, or ``M`` or its spectrum is not finite.
+    """
+    try:
+        if isinstance(M, torch.Tensor):
+            F = solver.factorize(M, rank=rank, rtol=rtol, atol=atol, check_finite=False)
+        else:
+            F = truncpinv.pinv_from_gram(M.gram, M, rank=rank, rtol=rtol, atol=atol, check_finite=False)
+    except (truncpinv.SolverError, torch.linalg.LinAlgError) as err:
+        raise StepFault(f"the solver failed ({type(err).__name__}: {err})", fault=True) from err
+    except (ValueError, RuntimeError):
+        if not isinstance(M, torch.Tensor) or SF.all_finite(M):
+            raise
+        raise StepFault("the Jacobian") from None
+    if not SF.all_finite(F.S):
+        raise StepFault("the Jacobian")
+    return F

@@ -1,0 +1,81 @@
+r"""What a Sven step reports: :class:`StepInfo` (diagnostics) and :class:`StepFault` (a step that cannot be taken)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["StepFault", "StepInfo"]
+
+
+class StepFault(Exception):
+    """A step cannot be taken: non-finite values or a solver failure. The parameters are unchanged.
+
+    Args:
+        what: what was non-finite (``"the Jacobian"``, ...) or, with ``fault=True``, what failed.
+        fault: a failure rather than NaN/Inf.
+    """
+
+    def __init__(self, what: str, *, fault: bool = False) -> None:
+        super().__init__(what)
+        self.what = what
+        self.fault = fault
+
+
+@dataclass
+class StepInfo:
+    r"""Diagnostics of the last step, recorded at no extra cost.
+
+    Attributes:
+        losses: ``(B,)`` the per-sample losses (or residuals) the step used, detached.
+        singular_values: every singular value the solver computed (kept or
+            not), descending; ``None`` if the step was skipped.
+        rank: number of singular values kept by the truncation (under
+            ``variable_k`` the step uses the first ``k_used`` of them).
+        cutoff: the absolute singular-value cut-off that was applied.
+        skipped: the step was skipped because of non-finite values.
+        jacobian_method: how the Jacobian was computed (``"hooks"``, ``"autograd"``, ``"func"``, ...).
+        k_used: components kept by ``variable_k`` (``None`` otherwise).
+        substep_losses: the ``variable_k`` loss after each accepted component.
+        damping: the damping :math:`\lambda/\sigma_{max}^2` of the applied
+            (or last tried) step.
+        gain_ratio: actual over predicted decrease of :math:`\|R\|^2`
+            (``adaptive_damping`` only).
+        retries: rejected tries before the applied step.
+        rejected: every try was rejected; the parameters are unchanged.
+        capped: the step was shortened to ``trust_radius``.
+    """
+
+    losses: torch.Tensor
+    singular_values: torch.Tensor | None = None
+    rank: int = 0
+    cutoff: float = float("nan")
+    skipped: bool = False
+    jacobian_method: str = ""
+    k_used: int | None = None
+    substep_losses: list[float] | None = None
+    damping: float = 0.0
+    gain_ratio: float | None = None
+    retries: int = 0
+    rejected: bool = False
+    capped: bool = False
+    _direction: torch.Tensor | None = field(default=None, repr=False)
+    _lrs: list[tuple[int, int, float]] = field(default_factory=list, repr=False)
+
+    def record(self, outcome: Any, lrs: list[tuple[int, int, float]]) -> None:
+        """Copy a step-control :class:`~sven.control.Outcome` (and the blocks' learning rates) into this record."""
+        for name in ("damping", "gain_ratio", "retries", "rejected", "capped", "k_used", "substep_losses"):
+            setattr(self, name, getattr(outcome, name))
+        self._direction, self._lrs = outcome.direction, lrs
+
+    @property
+    def step_norm(self) -> float:
+        r"""``||theta_new - theta_old||``: the norm of the applied change (computed on first access)."""
+        if self._direction is None:
+            return 0.0
+        d = self._direction
+        total = sum(float(lr * lr) * float(d[a:b].double().pow(2).sum()) for a, b, lr in self._lrs)
+        return math.sqrt(total)

@@ -1,0 +1,160 @@
+r"""Route choice: :func:`choose_route` (a pure rule) and :class:`Linearizer` (the routes, the fallback, the state).
+
+The rule behind ``jacobian="auto"``:
+
+1. RMSProp on the Jacobian rescales the columns of the materialised ``M``:
+   the dense route (``"gram"`` is then an error).
+2. A truncpinv solver other than ``Auto`` was chosen: the dense route, where
+   the solver applies.
+3. A model the Gram route could not handle (remembered after the first try):
+   the dense route.
+4. A tiny problem, ``N * P < GRAM_MIN_ENTRIES`` for the previous step's
+   ``N`` rows, on one process: the dense route, as fast when Python overhead
+   dominates both.
+5. Otherwise the Gram route.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .base import Linearization, RowSpec, Unsupported
+from .dense import DenseRoute, autograd_jacobian
+from .gram import GramRoute
+from .matfree import MatfreeRoute
+
+__all__ = ["GRAM_MIN_ENTRIES", "ROUTES", "Linearizer", "choose_route"]
+
+#: Accepted route names (the ``jacobian`` option of :class:`sven.Sven`).
+ROUTES = ("auto", "gram", "hooks", "autograd", "matfree")
+#: Under ``"auto"`` the Gram route is used from this many Jacobian entries (``N * P``) on; below it the
+#: materialised hook path is as fast (Python overhead dominates both).
+GRAM_MIN_ENTRIES = 1 << 16
+
+
+def choose_route(
+    requested: str,
+    *,
+    gram_allowed: bool,
+    rmsprop_on_jacobian: bool,
+    entries: int | None,
+    gram_failed: bool,
+    distributed: bool,
+) -> str:
+    """The route to run: ``"gram"``, ``"dense"`` or ``"matfree"`` (the rule in the module docstring).
+
+    Args:
+        requested: one of :data:`ROUTES`.
+        gram_allowed: the solver is truncpinv's ``Auto`` (the Gram route factorises ``K`` itself).
+        rmsprop_on_jacobian: RMSProp rescales the materialised Jacobian.
+        entries: ``N * P`` of the previous step (``None`` on the first).
+        gram_failed: the Gram route was found not to apply to this model.
+        distributed: data-parallel (the tiny-problem shortcut is off).
+    """
+    if requested in ("hooks", "autograd"):
+        return "dense"
+    if requested == "matfree":
+        return "matfree"
+    if rmsprop_on_jacobian:
+        if requested == "gram":
+            raise ValueError(
+                "`jacobian='gram'` cannot be combined with RMSProp on the Jacobian (rmsprop_post=False), which "
+                "rescales the columns of the materialised M; use rmsprop_post=True or jacobian='auto'"
+            )
+        return "dense"
+    if requested == "gram":
+        return "gram"
+    tiny = entries is not None and entries < GRAM_MIN_ENTRIES and not distributed
+    return "gram" if (not gram_failed and gram_allowed and not tiny) else "dense"
+
+
+class Linearizer:
+    """The routes of one optimizer, chosen by :func:`choose_route`, with the fallback from the Gram route.
+
+    When the Gram route does not apply under ``"auto"``, one warning names
+    the layer; the exact Jacobian is then computed from the same closure
+    evaluation, and the dense route is used from then on.
+
+    Args:
+        requested: one of :data:`ROUTES`.
+        gram_allowed: see :func:`choose_route`.
+        rmsprop_on_jacobian: see :func:`choose_route`.
+        chunk_size: columns per batched product of the matrix-free route.
+        seed: seed of the verification probes.
+
+    Attributes:
+        gram, dense, matfree: the three routes (each a :class:`~sven.linearize.base.Route`).
+        gram_failed: why the Gram route does not apply (``None``: not seen to fail).
+    """
+
+    #: :class:`~sven.linearize.parallel.DataParallel` passes its ``agree`` callback.
+    handles_agreement = True
+
+    def __init__(
+        self,
+        requested: str = "auto",
+        *,
+        gram_allowed: bool = True,
+        rmsprop_on_jacobian: bool = False,
+        chunk_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if requested not in ROUTES:
+            raise ValueError(f"`jacobian` must be one of {list(ROUTES)}, got {requested!r}")
+        self.requested = requested
+        self.gram_allowed = gram_allowed
+        self.rmsprop_on_jacobian = rmsprop_on_jacobian
+        self.gram = GramRoute(seed=seed)
+        self.dense = DenseRoute(requested if requested in ("hooks", "autograd") else "auto")
+        self.matfree = MatfreeRoute(chunk_size)
+        self.gram_failed: str | None = None
+        self._last_rows: int | None = None
+
+    def __call__(
+        self,
+        closure: Callable[[], Any],
+        params: Sequence[torch.Tensor],
+        rows: RowSpec,
+        *,
+        agree: Callable[[bool], bool] | None = None,
+    ) -> Linearization:
+        n_cols = sum(p.numel() for p in params)
+        route = choose_route(
+            self.requested,
+            gram_allowed=self.gram_allowed,
+            rmsprop_on_jacobian=self.rmsprop_on_jacobian,
+            entries=None if self._last_rows is None else self._last_rows * n_cols,
+            gram_failed=self.gram_failed is not None,
+            distributed=agree is not None,
+        )
+        if route == "matfree":
+            return self.matfree(closure, params, rows)
+        if route == "gram":
+            res = self.gram(closure, params, rows)
+            ok = not isinstance(res, Unsupported)
+            if agree is not None:
+                ok = agree(ok)
+            if ok and isinstance(res, Linearization):
+                self._last_rows = int(res.local.shape[0])
+                return res
+            reason = res.reason if isinstance(res, Unsupported) else "another rank could not use the Gram route"
+            if self.requested == "gram":
+                raise ValueError(f"`jacobian='gram'` does not apply to this model: {reason}")
+            self.gram_failed = reason
+            warnings.warn(
+                f"Sven: the Gram route does not apply ({reason}); using the materialised Jacobian instead "
+                f"(memory B x P). Pass jacobian='hooks' or 'autograd' to silence this warning.",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            if isinstance(res, Unsupported) and res.output is not None:
+                out = res.output
+                J = autograd_jacobian(out, list(params))
+                return Linearization(out.detach(), out.detach(), J, "autograd")
+        lin = self.dense(closure, params, rows)
+        self._last_rows = int(lin.local.shape[0])
+        return lin

@@ -1,0 +1,357 @@
+r"""The Gram route: ``K = J J^T`` and ``J^T C`` from per-layer factors, never forming ``J``.
+
+Sven's step needs the truncated pseudoinverse of the per-sample Jacobian
+:math:`J \in \mathbb{R}^{N \times P}` of the ``N`` rows a closure returns. With
+``N`` in the hundreds and ``P`` in the millions, the short side is all that
+matters: ``K = J J^\top`` (``N x N``) gives the singular values and left
+vectors (:func:`truncpinv.pinv_from_gram`), and one product ``J^\top C``
+applies the pseudoinverse. Both come from the factors a single forward and a
+single backward pass already compute (Goodfellow 2015; Dangel et al. 2020,
+"BackPACK"; Bu et al. 2022, "ghost norm" clipping).
+
+Factors
+    During the closure a global forward hook records each call of a supported
+    layer whose parameters are optimised: its input and its output ``z``. One
+    backward pass of :math:`\sum_n \ell_n` gives :math:`g = \partial(\sum \ell)/\partial z`;
+    if sample ``i`` only influences its own rows, :math:`g_i = \partial \ell_i / \partial z_i`.
+    With ``D > 1`` rows per sample (``residuals=True``: rows shaped ``(B, D)``
+    and flattened, row ``n = i D + d``) the backward is run once per column
+    ``d`` with the cotangent :math:`e_d` in every sample (``D`` backward passes,
+    the cost of a reverse-mode Jacobian of ``D`` outputs; a batched
+    ``is_grads_batched`` backward measured no faster and falls back to slow
+    loops for operators without a batching rule).
+
+Per-layer Gram blocks (``t, s`` run over the extra dimensions of a call, e.g. a
+sequence, and over repeated calls of a shared layer; :math:`b(n)` is the sample of row ``n``)
+    * :class:`~torch.nn.Linear`: row ``n``'s weight gradient is
+      :math:`\sum_t g_{nt} a_{b(n)t}^\top`, so
+
+      .. math::
+
+          K^W_{nm} = \sum_{t,s} (a_{b(n)t} \cdot a_{b(m)s})(g_{nt} \cdot g_{ms}),
+          \qquad K^W = (A A^\top) \circ (G G^\top) \text{ without extra dimensions},
+
+      and :math:`(J^\top c)_W = \sum_{n,t} c_n g_{nt} a_{b(n)t}^\top` (:math:`G^\top \mathrm{diag}(c) A`).
+      The bias is the same with :math:`a = 1`; weight and bias of one layer share
+      one block (``a`` gets a column of ones). The pair sum costs
+      :math:`\sim (BT)^2 d_{in} + (NT)^2 d_{out}`; materialising the per-row
+      gradients (``N x d_out d_in``) and their Gram matrix costs
+      :math:`\sim N T d_{in} d_{out} + N^2 d_{in} d_{out}`. Each layer takes the
+      cheaper of the two (for ``T = 1`` always the pair sum).
+    * :class:`~torch.nn.Conv1d`, :class:`~torch.nn.Conv2d` (``groups=1``, any
+      stride, padding, dilation and ``padding_mode``): the input is padded and
+      unfolded into patches, then it is a Linear layer with ``T`` = output positions
+      and weight ``(C_out, C_in k)``.
+    * :class:`~torch.nn.Embedding`: row ``n``'s gradient is
+      :math:`\sum_t e_{idx_{b(n)t}} g_{nt}^\top`, so
+      :math:`K_{nm} = \sum_{t,s} [idx_{b(n)t} = idx_{b(m)s}] (g_{nt} \cdot g_{ms})`;
+      for long sequences the per-row gradients restricted to the ``U`` distinct
+      indices of the batch are formed instead (whichever is cheaper).
+      ``J^T c`` is an ``index_add``. Positions at ``padding_idx`` get no gradient.
+    * :class:`~torch.nn.LayerNorm`, :class:`~torch.nn.RMSNorm`: the per-row
+      gradients :math:`\sum_t g_{nt} \circ \hat x_{b(n)t}` (weight) and
+      :math:`\sum_t g_{nt}` (bias) are small (``N x d``) and are formed.
+
+    A parameter shared by layers of different kinds (tied embeddings) has its
+    per-row gradients formed from every call and summed. ``K`` is the sum of
+    the blocks, accumulated in float64 (the factors are cast for the Gram
+    products); ``J^T C`` and ``J X`` are computed in the parameters' dtype.
+
+What is *unsupported* (:class:`Unsupported`, with a reason naming the layer or parameter)
+    * an optimised parameter owned by a module of another type (BatchNorm's
+      affine parameters, a custom module's own ``nn.Parameter``), or used
+      outside the forward of a supported layer (found in the backward: it
+      receives a gradient although no supported layer used it);
+    * Conv with ``groups > 1``, transposed convolutions, Conv3d, Embedding with
+      ``max_norm`` or ``scale_grad_by_freq``, a supported layer applied to an
+      unbatched input or to one whose leading dimension is not the batch size,
+      a recorded output modified in place (``ReLU(inplace=True)``);
+    * a layer that couples the samples: BatchNorm in training mode (detected
+      from its type and ``training`` flag) and anything else (a loss normalised
+      over the batch, attention across the batch...), detected by the
+      verification below.
+
+Verification
+    As in :mod:`sven.linearize.dense`, the first time a forward structure is seen
+    (the modules called, their ``training`` flags, the parameters and ``D``),
+    :math:`J^\top u` from the factors is compared with the exact
+    vector-Jacobian product for a random ``u`` (seeded); a mismatch marks the
+    structure unsupported from then on.
+
+For the optimizer: rows scaled by ``s`` (``M = diag(s) J``) and microbatch
+averages (``M = S J``) are :func:`row_transform`\ s, whose ``gram`` is
+:math:`S K S^\top` and whose products go through ``J``; hand them to
+:func:`truncpinv.pinv_from_gram`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .base import Linearization, RowSpec, Unsupported
+from .gram_factors import GramJacobian, Piece, call_pieces, make_blocks
+from .recorder import Recorder, recording, supported_modules
+
+__all__ = ["GramJacobian", "GramRoute", "LayerGram", "supported_modules"]
+
+#: Verification outcomes kept per instance (bounded, as in :mod:`sven.linearize.dense`).
+_MAX_CACHED = 256
+
+
+def _batch_size(raw: Any, n: int, rec: Recorder) -> int | str:
+    """The batch size ``B`` (``N = B D``): the closure output's, or the calls' common, leading dimension."""
+    leads = [c.inp.shape[0] for c in rec.calls]
+    cands = [int(raw.shape[0])] if isinstance(raw, torch.Tensor) and raw.dim() >= 1 and raw.shape[0] > 0 else []
+    cands += leads[:1]
+    for b in cands:
+        if n % b == 0 and all(lead == b for lead in leads):
+            return b
+    if not rec.calls:
+        return cands[0] if cands and n % cands[0] == 0 else n
+    b = cands[0]
+    bad = next((c for c in rec.calls if c.inp.shape[0] != b), rec.calls[0])
+    return (
+        f"{rec.describe(bad.module)} was called on an input of shape {tuple(bad.inp.shape)} whose leading "
+        f"dimension is not the batch size {b} of the {n} rows"
+    )
+
+
+# --------------------------------------------------------------------------- the entry point
+class LayerGram:
+    """Computes :class:`GramJacobian`\\ s of a closure's rows from per-layer factors.
+
+    Args:
+        seed: seed of the random probe vector used for verification.
+        verify: verify each new forward structure against an exact
+            vector-Jacobian product (one extra backward pass, first sight
+            only). ``False`` trusts that every layer treats samples independently.
+
+    The instance keeps the verification outcomes: keep one per optimizer.
+
+    Example:
+        >>> import torch, truncpinv
+        >>> from sven.linearize import LayerGram
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+        >>> x, y = torch.randn(16, 2, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+        >>> G = LayerGram()(lambda: ((model(x) - y) ** 2).sum(-1), list(model.parameters()), rows=lambda t: t)
+        >>> G.gram.shape, G.shape
+        (torch.Size([16, 16]), (16, 33))
+        >>> F = truncpinv.pinv_from_gram(G.gram, G, rank=8)
+    """
+
+    def __init__(self, *, seed: int = 0, verify: bool = True) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
+        if not isinstance(verify, bool):
+            raise TypeError(f"`verify` must be a bool, got {verify!r}")
+        self.seed = seed
+        self.verify = verify
+        # structure -> None (verified) or the reason it is unsupported
+        self._verified: dict[tuple[Any, ...], str | None] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # outcomes are keyed by object ids: not meaningful elsewhere
+        return {"seed": self.seed, "verify": self.verify, "_verified": {}}
+
+    def _remember(self, key: tuple[Any, ...], reason: str | None) -> None:
+        if len(self._verified) >= _MAX_CACHED:
+            self._verified.clear()
+        self._verified[key] = reason
+
+    def __call__(
+        self,
+        closure: Callable[[], Any],
+        params: Sequence[torch.Tensor],
+        *,
+        rows: Callable[[Any], torch.Tensor],
+        names: Sequence[str] | None = None,
+    ) -> GramJacobian | Unsupported:
+        """Run ``closure`` (with grad enabled) and return ``K = J J^T`` and the products with ``J``.
+
+        Args:
+            closure: re-evaluates the model; its return value goes through ``rows``.
+            params: the parameters (columns of ``J``, in this order).
+            rows: turns the closure's return value into the 1-D rows with a graph
+                (``(B,)`` losses, or ``(B, D)`` residuals flattened row-major).
+            names: optional parameter names, for the reasons of :class:`Unsupported`.
+
+        Returns:
+            A :class:`GramJacobian`, or :class:`Unsupported` with the reason and the
+            rows (graph kept) for an exact fallback.
+        """
+        params = list(params)
+        if not params:
+            raise ValueError("`params` must hold at least one parameter (the columns of J)")
+        if names is not None and len(names) != len(params):
+            raise ValueError(f"`names` must name each of the {len(params)} parameters, got {len(names)} names")
+        labels = [
+            repr(names[i]) if names is not None else f"#{i} of shape {tuple(p.shape)}" for i, p in enumerate(params)
+        ]
+        index = {id(p): i for i, p in enumerate(params)}
+        rec = Recorder(index, labels)
+        with torch.enable_grad():
+            with recording(rec):
+                raw = closure()
+            out = rows(raw)  # (a reshape under no_grad would cut the graph)
+        if not isinstance(out, torch.Tensor) or out.dim() != 1:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"`rows` must return the rows as a 1-D tensor, got {got}")
+        if not out.requires_grad:
+            raise ValueError(
+                "the closure's output does not depend on the optimised parameters (it has no autograd graph); "
+                "do not compute it under torch.no_grad() or from detached tensors"
+            )
+        n = int(out.shape[0])
+        if rec.problem is not None:
+            return Unsupported(rec.problem, out)
+        for c in rec.calls:
+            if c.out._version != c.version:
+                return Unsupported(
+                    f"the output of {rec.describe(c.module)} was modified in place (e.g. by ReLU(inplace=True)); "
+                    f"use the out-of-place operation",
+                    out,
+                )
+        B = _batch_size(raw, n, rec)
+        if isinstance(B, str):
+            return Unsupported(B, out)
+        D = n // B
+        key = (tuple(rec.structure), tuple(index), D)
+        seen = key in self._verified
+        known = self._verified.get(key)
+        if known is not None:
+            return Unsupported(known, out)
+        verify = self.verify and not seen
+        uncovered = [p for p in params if id(p) not in rec.covered]
+        gs, used = _backward(out, [c.out for c in rec.calls], uncovered, B, D, retain=verify or bool(uncovered))
+        if used:
+            which = ", ".join(labels[index[id(p)]] for p in used)
+            outside = f"parameter(s) {which} are used outside the forward of a supported layer"
+            self._remember(key, outside)
+            return Unsupported(outside, out)
+
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
+        pieces: dict[int, list[tuple[int, Piece]]] = {}
+        with torch.no_grad():
+            for ci, (c, g) in enumerate(zip(rec.calls, gs)):
+                if g is None:
+                    continue
+                for i, piece in call_pieces(c.module, c.kind, c.inp, g, B, D, index):
+                    pieces.setdefault(i, []).append((ci, piece))
+            blocks = make_blocks(pieces, D, dtype)
+            K = torch.zeros(n, n, dtype=torch.float64, device=out.device)
+            for blk in blocks:
+                K += blk.gram()
+        G = GramJacobian(out.detach(), K, blocks, [p.numel() for p in params], dtype=dtype, rows_per_sample=D)
+        if verify:
+            decided, reason = self._check(out, params, G, labels)
+            if decided:
+                self._remember(key, reason)
+            if reason is not None:
+                return Unsupported(reason, out)
+        return G
+
+    def _check(
+        self, out: torch.Tensor, params: list[torch.Tensor], G: GramJacobian, labels: list[str]
+    ) -> tuple[bool, str | None]:
+        """Compare ``J^T u`` with the exact vector-Jacobian product for a random ``u``.
+
+        Returns ``(decided, reason)``: ``reason`` is ``None`` when they agree;
+        with non-finite rows nothing is decided (checked again next time).
+        """
+        gen = torch.Generator(device=out.device)
+        gen.manual_seed(self.seed)
+        u = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+        exact = torch.autograd.grad(out, params, grad_outputs=u, retain_graph=True, allow_unused=True)
+        with torch.no_grad():
+            mine = torch.split(G.rmatmat(u[:, None].to(G.dtype))[:, 0].double(), [p.numel() for p in params])
+            scale = math.sqrt(max(float(G.gram.diagonal().sum()), 0.0)) * float(u.double().norm())
+            if not math.isfinite(scale) or not all(e is None or bool(torch.isfinite(e).all()) for e in exact):
+                return False, None
+            eps = max(torch.finfo(G.dtype).eps, torch.finfo(out.dtype).eps)
+            tol = 1e3 * eps * scale
+            bad = []
+            for i, (e, m) in enumerate(zip(exact, mine)):
+                ref = torch.zeros_like(m) if e is None else (e.to_dense() if e.is_sparse else e).reshape(-1).double()
+                if not float((m - ref).norm()) <= tol:
+                    bad.append(labels[i])
+        if not bad:
+            return True, None
+        return True, (
+            f"the layer-factor J^T u disagrees with autograd for parameter(s) {', '.join(bad)}: a layer couples "
+            f"the samples of the batch (BatchNorm in training mode, a loss normalised over the batch, ...) or the "
+            f"parameter is also used outside a supported layer"
+        )
+
+
+def _backward(
+    out: torch.Tensor,
+    outs: list[torch.Tensor],
+    uncovered: list[torch.Tensor],
+    B: int,
+    D: int,
+    *,
+    retain: bool,
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+    """Per-row gradients at the recorded outputs, ``(N, ...)``, and the uncovered parameters that are used.
+
+    One backward pass of ``sum(rows)`` when ``D = 1``; otherwise one per
+    column ``d`` of the ``(B, D)`` rows (cotangent ``e_d`` in every sample).
+    """
+    inputs = outs + uncovered
+    if not inputs:
+        return [], []
+    per_d: list[tuple[torch.Tensor | None, ...]] = []
+    used: list[torch.Tensor] = []
+    for d in range(D):
+        if D == 1:
+            go = torch.ones_like(out)
+        else:
+            go = torch.zeros(B, D, dtype=out.dtype, device=out.device)
+            go[:, d] = 1
+            go = go.reshape(-1)
+        ins = inputs if d == 0 else outs
+        gs = torch.autograd.grad(out, ins, grad_outputs=go, retain_graph=retain or d < D - 1, allow_unused=True)
+        if d == 0:
+            # structurally reachable from the rows: used, whatever the value of the gradient
+            used = [p for p, g in zip(uncovered, gs[len(outs) :]) if g is not None]
+            if used:
+                return [], used
+        per_d.append(tuple(gs[: len(outs)]))
+    if D == 1:
+        return list(per_d[0]), []
+    result: list[torch.Tensor | None] = []
+    for j, z in enumerate(outs):
+        col = [gd[j] for gd in per_d]
+        if all(g is None for g in col):
+            result.append(None)
+            continue
+        full = [torch.zeros_like(z) if g is None else g for g in col]
+        result.append(torch.stack(full, dim=1).reshape(B * D, *z.shape[1:]))
+    return result, []
+
+
+class GramRoute:
+    """The layer-factor Gram route as a :class:`~sven.linearize.base.Route`: :class:`LayerGram` on the closure.
+
+    Returns a :class:`~sven.linearize.base.Linearization` whose ``jacobian`` is
+    the :class:`GramJacobian` (``K`` in float64 plus the products), or
+    :class:`~sven.linearize.base.Unsupported` naming the layer it cannot handle.
+    """
+
+    name = "gram"
+
+    def __init__(self, *, seed: int = 0, verify: bool = True) -> None:
+        self.layer_gram = LayerGram(seed=seed, verify=verify)
+
+    def __call__(
+        self, closure: Callable[[], Any], params: Sequence[torch.Tensor], rows: RowSpec
+    ) -> Linearization | Unsupported:
+        res = self.layer_gram(closure, params, rows=rows)
+        if isinstance(res, Unsupported):
+            return res
+        return Linearization(res.output, res.output, res, "gram")

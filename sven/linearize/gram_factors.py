@@ -1,0 +1,380 @@
+r"""The layer factors of the Gram route and the blocks of ``K = J J^T`` they make.
+
+Each supported layer call contributes *pieces* (per optimised parameter):
+outer-product factors (:class:`_Outer`: Linear, Conv), an index table
+(:class:`_Index`: Embedding) or formed per-row gradients (:class:`_Rows`:
+LayerNorm, RMSNorm). Pieces are grouped into *blocks*, each able to add its
+part of ``K`` and to apply its columns of ``J`` (``J^T C`` and ``J X``).
+:class:`GramJacobian` is the sum of the blocks. The maths of each block is in
+the docstring of :mod:`sven.linearize.gram`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GramJacobian", "Piece", "call_pieces", "make_blocks"]
+
+#: Columns converted to float64 at a time when the Gram matrix of formed per-row gradients is accumulated.
+_CHUNK = 4096
+
+
+# --------------------------------------------------------------------------- factors of one call
+def _gram64(M: torch.Tensor) -> torch.Tensor:
+    """``M M^T`` in float64 for ``(N, q)`` ``M``, converting at most ``_CHUNK`` columns at a time."""
+    if M.dtype == torch.float64:
+        return M @ M.T
+    K = torch.zeros(M.shape[0], M.shape[0], dtype=torch.float64, device=M.device)
+    for j in range(0, M.shape[1], _CHUNK):
+        Mc = M[:, j : j + _CHUNK].double()
+        K += Mc @ Mc.T
+    return K
+
+
+def _expand_rows(K: torch.Tensor, D: int, dims: tuple[int, int]) -> torch.Tensor:
+    """Repeat each sample's entries ``D`` times along ``dims`` (sample -> its ``D`` rows)."""
+    if D == 1:
+        return K
+    return K.repeat_interleave(D, dim=dims[0]).repeat_interleave(D, dim=dims[1])
+
+
+@dataclass
+class _Outer:
+    """Row ``n``'s gradient of a ``(d_out, d_in)`` matrix is ``sum_t g[n, t] a[b(n), t]^T``."""
+
+    a: torch.Tensor  # (B, T, d_in)
+    g: torch.Tensor  # (N, T, d_out)
+
+    def rows(self, D: int) -> torch.Tensor:
+        a = self.a.repeat_interleave(D, 0) if D > 1 else self.a
+        return torch.bmm(self.g.transpose(1, 2), a.to(self.g.dtype)).reshape(self.g.shape[0], -1)
+
+
+@dataclass
+class _Index:
+    """Row ``n``'s gradient of a ``(num, d)`` table is ``sum_t e_{idx[b(n), t]} g[n, t]^T``."""
+
+    idx: torch.Tensor  # (B, T) int64
+    g: torch.Tensor  # (N, T, d), zero where the index is padding_idx
+    num: int
+
+    def rows(self, D: int) -> torch.Tensor:
+        N, _, d = self.g.shape
+        idx = self.idx.repeat_interleave(D, 0) if D > 1 else self.idx
+        flat = torch.zeros(N * self.num, d, dtype=self.g.dtype, device=self.g.device)
+        pos = torch.arange(N, device=idx.device)[:, None] * self.num + idx
+        flat.index_add_(0, pos.reshape(-1), self.g.reshape(-1, d))
+        return flat.reshape(N, -1)
+
+
+@dataclass
+class _Rows:
+    """Per-row gradients, formed: ``(N, numel)``."""
+
+    m: torch.Tensor
+
+    def rows(self, D: int) -> torch.Tensor:
+        return self.m
+
+
+Piece = _Outer | _Index | _Rows
+
+
+def call_pieces(
+    module: Any, kind: type[nn.Module], x: torch.Tensor, g: torch.Tensor, B: int, D: int, index: dict[int, int]
+) -> list[tuple[int, Piece]]:
+    """The factors of one call, per optimised parameter (index into the parameter list)."""
+    N = B * D
+    x = x.detach()
+    out: list[tuple[int, Piece]] = []
+
+    def owned(p: torch.Tensor | None) -> int | None:
+        return None if p is None else index.get(id(p))
+
+    w, b = owned(module.weight), owned(getattr(module, "bias", None))
+    if kind in (nn.Linear, nn.Conv1d, nn.Conv2d):
+        if kind is nn.Linear:
+            a = x.reshape(B, -1, module.in_features)
+            gg = g.reshape(N, -1, module.out_features)
+        else:
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            pads = module._reversed_padding_repeated_twice
+            xp = F.pad(x, pads, mode=mode) if any(pads) else x
+            if kind is nn.Conv1d:
+                xp = xp[..., None]
+                ks, dil, st = (module.kernel_size[0], 1), (module.dilation[0], 1), (module.stride[0], 1)
+            else:
+                ks, dil, st = module.kernel_size, module.dilation, module.stride
+            a = F.unfold(xp, ks, dilation=dil, stride=st).transpose(1, 2)  # (B, L, C_in k)
+            gg = g.reshape(N, module.out_channels, -1).transpose(1, 2)  # (N, L, C_out)
+        if w is not None:
+            out.append((w, _Outer(a, gg)))
+        if b is not None:
+            out.append((b, _Outer(torch.ones(B, a.shape[1], 1, dtype=a.dtype, device=a.device), gg)))
+    elif kind is nn.Embedding:
+        idx = x.reshape(B, -1)
+        gg = g.reshape(N, idx.shape[1], module.embedding_dim)
+        if module.padding_idx is not None:
+            keep = (idx != module.padding_idx).to(gg.dtype)
+            gg = (gg.reshape(B, D, *gg.shape[1:]) * keep[:, None, :, None]).reshape(gg.shape)
+        if w is not None:
+            out.append((w, _Index(idx, gg, module.num_embeddings)))
+    else:  # LayerNorm, RMSNorm: xhat per position, per-row gradients formed
+        d = math.prod(module.normalized_shape)
+        xs = x.reshape(B, -1, d)
+        gg = g.reshape(B, D, xs.shape[1], d)
+        if w is not None:
+            if kind is nn.LayerNorm:
+                xhat = F.layer_norm(xs, (d,), eps=module.eps)
+            else:
+                xhat = F.rms_norm(xs, (d,), eps=module.eps)
+            out.append((w, _Rows((gg * xhat[:, None].to(gg.dtype)).sum(2).reshape(N, d))))
+        if b is not None:
+            out.append((b, _Rows(gg.sum(2).reshape(N, d))))
+    return out
+
+
+def _combine(pieces: list[Piece], D: int, dtype: torch.dtype) -> Piece:
+    """One piece for one parameter from its calls: concatenated over calls, or formed and summed."""
+    if len(pieces) == 1 and not isinstance(pieces[0], _Index):
+        p = pieces[0]
+        return _Outer(p.a.to(dtype), p.g.to(dtype)) if isinstance(p, _Outer) else _Rows(p.m.to(dtype))
+    if all(isinstance(p, _Outer) for p in pieces):
+        outer = [p for p in pieces if isinstance(p, _Outer)]
+        return _Outer(torch.cat([p.a.to(dtype) for p in outer], 1), torch.cat([p.g.to(dtype) for p in outer], 1))
+    if all(isinstance(p, _Index) for p in pieces):
+        index = [p for p in pieces if isinstance(p, _Index)]
+        return _Index(torch.cat([p.idx for p in index], 1), torch.cat([p.g.to(dtype) for p in index], 1), index[0].num)
+    return _Rows(functools.reduce(torch.add, (p.rows(D).to(dtype) for p in pieces)))
+
+
+# --------------------------------------------------------------------------- blocks of K
+class _Block(Protocol):
+    params: list[int]
+
+    def gram(self) -> torch.Tensor: ...
+
+    def rmatmat(self, C: torch.Tensor) -> dict[int, torch.Tensor]: ...
+
+    def matmat(self, xs: list[torch.Tensor]) -> torch.Tensor: ...
+
+
+class _OuterBlock:
+    """Parameters whose per-row gradients are the column blocks of ``sum_t g_{nt} a_{b(n)t}^T``."""
+
+    def __init__(self, params: list[int], widths: list[int], a: torch.Tensor, g: torch.Tensor, D: int) -> None:
+        self.params, self.widths, self.a, self.g, self.D = params, widths, a, g, D
+        B, T, di = a.shape
+        N, do = g.shape[0], g.shape[2]
+        pairs = (B * T) ** 2 * di + (N * T) ** 2 * (do + 1)
+        formed = N * T * di * do + N * N * di * do
+        # the cheaper of the pair sum over positions and the formed per-row gradients (module docstring)
+        self.m = None if pairs <= formed else _Outer(a, g).rows(D).reshape(N, do, di)
+
+    def gram(self) -> torch.Tensor:
+        if self.m is not None:
+            return _gram64(self.m.reshape(self.m.shape[0], -1))
+        a, g = self.a.double(), self.g.double()
+        B, T, di = a.shape
+        N = g.shape[0]
+        if T == 1:
+            return _expand_rows(a[:, 0] @ a[:, 0].T, self.D, (0, 1)) * (g[:, 0] @ g[:, 0].T)
+        Ka = _expand_rows((a.reshape(B * T, di) @ a.reshape(B * T, di).T).reshape(B, T, B, T), self.D, (0, 2))
+        Kg = (g.reshape(N * T, -1) @ g.reshape(N * T, -1).T).reshape(N, T, N, T)
+        return (Ka * Kg).sum((1, 3))
+
+    def _split(self, R: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``(d_out, d_in, r)`` -> each parameter's ``(d_out * width, r)`` rows."""
+        r = R.shape[-1]
+        parts = torch.split(R, self.widths, dim=1)
+        return {i: p.reshape(-1, r) for i, p in zip(self.params, parts)}
+
+    def rmatmat(self, C: torch.Tensor) -> dict[int, torch.Tensor]:
+        B, T, di = self.a.shape
+        N, do, r = self.g.shape[0], self.g.shape[2], C.shape[1]
+        if self.m is not None:
+            return self._split((self.m.reshape(N, -1).T @ C).reshape(do, di, r))
+        if self.D == 1:
+            gC = self.g[..., None] * C[:, None, None, :]
+        else:
+            gC = torch.einsum("bdto,bdr->btor", self.g.reshape(B, self.D, T, do), C.reshape(B, self.D, r))
+        # one GEMM over (sample, position): (do r, B T) @ (B T, di)
+        R = gC.reshape(B * T, do * r).T @ self.a.reshape(B * T, di)
+        return self._split(R.reshape(do, r, di).permute(0, 2, 1))
+
+    def matmat(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        B, T, di = self.a.shape
+        N, do = self.g.shape[0], self.g.shape[2]
+        X = torch.cat([xs[i].reshape(do, w, -1) for i, w in zip(self.params, self.widths)], dim=1)
+        if self.m is not None:
+            return self.m.reshape(N, -1) @ X.reshape(do * di, -1)
+        r = X.shape[2]
+        aX = (self.a.reshape(B * T, di) @ X.permute(1, 0, 2).reshape(di, do * r)).reshape(B, T, do, r)
+        if self.D == 1:
+            return (self.g[..., None] * aX).sum((1, 2))
+        return torch.einsum("bdto,btor->bdr", self.g.reshape(B, self.D, T, do), aX).reshape(N, r)
+
+
+class _IndexBlock:
+    """An embedding table: row ``n``'s gradient ``sum_t e_{idx_{b(n)t}} g_{nt}^T``."""
+
+    def __init__(self, param: int, piece: _Index, D: int) -> None:
+        self.params, self.piece, self.D = [param], piece, D
+
+    def gram(self) -> torch.Tensor:
+        idx, g = self.piece.idx, self.piece.g.double()
+        N, T, d = g.shape
+        B = idx.shape[0]
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        U = uniq.numel()
+        if N * N * U * d <= (N * T) ** 2 * (d + 1):  # the rows restricted to the U indices in the batch
+            return _gram64(_Index(inv, g, U).rows(self.D))
+        flat = idx.reshape(-1)
+        eq = _expand_rows((flat[:, None] == flat[None, :]).to(g.dtype).reshape(B, T, B, T), self.D, (0, 2))
+        Kg = (g.reshape(N * T, d) @ g.reshape(N * T, d).T).reshape(N, T, N, T)
+        return (eq * Kg).sum((1, 3))
+
+    def rmatmat(self, C: torch.Tensor) -> dict[int, torch.Tensor]:
+        idx, g, num = self.piece.idx, self.piece.g, self.piece.num
+        B, T = idx.shape
+        d, r = g.shape[2], C.shape[1]
+        gC = torch.einsum("bDtd,bDr->btdr", g.reshape(B, self.D, T, d), C.reshape(B, self.D, r))
+        out = torch.zeros(num, d, r, dtype=C.dtype, device=C.device)
+        out.index_add_(0, idx.reshape(-1), gC.reshape(B * T, d, r))
+        return {self.params[0]: out.reshape(num * d, r)}
+
+    def matmat(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        idx, g, num = self.piece.idx, self.piece.g, self.piece.num
+        B, T = idx.shape
+        d = g.shape[2]
+        Xg = xs[self.params[0]].reshape(num, d, -1)[idx]  # (B, T, d, r)
+        return torch.einsum("bDtd,btdr->bDr", g.reshape(B, self.D, T, d), Xg).reshape(B * self.D, -1)
+
+
+class _RowsBlock:
+    """Parameters whose per-row gradients are formed, side by side: ``M`` is ``(N, sum numel)``."""
+
+    def __init__(self, params: list[int], ms: list[torch.Tensor]) -> None:
+        self.params = params
+        self.widths = [m.shape[1] for m in ms]
+        self.m = torch.cat(ms, dim=1)
+
+    def gram(self) -> torch.Tensor:
+        return _gram64(self.m)
+
+    def rmatmat(self, C: torch.Tensor) -> dict[int, torch.Tensor]:
+        return dict(zip(self.params, torch.split(self.m.T @ C, self.widths)))
+
+    def matmat(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return self.m @ torch.cat([xs[i] for i in self.params])
+
+
+def make_blocks(pieces: dict[int, list[tuple[int, Piece]]], D: int, dtype: torch.dtype) -> list[_Block]:
+    """Group the parameters' combined pieces into blocks of ``K``.
+
+    Outer pieces of parameters used by exactly the same calls (a layer's weight
+    and bias) share one block; formed rows go into one block.
+    """
+    blocks: list[_Block] = []
+    outer: dict[tuple[int, ...], list[tuple[int, _Outer]]] = {}
+    rows: list[tuple[int, torch.Tensor]] = []
+    for i, lst in pieces.items():
+        piece = _combine([p for _, p in lst], D, dtype)
+        if isinstance(piece, _Outer):
+            outer.setdefault(tuple(c for c, _ in lst), []).append((i, piece))
+        elif isinstance(piece, _Index):
+            blocks.append(_IndexBlock(i, piece, D))
+        else:
+            rows.append((i, piece.m.to(dtype)))
+    for group in outer.values():
+        a = torch.cat([p.a for _, p in group], dim=2)
+        blocks.append(_OuterBlock([i for i, _ in group], [p.a.shape[2] for _, p in group], a, group[0][1].g, D))
+    if rows:
+        blocks.append(_RowsBlock([i for i, _ in rows], [m for _, m in rows]))
+    return blocks
+
+
+class GramJacobian:
+    r"""The per-sample Jacobian ``J`` (``N x P``) of one closure evaluation, as its Gram matrix and products.
+
+    Satisfies :class:`truncpinv.LinearOperator` (``shape``, ``dtype``,
+    ``device``, ``matmat``, ``rmatmat``), so
+    ``truncpinv.pinv_from_gram(G.gram, G)`` is the truncated pseudoinverse of ``J``.
+
+    Attributes:
+        output: ``(N,)`` the closure's rows, detached.
+        gram: ``(N, N)`` float64, :math:`K = J J^\top`.
+        rows_per_sample: ``D``; row ``n`` belongs to sample ``n // D``.
+    """
+
+    def __init__(
+        self,
+        output: torch.Tensor,
+        gram: torch.Tensor,
+        blocks: list[_Block],
+        numels: list[int],
+        *,
+        dtype: torch.dtype,
+        rows_per_sample: int,
+    ) -> None:
+        self.output = output
+        self.gram = gram
+        self.rows_per_sample = rows_per_sample
+        self._blocks = blocks
+        self._numels = numels
+        self._dtype = dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(N, P)``: rows and parameters (the columns of :mod:`sven.linearize.dense`'s ``J``)."""
+        return (int(self.output.shape[0]), sum(self._numels))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the products: that of the parameters (``gram`` is float64)."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.device
+
+    def rmatmat(self, C: torch.Tensor) -> torch.Tensor:
+        r"""``J^T C`` for ``C`` of shape ``(N, r)`` (or ``(N,)``): ``(P, r)`` in :attr:`dtype`.
+
+        Row blocks follow the parameters in the given order, each flattened row-major.
+        """
+        vec = C.dim() == 1
+        C2 = (C[:, None] if vec else C).to(self._dtype)
+        parts: dict[int, torch.Tensor] = {}
+        for blk in self._blocks:
+            parts.update(blk.rmatmat(C2))
+        r = C2.shape[1]
+        out = torch.cat(
+            [
+                parts[i] if i in parts else torch.zeros(n, r, dtype=self._dtype, device=self.device)
+                for i, n in enumerate(self._numels)
+            ]
+        )
+        return out[:, 0] if vec else out
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        r"""``J X`` for ``X`` of shape ``(P, r)`` (or ``(P,)``): ``(N, r)`` in :attr:`dtype`."""
+        vec = X.dim() == 1
+        X2 = (X[:, None] if vec else X).to(self._dtype)
+        xs = list(torch.split(X2, self._numels))
+        out = torch.zeros(self.shape[0], X2.shape[1], dtype=self._dtype, device=self.device)
+        for blk in self._blocks:
+            out += blk.matmat(xs)
+        return out[:, 0] if vec else out
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(N, P)`` Jacobian itself, ``(J^T I)^T`` (for tests and small models)."""
+        eye = torch.eye(self.shape[0], dtype=self._dtype, device=self.device)
+        return self.rmatmat(eye).T

@@ -1,0 +1,155 @@
+r"""The one forward-hook recorder shared by the routes that read layer factors.
+
+During a closure, a global module forward hook (:func:`recording`) sees every
+module call. :class:`Recorder` keeps, for each call of a supported layer whose
+parameters are optimised, the layer's input and output (the *factors* of its
+per-sample gradients), plus the *structure* of the forward (which modules ran,
+in which ``training`` mode) that keys the routes' verification caches.
+
+Two modes:
+
+* ``strict=True`` (the Gram route, :mod:`sven.linearize.gram`): anything the
+  route cannot handle is recorded as :attr:`Recorder.problem`, a sentence
+  naming the layer: an optimised parameter owned by an unsupported module,
+  BatchNorm in training mode, a configuration or input the factors do not
+  cover.
+* ``strict=False`` (the materialised hook path, :mod:`sven.linearize.dense`):
+  other modules are ignored; the route verifies its result instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_forward_hook
+
+__all__ = ["Call", "Recorder", "layer_kind", "recording", "supported_modules"]
+
+
+def supported_modules() -> tuple[type[nn.Module], ...]:
+    """The layer types whose parameters the Gram route handles (exact types, or subclasses keeping ``forward``)."""
+    return (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm)
+
+
+def layer_kind(module: nn.Module, kinds: Sequence[type[nn.Module]]) -> type[nn.Module] | None:
+    """The supported type ``module`` is (its ``forward`` unchanged), or ``None``."""
+    for cls in kinds:
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return cls
+    return None
+
+
+def _config_problem(module: Any, kind: type[nn.Module]) -> str | None:
+    if kind in (nn.Conv1d, nn.Conv2d) and module.groups != 1:
+        return f"groups={module.groups} (only groups=1 is supported)"
+    if kind is nn.Embedding and module.max_norm is not None:
+        return "max_norm renormalises the table inside the forward"
+    if kind is nn.Embedding and module.scale_grad_by_freq:
+        return "scale_grad_by_freq scales the gradient by frequencies in the batch (couples the samples)"
+    return None
+
+
+def _input_problem(module: Any, kind: type[nn.Module], x: torch.Tensor) -> str | None:
+    if kind is nn.Linear:
+        ok = x.dim() >= 2
+    elif kind is nn.Conv1d:
+        ok = x.dim() == 3
+    elif kind is nn.Conv2d:
+        ok = x.dim() == 4
+    elif kind is nn.Embedding:
+        ok = x.dim() >= 1
+    else:  # LayerNorm, RMSNorm
+        ok = x.dim() >= len(module.normalized_shape) + 1
+    return None if ok else f"was called on an unbatched input of shape {tuple(x.shape)}"
+
+
+@dataclass
+class Call:
+    """One recorded call of a supported layer: its input, its output and the output's version counter."""
+
+    module: nn.Module
+    kind: type[nn.Module]
+    inp: torch.Tensor
+    out: torch.Tensor
+    version: int
+
+
+@dataclass
+class Recorder:
+    """Global forward hook: records supported calls on optimised parameters (and, if strict, the first problem).
+
+    Args:
+        index: ``id(parameter) -> column-block index`` of the optimised parameters.
+        labels: a printable name per parameter, for the problem sentences.
+        kinds: the layer types to record.
+        strict: record problems (see the module docstring) instead of ignoring other modules.
+    """
+
+    index: dict[int, int]
+    labels: list[str]
+    kinds: tuple[type[nn.Module], ...] = field(default_factory=supported_modules)
+    strict: bool = True
+    calls: list[Call] = field(default_factory=list)
+    structure: list[tuple[int, bool]] = field(default_factory=list)
+    covered: set[int] = field(default_factory=set)
+    problem: str | None = None
+
+    def describe(self, module: nn.Module) -> str:
+        """The module's type and its optimised parameters, for messages."""
+        own = [self.labels[self.index[id(p)]] for p in module._parameters.values() if id(p) in self.index]
+        return type(module).__name__ + (f" (parameters {', '.join(own)})" if own else "")
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        self.structure.append((id(module), module.training))
+        if self.problem is not None:
+            return
+        owned = [p for p in module._parameters.values() if p is not None and id(p) in self.index]
+        x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if self.strict and isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
+            if owned or (x is not None and x.requires_grad):
+                self.problem = (
+                    f"{self.describe(module)} normalises with batch statistics (training mode), "
+                    f"which couples the samples"
+                )
+                return
+        if not owned:
+            return
+        kind = layer_kind(module, self.kinds)
+        if kind is None:
+            if self.strict:
+                names = ", ".join(c.__name__ for c in self.kinds)
+                self.problem = (
+                    f"{self.describe(module)} has optimised parameters but is not a layer the Gram route supports "
+                    f"({names})"
+                )
+            return
+        if self.strict:
+            problem = _config_problem(module, kind)
+            if problem is None and (x is None or not isinstance(output, torch.Tensor)):
+                problem = "was called without a tensor input or output"
+            if problem is None and x is not None:
+                problem = _input_problem(module, kind, x)
+            if problem is not None:
+                self.problem = f"{self.describe(module)}: {problem}"
+                return
+        if x is None or not isinstance(output, torch.Tensor):
+            return
+        if output.requires_grad:
+            self.calls.append(Call(module, kind, x, output, output._version))
+            self.covered.update(id(p) for p in owned)
+
+
+@contextmanager
+def recording(recorder: Callable[[nn.Module, tuple[Any, ...], Any], None]) -> Iterator[None]:
+    """Install ``recorder`` as a global module forward hook for the duration of the block."""
+    handle = register_module_forward_hook(recorder)
+    try:
+        yield
+    finally:
+        handle.remove()

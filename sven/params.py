@@ -1,0 +1,94 @@
+r"""Parameter blocks: which Jacobian columns belong to which tensor, and how a direction is applied.
+
+The Jacobian's columns run over the optimised parameters in order, each
+flattened row-major. A :class:`ParamBlock` maps columns ``start:stop`` to a
+parameter tensor (or to the entries ``index`` of it: the seed API's random
+parameter subsets) with its group's learning rate. Applying a direction
+:math:`d` is :math:`\theta_b \mathrel{-}= \eta_b\, d_b` for every block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["ParamBlock", "apply_direction", "blocks_of_groups", "lr_scaled", "save_parameters"]
+
+
+@dataclass
+class ParamBlock:
+    """A parameter tensor and which of its entries are columns of the Jacobian."""
+
+    param: torch.Tensor
+    lr: float
+    start: int  # first Jacobian column
+    stop: int
+    index: torch.Tensor | None = None  # flat indices into the parameter (None: all, in order)
+
+
+def blocks_of_groups(param_groups: Iterable[dict[str, Any]]) -> list[ParamBlock]:
+    """One block per parameter that requires grad, in group order, with its group's ``lr``."""
+    blocks: list[ParamBlock] = []
+    col = 0
+    for group in param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            n = p.numel()
+            blocks.append(ParamBlock(p, float(group["lr"]), col, col + n))
+            col += n
+    return blocks
+
+
+def lr_scaled(blocks: Sequence[ParamBlock], d: torch.Tensor) -> torch.Tensor:
+    """``lr_b * d_b`` for every block: the applied change is ``-`` this."""
+    out = d.clone()
+    for b in blocks:
+        out[b.start : b.stop] *= b.lr
+    return out
+
+
+def apply_direction(blocks: Sequence[ParamBlock], d: torch.Tensor, sign: float = 1.0) -> None:
+    """``theta_b -= sign * lr_b * d_b`` for every block (one fused call per learning rate)."""
+    by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for b in blocks:
+        piece = d[b.start : b.stop]
+        if piece.dtype != b.param.dtype:
+            piece = piece.to(b.param.dtype)
+        if b.index is not None:
+            b.param.view(-1).index_add_(0, b.index, piece, alpha=-sign * b.lr)
+        elif b.lr != 0.0:
+            ps, ds = by_lr.setdefault(b.lr, ([], []))
+            ps.append(b.param)
+            ds.append(piece.view_as(b.param))
+    for lr, (ps, ds) in by_lr.items():
+        torch._foreach_add_(ps, ds, alpha=-sign * lr)
+
+
+def save_parameters(blocks: Sequence[ParamBlock]) -> Callable[[], None]:
+    """Copy the parameters now; the returned function puts them back bit for bit."""
+    saved = [b.param.detach().clone() for b in blocks]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for b, s in zip(blocks, saved):
+                b.param.copy_(s)
+
+    return restore
+
+
+def state_slice(state: dict[str, torch.Tensor], b: ParamBlock, name: str) -> torch.Tensor:
+    """The ``(ncols,)`` slice of a per-parameter buffer that the Jacobian columns of ``b`` touch (created lazily)."""
+    if name not in state:
+        state[name] = torch.zeros_like(b.param, memory_format=torch.contiguous_format)
+    flat = state[name].view(-1)
+    return flat if b.index is None else flat[b.index]
+
+
+def store_slice(state: dict[str, torch.Tensor], b: ParamBlock, name: str, value: torch.Tensor) -> None:
+    """Write back a slice from :func:`state_slice` (needed only for a gathered ``index`` copy)."""
+    if b.index is not None:
+        state[name].view(-1)[b.index] = value

@@ -1,0 +1,96 @@
+r"""Preconditioners: RMSProp scaling before or after the pseudoinverse.
+
+Sven may rescale the parameter space with running averages of squared
+Jacobian columns, as RMSProp does with gradients. Two places:
+
+* **on the Jacobian** (``post=False``): the columns of ``M`` are divided by
+  :math:`\sqrt{v} + \epsilon` before the pseudoinverse
+  (:func:`sven.functional.rmsprop_precondition_`); needs the materialised ``M``.
+* **on the direction** (``post=True``): the Sven direction is rescaled, with
+  optional momentum (:func:`sven.functional.rmsprop_transform_`).
+
+The buffers (``square_avg``, ``momentum_buffer``) live in the optimizer's
+per-parameter ``state``, so ``state_dict()`` saves them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import functional as SF
+from .params import ParamBlock, state_slice, store_slice
+
+__all__ = ["RMSProp"]
+
+_State = dict[Any, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class RMSProp:
+    """RMSProp scaling of Sven (see the module docstring).
+
+    Args:
+        alpha: decay of the average of squares.
+        eps: added to the root of the average.
+        momentum: momentum of the direction (``post=True`` only).
+        post: scale the direction (``True``) or the Jacobian (``False``).
+    """
+
+    alpha: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.0
+    post: bool = False
+
+    def jacobian(self, M: Any, blocks: Sequence[ParamBlock], state: _State) -> Any:
+        """``M`` with its columns scaled (``post=False``); ``M`` itself otherwise."""
+        if self.post:
+            return M
+        if not isinstance(M, torch.Tensor):
+            raise TypeError("RMSProp on the Jacobian needs the materialised M")  # the route choice ensures it
+        scaled = []
+        for b in blocks:
+            v = state_slice(state[b.param], b, "square_avg")
+            scaled.append(SF.rmsprop_precondition_(M[:, b.start : b.stop], v, alpha=self.alpha, eps=self.eps))
+            store_slice(state[b.param], b, "square_avg", v)
+        return torch.cat(scaled, dim=1)
+
+    def direction(self, d: torch.Tensor, blocks: Sequence[ParamBlock], state: _State) -> torch.Tensor:
+        """The scaled direction (``post=True``); ``d`` itself otherwise."""
+        if not self.post:
+            return d
+        parts = []
+        for b in blocks:
+            st = state[b.param]
+            v = state_slice(st, b, "square_avg")
+            mom = state_slice(st, b, "momentum_buffer") if self.momentum > 0 else None
+            u = SF.rmsprop_transform_(
+                d[b.start : b.stop], v, mom, alpha=self.alpha, eps=self.eps, momentum=self.momentum
+            )
+            store_slice(st, b, "square_avg", v)
+            if mom is not None:
+                store_slice(st, b, "momentum_buffer", mom)
+            parts.append(u.clone())
+        return torch.cat(parts)
+
+    def save(self, blocks: Sequence[ParamBlock], state: _State) -> Callable[[], None]:
+        """Copy the direction buffers now (``post=True``); the returned function restores them."""
+        if not self.post:
+            return lambda: None
+        snap: list[tuple[torch.Tensor, str, torch.Tensor | None]] = []
+        for b in blocks:
+            for name in ("square_avg", "momentum_buffer"):
+                buf = state[b.param].get(name)
+                snap.append((b.param, name, None if buf is None else buf.clone()))
+
+        def restore() -> None:
+            for p, name, buf in snap:
+                if buf is None:
+                    state[p].pop(name, None)
+                else:
+                    state[p][name].copy_(buf)
+
+        return restore
