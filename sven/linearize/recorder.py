@@ -109,6 +109,8 @@ class Recorder:
         self.structure.append((id(module), module.training))
         if self.problem is not None:
             return
+        if not self.strict and layer_kind(module, self.kinds) is None:
+            return  # the fast exit of the lenient mode: most calls are activations and containers
         owned = [p for p in module._parameters.values() if p is not None and id(p) in self.index]
         x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
         if self.strict and isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
