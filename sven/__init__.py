@@ -25,4 +25,4 @@ from .optim import StepInfo, Sven
 
 __all__ = ["PolyakSGD", "StepInfo", "Sven", "SvenWrapper", "WrappedSven", "functional", "jacobian", "pinv"]
 
-__version__ = "0.2.0"
+from truncpinv._version import __version__ as __version__
