@@ -16,9 +16,9 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg
 import torch
-from sklearn.utils.extmath import randomized_svd
 
 import truncpinv as tp
+from truncpinv._optional import require
 
 FULL = os.environ.get("TRUNCPINV_BENCH", "smoke") == "full"
 SHAPES: list[tuple[int, int]] = [(128, 593), (256, 100_000), (512, 200_000)] if FULL else [(128, 593), (64, 4000)]
@@ -103,6 +103,9 @@ def scipy_pinv(A: torch.Tensor, b: torch.Tensor, rank: int) -> np.ndarray:
 
 
 def sklearn_randomized(A: torch.Tensor, b: torch.Tensor, rank: int) -> np.ndarray:
+    require("sklearn", "bench", "the sklearn-randomized_svd benchmark case")
+    from sklearn.utils.extmath import randomized_svd
+
     U, S, Vh = randomized_svd(A.numpy(), rank, random_state=0)
     return _np_trunc_solve(U, S, Vh, b.numpy(), rank)
 

@@ -26,6 +26,7 @@ from sven.bench.optimizers import Hparams, OptimizerFactory, Stepper, _PerSample
 from sven.bench.runner import RunResult, run_one
 from sven.bench.tasks import get_task
 from sven.bench.tasks.base import Task
+from truncpinv._optional import require
 
 #: The variants: extra keyword arguments of :class:`sven.Sven` on top of the task's defaults.
 VARIANTS: Mapping[str, Mapping[str, Any]] = {
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({f"{k[0]}/{k[1]}": [r.to_dict() for r in v] for k, v in runs.items()}, f)
     if args.plot:
+        require("matplotlib", "bench", "benchmarks/damping_compare.py --plot")
         import matplotlib
 
         matplotlib.use("Agg")

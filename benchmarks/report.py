@@ -43,6 +43,9 @@ def markdown(groups: dict[str, list[tuple[str, float, float]]]) -> str:
 
 
 def plot(groups: dict[str, list[tuple[str, float, float]]], path: str) -> None:
+    from truncpinv._optional import require
+
+    require("matplotlib", "bench", "benchmarks/report.py")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import sven
 from sven.nn import SvenWrapper
 from sven.tasks import LOADER_SEED, Toy1D, batches, make_toy1d, mlp, per_sample_mse, target_fn
+from truncpinv._optional import require_extra
 
 TARGET = 1e-4
 
@@ -92,6 +92,8 @@ def train(name: str, model: torch.nn.Module, data: Toy1D, epochs: int, *, api: s
 
         def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
             sven_opt.step(lambda: per_sample_mse(model(xb), yb))
+
+    from tqdm import tqdm
 
     elapsed = 0.0
     bar = tqdm(range(1, epochs + 1), desc=f"{name} seed {seed}", leave=True, unit="epoch")
@@ -192,6 +194,7 @@ def plot(histories: list[History], models: dict[str, torch.nn.Module], data: Toy
 
 
 def main(argv: list[str] | None = None) -> list[History]:
+    require_extra("bench", "examples/toy_1d_regression.py")  # tqdm and matplotlib
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the full 100-epoch run (default: 20 epochs)")
     ap.add_argument("--epochs", type=int, default=None, help="number of epochs (overrides --full)")

@@ -16,10 +16,9 @@ import time
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import truncpinv as tp
+from truncpinv._optional import require
 
 
 def main() -> None:
@@ -28,6 +27,10 @@ def main() -> None:
     p.add_argument("--rtol", type=float, default=1e-3, help="relative cut-off (default 1e-3)")
     p.add_argument("--features", type=int, default=4096, help="random ReLU features (default 4096)")
     args = p.parse_args()
+
+    require("sklearn", "bench", "examples/truncpinv_digits.py")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
     X, y = load_digits(return_X_y=True)
     Xtr, Xte, ytr, yte = train_test_split(X / 16.0, y, test_size=0.2, stratify=y, random_state=0)

@@ -48,4 +48,4 @@ __all__ = [
     "pinv",
 ]
 
-__version__ = "0.2.0"
+from truncpinv._version import __version__ as __version__

@@ -51,7 +51,7 @@ __all__ = [
     "select_rank",
 ]
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 
 def pinv(

@@ -14,12 +14,16 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
-from sklearn.utils import check_array
-from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import pinv
+from ._optional import require
 from .solvers import SOLVERS, Solver
+
+require("sklearn", "sklearn", "truncpinv.sklearn")
+
+from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin  # noqa: E402
+from sklearn.utils import check_array  # noqa: E402
+from sklearn.utils.validation import check_is_fitted, validate_data  # noqa: E402
 
 __all__ = ["TruncatedPinvRegressor"]
 

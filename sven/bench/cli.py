@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from truncpinv._optional import MissingExtraError, require_extra
+
 from .optimizers import OPTIMIZERS
 from .report import write_all, write_json, write_markdown
 from .runner import BenchConfig, BenchResults, run_benchmark
@@ -105,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as e:
         ap.error(str(e))
+    try:
+        require_extra("bench", "sven-bench")
+    except MissingExtraError as e:
+        ap.exit(1, f"{e}\n")
     out: Path = args.out
     command = "sven-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 

@@ -28,6 +28,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from truncpinv._optional import require
+
 from .runner import BenchResults
 
 __all__ = ["PLOTS", "goals", "markdown", "to_jsonable", "write_all", "write_json", "write_markdown", "write_plots"]
@@ -348,6 +350,7 @@ def write_plots(results: BenchResults, out_dir: Path) -> list[Path]:
     Returns:
         The paths written (none if there is no finished run).
     """
+    require("matplotlib", "bench", "sven-bench's plots")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from truncpinv._optional import require
+
 from .optimizers import Hparams, OptimizerFactory, format_hparams, get_optimizer, train_epoch
 from .tasks import Task, TaskData, get_task
 
@@ -413,6 +415,7 @@ def run_benchmark(
         The :class:`BenchResults` (``interrupted=True`` after a
         ``KeyboardInterrupt``).
     """
+    require("tqdm", "bench", "sven-bench")
     from tqdm.auto import tqdm
 
     show = config.progress and sys.stderr.isatty()

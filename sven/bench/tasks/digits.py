@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from truncpinv._optional import require
+
 from .base import Task, TaskData, mlp
 
 __all__ = ["LOADER_SEED", "SPLIT_SEED", "DigitsTask", "load_digits_split"]
@@ -43,6 +45,7 @@ def load_digits_split() -> TaskData:
     Returns:
         :class:`TaskData` with ``(N, 64)`` float32 inputs and ``(N,)`` int64 labels.
     """
+    require("sklearn", "bench", "the digits benchmark tasks")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
