@@ -1,8 +1,14 @@
 r"""The factorisation stage: the truncated pseudoinverse of :math:`M` from :mod:`truncpinv`.
 
 A materialised ``M`` goes to the configured solver; an operator with a Gram
-matrix (the Gram and matrix-free routes) to :func:`truncpinv.pinv_from_gram`
-(float64 eigendecomposition of ``K``, ``V = M^T U S^{-1}`` kept implicit).
+matrix (the Gram and matrix-free routes) to :func:`truncpinv.pinv_from_gram`,
+``V = M^T U S^{-1}`` kept implicit. There the solver factorises ``K = M M^T``:
+``Auto`` (the default), ``DenseSVD`` and ``GramEigen`` (the seed API's
+``svd_mode="torch"``) take the exact float64 eigendecomposition; any other
+solver (``RandomizedSVD``, ``Lanczos``, ``LOBPCG``: the seed API's randomized,
+``scipy`` and ``lobpcg`` modes) computes the top ``rank`` eigenpairs of ``K``
+with its own accuracy guarantee, which pays off when ``rank`` is much smaller
+than the batch.
 Failures and non-finite spectra become a :class:`~sven.info.StepFault`, so
 the step is skipped with the parameters unchanged.
 """
@@ -42,7 +48,7 @@ def factorize(
         if isinstance(M, torch.Tensor):
             F = solver.factorize(M, rank=rank, rtol=rtol, atol=atol, check_finite=False)
         else:
-            F = truncpinv.pinv_from_gram(M.gram, M, rank=rank, rtol=rtol, atol=atol, check_finite=False)
+            F = truncpinv.pinv_from_gram(M.gram, M, rank=rank, rtol=rtol, atol=atol, check_finite=False, solver=solver)
     except (truncpinv.SolverError, torch.linalg.LinAlgError) as err:
         raise StepFault(f"the solver failed ({type(err).__name__}: {err})", fault=True) from err
     except (ValueError, RuntimeError):

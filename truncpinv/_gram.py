@@ -13,6 +13,18 @@ and a matrix-free ``A`` into the same :class:`~truncpinv.TruncatedPinv` that
 
 with ``V`` never formed for a solve: ``x = A^T U_r \Sigma_r^{-2} U_r^T b``
 costs one product with ``A^T`` (``operator.rmatmat``).
+
+How ``K`` is factorised (``solver``):
+
+* the exact path (default, and for :class:`~truncpinv.DenseSVD` and
+  :class:`~truncpinv.GramEigen`): the whole spectrum by LAPACK's divide and
+  conquer in float64 (``torch.linalg.eigh``). Computing only the wanted pairs
+  with LAPACK (``syevx``, ``syevr``) was measured slower on the spectra Sven
+  sees (``docs/benchmarks.md``).
+* any other :mod:`truncpinv` solver factorises ``K`` itself as a symmetric
+  matrix (its singular triplets are the eigenpairs ``(u_i, \lambda_i, u_i)``
+  of ``K``), with that solver's accuracy guarantee, e.g. a randomized or
+  Krylov solver for the top ``rank`` pairs of a large ``K``.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import torch
 from ._factorization import TruncatedPinv, no_tf32
 from ._operator import aslinearoperator
 from ._tolerance import make_tolerance
+from .solvers import Auto, DenseSVD, GramEigen, Solver
 from .solvers.gram_eigen import _zero_below
 
 __all__ = ["pinv_from_gram"]
@@ -132,6 +145,7 @@ def pinv_from_gram(
     rtol: float | None = None,
     atol: float | None = None,
     check_finite: bool = True,
+    solver: Solver | None = None,
 ) -> TruncatedPinv:
     r"""Truncated pseudoinverse of ``A`` from its Gram matrix ``K = A A^T``.
 
@@ -159,10 +173,15 @@ def pinv_from_gram(
         rtol: relative cut-off (default ``max(m, n) * eps(operator.dtype)``).
         atol: absolute cut-off (default 0).
         check_finite: reject NaN/Inf in ``K`` (default ``True``).
+        solver: how ``K`` is factorised (module docstring): ``None``,
+            :class:`~truncpinv.Auto`, :class:`~truncpinv.DenseSVD` or
+            :class:`~truncpinv.GramEigen` for the exact path; any other
+            :mod:`truncpinv` solver factorises ``K`` itself.
 
     Returns:
         A :class:`~truncpinv.TruncatedPinv` in ``operator.dtype`` with
-        ``stats["solver"] == "from_gram"``.
+        ``stats["solver"] == "from_gram"`` and ``stats["method"]``: ``"eigh"``
+        or the name of the solver that factorised ``K``.
 
     Example:
         >>> import torch, truncpinv as tp
@@ -178,26 +197,47 @@ def pinv_from_gram(
     K64, k_dtype = _prepare_gram(K, m, device, check_finite)
     tol = make_tolerance((m, n), dtype, rank=rank, rtol=rtol, atol=atol)
     t0 = time.perf_counter()
+    q = min(m, n)
+    want = min(tol.rank, q)
     with no_tf32(), torch.no_grad():
-        try:
-            lam, Q = torch.linalg.eigh(K64)
-        except torch.linalg.LinAlgError as e:
-            raise ValueError(f"the eigendecomposition of `K` failed (does it contain NaN or Inf?): {e}") from e
+        if solver is not None and not isinstance(solver, (Auto, DenseSVD, GramEigen)):
+            lam, Q, method, extra = _by_solver(K64, solver, want)
+        else:
+            lam, Q, method = _exact(K64)
+            extra = {}
         if not bool(torch.isfinite(lam).all()):
             raise ValueError("the eigenvalues of `K` are not finite: `K` contains NaN or Inf")
-        q = min(m, n)
-        lam, Q = lam.flip(0)[:q], Q.flip(1)[:, :q]
+        lam, Q = lam[:q], Q[:, :q]
         lam_max = max(float(lam[0]), 0.0)
         # same noise floor as GramEigen, for the precision K was accumulated in
         eps_k = torch.finfo(k_dtype).eps
-        if float(lam[-1]) < -100 * eps_k * max(m, n) * lam_max:
+        if method == "eigh" and float(lam[-1]) < -100 * eps_k * max(m, n) * lam_max:
             raise ValueError(
                 f"`K` must be positive semi-definite (the Gram matrix A A^T), but it has the eigenvalue "
                 f"{float(lam[-1]):.3g} for the largest {lam_max:.3g}"
             )
         S = lam.clamp_min(0).sqrt()
         S = _zero_below(S, math.sqrt(eps_k * max(m, n)) * float(S[0]))
-    stats = {"solver": NAME, "matvecs": 0, "iterations": 1, "time": time.perf_counter() - t0}
+    stats = {"solver": NAME, "method": method, "matvecs": 0, "iterations": 1, "time": time.perf_counter() - t0}
+    stats.update(extra)
     return TruncatedPinv(
         Q.to(dtype), S.to(dtype), None, tol=tol, shape=(m, n), stats=stats, operator=op, numpy_out=numpy_out
     )
+
+
+def _exact(K64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Every eigenpair of ``K``, descending: LAPACK's divide and conquer in float64."""
+    try:
+        lam, Q = torch.linalg.eigh(K64)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(f"the eigendecomposition of `K` failed (does it contain NaN or Inf?): {e}") from e
+    return lam.flip(0), Q.flip(1), "eigh"
+
+
+def _by_solver(K64: torch.Tensor, solver: Solver, want: int) -> tuple[torch.Tensor, torch.Tensor, str, dict[str, Any]]:
+    """The top ``want`` eigenpairs of the symmetric PSD ``K`` from a truncpinv solver (its singular triplets)."""
+    F = solver.factorize(K64, rank=want, rtol=0.0, check_finite=False)
+    lam = F._S[:want].to(torch.float64)
+    Q = F._U[:, :want].to(torch.float64)
+    extra = {f"gram_{k}": v for k, v in F.stats.items() if k != "time"}
+    return lam, Q, type(solver).__name__, extra
