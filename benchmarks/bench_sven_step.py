@@ -1,9 +1,18 @@
-"""Cost of one Sven step against one Adam step on ``toy1d`` (B=128, 593 parameters, rank 64).
+"""Cost of one Sven step against one Adam step, whole and broken into its stages.
 
-Run as a script for the side-by-side ratio (both APIs) and the comparison of
-the per-sample Jacobian methods::
+Cases (``--cases``): ``toy1d-B32`` and ``toy1d-B128`` (593 parameters, rank
+``B/2``), ``digits-B64`` (MLP 64-32-32-32-10, 4,522 parameters, rank 32) and
+``mlp10M-B256`` (MLP 784-2048-2048-2048-10, 10.0M parameters, rank 128), each at
+1 and 2 threads (``--threads``). For each case the script prints the ratio of
+a Sven step (torch.optim API, default options) to an Adam step measured in
+the same run, and the stages of the Sven step: forward+backward (what Adam
+also pays), the layer factors, forming ``K``, the finiteness checks, the
+factorisation, the direction and applying it::
 
-    python benchmarks/bench_sven_step.py [--threads N] [--rounds R]
+    python benchmarks/bench_sven_step.py [--cases toy1d-B32,...] [--threads 1,2] [--rounds R]
+
+The original single case (toy1d B=128: both APIs and the Jacobian methods) is
+``--legacy``.
 
 or with pytest-benchmark::
 
@@ -40,6 +49,10 @@ from sven.jacobian import PerSampleJacobian, autograd_jacobian, func_jacobian
 from sven.nn import SvenWrapper
 from sven.tasks import make_toy1d, mlp, per_sample_mse
 
+#: the cases of ``main`` (defined in benchmarks/step_cases.py)
+CASES = ("toy1d-B32", "toy1d-B128", "digits-B64", "mlp10M-B256")
+
+#: the legacy case
 B = 128
 RANK = 64
 RTOL = 1e-3
@@ -158,14 +171,8 @@ def measure(fns: dict[str, Callable[[], object]], *, rounds: int, per_round: int
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--per-round", type=int, default=50)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def legacy(args: argparse.Namespace) -> None:
+    """The original report: toy1d B=128, both APIs, the Jacobian methods."""
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); toy1d B={B}, rank={RANK}, rtol={RTOL}")
 
     steps = measure(_setup(), rounds=args.rounds, per_round=args.per_round)
@@ -208,6 +215,29 @@ def test_sven_step_torch_optim_api(benchmark) -> None:  # type: ignore[no-untype
 @pytest.mark.benchmark(group="sven_step_toy1d_B128")
 def test_sven_step_seed_api(benchmark) -> None:  # type: ignore[no-untyped-def]
     benchmark(_steps()["sven_seed"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--per-round", type=int, default=20, help="steps per round (the 10M case: a tenth)")
+    ap.add_argument("--legacy", action="store_true", help="the original toy1d B=128 report")
+    args = ap.parse_args(argv)
+    if args.legacy:
+        torch.set_num_threads(int(args.threads.split(",")[0]))
+        args.per_round = max(args.per_round, 50)
+        legacy(args)
+        return
+    from benchmarks.step_cases import CASES as cases
+    from benchmarks.step_cases import report_case
+
+    print(f"torch {torch.__version__}; median of {args.rounds} rounds, the functions interleaved")
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for name in args.cases.split(","):
+            report_case(cases[name], threads=threads, rounds=args.rounds, per_round=args.per_round)
 
 
 if __name__ == "__main__":

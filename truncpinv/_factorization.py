@@ -17,9 +17,16 @@ __all__ = ["Triplets", "TruncatedPinv", "no_tf32"]
 
 
 def _precision_knobs() -> list[Any]:
-    """The per-backend float32 precision settings of this torch (``fp32_precision``, torch >= 2.9)."""
+    """The per-backend float32 precision settings of this torch (``fp32_precision``, torch >= 2.9).
+
+    The CUDA and cuDNN ones only where CUDA is available: elsewhere they govern
+    nothing, and toggling them costs more than a small factorisation.
+    """
     knobs = []
-    for path in ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn"):
+    paths = ["mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn"]
+    if torch.cuda.is_available():
+        paths = ["cuda.matmul", "cudnn.conv", "cudnn.rnn", *paths]
+    for path in paths:
         obj: Any = torch.backends
         for part in path.split("."):
             obj = getattr(obj, part, None)

@@ -126,6 +126,10 @@ def _prepare_gram(K: Any, m: int, device: torch.device, check_finite: bool) -> t
     if check_finite and not bool(torch.isfinite(K).all()):
         raise ValueError("`K` must be finite, but it contains NaN or Inf; pass check_finite=False to skip this check")
     K64 = K.to(torch.float64)
+    if not check_finite:
+        # a trusted caller (Sven's Gram route): the eigensolvers read one triangle, so the symmetrisation
+        # below would only move K by its rounding asymmetry; skip it and its check
+        return K64, K.dtype
     # A Gram matrix computed in floating point is symmetric up to the rounding of its products:
     # sqrt(eps) of the largest entry leaves room for that and still rejects a non-Gram matrix.
     scale = float(K64.abs().max())
@@ -172,7 +176,8 @@ def pinv_from_gram(
         rank: keep at most this many singular values (default ``min(m, n)``).
         rtol: relative cut-off (default ``max(m, n) * eps(operator.dtype)``).
         atol: absolute cut-off (default 0).
-        check_finite: reject NaN/Inf in ``K`` (default ``True``).
+        check_finite: reject NaN/Inf in ``K`` and a ``K`` that is not symmetric
+            (default ``True``); ``False`` trusts ``K`` and reads its lower triangle.
         solver: how ``K`` is factorised (module docstring): ``None``,
             :class:`~truncpinv.Auto`, :class:`~truncpinv.DenseSVD` or
             :class:`~truncpinv.GramEigen` for the exact path; any other

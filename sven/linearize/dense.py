@@ -51,7 +51,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from .base import Linearization, RowSpec
-from .recorder import Call, Recorder, recording
+from .recorder import Call, Labels, Recorder, recording
 
 __all__ = [
     "JACOBIAN_METHODS",
@@ -199,7 +199,7 @@ class PerSampleJacobian:
             return JacobianResult(out.detach(), exact(out), exact_name)
 
         param_ids = {id(p) for p in params}
-        rec = Recorder({id(p): i for i, p in enumerate(params)}, [], kinds=(nn.Linear,), strict=False)
+        rec = Recorder({id(p): i for i, p in enumerate(params)}, Labels(params), kinds=(nn.Linear,), strict=False)
         with torch.enable_grad(), recording(rec):
             raw = closure()
         out = rows(raw)

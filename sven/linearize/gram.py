@@ -95,7 +95,7 @@ import torch
 
 from .base import Linearization, RowSpec, Unsupported
 from .gram_factors import GramJacobian, Piece, call_pieces, make_blocks
-from .recorder import Recorder, recording, supported_modules
+from .recorder import Labels, Recorder, recording, supported_modules
 
 __all__ = ["GramJacobian", "GramRoute", "LayerGram", "supported_modules"]
 
@@ -189,9 +189,7 @@ class LayerGram:
             raise ValueError("`params` must hold at least one parameter (the columns of J)")
         if names is not None and len(names) != len(params):
             raise ValueError(f"`names` must name each of the {len(params)} parameters, got {len(names)} names")
-        labels = [
-            repr(names[i]) if names is not None else f"#{i} of shape {tuple(p.shape)}" for i, p in enumerate(params)
-        ]
+        labels = Labels(params, names)
         index = {id(p): i for i, p in enumerate(params)}
         rec = Recorder(index, labels)
         with torch.enable_grad():
@@ -256,7 +254,7 @@ class LayerGram:
         return G
 
     def _check(
-        self, out: torch.Tensor, params: list[torch.Tensor], G: GramJacobian, labels: list[str]
+        self, out: torch.Tensor, params: list[torch.Tensor], G: GramJacobian, labels: Labels
     ) -> tuple[bool, str | None]:
         """Compare ``J^T u`` with the exact vector-Jacobian product for a random ``u``.
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_forward_hook
 
-__all__ = ["Call", "Recorder", "layer_kind", "recording", "supported_modules"]
+__all__ = ["Call", "Labels", "Recorder", "layer_kind", "recording", "supported_modules"]
 
 
 def supported_modules() -> tuple[type[nn.Module], ...]:
@@ -69,6 +69,18 @@ def _input_problem(module: Any, kind: type[nn.Module], x: torch.Tensor) -> str |
     return None if ok else f"was called on an unbatched input of shape {tuple(x.shape)}"
 
 
+class Labels:
+    """Printable names of the parameters, made only when a message needs one (``'name'`` or ``#i of shape (..)``)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str] | None = None) -> None:
+        self.params, self.names = params, names
+
+    def __getitem__(self, i: int) -> str:
+        if self.names is not None:
+            return repr(self.names[i])
+        return f"#{i} of shape {tuple(self.params[i].shape)}"
+
+
 @dataclass
 class Call:
     """One recorded call of a supported layer: its input, its output and the output's version counter."""
@@ -92,7 +104,7 @@ class Recorder:
     """
 
     index: dict[int, int]
-    labels: list[str]
+    labels: Labels | Sequence[str]
     kinds: tuple[type[nn.Module], ...] = field(default_factory=supported_modules)
     strict: bool = True
     calls: list[Call] = field(default_factory=list)
