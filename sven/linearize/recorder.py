@@ -56,7 +56,10 @@ def uses_batch_stats(module: nn.Module) -> bool:
 def batch_stats(module: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel mean and ``1 / sqrt(var + eps)`` (biased variance) BatchNorm normalises ``x`` with, detached."""
     dims = [0, *range(2, x.dim())]
-    var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+    x = x.detach()
+    mean = x.mean(dims)
+    # two passes; ``torch.var_mean`` over these dimensions measured 7 times slower on the CPU
+    var = ((x - mean.reshape((1, -1) + (1,) * (x.dim() - 2))) ** 2).mean(dims)
     return mean, torch.rsqrt(var + module.eps)
 
 
