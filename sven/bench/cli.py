@@ -54,6 +54,7 @@ def _threads(text: str) -> int | str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {text!r}") from None
 
+
 #: What ``--quick`` changes (documented in ``--help`` and docs/results.md).
 QUICK = (
     "--quick: 1 seed and 5 epochs (unless --seeds / --epochs are given); toy1d and polynomial train on the "
