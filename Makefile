@@ -30,8 +30,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Time and accuracy side by side: the JSON export turned into tables by benchmarks/report.py.
 bench: setup
-	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-group-by=group
+	mkdir -p .benchmarks
+	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-group-by=group -q \
+		--benchmark-json=.benchmarks/bench.json
+	$(BIN)/python benchmarks/report.py .benchmarks/bench.json --plot .benchmarks/errors.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

@@ -1,6 +1,6 @@
-"""Shared cases for the solver benchmarks: TASKS.md's Jacobian-shaped matrices and the methods compared.
+"""Shared cases for the solver benchmarks: the Jacobian-shaped matrices and the methods compared.
 
-``TRUNCPINV_BENCH=full`` selects the sizes of ``../shared/TASKS.md``
+``TRUNCPINV_BENCH=full`` selects the sizes of ``docs/tasks.md``
 (128 x 593, 256 x 100k, 512 x 200k); the default ``smoke`` sizes keep a
 ``--benchmark-disable`` run (CI) within seconds.
 """

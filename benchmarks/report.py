@@ -4,6 +4,9 @@
         --benchmark-json=bench.json
     .venv/bin/python benchmarks/report.py bench.json [--plot errors.png]
 
+``make bench`` runs both steps: one table per matrix group with the time and the
+relative error (the accuracy) side by side.
+
 Times are the minimum over rounds; ratios are against ``torch-svd-then-truncate``
 of the same group (same matrix, same run). ``--plot`` draws relative error
 against time, one panel per group.
@@ -50,6 +53,7 @@ def plot(groups: dict[str, list[tuple[str, float, float]]], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter
 
     n = len(groups)
     cols = min(n, 4)
@@ -61,10 +65,17 @@ def plot(groups: dict[str, list[tuple[str, float, float]]], path: str) -> None:
         for method, t, err in rows:
             ax.scatter(t, max(err, 1e-12), label=method, marker="o" if method.startswith("truncpinv") else "x")
         ax.set(xscale="log", yscale="log", xlabel="time [s]", ylabel="relative error")
+        # a narrow time range on a log axis gets labelled minor ticks that overlap: majors only, few, turned
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(LogLocator(base=10, numticks=5))
+            axis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="both", labelsize=7)
+        ax.tick_params(axis="x", labelrotation=30)
         ax.set_title(group, fontsize=9)
         ax.axhline(1e-4, color="grey", lw=0.5, ls="--")
-    axes.flat[0].legend(fontsize=6, loc="best")
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()  # one legend below the panels, over no data
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=7)
+    fig.tight_layout(rect=(0, 0.1 if nrows == 1 else 0.06, 1, 1))
     fig.savefig(path, dpi=110)
 
 

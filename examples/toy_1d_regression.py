@@ -6,9 +6,9 @@ seeded 51159; the recipe is in ``sven.tasks``). Sven uses the paper-era
 settings ``k=16, lr=0.1, rtol=1e-3, kappa=2``, Adam ``lr=1e-3``.
 
 Prints a table of the final training and validation losses, the training
-wall time and the time to reach a validation loss of 1e-4 (medians over the
-seeds, then each seed), and saves a figure with the validation loss against
-epochs and against wall time, and the learned functions::
+wall time and the time to reach a validation loss of 1e-4 (first the run of the
+median seed by final validation loss, labelled "med. sN", then each seed), and
+saves a figure with the validation loss against epochs and against wall time, and the learned functions::
 
     python examples/toy_1d_regression.py            # 3 seeds x 20 epochs, well under 2 minutes
     python examples/toy_1d_regression.py --full     # the notebook's 100 epochs
@@ -16,9 +16,11 @@ epochs and against wall time, and the learned functions::
 
 Wall time counts the training steps only; the losses are evaluated on the
 full sets at the end of every epoch, outside the clock. The model is tiny,
-so one thread is used by default: more threads only add synchronisation
-(and, on a busy machine, OpenMP threads competing for cores can make every
-step 100x slower).
+so one thread is used by default (``--threads N`` to change it; it calls
+``torch.set_num_threads``): more threads only add synchronisation (and, on a
+busy machine, OpenMP threads competing for cores can make every step 100x
+slower). The same rule is ``sven-bench --threads auto``: one thread below
+100,000 parameters (``sven.bench.cli.SMALL_MODEL_PARAMS``).
 """
 
 from __future__ import annotations
@@ -122,23 +124,19 @@ def _row(name: str, train: float, val: float, wall: float, tt: list[float | None
 
 
 def table(histories: list[History]) -> str:
-    """The summary table as text: medians over seeds, then every run."""
+    """The summary table as text: the run of the median seed (by final validation loss), then every run.
+
+    The median seed's row is one real run; taking each column's median separately would mix seeds.
+    """
     head = f"{'optimizer':<16}{'train loss':>12}{'val loss':>12}{'wall time':>11}{f'time to val<{TARGET:g}':>22}"
     lines = [head, "-" * len(head)]
     names = list(dict.fromkeys(h.name for h in histories))
     seeds = sorted({h.seed for h in histories})
     for name in names:
-        hs = [h for h in histories if h.name == name]
-        label = f"{name} (median)" if len(seeds) > 1 else name
-        lines.append(
-            _row(
-                label,
-                statistics.median(h.train[-1] for h in hs),
-                statistics.median(h.val[-1] for h in hs),
-                statistics.median(h.wall[-1] for h in hs),
-                [h.time_to(TARGET) for h in hs],
-            )
-        )
+        hs = sorted((h for h in histories if h.name == name), key=lambda h: h.val[-1])
+        med = hs[(len(hs) - 1) // 2]
+        label = f"{name} (med. s{med.seed})" if len(seeds) > 1 else name
+        lines.append(_row(label, med.train[-1], med.val[-1], med.wall[-1], [med.time_to(TARGET)]))
     if len(seeds) > 1:
         lines.append("")
         for seed in seeds:

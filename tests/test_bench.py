@@ -206,7 +206,8 @@ def test_interrupted_run_keeps_the_finished_runs(tmp_path: Path, monkeypatch: py
         (["--optimizers", "adamw"], "valid optimizers: sven, adam, sgd, rmsprop, lbfgs, polyak, sven-reference"),
         (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
         (["--epochs", "-1"], "--epochs must be a positive integer, got -1"),
-        (["--threads", "0"], "--threads must be a positive integer, got 0"),
+        (["--threads", "0"], "--threads must be a positive integer or 'auto', got 0"),
+        (["--threads", "many"], "must be a positive integer or 'auto', got 'many'"),
     ],
 )
 def test_bad_arguments_give_clear_errors(
@@ -217,3 +218,15 @@ def test_bad_arguments_give_clear_errors(
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_auto_threads_is_one_thread_for_the_small_task_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sven.bench.cli import SMALL_MODEL_PARAMS, auto_threads, build_parser
+    from sven.bench.tasks import TASKS
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert build_parser().parse_args([]).threads == "auto"
+    assert all(sum(p.numel() for p in TASKS[t]().model(0).parameters()) < SMALL_MODEL_PARAMS for t in TASKS)
+    assert auto_threads(list(TASKS)) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert auto_threads(["toy1d"]) == torch.get_num_threads()  # the user's setting is respected

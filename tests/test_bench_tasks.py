@@ -1,4 +1,4 @@
-"""The benchmark task recipes of TASKS.md: shapes, standardisation, determinism and the quirks."""
+"""The benchmark task recipes of docs/tasks.md: shapes, standardisation, determinism and the quirks."""
 
 from __future__ import annotations
 

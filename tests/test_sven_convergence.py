@@ -1,4 +1,4 @@
-"""Convergence on ``toy1d`` (recipe in TASKS.md): 2 epochs of Sven beat 2 epochs of Adam.
+"""Convergence on ``toy1d`` (recipe in docs/tasks.md): 2 epochs of Sven beat 2 epochs of Adam.
 
 Full data (10k train / 10k validation), batch 32, the paper-era settings
 (Sven ``k=16, lr=0.1, rtol=1e-3, kappa=2``; Adam ``lr=1e-3``), the same

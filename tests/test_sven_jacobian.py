@@ -138,9 +138,16 @@ def test_wrapper_methods_agree(method: str) -> None:
     torch.testing.assert_close(J, ref, rtol=1e-5, atol=1e-6)
 
 
+class _Couple(nn.Module):
+    """Scales by the batch mean: couples the samples, and only the verification can tell."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x.mean(0)
+
+
 def test_wrapper_switches_to_torch_func_after_detecting_coupling() -> None:
     torch.manual_seed(7)
-    model = nn.Sequential(nn.Linear(1, 6), nn.BatchNorm1d(6, affine=False), nn.GELU(), nn.Linear(6, 1))
+    model = nn.Sequential(nn.Linear(1, 6), nn.BatchNorm1d(6, affine=False), nn.GELU(), _Couple(), nn.Linear(6, 1))
     x = torch.randn(16, 1)
     y = torch.randn(16, 1)
     wrapped = SvenWrapper(model, per_sample_mse, "cpu")

@@ -137,7 +137,8 @@ def test_seed_api_gram_route_matches_the_materialised_path(options: dict[str, ob
 
 def test_unsupported_models_fall_back_once_with_a_warning_naming_the_layer() -> None:
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1)).double()
+    # BatchNorm's exact coupling term (2 x 8 columns) is not smaller than the 16 rows: materialised instead
+    model = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
     x = torch.randn(16, 2, dtype=torch.float64)
     y = torch.randn(16, 1, dtype=torch.float64)
     opt = sven.Sven(model.parameters(), lr=0.1, rank=4)

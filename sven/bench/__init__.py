@@ -1,4 +1,4 @@
-"""``python -m sven.bench`` / ``sven-bench``: Sven against the baselines on the tasks of ``TASKS.md``.
+"""``python -m sven.bench`` / ``sven-bench``: Sven against the baselines on the tasks of ``docs/tasks.md``.
 
 * :mod:`sven.bench.tasks`: the tasks (one per file) and their registry;
 * :mod:`sven.bench.optimizers`: one factory per optimizer name, with its grid;

@@ -5,7 +5,8 @@
     sven-bench --task toy1d polynomial digits --optimizers sven adam sgd rmsprop lbfgs polyak sven-reference \\
                --seeds 3 --epochs 20 --out results/
 
-Defaults: every task, every optimizer, 3 seeds, 20 epochs, 2 threads,
+Defaults: every task, every optimizer, 3 seeds, 20 epochs, ``--threads auto``
+(:func:`auto_threads`: one thread for the small models of these tasks),
 ``results/``. ``--quick`` is a smoke test of everything in well under 3
 minutes on 2 cores (see :data:`QUICK`). See ``docs/results.md``.
 """
@@ -27,7 +28,34 @@ from .report import write_all, write_json, write_markdown
 from .runner import BenchConfig, BenchResults, run_benchmark
 from .tasks import TASKS
 
-__all__ = ["QUICK", "build_parser", "main"]
+__all__ = ["QUICK", "SMALL_MODEL_PARAMS", "auto_threads", "build_parser", "main"]
+
+#: Below this many parameters (the largest model of the selected tasks) ``--threads auto`` uses one
+#: intra-op thread. The tasks' models have 593 to ~3,500 parameters: their per-step kernels are far too
+#: small to split, and on a busy 2-core machine 2 OpenMP threads waiting on each other made
+#: ``sven-bench --quick`` take 8 minutes against 45 s with one thread.
+SMALL_MODEL_PARAMS = 100_000
+
+
+def auto_threads(tasks: Sequence[str]) -> int:
+    """``--threads auto``: torch's count if ``OMP_NUM_THREADS`` is set; else 1 below :data:`SMALL_MODEL_PARAMS`
+    parameters, ``min(4, cores)`` above."""
+    import os
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    largest = max(sum(p.numel() for p in TASKS[t]().model(0).parameters()) for t in tasks)
+    return 1 if largest < SMALL_MODEL_PARAMS else max(1, min(4, os.cpu_count() or 1))
+
+
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {text!r}") from None
+
 
 #: What ``--quick`` changes (documented in ``--help`` and docs/results.md).
 QUICK = (
@@ -45,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="sven-bench",
         description="Benchmark Sven against Adam, SGD, RMSprop, L-BFGS, Polyak SGD and the original Sven code "
-        "on the tasks of TASKS.md; writes results.json, results.md and PNG plots.",
+        "on the tasks of docs/tasks.md; writes results.json, results.md and PNG plots.",
         epilog=QUICK,
     )
     ap.add_argument("--task", nargs="+", default=list(TASKS), metavar="NAME", help=f"tasks ({', '.join(TASKS)})")
@@ -59,7 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, default=None, help="number of model seeds 0..N-1 (default 3; --quick: 1)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20; --quick: 5)")
     ap.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
-    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument(
+        "--threads",
+        type=_threads,
+        default="auto",
+        help=f"torch.set_num_threads: a number, or 'auto' (default): 1 thread when every selected task's model has "
+        f"fewer than {SMALL_MODEL_PARAMS:,} parameters (all of them do), else min(4, CPU count). More threads only "
+        f"slow small models down, badly on a busy machine. Under 'auto' a set OMP_NUM_THREADS is respected",
+    )
     ap.add_argument(
         "--grid",
         action="store_true",
@@ -90,9 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 3)
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else 20)
-    for name, value in (("--seeds", seeds), ("--epochs", epochs), ("--threads", args.threads)):
+    for name, value in (("--seeds", seeds), ("--epochs", epochs)):
         if value < 1:
             ap.error(f"{name} must be a positive integer, got {value}")
+    unknown = [t for t in args.task if t not in TASKS]
+    if args.threads == "auto":
+        threads = 1 if unknown else auto_threads(args.task)  # unknown tasks: BenchConfig says which
+    else:
+        threads = args.threads
+    if threads < 1:
+        ap.error(f"--threads must be a positive integer or 'auto', got {threads}")
     try:
         config = BenchConfig(
             tasks=tuple(dict.fromkeys(args.task)),
@@ -102,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             quick=args.quick,
             sven_grid=args.grid,
             grid_all_seeds=args.grid_all_seeds,
-            threads=args.threads,
+            threads=threads,
             progress=not args.no_progress,
         )
     except ValueError as e:

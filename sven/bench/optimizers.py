@@ -59,10 +59,10 @@ __all__ = [
 #: One grid point: hyperparameter name -> value.
 Hparams = dict[str, float | int]
 
-#: Learning rates of the first-order baselines (TASKS.md).
+#: Learning rates of the first-order baselines (docs/tasks.md).
 BASELINE_LRS = (1e-4, 1e-3, 1e-2, 1e-1)
 QUICK_BASELINE_LRS = (1e-3, 1e-2)
-#: L-BFGS grid (TASKS.md).
+#: L-BFGS grid (docs/tasks.md).
 LBFGS_LRS = (0.1, 0.5, 1.0)
 LBFGS_MAX_ITERS = (1, 5)
 QUICK_LBFGS = ((1.0, 1), (1.0, 5))

@@ -94,6 +94,7 @@ from typing import Any
 import torch
 
 from .base import Linearization, RowSpec, Unsupported
+from .gram_bn import BATCHNORM_MODES, add_coupling, coupling
 from .gram_factors import GramJacobian, Piece, call_pieces, make_blocks
 from .recorder import Labels, Recorder, recording, supported_modules
 
@@ -130,6 +131,12 @@ class LayerGram:
         verify: verify each new forward structure against an exact
             vector-Jacobian product (one extra backward pass, first sight
             only). ``False`` trusts that every layer treats samples independently.
+        batchnorm: BatchNorm with batch statistics (training mode). ``"exact"``
+            (default): the per-sample factors plus the exact low-rank coupling
+            term of :mod:`sven.linearize.gram_bn` (``J`` is the autograd
+            Jacobian). ``"frozen"``: the batch statistics are held constant
+            in the linearisation (an approximation; the verification then
+            compares with the same approximation).
 
     The instance keeps the verification outcomes: keep one per optimizer.
 
@@ -144,19 +151,22 @@ class LayerGram:
         >>> F = truncpinv.pinv_from_gram(G.gram, G, rank=8)
     """
 
-    def __init__(self, *, seed: int = 0, verify: bool = True) -> None:
+    def __init__(self, *, seed: int = 0, verify: bool = True, batchnorm: str = "exact") -> None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
         if not isinstance(verify, bool):
             raise TypeError(f"`verify` must be a bool, got {verify!r}")
+        if batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"`batchnorm` must be one of {list(BATCHNORM_MODES)}, got {batchnorm!r}")
         self.seed = seed
         self.verify = verify
+        self.batchnorm = batchnorm
         # structure -> None (verified) or the reason it is unsupported
         self._verified: dict[tuple[Any, ...], str | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # outcomes are keyed by object ids: not meaningful elsewhere
-        return {"seed": self.seed, "verify": self.verify, "_verified": {}}
+        return {"seed": self.seed, "verify": self.verify, "batchnorm": self.batchnorm, "_verified": {}}
 
     def _remember(self, key: tuple[Any, ...], reason: str | None) -> None:
         if len(self._verified) >= _MAX_CACHED:
@@ -225,7 +235,14 @@ class LayerGram:
             return Unsupported(known, out)
         verify = self.verify and not seen
         uncovered = [p for p in params if id(p) not in rec.covered]
-        gs, used = _backward(out, [c.out for c in rec.calls], uncovered, B, D, retain=verify or bool(uncovered))
+        coupled = any(c.stats is not None for c in rec.calls)
+        rec.switch.frozen = True  # the per-sample factors: batch statistics held constant
+        try:
+            gs, used = _backward(
+                out, [c.out for c in rec.calls], uncovered, B, D, retain=verify or bool(uncovered) or coupled
+            )
+        finally:
+            rec.switch.frozen = False
         if used:
             which = ", ".join(labels[index[id(p)]] for p in used)
             outside = f"parameter(s) {which} are used outside the forward of a supported layer"
@@ -238,15 +255,27 @@ class LayerGram:
             for ci, (c, g) in enumerate(zip(rec.calls, gs)):
                 if g is None:
                     continue
-                for i, piece in call_pieces(c.module, c.kind, c.inp, g, B, D, index):
+                for i, piece in call_pieces(c.module, c.kind, c.inp, g, B, D, index, c.stats):
                     pieces.setdefault(i, []).append((ci, piece))
             blocks = make_blocks(pieces, D, dtype)
             K = torch.zeros(n, n, dtype=torch.float64, device=out.device)
             for blk in blocks:
                 K += blk.gram()
         G = GramJacobian(out.detach(), K, blocks, [p.numel() for p in params], dtype=dtype, rows_per_sample=D)
+        if coupled and self.batchnorm == "exact":
+            term = coupling(rec.calls, gs, params, B, D, rec.switch)
+            if isinstance(term, str):
+                self._remember(key, term)
+                return Unsupported(term, out)
+            if term is not None:
+                with torch.no_grad():
+                    add_coupling(G, *term)
         if verify:
-            decided, reason = self._check(out, params, G, labels)
+            rec.switch.frozen = coupled and self.batchnorm == "frozen"  # compare with the same linearisation
+            try:
+                decided, reason = self._check(out, params, G, labels)
+            finally:
+                rec.switch.frozen = False
             if decided:
                 self._remember(key, reason)
             if reason is not None:
@@ -343,8 +372,8 @@ class GramRoute:
 
     name = "gram"
 
-    def __init__(self, *, seed: int = 0, verify: bool = True) -> None:
-        self.layer_gram = LayerGram(seed=seed, verify=verify)
+    def __init__(self, *, seed: int = 0, verify: bool = True, batchnorm: str = "exact") -> None:
+        self.layer_gram = LayerGram(seed=seed, verify=verify, batchnorm=batchnorm)
 
     def __call__(
         self, closure: Callable[[], Any], params: Sequence[torch.Tensor], rows: RowSpec

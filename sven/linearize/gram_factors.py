@@ -3,7 +3,7 @@ r"""The layer factors of the Gram route and the blocks of ``K = J J^T`` they mak
 Each supported layer call contributes *pieces* (per optimised parameter):
 outer-product factors (:class:`_Outer`: Linear, Conv), an index table
 (:class:`_Index`: Embedding) or formed per-row gradients (:class:`_Rows`:
-LayerNorm, RMSNorm). Pieces are grouped into *blocks*, each able to add its
+LayerNorm, RMSNorm, BatchNorm). Pieces are grouped into *blocks*, each able to add its
 part of ``K`` and to apply its columns of ``J`` (``J^T C`` and ``J X``).
 :class:`GramJacobian` is the sum of the blocks. The maths of each block is in
 the docstring of :mod:`sven.linearize.gram`.
@@ -19,8 +19,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["GramJacobian", "Piece", "call_pieces", "make_blocks"]
+__all__ = ["GramJacobian", "Piece", "bn_xhat", "call_pieces", "layer_input", "make_blocks"]
 
 #: Columns converted to float64 at a time when the Gram matrix of formed per-row gradients is accumulated.
 _CHUNK = 4096
@@ -87,10 +88,45 @@ class _Rows:
 Piece = _Outer | _Index | _Rows
 
 
+def bn_xhat(module: Any, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """BatchNorm's normalised input: with the batch ``stats`` (mean, ``1/sqrt(var+eps)``) or the running ones."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if stats is None:
+        mean, invstd = module.running_mean, torch.rsqrt(module.running_var + module.eps)
+    else:
+        mean, invstd = stats
+    return (x - mean.reshape(shape)) * invstd.reshape(shape).to(x.dtype)
+
+
+def layer_input(module: Any, kind: type[nn.Module], x: torch.Tensor, B: int) -> torch.Tensor:
+    """The input factor ``a`` ``(B, T, d_in)`` of a Linear or Conv call: its input, or the unfolded patches."""
+    if kind is nn.Linear:
+        return x.reshape(B, -1, module.in_features)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pads = module._reversed_padding_repeated_twice
+    xp = F.pad(x, pads, mode=mode) if any(pads) else x
+    if kind is nn.Conv1d:
+        xp = xp[..., None]
+        ks, dil, st = (module.kernel_size[0], 1), (module.dilation[0], 1), (module.stride[0], 1)
+    else:
+        ks, dil, st = module.kernel_size, module.dilation, module.stride
+    return F.unfold(xp, ks, dilation=dil, stride=st).transpose(1, 2)  # (B, L, C_in k)
+
+
 def call_pieces(
-    module: Any, kind: type[nn.Module], x: torch.Tensor, g: torch.Tensor, B: int, D: int, index: dict[int, int]
+    module: Any,
+    kind: type[nn.Module],
+    x: torch.Tensor,
+    g: torch.Tensor,
+    B: int,
+    D: int,
+    index: dict[int, int],
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[tuple[int, Piece]]:
-    """The factors of one call, per optimised parameter (index into the parameter list)."""
+    """The factors of one call, per optimised parameter (index into the parameter list).
+
+    ``stats``: the batch statistics a BatchNorm call normalised with (``None``: its running statistics).
+    """
     N = B * D
     x = x.detach()
     out: list[tuple[int, Piece]] = []
@@ -100,19 +136,10 @@ def call_pieces(
 
     w, b = owned(module.weight), owned(getattr(module, "bias", None))
     if kind in (nn.Linear, nn.Conv1d, nn.Conv2d):
+        a = layer_input(module, kind, x, B)
         if kind is nn.Linear:
-            a = x.reshape(B, -1, module.in_features)
             gg = g.reshape(N, -1, module.out_features)
         else:
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            pads = module._reversed_padding_repeated_twice
-            xp = F.pad(x, pads, mode=mode) if any(pads) else x
-            if kind is nn.Conv1d:
-                xp = xp[..., None]
-                ks, dil, st = (module.kernel_size[0], 1), (module.dilation[0], 1), (module.stride[0], 1)
-            else:
-                ks, dil, st = module.kernel_size, module.dilation, module.stride
-            a = F.unfold(xp, ks, dilation=dil, stride=st).transpose(1, 2)  # (B, L, C_in k)
             gg = g.reshape(N, module.out_channels, -1).transpose(1, 2)  # (N, L, C_out)
         if w is not None:
             out.append((w, _Outer(a, gg)))
@@ -126,6 +153,15 @@ def call_pieces(
             gg = (gg.reshape(B, D, *gg.shape[1:]) * keep[:, None, :, None]).reshape(gg.shape)
         if w is not None:
             out.append((w, _Index(idx, gg, module.num_embeddings)))
+    elif kind is _BatchNorm:  # a per-channel affine map of xhat: per-row gradients (N, C) formed
+        C = x.shape[1]
+        gg = g.reshape(N, C, -1)
+        if w is not None:
+            xhat = bn_xhat(module, x, stats).reshape(B, C, -1)
+            xhat = xhat.repeat_interleave(D, 0) if D > 1 else xhat
+            out.append((w, _Rows((gg * xhat.to(gg.dtype)).sum(2))))
+        if b is not None:
+            out.append((b, _Rows(gg.sum(2))))
     else:  # LayerNorm, RMSNorm: xhat per position, per-row gradients formed
         d = math.prod(module.normalized_shape)
         xs = x.reshape(B, -1, d)
@@ -312,6 +348,9 @@ class GramJacobian:
         output: ``(N,)`` the closure's rows, detached.
         gram: ``(N, N)`` float64, :math:`K = J J^\top`.
         rows_per_sample: ``D``; row ``n`` belongs to sample ``n // D``.
+        low_rank: ``(C, W)`` with ``J = J_0 + C W^T`` (``C``: ``N x r``, ``W``: ``P x r``), where
+            ``J_0`` is the sum of the blocks (the coupling term of BatchNorm, :mod:`sven.linearize.gram_bn`);
+            ``None`` when ``J`` is the sum of the blocks.
     """
 
     def __init__(
@@ -330,6 +369,7 @@ class GramJacobian:
         self._blocks = blocks
         self._numels = numels
         self._dtype = dtype
+        self.low_rank: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -362,6 +402,9 @@ class GramJacobian:
                 for i, n in enumerate(self._numels)
             ]
         )
+        if self.low_rank is not None:
+            Cl, W = self.low_rank
+            out += W @ (Cl.T @ C2)
         return out[:, 0] if vec else out
 
     def matmat(self, X: torch.Tensor) -> torch.Tensor:
@@ -372,6 +415,9 @@ class GramJacobian:
         out = torch.zeros(self.shape[0], X2.shape[1], dtype=self._dtype, device=self.device)
         for blk in self._blocks:
             out += blk.matmat(xs)
+        if self.low_rank is not None:
+            Cl, W = self.low_rank
+            out += Cl @ (W.T @ X2)
         return out[:, 0] if vec else out
 
     def to_dense(self) -> torch.Tensor:

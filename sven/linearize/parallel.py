@@ -97,6 +97,11 @@ def gather_gram(G: GramJacobian, group: Any) -> DistributedGram:
     Communication: the factors (``N x d_in`` and ``N x d_out`` per layer) and
     the rows, all-gathered; nothing of size ``P`` until a product.
     """
+    if G.low_rank is not None:
+        raise ValueError(
+            "data-parallel Sven does not gather the BatchNorm coupling term of the Gram route yet (each rank's "
+            "batch statistics); pass jacobian='autograd', or route=GramRoute(batchnorm='frozen') to hold them constant"
+        )
     sizes = dist_.all_gather_rows(torch.tensor([G.shape[0]], dtype=torch.int64, device=G.device), group)
     offset = int(sizes[: dist_.rank(group)].sum())
     output = dist_.all_gather_rows(G.output.contiguous(), group)

@@ -1,4 +1,4 @@
-"""The benchmark tasks of ``TASKS.md``, one per file, and their registry.
+"""The benchmark tasks of ``docs/tasks.md``, one per file, and their registry.
 
 Adding a task: write a :class:`~sven.bench.tasks.base.Task` subclass in a new
 file and add one line to :data:`TASKS`.

@@ -1,6 +1,6 @@
 """The :class:`Task` base class and the helpers every task shares.
 
-A task is one benchmark problem of ``TASKS.md``: a data recipe with fixed
+A task is one benchmark problem of ``docs/tasks.md``: a data recipe with fixed
 seeds, a model built from a *model* seed, a per-sample loss, a batch size, the
 seed of the batch shuffling, a validation-loss target for time-to-target and
 Sven's default hyperparameters. Adding a task means adding one file with a

@@ -9,7 +9,7 @@
   1,437 training and 360 validation images;
 * per-sample loss ``||f(x) - onehot(y)||^2`` on the raw outputs; accuracy
   (argmax) is reported too;
-* MLP 64-32-32-32-10 with GELU (4,522 parameters), batch 64; ``TASKS.md``
+* MLP 64-32-32-32-10 with GELU (4,522 parameters), batch 64; ``docs/tasks.md``
   gives no loader seed, so the batches are shuffled by a generator seeded 0;
 * Sven: the paper's MNIST settings were ``k=64, lr=0.5, rtol=1e-4``; here
   ``k=32`` (half the batch of 64).
@@ -34,7 +34,7 @@ __all__ = ["LOADER_SEED", "SPLIT_SEED", "DigitsTask", "load_digits_split"]
 
 #: ``random_state`` of the stratified split.
 SPLIT_SEED = 0
-#: Seed of the training-batch shuffling generator (not given by ``TASKS.md``).
+#: Seed of the training-batch shuffling generator (not given by ``docs/tasks.md``).
 LOADER_SEED = 0
 N_CLASSES = 10
 

@@ -1,4 +1,4 @@
-"""``digits-ce``: the cross-entropy variant of ``digits`` (the "extension" of ``TASKS.md``).
+"""``digits-ce``: the cross-entropy variant of ``digits`` (the "extension" of ``docs/tasks.md``).
 
 The data, the split, the model and the batches are those of
 :mod:`sven.bench.tasks.digits`; the per-sample loss is the cross-entropy of

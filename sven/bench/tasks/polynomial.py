@@ -1,4 +1,4 @@
-"""``polynomial``: the authors' "random polynomial" with 6 inputs (recipe in ``TASKS.md``).
+"""``polynomial``: the authors' "random polynomial" with 6 inputs (recipe in ``docs/tasks.md``).
 
 * ``x ~ N(0, I_6)``; 10,000 train and 10,000 validation points from
   ``numpy.random.default_rng(57728)``, drawn in this order: the coefficients

@@ -1,4 +1,4 @@
-"""``toy1d``: the 1-D regression of the Sven paper, rebuilt to run offline (recipe in ``TASKS.md``).
+"""``toy1d``: the 1-D regression of the Sven paper, rebuilt to run offline (recipe in ``docs/tasks.md``).
 
 * target :math:`f(x) = e^{-10 x^2} \\sin(2x)`, :math:`x \\sim U[-1, 1]`;
 * 10,000 train and 10,000 validation points from one ``torch.Generator``
