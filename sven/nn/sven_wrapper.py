@@ -190,10 +190,17 @@ class SvenWrapper:
     def loss_and_grad(self, batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate the losses of ``batch = (x, *args)`` and store the residual Jacobian.
 
+        Works inside ``torch.no_grad()`` (as the original's ``torch.func`` did):
+        the Jacobian is computed with grad mode on.
+
         Returns:
             ``(losses, preds)``, both detached; ``losses`` has one entry per
             microbatch.
         """
+        with torch.enable_grad():
+            return self._loss_and_grad(batch)
+
+    def _loss_and_grad(self, batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(batch, torch.Tensor) or not isinstance(batch, (tuple, list)) or len(batch) == 0:
             raise TypeError("`batch` must be a tuple (x, *args), e.g. (x, y)")
         x, *args = batch
@@ -226,7 +233,7 @@ class SvenWrapper:
             warnings.warn(
                 f"Sven: the Gram route does not apply ({gres.reason}); using the materialised Jacobian instead",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             self._try_gram = False
             self._try_hooks = False  # the Gram route covers every model the Linear hook path covers

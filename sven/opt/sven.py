@@ -10,7 +10,7 @@ import torch
 import truncpinv
 
 from .. import functional as SF
-from .._validation import check_bool, check_nonneg_float, check_positive_int, check_unit_interval
+from .._validation import check_bool, check_nonneg_float, check_nonneg_int, check_positive_int, check_unit_interval
 from ..control import Evaluator
 from ..info import StepInfo
 from ..nn.sven_wrapper import SvenWrapper
@@ -98,8 +98,7 @@ class WrappedSven(Sven, form=SvenWrapper):
         if not isinstance(model, SvenWrapper):
             raise TypeError(f"`model` must be a sven.nn.SvenWrapper, got {type(model).__name__}")
         check_positive_int("k", k)
-        if isinstance(power_iterations, bool) or not isinstance(power_iterations, int) or power_iterations < 0:
-            raise ValueError(f"`power_iterations` must be a non-negative integer, got {power_iterations!r}")
+        power_iterations = check_nonneg_int("power_iterations", power_iterations)
         check_nonneg_float("lr", lr)
         check_nonneg_float("rtol", rtol)
         check_unit_interval("alpha_rmsprop", alpha_rmsprop)
