@@ -198,10 +198,11 @@ class AdaptiveDamping(Policy):
         for attempt in range(tries):
             lam = out.damping = self.state.lam
             d = ctx.direction(lam)
+            # predict first: a matrix-free M differentiates through the parameters as they were
+            R_pred = ctx.R - ctx.predict(d).to(ctx.R.dtype)
             ctx.apply(d, 1.0)
             out.direction = d
             R_new = evaluate.residuals()
-            R_pred = ctx.R - ctx.predict(d).to(ctx.R.dtype)
             out.gain_ratio = SF.gain_ratio(ctx.R, R_new, R_pred)
             if SF.madsen_nielsen_update(self.state, out.gain_ratio):
                 out.retries = attempt
