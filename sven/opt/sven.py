@@ -153,15 +153,20 @@ class WrappedSven(Sven, form=SvenWrapper):
         return state
 
     def state_dict(self) -> dict[str, Any]:
-        """:meth:`sven.Sven.state_dict` plus the wrapper's parameter-mask RNG state (``"sven"]["mask_rng"]``)."""
+        """:meth:`sven.Sven.state_dict` plus the wrapper's parameter-mask RNG state (``["sven"]["mask_rng"]``).
+
+        Only when the wrapper has its own generator (``seed=``); with the
+        default global torch RNG, save ``torch.get_rng_state()`` yourself.
+        """
         sd = super().state_dict()
-        sd["sven"]["mask_rng"] = self.model.generator.get_state()
+        if self.model.generator is not None:
+            sd["sven"]["mask_rng"] = self.model.generator.get_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a dict from :meth:`state_dict`; restores the wrapper's mask RNG when present."""
         extra = state_dict.get("sven") or {}
-        if "mask_rng" in extra:
+        if "mask_rng" in extra and self.model.generator is not None:
             self.model.generator.set_state(extra["mask_rng"])
         super().load_state_dict(state_dict)
 
