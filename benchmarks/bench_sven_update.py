@@ -84,8 +84,9 @@ def main() -> None:
             base_time = base_time or t
             extra = f"  acc {statistics.median(acc):.3f}" if acc else ""
             div = sum(r.diverged for r in runs)
+            seeds = [f"{r.val_loss[-1]:.2e}" for r in runs]
             print(f"  {label:24s} val {val:.3e}{extra}  step time x{t / base_time:.2f}"
-                  f"{f'  diverged {div}/{len(runs)}' if div else ''}  per seed {[f'{r.val_loss[-1]:.2e}' for r in runs]}")
+                  f"{f'  diverged {div}/{len(runs)}' if div else ''}  per seed {seeds}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import truncpinv
 from ._validation import (
     check_bool,
     check_choice,
-    check_nonneg_int,
     check_nonneg_float,
+    check_nonneg_int,
     check_positive_float,
     check_positive_int,
     check_unit_interval,

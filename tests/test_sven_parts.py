@@ -213,4 +213,4 @@ def test_options_read_as_attributes() -> None:
     opt = sven.Sven(nn.Linear(2, 1).parameters(), rank=3, rtol=1e-4)
     assert opt.rank == 3 and opt.rtol == 1e-4 and opt.config.rank == 3
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
-        opt.nonsense  # noqa: B018
+        opt.nonsense

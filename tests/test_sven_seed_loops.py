@@ -127,9 +127,7 @@ def test_fill_last_block_selects_exactly_the_fraction() -> None:
             assert wrapped.actual_param_fraction == int(fraction * P) / P
             assert whole.param_mask is not None and int(whole.param_mask.sum()) <= int(fraction * P)
             assert wrapped.grads.shape == (32, int(fraction * P))
-            partly = [
-                (s, n) for _, n, s in wrapped.param_names_counts_startIdx if 0 < int(mask[s : s + n].sum()) < n
-            ]
+            partly = [(s, n) for _, n, s in wrapped.param_names_counts_startIdx if 0 < int(mask[s : s + n].sum()) < n]
             assert len(partly) <= 1
             assert wrapped.jacobian_method == ("gram" if not partly else "hooks")
             opt.step()

@@ -135,7 +135,7 @@ def test_momentum_composes_with_the_policies(options: dict[str, object]) -> None
 def test_state_dict_resumes_momentum_exactly() -> None:
     x, y = _data()
     model = _net(5)
-    closure = lambda m: (lambda: per_sample_mse(m(x), y))  # noqa: E731
+    closure = lambda m: lambda: per_sample_mse(m(x), y)  # noqa: E731
     kwargs = {"lr": 0.2, "rank": 6, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2, "jacobian": "autograd"}
     opt = sven.Sven(model.parameters(), **kwargs)  # type: ignore[arg-type]
     twin, fresh = copy.deepcopy(model), copy.deepcopy(model)
