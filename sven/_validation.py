@@ -7,22 +7,41 @@ User input is never checked with ``assert``.
 
 from __future__ import annotations
 
+import difflib
 import math
+import numbers
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import numpy as np
 
 __all__ = [
     "check_bool",
     "check_choice",
     "check_fraction",
     "check_nonneg_float",
+    "check_nonneg_int",
+    "check_option_names",
     "check_positive_float",
     "check_positive_int",
     "check_unit_interval",
+    "closure_errors",
 ]
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
 def _is_real(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float))
+    """A real number: Python ``int``/``float`` or a NumPy scalar (``np.float32``, ``np.int64``), not a bool."""
+    return not _is_bool(value) and isinstance(value, numbers.Real)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer: Python ``int`` or a NumPy integer scalar, not a bool."""
+    return not _is_bool(value) and isinstance(value, numbers.Integral)
 
 
 def check_nonneg_float(name: str, value: Any) -> float:
@@ -59,17 +78,62 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> in
     """A positive ``int`` (or ``None`` when ``allow_none``)."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         extra = " or None" if allow_none else ""
         raise ValueError(f"`{name}` must be a positive integer{extra}, got {value!r}")
     return int(value)
 
 
+def check_nonneg_int(name: str, value: Any) -> int:
+    """A non-negative ``int`` (NumPy integers accepted, bools not)."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def check_bool(name: str, value: Any) -> bool:
-    """A real ``bool`` (not 0/1, not a string)."""
-    if not isinstance(value, bool):
+    """A real ``bool`` or ``np.bool_`` (not 0/1, not a string)."""
+    if not _is_bool(value):
         raise ValueError(f"`{name}` must be True or False, got {value!r}")
-    return value
+    return bool(value)
+
+
+def check_option_names(options: Iterable[str], known: Iterable[str], renamed: dict[str, str] | None = None) -> None:
+    """Every name in ``options`` is one of ``known``.
+
+    An unknown one gets ``unknown option `x```; a name from ``renamed`` (another
+    API's name for an option) gets the right name, a near miss the closest
+    known name (:func:`difflib.get_close_matches`), anything else the list.
+    """
+    known = sorted(known)
+    for name in options:
+        if name in known:
+            continue
+        if renamed and name in renamed:
+            hint = f"; did you mean `{renamed[name]}`? (`{name}` is its name in the seed API)"
+        else:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else f"; the options are {', '.join(known)}"
+        raise TypeError(f"unknown option `{name}`{hint}")
+
+
+#: Substrings of the autograd errors that a closure which calls ``backward()`` itself causes.
+_BACKWARD_IN_CLOSURE = ("backward through the graph a second time", "directly access saved tensors after they have")
+
+
+@contextmanager
+def closure_errors() -> Iterator[None]:
+    """Turn the autograd error of an L-BFGS-style closure (one that calls ``backward()``) into advice."""
+    try:
+        yield
+    except RuntimeError as err:
+        if any(s in str(err) for s in _BACKWARD_IN_CLOSURE):
+            raise RuntimeError(
+                "Sven differentiates the closure's output itself: the closure must not call backward() "
+                "(nor zero_grad()); return the per-sample losses, e.g. "
+                "`opt.step(lambda: ((model(x) - y) ** 2).sum(dim=-1))`, shape (B,), not reduced"
+            ) from err
+        raise
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

@@ -18,6 +18,7 @@ from ._validation import (
     check_bool,
     check_choice,
     check_nonneg_float,
+    check_nonneg_int,
     check_positive_float,
     check_positive_int,
     check_unit_interval,
@@ -26,7 +27,7 @@ from .control import Policy, make_policy
 from .linearize import ROUTES, Linearizer, RowSpec
 from .precondition import RMSProp
 
-__all__ = ["GLOBAL_OPTIONS", "SvenConfig"]
+__all__ = ["GLOBAL_OPTIONS", "GROUP_OPTIONS", "SEED_NAMES", "SvenConfig", "check_group"]
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,11 @@ class SvenConfig:
         put("on_nonfinite", check_choice("on_nonfinite", self.on_nonfinite, ("skip", "raise")))
         put("damping", check_nonneg_float("damping", self.damping))
         put("adaptive_damping", check_bool("adaptive_damping", self.adaptive_damping))
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ValueError(f"`max_retries` must be a non-negative integer, got {self.max_retries!r}")
+        put("max_retries", check_nonneg_int("max_retries", self.max_retries))
         if self.trust_radius is not None:
             put("trust_radius", check_positive_float("trust_radius", self.trust_radius))
         put("check_step", check_bool("check_step", self.check_step))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"`seed` must be a non-negative integer, got {self.seed!r}")
+        put("seed", check_nonneg_int("seed", self.seed))
         if self.adaptive_damping and self.variable_k:
             raise ValueError(
                 "`adaptive_damping=True` cannot be combined with `variable_k=True`: both decide the step from "
@@ -158,3 +157,30 @@ class SvenConfig:
 
 #: Options that apply to the whole step and therefore cannot differ between parameter groups.
 GLOBAL_OPTIONS = (*(f.name for f in fields(SvenConfig)), "process_group", "control", "route")
+
+#: The seed API's names (``sven.opt.Sven(wrapped, ...)``) of native options, for the error messages.
+SEED_NAMES = {
+    "k": "rank",
+    "svd_mode": "solver",
+    "use_rmsprop": "rmsprop",
+    "alpha_rmsprop": "rmsprop_alpha",
+    "eps_rmsprop": "rmsprop_eps",
+    "mu_rmsprop": "rmsprop_momentum",
+}
+
+#: Options of a parameter group (defaults from the constructor, overridable per group; schedulers may change them).
+GROUP_OPTIONS = ("lr", "momentum", "weight_decay", "nesterov")
+
+
+def check_group(group: dict[str, Any]) -> dict[str, Any]:
+    """Validate the per-group options present in ``group`` (``lr``, ``momentum``, ``weight_decay``, ``nesterov``)."""
+    out = dict(group)
+    if "lr" in out:
+        out["lr"] = check_nonneg_float("lr", out["lr"])
+    if "momentum" in out:
+        out["momentum"] = check_unit_interval("momentum", out["momentum"])
+    if "weight_decay" in out:
+        out["weight_decay"] = check_nonneg_float("weight_decay", out["weight_decay"])
+    if "nesterov" in out:
+        out["nesterov"] = check_bool("nesterov", out["nesterov"])
+    return out

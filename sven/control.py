@@ -41,6 +41,7 @@ import torch
 from truncpinv import TruncatedPinv
 
 from . import functional as SF
+from . import update
 from .info import StepFault
 from .linearize.base import RowSpec
 from .params import ParamBlock, apply_direction, lr_scaled, save_parameters
@@ -197,10 +198,11 @@ class AdaptiveDamping(Policy):
         for attempt in range(tries):
             lam = out.damping = self.state.lam
             d = ctx.direction(lam)
+            # predict first: a matrix-free M differentiates through the parameters as they were
+            R_pred = ctx.R - ctx.predict(d).to(ctx.R.dtype)
             ctx.apply(d, 1.0)
             out.direction = d
             R_new = evaluate.residuals()
-            R_pred = ctx.R - ctx.predict(d).to(ctx.R.dtype)
             out.gain_ratio = SF.gain_ratio(ctx.R, R_new, R_pred)
             if SF.madsen_nielsen_update(self.state, out.gain_ratio):
                 out.retries = attempt
@@ -344,8 +346,21 @@ def step_context(
     """Wire a factorisation to the parameters: the :class:`StepContext` an optimizer hands its policy.
 
     ``M`` is the Jacobian *before* preconditioning (the linear model of ``R``);
-    ``state`` holds the preconditioner's per-parameter buffers.
+    ``state`` holds the preconditioner's and the update stage's per-parameter
+    buffers. Every ``apply`` goes through the update stage (:mod:`sven.update`:
+    momentum and weight decay); its carry is added on the first ``apply`` and
+    taken back by ``save()``'s restore; ``predict`` includes it.
     """
+    n = blocks[-1].stop if blocks else 0
+    carry = update.carry(blocks, state, n, like=blocks[0].param) if blocks else None
+    carried = [carry is None]  # the carry is in the parameters (or there is none)
+
+    def apply(d: torch.Tensor, sign: float) -> None:
+        u = update.scaled(blocks, d)
+        if not carried[0] and carry is not None:
+            carried[0] = True
+            u, sign = u * sign + carry.to(u.dtype), 1.0
+        apply_direction(blocks, u, sign)
 
     def direction(lam: float) -> torch.Tensor:
         d = SF.filtered_direction(F, R, damping=lam)
@@ -354,15 +369,18 @@ def step_context(
         return precondition.direction(d, blocks, state) if precondition is not None else d
 
     def predict(d: torch.Tensor) -> torch.Tensor:
-        x = lr_scaled(blocks, d).to(M.dtype)
+        u = update.scaled(blocks, d)
+        x = lr_scaled(blocks, u if carry is None else u + carry.to(u.dtype)).to(M.dtype)
         return M @ x if isinstance(M, torch.Tensor) else M.matmat(x[:, None])[:, 0]
 
     def save() -> Callable[[], None]:
         params = save_parameters(blocks)
         buffers = precondition.save(blocks, state) if precondition is not None else None
+        was_carried = carried[0]
 
         def restore() -> None:
             params()
+            carried[0] = was_carried
             if buffers is not None:
                 buffers()
 
@@ -373,7 +391,7 @@ def step_context(
         R=R,
         loss=loss,
         direction=direction,
-        apply=lambda d, sign: apply_direction(blocks, d, sign),
+        apply=apply,
         predict=predict,
         norm=lambda d: float(lr_scaled(blocks, d).double().norm()),
         save=save,

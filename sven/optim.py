@@ -11,13 +11,14 @@ from torch.optim import Optimizer
 
 from . import distributed as dist_
 from . import functional as SF
-from ._validation import check_nonneg_float
-from .config import GLOBAL_OPTIONS, SvenConfig
+from . import update
+from ._validation import check_option_names, closure_errors
+from .config import GLOBAL_OPTIONS, GROUP_OPTIONS, SEED_NAMES, SvenConfig, check_group
 from .control import Evaluator, Policy, step_context
 from .factorize import factorize, solver_for_step
 from .info import StepFault, StepInfo
 from .linearize import DataParallel, Unsupported
-from .params import ParamBlock, blocks_of_groups
+from .params import ParamBlock, blocks_of_groups, closure_mode
 
 __all__ = ["GLOBAL_OPTIONS", "StepInfo", "Sven"]
 
@@ -64,8 +65,15 @@ class Sven(Optimizer):
     :class:`sven.nn.SvenWrapper` as first argument builds the seed-compatible
     :class:`sven.opt.WrappedSven` (a subclass).
 
-    **Parameter groups.** Only ``lr`` may differ between groups; every other
-    option is global (one Jacobian, one pseudoinverse).
+    **Parameter groups.** ``lr``, ``momentum``, ``weight_decay`` and
+    ``nesterov`` are per group (the constructor gives the defaults, so
+    schedulers that cycle momentum work); every other option is global (one
+    Jacobian, one pseudoinverse).
+
+    **No autograd context needed.** ``step`` works inside ``torch.no_grad()``;
+    the re-evaluations of step control run with grad mode on but the
+    parameters' ``requires_grad`` off, so a closure may differentiate with
+    respect to its inputs (physics-informed residuals, gradient penalties).
 
     **Faults never corrupt the model.** If the residuals, the Jacobian or the
     direction contain NaN/Inf, or the solver fails, the parameters are left
@@ -76,6 +84,11 @@ class Sven(Optimizer):
     Args:
         params: parameters or parameter groups.
         lr: learning rate :math:`\eta` (per group).
+        momentum: heavy-ball momentum :math:`\mu \in [0, 1)` on the Sven direction (per group,
+            :mod:`sven.update`): :math:`b \leftarrow \mu b + d`, :math:`\theta \leftarrow \theta - \eta b`.
+        weight_decay: decoupled weight decay :math:`w` (per group, as AdamW):
+            :math:`\theta \leftarrow \theta - \eta w \theta`.
+        nesterov: Nesterov momentum (per group): the step is :math:`d + \mu b`.
         control: a :class:`sven.control.Policy`, instead of the options
             ``damping``, ``adaptive_damping``, ``max_retries``, ``variable_k``,
             ``check_step`` and ``trust_radius``.
@@ -120,19 +133,21 @@ class Sven(Optimizer):
         params: Any,
         lr: float = 0.1,
         *args: Any,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
         control: Policy | None = None,
         route: Any = None,
         process_group: Any = None,
         **options: Any,
     ) -> None:
-        unknown = [k for k in options if k not in _OPTIONS]
-        if args or unknown:
-            extra = ", ".join([*(repr(a) for a in args), *unknown])
+        if args:
             raise TypeError(
-                f"sven.Sven(params, lr, *, rank=..., rtol=..., ...) takes its options as keywords, got {extra}; "
-                f"the positional form Sven(wrapped, lr, k, rtol) needs a sven.nn.SvenWrapper as first argument"
+                f"sven.Sven(params, lr, *, rank=..., rtol=..., ...) takes its options as keywords, got "
+                f"{', '.join(repr(a) for a in args)}; the positional form Sven(wrapped, lr, k, rtol) needs a "
+                f"sven.nn.SvenWrapper as first argument"
             )
-        check_nonneg_float("lr", lr)
+        check_option_names(options, (*_OPTIONS, *GROUP_OPTIONS, "control", "route", "process_group"), SEED_NAMES)
         if isinstance(route, str):
             if "jacobian" in options:
                 raise ValueError("pass the route once: `route` or `jacobian`, not both")
@@ -152,7 +167,8 @@ class Sven(Optimizer):
                 "`jacobian='matfree'` does not support data-parallel training; use jacobian='auto' (the Gram route, "
                 "or the materialised Jacobian gathered across ranks)"
             )
-        super().__init__(params, {"lr": float(lr)})
+        super().__init__(params, check_group({"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                                              "nesterov": nesterov}))  # fmt: skip
         group = dist_.resolve_group(process_group)
         if group is not None and dist_.world_size(group) > 1:
             dist_.broadcast_parameters_([p for g in self.param_groups for p in g["params"]], src=0, group=group)
@@ -166,16 +182,15 @@ class Sven(Optimizer):
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; only ``lr`` may be set per group (the other options are global)."""
+        """Add a group; only ``lr``, ``momentum``, ``weight_decay`` and ``nesterov`` may be set per group."""
         bad = sorted(k for k in param_group if k in GLOBAL_OPTIONS)
         if bad:
             raise ValueError(
                 f"{', '.join(f'`{k}`' for k in bad)} cannot be set per parameter group: Sven computes one "
-                f"pseudoinverse for all parameters, so only `lr` is per group; pass it to the constructor"
+                f"pseudoinverse for all parameters, so only {', '.join(f'`{k}`' for k in GROUP_OPTIONS)} are per "
+                f"group; pass it to the constructor"
             )
-        if "lr" in param_group:
-            check_nonneg_float("lr", param_group["lr"])
-        super().add_param_group(param_group)
+        super().add_param_group(check_group(param_group))
 
     def state_dict(self) -> dict[str, Any]:
         """The ``torch.optim`` state dict plus ``"sven"``: the counters and the step control's state.
@@ -237,13 +252,15 @@ class Sven(Optimizer):
         group = dist_.resolve_group(self.process_group)
         group = group if group is not None and dist_.world_size(group) > 1 else None
         route = self.route if group is None else DataParallel(self.route, group)
-        lin = route(closure, [b.param for b in blocks], self.rows)
+        params = [b.param for b in blocks]
+        with torch.enable_grad(), closure_errors():  # the step works inside the caller's torch.no_grad()
+            lin = route(closure, params, self.rows)
         if isinstance(lin, Unsupported):
             raise ValueError(f"the route does not apply to this model: {lin.reason}")
         R, M = self.rows.residualize(lin.rows, lin.jacobian)
 
         def rows_after() -> torch.Tensor:
-            with torch.no_grad():
+            with closure_mode(params):  # derivatives the closure takes itself work; none for the parameters
                 rows = self.rows(closure()).detach()
             return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
 
@@ -280,6 +297,7 @@ class Sven(Optimizer):
         except StepFault as fault:
             self._fault(info, losses, fault)
             return info
+        update.commit(blocks, self.state, out.direction)  # momentum buffers: only for a step that was kept
         info.record(out, [(b.start, b.stop, b.lr) for b in blocks])
         return info
 

@@ -9,13 +9,21 @@ parameter subsets) with its group's learning rate. Applying a direction
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["ParamBlock", "apply_direction", "blocks_of_groups", "lr_scaled", "save_parameters"]
+__all__ = [
+    "ParamBlock",
+    "apply_direction",
+    "blocks_of_groups",
+    "closure_mode",
+    "lr_scaled",
+    "save_parameters",
+]
 
 
 @dataclass
@@ -27,6 +35,9 @@ class ParamBlock:
     start: int  # first Jacobian column
     stop: int
     index: torch.Tensor | None = None  # flat indices into the parameter (None: all, in order)
+    momentum: float = 0.0  # the group's update stage (sven.update)
+    weight_decay: float = 0.0
+    nesterov: bool = False
 
 
 def blocks_of_groups(param_groups: Iterable[dict[str, Any]]) -> list[ParamBlock]:
@@ -38,9 +49,41 @@ def blocks_of_groups(param_groups: Iterable[dict[str, Any]]) -> list[ParamBlock]
             if not p.requires_grad:
                 continue
             n = p.numel()
-            blocks.append(ParamBlock(p, float(group["lr"]), col, col + n))
+            blocks.append(
+                ParamBlock(
+                    p,
+                    float(group["lr"]),
+                    col,
+                    col + n,
+                    momentum=float(group.get("momentum", 0.0)),
+                    weight_decay=float(group.get("weight_decay", 0.0)),
+                    nesterov=bool(group.get("nesterov", False)),
+                )
+            )
             col += n
     return blocks
+
+
+@contextmanager
+def closure_mode(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Grad mode on, but the optimised parameters do not require grad: to re-evaluate a closure after a step.
+
+    The closure may then take derivatives itself (with respect to its inputs:
+    physics-informed residuals, gradient penalties), while no graph is built
+    for the parameters, which the re-evaluation does not need. A parameter
+    listed twice, or shared with a module outside the optimizer, is the same
+    tensor and is restored once; ``requires_grad`` is put back in a
+    ``finally``, also when the closure raises.
+    """
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in reversed(flags):
+            p.requires_grad_(flag)
 
 
 def lr_scaled(blocks: Sequence[ParamBlock], d: torch.Tensor) -> torch.Tensor:

@@ -326,7 +326,7 @@ def test_bad_closures_are_explained() -> None:
 def test_positional_options_need_the_seed_form() -> None:
     with pytest.raises(TypeError, match=r"takes its options as keywords, got 16.*needs a sven.nn.SvenWrapper"):
         sven.Sven(mlp(width=2, depth=1).parameters(), 0.1, 16)  # type: ignore[call-overload]
-    with pytest.raises(TypeError, match=r"takes its options as keywords, got k"):
+    with pytest.raises(TypeError, match=r"unknown option `k`; did you mean `rank`\? \(`k` is its name in the seed"):
         sven.Sven(mlp(width=2, depth=1).parameters(), 0.1, k=16)  # type: ignore[call-overload]
 
 

@@ -202,7 +202,8 @@ class PerSampleJacobian:
         rec = Recorder({id(p): i for i, p in enumerate(params)}, Labels(params), kinds=(nn.Linear,), strict=False)
         with torch.enable_grad(), recording(rec):
             raw = closure()
-        out = rows(raw)
+        with torch.enable_grad():  # a reshape under no_grad would cut the graph
+            out = rows(raw)
         n = out.shape[0]
         if not out.requires_grad:
             raise ValueError(

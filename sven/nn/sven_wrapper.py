@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from .. import functional as SF
-from .._validation import check_bool, check_fraction, check_positive_float, check_positive_int
+from .._validation import _is_int, check_bool, check_fraction, check_positive_float, check_positive_int
 from ..linearize.base import GramOperator, row_transform
 from ..linearize.dense import JACOBIAN_METHODS, PerSampleJacobian, autograd_jacobian, func_jacobian
 from ..linearize.gram import GramJacobian, LayerGram
@@ -65,7 +65,18 @@ class SvenWrapper:
         microbatch_size: average the losses of consecutive groups of this many
             samples before differentiating: the Jacobian has ``B /
             microbatch_size`` rows. ``B`` must be divisible by it.
-        seed: seed (or generator) of the random parameter subsets.
+        seed: seed (or generator) of the random parameter subsets. ``None``
+            (the default, as the original): the global torch RNG, so
+            ``torch.manual_seed`` decides the subsets; for an exact resume,
+            save and restore ``torch.get_rng_state()`` with the checkpoint
+            (the wrapper never touches the global RNG state). With a seed or
+            a generator, :meth:`state_dict` saves the generator's state.
+        fill_last_block: with ``mask_by_block``, after the whole tensors that
+            fit, add a random part of the next tensor (in the same random
+            order) so that exactly ``int(param_fraction * P)`` entries are
+            selected. Such a step uses the materialised Jacobian of the touched
+            tensors (not the Gram route), its columns then restricted to the
+            selection. ``False`` (default): whole tensors only, as the original.
         jacobian: ``"auto"`` (the Gram route or the fast path when valid),
             ``"gram"``, ``"hooks"``, ``"autograd"`` or ``"func"`` (always
             ``torch.func.jacrev``).
@@ -92,8 +103,9 @@ class SvenWrapper:
         mask_by_block: bool = False,
         microbatch_size: int = 1,
         *,
-        seed: int | torch.Generator = 0,
+        seed: int | torch.Generator | None = None,
         jacobian: str = "auto",
+        fill_last_block: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -105,13 +117,15 @@ class SvenWrapper:
         self.microbatch_size = int(check_positive_int("microbatch_size", microbatch_size) or 1)
         if jacobian not in (*JACOBIAN_METHODS, "gram", "func"):
             raise ValueError(f"`jacobian` must be one of {[*JACOBIAN_METHODS, 'gram', 'func']}, got {jacobian!r}")
-        if isinstance(seed, torch.Generator):
-            self.generator = seed
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be a non-negative integer or a torch.Generator, got {seed!r}")
+        self.fill_last_block = check_bool("fill_last_block", fill_last_block)
+        self.generator: torch.Generator | None
+        if seed is None or isinstance(seed, torch.Generator):
+            self.generator = seed  # None: the global torch RNG, as the original
+        elif not _is_int(seed) or seed < 0:
+            raise ValueError(f"`seed` must be None, a non-negative integer or a torch.Generator, got {seed!r}")
         else:
             self.generator = torch.Generator()
-            self.generator.manual_seed(seed)
+            self.generator.manual_seed(int(seed))
 
         self.device = torch.device(device)
         self.model: nn.Module = model.to(self.device)
@@ -129,7 +143,8 @@ class SvenWrapper:
         ]
         self.param_mask: torch.Tensor | None = None
         self.actual_param_fraction: float = 1.0
-        self._block_selection: list[tuple[str, int, int]] = []
+        self._block_selection: list[tuple[str, int, int]] = []  # the tensors a block mask touches, flat order
+        self._partial_block = False  # one of them is only partly selected
 
         self._method = jacobian
         self._jac = PerSampleJacobian("hooks" if jacobian == "hooks" else "auto")
@@ -190,10 +205,17 @@ class SvenWrapper:
     def loss_and_grad(self, batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate the losses of ``batch = (x, *args)`` and store the residual Jacobian.
 
+        Works inside ``torch.no_grad()`` (as the original's ``torch.func`` did):
+        the Jacobian is computed with grad mode on.
+
         Returns:
             ``(losses, preds)``, both detached; ``losses`` has one entry per
             microbatch.
         """
+        with torch.enable_grad():
+            return self._loss_and_grad(batch)
+
+    def _loss_and_grad(self, batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(batch, torch.Tensor) or not isinstance(batch, (tuple, list)) or len(batch) == 0:
             raise TypeError("`batch` must be a tuple (x, *args), e.g. (x, y)")
         x, *args = batch
@@ -216,7 +238,7 @@ class SvenWrapper:
         def rows(pred: torch.Tensor) -> torch.Tensor:
             return self._checked_losses(pred, args, x)
 
-        if self._try_gram and (self.param_mask is None or self.mask_by_block):
+        if self._try_gram and (self.param_mask is None or (self.mask_by_block and not self._partial_block)):
             active_names = names
             gres = self._gram(closure, active, rows=rows, names=active_names)
             if isinstance(gres, GramJacobian):
@@ -226,7 +248,7 @@ class SvenWrapper:
             warnings.warn(
                 f"Sven: the Gram route does not apply ({gres.reason}); using the materialised Jacobian instead",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             self._try_gram = False
             self._try_hooks = False  # the Gram route covers every model the Linear hook path covers
@@ -247,6 +269,8 @@ class SvenWrapper:
 
         if self.param_mask is not None and not self.mask_by_block:
             J = J[:, self.param_mask]
+        elif self.param_mask is not None and self._partial_block:  # columns of the touched tensors -> selection
+            J = J[:, torch.cat([self.param_mask[s : s + n] for _, n, s in self._block_selection])]
         losses = SF.group_rows(losses, size=self.microbatch_size)
         J = SF.group_rows(J, size=self.microbatch_size)
         R, M = SF.residual_jacobian(losses, J, kappa=self.kappa)
@@ -283,8 +307,12 @@ class SvenWrapper:
         """Everything needed to resume: the model's state dict and the parameter-mask RNG state.
 
         Together with :meth:`sven.opt.Sven.state_dict` this makes a resumed
-        run bit-identical on the CPU, ``param_fraction`` masks included.
+        run bit-identical on the CPU, ``param_fraction`` masks included, when
+        the masks come from ``seed``/a generator; with the default global RNG
+        save ``torch.get_rng_state()`` too.
         """
+        if self.generator is None:  # the global RNG: the user's own seeding governs the masks
+            return {"model": self.model.state_dict()}
         return {"model": self.model.state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -293,7 +321,7 @@ class SvenWrapper:
             raise ValueError("`state_dict` must be a dict from SvenWrapper.state_dict() with a 'model' entry")
         with torch.no_grad():
             self.model.load_state_dict(state_dict["model"])
-        if "generator" in state_dict:
+        if "generator" in state_dict and self.generator is not None:
             self.generator.set_state(state_dict["generator"])
 
     # ------------------------------------------------------------------ parameters
@@ -337,23 +365,36 @@ class SvenWrapper:
         return mask
 
     def _make_param_mask_by_block(self, fraction: float) -> torch.Tensor:
-        """Whole tensors, in random order, while they fit in ``fraction * P`` (at least one, the smallest)."""
+        """Whole tensors, in random order, while they fit in ``int(fraction * P)`` entries (at least one: the
+        smallest); with ``fill_last_block`` then a random part of the next tensor, to reach exactly that many."""
         blocks = self.param_names_counts_startIdx
         target = int(fraction * self.n_params)
         selected: list[tuple[str, int, int]] = []
+        partial: tuple[tuple[str, int, int], torch.Tensor] | None = None
+        skipped: tuple[str, int, int] | None = None  # the first tensor that did not fit
         running = 0
         for i in torch.randperm(len(blocks), generator=self.generator).tolist():
             name, n, start = blocks[i]
             if running + n <= target:
                 selected.append((name, n, start))
                 running += n
-        if not selected:
+            elif skipped is None:
+                skipped = blocks[i]
+        if self.fill_last_block and skipped is not None and running < target:
+            partial = (skipped, torch.randperm(skipped[1], generator=self.generator)[: target - running])
+            running = target
+        elif not selected:
             selected.append(min(blocks, key=lambda blk: blk[1]))
             running = selected[0][1]
-        selected.sort(key=lambda blk: blk[2])  # flat order, matching the Jacobian columns
-        self._block_selection = selected
-        self.actual_param_fraction = running / self.n_params
         mask = torch.zeros(self.n_params, dtype=torch.bool)
         for _, n, start in selected:
             mask[start : start + n] = True
+        self._partial_block = partial is not None
+        if partial is not None:
+            (name, n, start), entries = partial
+            mask[start + entries] = True
+            selected.append((name, n, start))
+        selected.sort(key=lambda blk: blk[2])  # flat order, matching the Jacobian columns
+        self._block_selection = selected
+        self.actual_param_fraction = running / self.n_params
         return mask

@@ -27,7 +27,7 @@ import torch
 
 import truncpinv
 
-from .._validation import check_nonneg_float, check_positive_int
+from .._validation import check_nonneg_float, check_nonneg_int, check_positive_int
 
 __all__ = ["SVD_MODES", "VALID_MODES", "SVDMode", "pinv", "solver_for_mode"]
 
@@ -91,8 +91,7 @@ def pinv(
     k_ = check_positive_int("k", k)
     check_nonneg_float("tol", tol)
     check_nonneg_float("rtol", rtol)
-    if isinstance(power_iter, bool) or not isinstance(power_iter, int) or power_iter < 0:
-        raise ValueError(f"`power_iter` must be a non-negative integer, got {power_iter!r}")
+    power_iter = check_nonneg_int("power_iter", power_iter)
     solver = solver_for_mode(mode, power_iterations=power_iter)
     F = solver.factorize(M.detach(), rank=k_, rtol=rtol, atol=tol)
     return F.V, 1.0 / F.S, F.U.T

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .._validation import check_nonneg_float, check_positive_float
+from .._validation import _is_real, check_nonneg_float, check_positive_float
 
 __all__ = ["PolyakSGD"]
 
@@ -53,7 +53,7 @@ class PolyakSGD(Optimizer):
         max_lr: float = 1.0,
         eps: float = 1e-8,
     ) -> None:
-        if isinstance(f_star, bool) or not isinstance(f_star, (int, float)) or f_star != f_star:
+        if not _is_real(f_star) or f_star != f_star:
             raise ValueError(f"`f_star` must be a float, got {f_star!r}")
         check_positive_float("max_lr", max_lr)
         check_nonneg_float("eps", eps)

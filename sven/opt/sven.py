@@ -10,7 +10,7 @@ import torch
 import truncpinv
 
 from .. import functional as SF
-from .._validation import check_bool, check_nonneg_float, check_positive_int, check_unit_interval
+from .._validation import check_bool, check_nonneg_float, check_nonneg_int, check_positive_int, check_unit_interval
 from ..control import Evaluator
 from ..info import StepInfo
 from ..nn.sven_wrapper import SvenWrapper
@@ -98,8 +98,7 @@ class WrappedSven(Sven, form=SvenWrapper):
         if not isinstance(model, SvenWrapper):
             raise TypeError(f"`model` must be a sven.nn.SvenWrapper, got {type(model).__name__}")
         check_positive_int("k", k)
-        if isinstance(power_iterations, bool) or not isinstance(power_iterations, int) or power_iterations < 0:
-            raise ValueError(f"`power_iterations` must be a non-negative integer, got {power_iterations!r}")
+        power_iterations = check_nonneg_int("power_iterations", power_iterations)
         check_nonneg_float("lr", lr)
         check_nonneg_float("rtol", rtol)
         check_unit_interval("alpha_rmsprop", alpha_rmsprop)
@@ -154,15 +153,20 @@ class WrappedSven(Sven, form=SvenWrapper):
         return state
 
     def state_dict(self) -> dict[str, Any]:
-        """:meth:`sven.Sven.state_dict` plus the wrapper's parameter-mask RNG state (``"sven"]["mask_rng"]``)."""
+        """:meth:`sven.Sven.state_dict` plus the wrapper's parameter-mask RNG state (``["sven"]["mask_rng"]``).
+
+        Only when the wrapper has its own generator (``seed=``); with the
+        default global torch RNG, save ``torch.get_rng_state()`` yourself.
+        """
         sd = super().state_dict()
-        sd["sven"]["mask_rng"] = self.model.generator.get_state()
+        if self.model.generator is not None:
+            sd["sven"]["mask_rng"] = self.model.generator.get_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a dict from :meth:`state_dict`; restores the wrapper's mask RNG when present."""
         extra = state_dict.get("sven") or {}
-        if "mask_rng" in extra:
+        if "mask_rng" in extra and self.model.generator is not None:
             self.model.generator.set_state(extra["mask_rng"])
         super().load_state_dict(state_dict)
 

@@ -1,0 +1,87 @@
+r"""The update stage: heavy-ball momentum and decoupled weight decay, per parameter group.
+
+It sits between step control and the parameters: every ``apply`` of the
+step-control policy (:mod:`sven.control`) goes through it. With the Sven
+direction :math:`d_t` that the policy applies, momentum :math:`\mu`, weight
+decay :math:`w` and learning rate :math:`\eta` of a group:
+
+.. math::
+
+    b_t = \mu\, b_{t-1} + d_t, \qquad
+    \theta_{t+1} = \theta_t - \eta\,(s\, d_t + c_t), \qquad
+    c_t = \mu' b_{t-1} + w\,\theta_t,
+
+with :math:`s = 1,\ \mu' = \mu` (heavy ball) or, with ``nesterov``,
+:math:`s = 1 + \mu,\ \mu' = \mu^2` (the step is :math:`d_t + \mu b_t`). The
+weight decay is decoupled, as in AdamW: it shrinks :math:`\theta` and never
+enters the buffer. The *carry* :math:`c_t` is fixed at the start of the step
+and added once, on the first ``apply``; the part in :math:`d_t` is linear, so
+the policies that apply a direction in pieces (variable-k) or undo a try
+(adaptive damping, check-step: they restore the parameters, and with them the
+carry) stay exact. The buffer :math:`b` is written only after the policy has
+finished (:func:`commit`), so a rejected or undone step leaves it unchanged.
+
+The buffers (``"heavy_ball"``) live in the optimizer's per-parameter
+``state`` and are saved by ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .params import ParamBlock, state_slice, store_slice
+
+__all__ = ["BUFFER", "active", "carry", "commit", "scaled"]
+
+#: Name of the momentum buffer in the optimizer's per-parameter state.
+BUFFER = "heavy_ball"
+
+_State = dict[Any, dict[str, torch.Tensor]]
+
+
+def active(blocks: Sequence[ParamBlock]) -> bool:
+    """Whether any block has momentum or weight decay (otherwise the stage is the identity)."""
+    return any(b.momentum != 0.0 or b.weight_decay != 0.0 for b in blocks)
+
+
+def scaled(blocks: Sequence[ParamBlock], d: torch.Tensor) -> torch.Tensor:
+    r"""``s_b d_b``: ``(1 + momentum) d`` for Nesterov blocks, ``d`` otherwise."""
+    if not any(b.nesterov and b.momentum != 0.0 for b in blocks):
+        return d
+    out = d.clone()
+    for b in blocks:
+        if b.nesterov and b.momentum != 0.0:
+            out[b.start : b.stop] *= 1.0 + b.momentum
+    return out
+
+
+def carry(blocks: Sequence[ParamBlock], state: _State, n: int, like: torch.Tensor) -> torch.Tensor | None:
+    r"""The carry :math:`c = \mu' b_{t-1} + w\,\theta_t` in Jacobian columns (``None`` when it is zero)."""
+    if not active(blocks):
+        return None
+    c = torch.zeros(n, dtype=like.dtype, device=like.device)
+    for b in blocks:
+        piece = c[b.start : b.stop]
+        if b.momentum != 0.0 and BUFFER in state.get(b.param, {}):
+            mu = b.momentum * b.momentum if b.nesterov else b.momentum
+            piece.add_(state_slice(state[b.param], b, BUFFER).to(c.dtype), alpha=mu)
+        if b.weight_decay != 0.0:
+            theta = b.param.detach().reshape(-1)
+            piece.add_((theta if b.index is None else theta[b.index]).to(c.dtype), alpha=b.weight_decay)
+    return c
+
+
+def commit(blocks: Sequence[ParamBlock], state: _State, d: torch.Tensor | None) -> None:
+    r"""After the step: :math:`b_t = \mu b_{t-1} + d_t` for the blocks with momentum (nothing if ``d`` is ``None``)."""
+    if d is None:
+        return
+    for b in blocks:
+        if b.momentum == 0.0:
+            continue
+        st = state[b.param]
+        buf = state_slice(st, b, BUFFER)
+        buf.mul_(b.momentum).add_(d[b.start : b.stop].to(buf.dtype))
+        store_slice(st, b, BUFFER, buf)
