@@ -352,6 +352,9 @@ def step_context(
     taken back by ``save()``'s restore; ``predict`` includes it.
     """
     n = blocks[-1].stop if blocks else 0
+    # the matrix-free route differentiates through the graph of the closure, recorded at these parameters:
+    # a rejected try restores them, and the next prediction must still find the graph valid
+    untracked = bool(getattr(M, "keeps_graph", False))
     carry = update.carry(blocks, state, n, like=blocks[0].param) if blocks else None
     carried = [carry is None]  # the carry is in the parameters (or there is none)
 
@@ -360,7 +363,7 @@ def step_context(
         if not carried[0] and carry is not None:
             carried[0] = True
             u, sign = u * sign + carry.to(u.dtype), 1.0
-        apply_direction(blocks, u, sign)
+        apply_direction(blocks, u, sign, untracked=untracked)
 
     def direction(lam: float) -> torch.Tensor:
         d = SF.filtered_direction(F, R, damping=lam)
@@ -374,7 +377,7 @@ def step_context(
         return M @ x if isinstance(M, torch.Tensor) else M.matmat(x[:, None])[:, 0]
 
     def save() -> Callable[[], None]:
-        params = save_parameters(blocks)
+        params = save_parameters(blocks, untracked=untracked)
         buffers = precondition.save(blocks, state) if precondition is not None else None
         was_carried = carried[0]
 

@@ -94,31 +94,43 @@ def lr_scaled(blocks: Sequence[ParamBlock], d: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def apply_direction(blocks: Sequence[ParamBlock], d: torch.Tensor, sign: float = 1.0) -> None:
-    """``theta_b -= sign * lr_b * d_b`` for every block (one fused call per learning rate)."""
+def _target(p: torch.Tensor, untracked: bool) -> torch.Tensor:
+    # ``.data`` shares the storage but not the autograd version counter
+    return p.data if untracked else p
+
+
+def apply_direction(
+    blocks: Sequence[ParamBlock], d: torch.Tensor, sign: float = 1.0, *, untracked: bool = False
+) -> None:
+    """``theta_b -= sign * lr_b * d_b`` for every block (one fused call per learning rate).
+
+    ``untracked``: change the values without bumping the parameters' autograd
+    version counters, for a caller that will restore them and then use a graph
+    recorded before (the matrix-free route's products after a rejected try).
+    """
     by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for b in blocks:
         piece = d[b.start : b.stop]
         if piece.dtype != b.param.dtype:
             piece = piece.to(b.param.dtype)
         if b.index is not None:
-            b.param.view(-1).index_add_(0, b.index, piece, alpha=-sign * b.lr)
+            _target(b.param, untracked).view(-1).index_add_(0, b.index, piece, alpha=-sign * b.lr)
         elif b.lr != 0.0:
             ps, ds = by_lr.setdefault(b.lr, ([], []))
-            ps.append(b.param)
+            ps.append(_target(b.param, untracked))
             ds.append(piece.view_as(b.param))
     for lr, (ps, ds) in by_lr.items():
         torch._foreach_add_(ps, ds, alpha=-sign * lr)
 
 
-def save_parameters(blocks: Sequence[ParamBlock]) -> Callable[[], None]:
-    """Copy the parameters now; the returned function puts them back bit for bit."""
+def save_parameters(blocks: Sequence[ParamBlock], *, untracked: bool = False) -> Callable[[], None]:
+    """Copy the parameters now; the returned function puts them back bit for bit (``untracked``: as above)."""
     saved = [b.param.detach().clone() for b in blocks]
 
     def restore() -> None:
         with torch.no_grad():
             for b, s in zip(blocks, saved):
-                b.param.copy_(s)
+                _target(b.param, untracked).copy_(s)
 
     return restore
 

@@ -214,3 +214,22 @@ def test_options_read_as_attributes() -> None:
     assert opt.rank == 3 and opt.rtol == 1e-4 and opt.config.rank == 3
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
         opt.nonsense
+
+
+def test_matfree_route_survives_rejected_tries_and_matches_the_materialised_route() -> None:
+    """A rejected try restores the parameters; the matrix-free products still use the closure's graph."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 1, generator=g, dtype=torch.float64), torch.randn(16, 1, generator=g, dtype=torch.float64)
+    models = [mlp(width=8, depth=2, seed=1).double() for _ in range(2)]
+    opts = [
+        sven.Sven(models[0].parameters(), lr=50.0, rank=8, jacobian="matfree", adaptive_damping=True),
+        sven.Sven(models[1].parameters(), lr=50.0, rank=8, jacobian="autograd", adaptive_damping=True, solver="gram"),
+    ]
+    rejected = 0
+    for _ in range(3):
+        for model, opt in zip(models, opts):
+            opt.step(lambda model=model: per_sample_mse(model(x), y))
+        rejected += opts[0].rejected_steps
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+    assert rejected > 0  # the case that used to fail: a retry after a rejection

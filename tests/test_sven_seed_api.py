@@ -155,11 +155,13 @@ def test_wrapper_loss_with_extra_arguments() -> None:
     Sven(wrapped, lr=0.1, k=4, rtol=1e-3, variable_k=True).step((x, y, w))
 
 
-@pytest.mark.parametrize("by_block", [False, True])
-def test_param_fraction_only_changes_the_selected_parameters(by_block: bool) -> None:
+@pytest.mark.parametrize(("by_block", "whole"), [(False, False), (True, False), (True, True)])
+def test_param_fraction_only_changes_the_selected_parameters(by_block: bool, whole: bool) -> None:
     x, y = _data(32)
     model = mlp(width=8, depth=3, seed=4)
-    wrapped = SvenWrapper(model, per_sample_mse, "cpu", param_fraction=0.5, mask_by_block=by_block, seed=3)
+    wrapped = SvenWrapper(
+        model, per_sample_mse, "cpu", param_fraction=0.5, mask_by_block=by_block, seed=3, fill_last_block=not whole
+    )
     opt = Sven(wrapped, lr=0.5, k=16, rtol=1e-3)
     P = wrapped.n_params
     masks = []
@@ -177,13 +179,23 @@ def test_param_fraction_only_changes_the_selected_parameters(by_block: bool) -> 
         assert not changed[~mask].any()  # nothing outside the selection moved
         assert changed[mask].float().mean() > 0.5
         masks.append(mask.clone())
-        if by_block:  # whole tensors: each tensor is entirely in or entirely out
-            for _, n, start in wrapped.param_names_counts_startIdx:
-                assert mask[start : start + n].all() or not mask[start : start + n].any()
+        if by_block:  # whole tensors, except (the original's rule) one tensor's leading entries
+            parts = [mask[start : start + n] for _, n, start in wrapped.param_names_counts_startIdx]
+            partial = [m for m in parts if m.any() and not m.all()]
+            assert len(partial) <= (0 if whole else 1)
+            assert all(bool(m[: int(m.sum())].all()) for m in partial)  # a prefix
+            if not whole:
+                assert n_active == int(0.5 * P)
     assert len({tuple(m.tolist()) for m in masks}) > 1  # a fresh subset each step
     # the same seed draws the same subsets
     again = SvenWrapper(
-        mlp(width=8, depth=3, seed=4), per_sample_mse, "cpu", param_fraction=0.5, mask_by_block=by_block, seed=3
+        mlp(width=8, depth=3, seed=4),
+        per_sample_mse,
+        "cpu",
+        param_fraction=0.5,
+        mask_by_block=by_block,
+        seed=3,
+        fill_last_block=not whole,
     )
     again.loss_and_grad((x, y))
     assert again.param_mask is not None and torch.equal(again.param_mask, masks[0])

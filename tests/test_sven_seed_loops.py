@@ -77,7 +77,8 @@ def test_the_original_loop_inside_no_grad(case: str) -> None:
 def _masks(model_seed: int, n: int = 3, **kw: Any) -> list[torch.Tensor]:
     torch.manual_seed(model_seed)  # as the scans do: one seed for the model and everything after it
     # two 16 x 16 layers: which of them a block mask takes is random
-    wrapped = SvenWrapper(_model(model_seed, hidden=2), per_sample_mse, "cpu", param_fraction=0.5, **kw)
+    kw.setdefault("param_fraction", 0.5)
+    wrapped = SvenWrapper(_model(model_seed, hidden=2), per_sample_mse, "cpu", **kw)
     out = []
     x, y = _batches(1)[0]
     with torch.no_grad():
@@ -110,12 +111,35 @@ def test_the_global_rng_masks_match_the_original_draw() -> None:
         assert torch.equal(mask, ref)
 
 
+def test_the_global_rng_block_masks_match_the_original_rule() -> None:
+    """The original: tensors in ``torch.randperm`` order, whole while the total stays below
+    ``int(f * P)``, then the leading entries of the next one to reach it exactly."""
+    for fraction in (0.1, 0.5, 0.9):
+        ours = _masks(5, n=3, mask_by_block=True, param_fraction=fraction)
+        torch.manual_seed(5)
+        model = _model(5, hidden=2)
+        sizes = [p.numel() for p in model.parameters()]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        P, target = sum(sizes), int(fraction * sum(sizes))
+        for mask in ours:
+            ref = torch.zeros(P, dtype=torch.bool)
+            running = 0
+            for i in torch.randperm(len(sizes)).tolist():
+                if running + sizes[i] >= target:
+                    ref[starts[i] : starts[i] + target - running] = True
+                    break
+                ref[starts[i] : starts[i] + sizes[i]] = True
+                running += sizes[i]
+            assert torch.equal(mask, ref) and int(mask.sum()) == target
+
+
 def test_fill_last_block_selects_exactly_the_fraction() -> None:
     x, y = _batches(1)[0]
     for fraction in (0.05, 0.3, 0.5, 0.77):
         wrapped = SvenWrapper(_model(4), per_sample_mse, "cpu", param_fraction=fraction, mask_by_block=True,
                               fill_last_block=True, seed=1)  # fmt: skip
-        whole = SvenWrapper(_model(4), per_sample_mse, "cpu", param_fraction=fraction, mask_by_block=True, seed=1)
+        whole = SvenWrapper(_model(4), per_sample_mse, "cpu", param_fraction=fraction, mask_by_block=True, seed=1,
+                            fill_last_block=False)  # fmt: skip
         opt = Sven(wrapped, 0.1, 16, 1e-3)
         P = wrapped.n_params
         for _ in range(4):

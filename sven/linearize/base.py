@@ -233,7 +233,14 @@ def row_transform(G: GramOperator, S: torch.Tensor) -> RowTransformed:
 
 
 class WithGram:
-    """A matrix-free operator together with its Gram matrix (what the matrix-free route returns)."""
+    """A matrix-free operator together with its Gram matrix (what the matrix-free route returns).
+
+    ``keeps_graph``: its products differentiate through the closure's graph, so the
+    step control changes the parameters without bumping their version counters
+    (:func:`sven.params.apply_direction`).
+    """
+
+    keeps_graph = True
 
     def __init__(self, op: Any, gram: torch.Tensor, output: torch.Tensor) -> None:
         self.op, self.gram, self.output = op, gram, output

@@ -71,12 +71,14 @@ class SvenWrapper:
             save and restore ``torch.get_rng_state()`` with the checkpoint
             (the wrapper never touches the global RNG state). With a seed or
             a generator, :meth:`state_dict` saves the generator's state.
-        fill_last_block: with ``mask_by_block``, after the whole tensors that
-            fit, add a random part of the next tensor (in the same random
-            order) so that exactly ``int(param_fraction * P)`` entries are
-            selected. Such a step uses the materialised Jacobian of the touched
+        fill_last_block: with ``mask_by_block``, the original's rule (default
+            ``True``): tensors in random order, whole while the running total
+            stays below ``int(param_fraction * P)``, then the leading entries
+            of the next one to reach exactly that many. A step with a partly
+            selected tensor uses the materialised Jacobian of the touched
             tensors (not the Gram route), its columns then restricted to the
-            selection. ``False`` (default): whole tensors only, as the original.
+            selection. ``False``: whole tensors only (each one that fits), so
+            the Gram route always applies.
         jacobian: ``"auto"`` (the Gram route or the fast path when valid),
             ``"gram"``, ``"hooks"``, ``"autograd"`` or ``"func"`` (always
             ``torch.func.jacrev``).
@@ -105,7 +107,7 @@ class SvenWrapper:
         *,
         seed: int | torch.Generator | None = None,
         jacobian: str = "auto",
-        fill_last_block: bool = False,
+        fill_last_block: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -365,25 +367,32 @@ class SvenWrapper:
         return mask
 
     def _make_param_mask_by_block(self, fraction: float) -> torch.Tensor:
-        """Whole tensors, in random order, while they fit in ``int(fraction * P)`` entries (at least one: the
-        smallest); with ``fill_last_block`` then a random part of the next tensor, to reach exactly that many."""
+        """Parameter tensors in random order until ``int(fraction * P)`` entries are selected.
+
+        ``fill_last_block=True`` (default, the original's rule): whole tensors
+        while they stay below the target, then the leading entries of the next
+        one, so that exactly the target is selected. ``False``: only whole
+        tensors, each one that fits in the remaining budget. Either way at
+        least one entry (a target of 0 selects the smallest tensor).
+        """
         blocks = self.param_names_counts_startIdx
         target = int(fraction * self.n_params)
         selected: list[tuple[str, int, int]] = []
-        partial: tuple[tuple[str, int, int], torch.Tensor] | None = None
-        skipped: tuple[str, int, int] | None = None  # the first tensor that did not fit
+        partial: tuple[tuple[str, int, int], int] | None = None  # a tensor and how many leading entries
         running = 0
         for i in torch.randperm(len(blocks), generator=self.generator).tolist():
             name, n, start = blocks[i]
+            if self.fill_last_block and running + n >= target:
+                if target - running == n:
+                    selected.append((name, n, start))
+                elif target > running:
+                    partial = ((name, n, start), target - running)
+                running = target
+                break
             if running + n <= target:
                 selected.append((name, n, start))
                 running += n
-            elif skipped is None:
-                skipped = blocks[i]
-        if self.fill_last_block and skipped is not None and running < target:
-            partial = (skipped, torch.randperm(skipped[1], generator=self.generator)[: target - running])
-            running = target
-        elif not selected:
+        if not selected and partial is None:
             selected.append(min(blocks, key=lambda blk: blk[1]))
             running = selected[0][1]
         mask = torch.zeros(self.n_params, dtype=torch.bool)
@@ -391,8 +400,8 @@ class SvenWrapper:
             mask[start : start + n] = True
         self._partial_block = partial is not None
         if partial is not None:
-            (name, n, start), entries = partial
-            mask[start + entries] = True
+            (name, n, start), used = partial
+            mask[start : start + used] = True
             selected.append((name, n, start))
         selected.sort(key=lambda blk: blk[2])  # flat order, matching the Jacobian columns
         self._block_selection = selected
