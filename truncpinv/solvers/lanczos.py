@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from .._factorization import Triplets
+from .._certify import check_tol, default_tol
+from .._factorization import Triplets, reciprocal_or_zero
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
-from ._base import Solver, check_seed, make_generator
+from ._base import Solver, certify_triplets, check_seed, make_generator
 from .lobpcg import short_side_products
 
 __all__ = ["Lanczos"]
 
 _F64 = torch.float64
+#: Steps between two SVDs of the projected matrix (convergence tests); one is always done before a restart.
+_CHECK_EVERY = 4
 
 
 def _fresh_rows(Bt: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -26,6 +28,13 @@ def _fresh_rows(Bt: torch.Tensor, count: int, gen: torch.Generator) -> torch.Ten
         Z = Z - (Z @ Bt.T) @ Bt
         Z = torch.linalg.qr(Z.T).Q.T
     return Z
+
+
+def _converged_prefix(sig: torch.Tensor, res: torch.Tensor, rtol: float, k: int) -> int:
+    """At least ``k`` Ritz triplets, and beyond them the leading ones whose residual estimate is within
+    ``rtol sigma_1`` (the certificate deflates those too, see :mod:`truncpinv._certify`)."""
+    ok = (res <= rtol * float(sig[0])).to(torch.int64).cumprod(0)
+    return min(sig.numel(), max(k, int(ok.sum())))
 
 
 def _grow(M: torch.Tensor, rows: int, cols: int | None = None) -> torch.Tensor:
@@ -145,10 +154,7 @@ class Lanczos(Solver):
             raise ValueError(f"`block_size` must be a positive integer, got {self.block_size!r}")
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ValueError(f"`max_restarts` must be a non-negative integer, got {self.max_restarts!r}")
-        if self.tol is not None and (
-            isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 < self.tol < 1
-        ):
-            raise ValueError(f"`tol` must be a float in (0, 1) or None, got {self.tol!r}")
+        check_tol(self.tol)
         check_seed(self.seed)
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
@@ -156,7 +162,9 @@ class Lanczos(Solver):
         s, k, L = min(m, n), tol.rank, max(m, n)
         bs = min(self.block_size, s)
         K = min(s, max(self.krylov_dim or 2 * k + 2 * bs + 16, k + 2 * bs))
-        rtol_res = self.tol if self.tol is not None else torch.finfo(A.dtype).eps
+        rtol_res = self.tol if self.tol is not None else default_tol(A.dtype, (m, n))
+        # the recurrence's own residual estimate is held to a tenth: the certificate recomputes it
+        rtol_rec = rtol_res / 10
         Cp, Ctq = short_side_products(A)  # row blocks: Cp(P^T) = (C P)^T (long side), Ctq(Q^T) = (C^T Q)^T
         dev = A.device
         gen = make_generator(self.seed, dev)
@@ -165,50 +173,83 @@ class Lanczos(Solver):
         Qt = torch.zeros(K, L, dtype=_F64, device=dev)
         Bm = torch.zeros(K, K, dtype=_F64, device=dev)
         Pt[:bs] = _fresh_rows(Pt[:0], bs, gen)
-        j, w, matvecs, steps, restarts, done = 0, bs, 0, 0, 0, False
+        j, w, matvecs, steps, restarts, done, q_lo = 0, bs, 0, 0, 0, False, 0
         T = Pt[:0, :0]
+        trip: Triplets | None = None
         while True:
-            # one block step: C P_j = Q_{<j} C^T + Q_j R^T, then C^T Q_j - P_j R = P_next^T T^T
+            # one block step: C P_j = Q_{<j} C^T + Q_j R^T, then C^T Q_j - P_j R = P_next^T T^T.
+            # One-sided reorthogonalisation (Simon & Zha 2000): the short-side basis P against all of
+            # itself, the long-side Q only against the blocks the recurrence couples to (the previous
+            # one, and the kept Ritz vectors right after a restart); the certificate checks the result.
             Yt = Cp(Pt[j : j + w])
-            Zt, C, R = _orth_rows(Qt[:j], Yt, L - j, gen)
-            Qt[j : j + w], Bm[:j, j : j + w], Bm[j : j + w, j : j + w] = Zt, C.T, R.T
+            Zt, C, R = _orth_rows(Qt[q_lo:j], Yt, L - j, gen)
+            Qt[j : j + w], Bm[q_lo:j, j : j + w], Bm[j : j + w, j : j + w] = Zt, C.T, R.T
             Rt = Ctq(Zt) - R.T @ Pt[j : j + w]
+            q_lo = j
             matvecs, steps, j = matvecs + 2 * w, steps + 1, j + w
             if j < s:
                 Pn, _, T = _orth_rows(Pt[:j], Rt, s - j, gen)
                 w = Pn.shape[0]
                 Pt[j : j + w] = Pn
+            full = j + w > K
+            if not (j == s or full or steps % _CHECK_EVERY == 0):
+                continue  # the small SVD only every few steps, and before a restart
             X, sig, Yh = torch.linalg.svd(Bm[:j, :j])
             res = (T.T @ X[j - T.shape[0] :]).norm(dim=0) if j < s else torch.zeros_like(sig)
-            if j == s or self._converged(sig, res, tol, rtol_res):
-                done = True
-                break
-            if j + w > K:  # thick restart: keep the leading Ritz vectors and the next block
+            if j == s or self._converged(sig, res, tol, rtol_rec):
+                t = _converged_prefix(sig, res, rtol_res, k)
+                trip = self._triplets(A, Pt[:j], Yh, sig, t, matvecs, steps, restarts)
+                if j == s:  # the basis spans the short side: exact
+                    trip.stats["certified"] = True
+                    done = True
+                    break
+                cert = certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed)
+                matvecs = int(trip.stats["matvecs"])
+                if cert.certified:
+                    done = True
+                    break
+                rtol_rec = max(rtol_rec / 10, float(torch.finfo(_F64).eps))  # not yet: iterate further
+                full = True  # restart now: keep the Ritz vectors, continue the recurrence
+            if full:  # thick restart: keep the leading Ritz vectors and the next block
                 if restarts == self.max_restarts:
                     break
                 restarts += 1
                 if K < K_max:  # hard spectrum: grow the basis (by half, up to 4 x krylov_dim)
                     K = min(K_max, K + K // 2)
                     Pt, Qt, Bm = _grow(Pt, K + bs), _grow(Qt, K), _grow(Bm, K, K)
-                keep = min(K - w, max(k, (j + k) // 2))
+                keep = min(K - w, max(k, (j + k) // 2), j)
                 Pt[:keep], Pt[keep : keep + w] = Yh[:keep] @ Pt[:j], Pt[j : j + w].clone()
                 Qt[:keep] = X[:, :keep].T @ Qt[:j]
                 Bm.zero_()
                 Bm[:keep, :keep] = torch.diag(sig[:keep])
-                j = keep
-        if not done:
-            warnings.warn(
-                f"Lanczos did not converge in {self.max_restarts} restarts; increase `krylov_dim`, "
-                f"`max_restarts` or `tol`",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        t = min(k, j)
-        Us, Vl = (Yh[:t] @ Pt[:j]).T, (X[:, :t].T @ Qt[:j]).T  # short-side and long-side vectors
-        U, V = (Us, Vl) if m <= n else (Vl, Us)
-        c = min(k, int((sig > tol.cutoff(float(sig[0]))).sum()))
-        residual = float(res[:c].max() / sig[0]) if c > 0 else 0.0  # relative residual of the kept pairs
-        stats = {"matvecs": matvecs, "iterations": steps, "restarts": restarts, "residual": residual, "converged": done}
+                j, q_lo = keep, 0
+        if trip is None or not done:
+            X, sig, Yh = torch.linalg.svd(Bm[:j, :j])
+            trip = self._triplets(A, Pt[:j], Yh, sig, min(k, j), matvecs, steps, restarts)
+            certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed)
+        trip.stats["converged"] = done
+        return trip
+
+    @staticmethod
+    def _triplets(
+        A: torch.Tensor | LinearOperator,
+        Pt: torch.Tensor,
+        Yh: torch.Tensor,
+        sig: torch.Tensor,
+        t: int,
+        matvecs: int,
+        steps: int,
+        restarts: int,
+    ) -> Triplets:
+        """``t`` Ritz triplets: short-side vectors ``P y_i``, long-side vectors ``C P y_i / sigma_i`` (one product)."""
+        m, n = A.shape
+        Ys = Yh[:t] @ Pt  # (t, s) rows
+        Cp, _ = short_side_products(A)
+        Wl = Cp(Ys)  # (t, long) rows: (C P y)^T
+        Ws = Wl.T * reciprocal_or_zero(sig[:t])
+        Us = Ys.T
+        U, V = (Us, Ws) if m <= n else (Ws, Us)
+        stats = {"matvecs": matvecs + t, "iterations": steps, "restarts": restarts}
         return Triplets(U.to(A.dtype), sig[:t].to(A.dtype), V.to(A.dtype), stats=stats)
 
     @staticmethod
