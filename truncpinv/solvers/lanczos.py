@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from .._certify import check_tol, default_tol
-from .._factorization import Triplets, reciprocal_or_zero
+from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
 from ._base import Solver, certify_triplets, check_seed, make_generator
@@ -198,9 +198,9 @@ class Lanczos(Solver):
             res = (T.T @ X[j - T.shape[0] :]).norm(dim=0) if j < s else torch.zeros_like(sig)
             if j == s or self._converged(sig, res, tol, rtol_rec):
                 t = _converged_prefix(sig, res, rtol_res, k)
-                trip = self._triplets(A, Pt[:j], Yh, sig, t, matvecs, steps, restarts)
+                trip = self._triplets(A, Pt[:j], Yh, sig, t, matvecs, steps, restarts, Qt[:j], X)
                 if j == s:  # the basis spans the short side: exact
-                    trip.stats["certified"] = True
+                    trip.stats.update(certified=True, residual=0.0)
                     done = True
                     break
                 cert = certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed)
@@ -225,7 +225,7 @@ class Lanczos(Solver):
                 j, q_lo = keep, 0
         if trip is None or not done:
             X, sig, Yh = torch.linalg.svd(Bm[:j, :j])
-            trip = self._triplets(A, Pt[:j], Yh, sig, min(k, j), matvecs, steps, restarts)
+            trip = self._triplets(A, Pt[:j], Yh, sig, min(k, j), matvecs, steps, restarts, Qt[:j], X)
             certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed)
         trip.stats["converged"] = done
         return trip
@@ -240,16 +240,15 @@ class Lanczos(Solver):
         matvecs: int,
         steps: int,
         restarts: int,
+        Qt: torch.Tensor,
+        X: torch.Tensor,
     ) -> Triplets:
-        """``t`` Ritz triplets: short-side vectors ``P y_i``, long-side vectors ``C P y_i / sigma_i`` (one product)."""
+        """``t`` Ritz triplets: short-side vectors ``P y_i``, long-side vectors ``Q x_i``."""
         m, n = A.shape
-        Ys = Yh[:t] @ Pt  # (t, s) rows
-        Cp, _ = short_side_products(A)
-        Wl = Cp(Ys)  # (t, long) rows: (C P y)^T
-        Ws = Wl.T * reciprocal_or_zero(sig[:t])
-        Us = Ys.T
+        Us = (Yh[:t] @ Pt).T
+        Ws = (X[:, :t].T @ Qt).T
         U, V = (Us, Ws) if m <= n else (Ws, Us)
-        stats = {"matvecs": matvecs + t, "iterations": steps, "restarts": restarts}
+        stats = {"matvecs": matvecs, "iterations": steps, "restarts": restarts}
         return Triplets(U.to(A.dtype), sig[:t].to(A.dtype), V.to(A.dtype), stats=stats)
 
     @staticmethod
