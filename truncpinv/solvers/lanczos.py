@@ -197,12 +197,12 @@ class Lanczos(Solver):
             X, sig, Yh = torch.linalg.svd(Bm[:j, :j])
             res = (T.T @ X[j - T.shape[0] :]).norm(dim=0) if j < s else torch.zeros_like(sig)
             if j == s or self._converged(sig, res, tol, rtol_rec):
-                t = _converged_prefix(sig, res, rtol_res, k)
-                trip = self._triplets(A, Pt[:j], Yh, sig, t, matvecs, steps, restarts, Qt[:j], X)
-                if j == s:  # the basis spans the short side: exact
-                    trip.stats.update(certified=True, residual=0.0)
+                if j == s:  # the basis spans the short side: an exact SVD in its coordinates
+                    trip = self._exact(A, Pt[:j], k, matvecs, steps, restarts)
                     done = True
                     break
+                t = _converged_prefix(sig, res, rtol_res, k)
+                trip = self._triplets(A, Pt[:j], Yh, sig, t, matvecs, steps, restarts, Qt[:j], X)
                 cert = certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed)
                 matvecs = int(trip.stats["matvecs"])
                 if cert.certified:
@@ -229,6 +229,22 @@ class Lanczos(Solver):
             certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed)
         trip.stats["converged"] = done
         return trip
+
+    @staticmethod
+    def _exact(A: torch.Tensor | LinearOperator, Pt: torch.Tensor, k: int, matvecs: int, steps: int, restarts: int
+               ) -> Triplets:
+        """``P`` spans the short side: the SVD of ``C P`` (``s`` products) is exact and backward stable
+        (the long-side basis of a one-sided recurrence is not orthonormal enough to be used here)."""
+        m, n = A.shape
+        s = Pt.shape[0]
+        Cp, _ = short_side_products(A)
+        Ul, S, Yh = torch.linalg.svd(Cp(Pt).T, full_matrices=False)  # C P = Ul S Y^T
+        t = min(k, s)
+        Us, Ws = (Yh[:t] @ Pt).T, Ul[:, :t]
+        U, V = (Us, Ws) if m <= n else (Ws, Us)
+        stats = {"matvecs": matvecs + s, "iterations": steps, "restarts": restarts, "residual": 0.0,
+                 "exact": True, "certified": True}
+        return Triplets(U.to(A.dtype), S[:t].to(A.dtype), V.to(A.dtype), stats=stats)
 
     @staticmethod
     def _triplets(
