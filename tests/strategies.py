@@ -197,7 +197,11 @@ def invalid_tolerances(name: str) -> st.SearchStrategy[BadValue]:
         st.sampled_from([math.nan, math.inf, -math.inf]),
     ).map(lambda v: BadValue(v, ValueError, rf"`{name}` must be a non-negative finite float, got "))
     wrong_type = st.one_of(
-        st.booleans(), st.just(np.bool_(False)), st.text(max_size=3), st.complex_numbers(allow_nan=False), st.just([1e-3])
+        st.booleans(),
+        st.just(np.bool_(False)),
+        st.text(max_size=3),
+        st.complex_numbers(allow_nan=False),
+        st.just([1e-3]),
     ).map(lambda v: BadValue(v, TypeError, rf"`{name}` must be a non-negative float or None, got "))
     return st.one_of(bad_number, wrong_type)
 

@@ -174,8 +174,9 @@ def _standardised(name: str) -> np.ndarray:
     return (X - X.mean(0)) / np.where(sd > 0, sd, 1.0)
 
 
-@pytest.mark.parametrize("info", [i for i in SOLVER_INFOS if i.name in ("auto", "randomized", "lanczos", "lobpcg")],
-                         ids=str)
+@pytest.mark.parametrize(
+    "info", [i for i in SOLVER_INFOS if i.name in ("auto", "randomized", "lanczos", "lobpcg")], ids=str
+)
 @pytest.mark.parametrize("name", ["digits", "diabetes", "breast_cancer", "wine", "linnerud", "iris"])
 def test_zoo_real_data(info: SolverInfo, name: str) -> None:
     X = _standardised(name)

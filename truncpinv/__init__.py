@@ -26,10 +26,10 @@ from .solvers import LOBPCG, SOLVERS, Auto, DenseSVD, GramEigen, Lanczos, Random
 
 __all__ = [
     "LOBPCG",
-    "Certificate",
     "SOLVERS",
     "Auto",
     "CallableOperator",
+    "Certificate",
     "DenseSVD",
     "GramEigen",
     "Lanczos",

@@ -140,7 +140,10 @@ class Certificate:
     def explain(self, solver: str) -> str:
         """A sentence saying what failed and what to do."""
         if self.residual > self.tol:
-            what = f"its residual max(||Av - su||, ||A^T u - sv||) = {self.residual:.2e} * sigma_1 exceeds tol = {self.tol:.1e}"
+            what = (
+                f"its residual max(||Av - su||, ||A^T u - sv||) = {self.residual:.2e} * sigma_1 "
+                f"exceeds tol = {self.tol:.1e}"
+            )
         elif self.deflated_norm >= self.threshold:
             what = (
                 f"it missed a singular value: ||A - U S V^T|| >= {self.deflated_norm:.3e} is not below "
@@ -249,7 +252,8 @@ def certify(
         q = j + 1
         if q % CHECK_EVERY and q != steps_max and not bool(broken.all()):
             continue
-        T = torch.diag_embed(alpha[:, :q]) + torch.diag_embed(beta[:, : q - 1], 1) + torch.diag_embed(beta[:, : q - 1], -1)
+        off = beta[:, : q - 1]
+        T = torch.diag_embed(alpha[:, :q]) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
         theta = torch.linalg.eigvalsh(T)[:, -1].clamp_min(0)
         delta = math.sqrt(float(theta.max()))
         if delta >= tau and delta > 0:  # a missed singular value is proven

@@ -7,10 +7,10 @@ from typing import ClassVar
 
 import torch
 
+from .._certify import Certificate
 from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
-from .._certify import Certificate
 from ._base import Solver, check_seed
 from .dense_svd import DenseSVD
 from .gram_eigen import GramEigen
@@ -69,7 +69,8 @@ def choose_solver(
     return DenseSVD()
 
 
-#: A randomized result is not trusted by ``Auto`` when uncertified (:mod:`truncpinv._certify`), nor whose kept part has ``eps * kappa^2`` above this (measured: 512 x 200k float32,
+#: A randomized result is not trusted by ``Auto`` when uncertified (:mod:`truncpinv._certify`), nor when
+#: its kept part has ``eps * kappa^2`` above this (measured: 512 x 200k float32,
 #: decay 0.9, rank 64, ``kappa ~ 770``: error 8.9e-4 with a small residual).
 KAPPA2_TRUST = 1e-3
 

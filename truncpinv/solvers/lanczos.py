@@ -37,13 +37,6 @@ def _converged_prefix(sig: torch.Tensor, res: torch.Tensor, rtol: float, k: int)
     return min(sig.numel(), max(k, int(ok.sum())))
 
 
-def _grow(M: torch.Tensor, rows: int, cols: int | None = None) -> torch.Tensor:
-    """``M`` zero-padded to ``rows`` rows (and ``cols`` columns)."""
-    out = M.new_zeros(rows, M.shape[1] if cols is None else cols)
-    out[: M.shape[0], : M.shape[1]] = M
-    return out
-
-
 def _orth_rows(
     Bt: torch.Tensor, Yt: torch.Tensor, room: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,7 +87,11 @@ class Lanczos(Solver):
 
     giving orthonormal bases ``P``, ``Q`` and a block upper-triangular
     ``B = Q^T C P`` with ``C P = Q B`` and ``C^T Q = P B^T + P_{j+1} T_j E_j^T``.
-    Both bases are fully reorthogonalised, twice ("twice is enough"). The SVD
+    The short-side basis ``P`` is fully reorthogonalised, twice ("twice is
+    enough", blocked classical Gram–Schmidt); the long-side ``Q`` only against the
+    blocks the recurrence couples it to (one-sided reorthogonalisation, Simon &
+    Zha 2000), which keeps the cost per step ``O(s j b + L b^2)`` instead of
+    ``O((s + L) j b)``. The SVD
     ``B = X \Sigma Y^T`` gives Ritz triplets ``(\sigma_i, Q x_i, P y_i)``
     whose residual is ``||C^T Q x_i - \sigma_i P y_i|| = ||T_j E_j^T x_i||``.
     With ``block_size=1`` this is the classical bidiagonalisation
@@ -106,24 +103,30 @@ class Lanczos(Solver):
     the ``l`` leading Ritz vectors are kept, ``B`` becomes ``diag(\sigma_{1..l})``
     coupled to the next block, and the recurrence continues; at each restart
     the basis grows by half (up to ``4 krylov_dim``). Iteration stops once the
-    wanted pairs (at most ``rank``, above the cut-off) have residual
-    ``<= tol * sigma_max`` and the first unwanted Ritz value is settled below
-    the cut-off. On breakdown (an invariant subspace: rank deficiency, an
+    wanted pairs (at most ``rank``, above the cut-off) have recurrence residual
+    ``<= tol / 10 * sigma_max`` and the first unwanted Ritz value is settled below
+    the cut-off (tested every 4 steps and before each restart), *and* the
+    result passes the a-posteriori certificate (:mod:`truncpinv._certify`:
+    explicit residuals in both orientations within ``tol * sigma_max``, and no
+    singular value above the kept ones left in ``A - U S V^T``); until then the
+    recurrence continues with a tighter internal tolerance. A result still
+    uncertified after ``max_restarts`` raises one
+    :class:`~truncpinv.UncertifiedResultWarning`. On breakdown (an invariant subspace: rank deficiency, an
     all-zero matrix) random directions orthogonal to the basis continue the
     recurrence; once the basis spans the short side the result is exact.
 
     The bases and ``B`` are float64; only the products with ``A`` run in its
     dtype, so the accuracy is that of a backward-stable SVD (no squaring).
-    Memory: ``(krylov_dim + b) * (m + n)`` float64 numbers.
+    Memory: up to ``(4 krylov_dim + b) * (m + n)`` float64 numbers (the basis grows on hard spectra).
 
     Args:
         krylov_dim: basis size before a restart (default ``2 rank + 2 b + 16``,
             at most ``min(m, n)``).
         block_size: ``b``, the number of vectors per step (default 8).
         max_restarts: restart limit (a warning is issued if reached).
-        tol: relative residual tolerance (default: ``eps`` of ``A``'s dtype, the
-            level of the rounding errors of the products; the residual is the
-            recurrence's estimate, which keeps decreasing below it).
+        tol: certified residual tolerance relative to ``sigma_max`` (default
+            :func:`truncpinv.default_tol`: ``max(1e-12, 8 sqrt(max(m, n)) eps)`` for
+            float64, ``max(1e-5, ...)`` for float32).
         seed: seed or generator of the start block (and of breakdown directions).
 
     References:
@@ -132,6 +135,9 @@ class Lanczos(Solver):
         G. Golub, F. Luk and M. Overton, *A block Lanczos method for computing
         the singular values and corresponding singular vectors of a matrix*,
         ACM Trans. Math. Softw. 7(2), 1981.
+        H. D. Simon and H. Zha, *Low-rank matrix approximation using the
+        Lanczos bidiagonalization process with applications*, SIAM J. Sci.
+        Comput. 21(6), 2000.
         J. Baglama and L. Reichel, *Augmented implicitly restarted Lanczos
         bidiagonalization methods*, SIAM J. Sci. Comput. 27(1), 2005.
     """
@@ -169,9 +175,10 @@ class Lanczos(Solver):
         dev = A.device
         gen = make_generator(self.seed, dev)
         K_max = min(s, 4 * K)
-        Pt = torch.zeros(K + bs, s, dtype=_F64, device=dev)  # basis vectors as rows
-        Qt = torch.zeros(K, L, dtype=_F64, device=dev)
-        Bm = torch.zeros(K, K, dtype=_F64, device=dev)
+        # basis vectors as rows, allocated once for the largest basis (pages are touched only when used)
+        Pt = torch.zeros(K_max + bs, s, dtype=_F64, device=dev)
+        Qt = torch.empty(K_max, L, dtype=_F64, device=dev)
+        Bm = torch.zeros(K_max, K_max, dtype=_F64, device=dev)
         Pt[:bs] = _fresh_rows(Pt[:0], bs, gen)
         j, w, matvecs, steps, restarts, done, q_lo = 0, bs, 0, 0, 0, False, 0
         T = Pt[:0, :0]
@@ -216,7 +223,6 @@ class Lanczos(Solver):
                 restarts += 1
                 if K < K_max:  # hard spectrum: grow the basis (by half, up to 4 x krylov_dim)
                     K = min(K_max, K + K // 2)
-                    Pt, Qt, Bm = _grow(Pt, K + bs), _grow(Qt, K), _grow(Bm, K, K)
                 keep = min(K - w, max(k, (j + k) // 2), j)
                 Pt[:keep], Pt[keep : keep + w] = Yh[:keep] @ Pt[:j], Pt[j : j + w].clone()
                 Qt[:keep] = X[:, :keep].T @ Qt[:j]
@@ -231,8 +237,9 @@ class Lanczos(Solver):
         return trip
 
     @staticmethod
-    def _exact(A: torch.Tensor | LinearOperator, Pt: torch.Tensor, k: int, matvecs: int, steps: int, restarts: int
-               ) -> Triplets:
+    def _exact(
+        A: torch.Tensor | LinearOperator, Pt: torch.Tensor, k: int, matvecs: int, steps: int, restarts: int
+    ) -> Triplets:
         """``P`` spans the short side: the SVD of ``C P`` (``s`` products) is exact and backward stable
         (the long-side basis of a one-sided recurrence is not orthonormal enough to be used here)."""
         m, n = A.shape
@@ -242,8 +249,14 @@ class Lanczos(Solver):
         t = min(k, s)
         Us, Ws = (Yh[:t] @ Pt).T, Ul[:, :t]
         U, V = (Us, Ws) if m <= n else (Ws, Us)
-        stats = {"matvecs": matvecs + s, "iterations": steps, "restarts": restarts, "residual": 0.0,
-                 "exact": True, "certified": True}
+        stats = {
+            "matvecs": matvecs + s,
+            "iterations": steps,
+            "restarts": restarts,
+            "residual": 0.0,
+            "exact": True,
+            "certified": True,
+        }
         return Triplets(U.to(A.dtype), S[:t].to(A.dtype), V.to(A.dtype), stats=stats)
 
     @staticmethod

@@ -10,10 +10,10 @@ from typing import ClassVar
 
 import torch
 
+from .._certify import default_tol
 from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
-from .._certify import default_tol
 from ._base import Solver, certify_triplets, check_seed, make_generator, sort_desc
 from .dense_svd import DenseSVD
 from .gram_eigen import GramEigen
@@ -191,7 +191,6 @@ class LOBPCG(Solver):
                 stacklevel=3,
             )
         sig = theta.clamp_min(0).sqrt()
-        res = float((rn[:c] / sig[:c]).max() / sig[0]) if c > 0 else 0.0  # relative SVD residual of the kept pairs
         # sigma^2 comes from a float64 Rayleigh quotient: below this floor it is rounding noise (as in GramEigen)
         # (only finite values are zeroed: NaN and Inf must reach the finiteness check)
         noise = (sig <= math.sqrt(_EPS64 * max(m, n)) * sig[0]) & torch.isfinite(sig)

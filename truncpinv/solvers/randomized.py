@@ -8,10 +8,10 @@ from typing import ClassVar
 
 import torch
 
+from .._certify import check_tol, default_tol
 from .._factorization import Triplets, reciprocal_or_zero
 from .._operator import LinearOperator, wide_products
 from .._tolerance import Tolerance
-from .._certify import check_tol, default_tol
 from ._base import Solver, certify_triplets, check_seed, make_generator
 from .gram_eigen import gram
 
@@ -145,7 +145,7 @@ class RandomizedSVD(Solver):
         if L >= s:  # the search space would be all of R^s: no sketch, exact
             return self._exact(A, k)
         Q = _orth(torch.randn(s, b, dtype=_F64, device=dev, generator=make_generator(self.seed, dev)))
-        Qs, Ws, passes = [Q], [], 0
+        Qs, Ws, passes = [Q], list[torch.Tensor](), 0
         budget = self.max_power_iters if self.max_power_iters is not None else max(4 * q, 16)
         target, rounds = q, 0
         while True:
