@@ -16,8 +16,9 @@ A computed set of triplets ``(sigma_i, u_i, v_i)``, ``i = 1..c``, is
    singular value that the search space never reached (a converged triplet
    of the *wrong* ``sigma``). The deflated operator
    ``D = A - U_d \Sigma_d V_d^\top`` (the kept triplets, plus every further
-   returned triplet that passes the residual test and lies below the cut: these
-   are singular values of ``A`` too, and deflating them widens the gap that
+   returned triplet with residual within ``sqrt(tol)`` that lies below the cut:
+   these are singular values of ``A`` too, up to their residuals, which are
+   subtracted from the threshold (Weyl); deflating them widens the gap that
    the check has to resolve) holds every singular value of ``A`` that the
    triplets miss, so the top ``c`` are the top ``c`` when
    ``\|D\| < \tau`` with ``\tau = \sigma_c`` when ``c`` equals the requested
@@ -201,17 +202,21 @@ def certify(
     tau = float(S64[c - 1]) if c == tol.rank and c > 0 else cut
     if residual > rtol_res:  # no point in the deflation check
         return Certificate(residual, rtol_res, math.nan, tau, 1.0, 0, matvecs, False)
-    # deflate the kept triplets and every further one that is accurate (residual within tol) and lies
-    # clearly below tau: then a value >= tau that the triplets miss is a singular value of D
+    # deflate the kept triplets and every further one that is accurate (residual within sqrt(tol)) and lies
+    # clearly below tau: then a value >= tau that the triplets miss is, up to the extras' residuals, a
+    # singular value of D (Weyl: deflating e triplets of residual <= r moves it by <= sqrt(2 e) r sigma_1)
+    x_tol = math.sqrt(rtol_res)
     extra = torch.arange(t, device=dev) >= c
-    extra &= res_all <= rtol_res
-    extra &= S64 < tau - 2 * rtol_res * smax
+    extra &= res_all <= x_tol
+    extra &= S64 < tau - 4 * x_tol * smax
+    n_extra = int(extra.sum())
+    margin = math.sqrt(2 * n_extra) * float(res_all[extra].max()) * smax if n_extra else 0.0
     sel = torch.arange(t, device=dev) < c
     sel |= extra
     Uc, Sc, Vc = U64[:, sel], S64[sel], V64[:, sel]
     d = int(sel.sum())
     # never below the resolution: the deflated operator of a correct answer carries the triplets' errors
-    tau = max(tau, RESOLUTION * math.sqrt(d + 1) * rtol_res * smax)
+    tau = max(tau - margin, RESOLUTION * math.sqrt(d + 1) * rtol_res * smax)
     s = min(m, n)
     wide = m <= n
     B = RUNS

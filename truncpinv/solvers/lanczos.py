@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,7 +33,7 @@ def _fresh_rows(Bt: torch.Tensor, count: int, gen: torch.Generator) -> torch.Ten
 
 def _converged_prefix(sig: torch.Tensor, res: torch.Tensor, rtol: float, k: int) -> int:
     """At least ``k`` Ritz triplets, and beyond them the leading ones whose residual estimate is within
-    ``rtol sigma_1`` (the certificate deflates those too, see :mod:`truncpinv._certify`)."""
+    ``rtol sigma_1`` (the certificate deflates those within ``sqrt(tol)``, see :mod:`truncpinv._certify`)."""
     ok = (res <= rtol * float(sig[0])).to(torch.int64).cumprod(0)
     return min(sig.numel(), max(k, int(ok.sum())))
 
@@ -170,7 +171,7 @@ class Lanczos(Solver):
         K = min(s, max(self.krylov_dim or 2 * k + 2 * bs + 16, k + 2 * bs))
         rtol_res = self.tol if self.tol is not None else default_tol(A.dtype, (m, n))
         # the recurrence's own residual estimate is held to a tenth: the certificate recomputes it
-        rtol_rec = rtol_res / 10
+        rtol_rec = rtol_res / 2
         Cp, Ctq = short_side_products(A)  # row blocks: Cp(P^T) = (C P)^T (long side), Ctq(Q^T) = (C^T Q)^T
         dev = A.device
         gen = make_generator(self.seed, dev)
@@ -208,7 +209,7 @@ class Lanczos(Solver):
                     trip = self._exact(A, Pt[:j], k, matvecs, steps, restarts)
                     done = True
                     break
-                t = _converged_prefix(sig, res, rtol_res, k)
+                t = _converged_prefix(sig, res, math.sqrt(rtol_res), k)
                 trip = self._triplets(A, Pt[:j], Yh, sig, t, matvecs, steps, restarts, Qt[:j], X)
                 cert = certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed)
                 matvecs = int(trip.stats["matvecs"])
