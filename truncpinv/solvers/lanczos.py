@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from .._certify import check_tol, default_tol
+from .._certify import Certificate, check_tol, default_tol
 from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
@@ -92,7 +92,10 @@ class Lanczos(Solver):
     enough", blocked classical Gram–Schmidt); the long-side ``Q`` only against the
     blocks the recurrence couples it to (one-sided reorthogonalisation, Simon &
     Zha 2000), which keeps the cost per step ``O(s j b + L b^2)`` instead of
-    ``O((s + L) j b)``. The SVD
+    ``O((s + L) j b)``. When that loses too much orthogonality (the
+    certificate's explicit residual fails, e.g. for ``cond(A) ~ 1e12``) the
+    computation is repeated with both bases fully reorthogonalised
+    (``stats["reorthogonalisation"] = "full"``). The SVD
     ``B = X \Sigma Y^T`` gives Ritz triplets ``(\sigma_i, Q x_i, P y_i)``
     whose residual is ``||C^T Q x_i - \sigma_i P y_i|| = ||T_j E_j^T x_i||``.
     With ``block_size=1`` this is the classical bidiagonalisation
@@ -165,6 +168,16 @@ class Lanczos(Solver):
         check_seed(self.seed)
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
+        trip = self._run(A, tol, one_sided=True)
+        cert = trip.stats.get("_certificate")
+        if isinstance(cert, Certificate) and not cert.certified and cert.residual > cert.tol:
+            # the long-side basis lost orthogonality (ill-conditioned A): again, fully reorthogonalised
+            spent = int(trip.stats["matvecs"])
+            trip = self._run(A, tol, one_sided=False)
+            trip.stats.update(matvecs=int(trip.stats["matvecs"]) + spent, reorthogonalisation="full")
+        return trip
+
+    def _run(self, A: torch.Tensor | LinearOperator, tol: Tolerance, *, one_sided: bool) -> Triplets:
         m, n = A.shape
         s, k, L = min(m, n), tol.rank, max(m, n)
         bs = min(self.block_size, s)
@@ -193,7 +206,7 @@ class Lanczos(Solver):
             Zt, C, R = _orth_rows(Qt[q_lo:j], Yt, L - j, gen)
             Qt[j : j + w], Bm[q_lo:j, j : j + w], Bm[j : j + w, j : j + w] = Zt, C.T, R.T
             Rt = Ctq(Zt) - R.T @ Pt[j : j + w]
-            q_lo = j
+            q_lo = j if one_sided else 0
             matvecs, steps, j = matvecs + 2 * w, steps + 1, j + w
             if j < s:
                 Pn, _, T = _orth_rows(Pt[:j], Rt, s - j, gen)
