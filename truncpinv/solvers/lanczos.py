@@ -183,8 +183,10 @@ class Lanczos(Solver):
         bs = min(self.block_size, s)
         K = min(s, max(self.krylov_dim or 2 * k + 2 * bs + 16, k + 2 * bs))
         rtol_res = self.tol if self.tol is not None else default_tol(A.dtype, (m, n))
-        # the recurrence's own residual estimate is held to a tenth: the certificate recomputes it
-        rtol_rec = rtol_res / 2
+        # the recurrence's own residual estimate (float64 arithmetic) is held to half of tol, and for float32
+        # data to eps32: below what the certificate's float32 products resolve, but it buys accuracy of the
+        # small kept values (sin theta ~ res sigma_1 / gap)
+        rtol_rec = rtol_res / 2 if A.dtype == _F64 else min(rtol_res / 2, float(torch.finfo(A.dtype).eps))
         Cp, Ctq = short_side_products(A)  # row blocks: Cp(P^T) = (C P)^T (long side), Ctq(Q^T) = (C^T Q)^T
         dev = A.device
         gen = make_generator(self.seed, dev)
