@@ -72,6 +72,7 @@ def test_broken_solver_result_warns_and_auto_falls_back() -> None:
         F = tp.RandomizedSVD(power_iters=1, max_power_iters=1).factorize(A, rank=10, rtol=1e-8)
     msgs = [x for x in w if issubclass(x.category, tp.UncertifiedResultWarning)]
     assert len(msgs) == 1 and "uncertified" in str(msgs[0].message) and "residual" in str(msgs[0].message)
+    assert msgs[0].filename == __file__, "the warning points at the caller, not into truncpinv"
     assert F.stats["certified"] is False
     with warnings.catch_warnings():
         warnings.simplefilter("error", tp.UncertifiedResultWarning)

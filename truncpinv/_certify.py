@@ -55,6 +55,8 @@ References:
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -287,6 +289,11 @@ def certify(
     )
 
 
-def warn_uncertified(cert: Certificate, solver: str, stacklevel: int = 3) -> None:
-    """Issue the one :class:`UncertifiedResultWarning` of a direct solver call."""
-    warnings.warn(cert.explain(solver), UncertifiedResultWarning, stacklevel=stacklevel)
+def warn_uncertified(cert: Certificate, solver: str) -> None:
+    """Issue the one :class:`UncertifiedResultWarning` of a direct solver call, attributed to the first
+    caller outside truncpinv (``tp.pinv``, ``tp.lstsq`` or ``solver.factorize`` alike)."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
+        level, frame = level + 1, frame.f_back  # type: ignore[assignment]
+    warnings.warn(cert.explain(solver), UncertifiedResultWarning, stacklevel=level)
