@@ -16,7 +16,19 @@ from __future__ import annotations
 
 import pytest
 
-from .cases import METHODS, OURS, Case, cases, matrix, rel_err
+from .cases import (
+    METHODS,
+    OURS,
+    SPARSE_METHODS,
+    SPARSE_RANK,
+    SPARSE_SHAPE,
+    Case,
+    cases,
+    matrix,
+    rel_err,
+    sparse_matrix,
+    sparse_rel_err,
+)
 
 #: Peers that cannot cap the rank and are prohibitively slow at low rank in full runs are still measured;
 #: accuracy is only asserted for our own solvers.
@@ -46,3 +58,16 @@ def test_solver(benchmark, case: Case, method: str) -> None:  # type: ignore[no-
     )
     if method in OURS and not exempt:
         assert err <= ACCURACY_BOUND, f"{method}: relative error {err:.2e} > {ACCURACY_BOUND:g}"
+
+
+@pytest.mark.parametrize("method", list(SPARSE_METHODS))
+def test_sparse_solver(benchmark, method: str) -> None:  # type: ignore[no-untyped-def]
+    """SciPy sparse input (issue #11): ``auto`` and ``lanczos`` against ``scipy.sparse.linalg.svds``."""
+    A, b = sparse_matrix(SPARSE_SHAPE)
+    benchmark.group = f"sparse {SPARSE_SHAPE[0]}x{SPARSE_SHAPE[1]} density=0.01 rank={SPARSE_RANK}"
+    x = benchmark.pedantic(SPARSE_METHODS[method], args=(A, b, SPARSE_RANK), rounds=3, iterations=1)
+    err = sparse_rel_err(x, SPARSE_SHAPE, SPARSE_RANK)
+    benchmark.extra_info["rel_err"] = err
+    benchmark.extra_info["method"] = method
+    if method.startswith("truncpinv-"):
+        assert err <= 1e-8, f"{method}: relative error {err:.2e} > 1e-8"

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -138,3 +139,51 @@ METHODS = {**OURS, **PEERS}
 def cases() -> list[Case]:
     """Exact path (``rank = B/2``) and low-rank path (``rank = B/8``) for every shape and spectrum."""
     return [Case(shape, spec, r) for shape in SHAPES for spec in DECAYS for r in (shape[0] // 2, shape[0] // 8)]
+
+
+# --------------------------------------------------------------------------- sparse input (issue #11)
+#: ``scipy.sparse.random(m, n, density=0.01)`` (CSR, float64, uniform [0, 1) entries), rank 50, rtol 1e-8.
+SPARSE_SHAPE: tuple[int, int] = (20_000, 3_000) if FULL else (2_000, 300)
+SPARSE_RANK = 50 if FULL else 10
+SPARSE_RTOL = 1e-8
+
+
+@cache
+def sparse_matrix(shape: tuple[int, int]) -> tuple[Any, np.ndarray]:
+    A = scipy.sparse.random(*shape, density=0.01, random_state=0, format="csr")
+    b = np.random.default_rng(1).standard_normal(shape[0])
+    return A, b
+
+
+@cache
+def sparse_reference(shape: tuple[int, int], rank: int) -> np.ndarray:
+    """The float64 solution of the truncated problem from a dense LAPACK SVD (not timed)."""
+    A, b = sparse_matrix(shape)
+    U, S, Vh = np.linalg.svd(A.toarray(), full_matrices=False)
+    r = min(rank, int((S > SPARSE_RTOL * S[0]).sum()))
+    return _np_trunc_solve(U, S, Vh, b, r)
+
+
+def sparse_rel_err(x: np.ndarray, shape: tuple[int, int], rank: int) -> float:
+    ref = sparse_reference(shape, rank)
+    return float(np.linalg.norm(np.asarray(x).reshape(-1) - ref) / np.linalg.norm(ref))
+
+
+def _sparse_ours(name: str) -> Callable[[Any, np.ndarray, int], np.ndarray]:
+    def run(A: Any, b: np.ndarray, rank: int) -> np.ndarray:
+        return np.asarray(tp.pinv(A, rank=rank, rtol=SPARSE_RTOL, solver=name) @ b)
+
+    return run
+
+
+def sparse_svds(A: Any, b: np.ndarray, rank: int) -> np.ndarray:
+    U, S, Vh = scipy.sparse.linalg.svds(A, k=rank, random_state=0)
+    order = np.argsort(S)[::-1]
+    return _np_trunc_solve(U[:, order], S[order], Vh[order], b, rank)
+
+
+SPARSE_METHODS: dict[str, Callable[[Any, np.ndarray, int], np.ndarray]] = {
+    "truncpinv-auto": _sparse_ours("auto"),
+    "truncpinv-lanczos": _sparse_ours("lanczos"),
+    "scipy-svds": sparse_svds,
+}

@@ -21,7 +21,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cases import PEERS, Case, matrix, ours, rel_err
+from benchmarks.cases import (
+    PEERS,
+    SPARSE_METHODS,
+    Case,
+    matrix,
+    ours,
+    rel_err,
+    sparse_matrix,
+    sparse_rel_err,
+)
 
 
 def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -55,6 +64,23 @@ def run(
     return res
 
 
+def run_sparse(shape: tuple[int, int], rank: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """SciPy sparse input: every method of ``SPARSE_METHODS``, interleaved round by round (a noisy machine
+    then slows all of them alike), best of ``repeats``."""
+    A, b = sparse_matrix(shape)
+    best = dict.fromkeys(SPARSE_METHODS, float("inf"))
+    xs: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, fn in SPARSE_METHODS.items():
+            t0 = time.perf_counter()
+            xs[name] = fn(A, b, rank)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    res = {name: (best[name], sparse_rel_err(xs[name], shape, rank)) for name in SPARSE_METHODS}
+    for name, (t, e) in res.items():
+        print(f"  {name:<28} {t:8.3f} s  err {e:.1e}", file=sys.stderr, flush=True)
+    return res
+
+
 def table(title: str, res: dict[str, tuple[float, float]], base: str) -> str:
     tb = res[base][0]
     lines = [
@@ -73,7 +99,19 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--small", action="store_true", help="small matrices (a quick check, not the targets)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sparse-only", action="store_true", help="only the SciPy sparse case (issue #11)")
     args = p.parse_args()
+    if args.sparse_only:
+        shape, rank = ((2_000, 300), 10) if args.small else ((20_000, 3_000), 50)
+        res = run_sparse(shape, rank, args.repeats)
+        print(
+            table(
+                f"Sparse: scipy.sparse.random {shape[0]}x{shape[1]}, density 0.01, rank={rank}, rtol=1e-8",
+                res,
+                "scipy-svds",
+            )
+        )
+        return
     torch.manual_seed(0)
     big, mid = ((128, 4000), (64, 4000)) if args.small else ((512, 200_000), (256, 100_000))
     out = [f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"]

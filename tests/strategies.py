@@ -174,8 +174,9 @@ def invalid_ranks() -> st.SearchStrategy[BadValue]:
         st.booleans(),
         st.text(max_size=3),
         st.just([3]),
-        st.just(np.int64(3)),
+        st.just(np.bool_(True)),
         st.just(np.float64(3.0)),
+        st.just(np.float32(2.5)),
         st.just(torch.tensor(3)),
     ).map(lambda r: BadValue(r, TypeError, r"`rank` must be a positive integer or None, got "))
     return st.one_of(too_small, wrong_type)
@@ -196,7 +197,11 @@ def invalid_tolerances(name: str) -> st.SearchStrategy[BadValue]:
         st.sampled_from([math.nan, math.inf, -math.inf]),
     ).map(lambda v: BadValue(v, ValueError, rf"`{name}` must be a non-negative finite float, got "))
     wrong_type = st.one_of(
-        st.booleans(), st.text(max_size=3), st.complex_numbers(allow_nan=False), st.just([1e-3])
+        st.booleans(),
+        st.just(np.bool_(False)),
+        st.text(max_size=3),
+        st.complex_numbers(allow_nan=False),
+        st.just([1e-3]),
     ).map(lambda v: BadValue(v, TypeError, rf"`{name}` must be a non-negative float or None, got "))
     return st.one_of(bad_number, wrong_type)
 

@@ -102,7 +102,8 @@ def test_reference_direction_truncates_like_the_original() -> None:
         return V[:, :r] @ ((U[:, :r].T @ R) / S[:r])
 
     assert torch.allclose(reference_direction(M, R, rank=6, rtol=5e-4), expected(4))  # 1e-2 > 5e-4 * 10 > 1e-5
-    assert torch.allclose(reference_direction(M, R, rank=6, rtol=1e-3), expected(3))  # strictly above the cut-off
+    # cut-off 2e-2: sigma = 1 kept, 1e-2 dropped, both far from the cut-off (1e-3 * 10 would tie with 1e-2)
+    assert torch.allclose(reference_direction(M, R, rank=6, rtol=2e-3), expected(3))
     assert torch.allclose(reference_direction(M, R, rank=2, rtol=1e-3), expected(2))  # rank caps first
     assert torch.allclose(reference_direction(M, R, rank=6, rtol=0.2), expected(2))
     assert torch.equal(reference_direction(torch.zeros(3, 4), torch.ones(3), rank=2, rtol=1e-3), torch.zeros(4))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._certify import Certificate, UncertifiedResultWarning, certify, default_tol
 from ._factorization import Triplets, TruncatedPinv, no_tf32
 from ._gram import pinv_from_gram
 from ._operator import CallableOperator, LinearOperator, ScipyOperator, TensorOperator, aslinearoperator
@@ -28,6 +29,7 @@ __all__ = [
     "SOLVERS",
     "Auto",
     "CallableOperator",
+    "Certificate",
     "DenseSVD",
     "GramEigen",
     "Lanczos",
@@ -40,8 +42,11 @@ __all__ = [
     "Tolerance",
     "Triplets",
     "TruncatedPinv",
+    "UncertifiedResultWarning",
     "aslinearoperator",
+    "certify",
     "default_rtol",
+    "default_tol",
     "get_solver",
     "lstsq",
     "no_tf32",

@@ -23,6 +23,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["Tolerance", "default_rtol", "resolve_cutoff", "select_rank"]
@@ -110,17 +111,22 @@ def make_tolerance(
     if rank is None:
         k = full
     else:
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"`rank` must be a positive integer or None, got {rank!r}")
+        # Python and NumPy integers (np.int64 from shape arithmetic); bools and floats are refused
+        if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)):
+            raise TypeError(
+                f"`rank` must be a positive integer or None, got {rank!r} ({type(rank).__name__}); "
+                f"pass an int such as `rank=int(r)`"
+            )
         if rank < 1:
             raise ValueError(f"`rank` must be a positive integer, got {rank}")
-        k = min(rank, full)
+        k = min(int(rank), full)
     for name, val in (("rtol", rtol), ("atol", atol)):
         if val is None:
             continue
-        if isinstance(val, bool) or not isinstance(val, (int, float)):
-            raise TypeError(f"`{name}` must be a non-negative float or None, got {val!r}")
-        if not math.isfinite(val) or val < 0:
+        # Python and NumPy real scalars (np.float32 from array arithmetic); bools are refused
+        if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, float, np.integer, np.floating)):
+            raise TypeError(f"`{name}` must be a non-negative float or None, got {val!r} ({type(val).__name__})")
+        if not math.isfinite(float(val)) or val < 0:
             raise ValueError(f"`{name}` must be a non-negative finite float, got {val}")
     if rtol is None:
         if atol is None:
@@ -137,4 +143,4 @@ def make_tolerance(
             rtol_v = 0.0
     else:
         rtol_v = float(rtol)
-    return Tolerance(rank=k, rtol=rtol_v, atol=float(atol or 0.0))
+    return Tolerance(rank=k, rtol=rtol_v, atol=float(atol) if atol is not None else 0.0)

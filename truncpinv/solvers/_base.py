@@ -17,12 +17,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._certify import Certificate, certify, warn_uncertified
 from .._factorization import Triplets, TruncatedPinv, no_tf32
 from .._operator import LinearOperator
 from .._tolerance import Tolerance, make_tolerance
 from .._validation import prepare_matrix
 
-__all__ = ["Solver", "SolverError", "check_seed", "make_generator"]
+__all__ = ["Solver", "SolverError", "certify_triplets", "check_seed", "make_generator"]
 
 
 class SolverError(RuntimeError):
@@ -102,6 +103,14 @@ class Solver(abc.ABC):
                 f"products) contains NaN/Inf or overflows in {prep.dtype}"
             )
         stats = {"solver": self.name, **trip.stats, "time": time.perf_counter() - t0}
+        cert = trip.stats.get("_certificate")
+        stats.pop("_certificate", None)
+        if isinstance(cert, Certificate):
+            # triplets beyond the rank only served the certificate (see truncpinv._certify)
+            S, trip.U = S[: tol.rank], trip.U[:, : tol.rank]
+            trip.V = None if trip.V is None else trip.V[:, : tol.rank]
+            if not cert.certified:
+                warn_uncertified(cert, self.name)
         return TruncatedPinv(
             trip.U,
             S,
@@ -160,6 +169,26 @@ def _ldexp_float(v: float, e: int) -> float:
         return math.ldexp(v, e)
     except OverflowError:
         return math.inf
+
+
+def certify_triplets(
+    A: torch.Tensor | LinearOperator, trip: Triplets, tol: Tolerance, *, rtol_res: float, seed: Any
+) -> Certificate:
+    """Certify ``trip`` (see :mod:`truncpinv._certify`) and record the outcome in ``trip.stats``.
+
+    ``factorize`` warns once (:class:`~truncpinv.UncertifiedResultWarning`) when a
+    directly called solver returns an uncertified result; ``Auto`` falls back instead.
+    """
+    if trip.V is None:
+        raise TypeError("certify_triplets needs both singular vectors")
+    cert = certify(A, trip.U, trip.S, trip.V, tol, rtol_res=rtol_res, seed=seed if isinstance(seed, int) else 0)
+    trip.stats = {
+        **trip.stats,
+        **cert.stats(),
+        "matvecs": int(trip.stats.get("matvecs", 0)) + cert.matvecs,
+        "_certificate": cert,
+    }
+    return cert
 
 
 def check_seed(seed: Any) -> None:

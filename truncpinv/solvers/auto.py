@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from .._certify import Certificate
 from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
@@ -14,6 +15,7 @@ from ._base import Solver, check_seed
 from .dense_svd import DenseSVD
 from .gram_eigen import GramEigen
 from .lanczos import Lanczos
+from .lobpcg import _exact
 from .randomized import RandomizedSVD
 
 __all__ = ["Auto", "choose_solver"]
@@ -24,6 +26,8 @@ SMALL_SIDE = 64
 LOW_RANK_FRACTION = 8
 #: Gram route needs a sufficiently rectangular matrix to be cheaper than an SVD.
 GRAM_ASPECT = 2.0
+#: ``Auto`` gives a randomized sketch this many Krylov blocks before it falls back to an exact method.
+AUTO_POWER_BUDGET = 3
 #: From this many entries on, the float32 Gram matrix plus refinement (``"mixed"``) beats
 #: float64 accumulation; below it the float64 Gram matrix is cheap and slightly more accurate.
 MIXED_SIZE = 1 << 22
@@ -39,9 +43,9 @@ def choose_solver(
 ) -> Solver:
     """The rule behind ``solver="auto"`` (measured in ``benchmarks/bench_solvers.py``).
 
-    * **Matrix-free operator:** ``RandomizedSVD`` for low rank
-      (``rank <= min(m, n) / 8``), ``Lanczos`` otherwise; exact Gram route when
-      the short side is at most 64 (64 products build it exactly).
+    * **Matrix-free operator** (incl. SciPy sparse): ``Lanczos`` (certified, and
+      faster than a randomized sketch on the flat spectra of sparse data); exact
+      Gram route when the short side is at most 64 (64 products build it exactly).
     * **Dense, low rank** (``rank <= min(m, n) / 8`` and ``min(m, n) > 64``):
       ``RandomizedSVD`` (a few passes over ``A`` with ``rank + p`` columns).
     * **Dense float32, rectangular** (aspect ratio >= 2): ``GramEigen``: one
@@ -57,32 +61,16 @@ def choose_solver(
     if not dense:
         if short <= SMALL_SIDE:
             return GramEigen()
-        return RandomizedSVD(seed=seed) if low_rank else Lanczos()
+        return Lanczos(seed=seed if isinstance(seed, int) else 0)
     if low_rank:
-        return RandomizedSVD(seed=seed)
+        return RandomizedSVD(seed=seed, max_power_iters=AUTO_POWER_BUDGET)
     if dtype == torch.float32 and long_ >= GRAM_ASPECT * short:
         return GramEigen(precision="mixed" if m * n >= MIXED_SIZE else "float64")
     return DenseSVD()
 
 
-def ritz_residual(A: torch.Tensor | LinearOperator, trip: Triplets, k: int) -> float:
-    """``max_i ||A v_i - sigma_i u_i|| / sigma_1`` over the leading ``k`` computed triplets.
-
-    One product with ``k`` columns. For Rayleigh–Ritz triplets ``A^T u_i = sigma_i v_i``
-    holds by construction, so this is the whole SVD residual.
-    """
-    k = min(k, trip.S.numel())
-    if k == 0 or trip.V is None or float(trip.S[0]) == 0.0:
-        return 0.0
-    V = trip.V[:, :k]
-    AV = A @ V if isinstance(A, torch.Tensor) else A.matmat(V)
-    R = AV - trip.U[:, :k] * trip.S[:k]
-    return float(R.norm(dim=0).max()) / float(trip.S[0])
-
-
-#: A randomized result whose relative SVD residual exceeds this is not trusted by ``Auto``.
-RESIDUAL_TRUST = 1e-5
-#: ... and so is one whose kept part has ``eps * kappa^2`` above this (measured: 512 x 200k float32,
+#: A randomized result is not trusted by ``Auto`` when uncertified (:mod:`truncpinv._certify`), nor when
+#: its kept part has ``eps * kappa^2`` above this (measured: 512 x 200k float32,
 #: decay 0.9, rank 64, ``kappa ~ 770``: error 8.9e-4 with a small residual).
 KAPPA2_TRUST = 1e-3
 
@@ -94,14 +82,16 @@ class Auto(Solver):
     See :func:`choose_solver` for the rule; the chosen solver's name is recorded
     in ``F.stats["chosen"]``.
 
-    A randomized sketch is only as good as the spectral gap at the requested
-    rank (a flat spectrum has none). When ``Auto`` picks :class:`RandomizedSVD`
-    it therefore checks the result a posteriori, at the cost of one product
-    with ``rank`` columns: if ``max_i ||A v_i - sigma_i u_i|| > 1e-5 sigma_1``, or
-    if the kept part is so ill-conditioned (``eps kappa^2 > 1e-3``, ``kappa > 91``
-    in float32) that a sketch built from working-precision products cannot
-    resolve its smallest values, it recomputes with the exact rule (``GramEigen``/``DenseSVD`` for dense input,
-    ``Lanczos`` for operators) and records ``stats["fallback"]``.
+    ``Auto`` never returns an uncertified result. The iterative and randomized
+    solvers certify their answers a posteriori (:mod:`truncpinv._certify`:
+    residuals in both orientations within ``tol sigma_1`` and no singular value
+    above the kept ones left in ``A - U S V^T``) and keep going within a budget;
+    a result that is still uncertified, or a randomized one whose kept part is so
+    ill-conditioned (``eps kappa^2 > 1e-3``) that float32 products cannot
+    resolve its smallest values, is recomputed by an exact method (``GramEigen``/``DenseSVD``
+    for dense input, the operator materialised with ``min(m, n)`` products and an
+    exact decomposition otherwise). ``stats["fallback"]`` names it and
+    ``stats["uncertified"]`` holds the rejected attempt's statistics.
 
     Args:
         seed: seed or ``torch.Generator`` passed to a randomized solver if one is chosen.
@@ -122,17 +112,27 @@ class Auto(Solver):
         chosen = choose_solver((m, n), tol.rank, dense=dense, dtype=A.dtype, seed=self.seed)
         trip = chosen._compute(A, tol)
         extra: dict[str, object] = {}
-        if isinstance(chosen, RandomizedSVD):
-            res = ritz_residual(A, trip, tol.rank)
+        cert = trip.stats.get("_certificate")
+        bad = isinstance(cert, Certificate) and not cert.certified
+        if isinstance(chosen, RandomizedSVD) and not bad:
             keep, _ = tol.keep(trip.S)
             kappa = float(trip.S[0] / trip.S[keep - 1]) if keep > 0 else 1.0
-            extra["sketch_residual"] = res
             # a Krylov space built from working-precision products carries ~eps * kappa^2 error
-            if res > RESIDUAL_TRUST or torch.finfo(A.dtype).eps * kappa * kappa > KAPPA2_TRUST:
-                full = min(m, n)
-                fallback = choose_solver((m, n), full, dense=dense, dtype=A.dtype) if dense else Lanczos()
+            bad = torch.finfo(A.dtype).eps * kappa * kappa > KAPPA2_TRUST
+        if bad:  # never return an uncertified result: fall back to an exact method
+            extra["uncertified"] = {k: v for k, v in trip.stats.items() if k != "_certificate"}
+            if dense:
+                fallback = choose_solver((m, n), min(m, n), dense=True, dtype=A.dtype)
                 trip = fallback._compute(A, tol)
-                extra["fallback"] = fallback.name
-                chosen = fallback
-        trip.stats = {**trip.stats, **extra, "chosen": chosen.name}
+                name = fallback.name
+            else:
+                trip = _exact(A, tol, "uncertified", int(trip.stats.get("matvecs", 0)), 0)
+                name = "exact"
+            trip.stats = {k: v for k, v in trip.stats.items() if k != "_certificate"}
+            extra["fallback"] = name
+            extra["certified"] = True
+            chosen_name = name
+        else:
+            chosen_name = chosen.name
+        trip.stats = {**trip.stats, **extra, "chosen": chosen_name}
         return trip

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import warnings
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from .._certify import Certificate, check_tol, default_tol
 from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
-from ._base import Solver, check_seed, make_generator
+from ._base import Solver, certify_triplets, check_seed, make_generator
 from .lobpcg import short_side_products
 
 __all__ = ["Lanczos"]
 
 _F64 = torch.float64
+#: Steps between two SVDs of the projected matrix (convergence tests); one is always done before a restart.
+_CHECK_EVERY = 4
 
 
 def _fresh_rows(Bt: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -28,11 +31,11 @@ def _fresh_rows(Bt: torch.Tensor, count: int, gen: torch.Generator) -> torch.Ten
     return Z
 
 
-def _grow(M: torch.Tensor, rows: int, cols: int | None = None) -> torch.Tensor:
-    """``M`` zero-padded to ``rows`` rows (and ``cols`` columns)."""
-    out = M.new_zeros(rows, M.shape[1] if cols is None else cols)
-    out[: M.shape[0], : M.shape[1]] = M
-    return out
+def _converged_prefix(sig: torch.Tensor, res: torch.Tensor, rtol: float, k: int) -> int:
+    """At least ``k`` Ritz triplets, and beyond them the leading ones whose residual estimate is within
+    ``rtol sigma_1`` (the certificate deflates those within ``sqrt(tol)``, see :mod:`truncpinv._certify`)."""
+    ok = (res <= rtol * float(sig[0])).to(torch.int64).cumprod(0)
+    return min(sig.numel(), max(k, int(ok.sum())))
 
 
 def _orth_rows(
@@ -85,7 +88,14 @@ class Lanczos(Solver):
 
     giving orthonormal bases ``P``, ``Q`` and a block upper-triangular
     ``B = Q^T C P`` with ``C P = Q B`` and ``C^T Q = P B^T + P_{j+1} T_j E_j^T``.
-    Both bases are fully reorthogonalised, twice ("twice is enough"). The SVD
+    The short-side basis ``P`` is fully reorthogonalised, twice ("twice is
+    enough", blocked classical Gram–Schmidt); the long-side ``Q`` only against the
+    blocks the recurrence couples it to (one-sided reorthogonalisation, Simon &
+    Zha 2000), which keeps the cost per step ``O(s j b + L b^2)`` instead of
+    ``O((s + L) j b)``. When that loses too much orthogonality (the
+    certificate's explicit residual fails, e.g. for ``cond(A) ~ 1e12``) the
+    computation is repeated with both bases fully reorthogonalised
+    (``stats["reorthogonalisation"] = "full"``). The SVD
     ``B = X \Sigma Y^T`` gives Ritz triplets ``(\sigma_i, Q x_i, P y_i)``
     whose residual is ``||C^T Q x_i - \sigma_i P y_i|| = ||T_j E_j^T x_i||``.
     With ``block_size=1`` this is the classical bidiagonalisation
@@ -97,24 +107,30 @@ class Lanczos(Solver):
     the ``l`` leading Ritz vectors are kept, ``B`` becomes ``diag(\sigma_{1..l})``
     coupled to the next block, and the recurrence continues; at each restart
     the basis grows by half (up to ``4 krylov_dim``). Iteration stops once the
-    wanted pairs (at most ``rank``, above the cut-off) have residual
-    ``<= tol * sigma_max`` and the first unwanted Ritz value is settled below
-    the cut-off. On breakdown (an invariant subspace: rank deficiency, an
+    wanted pairs (at most ``rank``, above the cut-off) have recurrence residual
+    ``<= tol / 10 * sigma_max`` and the first unwanted Ritz value is settled below
+    the cut-off (tested every 4 steps and before each restart), *and* the
+    result passes the a-posteriori certificate (:mod:`truncpinv._certify`:
+    explicit residuals in both orientations within ``tol * sigma_max``, and no
+    singular value above the kept ones left in ``A - U S V^T``); until then the
+    recurrence continues with a tighter internal tolerance. A result still
+    uncertified after ``max_restarts`` raises one
+    :class:`~truncpinv.UncertifiedResultWarning`. On breakdown (an invariant subspace: rank deficiency, an
     all-zero matrix) random directions orthogonal to the basis continue the
     recurrence; once the basis spans the short side the result is exact.
 
     The bases and ``B`` are float64; only the products with ``A`` run in its
     dtype, so the accuracy is that of a backward-stable SVD (no squaring).
-    Memory: ``(krylov_dim + b) * (m + n)`` float64 numbers.
+    Memory: up to ``(4 krylov_dim + b) * (m + n)`` float64 numbers (the basis grows on hard spectra).
 
     Args:
         krylov_dim: basis size before a restart (default ``2 rank + 2 b + 16``,
             at most ``min(m, n)``).
         block_size: ``b``, the number of vectors per step (default 8).
         max_restarts: restart limit (a warning is issued if reached).
-        tol: relative residual tolerance (default: ``eps`` of ``A``'s dtype, the
-            level of the rounding errors of the products; the residual is the
-            recurrence's estimate, which keeps decreasing below it).
+        tol: certified residual tolerance relative to ``sigma_max`` (default
+            :func:`truncpinv.default_tol`: ``max(1e-12, 8 sqrt(max(m, n)) eps)`` for
+            float64, ``max(1e-5, ...)`` for float32).
         seed: seed or generator of the start block (and of breakdown directions).
 
     References:
@@ -123,6 +139,9 @@ class Lanczos(Solver):
         G. Golub, F. Luk and M. Overton, *A block Lanczos method for computing
         the singular values and corresponding singular vectors of a matrix*,
         ACM Trans. Math. Softw. 7(2), 1981.
+        H. D. Simon and H. Zha, *Low-rank matrix approximation using the
+        Lanczos bidiagonalization process with applications*, SIAM J. Sci.
+        Comput. 21(6), 2000.
         J. Baglama and L. Reichel, *Augmented implicitly restarted Lanczos
         bidiagonalization methods*, SIAM J. Sci. Comput. 27(1), 2005.
     """
@@ -145,70 +164,136 @@ class Lanczos(Solver):
             raise ValueError(f"`block_size` must be a positive integer, got {self.block_size!r}")
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ValueError(f"`max_restarts` must be a non-negative integer, got {self.max_restarts!r}")
-        if self.tol is not None and (
-            isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 < self.tol < 1
-        ):
-            raise ValueError(f"`tol` must be a float in (0, 1) or None, got {self.tol!r}")
+        check_tol(self.tol)
         check_seed(self.seed)
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
+        trip = self._run(A, tol, one_sided=True)
+        cert = trip.stats.get("_certificate")
+        if isinstance(cert, Certificate) and not cert.certified and cert.residual > cert.tol:
+            # the long-side basis lost orthogonality (ill-conditioned A): again, fully reorthogonalised
+            spent = int(trip.stats["matvecs"])
+            trip = self._run(A, tol, one_sided=False)
+            trip.stats.update(matvecs=int(trip.stats["matvecs"]) + spent, reorthogonalisation="full")
+        return trip
+
+    def _run(self, A: torch.Tensor | LinearOperator, tol: Tolerance, *, one_sided: bool) -> Triplets:
         m, n = A.shape
         s, k, L = min(m, n), tol.rank, max(m, n)
         bs = min(self.block_size, s)
         K = min(s, max(self.krylov_dim or 2 * k + 2 * bs + 16, k + 2 * bs))
-        rtol_res = self.tol if self.tol is not None else torch.finfo(A.dtype).eps
+        rtol_res = self.tol if self.tol is not None else default_tol(A.dtype, (m, n))
+        # the recurrence's own residual estimate (float64 arithmetic) is held to half of tol, and for float32
+        # data to eps32: below what the certificate's float32 products resolve, but it buys accuracy of the
+        # small kept values (sin theta ~ res sigma_1 / gap)
+        rtol_rec = rtol_res / 2 if A.dtype == _F64 else min(rtol_res / 2, float(torch.finfo(A.dtype).eps))
         Cp, Ctq = short_side_products(A)  # row blocks: Cp(P^T) = (C P)^T (long side), Ctq(Q^T) = (C^T Q)^T
         dev = A.device
         gen = make_generator(self.seed, dev)
         K_max = min(s, 4 * K)
-        Pt = torch.zeros(K + bs, s, dtype=_F64, device=dev)  # basis vectors as rows
-        Qt = torch.zeros(K, L, dtype=_F64, device=dev)
-        Bm = torch.zeros(K, K, dtype=_F64, device=dev)
+        # basis vectors as rows, allocated once for the largest basis (pages are touched only when used)
+        Pt = torch.zeros(K_max + bs, s, dtype=_F64, device=dev)
+        Qt = torch.empty(K_max, L, dtype=_F64, device=dev)
+        Bm = torch.zeros(K_max, K_max, dtype=_F64, device=dev)
         Pt[:bs] = _fresh_rows(Pt[:0], bs, gen)
-        j, w, matvecs, steps, restarts, done = 0, bs, 0, 0, 0, False
+        j, w, matvecs, steps, restarts, done, q_lo = 0, bs, 0, 0, 0, False, 0
         T = Pt[:0, :0]
+        trip: Triplets | None = None
         while True:
-            # one block step: C P_j = Q_{<j} C^T + Q_j R^T, then C^T Q_j - P_j R = P_next^T T^T
+            # one block step: C P_j = Q_{<j} C^T + Q_j R^T, then C^T Q_j - P_j R = P_next^T T^T.
+            # One-sided reorthogonalisation (Simon & Zha 2000): the short-side basis P against all of
+            # itself, the long-side Q only against the blocks the recurrence couples to (the previous
+            # one, and the kept Ritz vectors right after a restart); the certificate checks the result.
             Yt = Cp(Pt[j : j + w])
-            Zt, C, R = _orth_rows(Qt[:j], Yt, L - j, gen)
-            Qt[j : j + w], Bm[:j, j : j + w], Bm[j : j + w, j : j + w] = Zt, C.T, R.T
+            Zt, C, R = _orth_rows(Qt[q_lo:j], Yt, L - j, gen)
+            Qt[j : j + w], Bm[q_lo:j, j : j + w], Bm[j : j + w, j : j + w] = Zt, C.T, R.T
             Rt = Ctq(Zt) - R.T @ Pt[j : j + w]
+            q_lo = j if one_sided else 0
             matvecs, steps, j = matvecs + 2 * w, steps + 1, j + w
             if j < s:
                 Pn, _, T = _orth_rows(Pt[:j], Rt, s - j, gen)
                 w = Pn.shape[0]
                 Pt[j : j + w] = Pn
+            full = j + w > K
+            if not (j == s or full or steps % _CHECK_EVERY == 0):
+                continue  # the small SVD only every few steps, and before a restart
             X, sig, Yh = torch.linalg.svd(Bm[:j, :j])
             res = (T.T @ X[j - T.shape[0] :]).norm(dim=0) if j < s else torch.zeros_like(sig)
-            if j == s or self._converged(sig, res, tol, rtol_res):
-                done = True
-                break
-            if j + w > K:  # thick restart: keep the leading Ritz vectors and the next block
+            if j == s or self._converged(sig, res, tol, rtol_rec):
+                if j == s:  # the basis spans the short side: an exact SVD in its coordinates
+                    trip = self._exact(A, Pt[:j], k, matvecs, steps, restarts)
+                    done = True
+                    break
+                t = _converged_prefix(sig, res, math.sqrt(rtol_res), k)
+                trip = self._triplets(A, Pt[:j], Yh, sig, t, matvecs, steps, restarts, Qt[:j], X)
+                cert = certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed)
+                matvecs = int(trip.stats["matvecs"])
+                if cert.certified:
+                    done = True
+                    break
+                rtol_rec = max(rtol_rec / 10, float(torch.finfo(_F64).eps))  # not yet: iterate further
+                full = True  # restart now: keep the Ritz vectors, continue the recurrence
+            if full:  # thick restart: keep the leading Ritz vectors and the next block
                 if restarts == self.max_restarts:
                     break
                 restarts += 1
                 if K < K_max:  # hard spectrum: grow the basis (by half, up to 4 x krylov_dim)
                     K = min(K_max, K + K // 2)
-                    Pt, Qt, Bm = _grow(Pt, K + bs), _grow(Qt, K), _grow(Bm, K, K)
-                keep = min(K - w, max(k, (j + k) // 2))
+                keep = min(K - w, max(k, (j + k) // 2), j)
                 Pt[:keep], Pt[keep : keep + w] = Yh[:keep] @ Pt[:j], Pt[j : j + w].clone()
                 Qt[:keep] = X[:, :keep].T @ Qt[:j]
                 Bm.zero_()
                 Bm[:keep, :keep] = torch.diag(sig[:keep])
-                j = keep
-        if not done:
-            warnings.warn(
-                f"Lanczos did not converge in {self.max_restarts} restarts; increase `krylov_dim`, "
-                f"`max_restarts` or `tol`",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        t = min(k, j)
-        Us, Vl = (Yh[:t] @ Pt[:j]).T, (X[:, :t].T @ Qt[:j]).T  # short-side and long-side vectors
-        U, V = (Us, Vl) if m <= n else (Vl, Us)
-        c = min(k, int((sig > tol.cutoff(float(sig[0]))).sum()))
-        residual = float(res[:c].max() / sig[0]) if c > 0 else 0.0  # relative residual of the kept pairs
-        stats = {"matvecs": matvecs, "iterations": steps, "restarts": restarts, "residual": residual, "converged": done}
+                j, q_lo = keep, 0
+        if trip is None or not done:
+            X, sig, Yh = torch.linalg.svd(Bm[:j, :j])
+            trip = self._triplets(A, Pt[:j], Yh, sig, min(k, j), matvecs, steps, restarts, Qt[:j], X)
+            certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed)
+        trip.stats["converged"] = done
+        return trip
+
+    @staticmethod
+    def _exact(
+        A: torch.Tensor | LinearOperator, Pt: torch.Tensor, k: int, matvecs: int, steps: int, restarts: int
+    ) -> Triplets:
+        """``P`` spans the short side: the SVD of ``C P`` (``s`` products) is exact and backward stable
+        (the long-side basis of a one-sided recurrence is not orthonormal enough to be used here)."""
+        m, n = A.shape
+        s = Pt.shape[0]
+        Cp, _ = short_side_products(A)
+        Ul, S, Yh = torch.linalg.svd(Cp(Pt).T, full_matrices=False)  # C P = Ul S Y^T
+        t = min(k, s)
+        Us, Ws = (Yh[:t] @ Pt).T, Ul[:, :t]
+        U, V = (Us, Ws) if m <= n else (Ws, Us)
+        stats = {
+            "matvecs": matvecs + s,
+            "iterations": steps,
+            "restarts": restarts,
+            "residual": 0.0,
+            "exact": True,
+            "certified": True,
+        }
+        return Triplets(U.to(A.dtype), S[:t].to(A.dtype), V.to(A.dtype), stats=stats)
+
+    @staticmethod
+    def _triplets(
+        A: torch.Tensor | LinearOperator,
+        Pt: torch.Tensor,
+        Yh: torch.Tensor,
+        sig: torch.Tensor,
+        t: int,
+        matvecs: int,
+        steps: int,
+        restarts: int,
+        Qt: torch.Tensor,
+        X: torch.Tensor,
+    ) -> Triplets:
+        """``t`` Ritz triplets: short-side vectors ``P y_i``, long-side vectors ``Q x_i``."""
+        m, n = A.shape
+        Us = (Yh[:t] @ Pt).T
+        Ws = (X[:, :t].T @ Qt).T
+        U, V = (Us, Ws) if m <= n else (Ws, Us)
+        stats = {"matvecs": matvecs, "iterations": steps, "restarts": restarts}
         return Triplets(U.to(A.dtype), sig[:t].to(A.dtype), V.to(A.dtype), stats=stats)
 
     @staticmethod

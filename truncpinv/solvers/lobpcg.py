@@ -10,10 +10,11 @@ from typing import ClassVar
 
 import torch
 
+from .._certify import default_tol
 from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
-from ._base import Solver, check_seed, make_generator, sort_desc
+from ._base import Solver, certify_triplets, check_seed, make_generator, sort_desc
 from .dense_svd import DenseSVD
 from .gram_eigen import GramEigen
 
@@ -97,7 +98,10 @@ class LOBPCG(Solver):
       which ``torch.lobpcg`` refuses);
     * when the iteration has used ``2 min(m, n)`` products (slow convergence:
       a flat spectrum, clustered values) it switches to the exact method
-      (``stats["fallback"] = "slow_convergence"``).
+      (``stats["fallback"] = "slow_convergence"``);
+    * when its result fails the a-posteriori certificate (:mod:`truncpinv._certify`)
+      it switches to the exact method too (``stats["fallback"] = "uncertified"``),
+      so LOBPCG always returns a certified or exact result.
 
     The exact method is the float64 :class:`GramEigen` for float32 data and a
     thin SVD (:class:`DenseSVD`; an operator is materialised with ``min(m, n)``
@@ -187,7 +191,6 @@ class LOBPCG(Solver):
                 stacklevel=3,
             )
         sig = theta.clamp_min(0).sqrt()
-        res = float((rn[:c] / sig[:c]).max() / sig[0]) if c > 0 else 0.0  # relative SVD residual of the kept pairs
         # sigma^2 comes from a float64 Rayleigh quotient: below this floor it is rounding noise (as in GramEigen)
         # (only finite values are zeroed: NaN and Inf must reach the finiteness check)
         noise = (sig <= math.sqrt(_EPS64 * max(m, n)) * sig[0]) & torch.isfinite(sig)
@@ -196,8 +199,12 @@ class LOBPCG(Solver):
         Y = (Wt / torch.where(pos, sig, torch.ones_like(sig))[:, None] * pos[:, None]).T  # long-side vectors
         U, V = (X, Y) if m <= n else (Y, X)
         U_, S_, V_ = sort_desc(U.to(A.dtype), sig.to(A.dtype), V.to(A.dtype))
-        stats = {"matvecs": matvecs, "iterations": it, "residual": res, "converged": done}
-        return Triplets(U_, S_, V_, stats=stats)
+        stats = {"matvecs": matvecs, "iterations": it, "converged": done}
+        trip = Triplets(U_, S_, V_, stats=stats)
+        cert = certify_triplets(A, trip, tol, rtol_res=max(rtol_res, default_tol(A.dtype, (m, n))), seed=self.seed)
+        if not cert.certified:  # the budget of the exact method is still within 2 s products: use it
+            return _exact(A, tol, "uncertified", int(trip.stats["matvecs"]), it)
+        return trip
 
 
 def _exact(A: torch.Tensor | LinearOperator, tol: Tolerance, why: str, matvecs: int, iters: int) -> Triplets:

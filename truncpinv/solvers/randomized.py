@@ -8,10 +8,11 @@ from typing import ClassVar
 
 import torch
 
+from .._certify import check_tol, default_tol
 from .._factorization import Triplets, reciprocal_or_zero
 from .._operator import LinearOperator, wide_products
 from .._tolerance import Tolerance
-from ._base import Solver, check_seed, make_generator
+from ._base import Solver, certify_triplets, check_seed, make_generator
 from .gram_eigen import gram
 
 __all__ = ["RandomizedSVD"]
@@ -91,12 +92,25 @@ class RandomizedSVD(Solver):
         block_krylov: block Krylov space (default) or subspace iteration.
         seed: seed or ``torch.Generator`` of the sketch; the same seed gives
             bit-identical results (a generator is advanced by each call).
+        tol: residual tolerance of the certificate, relative to ``sigma_1``
+            (default :func:`truncpinv._certify.default_tol`: ``1e-5`` float32, ``1e-12`` float64).
+        max_power_iters: budget: ``q`` grows by half (more Krylov blocks or power passes) while the
+            result is not certified, up to this (default ``max(4 q, 16)``); once the Krylov space
+            would span the short side the exact Rayleigh–Ritz step on all of it is used.
+
+    Certificate: every result is checked a posteriori (:mod:`truncpinv._certify`:
+    residuals ``||A v - sigma u||`` and ``||A^T u - sigma v||`` within ``tol sigma_1``,
+    and no singular value above the kept ones left in ``A - U S V^T``); an
+    uncertified result after the budget raises one
+    :class:`~truncpinv.UncertifiedResultWarning` and ``F.stats["certified"]`` is ``False``.
     """
 
     oversample: int | None = None
     power_iters: int = 3
     block_krylov: bool = True
     seed: int | torch.Generator | None = 0
+    tol: float | None = None
+    max_power_iters: int | None = None
 
     name: ClassVar[str] = "randomized"
     randomized: ClassVar[bool] = True
@@ -108,31 +122,73 @@ class RandomizedSVD(Solver):
                 raise ValueError(f"`{field}` must be a non-negative integer, got {v!r}")
         if not isinstance(self.block_krylov, bool):
             raise ValueError(f"`block_krylov` must be True or False, got {self.block_krylov!r}")
+        if self.max_power_iters is not None and (
+            isinstance(self.max_power_iters, bool)
+            or not isinstance(self.max_power_iters, int)
+            or self.max_power_iters < self.power_iters
+        ):
+            raise ValueError(
+                f"`max_power_iters` must be an integer >= `power_iters` ({self.power_iters}) or None, "
+                f"got {self.max_power_iters!r}"
+            )
+        check_tol(self.tol)
         check_seed(self.seed)
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
         m, n = A.shape
         s, k, q, dtype, dev = min(m, n), tol.rank, self.power_iters, A.dtype, A.device
+        rtol_res = self.tol if self.tol is not None else default_tol(dtype, (m, n))
         xt, x = wide_products(A)
         width = k + (k + 32 if self.oversample is None else self.oversample)
         b = -(-width // (q + 1)) if self.block_krylov else width
         L = (q + 1) * b if self.block_krylov else b
         if L >= s:  # the search space would be all of R^s: no sketch, exact
-            Q = torch.eye(s, dtype=_F64, device=dev)
-            if isinstance(A, torch.Tensor):
-                Ws = [A.T if m <= n else A]  # X^T, no product needed
-            else:
-                Ws = [xt(Q.to(dtype))]
-            stats = {"matvecs": 0 if isinstance(A, torch.Tensor) else s, "iterations": 1, "exact": True}
+            return self._exact(A, k)
+        Q = _orth(torch.randn(s, b, dtype=_F64, device=dev, generator=make_generator(self.seed, dev)))
+        Qs, Ws, passes = [Q], list[torch.Tensor](), 0
+        budget = self.max_power_iters if self.max_power_iters is not None else max(4 * q, 16)
+        target, rounds = q, 0
+        while True:
+            if self.block_krylov:  # extend [Q0, K Q0, ..., K^target Q0] block by block
+                while len(Ws) < target + 1:
+                    if len(Qs) == len(Ws):
+                        Qs.append(_orth(x(Ws[-1]).to(_F64), torch.cat(Qs, dim=1)))
+                        passes += 1
+                    Ws.append(xt(Qs[-1].to(dtype)))
+                    passes += 1
+                Qcat = torch.cat(Qs, dim=1)
+            else:  # subspace iteration: more passes Q <- orth(K Q)
+                while passes < 2 * target:
+                    Qs = [_orth(x(xt(Qs[0].to(dtype))).to(_F64))]
+                    passes += 2
+                Ws = [xt(Qs[0].to(dtype))]
+                passes += 1
+                Qcat = Qs[0]
+            U, S, V = self._rayleigh_ritz(Qcat, Ws, Qcat.shape[1])
+            stats = {"matvecs": passes * b, "iterations": passes, "exact": False, "power_iters": target}
+            trip = Triplets(U, S, V, stats=stats) if m <= n else Triplets(V, S, U, stats=stats)
+            rounds += 1
+            cert = certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed)
+            if cert.certified or target >= budget:
+                break
+            # not yet: more Krylov blocks / power passes (by half), exact once they would span R^s
+            target = min(budget, target + max(1, (target + 1) // 2))
+            if self.block_krylov and (target + 1) * b >= s:
+                return self._exact(A, k)
+        trip.stats["rounds"] = rounds
+        return trip
+
+    def _exact(self, A: torch.Tensor | LinearOperator, k: int) -> Triplets:
+        """``Q = I``: the Rayleigh–Ritz step on the whole short side is an exact SVD."""
+        m, n = A.shape
+        s, dev = min(m, n), A.device
+        xt, _ = wide_products(A)
+        Q = torch.eye(s, dtype=_F64, device=dev)
+        if isinstance(A, torch.Tensor):
+            Ws = [A.T if m <= n else A]  # X^T, no product needed
         else:
-            Q = _orth(torch.randn(s, b, dtype=_F64, device=dev, generator=make_generator(self.seed, dev)))
-            if self.block_krylov:
-                Q, Ws = self._krylov(xt, x, Q, q, dtype)
-            else:
-                for _ in range(q):
-                    Q = _orth(x(xt(Q.to(dtype))).to(_F64))
-                Ws = [xt(Q.to(dtype))]
-            stats = {"matvecs": (2 * q + 1) * b, "iterations": 2 * q + 1, "exact": False}
+            Ws = [xt(Q.to(A.dtype))]
+        stats = {"matvecs": 0 if isinstance(A, torch.Tensor) else s, "iterations": 1, "exact": True, "certified": True}
         U, S, V = self._rayleigh_ritz(Q, Ws, k)
         return Triplets(U, S, V, stats=stats) if m <= n else Triplets(V, S, U, stats=stats)
 

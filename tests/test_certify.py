@@ -1,0 +1,121 @@
+"""The a-posteriori certificate catches bad answers, in both orientations and for every input kind (issue #11)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+
+import truncpinv as tp
+
+_TOL = tp.Tolerance(rank=5, rtol=1e-8, atol=0.0)
+
+
+def _svd(m: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A matrix with a clear spectrum ``2, 1.8, ..., `` (geometric, no ties) and its exact SVD."""
+    g = torch.Generator().manual_seed(seed)
+    q = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, q, dtype=torch.float64, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, q, dtype=torch.float64, generator=g)).Q
+    S = 2.0 * 0.9 ** torch.arange(q, dtype=torch.float64)
+    return (U * S) @ V.T, U, S, V
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)], ids=["tall", "wide"])
+@pytest.mark.parametrize("kind", ["dense", "operator"])
+def test_exact_triplets_are_certified(shape: tuple[int, int], kind: str) -> None:
+    A, U, S, V = _svd(*shape)
+    op = A if kind == "dense" else tp.TensorOperator(A)
+    cert = tp.certify(op, U[:, :8], S[:8], V[:, :8], _TOL, rtol_res=1e-12)
+    assert cert.certified, cert
+    assert cert.residual < 1e-13 and cert.deflated_norm < cert.threshold
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)], ids=["tall", "wide"])
+@pytest.mark.parametrize("kind", ["dense", "operator"])
+def test_a_missed_singular_value_is_caught(shape: tuple[int, int], kind: str) -> None:
+    """Triplets 1-4 and 6: every residual is zero, but sigma_5 was missed. Residuals alone cannot see it."""
+    A, U, S, V = _svd(*shape)
+    idx = torch.tensor([0, 1, 2, 3, 5])
+    op = A if kind == "dense" else tp.TensorOperator(A)
+    cert = tp.certify(op, U[:, idx], S[idx], V[:, idx], _TOL, rtol_res=1e-12)
+    assert cert.residual < 1e-13, "a converged triplet of the wrong sigma"
+    assert not cert.certified
+    assert cert.deflated_norm >= cert.threshold  # the missed sigma_5 shows up in A - U S V^T
+    assert cert.deflated_norm <= float(S[4]) * (1 + 1e-12)  # a lower estimate of ||D|| = sigma_5
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)], ids=["tall", "wide"])
+def test_a_one_sided_residual_is_caught_in_the_other_orientation(shape: tuple[int, int]) -> None:
+    """``U = A V S^{-1}`` for a wrong ``V``: ``||A v - s u|| = 0`` exactly, ``||A^T u - s v||`` is not."""
+    A, _, _, V = _svd(*shape)
+    g = torch.Generator().manual_seed(3)
+    Vb = torch.linalg.qr(V[:, :5] + 0.1 * torch.randn(V.shape[0], 5, dtype=torch.float64, generator=g)).Q
+    Sb = (A @ Vb).norm(dim=0)
+    Ub = (A @ Vb) / Sb
+    cert = tp.certify(A, Ub, Sb, Vb, _TOL, rtol_res=1e-12)
+    assert float(((A @ Vb) - Ub * Sb).norm(dim=0).max()) < 1e-13
+    assert not cert.certified and cert.residual > 1e-3
+
+
+def test_broken_solver_result_warns_and_auto_falls_back() -> None:
+    """Issue #11 item 1 in miniature: a flat tall matrix at low rank. A randomized sketch at a small budget is
+    not certified (one warning, naming the estimate); ``auto`` is never uncertified and is accurate."""
+    A = np.random.default_rng(0).standard_normal((1600, 200))
+    s = np.linalg.svd(A, compute_uv=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        F = tp.RandomizedSVD(power_iters=1, max_power_iters=1).factorize(A, rank=10, rtol=1e-8)
+    msgs = [x for x in w if issubclass(x.category, tp.UncertifiedResultWarning)]
+    assert len(msgs) == 1 and "uncertified" in str(msgs[0].message) and "residual" in str(msgs[0].message)
+    assert msgs[0].filename == __file__, "the warning points at the caller, not into truncpinv"
+    assert F.stats["certified"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tp.UncertifiedResultWarning)
+        Fa = tp.pinv(A, rank=10, rtol=1e-8)
+        Ft = tp.pinv(A.T.copy(), rank=10, rtol=1e-8)
+    assert np.abs(Fa.S - s[:10]).max() < 1e-12 * s[0]
+    assert np.abs(Ft.S - s[:10]).max() < 1e-12 * s[0]
+
+
+def test_randomized_keeps_going_on_a_small_gap() -> None:
+    """Issue #11 item 2: digits, rank 4 (gap 1.16). At its defaults RandomizedSVD is certified and accurate."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    X = datasets.load_digits().data.astype(np.float64)
+    X = (X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1.0)
+    b = np.random.default_rng(0).standard_normal(X.shape[0])
+    U, s, Vt = np.linalg.svd(X, full_matrices=False)
+    x_ref = Vt[:4].T @ ((U[:, :4].T @ b) / s[:4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tp.UncertifiedResultWarning)
+        F = tp.RandomizedSVD().factorize(X, rank=4, rtol=1e-8)
+    assert F.stats["certified"]
+    assert np.linalg.norm(F @ b - x_ref) < 1e-8 * np.linalg.norm(x_ref)
+
+
+@pytest.mark.parametrize("solver", ["auto", "lanczos", "randomized", "lobpcg", "gram"])
+def test_nan_in_sparse_or_operator_input_is_named(solver: str) -> None:
+    S = sp.random(60, 40, density=0.2, random_state=0, format="csr")
+    S.data[3] = np.nan
+    with pytest.raises(ValueError, match=r"`A` must be finite, but it contains 1 NaN or Inf entry"):
+        tp.pinv(S, rank=3, solver=solver)
+    with pytest.raises(ValueError, match=r"`A` must be finite, but the operator's `(r)?matmat` returned NaN or Inf"):
+        tp.pinv(spla.aslinearoperator(S), rank=3, solver=solver)
+
+
+def test_numpy_scalars_are_accepted() -> None:
+    A = np.random.default_rng(0).standard_normal((30, 20))
+    F = tp.pinv(A, rank=np.int64(5), rtol=np.float32(1e-3), atol=np.float64(0.0))
+    G = tp.pinv(A, rank=5, rtol=float(np.float32(1e-3)), atol=0.0)
+    assert F.rank == G.rank == 5 and np.array_equal(F.S, G.S)
+    assert tp.pinv(A, rank=np.int32(3)).rank == 3
+    with pytest.raises(TypeError, match=r"`rank` must be a positive integer or None, got np.float64\(3.0\)"):
+        tp.pinv(A, rank=np.float64(3.0))
+    with pytest.raises(TypeError, match=r"`rank` must be a positive integer or None, got np.True_"):
+        tp.pinv(A, rank=np.bool_(True))
+    with pytest.raises(TypeError, match=r"`rtol` must be a non-negative float or None, got"):
+        tp.pinv(A, rtol=np.bool_(True))

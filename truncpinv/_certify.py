@@ -1,0 +1,299 @@
+r"""A-posteriori certificates for iterative and randomized truncated SVDs.
+
+A computed set of triplets ``(sigma_i, u_i, v_i)``, ``i = 1..c``, is
+*certified* when both of the following hold.
+
+1. **Residuals, both orientations.** For every kept triplet
+
+   .. math::
+       \max(\|A v_i - \sigma_i u_i\|, \|A^\top u_i - \sigma_i v_i\|) \le \mathrm{tol}\,\sigma_1 .
+
+   Two products with ``c`` columns. Checking only ``A v - \sigma u`` is not
+   enough: for the tall orientation of a Rayleigh–Ritz step it vanishes by
+   construction whatever the quality of the subspace (issue #11).
+
+2. **Nothing above the kept values was missed.** Residuals cannot see a
+   singular value that the search space never reached (a converged triplet
+   of the *wrong* ``sigma``). The deflated operator
+   ``D = A - U_d \Sigma_d V_d^\top`` (the kept triplets, plus every further
+   returned triplet with residual within ``sqrt(tol)`` that lies below the cut:
+   these are singular values of ``A`` too, up to their residuals, which are
+   subtracted from the threshold (Weyl); deflating them widens the gap that
+   the check has to resolve) holds every singular value of ``A`` that the
+   triplets miss, so the top ``c`` are the top ``c`` when
+   ``\|D\| < \tau`` with ``\tau = \sigma_c`` when ``c`` equals the requested
+   rank and ``\tau = `` the cut-off when fewer values were kept. ``\|D\|`` is
+   estimated by ``B = 4`` *independent* Lanczos runs on ``D^\top D`` (short
+   side, float64, full reorthogonalisation) from Gaussian starts, and
+   ``\hat\delta`` (the largest Ritz value) is a *lower* bound. By Kuczyński &
+   Woźniakowski (1992), after ``q`` steps of one run
+
+   .. math::
+       P\{\hat\delta^2 < (1 - \varepsilon) \|D\|^2\} \le 1.648 \sqrt{s}\, e^{-\sqrt{\varepsilon}(2q - 1)},
+
+   so with ``\varepsilon = 1 - (\hat\delta / \tau)^2`` the probability that
+   ``\|D\| \ge \tau`` although every run reports ``\hat\delta < \tau`` is at
+   most the ``B``-th power of that bound. The check stops (certified) once it
+   is below :data:`FAILURE_PROBABILITY`, fails at once when ``\hat\delta \ge \tau``
+   (a missed value is *proven*), and otherwise gives up after ``max_steps``
+   steps (uncertified: the gap at the cut is too small to resolve). A run that
+   breaks down has found an invariant subspace holding its start vector and is
+   exact. Values below the solver's own resolution ``tol * sigma_1`` cannot be
+   resolved: ``\tau \ge 4 \sqrt{c+1}\, tol\, \sigma_1`` (the deflated operator of a correct
+   answer carries the triplets' own errors).
+
+The certificate uses its own generator (seeded from the solver's seed), so it
+is reproducible. Cost: ``2c`` columns of products for (1) and
+``2 B q`` for (2) (``q \le 64`` by default), plus ``O(s B q^2)`` flops.
+
+References:
+    J. Kuczyński and H. Woźniakowski, *Estimating the largest eigenvalue by
+    the power and Lanczos algorithms with a random start*, SIAM J. Matrix
+    Anal. Appl. 13(4), 1992.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._operator import LinearOperator
+from ._tolerance import Tolerance
+
+__all__ = ["Certificate", "UncertifiedResultWarning", "certify", "default_tol"]
+
+_F64 = torch.float64
+#: Accepted probability that a certified result missed a singular value above the threshold.
+FAILURE_PROBABILITY = 1e-6
+#: Independent Lanczos runs of the deflation check (their failure probabilities multiply).
+RUNS = 4
+#: Steps between two convergence tests of the deflation check.
+CHECK_EVERY = 4
+#: Singular values below ``RESOLUTION sqrt(c + 1) tol sigma_1`` are not resolved by the check: the
+#: deflated operator of a correct answer carries the triplets' own errors, up to ``sqrt(c) tol sigma_1``.
+RESOLUTION = 4.0
+#: Floor of the default residual tolerance, per dtype (relative to ``sigma_1``).
+_TOL_FLOOR = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+class UncertifiedResultWarning(RuntimeWarning):
+    """An iterative or randomized solver returned a result it could not certify (see ``F.stats``)."""
+
+
+def default_tol(dtype: torch.dtype, shape: tuple[int, int]) -> float:
+    """Default residual tolerance relative to ``sigma_1``: ``max(floor, 8 sqrt(max(m, n)) eps)``.
+
+    The floor is ``1e-5`` for float32 and ``1e-12`` for float64; the second
+    term is the rounding level of the residual itself, computed with products in
+    ``dtype`` (the sum of ``max(m, n)`` terms of size ``eps sigma_1``).
+    """
+    eps = float(torch.finfo(dtype).eps)
+    return max(_TOL_FLOOR.get(dtype, 1e-5), 8.0 * math.sqrt(max(shape)) * eps)
+
+
+def check_tol(tol: Any) -> None:
+    """Validate a solver's ``tol`` field (``None`` or a float in ``(0, 1)``)."""
+    if tol is None:
+        return
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < float(tol) < 1:
+        raise ValueError(f"`tol` must be a float in (0, 1) or None, got {tol!r}")
+
+
+@dataclass
+class Certificate:
+    """The outcome of :func:`certify`.
+
+    Attributes:
+        residual: ``max_i max(||A v_i - s_i u_i||, ||A^T u_i - s_i v_i||) / s_1`` over the kept triplets.
+        tol: the residual tolerance it was held to.
+        deflated_norm: the lower estimate ``delta`` of ``||A - U S V^T||`` (absolute).
+        threshold: ``tau``, the bound ``||A - U S V^T||`` must stay below.
+        failure_probability: bound on the probability that ``||A - U S V^T|| >= tau`` given the estimate.
+        steps: Lanczos steps of the deflation check.
+        matvecs: columns multiplied by ``A`` or ``A^T`` for the certificate.
+        certified: both checks passed.
+    """
+
+    residual: float
+    tol: float
+    deflated_norm: float
+    threshold: float
+    failure_probability: float
+    steps: int
+    matvecs: int
+    certified: bool
+
+    def stats(self) -> dict[str, Any]:
+        """The entries that go into ``F.stats``."""
+        return {
+            "residual": self.residual,
+            "residual_tol": self.tol,
+            "deflated_norm": self.deflated_norm,
+            "deflated_threshold": self.threshold,
+            "miss_probability": self.failure_probability,
+            "certified": self.certified,
+        }
+
+    def explain(self, solver: str) -> str:
+        """A sentence saying what failed and what to do."""
+        if self.residual > self.tol:
+            what = (
+                f"its residual max(||Av - su||, ||A^T u - sv||) = {self.residual:.2e} * sigma_1 "
+                f"exceeds tol = {self.tol:.1e}"
+            )
+        elif self.deflated_norm >= self.threshold:
+            what = (
+                f"it missed a singular value: ||A - U S V^T|| >= {self.deflated_norm:.3e} is not below "
+                f"the smallest kept value / cut-off {self.threshold:.3e}"
+            )
+        else:
+            what = (
+                f"the gap at the cut is too small to rule out a missed singular value within {self.steps} check steps "
+                f"(||A - U S V^T|| ~ {self.deflated_norm:.3e} vs {self.threshold:.3e}, "
+                f"miss probability <= {self.failure_probability:.1e})"
+            )
+        return (
+            f"solver {solver!r} returned an uncertified result: {what}; increase its budget, use solver='auto' "
+            f"(which falls back to an exact method) or an exact solver ('svd', 'gram'). See F.stats."
+        )
+
+
+def _products(A: torch.Tensor | LinearOperator) -> tuple[Any, Any]:
+    if isinstance(A, torch.Tensor):
+        return (lambda X: A @ X), (lambda Y: A.T @ Y)
+    return A.matmat, A.rmatmat
+
+
+def certify(
+    A: torch.Tensor | LinearOperator,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    tol: Tolerance,
+    *,
+    rtol_res: float,
+    seed: int = 0,
+    max_steps: int = 64,
+) -> Certificate:
+    """Certify the triplets ``(U, S, V)`` of ``A`` (descending ``S``) for the truncation ``tol``.
+
+    Only the triplets that ``tol`` keeps are checked; see the module docstring.
+    """
+    m, n = int(A.shape[0]), int(A.shape[1])
+    dt, dev = A.dtype, A.device
+    mm, rmm = _products(A)
+    smax = float(S[0]) if S.numel() else 0.0
+    c, cut = tol.keep(S)
+    t = S.numel()
+    U64, S64, V64 = U.to(_F64), S.to(_F64), V.to(_F64)
+    matvecs = 0
+    residual, res_all = 0.0, torch.zeros(t, dtype=_F64, device=dev)
+    if t > 0 and smax > 0:
+        R1 = mm(V64.to(dt)).to(_F64) - U64 * S64
+        R2 = rmm(U64.to(dt)).to(_F64) - V64 * S64
+        res_all = torch.maximum(R1.norm(dim=0), R2.norm(dim=0)) / smax
+        residual = float(res_all[:c].max()) if c > 0 else 0.0
+        matvecs += 2 * t
+    # tau: the smallest kept value when the rank is full, else the cut-off
+    tau = float(S64[c - 1]) if c == tol.rank and c > 0 else cut
+    if residual > rtol_res:  # no point in the deflation check
+        return Certificate(residual, rtol_res, math.nan, tau, 1.0, 0, matvecs, False)
+    # deflate the kept triplets and every further one that is accurate (residual within sqrt(tol)) and lies
+    # clearly below tau: then a value >= tau that the triplets miss is, up to the extras' residuals, a
+    # singular value of D (Weyl: deflating e triplets of residual <= r moves it by <= sqrt(2 e) r sigma_1)
+    x_tol = math.sqrt(rtol_res)
+    extra = torch.arange(t, device=dev) >= c
+    extra &= res_all <= x_tol
+    extra &= S64 < tau - 4 * x_tol * smax
+    n_extra = int(extra.sum())
+    margin = math.sqrt(2 * n_extra) * float(res_all[extra].max()) * smax if n_extra else 0.0
+    sel = torch.arange(t, device=dev) < c
+    sel |= extra
+    Uc, Sc, Vc = U64[:, sel], S64[sel], V64[:, sel]
+    d = int(sel.sum())
+    # never below the resolution: the deflated operator of a correct answer carries the triplets' errors
+    tau = max(tau - margin, RESOLUTION * math.sqrt(d + 1) * rtol_res * smax)
+    s = min(m, n)
+    wide = m <= n
+    B = RUNS
+
+    def dmat(X: torch.Tensor) -> torch.Tensor:  # (A - U S V^T) X, X: n x B
+        return mm(X.to(dt)).to(_F64) - Uc @ (Sc[:, None] * (Vc.T @ X))
+
+    def dtmat(Y: torch.Tensor) -> torch.Tensor:  # (A - U S V^T)^T Y, Y: m x B
+        return rmm(Y.to(dt)).to(_F64) - Vc @ (Sc[:, None] * (Uc.T @ Y))
+
+    def gram(X: torch.Tensor) -> torch.Tensor:  # short-side D D^T or D^T D
+        nonlocal matvecs
+        matvecs += 2 * X.shape[1]
+        return dmat(dtmat(X)) if wide else dtmat(dmat(X))
+
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed + 0x5EED)
+    steps_max = min(max_steps, s)
+    Qb = torch.zeros(B, s, steps_max + 1, dtype=_F64, device=dev)
+    x0 = torch.randn(s, B, dtype=_F64, device=dev, generator=gen)
+    Qb[:, :, 0] = (x0 / x0.norm(dim=0)).T
+    alpha = torch.zeros(B, steps_max, dtype=_F64, device=dev)
+    beta = torch.zeros(B, steps_max, dtype=_F64, device=dev)
+    broken = torch.zeros(B, dtype=torch.bool, device=dev)
+    delta, prob, q = 0.0, 1.0, 0
+    scale = max(smax, tau, 1e-300)
+    for j in range(steps_max):
+        W = gram(Qb[:, :, j].T).T  # (B, s)
+        alpha[:, j] = (W * Qb[:, :, j]).sum(1)
+        # full reorthogonalisation, classical Gram-Schmidt twice (BLAS-3 over the runs)
+        Qj = Qb[:, :, : j + 1]
+        for _ in range(2):
+            W = W - torch.bmm(Qj, torch.bmm(Qj.transpose(1, 2), W[:, :, None]))[:, :, 0]
+        bn = W.norm(dim=1)
+        broken |= bn <= 1e-13 * scale * scale
+        beta[:, j] = torch.where(broken, torch.zeros_like(bn), bn)
+        Qb[:, :, j + 1] = torch.where(broken[:, None], torch.zeros_like(W), W / bn.clamp_min(1e-300)[:, None])
+        q = j + 1
+        if q % CHECK_EVERY and q != steps_max and not bool(broken.all()):
+            continue
+        off = beta[:, : q - 1]
+        T = torch.diag_embed(alpha[:, :q]) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+        theta = torch.linalg.eigvalsh(T)[:, -1].clamp_min(0)
+        delta = math.sqrt(float(theta.max()))
+        if delta >= tau and delta > 0:  # a missed singular value is proven
+            prob = 1.0
+            break
+        if bool(broken.all()) or q >= s:  # invariant subspaces or the whole space: exact
+            prob = 0.0
+            break
+        if tau > 0:
+            eps = 1.0 - (delta / tau) ** 2
+            single = min(1.0, 1.648 * math.sqrt(s) * math.exp(-math.sqrt(eps) * (2 * q - 1)))
+            prob = single ** int((~broken).sum())
+            if prob <= FAILURE_PROBABILITY:
+                break
+    ok_res = residual <= rtol_res
+    ok_defl = (delta < tau or delta == 0.0) and prob <= FAILURE_PROBABILITY
+    return Certificate(
+        residual=residual,
+        tol=rtol_res,
+        deflated_norm=delta,
+        threshold=tau,
+        failure_probability=prob,
+        steps=q,
+        matvecs=matvecs,
+        certified=bool(ok_res and ok_defl),
+    )
+
+
+def warn_uncertified(cert: Certificate, solver: str) -> None:
+    """Issue the one :class:`UncertifiedResultWarning` of a direct solver call, attributed to the first
+    caller outside truncpinv (``tp.pinv``, ``tp.lstsq`` or ``solver.factorize`` alike)."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
+        level, frame = level + 1, frame.f_back  # type: ignore[assignment]
+    warnings.warn(cert.explain(solver), UncertifiedResultWarning, stacklevel=level)
