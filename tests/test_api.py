@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -86,8 +88,18 @@ def test_matrix_free_inputs(info: SolverInfo, kind: str) -> None:
     np.testing.assert_allclose(x.numpy(), expected, atol=1e-8 * np.abs(expected).max())
 
 
-def test_no_tf32_forces_ieee_float32_and_restores_the_settings() -> None:
-    knob = torch.backends.cuda.matmul
+@pytest.mark.parametrize(
+    "path",
+    [
+        "mkldnn.matmul",
+        pytest.param("cuda.matmul", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")),
+    ],
+)
+def test_no_tf32_forces_ieee_float32_and_restores_the_settings(path: str) -> None:
+    # (without CUDA the CUDA knobs govern nothing, and no_tf32 leaves them alone)
+    knob: Any = torch.backends
+    for part in path.split("."):
+        knob = getattr(knob, part)
     before = knob.fp32_precision
     knob.fp32_precision = "tf32"
     try:
