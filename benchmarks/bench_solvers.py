@@ -1,6 +1,6 @@
 """Solver benchmarks (pytest-benchmark): time and relative error of every solver and peer.
 
-Run the comparison (sizes of TASKS.md):
+Run the comparison (the sizes of docs/tasks.md):
 
     TRUNCPINV_BENCH=full .venv/bin/python -m pytest benchmarks/bench_solvers.py --benchmark-only \\
         --benchmark-group-by=group --benchmark-json=bench.json

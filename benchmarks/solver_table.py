@@ -1,6 +1,6 @@
 """Measure the solver targets of the truncpinv issue and print a markdown table.
 
-    .venv/bin/python benchmarks/solver_table.py            # TASKS.md sizes (several minutes on 2 cores)
+    .venv/bin/python benchmarks/solver_table.py            # the sizes of docs/tasks.md (several minutes on 2 cores)
     .venv/bin/python benchmarks/solver_table.py --small    # quick check
 
 Every time is the best of ``--repeats`` runs, and every ratio is taken against

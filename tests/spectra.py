@@ -50,7 +50,7 @@ def make_matrix(m: int, n: int, kind: str, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def jac_like(B: int, P: int, decay: float, seed: int = 0) -> np.ndarray:
-    """TASKS.md's Jacobian-shaped matrix ``U diag(decay^i) G / sqrt(P)`` in float32."""
+    """The Jacobian-shaped matrix of docs/tasks.md, ``U diag(decay^i) G / sqrt(P)`` in float32."""
     rng = np.random.default_rng(seed)
     U, _ = np.linalg.qr(rng.standard_normal((B, B)))
     G = rng.standard_normal((B, P), dtype=np.float32)

@@ -24,7 +24,7 @@ def _rel_err(x: torch.Tensor, x_ref: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def jac() -> torch.Tensor:
-    """A 64 x 2000 Jacobian-like float32 matrix, sigma_i ~ 0.8^i (TASKS.md's ``jac_like``)."""
+    """A 64 x 2000 Jacobian-like float32 matrix, sigma_i ~ 0.8^i (``jac_like`` of docs/tasks.md)."""
     return torch.from_numpy(jac_like(64, 2000, 0.8, seed=3))
 
 
