@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,15 +112,17 @@ class Term:
         items = (data,) if isinstance(data, torch.Tensor) else tuple(data)
         for i, t in enumerate(items):
             if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != points.shape[0]:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"`data[{i}]` must be a tensor with {points.shape[0]} rows (one per point), got {got}")
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(
+                    f"`data[{i}]` must be a tensor with {points.shape[0]} rows (one per point), got {shape}"
+                )
         object.__setattr__(self, "residual", residual)
         object.__setattr__(self, "points", points.detach())
         object.__setattr__(self, "data", tuple(t.detach() for t in items))
         object.__setattr__(self, "weight", _weight(weight, points.shape[0]))
         object.__setattr__(self, "name", str(name))
 
-    def point_function(self, module: nn.Module, params: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def point_function(self, module: nn.Module, params: Mapping[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
         """``r(params, x, *data)``: the weighted residual at one point, a pure function of ``params``.
 
         ``params`` given here are the module's other parameters (held fixed);
@@ -203,7 +205,9 @@ class PointwiseRoute:
     name = "pointwise"
 
     def __init__(self, chunk_size: int | None = None) -> None:
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
 
@@ -227,7 +231,9 @@ class PointwiseRoute:
         for t in closure.terms:
             r = t.point_function(closure.module, frozen)
 
-            def with_aux(a: dict[str, torch.Tensor], *xs: torch.Tensor, r: Any = r) -> tuple[torch.Tensor, torch.Tensor]:
+            def with_aux(
+                a: dict[str, torch.Tensor], *xs: torch.Tensor, r: Any = r
+            ) -> tuple[torch.Tensor, torch.Tensor]:
                 out = r(a, *xs)
                 return out, out
 
