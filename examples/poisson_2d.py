@@ -140,7 +140,7 @@ def run_adam(args: argparse.Namespace, lr: float, grid: torch.Tensor, u_exact: t
         problem().pow(2).sum().backward()
         opt.step()
 
-    return train(f"Adam lr={lr:g}", net, step, seconds=args.seconds, every=args.every * 20, grid=grid, u_exact=u_exact)
+    return train(f"Adam lr={lr:g}", net, step, seconds=args.seconds, every=args.every * 4, grid=grid, u_exact=u_exact)
 
 
 def batched_closure(net: torch.nn.Module, problem: pinn.Residuals) -> Callable[[], torch.Tensor]:
@@ -207,7 +207,7 @@ def plot(runs: list[Run], grid: torch.Tensor, u_exact: torch.Tensor, k: int, pat
             err = (run.net(grid)[:, 0] - u_exact).abs().reshape(k, k)
         im = ax.imshow(err.T.numpy(), origin="lower", extent=(0, 1, 0, 1), cmap="viridis")
         ax.set_title(f"|u - u*|, {run.label} (rel. L2 {run.history[-1][2]:.1e})")
-        fig.colorbar(im, ax=ax, format="%.0e")
+        fig.colorbar(im, ax=ax, format="%.1e")
     ax = axes[2]
     for run in runs:
         ts, _, es = zip(*run.history)

@@ -152,3 +152,17 @@ def test_preset_configures_sven_and_takes_overrides() -> None:
     assert opt.param_groups[0]["lr"] == 1.0 and opt.control.damping == 1e-2
     with pytest.raises(TypeError, match="takes its options as keywords"):
         pinn.optimizer(net.parameters(), momentum=0.9)
+
+
+def test_docs_pinn_md_runs(one_thread: None) -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "pinn.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    namespace: dict[str, object] = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/pinn.md[block {i}]", "exec"), namespace)
+    problem = namespace["problem"]
+    assert float(problem().pow(2).sum()) < 1e-3  # from about 75 at the start  # type: ignore[operator]
