@@ -78,6 +78,10 @@ class Run:
     step_times: list[float] = field(default_factory=list)
     net: torch.nn.Module | None = None
 
+    def time_to(self, error: float) -> str:
+        """The wall time at which the recorded error first reached ``error`` (``"-"``: never)."""
+        return next((f"{t:.2f} s" for t, _, e in self.history if e <= error), "-")
+
     def error_at(self, seconds: float) -> float:
         """The last error recorded at or before ``seconds`` of wall time."""
         before = [e for t, _, e in self.history if t <= seconds]
@@ -259,8 +263,12 @@ def main(argv: list[str] | None = None) -> list[Run]:
             f"{run.error_at(t_sven):>20.2e}"
         )
     print("\nSven: error against wall time")
-    for t, s, e in sven_run.history[:: max(1, len(sven_run.history) // 12)] + sven_run.history[-1:]:
+    shown = sven_run.history[:: max(1, len(sven_run.history) // 12)]
+    for t, s, e in shown + ([] if shown[-1] is sven_run.history[-1] else sven_run.history[-1:]):
         print(f"  {t:7.2f} s  step {s:5d}  {e:.2e}   best Adam ({adam.label}) at that time: {adam.error_at(t):.2e}")
+    print("\nfirst time the error reached")
+    for level in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6):
+        print(f"  {level:.0e}:  Sven {sven_run.time_to(level):>9}   {adam.label} {adam.time_to(level):>9}")
     ratio = statistics.median(sven_run.step_times) / statistics.median(adam.step_times)
     print(f"\none Sven step = {ratio:.1f} Adam steps (medians, this run)")
     if not args.no_plot:
