@@ -266,9 +266,10 @@ def main(argv: list[str] | None = None) -> list[Run]:
     shown = sven_run.history[:: max(1, len(sven_run.history) // 12)]
     for t, s, e in shown + ([] if shown[-1] is sven_run.history[-1] else sven_run.history[-1:]):
         print(f"  {t:7.2f} s  step {s:5d}  {e:.2e}   best Adam ({adam.label}) at that time: {adam.error_at(t):.2e}")
-    print("\nfirst time the error reached")
-    for level in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6):
-        print(f"  {level:.0e}:  Sven {sven_run.time_to(level):>9}   {adam.label} {adam.time_to(level):>9}")
+    levels = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+    print("\nfirst time the error reached " + "".join(f"{level:>10.0e}" for level in levels))
+    for run in runs:
+        print(f"  {run.label:<27}" + "".join(f"{run.time_to(level):>10}" for level in levels))
     ratio = statistics.median(sven_run.step_times) / statistics.median(adam.step_times)
     print(f"\none Sven step = {ratio:.1f} Adam steps (medians, this run)")
     if not args.no_plot:
