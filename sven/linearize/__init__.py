@@ -11,6 +11,8 @@ module                 route
 :mod:`.dense`          the materialised ``(N, P)`` Jacobian: verified hooks or autograd
 :mod:`.matfree`        matrix-free products with ``J`` by autograd, any model
 :mod:`.functional`     the ``torch.func`` operator of a pure function of the parameters
+:mod:`.pointwise`      residuals that differentiate the network w.r.t. its inputs (PINNs):
+                       ``vmap`` over points of ``jacrev``, for a :class:`Residuals` closure
 :mod:`.parallel`       :class:`DataParallel`: any route over a batch sharded across ranks
 :mod:`.auto`           :func:`choose_route` and :class:`Linearizer` (the ``"auto"`` rule)
 :mod:`.recorder`       the forward-hook recorder shared by the routes that read layer factors
@@ -28,6 +30,7 @@ from .functional import FunctionalJacobian
 from .gram import GramJacobian, GramRoute, LayerGram, supported_modules
 from .matfree import ClosureJacobian, MatfreeRoute, gram_from_operator
 from .parallel import DataParallel, DistributedGram, gather_gram
+from .pointwise import PointwiseRoute, Residuals, Term
 
 __all__ = [
     "GRAM_MIN_ENTRIES",
@@ -47,9 +50,12 @@ __all__ = [
     "Linearizer",
     "MatfreeRoute",
     "PerSampleJacobian",
+    "PointwiseRoute",
+    "Residuals",
     "Route",
     "RowSpec",
     "RowTransformed",
+    "Term",
     "Unsupported",
     "WithGram",
     "autograd_jacobian",

@@ -2,6 +2,9 @@ r"""Route choice: :func:`choose_route` (a pure rule) and :class:`Linearizer` (th
 
 The rule behind ``jacobian="auto"``:
 
+0. A :class:`sven.pinn.Residuals` closure (residuals that differentiate the
+   network with respect to its inputs): the pointwise route
+   (:mod:`.pointwise`), a ``vmap`` over points of ``jacrev``.
 1. RMSProp on the Jacobian rescales the columns of the materialised ``M``:
    the dense route (``"gram"`` is then an error).
 2. A truncpinv solver other than ``Auto`` was chosen: the dense route, where
@@ -26,11 +29,12 @@ from .base import Linearization, RowSpec, Unsupported
 from .dense import DenseRoute, autograd_jacobian
 from .gram import GramRoute
 from .matfree import MatfreeRoute
+from .pointwise import PointwiseRoute, Residuals
 
 __all__ = ["GRAM_MIN_ENTRIES", "ROUTES", "Linearizer", "choose_route"]
 
 #: Accepted route names (the ``jacobian`` option of :class:`sven.Sven`).
-ROUTES = ("auto", "gram", "hooks", "autograd", "matfree")
+ROUTES = ("auto", "gram", "hooks", "autograd", "matfree", "pointwise")
 #: Under ``"auto"`` the Gram route is used from this many Jacobian entries (``N * P``) on; below it the
 #: materialised hook path is as fast (Python overhead dominates both).
 GRAM_MIN_ENTRIES = 1 << 16
@@ -44,8 +48,9 @@ def choose_route(
     entries: int | None,
     gram_failed: bool,
     distributed: bool,
+    pointwise: bool = False,
 ) -> str:
-    """The route to run: ``"gram"``, ``"dense"`` or ``"matfree"`` (the rule in the module docstring).
+    """The route to run: ``"gram"``, ``"dense"``, ``"matfree"`` or ``"pointwise"`` (the rule in the module docstring).
 
     Args:
         requested: one of :data:`ROUTES`.
@@ -54,7 +59,10 @@ def choose_route(
         entries: ``N * P`` of the previous step (``None`` on the first).
         gram_failed: the Gram route was found not to apply to this model.
         distributed: data-parallel (the tiny-problem shortcut is off).
+        pointwise: the closure is a :class:`~sven.linearize.pointwise.Residuals` object.
     """
+    if requested == "pointwise" or (requested == "auto" and pointwise):
+        return "pointwise"
     if requested in ("hooks", "autograd"):
         return "dense"
     if requested == "matfree":
@@ -87,7 +95,7 @@ class Linearizer:
         seed: seed of the verification probes.
 
     Attributes:
-        gram, dense, matfree: the three routes (each a :class:`~sven.linearize.base.Route`).
+        gram, dense, matfree, pointwise: the four routes (each a :class:`~sven.linearize.base.Route`).
         gram_failed: why the Gram route does not apply (``None``: not seen to fail).
     """
 
@@ -111,6 +119,7 @@ class Linearizer:
         self.gram = GramRoute(seed=seed)
         self.dense = DenseRoute(requested if requested in ("hooks", "autograd") else "auto")
         self.matfree = MatfreeRoute(chunk_size)
+        self.pointwise = PointwiseRoute()
         self.gram_failed: str | None = None
         self._last_rows: int | None = None
 
@@ -130,7 +139,17 @@ class Linearizer:
             entries=None if self._last_rows is None else self._last_rows * n_cols,
             gram_failed=self.gram_failed is not None,
             distributed=agree is not None,
+            pointwise=isinstance(closure, Residuals),
         )
+        if route == "pointwise":
+            res = self.pointwise(closure, params, rows)
+            if isinstance(res, Linearization):
+                return res
+            if self.requested == "pointwise":
+                raise ValueError(f"`jacobian='pointwise'` does not apply: {res.reason}")
+            with torch.enable_grad():  # exact and slow: batched autograd through the input derivatives
+                out = rows(closure())
+            return Linearization(out.detach(), out.detach(), autograd_jacobian(out, list(params)), "autograd")
         if route == "matfree":
             return self.matfree(closure, params, rows)
         if route == "gram":
