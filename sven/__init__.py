@@ -20,14 +20,16 @@ A step is a pipeline of small parts, each in its own module:
 * :mod:`sven.precondition`: RMSProp scaling;
 * :mod:`sven.factorize`: the truncated pseudoinverse from :mod:`truncpinv`;
 * :mod:`sven.control`: step-control policies (damping, trust radius, variable-k, ...);
-* :mod:`sven.params`: applying a direction to the parameter groups.
+* :mod:`sven.params`: applying a direction to the parameter groups;
+* :mod:`sven.update`: momentum and decoupled weight decay;
+* :mod:`sven.pinn`: residuals of differential equations (the pointwise route).
 
 The maths is in :mod:`sven.functional`; :class:`sven.Sven` (:mod:`sven.optim`)
 wires the parts to ``torch.optim``; :mod:`sven.nn` and :mod:`sven.opt` are the
 seed-compatible API.
 """
 
-from . import control, functional, jacobian, linearize
+from . import control, functional, jacobian, linearize, pinn
 from .config import SvenConfig
 from .info import StepInfo
 from .nn import SvenWrapper
@@ -45,6 +47,7 @@ __all__ = [
     "functional",
     "jacobian",
     "linearize",
+    "pinn",
     "pinv",
 ]
 
