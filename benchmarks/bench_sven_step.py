@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--per-round", type=int, default=20, help="steps per round (the 10M case: a tenth)")
     ap.add_argument("--legacy", action="store_true", help="the original toy1d B=128 report")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on cuda the thread counts are ignored)")
     args = ap.parse_args(argv)
     if args.legacy:
         torch.set_num_threads(int(args.threads.split(",")[0]))
@@ -234,10 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.step_cases import report_case
 
     print(f"torch {torch.__version__}; median of {args.rounds} rounds, the functions interleaved")
-    for threads in (int(t) for t in args.threads.split(",")):
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.device == "cpu" else [torch.get_num_threads()]
+    for threads in thread_counts:
         torch.set_num_threads(threads)
         for name in args.cases.split(","):
-            report_case(cases[name], threads=threads, rounds=args.rounds, per_round=args.per_round)
+            report_case(cases[name], threads=threads, rounds=args.rounds, per_round=args.per_round, device=args.device)
 
 
 if __name__ == "__main__":

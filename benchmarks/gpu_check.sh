@@ -8,7 +8,8 @@
 #   2. runs the CUDA-parametrised tests: tests/conftest.py's DEVICES gives
 #      test ids ending in [cuda], plus the cuda-marked tests, the device-mismatch
 #      tests and the README quick start (which runs on CUDA when it is there);
-#   3. runs benchmarks/bench_scale.py --device cuda and prints its tables.
+#   3. runs benchmarks/bench_scale.py --device cuda and prints its tables;
+#   4. runs benchmarks/bench_sven_step.py --device cuda: the Sven/Adam step ratios of the step-cost cases.
 # Logs and the JSON go to $OUT (set by the device tool) or results/gpu_check/.
 # The exit status is non-zero if the tests or the benchmark failed (the
 # benchmark still runs after a test failure).
@@ -64,6 +65,15 @@ if timeout 300 "$PY" benchmarks/bench_scale.py --device cuda --child-timeout 200
     echo "bench_scale: done"
 else
     echo "bench_scale: FAILED (see $OUT_DIR/bench_scale_cuda.txt)"
+    status=1
+fi
+
+echo
+echo "== benchmarks/bench_sven_step.py --device cuda (Sven step / Adam step, by stage)"
+if timeout 240 "$PY" benchmarks/bench_sven_step.py --device cuda --rounds 7 2>&1 | tee "$OUT_DIR/bench_sven_step_cuda.txt"; then
+    echo "bench_sven_step: done"
+else
+    echo "bench_sven_step: FAILED (see $OUT_DIR/bench_sven_step_cuda.txt)"
     status=1
 fi
 

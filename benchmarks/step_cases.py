@@ -65,6 +65,11 @@ CASES: dict[str, Case] = {
 }
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def measure(fns: dict[str, Callable[[], object]], *, rounds: int, per_round: int) -> dict[str, float]:
     """Median over ``rounds`` of the mean seconds per call, the functions interleaved (after a warm-up)."""
     for f in fns.values():
@@ -73,16 +78,19 @@ def measure(fns: dict[str, Callable[[], object]], *, rounds: int, per_round: int
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, f in fns.items():
+            _sync()
             t0 = time.perf_counter()
             for _ in range(per_round):
                 f()
+            _sync()
             samples[name].append((time.perf_counter() - t0) / per_round)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def stage_functions(case: Case) -> dict[str, Callable[[], object]]:
-    """An Adam step, a Sven step, and each stage of a Sven step on its own."""
+def stage_functions(case: Case, device: str = "cpu") -> dict[str, Callable[[], object]]:
+    """An Adam step, a Sven step, and each stage of a Sven step on its own (on ``device``)."""
     base, x, y = case.build()
+    base, x, y = base.to(device), x.to(device), y.to(device)
 
     def loss_of(model: torch.nn.Module) -> torch.Tensor:
         return per_sample_mse(model(x), y)
@@ -122,7 +130,7 @@ def stage_functions(case: Case) -> dict[str, Callable[[], object]]:
     def form_k() -> object:
         if blocks_list is None:  # the materialised route: K is formed inside the solver
             return None
-        K = torch.zeros(R.shape[0], R.shape[0], dtype=torch.float64)
+        K = torch.zeros(R.shape[0], R.shape[0], dtype=torch.float64, device=R.device)
         for blk in blocks_list:
             K += blk.gram()
         return K
@@ -148,14 +156,15 @@ def stage_functions(case: Case) -> dict[str, Callable[[], object]]:
     }
 
 
-def report_case(case: Case, *, threads: int, rounds: int, per_round: int) -> dict[str, float]:
+def report_case(case: Case, *, threads: int, rounds: int, per_round: int, device: str = "cpu") -> dict[str, float]:
     """Print one case's ratio and stages; return the medians (seconds)."""
-    fns = stage_functions(case)
+    fns = stage_functions(case, device)
     method = str(fns.pop("_method")())
     t = measure(fns, rounds=rounds, per_round=max(1, per_round // 10) if case.heavy else per_round)
     adam = t["adam step"]
     factors = max(t["linearise (route)"] - t["forward+backward"] - t["form K"], 0.0)
-    print(f"\n{case.name}, {threads} thread(s), route {method}: Sven/Adam = {t['sven step'] / adam:.2f}x")
+    where = f"{threads} thread(s)" if device == "cpu" else device
+    print(f"\n{case.name}, {where}, route {method}: Sven/Adam = {t['sven step'] / adam:.2f}x")
     print(f"  {'adam step':24s} {adam * 1e3:9.3f} ms")
     print(f"  {'sven step':24s} {t['sven step'] * 1e3:9.3f} ms")
     parts = [

@@ -16,11 +16,20 @@ costs one product with ``A^T`` (``operator.rmatmat``).
 
 How ``K`` is factorised (``solver``):
 
-* the exact path (default, and for :class:`~truncpinv.DenseSVD` and
-  :class:`~truncpinv.GramEigen`): the whole spectrum by LAPACK's divide and
-  conquer in float64 (``torch.linalg.eigh``). Computing only the wanted pairs
-  with LAPACK (``syevx``, ``syevr``) was measured slower on the spectra Sven
-  sees (``docs/benchmarks.md``).
+* the exact path (:class:`~truncpinv.DenseSVD` and :class:`~truncpinv.GramEigen`):
+  the whole spectrum by LAPACK's divide and conquer in float64
+  (``torch.linalg.eigh``). Computing only the wanted pairs with LAPACK
+  (``syevx``, ``syevr``) was measured slower on the spectra Sven sees
+  (``docs/benchmarks.md``).
+* the default (``None`` or :class:`~truncpinv.Auto`): the exact path, except
+  for a large ``K`` on the CPU (at least :data:`PARTIAL_MIN_ROWS` rows) of
+  which at most :data:`PARTIAL_MAX_FRACTION` of the pairs can be kept. There
+  block Lanczos on ``K`` computes the top ``rank`` pairs, and its certificate
+  (residuals of both orientations and the deflation check of
+  :func:`truncpinv.certify`) decides: a certified result is used, otherwise the
+  exact path runs (no warning). The crossover was measured on Sven's Gram
+  matrices (``docs/benchmarks.md``): the full decomposition costs ``O(m^3)``,
+  Lanczos ``O(m^2 rank)`` per restart cycle.
 * any other :mod:`truncpinv` solver factorises ``K`` itself as a symmetric
   matrix (its singular triplets are the eigenpairs ``(u_i, \lambda_i, u_i)``
   of ``K``), with that solver's accuracy guarantee, e.g. a randomized or
@@ -31,18 +40,25 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
+from ._certify import UncertifiedResultWarning
 from ._factorization import TruncatedPinv, no_tf32
 from ._operator import aslinearoperator
 from ._tolerance import make_tolerance
-from .solvers import Auto, DenseSVD, GramEigen, Solver
+from .solvers import Auto, DenseSVD, GramEigen, Lanczos, Solver
 from .solvers.gram_eigen import _zero_below
 
-__all__ = ["pinv_from_gram"]
+__all__ = ["PARTIAL_MAX_FRACTION", "PARTIAL_MIN_ROWS", "pinv_from_gram"]
+
+#: The default factorises a ``K`` of at least this many rows (on the CPU) by certified Lanczos ...
+PARTIAL_MIN_ROWS = 3072
+#: ... when at most this fraction of its eigenpairs can be kept.
+PARTIAL_MAX_FRACTION = 0.125
 
 _FLOATS = (torch.float32, torch.float64)
 #: ``solver`` entry of the result's ``stats``.
@@ -178,9 +194,10 @@ def pinv_from_gram(
         atol: absolute cut-off (default 0).
         check_finite: reject NaN/Inf in ``K`` and a ``K`` that is not symmetric
             (default ``True``); ``False`` trusts ``K`` and reads its lower triangle.
-        solver: how ``K`` is factorised (module docstring): ``None``,
-            :class:`~truncpinv.Auto`, :class:`~truncpinv.DenseSVD` or
-            :class:`~truncpinv.GramEigen` for the exact path; any other
+        solver: how ``K`` is factorised (module docstring): ``None`` or
+            :class:`~truncpinv.Auto` (default: exact, or certified Lanczos for
+            a large ``K`` and a small rank), :class:`~truncpinv.DenseSVD` or
+            :class:`~truncpinv.GramEigen` (always exact); any other
             :mod:`truncpinv` solver factorises ``K`` itself.
 
     Returns:
@@ -205,11 +222,7 @@ def pinv_from_gram(
     q = min(m, n)
     want = min(tol.rank, q)
     with no_tf32(), torch.no_grad():
-        if solver is not None and not isinstance(solver, (Auto, DenseSVD, GramEigen)):
-            lam, Q, method, extra = _by_solver(K64, solver, want)
-        else:
-            lam, Q, method = _exact(K64)
-            extra = {}
+        lam, Q, method, extra = _factorize_gram(K64, solver, want)
         if not bool(torch.isfinite(lam).all()):
             raise ValueError("the eigenvalues of `K` are not finite: `K` contains NaN or Inf")
         lam, Q = lam[:q], Q[:, :q]
@@ -228,6 +241,26 @@ def pinv_from_gram(
     return TruncatedPinv(
         Q.to(dtype), S.to(dtype), None, tol=tol, shape=(m, n), stats=stats, operator=op, numpy_out=numpy_out
     )
+
+
+def _factorize_gram(
+    K64: torch.Tensor, solver: Solver | None, want: int
+) -> tuple[torch.Tensor, torch.Tensor, str, dict[str, Any]]:
+    """The top eigenpairs of ``K`` by the rule of the module docstring: ``(lam, Q, method, extra stats)``."""
+    m = K64.shape[0]
+    if solver is None or isinstance(solver, Auto):
+        if K64.device.type == "cpu" and m >= PARTIAL_MIN_ROWS and want <= PARTIAL_MAX_FRACTION * m:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UncertifiedResultWarning)
+                lam, Q, method, extra = _by_solver(K64, Lanczos(), want)
+            if extra.get("gram_certified", False):
+                return lam, Q, method, extra
+        lam, Q, method = _exact(K64)
+        return lam, Q, method, {}
+    if isinstance(solver, (DenseSVD, GramEigen)):
+        lam, Q, method = _exact(K64)
+        return lam, Q, method, {}
+    return _by_solver(K64, solver, want)
 
 
 def _exact(K64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
