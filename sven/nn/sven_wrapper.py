@@ -41,8 +41,9 @@ class SvenWrapper:
     Conv1d/2d, Embedding, LayerNorm, RMSNorm): :attr:`grads` is then an
     operator holding ``K = M M^T`` and the products with ``M``
     (microbatching and ``kappa`` are row transforms of ``K``), and the
-    optimizer uses the float64 eigendecomposition of ``K`` whatever its
-    ``svd_mode``. Element-wise ``param_fraction`` masks use the materialised
+    optimizer's ``svd_mode`` solver factorises ``K`` (``"torch"``: the exact
+    float64 eigendecomposition; the randomized, ``"scipy"`` and ``"lobpcg"``
+    modes: the top ``k`` eigenpairs by that solver, certified). Element-wise ``param_fraction`` masks use the materialised
     path. Otherwise the Jacobian comes from the fast per-sample path of
     :mod:`sven.linearize.dense` (one forward and one backward pass) when every
     optimised parameter belongs to an ``nn.Linear`` layer and samples are
