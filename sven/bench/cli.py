@@ -5,7 +5,8 @@
     sven-bench --task toy1d polynomial digits --optimizers sven adam sgd rmsprop lbfgs polyak sven-reference \\
                --seeds 3 --epochs 20 --out results/
 
-Defaults: every task, every optimizer, 3 seeds, 20 epochs, ``--threads auto``
+Defaults: every task, every optimizer (each on the tasks it supports), 3
+seeds, 20 epochs (60 s per run on the full-batch tasks), ``--threads auto``
 (:func:`auto_threads`: one thread for the small models of these tasks),
 ``results/``. ``--quick`` is a smoke test of everything in well under 3
 minutes on 2 cores (see :data:`QUICK`). See ``docs/results.md``.
@@ -59,7 +60,7 @@ def _threads(text: str) -> int | str:
 
 #: What ``--quick`` changes (documented in ``--help`` and docs/results.md).
 QUICK = (
-    "--quick: 1 seed and 5 epochs (unless --seeds / --epochs are given); toy1d and polynomial train on the "
+    "--quick: 1 seed, 5 epochs and 2 s per full-batch run (unless --seeds / --epochs / --seconds are given); toy1d and polynomial train on the "
     "first 2,000 of their 10,000 training points (validation sets and digits unchanged); baseline grids "
     "reduced to lr in {1e-3, 1e-2} for adam/sgd/rmsprop and lr=1, max_iter in {1, 5} for lbfgs; with --grid, "
     "Sven's grid is reduced to k in {B/2, B} x lr in {0.1, 0.5} x rtol=1e-3."
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--seeds", type=int, default=None, help="number of model seeds 0..N-1 (default 3; --quick: 1)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20; --quick: 5)")
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="wall-time budget of each run on the full-batch tasks (poisson2d, heat1d; default: the task's, 60 s; "
+        "--quick: 2 s)",
+    )
     ap.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
     ap.add_argument(
         "--threads",
@@ -128,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in (("--seeds", seeds), ("--epochs", epochs)):
         if value < 1:
             ap.error(f"{name} must be a positive integer, got {value}")
+    if args.seconds is not None and not args.seconds > 0:
+        ap.error(f"--seconds must be a positive number, got {args.seconds:g}")
     unknown = [t for t in args.task if t not in TASKS]
     if args.threads == "auto":
         threads = 1 if unknown else auto_threads(args.task)  # unknown tasks: BenchConfig says which
@@ -141,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             optimizers=tuple(dict.fromkeys(args.optimizers)),
             seeds=seeds,
             epochs=epochs,
+            seconds=args.seconds,
             quick=args.quick,
             sven_grid=args.grid,
             grid_all_seeds=args.grid_all_seeds,
