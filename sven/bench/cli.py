@@ -60,7 +60,8 @@ def _threads(text: str) -> int | str:
 
 #: What ``--quick`` changes (documented in ``--help`` and docs/results.md).
 QUICK = (
-    "--quick: 1 seed, 5 epochs and 2 s per full-batch run (unless --seeds / --epochs / --seconds are given); toy1d and polynomial train on the "
+    "--quick: 1 seed, 5 epochs and 2 s per full-batch run (unless --seeds / --epochs / --seconds are given); "
+    "toy1d and polynomial train on the "
     "first 2,000 of their 10,000 training points (validation sets and digits unchanged); baseline grids "
     "reduced to lr in {1e-3, 1e-2} for adam/sgd/rmsprop and lr=1, max_iter in {1, 5} for lbfgs; with --grid, "
     "Sven's grid is reduced to k in {B/2, B} x lr in {0.1, 0.5} x rtol=1e-3."

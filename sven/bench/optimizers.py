@@ -14,6 +14,8 @@ Every factory turns ``(model, task, hparams)`` into a :class:`Stepper`, whose
   ``lr`` in ``{0.1, 0.5, 1}`` and ``max_iter`` in ``{1, 5}``, one
   ``LBFGS.step(closure)`` per batch;
 * ``polyak``: :class:`sven.PolyakSGD` with ``f_star=0, max_lr=1``;
+* ``sven-plain`` (full-batch tasks only): plain :class:`sven.Sven` on the
+  residuals with a fixed damping and no step control (:data:`SVEN_PLAIN`);
 * ``sven-reference``: Sven as the original research code computed it
   (:class:`ReferenceSven`): the per-sample Jacobian materialised by
   ``torch.func.jacrev`` of a ``functional_call`` on the flat parameter
@@ -90,9 +92,13 @@ QUICK_SVEN_GRID = ((0.5, 1.0), (0.1, 0.5), (1e-3,))
 SVEN_FULL_BATCH_GRID: tuple[Hparams, ...] = (
     {"lr": 1.0, "rtol": 1e-10, "adaptive_damping": True},
     {"lr": 1.0, "rtol": 1e-6, "adaptive_damping": True},
+    {"lr": 1.0, "rtol": 1e-10, "adaptive_damping": False, "damping": 1e-3},
     {"lr": 1.0, "rtol": 1e-10, "adaptive_damping": False, "damping": 1e-6},
-    {"lr": 0.5, "rtol": 1e-10, "adaptive_damping": False, "damping": 1e-8},
 )
+#: ``sven-plain`` on the full-batch tasks: plain Sven on the residuals with a fixed Tikhonov damping
+#: (no step control); the best of lr=1 x damping in {1e-3, 1e-6} and lr=0.5, damping=1e-8 in a
+#: probe on poisson2d (seed 0, 8 s each).
+SVEN_PLAIN: Hparams = {"lr": 1.0, "rtol": 1e-10, "damping": 1e-3}
 
 
 class Stepper(Protocol):
@@ -110,7 +116,7 @@ class FullBatchStepper(Protocol):
     """Takes one step on a full-batch problem (the residuals it was built with)."""
 
     def step(self) -> torch.Tensor:
-        """Update the model's parameters; returns the loss :math:`\|R\|^2` the step saw, detached."""
+        r"""Update the model's parameters; returns the loss :math:`\|R\|^2` the step saw, detached."""
 
 
 @dataclass
@@ -201,7 +207,7 @@ class _PerSampleClosure:
 
 
 class _FullBatch:
-    """``opt.step`` on :math:`\|R\|^2`: plain (``closure=False``) or through a closure (L-BFGS, Polyak)."""
+    r"""``opt.step`` on :math:`\|R\|^2`: plain (``closure=False``) or through a closure (L-BFGS, Polyak)."""
 
     def __init__(self, problem: Residuals, opt: torch.optim.Optimizer, *, closure: bool) -> None:
         self.problem, self.opt, self.closure = problem, opt, closure
@@ -454,6 +460,24 @@ class _Sven(OptimizerFactory):
         return _PerSampleClosure(model, task, opt)
 
 
+class _SvenPlain(OptimizerFactory):
+    name = "sven-plain"
+    description = "sven.Sven(residuals=True) with a fixed damping, no step control (full-batch tasks only)"
+
+    def supports(self, task: AnyTask) -> bool:
+        return isinstance(task, FullBatchTask)
+
+    def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
+        return [dict(SVEN_PLAIN)] if self.supports(task) else []
+
+    def make(self, model: nn.Module, task: Task, hparams: Hparams) -> Stepper:
+        raise NotImplementedError("sven-plain runs on the full-batch tasks only")
+
+    def make_full_batch(self, model: nn.Module, problem: Residuals, hparams: Hparams) -> FullBatchStepper:
+        opt = sven.Sven(model.parameters(), residuals=True, rank=None, **hparams)  # type: ignore[arg-type]
+        return _SvenFullBatch(problem, opt)
+
+
 class _SvenReference(OptimizerFactory):
     name = "sven-reference"
     description = "the original code's Sven: jacrev Jacobian, full torch.linalg.svd, then truncation (task defaults)"
@@ -486,6 +510,7 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
         _LBFGS(),
         _Polyak(),
         _SvenReference(),
+        _SvenPlain(),
     )
 }
 

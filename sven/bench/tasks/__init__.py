@@ -18,7 +18,18 @@ from .poisson2d import Poisson2DTask
 from .polynomial import PolynomialTask
 from .toy1d import Toy1DTask
 
-__all__ = ["TASKS", "AnyTask", "FullBatchTask", "Goal", "Task", "TaskData", "batches", "get_task", "mlp", "per_sample_mse"]
+__all__ = [
+    "TASKS",
+    "AnyTask",
+    "FullBatchTask",
+    "Goal",
+    "Task",
+    "TaskData",
+    "batches",
+    "get_task",
+    "mlp",
+    "per_sample_mse",
+]
 
 #: A task of either kind.
 AnyTask = Task | FullBatchTask
