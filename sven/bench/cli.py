@@ -25,7 +25,7 @@ import torch
 from truncpinv._optional import MissingExtraError, require_extra
 
 from .optimizers import OPTIMIZERS
-from .report import write_all, write_json, write_markdown
+from .report import read_json, write_all, write_json, write_markdown
 from .runner import BenchConfig, BenchResults, run_benchmark
 from .tasks import TASKS
 
@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every grid point on every seed (default: grid points on seed 0, the selected one on all seeds)",
     )
     ap.add_argument("--quick", action="store_true", help="a fast smoke test of everything (see below)")
+    ap.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="run nothing: rewrite results.md and the plots in --out from a results.json of an earlier run",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (also off when stderr is not a TTY)")
     return ap
 
@@ -132,6 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        if not args.from_json.is_file():
+            ap.error(f"--from-json: no such file: {args.from_json}")
+        for p in write_all(read_json(args.from_json), args.out):
+            print(f"  {p}", file=sys.stderr)
+        return 0
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 3)
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else 20)
     for name, value in (("--seeds", seeds), ("--epochs", epochs)):

@@ -438,7 +438,8 @@ def aggregate(runs: Sequence[RunResult], selection_seeds: Sequence[int]) -> dict
         (seeds that reached the target), ``epochs_to_target``,
         ``step_time_median``, ``diverged``, per extra metric its final
         median/min/max, and ``curves`` (per epoch: median/min/max validation
-        loss and median cumulative training time) for the plots.
+        loss, median cumulative training time and median epoch, or step count of a full-batch task)
+        for the plots.
     """
     config = select_config(runs, selection_seeds)
     if config is None:  # no run on a selection seed yet (cannot happen in run order): use what is there
@@ -467,7 +468,7 @@ def aggregate(runs: Sequence[RunResult], selection_seeds: Sequence[int]) -> dict
         vals = [r.val_loss[i] for r in chosen if i < len(r.val_loss)]
         times = [r.train_time[i] for r in chosen if i < len(r.train_time)]
         s = _stats(vals)
-        curves["epoch"].append(i)
+        curves["epoch"].append(statistics.median(r.epochs[i] for r in chosen if i < len(r.epochs)))
         curves["median"].append(s["median"])
         curves["min"].append(s["min"])
         curves["max"].append(s["max"])
@@ -525,7 +526,7 @@ def run_benchmark(
     def one(task: AnyTask, data: TaskData | None, factory: OptimizerFactory, hparams: Hparams, seed: int) -> RunResult:
         desc = f"{task.name} {factory.name} {format_hparams(hparams)} seed {seed}"
         full = isinstance(task, FullBatchTask)
-        total = task.n_checkpoints if full else config.epochs
+        total = task.n_checkpoints if isinstance(task, FullBatchTask) else config.epochs
         unit = "checkpoint" if full else "epoch"
         ebar = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not show, position=1)
 
