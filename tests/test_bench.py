@@ -210,7 +210,7 @@ def test_interrupted_run_keeps_the_finished_runs(tmp_path: Path, monkeypatch: py
         ),
         (
             ["--optimizers", "adamw"],
-            "valid optimizers: sven, adam, sgd, rmsprop, lbfgs, polyak, sven-reference, sven-plain",
+            "valid optimizers: sven, adam, sgd, rmsprop, lbfgs, polyak, sven-reference, sven-plain, sven-native",
         ),
         (["--seconds", "0"], "--seconds must be a positive number, got 0"),
         (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
@@ -239,3 +239,19 @@ def test_auto_threads_is_one_thread_for_the_small_task_models(monkeypatch: pytes
     assert auto_threads(list(TASKS)) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert auto_threads(["toy1d"]) == torch.get_num_threads()  # the user's setting is respected
+
+
+def test_sven_native_is_one_configuration_with_the_rank_as_a_fraction_of_the_batch() -> None:
+    from sven.bench.optimizers import SVEN_NATIVE, SVEN_NATIVE_GRID
+
+    factory = get_optimizer("sven-native")
+    toy, digits = get_task("toy1d"), get_task("digits")  # batch 32 and 64
+    assert isinstance(toy, Task) and isinstance(digits, Task)
+    assert factory.grid(toy) == factory.grid(digits) == [SVEN_NATIVE]
+    assert factory.grid(toy, sven_grid=True) == list(SVEN_NATIVE_GRID)
+    for task, rank in ((toy, 16), (digits, 32)):
+        stepper = factory.make(task.model(0), task, {"lr": 0.5, "rank_fraction": 0.5, "rtol": 1e-3})
+        assert stepper.opt.config.rank == rank  # type: ignore[attr-defined]
+    free = factory.make(toy.model(0), toy, {"lr": 0.1, "rank_fraction": 0.0, "rtol": 1e-3})
+    assert free.opt.config.rank is None  # type: ignore[attr-defined]
+    assert not factory.supports(get_task("poisson2d"))

@@ -14,6 +14,9 @@ Every factory turns ``(model, task, hparams)`` into a :class:`Stepper`, whose
   ``lr`` in ``{0.1, 0.5, 1}`` and ``max_iter`` in ``{1, 5}``, one
   ``LBFGS.step(closure)`` per batch;
 * ``polyak``: :class:`sven.PolyakSGD` with ``f_star=0, max_lr=1``;
+* ``sven-native`` (mini-batch tasks only): :class:`sven.Sven` with ONE
+  configuration for every task (:data:`SVEN_NATIVE`; ``--grid``: the
+  candidates of :data:`SVEN_NATIVE_GRID`), against the per-task ``sven`` defaults;
 * ``sven-plain`` (full-batch tasks only): plain :class:`sven.Sven` on the
   residuals with a fixed damping and no step control (:data:`SVEN_PLAIN`);
 * ``sven-reference``: Sven as the original research code computed it
@@ -95,6 +98,20 @@ SVEN_FULL_BATCH_GRID: tuple[Hparams, ...] = (
     {"lr": 1.0, "rtol": 1e-10, "adaptive_damping": False, "damping": 1e-3},
     {"lr": 1.0, "rtol": 1e-10, "adaptive_damping": False, "damping": 1e-6},
 )
+#: ``sven-native``: ONE configuration of the native :class:`sven.Sven` for every mini-batch task (no
+#: per-task tuning); ``rank_fraction`` is the rank cap as a fraction of the batch size (``0``: no cap).
+#: :data:`SVEN_NATIVE` is the point chosen from the ``--grid`` run of :data:`SVEN_NATIVE_GRID` (docs/results.md).
+SVEN_NATIVE_GRID: tuple[Hparams, ...] = (
+    {"lr": 0.1, "rank_fraction": 0.0, "rtol": 1e-3},
+    {"lr": 0.5, "rank_fraction": 0.0, "rtol": 1e-3},
+    {"lr": 0.3, "rank_fraction": 0.5, "rtol": 1e-3},
+    {"lr": 0.5, "rank_fraction": 0.5, "rtol": 1e-3},
+    {"lr": 0.5, "rank_fraction": 0.5, "rtol": 1e-4},
+    {"lr": 1.0, "rank_fraction": 0.5, "rtol": 1e-3},
+    {"lr": 0.5, "rank_fraction": 0.25, "rtol": 1e-3},
+    {"lr": 1.0, "rank_fraction": 0.5, "rtol": 1e-3, "adaptive_damping": True},
+)
+SVEN_NATIVE: Hparams = dict(SVEN_NATIVE_GRID[3])
 #: ``sven-plain`` on the full-batch tasks: plain Sven on the residuals with a fixed Tikhonov damping
 #: (no step control); the best of lr=1 x damping in {1e-3, 1e-6} and lr=0.5, damping=1e-8 in a
 #: probe on poisson2d (seed 0, 8 s each).
@@ -460,6 +477,26 @@ class _Sven(OptimizerFactory):
         return _PerSampleClosure(model, task, opt)
 
 
+class _SvenNative(OptimizerFactory):
+    name = "sven-native"
+    description = "sven.Sven with one configuration for every mini-batch task (SVEN_NATIVE), or --grid"
+
+    def supports(self, task: AnyTask) -> bool:
+        return isinstance(task, Task)
+
+    def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
+        if not self.supports(task):
+            return []
+        return [dict(p) for p in SVEN_NATIVE_GRID] if sven_grid else [dict(SVEN_NATIVE)]
+
+    def make(self, model: nn.Module, task: Task, hparams: Hparams) -> Stepper:
+        opts = dict(hparams)
+        fraction = float(opts.pop("rank_fraction"))
+        rank = max(1, round(fraction * task.batch_size)) if fraction > 0 else None
+        opt = sven.Sven(model.parameters(), rank=rank, **opts)  # type: ignore[arg-type]
+        return _PerSampleClosure(model, task, opt)
+
+
 class _SvenPlain(OptimizerFactory):
     name = "sven-plain"
     description = "sven.Sven(residuals=True) with a fixed damping, no step control (full-batch tasks only)"
@@ -511,6 +548,7 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
         _Polyak(),
         _SvenReference(),
         _SvenPlain(),
+        _SvenNative(),
     )
 }
 

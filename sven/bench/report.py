@@ -52,7 +52,7 @@ __all__ = [
 #: File names of the plots.
 PLOTS = ("val_loss_vs_epoch.png", "val_loss_vs_time.png")
 #: Optimizers that are Sven itself (excluded from "best baseline").
-SVEN_NAMES = ("sven", "sven-reference", "sven-plain")
+SVEN_NAMES = ("sven", "sven-reference", "sven-plain", "sven-native")
 #: "No stalling seed": Sven's worst seed ends within this factor of its median.
 STALL_FACTOR = 10.0
 COLORS = {
@@ -64,6 +64,7 @@ COLORS = {
     "lbfgs": "tab:purple",
     "polyak": "tab:brown",
     "sven-plain": "tab:olive",
+    "sven-native": "tab:cyan",
 }
 
 
@@ -528,7 +529,8 @@ def write_plots(results: BenchResults, out_dir: Path) -> list[Path]:
             ax.set_visible(False)
         seeds = results.config.seeds
         fig.suptitle(
-            f"validation loss of each optimizer's selected grid point, median over {seeds} seed"
+            f"validation loss (full-batch tasks: error) of each optimizer's selected grid point, "
+            f"median over {seeds} seed"
             + ("s (band: min to max)" if seeds > 1 else "")
             + (" — quick run" if results.config.quick else ""),
             fontsize=11,
