@@ -5,7 +5,8 @@
     sven-bench --task toy1d polynomial digits --optimizers sven adam sgd rmsprop lbfgs polyak sven-reference \\
                --seeds 3 --epochs 20 --out results/
 
-Defaults: every task, every optimizer, 3 seeds, 20 epochs, ``--threads auto``
+Defaults: every task, every optimizer (each on the tasks it supports), 3
+seeds, 20 epochs (60 s per run on the full-batch tasks), ``--threads auto``
 (:func:`auto_threads`: one thread for the small models of these tasks),
 ``results/``. ``--quick`` is a smoke test of everything in well under 3
 minutes on 2 cores (see :data:`QUICK`). See ``docs/results.md``.
@@ -24,7 +25,7 @@ import torch
 from truncpinv._optional import MissingExtraError, require_extra
 
 from .optimizers import OPTIMIZERS
-from .report import write_all, write_json, write_markdown
+from .report import read_json, write_all, write_json, write_markdown
 from .runner import BenchConfig, BenchResults, run_benchmark
 from .tasks import TASKS
 
@@ -59,7 +60,8 @@ def _threads(text: str) -> int | str:
 
 #: What ``--quick`` changes (documented in ``--help`` and docs/results.md).
 QUICK = (
-    "--quick: 1 seed and 5 epochs (unless --seeds / --epochs are given); toy1d and polynomial train on the "
+    "--quick: 1 seed, 5 epochs and 2 s per full-batch run (unless --seeds / --epochs / --seconds are given); "
+    "toy1d and polynomial train on the "
     "first 2,000 of their 10,000 training points (validation sets and digits unchanged); baseline grids "
     "reduced to lr in {1e-3, 1e-2} for adam/sgd/rmsprop and lr=1, max_iter in {1, 5} for lbfgs; with --grid, "
     "Sven's grid is reduced to k in {B/2, B} x lr in {0.1, 0.5} x rtol=1e-3."
@@ -86,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--seeds", type=int, default=None, help="number of model seeds 0..N-1 (default 3; --quick: 1)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20; --quick: 5)")
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="wall-time budget of each run on the full-batch tasks (poisson2d, heat1d; default: the task's, 60 s; "
+        "--quick: 2 s)",
+    )
     ap.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
     ap.add_argument(
         "--threads",
@@ -107,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every grid point on every seed (default: grid points on seed 0, the selected one on all seeds)",
     )
     ap.add_argument("--quick", action="store_true", help="a fast smoke test of everything (see below)")
+    ap.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="run nothing: rewrite results.md and the plots in --out from a results.json of an earlier run",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (also off when stderr is not a TTY)")
     return ap
 
@@ -123,11 +139,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        if not args.from_json.is_file():
+            ap.error(f"--from-json: no such file: {args.from_json}")
+        for p in write_all(read_json(args.from_json), args.out):
+            print(f"  {p}", file=sys.stderr)
+        return 0
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 3)
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else 20)
     for name, value in (("--seeds", seeds), ("--epochs", epochs)):
         if value < 1:
             ap.error(f"{name} must be a positive integer, got {value}")
+    if args.seconds is not None and not args.seconds > 0:
+        ap.error(f"--seconds must be a positive number, got {args.seconds:g}")
     unknown = [t for t in args.task if t not in TASKS]
     if args.threads == "auto":
         threads = 1 if unknown else auto_threads(args.task)  # unknown tasks: BenchConfig says which
@@ -141,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             optimizers=tuple(dict.fromkeys(args.optimizers)),
             seeds=seeds,
             epochs=epochs,
+            seconds=args.seconds,
             quick=args.quick,
             sven_grid=args.grid,
             grid_all_seeds=args.grid_all_seeds,

@@ -14,11 +14,26 @@ Every factory turns ``(model, task, hparams)`` into a :class:`Stepper`, whose
   ``lr`` in ``{0.1, 0.5, 1}`` and ``max_iter`` in ``{1, 5}``, one
   ``LBFGS.step(closure)`` per batch;
 * ``polyak``: :class:`sven.PolyakSGD` with ``f_star=0, max_lr=1``;
+* ``sven-native`` (mini-batch tasks only): :class:`sven.Sven` with ONE
+  configuration for every task (:data:`SVEN_NATIVE`; ``--grid``: the
+  candidates of :data:`SVEN_NATIVE_GRID`), against the per-task ``sven`` defaults;
+* ``sven-plain`` (full-batch tasks only): plain :class:`sven.Sven` on the
+  residuals with a fixed damping and no step control (:data:`SVEN_PLAIN`);
 * ``sven-reference``: Sven as the original research code computed it
   (:class:`ReferenceSven`): the per-sample Jacobian materialised by
   ``torch.func.jacrev`` of a ``functional_call`` on the flat parameter
   vector, a **full** ``torch.linalg.svd(full_matrices=False)``, then
   truncation to ``k`` and ``rtol``. Same hyperparameters as ``sven``.
+
+On the full-batch tasks (:class:`~sven.bench.tasks.full_batch.FullBatchTask`,
+the PINNs) a factory builds a :class:`FullBatchStepper` instead
+(:meth:`OptimizerFactory.make_full_batch`), whose ``step()`` takes one step on
+the task's residuals :math:`R`: the first-order baselines, L-BFGS and Polyak
+minimise :math:`\|R\|^2` with their usual grids; ``sven`` is
+:func:`sven.pinn.optimizer` (the full-batch preset) and, with ``--grid``, the
+variants of :data:`SVEN_FULL_BATCH_GRID` (the preset at other ``rtol``, plain
+Sven with a fixed damping). ``sven-reference`` has no full-batch form
+(:meth:`OptimizerFactory.supports`).
 
 Under ``--quick`` the baseline grids shrink (:meth:`OptimizerFactory.grid`):
 ``lr`` in ``{1e-3, 1e-2}`` for Adam, SGD and RMSprop; ``lr=1, max_iter`` in
@@ -41,11 +56,15 @@ from torch.func import functional_call, jacrev
 
 import sven
 
+from ..pinn import PRESET, Residuals
+from .tasks import AnyTask
 from .tasks.base import Task
+from .tasks.full_batch import FullBatchTask
 
 __all__ = [
     "OPTIMIZERS",
     "EpochStats",
+    "FullBatchStepper",
     "Hparams",
     "OptimizerFactory",
     "ReferenceSven",
@@ -57,7 +76,7 @@ __all__ = [
 ]
 
 #: One grid point: hyperparameter name -> value.
-Hparams = dict[str, float | int]
+Hparams = dict[str, float | int | bool]
 
 #: Learning rates of the first-order baselines (docs/tasks.md).
 BASELINE_LRS = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -71,6 +90,33 @@ SVEN_GRID_RANK_FRACTIONS = (0.25, 0.5, 1.0)
 SVEN_GRID_LRS = (0.1, 0.3, 0.5, 1.0)
 SVEN_GRID_RTOLS = (1e-4, 1e-3, 1e-2)
 QUICK_SVEN_GRID = ((0.5, 1.0), (0.1, 0.5), (1e-3,))
+#: Sven's ``--grid`` on the full-batch tasks: the preset (:data:`sven.pinn.PRESET`, adaptive
+#: Levenberg--Marquardt damping) at two cut-offs, and plain Sven with a fixed damping and no adaptation.
+SVEN_FULL_BATCH_GRID: tuple[Hparams, ...] = (
+    {"lr": 1.0, "rtol": 1e-10, "adaptive_damping": True},
+    {"lr": 1.0, "rtol": 1e-6, "adaptive_damping": True},
+    {"lr": 1.0, "rtol": 1e-10, "adaptive_damping": False, "damping": 1e-3},
+    {"lr": 1.0, "rtol": 1e-10, "adaptive_damping": False, "damping": 1e-6},
+)
+#: ``sven-native``: ONE configuration of the native :class:`sven.Sven` for every mini-batch task (no
+#: per-task tuning); ``rank_fraction`` is the rank cap as a fraction of the batch size (``0``: no cap).
+#: :data:`SVEN_NATIVE` is the point chosen from the ``--grid`` run of :data:`SVEN_NATIVE_GRID` (docs/results.md:
+#: 1 seed, 5 epochs; the best point on toy1d, polynomial and digits-ce, 2.4x the best on digits).
+SVEN_NATIVE_GRID: tuple[Hparams, ...] = (
+    {"lr": 0.1, "rank_fraction": 0.0, "rtol": 1e-3},
+    {"lr": 0.5, "rank_fraction": 0.0, "rtol": 1e-3},
+    {"lr": 0.3, "rank_fraction": 0.5, "rtol": 1e-3},
+    {"lr": 0.5, "rank_fraction": 0.5, "rtol": 1e-3},
+    {"lr": 0.5, "rank_fraction": 0.5, "rtol": 1e-4},
+    {"lr": 1.0, "rank_fraction": 0.5, "rtol": 1e-3},
+    {"lr": 0.5, "rank_fraction": 0.25, "rtol": 1e-3},
+    {"lr": 1.0, "rank_fraction": 0.5, "rtol": 1e-3, "adaptive_damping": True},
+)
+SVEN_NATIVE: Hparams = dict(SVEN_NATIVE_GRID[7])
+#: ``sven-plain`` on the full-batch tasks: plain Sven on the residuals with a fixed Tikhonov damping
+#: (no step control); the best of lr=1 x damping in {1e-3, 1e-6} and lr=0.5, damping=1e-8 in a
+#: probe on poisson2d (seed 0, 8 s each).
+SVEN_PLAIN: Hparams = {"lr": 1.0, "rtol": 1e-10, "damping": 1e-3}
 
 
 class Stepper(Protocol):
@@ -82,6 +128,13 @@ class Stepper(Protocol):
         Returns:
             The batch loss(es) the step saw, detached (used to stop a diverged run early).
         """
+
+
+class FullBatchStepper(Protocol):
+    """Takes one step on a full-batch problem (the residuals it was built with)."""
+
+    def step(self) -> torch.Tensor:
+        r"""Update the model's parameters; returns the loss :math:`\|R\|^2` the step saw, detached."""
 
 
 @dataclass
@@ -169,6 +222,37 @@ class _PerSampleClosure:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.opt.step(lambda: self.task.per_sample_loss(self.model(x), y))
+
+
+class _FullBatch:
+    r"""``opt.step`` on :math:`\|R\|^2`: plain (``closure=False``) or through a closure (L-BFGS, Polyak)."""
+
+    def __init__(self, problem: Residuals, opt: torch.optim.Optimizer, *, closure: bool) -> None:
+        self.problem, self.opt, self.closure = problem, opt, closure
+
+    def _loss(self) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.problem().pow(2).sum()
+        loss.backward()
+        return loss
+
+    def step(self) -> torch.Tensor:
+        if self.closure:
+            return torch.as_tensor(self.opt.step(self._loss)).detach()  # type: ignore[arg-type]
+        loss = self._loss()
+        self.opt.step()
+        return loss.detach()
+
+
+class _SvenFullBatch:
+    """``sven.Sven.step(problem)``: the residuals are the closure."""
+
+    def __init__(self, problem: Residuals, opt: sven.Sven) -> None:
+        self.problem, self.opt = problem, opt
+
+    def step(self) -> torch.Tensor:
+        loss = self.opt.step(self.problem)
+        return loss.pow(2).sum().detach() if loss is not None else torch.tensor(0.0)
 
 
 # --------------------------------------------------------------------------- the original Sven step
@@ -277,8 +361,16 @@ class OptimizerFactory(abc.ABC):
     name: ClassVar[str]
     description: ClassVar[str]
 
+    def supports(self, task: AnyTask) -> bool:
+        """Whether this optimizer runs on ``task`` (default: both kinds)."""
+        return True
+
+    def make_full_batch(self, model: nn.Module, problem: Residuals, hparams: Hparams) -> FullBatchStepper:
+        """A :class:`FullBatchStepper` that trains ``model`` on the residuals ``problem``."""
+        raise NotImplementedError(f"{self.name} has no full-batch form")
+
     @abc.abstractmethod
-    def grid(self, task: Task, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
+    def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
         """The grid points to run on ``task`` (the best one on validation is reported).
 
         Args:
@@ -306,18 +398,21 @@ class _FirstOrder(OptimizerFactory):
     def description(self) -> str:  # type: ignore[override]
         return f"torch.optim.{self.cls.__name__}, lr in {{1e-4, 1e-3, 1e-2, 1e-1}}"
 
-    def grid(self, task: Task, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
+    def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
         return [{"lr": lr} for lr in (QUICK_BASELINE_LRS if quick else BASELINE_LRS)]
 
     def make(self, model: nn.Module, task: Task, hparams: Hparams) -> Stepper:
         return _MeanLoss(model, task, self.cls(model.parameters(), lr=float(hparams["lr"])))  # type: ignore[call-arg]
+
+    def make_full_batch(self, model: nn.Module, problem: Residuals, hparams: Hparams) -> FullBatchStepper:
+        return _FullBatch(problem, self.cls(model.parameters(), lr=float(hparams["lr"])), closure=False)  # type: ignore[call-arg]
 
 
 class _LBFGS(OptimizerFactory):
     name = "lbfgs"
     description = 'torch.optim.LBFGS(line_search_fn="strong_wolfe"), lr in {0.1, 0.5, 1} x max_iter in {1, 5}'
 
-    def grid(self, task: Task, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
+    def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
         points: Sequence[tuple[float, int]] = (
             QUICK_LBFGS if quick else tuple(itertools.product(LBFGS_LRS, LBFGS_MAX_ITERS))
         )
@@ -328,17 +423,26 @@ class _LBFGS(OptimizerFactory):
         opt = torch.optim.LBFGS(model.parameters(), lr=lr, max_iter=max_iter, line_search_fn="strong_wolfe")
         return _MeanLossClosure(model, task, opt)
 
+    def make_full_batch(self, model: nn.Module, problem: Residuals, hparams: Hparams) -> FullBatchStepper:
+        lr, max_iter = float(hparams["lr"]), int(hparams["max_iter"])
+        opt = torch.optim.LBFGS(model.parameters(), lr=lr, max_iter=max_iter, line_search_fn="strong_wolfe")
+        return _FullBatch(problem, opt, closure=True)
+
 
 class _Polyak(OptimizerFactory):
     name = "polyak"
     description = "sven.PolyakSGD(f_star=0, max_lr=1)"
 
-    def grid(self, task: Task, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
+    def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
         return [{"f_star": 0.0, "max_lr": 1.0}]
 
     def make(self, model: nn.Module, task: Task, hparams: Hparams) -> Stepper:
         opt = sven.PolyakSGD(model.parameters(), f_star=float(hparams["f_star"]), max_lr=float(hparams["max_lr"]))
         return _MeanLossClosure(model, task, opt)
+
+    def make_full_batch(self, model: nn.Module, problem: Residuals, hparams: Hparams) -> FullBatchStepper:
+        opt = sven.PolyakSGD(model.parameters(), f_star=float(hparams["f_star"]), max_lr=float(hparams["max_lr"]))
+        return _FullBatch(problem, opt, closure=True)
 
 
 def _sven_grid(task: Task, quick: bool) -> list[Hparams]:
@@ -354,8 +458,14 @@ class _Sven(OptimizerFactory):
     name = "sven"
     description = "sven.Sven (truncpinv, per-sample Jacobian by hooks), the task's defaults or --grid"
 
-    def grid(self, task: Task, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
+    def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
+        if isinstance(task, FullBatchTask):
+            return [dict(p) for p in SVEN_FULL_BATCH_GRID] if sven_grid else [dict(task.sven_defaults)]
         return _sven_grid(task, quick) if sven_grid else [dict(task.sven_defaults)]
+
+    def make_full_batch(self, model: nn.Module, problem: Residuals, hparams: Hparams) -> FullBatchStepper:
+        """:func:`sven.pinn.optimizer` (:data:`sven.pinn.PRESET`) with the grid point's options on top."""
+        return _SvenFullBatch(problem, sven.Sven(model.parameters(), **{**PRESET, **hparams}))
 
     def make(self, model: nn.Module, task: Task, hparams: Hparams) -> Stepper:
         opt = sven.Sven(
@@ -368,12 +478,53 @@ class _Sven(OptimizerFactory):
         return _PerSampleClosure(model, task, opt)
 
 
+class _SvenNative(OptimizerFactory):
+    name = "sven-native"
+    description = "sven.Sven with one configuration for every mini-batch task (SVEN_NATIVE), or --grid"
+
+    def supports(self, task: AnyTask) -> bool:
+        return isinstance(task, Task)
+
+    def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
+        if not self.supports(task):
+            return []
+        return [dict(p) for p in SVEN_NATIVE_GRID] if sven_grid else [dict(SVEN_NATIVE)]
+
+    def make(self, model: nn.Module, task: Task, hparams: Hparams) -> Stepper:
+        opts = dict(hparams)
+        fraction = float(opts.pop("rank_fraction"))
+        rank = max(1, round(fraction * task.batch_size)) if fraction > 0 else None
+        opt = sven.Sven(model.parameters(), rank=rank, **opts)  # type: ignore[arg-type]
+        return _PerSampleClosure(model, task, opt)
+
+
+class _SvenPlain(OptimizerFactory):
+    name = "sven-plain"
+    description = "sven.Sven(residuals=True) with a fixed damping, no step control (full-batch tasks only)"
+
+    def supports(self, task: AnyTask) -> bool:
+        return isinstance(task, FullBatchTask)
+
+    def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
+        return [dict(SVEN_PLAIN)] if self.supports(task) else []
+
+    def make(self, model: nn.Module, task: Task, hparams: Hparams) -> Stepper:
+        raise NotImplementedError("sven-plain runs on the full-batch tasks only")
+
+    def make_full_batch(self, model: nn.Module, problem: Residuals, hparams: Hparams) -> FullBatchStepper:
+        opt = sven.Sven(model.parameters(), residuals=True, rank=None, **hparams)  # type: ignore[arg-type]
+        return _SvenFullBatch(problem, opt)
+
+
 class _SvenReference(OptimizerFactory):
     name = "sven-reference"
     description = "the original code's Sven: jacrev Jacobian, full torch.linalg.svd, then truncation (task defaults)"
 
-    def grid(self, task: Task, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
-        return [dict(task.sven_defaults)]
+    def supports(self, task: AnyTask) -> bool:
+        return isinstance(task, Task)
+
+    def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
+        return [dict(task.sven_defaults)] if self.supports(task) else []
 
     def make(self, model: nn.Module, task: Task, hparams: Hparams) -> Stepper:
         return ReferenceSven(
@@ -397,6 +548,8 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
         _LBFGS(),
         _Polyak(),
         _SvenReference(),
+        _SvenPlain(),
+        _SvenNative(),
     )
 }
 

@@ -9,9 +9,11 @@ file behind.
   aggregates and the goals. NaN and infinities are written as ``null``.
 * ``results.md``: one table per task (the selected grid point of each
   optimizer, medians over seeds; the best value of each column in bold),
-  the grid points, and the goals: Sven against the best Adam (ratio of final
-  validation losses and of training times) and Sven's time-to-target speedup
-  over the best baseline.
+  the grid points, the task goals (:class:`~sven.bench.tasks.base.Goal`, and
+  for every task "no stalling seed": Sven's worst seed within 10 times its
+  median), each met or missed with its numbers, and Sven against the best
+  Adam (ratio of final validation losses and of training times) and Sven's
+  time-to-target speedup over the best baseline.
 * ``val_loss_vs_epoch.png``, ``val_loss_vs_time.png``: one panel per task,
   the median validation loss over seeds with a min/max band, log scale.
 """
@@ -30,14 +32,29 @@ from typing import Any
 
 from truncpinv._optional import require
 
-from .runner import BenchResults
+from .runner import BenchConfig, BenchResults, RunResult
+from .tasks import get_task
 
-__all__ = ["PLOTS", "goals", "markdown", "to_jsonable", "write_all", "write_json", "write_markdown", "write_plots"]
+__all__ = [
+    "PLOTS",
+    "STALL_FACTOR",
+    "check_goals",
+    "goals",
+    "markdown",
+    "read_json",
+    "to_jsonable",
+    "write_all",
+    "write_json",
+    "write_markdown",
+    "write_plots",
+]
 
 #: File names of the plots.
 PLOTS = ("val_loss_vs_epoch.png", "val_loss_vs_time.png")
 #: Optimizers that are Sven itself (excluded from "best baseline").
-SVEN_NAMES = ("sven", "sven-reference")
+SVEN_NAMES = ("sven", "sven-reference", "sven-plain", "sven-native")
+#: "No stalling seed": Sven's worst seed ends within this factor of its median.
+STALL_FACTOR = 10.0
 COLORS = {
     "sven": "tab:red",
     "sven-reference": "tab:pink",
@@ -46,6 +63,8 @@ COLORS = {
     "rmsprop": "tab:orange",
     "lbfgs": "tab:purple",
     "polyak": "tab:brown",
+    "sven-plain": "tab:olive",
+    "sven-native": "tab:cyan",
 }
 
 
@@ -126,6 +145,69 @@ def goals(results: BenchResults) -> dict[str, dict[str, Any]]:
     return out
 
 
+def check_goals(results: BenchResults) -> dict[str, list[dict[str, Any]]]:
+    """Per task, each of its goals (and "no stalling seed") checked on the medians of this run.
+
+    Returns:
+        ``{task: [{"goal": text, "measured": text, "met": bool | None}, ...]}``;
+        ``met`` is ``None`` when the run lacks what the goal needs (e.g. no Adam run).
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    for task, per_opt in results.summary().items():
+        s, a = per_opt.get("sven"), per_opt.get("adam")
+        if s is None:
+            continue
+        t = get_task(task)
+        loss_name = "error" if results.tasks.get(task, {}).get("unit") == "step" else "validation loss"
+        rows: list[dict[str, Any]] = []
+        for goal in t.goals:
+            value: float | None = None
+            if goal.kind == "loss":
+                value = s["final_val_loss"]["median"]
+                measured = f"{_sci(value)}"
+            elif goal.kind == "time_to_target":
+                value = math.inf if s["time_to_target"] is None else s["time_to_target"]
+                budget = s["wall_time"]["median"]
+                measured = (
+                    f"not reached in {_secs(budget)} s (median final {_sci(s['final_val_loss']['median'])})"
+                    if math.isinf(value)
+                    else f"{_secs(value)} s"
+                )
+            elif a is None:
+                measured = "no adam run"
+            elif goal.kind == "loss_ratio":
+                value = _ratio(s["final_val_loss"]["median"], a["final_val_loss"]["median"])
+                measured = (
+                    f"{_num(value)} (Sven {_sci(s['final_val_loss']['median'])}, Adam {a['config']} "
+                    f"{_sci(a['final_val_loss']['median'])})"
+                )
+            else:  # time_ratio
+                value = _ratio(s["wall_time"]["median"], a["wall_time"]["median"])
+                measured = f"{_num(value)} ({_secs(s['wall_time']['median'])} s vs {_secs(a['wall_time']['median'])} s)"
+            met = None if value is None else bool(value <= goal.value)
+            rows.append({"goal": goal.describe(loss_name, t.target), "measured": measured, "met": met})
+        finals = [r.final_val_loss for r in results.runs_of(task, "sven") if r.config == s["config"]]
+        if len(finals) > 1:
+            med = statistics.median(finals)
+            worst = max(finals) if all(math.isfinite(f) for f in finals) else math.inf
+            factor = _ratio(worst, med) if math.isfinite(worst) else math.inf
+            rows.append(
+                {
+                    "goal": f"no stalling seed: Sven's worst seed <= {STALL_FACTOR:g} x its median",
+                    "measured": f"worst / median = {_num(factor)} ({_sci(worst)} / {_sci(med)})",
+                    "met": factor is not None and factor <= STALL_FACTOR,
+                }
+            )
+        out[task] = rows
+    return out
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return "∞" if math.isinf(x) else f"{x:.3g}"
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -145,8 +227,32 @@ def to_jsonable(results: BenchResults) -> dict[str, Any]:
             "tasks": results.tasks,
             "summary": results.summary(),
             "goals": goals(results),
+            "goal_checks": check_goals(results),
             "runs": [r.to_dict() for r in results.runs],
         }
+    )
+
+
+def read_json(path: Path) -> BenchResults:
+    """The :class:`BenchResults` of a ``results.json`` written by :func:`write_json` (to redo the report)."""
+    d = json.loads(Path(path).read_text(encoding="utf-8"))
+    cfg = {k: v for k, v in d["config"].items() if k != "selection_seeds"}
+    cfg["tasks"], cfg["optimizers"] = tuple(cfg["tasks"]), tuple(cfg["optimizers"])
+    names = set(RunResult.__dataclass_fields__)
+    runs = []
+    for r in d["runs"]:
+        run = RunResult(**{k: v for k, v in r.items() if k in names})
+        run.val_loss = [math.nan if v is None else v for v in run.val_loss]
+        runs.append(run)
+    return BenchResults(
+        BenchConfig(**cfg),
+        d["machine"],
+        tasks=d["tasks"],
+        runs=runs,
+        interrupted=d["interrupted"],
+        started=d["started"],
+        elapsed=d["elapsed_s"] or 0.0,
+        command=d["command"],
     )
 
 
@@ -176,15 +282,17 @@ def _bold_best(cells: list[str], values: Sequence[float | None], *, higher: bool
 def _task_table(results: BenchResults, task: str, per_opt: dict[str, dict[str, Any]]) -> list[str]:
     metric_names = list(results.tasks.get(task, {}).get("metrics", []))
     n_seeds = results.config.seeds
-    head = ["optimizer", "selected", "final val loss: median [min, max]", "train time [s]"]
-    head += ["time to target [s]", "epochs to target", "step [ms]", *metric_names]
+    unit = results.tasks.get(task, {}).get("unit", "epoch")
+    loss = "final error" if unit == "step" else "final val loss"
+    head = ["optimizer", "selected", f"{loss}: median [min, max]", "train time [s]"]
+    head += ["time to target [s]", f"{unit}s to target", "step [ms]", *metric_names]
     columns: list[tuple[list[str], list[float | None], bool]] = []
     names = list(per_opt)
-    loss = [per_opt[o]["final_val_loss"] for o in names]
+    finals = [per_opt[o]["final_val_loss"] for o in names]
     columns.append(
         (
-            [f"{_sci(x['median'])} [{_sci(x['min'])}, {_sci(x['max'])}]" for x in loss],
-            [x["median"] for x in loss],
+            [f"{_sci(x['median'])} [{_sci(x['min'])}, {_sci(x['max'])}]" for x in finals],
+            [x["median"] for x in finals],
             False,
         )
     )
@@ -206,7 +314,10 @@ def _task_table(results: BenchResults, task: str, per_opt: dict[str, dict[str, A
     columns.append((["–" if s is None else f"{s:.2f}" for s in step], step, False))
     for m in metric_names:
         vals = [per_opt[o]["metrics"].get(m, {}).get("median") for o in names]
-        columns.append((["–" if v is None else f"{v:.4f}" for v in vals], vals, True))
+        if m == "accuracy":
+            columns.append((["–" if v is None else f"{v:.4f}" for v in vals], vals, True))
+        else:
+            columns.append(([_sci(v) for v in vals], vals, False))
     bolded = [_bold_best(cells, values, higher=higher) for cells, values, higher in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for i, o in enumerate(names):
@@ -252,6 +363,25 @@ def _grid_table(results: BenchResults, task: str, per_opt: dict[str, dict[str, A
     ]
 
 
+def _goal_checks_table(results: BenchResults) -> list[str]:
+    checks = check_goals(results)
+    rows = [(t, c) for t, cs in checks.items() for c in cs]
+    if not rows:
+        return []
+    mark = {True: "**met**", False: "**missed**", None: "–"}
+    lines = [
+        "## Goals",
+        "",
+        "Each task's goals for Sven, checked on the medians of this run (`sven` = the task's Sven "
+        "settings; Adam = its best grid point).",
+        "",
+        "| task | goal | measured | |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {t} | {c['goal']} | {c['measured']} | {mark[c['met']]} |" for t, c in rows]
+    return [*lines, ""]
+
+
 def _goals_table(results: BenchResults) -> list[str]:
     g = goals(results)
     if not g:
@@ -263,7 +393,7 @@ def _goals_table(results: BenchResults) -> list[str]:
         return "∞" if math.isinf(x) else fmt.format(x)
 
     lines = [
-        "## Goals: Sven against the best Adam and the best baseline",
+        "## Sven against the best Adam and the best baseline",
         "",
         "Loss ratio = Sven / best-Adam median final validation loss (below 1: Sven is better). "
         "Time ratio = Sven / best-Adam median training time. Speedup = time-to-target of the fastest "
@@ -318,17 +448,20 @@ def markdown(results: BenchResults, plots: Sequence[str] = PLOTS) -> str:
         n_train = t.get("n_train")
         full = t.get("data", {}).get("n_train_full")
         sizes = f"{n_train} train" + (f" (subsampled from {full})" if full else "") + f" / {t.get('n_val')} validation"
+        if t.get("unit") == "step":
+            sizes = f"full batch, {t.get('time_budget'):g} s of training per run"
         lines += [
             "",
             f"## {task}",
             "",
-            f"{t.get('summary', '')}. {sizes}; {t.get('n_params')} parameters. Validation loss: "
+            f"{t.get('summary', '')}. {sizes}; {t.get('n_params')} parameters. "
+            f"{'Error' if t.get('unit') == 'step' else 'Validation loss'}: "
             f"{t.get('loss', '')}; target {t.get('target'):g}.",
             "",
             *_task_table(results, task, per_opt),
             *_grid_table(results, task, per_opt),
         ]
-    lines += ["", *_goals_table(results)]
+    lines += ["", *_goal_checks_table(results), *_goals_table(results)]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p}]({p})" for p in plots]
@@ -387,14 +520,17 @@ def write_plots(results: BenchResults, out_dir: Path) -> list[Path]:
             ax.set_yscale("log")
             ax.axhline(t.get("target", nan), color="grey", lw=0.8, ls=":")
             ax.set_title(f"{task} (target {t.get('target', nan):g}, dotted)", fontsize=10)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("validation loss")
+            ax.set_xlabel("step" if xkey == "epoch" and t.get("unit") == "step" else xlabel)
+            ax.set_ylabel(t.get("loss", "validation loss") if t.get("unit") == "step" else "validation loss")
+            if xkey == "train_time" and t.get("unit") == "step":
+                ax.set_xscale("log")
             ax.grid(alpha=0.3, which="both")
         for ax in list(axes.flat)[n:]:
             ax.set_visible(False)
         seeds = results.config.seeds
         fig.suptitle(
-            f"validation loss of each optimizer's selected grid point, median over {seeds} seed"
+            f"validation loss (full-batch tasks: error) of each optimizer's selected grid point, "
+            f"median over {seeds} seed"
             + ("s (band: min to max)" if seeds > 1 else "")
             + (" — quick run" if results.config.quick else ""),
             fontsize=11,

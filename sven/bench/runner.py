@@ -9,6 +9,15 @@ target, counted in cumulative training time), and the task's extra metrics
 (accuracy for the digits tasks). A run whose validation loss becomes NaN or
 Inf, or whose step raises an error, stops there and is marked ``diverged``.
 
+**Full-batch tasks** (:func:`run_full_batch`, the PINNs) have no epochs: a
+run steps on the task's residuals until its wall-time budget is spent and is
+evaluated (outside the clock) after the first step past each of the task's
+log-spaced checkpoint times. The same :class:`RunResult` fields then hold: in
+``epochs`` the steps taken at each evaluation, in ``val_loss`` the task's
+error (the relative L2 error), in ``train_time`` the clock; since every run
+is evaluated at the same checkpoint times, the curves of different seeds
+line up entry by entry.
+
 **Grid selection** (:func:`select_config`): every grid point of an
 optimizer is run on the *selection seeds* and the point with the lowest
 median final validation loss is reported (ties: the first in grid order).
@@ -43,7 +52,7 @@ import torch
 from truncpinv._optional import require
 
 from .optimizers import Hparams, OptimizerFactory, format_hparams, get_optimizer, train_epoch
-from .tasks import Task, TaskData, get_task
+from .tasks import AnyTask, FullBatchTask, Task, TaskData, get_task
 
 __all__ = [
     "BenchConfig",
@@ -52,6 +61,7 @@ __all__ = [
     "aggregate",
     "machine_info",
     "run_benchmark",
+    "run_full_batch",
     "run_one",
     "select_config",
 ]
@@ -66,7 +76,8 @@ class RunResult:
         optimizer: optimizer name.
         hparams: the grid point.
         seed: model seed.
-        epochs: ``[0, 1, ..., E]`` (shorter if the run diverged).
+        epochs: ``[0, 1, ..., E]`` (shorter if the run diverged); for a full-batch task the steps taken
+            at each evaluation.
         val_loss: validation loss at each entry of ``epochs``.
         train_time: cumulative training time in seconds at each entry of ``epochs`` (``0.0`` first).
         epoch_time: training time of each epoch, seconds (one fewer entry than ``epochs``).
@@ -127,7 +138,8 @@ class BenchConfig:
         tasks: task names.
         optimizers: optimizer names.
         seeds: number of model seeds (``0 .. seeds - 1``).
-        epochs: epochs per run.
+        epochs: epochs per run (mini-batch tasks).
+        seconds: wall-time budget of a run on a full-batch task (``None``: the task's own).
         quick: ``--quick``: subsampled training sets and reduced baseline grids.
         sven_grid: ``--grid``: Sven's own hyperparameter grid.
         grid_all_seeds: run every grid point on every seed (default: grids on the first seed only).
@@ -139,6 +151,7 @@ class BenchConfig:
     optimizers: tuple[str, ...]
     seeds: int = 3
     epochs: int = 20
+    seconds: float | None = None
     quick: bool = False
     sven_grid: bool = False
     grid_all_seeds: bool = False
@@ -150,6 +163,8 @@ class BenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if self.seconds is not None and (isinstance(self.seconds, bool) or not self.seconds > 0):
+            raise ValueError(f"`seconds` must be a positive number, got {self.seconds!r}")
         if not self.tasks:
             raise ValueError("`tasks` must name at least one task")
         if not self.optimizers:
@@ -158,6 +173,12 @@ class BenchConfig:
             get_task(t)
         for o in self.optimizers:
             get_optimizer(o)
+
+    def budget(self, task: FullBatchTask) -> float:
+        """The wall-time budget of a run on ``task``: ``seconds``, else the task's (quick) budget."""
+        if self.seconds is not None:
+            return float(self.seconds)
+        return task.quick_time_budget if self.quick else task.time_budget
 
     @property
     def selection_seeds(self) -> list[int]:
@@ -302,6 +323,72 @@ def run_one(
     return res
 
 
+def run_full_batch(
+    task: FullBatchTask,
+    factory: OptimizerFactory,
+    hparams: Hparams,
+    seed: int,
+    *,
+    seconds: float,
+    progress: Callable[[int, float], None] | None = None,
+) -> RunResult:
+    """Train a fresh model of the full-batch ``task`` for ``seconds`` of wall time and record its error.
+
+    Args:
+        task: the task.
+        factory: the optimizer.
+        hparams: its grid point.
+        seed: model seed.
+        seconds: wall-time budget (steps only; the evaluations are outside the clock).
+        progress: called after each evaluation with ``(checkpoint index, error)``.
+
+    Returns:
+        The :class:`RunResult` (``epochs`` holds the step counts of the evaluations).
+    """
+    model = task.model(seed)
+    problem = task.problem(model)
+    stepper = factory.make_full_batch(model, problem, hparams)
+    res = RunResult(task.name, factory.name, dict(hparams), seed)
+
+    def record(steps: int, clock: float) -> None:
+        ev = task.evaluate(model, problem)
+        res.epochs.append(steps)
+        res.val_loss.append(ev.pop("loss"))
+        res.train_time.append(clock)
+        for k, v in ev.items():
+            res.metrics.setdefault(k, []).append(v)
+        if res.time_to_target is None and res.val_loss[-1] < task.target:
+            res.time_to_target, res.epochs_to_target = clock, steps
+        res.diverged = res.diverged or not _finite(res.val_loss[-1])
+
+    checkpoints = task.checkpoints(seconds)
+    step_times: list[float] = []
+    clock, nxt = 0.0, 0
+    record(0, 0.0)
+    while nxt < len(checkpoints) and not res.diverged:
+        t0 = time.perf_counter()
+        try:
+            loss = stepper.step()
+        except (RuntimeError, ValueError, FloatingPointError) as e:
+            res.diverged, res.error = True, f"{type(e).__name__}: {e}"
+            break
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        clock += dt
+        if not bool(torch.isfinite(loss).all()):
+            res.diverged, res.error = True, "non-finite training loss"
+            break
+        while nxt < len(checkpoints) and clock >= checkpoints[nxt]:  # one entry per checkpoint passed
+            record(len(step_times), clock)
+            nxt += 1
+            if progress is not None:
+                progress(nxt, res.val_loss[-1])
+    res.epoch_time = [b - a for a, b in zip(res.train_time, res.train_time[1:])]
+    res.n_steps = len(step_times)
+    res.step_time_median = statistics.median(step_times) if step_times else None
+    return res
+
+
 def _score(runs: Sequence[RunResult]) -> float:
     """Median final validation loss; NaN (diverged) counts as +inf."""
     return statistics.median(r.final_val_loss if _finite(r.final_val_loss) else math.inf for r in runs)
@@ -351,7 +438,8 @@ def aggregate(runs: Sequence[RunResult], selection_seeds: Sequence[int]) -> dict
         (seeds that reached the target), ``epochs_to_target``,
         ``step_time_median``, ``diverged``, per extra metric its final
         median/min/max, and ``curves`` (per epoch: median/min/max validation
-        loss and median cumulative training time) for the plots.
+        loss, median cumulative training time and median epoch, or step count of a full-batch task)
+        for the plots.
     """
     config = select_config(runs, selection_seeds)
     if config is None:  # no run on a selection seed yet (cannot happen in run order): use what is there
@@ -380,7 +468,7 @@ def aggregate(runs: Sequence[RunResult], selection_seeds: Sequence[int]) -> dict
         vals = [r.val_loss[i] for r in chosen if i < len(r.val_loss)]
         times = [r.train_time[i] for r in chosen if i < len(r.train_time)]
         s = _stats(vals)
-        curves["epoch"].append(i)
+        curves["epoch"].append(statistics.median(r.epochs[i] for r in chosen if i < len(r.epochs)))
         curves["median"].append(s["median"])
         curves["min"].append(s["min"])
         curves["max"].append(s["max"])
@@ -389,10 +477,12 @@ def aggregate(runs: Sequence[RunResult], selection_seeds: Sequence[int]) -> dict
     return out
 
 
-def _plan(config: BenchConfig, task: Task, factory: OptimizerFactory) -> tuple[list[Hparams], int]:
-    """The grid of ``factory`` on ``task`` and the number of runs it will take."""
+def _plan(config: BenchConfig, task: AnyTask, factory: OptimizerFactory) -> tuple[list[Hparams], int]:
+    """The grid of ``factory`` on ``task`` and the number of runs it will take (none if it does not apply)."""
+    if not factory.supports(task):
+        return [], 0
     points = factory.grid(task, quick=config.quick, sven_grid=config.sven_grid)
-    if len(points) == 1 or config.grid_all_seeds:
+    if len(points) <= 1 or config.grid_all_seeds:
         return points, len(points) * config.seeds
     return points, len(points) + config.seeds - 1
 
@@ -433,30 +523,40 @@ def run_benchmark(
         if on_run is not None:
             on_run(results)
 
-    def one(task: Task, data: TaskData, factory: OptimizerFactory, hparams: Hparams, seed: int) -> RunResult:
+    def one(task: AnyTask, data: TaskData | None, factory: OptimizerFactory, hparams: Hparams, seed: int) -> RunResult:
         desc = f"{task.name} {factory.name} {format_hparams(hparams)} seed {seed}"
-        ebar = tqdm(total=config.epochs, desc=desc, unit="epoch", leave=False, disable=not show, position=1)
+        full = isinstance(task, FullBatchTask)
+        total = task.n_checkpoints if isinstance(task, FullBatchTask) else config.epochs
+        unit = "checkpoint" if full else "epoch"
+        ebar = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not show, position=1)
 
         def progress(epoch: int, val: float) -> None:
             ebar.update(1)
             ebar.set_postfix(val=f"{val:.2e}")
 
         try:
+            if isinstance(task, FullBatchTask):
+                return run_full_batch(task, factory, hparams, seed, seconds=config.budget(task), progress=progress)
+            assert data is not None
             return run_one(task, factory, hparams, seed, data=data, epochs=config.epochs, progress=progress)
         finally:
             ebar.close()
 
     try:
         for task in tasks:
-            data = task.data()
-            if config.quick and task.quick_n_train is not None:
-                data = data.subsample(task.quick_n_train)
-            results.tasks[task.name] = {**task.describe(), "n_train": data.n_train, "n_val": data.n_val}
-            results.tasks[task.name]["data"] = dict(data.info)
+            data: TaskData | None = None
+            if isinstance(task, FullBatchTask):
+                results.tasks[task.name] = {**task.describe(), "time_budget": config.budget(task)}
+            else:
+                data = task.data()
+                if config.quick and task.quick_n_train is not None:
+                    data = data.subsample(task.quick_n_train)
+                results.tasks[task.name] = {**task.describe(), "n_train": data.n_train, "n_val": data.n_val}
+                results.tasks[task.name]["data"] = dict(data.info)
             results.tasks[task.name]["n_params"] = sum(p.numel() for p in task.model(0).parameters())
             for factory in factories:
                 points, _ = _plan(config, task, factory)
-                first = range(config.seeds) if (len(points) == 1 or config.grid_all_seeds) else [0]
+                first = range(config.seeds) if (len(points) <= 1 or config.grid_all_seeds) else [0]
                 for hparams in points:
                     for seed in first:
                         finish(one(task, data, factory, hparams, seed))

@@ -1,29 +1,51 @@
 """The benchmark tasks of ``docs/tasks.md``, one per file, and their registry.
 
-Adding a task: write a :class:`~sven.bench.tasks.base.Task` subclass in a new
-file and add one line to :data:`TASKS`.
+Two kinds: mini-batch tasks (:class:`~sven.bench.tasks.base.Task`: data,
+batches, epochs, a validation loss) and full-batch, time-budgeted tasks
+(:class:`~sven.bench.tasks.full_batch.FullBatchTask`: residuals, a wall-time
+budget, an error metric), the PINNs. Adding a task: write a subclass of
+either in a new file and add one line to :data:`TASKS`.
 """
 
 from __future__ import annotations
 
-from .base import Task, TaskData, batches, mlp, per_sample_mse
+from .base import Goal, Task, TaskData, batches, mlp, per_sample_mse
 from .digits import DigitsTask
 from .digits_ce import DigitsCETask
+from .full_batch import FullBatchTask
+from .heat1d import Heat1DTask
+from .poisson2d import Poisson2DTask
 from .polynomial import PolynomialTask
 from .toy1d import Toy1DTask
 
-__all__ = ["TASKS", "Task", "TaskData", "batches", "get_task", "mlp", "per_sample_mse"]
+__all__ = [
+    "TASKS",
+    "AnyTask",
+    "FullBatchTask",
+    "Goal",
+    "Task",
+    "TaskData",
+    "batches",
+    "get_task",
+    "mlp",
+    "per_sample_mse",
+]
+
+#: A task of either kind.
+AnyTask = Task | FullBatchTask
 
 #: Registry: task name -> task class.
-TASKS: dict[str, type[Task]] = {
+TASKS: dict[str, type[Task] | type[FullBatchTask]] = {
     "toy1d": Toy1DTask,
     "polynomial": PolynomialTask,
     "digits": DigitsTask,
     "digits-ce": DigitsCETask,
+    "poisson2d": Poisson2DTask,
+    "heat1d": Heat1DTask,
 }
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> AnyTask:
     """A new instance of the task registered as ``name``.
 
     Raises:

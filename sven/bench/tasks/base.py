@@ -17,7 +17,41 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["Task", "TaskData", "batches", "mlp", "per_sample_mse"]
+__all__ = ["GOAL_KINDS", "Goal", "Task", "TaskData", "batches", "mlp", "per_sample_mse"]
+
+
+#: What a :class:`Goal` bounds, and how it reads in the report.
+GOAL_KINDS = {
+    "loss": "Sven's median final {loss} <= {value:g}",
+    "loss_ratio": "Sven / best Adam median final {loss} <= {value:g}",
+    "time_ratio": "Sven / best Adam median training time <= {value:g}",
+    "time_to_target": "Sven's median time to {target:g} <= {value:g} s",
+}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal of a task for Sven (the issue's goals), checked by :func:`sven.bench.report.goals`.
+
+    Attributes:
+        kind: one of :data:`GOAL_KINDS`: an upper bound on Sven's median final
+            loss, on its ratio to the best Adam's, on the ratio of training
+            times, or on Sven's time to the task's target.
+        value: the bound.
+    """
+
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in GOAL_KINDS:
+            raise ValueError(f"`kind` must be one of {', '.join(GOAL_KINDS)}, got {self.kind!r}")
+        if not self.value > 0:
+            raise ValueError(f"`value` must be positive, got {self.value!r}")
+
+    def describe(self, loss: str = "loss", target: float = 0.0) -> str:
+        """The goal as a sentence fragment, e.g. ``"Sven's median final loss <= 1e-08"``."""
+        return GOAL_KINDS[self.kind].format(loss=loss, value=self.value, target=target)
 
 
 def per_sample_mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -139,6 +173,7 @@ class Task(abc.ABC):
         metric_names: extra metrics returned by :meth:`metrics` (e.g. ``("accuracy",)``).
         quick_n_train: training-set size under ``--quick`` (``None``: the whole set).
         loss_label: what the validation loss is, for tables and plot axes.
+        goals: what Sven should reach on this task (:class:`Goal`).
     """
 
     name: ClassVar[str]
@@ -150,6 +185,7 @@ class Task(abc.ABC):
     metric_names: ClassVar[tuple[str, ...]] = ()
     quick_n_train: ClassVar[int | None] = None
     loss_label: ClassVar[str] = "mean per-sample MSE"
+    goals: ClassVar[tuple[Goal, ...]] = ()
 
     def __init__(self) -> None:
         self._data: TaskData | None = None
@@ -197,4 +233,6 @@ class Task(abc.ABC):
             "sven_defaults": dict(self.sven_defaults),
             "metrics": list(self.metric_names),
             "loss": self.loss_label,
+            "goals": [g.describe("validation loss", self.target) for g in self.goals],
+            "unit": "epoch",
         }

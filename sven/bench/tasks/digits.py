@@ -28,7 +28,7 @@ from torch import nn
 
 from truncpinv._optional import require
 
-from .base import Task, TaskData, mlp
+from .base import Goal, Task, TaskData, mlp
 
 __all__ = ["LOADER_SEED", "SPLIT_SEED", "DigitsTask", "load_digits_split"]
 
@@ -75,6 +75,7 @@ class DigitsTask(Task):
     loader_seed = LOADER_SEED
     target = 0.1
     sven_defaults: ClassVar[Mapping[str, float | int]] = {"lr": 0.5, "rank": 32, "rtol": 1e-4, "kappa": 2.0}
+    goals: ClassVar[tuple[Goal, ...]] = (Goal("loss_ratio", 1.0),)
     metric_names = ("accuracy",)
     loss_label = "mean per-sample ||f(x) - onehot(y)||^2"
 

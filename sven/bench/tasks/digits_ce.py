@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from .base import Goal
 from .digits import DigitsTask
 
 __all__ = ["DigitsCETask"]
@@ -29,6 +30,7 @@ class DigitsCETask(DigitsTask):
     summary = "sklearn digits as in `digits`, per-sample cross-entropy, Sven with kappa=2"
     target = 0.15
     sven_defaults: ClassVar[Mapping[str, float | int]] = {"lr": 0.5, "rank": 32, "rtol": 1e-4, "kappa": 2.0}
+    goals: ClassVar[tuple[Goal, ...]] = (Goal("loss_ratio", 1.0),)
     loss_label = "mean per-sample cross-entropy"
 
     def per_sample_loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

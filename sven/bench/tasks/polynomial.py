@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Task, TaskData, mlp
+from .base import Goal, Task, TaskData, mlp
 
 __all__ = ["DATA_SEED", "LOADER_SEED", "N_VARS", "PolynomialTask", "polynomial_terms", "polynomial_values"]
 
@@ -107,6 +107,7 @@ class PolynomialTask(Task):
     loader_seed = LOADER_SEED
     target = 1e-2
     sven_defaults: ClassVar[Mapping[str, float | int]] = {"lr": 0.5, "rank": 32, "rtol": 1e-3, "kappa": 2.0}
+    goals: ClassVar[tuple[Goal, ...]] = (Goal("loss_ratio", 0.1),)
     quick_n_train = 2_000
 
     def build_data(self) -> TaskData:

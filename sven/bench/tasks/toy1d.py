@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import Task, TaskData, mlp
+from .base import Goal, Task, TaskData, mlp
 
 __all__ = ["DATA_SEED", "LOADER_SEED", "Toy1D", "Toy1DTask", "make_toy1d", "target_fn"]
 
@@ -85,6 +85,7 @@ class Toy1DTask(Task):
     loader_seed = LOADER_SEED
     target = 1e-4
     sven_defaults: ClassVar[Mapping[str, float | int]] = {"lr": 0.1, "rank": 16, "rtol": 1e-3, "kappa": 2.0}
+    goals: ClassVar[tuple[Goal, ...]] = (Goal("loss", 1e-8), Goal("time_ratio", 1.5))
     quick_n_train = 2_000
 
     def build_data(self) -> TaskData:
