@@ -1,0 +1,61 @@
+"""``autograd_jacobian`` of a tall Jacobian (more rows than parameters) comes column by column."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from sven.linearize.dense import autograd_jacobian
+
+
+def _rows_one_by_one(out: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    rows = []
+    for i in range(out.shape[0]):
+        gs = torch.autograd.grad(out[i], params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([torch.zeros(p.numel(), dtype=out.dtype) if g is None else g.reshape(-1)
+                               for p, g in zip(params, gs)]))  # fmt: skip
+    return torch.stack(rows)
+
+
+def _pinn(n: int = 60) -> tuple[torch.nn.Module, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)).double()
+    x = torch.rand(n, 2, generator=g, dtype=torch.float64).requires_grad_(True)
+    u = net(x)[:, 0]
+    (gu,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    lap = sum(torch.autograd.grad(gu[:, i].sum(), x, create_graph=True)[0][:, i] for i in range(2))
+    out = torch.cat([lap + torch.sin(math.pi * x[:, 0]), 0.1 * u])  # 2n rows, 25 parameters
+    return net, out
+
+
+def test_a_tall_jacobian_with_input_derivatives_matches_the_rows() -> None:
+    net, out = _pinn()
+    params = list(net.parameters())
+    assert out.shape[0] > sum(p.numel() for p in params)
+    ref = _rows_one_by_one(out, params)
+    torch.testing.assert_close(autograd_jacobian(out, params), ref, rtol=1e-10, atol=1e-12)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x)
+        return x.tanh()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+        (x,) = ctx.saved_tensors
+        return g * (1 - x.tanh() ** 2)
+
+
+def test_an_operation_without_double_backward_falls_back_to_the_rows() -> None:
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(3, 2).double()
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    out = _NoDoubleBackward.apply(lin(x)).reshape(-1)  # 80 rows, 8 parameters
+    params = list(lin.parameters())
+    ref = _rows_one_by_one(out, params)  # (the rows path frees the graph)
+    torch.testing.assert_close(autograd_jacobian(out, params), ref, rtol=1e-10, atol=1e-12)
