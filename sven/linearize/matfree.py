@@ -79,6 +79,12 @@ _Kind = Literal["matmat", "rmatmat"]
 _Product = Callable[[torch.Tensor], torch.Tensor]
 
 _WARMED_UP = False
+#: ``M X`` needs the backward pass to be differentiable once more.
+_NO_DOUBLE_BACKWARD = (
+    "M X by the double-backward trick is not available: a backward step of the closure's graph is not "
+    "differentiable (e.g. a once_differentiable autograd.Function); use the materialised Jacobian "
+    "(jacobian='autograd') or products with M^T only"
+)
 
 
 def _warm_up_batched_grad() -> None:
@@ -351,8 +357,14 @@ class ClosureJacobian:
                 gs = torch.autograd.grad(
                     self._out, self._params, grad_outputs=u, create_graph=True, retain_graph=True, allow_unused=True
                 )
-            # a piece without a graph does not depend on u; being linear in u it is zero
-            self._dual = (u, [(i, g) for i, g in enumerate(gs) if g is not None and g.requires_grad])
+            # A parameter that the rows use has a piece J_i^T u that is linear in u and recorded with
+            # create_graph. A piece without a graph means a backward step did not record itself (a
+            # ``once_differentiable`` autograd.Function, a backward without a derivative): M X would
+            # silently miss those columns, so it is refused.
+            lost = [i for i, g in enumerate(gs) if g is not None and not g.requires_grad]
+            if lost:
+                raise RuntimeError(f"{_NO_DOUBLE_BACKWARD} (parameter(s) {lost})")
+            self._dual = (u, [(i, g) for i, g in enumerate(gs) if g is not None])
         return self._dual
 
     def _split(self, Xt: torch.Tensor, lead: tuple[int, ...]) -> list[torch.Tensor]:
@@ -371,14 +383,18 @@ class ClosureJacobian:
             retain_graph=True,
             allow_unused=True,
         )
-        return torch.zeros(Xt.shape[0], u.shape[0], dtype=self.dtype, device=self.device) if res is None else res
+        if res is None:
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        return res
 
     def _jvp(self, x: torch.Tensor) -> torch.Tensor:
         u, gs = self._dual_graph()
         (res,) = torch.autograd.grad(
             [g for _, g in gs], u, grad_outputs=self._split(x, ()), retain_graph=True, allow_unused=True
         )
-        return u.detach().new_zeros(u.shape) if res is None else res
+        if res is None:
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        return res
 
 
 def gram_from_operator(
