@@ -48,7 +48,7 @@ import torch
 
 from ._certify import UncertifiedResultWarning
 from ._factorization import TruncatedPinv, no_tf32
-from ._operator import aslinearoperator
+from ._operator import OperatorView, aslinearoperator
 from ._tolerance import make_tolerance
 from .solvers import Auto, DenseSVD, GramEigen, Lanczos, Solver
 from .solvers.gram_eigen import _zero_below
@@ -65,23 +65,8 @@ _FLOATS = (torch.float32, torch.float64)
 NAME = "from_gram"
 
 
-class _RmatmatOperator:
+class _RmatmatOperator(OperatorView):
     """An object with ``shape``/``dtype``/``device``/``rmatmat`` only: ``matmat`` is never needed here."""
-
-    def __init__(self, op: Any) -> None:
-        self.op = op
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.op.shape[0]), int(self.op.shape[1]))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.op.dtype  # type: ignore[no-any-return]
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self.op.device)
 
     def matmat(self, X: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"the operator {type(self.op).__name__} only provides `rmatmat`")

@@ -40,6 +40,25 @@ class LinearOperator(Protocol):
         ...
 
 
+class OperatorView:
+    """Base of an operator that wraps another one, ``op``: ``shape``, ``dtype`` and ``device`` are ``op``'s."""
+
+    def __init__(self, op: Any) -> None:
+        self.op = op
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.op.shape[0]), int(self.op.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype  # type: ignore[no-any-return]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.op.device)
+
+
 class TensorOperator:
     """A dense ``torch.Tensor`` seen as an operator (``matmat`` is ``A @ X``)."""
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._operator import LinearOperator, aslinearoperator, is_operator
+from ._operator import LinearOperator, OperatorView, aslinearoperator, is_operator
 
 __all__ = ["PreparedMatrix", "prepare_matrix", "prepare_rhs"]
 
@@ -49,7 +49,7 @@ _NOT_FINITE = (
 )
 
 
-class FiniteCheckedOperator:
+class FiniteCheckedOperator(OperatorView):
     """An operator whose every product is checked for NaN/Inf (``check_finite=True``).
 
     An operator's entries cannot be scanned, so the first product that shows a
@@ -58,21 +58,6 @@ class FiniteCheckedOperator:
     one reduction per product (a sum: NaN and Inf propagate through it; an
     overflowing sum of finite values falls through to an exact scan).
     """
-
-    def __init__(self, op: LinearOperator) -> None:
-        self.op = op
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.op.shape[0]), int(self.op.shape[1]))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.op.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.op.device
 
     @staticmethod
     def _checked(Y: torch.Tensor, X: torch.Tensor, what: str) -> torch.Tensor:

@@ -147,9 +147,8 @@ class Linearizer:
                 return res
             if self.requested == "pointwise":
                 raise ValueError(f"`jacobian='pointwise'` does not apply: {res.reason}")
-            with torch.enable_grad():  # exact and slow: batched autograd through the input derivatives
-                out = rows(closure())
-            return Linearization(out.detach(), out.detach(), autograd_jacobian(out, list(params)), "autograd")
+            with torch.enable_grad():  # exact: autograd through the input derivatives
+                return _materialised(rows(closure()), params)
         if route == "matfree":
             return self.matfree(closure, params, rows)
         if route == "gram":
@@ -171,9 +170,12 @@ class Linearizer:
                 stacklevel=5,
             )
             if isinstance(res, Unsupported) and res.output is not None:
-                out = res.output
-                J = autograd_jacobian(out, list(params))
-                return Linearization(out.detach(), out.detach(), J, "autograd")
+                return _materialised(res.output, params)
         lin = self.dense(closure, params, rows)
         self._last_rows = int(lin.local.shape[0])
         return lin
+
+
+def _materialised(out: torch.Tensor, params: Sequence[torch.Tensor]) -> Linearization:
+    """The exact Jacobian of rows that still hold their graph (a route's fallback without running the closure again)."""
+    return Linearization(out.detach(), out.detach(), autograd_jacobian(out, list(params)), "autograd")

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import torch
 
+from truncpinv import LinearOperator
+
 from .. import functional as SF
 
 __all__ = [
@@ -30,24 +32,11 @@ __all__ = [
 ]
 
 
-class GramOperator(Protocol):
+class GramOperator(LinearOperator, Protocol):
     """An ``N x P`` operator with its Gram matrix: :class:`truncpinv.LinearOperator` plus ``gram``."""
 
     @property
     def gram(self) -> torch.Tensor: ...
-
-    @property
-    def shape(self) -> tuple[int, int]: ...
-
-    @property
-    def dtype(self) -> torch.dtype: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def matmat(self, X: torch.Tensor) -> torch.Tensor: ...
-
-    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass

@@ -51,6 +51,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from .base import Linearization, RowSpec
+from .matfree import ClosureJacobian
 from .recorder import Call, Labels, Recorder, recording
 
 __all__ = [
@@ -86,6 +87,28 @@ class JacobianResult:
     method: str
 
 
+def agrees_with_a_vjp(out: torch.Tensor, params: Sequence[torch.Tensor], J: torch.Tensor, *, seed: int = 0) -> bool:
+    r"""Whether ``J`` is the Jacobian of ``out``, probed once: ``J^T u`` against the exact vector-Jacobian product.
+
+    ``u`` is Gaussian from ``seed``; the tolerance is ``1e3 eps`` of
+    :math:`\| |J|^T |u| \|`. Non-finite values never agree. The graph of
+    ``out`` is kept.
+    """
+    gen = torch.Generator(device=out.device)
+    gen.manual_seed(seed)
+    u = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+    exact = torch.autograd.grad(out, list(params), grad_outputs=u, retain_graph=True, allow_unused=True)
+    ref = torch.cat(
+        [
+            torch.zeros(p.numel(), dtype=J.dtype, device=J.device) if g is None else g.reshape(-1).to(J.dtype)
+            for p, g in zip(params, exact)
+        ]
+    )
+    mine = J.T @ u.to(J.dtype)
+    scale = (J.abs().T @ u.abs().to(J.dtype)).norm()
+    return bool((mine - ref).norm() <= 1e3 * torch.finfo(J.dtype).eps * scale)
+
+
 #: Columns per batched double-backward product of :func:`autograd_jacobian` for a tall Jacobian.
 COLUMN_CHUNK = 256
 
@@ -111,12 +134,10 @@ def autograd_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor]) -> torc
     n = out.shape[0]
     p_total = sum(p.numel() for p in params)
     if n > p_total:
-        from .matfree import ClosureJacobian  # (matfree imports this module's siblings only)
-
         try:
             op = ClosureJacobian(out, params, chunk_size=COLUMN_CHUNK, batching="batched")
             J = op.matmat(torch.eye(p_total, dtype=op.dtype, device=out.device))
-            if _agrees_with_a_vjp(out, params, J):
+            if agrees_with_a_vjp(out, params, J):
                 return J
         except RuntimeError:
             pass  # an operation without a double backward: the rows
@@ -127,21 +148,6 @@ def autograd_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor]) -> torc
         for p, g in zip(params, grads)
     ]
     return torch.cat(cols, dim=1)
-
-
-def _agrees_with_a_vjp(out: torch.Tensor, params: list[torch.Tensor], J: torch.Tensor) -> bool:
-    """``J^T u`` against the exact vector-Jacobian product for a seeded random ``u``."""
-    gen = torch.Generator(device=out.device)
-    gen.manual_seed(0)
-    u = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
-    exact = torch.autograd.grad(out, params, grad_outputs=u, retain_graph=True, allow_unused=True)
-    ref = torch.cat(
-        [torch.zeros(p.numel(), dtype=J.dtype, device=J.device) if g is None else g.reshape(-1).to(J.dtype)
-         for p, g in zip(params, exact)]
-    )  # fmt: skip
-    mine = J.T @ u.to(J.dtype)
-    scale = float((J.abs().T @ u.abs().to(J.dtype)).norm())
-    return bool(torch.isfinite(mine).all()) and float((mine - ref).norm()) <= 1e3 * torch.finfo(J.dtype).eps * scale
 
 
 def func_jacobian(
@@ -287,30 +293,13 @@ class PerSampleJacobian:
         J = torch.cat(cols, dim=1)
 
         if verify:
-            ok = self._check(out, params, J)
+            ok = agrees_with_a_vjp(out, params, J, seed=self.seed)
             if len(self._verified) >= _MAX_CACHED:
                 self._verified.clear()
             self._verified[key] = ok
             if not ok:
                 return JacobianResult(out.detach(), exact(out), exact_name)
         return JacobianResult(out.detach(), J, "hooks")
-
-    def _check(self, out: torch.Tensor, params: Sequence[torch.Tensor], J: torch.Tensor) -> bool:
-        """Compare ``J^T u`` with the exact vector-Jacobian product for a random ``u``."""
-        gen = torch.Generator(device=out.device)
-        gen.manual_seed(self.seed)
-        u = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
-        exact = torch.autograd.grad(out, list(params), grad_outputs=u, retain_graph=True, allow_unused=True)
-        ref = torch.cat(
-            [
-                torch.zeros(p.numel(), dtype=J.dtype, device=J.device) if g is None else g.reshape(-1).to(J.dtype)
-                for p, g in zip(params, exact)
-            ]
-        )
-        mine = J.T @ u.to(J.dtype)
-        scale = (J.abs().T @ u.abs().to(J.dtype)).norm()
-        tol = 1e3 * torch.finfo(J.dtype).eps
-        return bool((mine - ref).norm() <= tol * scale)
 
 
 class DenseRoute:

@@ -197,14 +197,19 @@ class Recorder:
         self.structure.append((id(module), module.training))
         if self.problem is not None:
             return None
-        if not self.strict and layer_kind(module, self.kinds) is None:
-            return None  # the fast exit of the lenient mode: most calls are activations and containers
+        kind = None
+        if not self.strict:
+            kind = layer_kind(module, self.kinds)
+            if kind is None:
+                return None  # the fast exit of the lenient mode: most calls are activations and containers
         owned = [p for p in module._parameters.values() if p is not None and id(p) in self.index]
         x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-        coupled = self.strict and uses_batch_stats(module) and x is not None and x.requires_grad
+        batch_normed = self.strict and uses_batch_stats(module)
+        coupled = batch_normed and x is not None and x.requires_grad
         if not owned and not coupled:
             return None
-        kind = layer_kind(module, self.kinds)
+        if kind is None:
+            kind = layer_kind(module, self.kinds)
         if kind is None:
             if self.strict:
                 names = ", ".join(c.__name__ for c in self.kinds)
@@ -223,7 +228,7 @@ class Recorder:
         if x is None or not isinstance(output, torch.Tensor):
             return None
         stats = None
-        if self.strict and uses_batch_stats(module):
+        if batch_normed:
             stats = batch_stats(module, x)
             output = _switched_output(module, x, output, stats, self.switch)
         if output.requires_grad:

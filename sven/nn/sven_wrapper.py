@@ -44,7 +44,8 @@ class SvenWrapper:
     optimizer's ``svd_mode`` solver factorises ``K`` (``"torch"``: the exact
     float64 eigendecomposition; the randomized, ``"scipy"`` and ``"lobpcg"``
     modes: the top ``k`` eigenpairs by that solver, certified). Element-wise
-    ``param_fraction`` masks use the materialised path. Otherwise the Jacobian comes from the fast per-sample path of
+    ``param_fraction`` masks use the materialised path. Otherwise the
+    Jacobian comes from the fast per-sample path of
     :mod:`sven.linearize.dense` (one forward and one backward pass) when every
     optimised parameter belongs to an ``nn.Linear`` layer and samples are
     verified to be independent, or from ``torch.func.jacrev`` of a

@@ -1,13 +1,20 @@
-"""``autograd_jacobian`` of a tall Jacobian (more rows than parameters) comes column by column."""
+"""Jacobians through double backward: the tall ``autograd_jacobian`` (column by column) and matrix-free ``M X``.
+
+Both rely on differentiating the backward pass once more; where a backward step
+is not differentiable (a ``once_differentiable`` autograd.Function) the result
+must be refused or replaced, never silently wrong.
+"""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.autograd.function import once_differentiable
 
 from sven.linearize.dense import autograd_jacobian
+from sven.linearize.matfree import ClosureJacobian
 
 
 def _rows_one_by_one(out: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -59,3 +66,31 @@ def test_an_operation_without_double_backward_falls_back_to_the_rows() -> None:
     params = list(lin.parameters())
     ref = _rows_one_by_one(out, params)  # (the rows path frees the graph)
     torch.testing.assert_close(autograd_jacobian(out, params), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_once_differentiable_backward_is_refused_for_matmat_but_rmatmat_works() -> None:
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(3, 2).double()
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    out = _NoDoubleBackward.apply(lin(x)).reshape(-1)
+    params = list(lin.parameters())
+    op = ClosureJacobian(out, params)
+    u = torch.randn(10, 1, generator=g, dtype=torch.float64)
+    exact = torch.autograd.grad(out, params, grad_outputs=u[:, 0], retain_graph=True)
+    torch.testing.assert_close(op.rmatmat(u)[:, 0], torch.cat([e.reshape(-1) for e in exact]))
+    with pytest.raises(RuntimeError, match="double-backward trick is not available"):
+        op.matmat(torch.randn(8, 1, generator=g, dtype=torch.float64))
+
+
+def test_an_ordinary_graph_still_gives_m_x() -> None:
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(3, 2).double()
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    out = lin(x).tanh().reshape(-1)
+    params = list(lin.parameters())
+    J = torch.func.jacrev(lambda w, b: torch.nn.functional.linear(x, w, b).tanh().reshape(-1), argnums=(0, 1))(
+        *[p.detach() for p in params]
+    )
+    J = torch.cat([J[0].reshape(10, -1), J[1].reshape(10, -1)], dim=1)
+    X = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(ClosureJacobian(out, params).matmat(X), J @ X)
