@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench results clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: setup
 	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-group-by=group -q \
 		--benchmark-json=.benchmarks/bench.json
 	$(BIN)/python benchmarks/report.py .benchmarks/bench.json --plot .benchmarks/errors.png
+
+# docs/results.md: the goals run of sven-bench (about 45 minutes on 2 cores; see the script).
+results: setup
+	PATH=$(abspath $(BIN)):$$PATH bash benchmarks/results.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

@@ -84,6 +84,36 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> in
     return int(value)
 
 
+def check_rank(name: str, value: Any) -> int | float | None:
+    """A rank rule: ``None``, a positive ``int`` (a count) or a float in ``(0, 1]`` (a fraction of the rows).
+
+    NumPy scalars are accepted: integers are counts, floats are fractions. A float
+    above 1 is refused rather than truncated, so that ``rank=16.0`` is not read as
+    16 rows by one user and as a fraction by another.
+    """
+    if value is None:
+        return None
+    if _is_int(value) and value >= 1:
+        return int(value)
+    if not _is_int(value) and _is_real(value) and math.isfinite(value) and 0 < value <= 1:
+        return float(value)
+    raise ValueError(
+        f"`{name}` must be a positive integer (a number of singular values), a float in (0, 1] (a fraction "
+        f"of the batch's rows) or None (no cap), got {value!r}"
+    )
+
+
+def rank_for(rule: int | float | None, rows: int) -> int | None:
+    r"""The rank cap that a rule from :func:`check_rank` gives for ``rows`` rows.
+
+    A fraction ``f`` gives :math:`\max(1, \lceil f \cdot rows \rceil)` (the product is rounded to 9 digits
+    first, so that ``0.1 * 30`` gives 3, not 4).
+    """
+    if rule is None or isinstance(rule, int):
+        return rule
+    return max(1, math.ceil(round(rule * rows, 9)))
+
+
 def check_nonneg_int(name: str, value: Any) -> int:
     """A non-negative ``int`` (NumPy integers accepted, bools not)."""
     if not _is_int(value) or value < 0:

@@ -13,7 +13,7 @@ from . import distributed as dist_
 from . import functional as SF
 from . import update
 from ._validation import check_option_names, closure_errors
-from .config import GLOBAL_OPTIONS, GROUP_OPTIONS, SEED_NAMES, SvenConfig, check_group
+from .config import DEFAULT_LR, GLOBAL_OPTIONS, GROUP_OPTIONS, SEED_NAMES, SvenConfig, check_group
 from .control import Evaluator, Policy, step_context
 from .factorize import factorize, solver_for_step
 from .info import StepFault, StepInfo
@@ -44,7 +44,7 @@ class Sven(Optimizer):
 
     Usage::
 
-        opt = sven.Sven(model.parameters(), lr=0.1, rank=16, rtol=1e-3)
+        opt = sven.Sven(model.parameters())  # the defaults: lr=0.5, rank=None, rtol=1e-4, adaptive damping
         losses = opt.step(lambda: per_sample_loss(model(x), y))  # shape (B,), not reduced
 
     The closure must return one loss per sample (``reduction="none"``) and
@@ -83,7 +83,7 @@ class Sven(Optimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate :math:`\eta` (per group).
+        lr: learning rate :math:`\eta` (per group; default 0.5).
         momentum: heavy-ball momentum :math:`\mu \in [0, 1)` on the Sven direction (per group,
             :mod:`sven.update`): :math:`b \leftarrow \mu b + d`, :math:`\theta \leftarrow \theta - \eta b`.
         weight_decay: decoupled weight decay :math:`w` (per group, as AdamW):
@@ -97,12 +97,12 @@ class Sven(Optimizer):
             rank's closure covers its shard of the batch (``None``: the default
             group when one is initialised). Parameters are broadcast from rank 0.
         **options: the keyword options of :class:`sven.config.SvenConfig`:
-            ``rank`` (about ``B / 2`` is a good start), ``rtol`` (default
-            ``1e-3``), ``atol``, ``kappa``, ``solver``, ``residuals``,
+            ``rank`` (an int, a fraction of ``B``, or ``None``: the default), ``rtol``
+            (default ``1e-4``), ``atol``, ``kappa``, ``solver``, ``residuals``,
             ``variable_k``, ``rmsprop``, ``rmsprop_alpha``, ``rmsprop_eps``,
             ``rmsprop_momentum``, ``rmsprop_post``, ``jacobian`` (``"auto"``,
             ``"gram"``, ``"hooks"``, ``"autograd"``, ``"matfree"``),
-            ``on_nonfinite``, ``damping``, ``adaptive_damping``,
+            ``on_nonfinite``, ``damping``, ``adaptive_damping`` (default: on),
             ``max_retries``, ``trust_radius``, ``check_step``, ``seed``,
             ``chunk_size``. ``docs/sven.md`` explains each.
 
@@ -131,7 +131,7 @@ class Sven(Optimizer):
     def __init__(
         self,
         params: Any,
-        lr: float = 0.1,
+        lr: float = DEFAULT_LR,
         *args: Any,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
@@ -283,7 +283,7 @@ class Sven(Optimizer):
             if not SF.all_finite(M if isinstance(M, torch.Tensor) else M.gram):
                 raise StepFault("the Jacobian")
             pre = self.precondition.jacobian(M, blocks, self.state) if self.precondition is not None else M
-            F = factorize(pre, self._solver_for_step(), rank=cfg.rank, rtol=cfg.rtol, atol=cfg.atol)
+            F = factorize(pre, self._solver_for_step(), rank=cfg.rank_cap(R.numel()), rtol=cfg.rtol, atol=cfg.atol)
             info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
             ctx = step_context(
                 F, R, M, blocks,

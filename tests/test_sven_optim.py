@@ -6,6 +6,7 @@ import copy
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -267,6 +268,36 @@ def test_nonfinite_raise_mode() -> None:
     torch.testing.assert_close(_flat(model), before)
 
 
+@pytest.mark.parametrize(
+    ("rank", "rows", "expected"),
+    [(0.5, 16, 8), (np.float32(0.25), 16, 4), (0.1, 30, 3), (0.3, 16, 5), (1.0, 16, 16), (0.01, 16, 1)],
+)
+def test_a_fractional_rank_caps_at_the_ceiling_of_its_share_of_the_rows(rank: float, rows: int, expected: int) -> None:
+    # rank=f keeps at most ceil(f * B) singular values, of those above the cut-off
+    model = mlp(width=8, depth=2, seed=3)
+    x, y = _data(rows)
+    opt = sven.Sven(model.parameters(), lr=0.1, rank=rank, rtol=1e-6)
+    assert opt.rank == pytest.approx(float(rank))
+    opt.step(_closure(model, x, y))
+    info = opt.last_step
+    assert info is not None and info.singular_values is not None
+    above = int((info.singular_values > info.cutoff).sum())
+    assert above >= 4  # the cap binds in most cases below
+    assert info.rank == min(expected, above)
+
+
+def test_a_fractional_rank_gives_the_same_step_as_the_count_it_resolves_to() -> None:
+    x, y = _data(16)
+    steps = []
+    for rank in (0.5, np.int64(8)):
+        model = mlp(width=8, depth=2, seed=4)
+        before = _flat(model)
+        sven.Sven(model.parameters(), lr=0.2, rank=rank, rtol=1e-6).step(_closure(model, x, y))
+        steps.append(_flat(model) - before)
+    torch.testing.assert_close(steps[0], steps[1])
+    assert float(steps[0].norm()) > 0
+
+
 def test_negative_losses_with_fractional_kappa_are_explained() -> None:
     w = nn.Parameter(torch.ones(2))
     opt = sven.Sven([w], lr=0.1, kappa=1.0)
@@ -280,8 +311,16 @@ def test_negative_losses_with_fractional_kappa_are_explained() -> None:
     [
         ({"lr": -1}, r"`lr` must be a non-negative float, got -1"),
         ({"lr": float("nan")}, r"`lr` must be a non-negative float, got nan"),
-        ({"rank": 0}, r"`rank` must be a positive integer or None, got 0"),
-        ({"rank": 2.5}, r"`rank` must be a positive integer or None, got 2.5"),
+        (
+            {"rank": 0},
+            r"`rank` must be a positive integer \(a number of singular values\), a float in \(0, 1\] "
+            r"\(a fraction of the batch's rows\) or None \(no cap\), got 0",
+        ),
+        ({"rank": 2.5}, r"`rank` must be a positive integer .*, a float in \(0, 1\] .*, got 2.5"),
+        ({"rank": 16.0}, r"`rank` must be a positive integer .*, got 16.0"),
+        ({"rank": -0.5}, r"`rank` must be .*, got -0.5"),
+        ({"rank": float("nan")}, r"`rank` must be .*, got nan"),
+        ({"rank": True}, r"`rank` must be .*, got True"),
         ({"rtol": -1e-3}, r"`rtol` must be a non-negative float, got -0.001"),
         ({"atol": "x"}, r"`atol` must be a non-negative float, got 'x'"),
         ({"kappa": 0}, r"`kappa` must be a positive float, got 0"),

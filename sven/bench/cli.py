@@ -25,6 +25,7 @@ import torch
 from truncpinv._optional import MissingExtraError, require_extra
 
 from .optimizers import OPTIMIZERS
+from .publish import merge_results, publish
 from .report import read_json, write_all, write_json, write_markdown
 from .runner import BenchConfig, BenchResults, run_benchmark
 from .tasks import TASKS
@@ -119,9 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--from-json",
         type=Path,
+        nargs="+",
         default=None,
         metavar="PATH",
-        help="run nothing: rewrite results.md and the plots in --out from a results.json of an earlier run",
+        help="run nothing: rewrite the report and the plots in --out from the results.json of earlier runs "
+        "(several files are merged, e.g. the parts of a run split over processes)",
+    )
+    ap.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="with --from-json: write the Markdown report here (default OUT/results.md); plots are linked relative "
+        "to it",
+    )
+    ap.add_argument(
+        "--notes",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="with --from-json: a Markdown file put into the report after its header (the reading of the numbers)",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (also off when stderr is not a TTY)")
     return ap
@@ -140,11 +158,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.from_json is not None:
-        if not args.from_json.is_file():
-            ap.error(f"--from-json: no such file: {args.from_json}")
-        for p in write_all(read_json(args.from_json), args.out):
+        for path in (*args.from_json, *([args.notes] if args.notes is not None else [])):
+            if not path.is_file():
+                ap.error(f"no such file: {path}")
+        try:
+            merged = merge_results([read_json(path) for path in args.from_json])
+        except ValueError as e:
+            ap.error(str(e))
+        notes = args.notes.read_text(encoding="utf-8") if args.notes is not None else ""
+        for p in publish(merged, args.out, args.report, notes=notes):
             print(f"  {p}", file=sys.stderr)
         return 0
+    if args.report is not None or args.notes is not None:
+        ap.error("--report and --notes go with --from-json (a run writes its report into --out)")
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 3)
     epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else 20)
     for name, value in (("--seeds", seeds), ("--epochs", epochs)):

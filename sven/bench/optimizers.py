@@ -98,21 +98,47 @@ SVEN_FULL_BATCH_GRID: tuple[Hparams, ...] = (
     {"lr": 1.0, "rtol": 1e-10, "adaptive_damping": False, "damping": 1e-3},
     {"lr": 1.0, "rtol": 1e-10, "adaptive_damping": False, "damping": 1e-6},
 )
-#: ``sven-native``: ONE configuration of the native :class:`sven.Sven` for every mini-batch task (no
-#: per-task tuning); ``rank_fraction`` is the rank cap as a fraction of the batch size (``0``: no cap).
-#: :data:`SVEN_NATIVE` is the point chosen from the ``--grid`` run of :data:`SVEN_NATIVE_GRID` (docs/results.md:
-#: 1 seed, 5 epochs; the best point on toy1d, polynomial and digits-ce, 2.4x the best on digits).
-SVEN_NATIVE_GRID: tuple[Hparams, ...] = (
-    {"lr": 0.1, "rank_fraction": 0.0, "rtol": 1e-3},
-    {"lr": 0.5, "rank_fraction": 0.0, "rtol": 1e-3},
-    {"lr": 0.3, "rank_fraction": 0.5, "rtol": 1e-3},
-    {"lr": 0.5, "rank_fraction": 0.5, "rtol": 1e-3},
-    {"lr": 0.5, "rank_fraction": 0.5, "rtol": 1e-4},
-    {"lr": 1.0, "rank_fraction": 0.5, "rtol": 1e-3},
-    {"lr": 0.5, "rank_fraction": 0.25, "rtol": 1e-3},
-    {"lr": 1.0, "rank_fraction": 0.5, "rtol": 1e-3, "adaptive_damping": True},
-)
-SVEN_NATIVE: Hparams = dict(SVEN_NATIVE_GRID[7])
+#: ``sven-native``: ONE configuration of the native :class:`sven.Sven` for every task (no per-task
+#: tuning). ``rank_fraction`` is the rank cap as a fraction of the rows ``B`` (``0``: no cap).
+#: :data:`SVEN_NATIVE_GRID` is the grid the defaults were chosen from (``sven-bench --optimizers
+#: sven-native --grid``, docs/results.md): the damping policy (none, fixed Tikhonov, adaptive
+#: Levenberg--Marquardt) x ``lr`` x the rank fraction x ``rtol``, then momentum and weight decay on two base
+#: points (momentum with ``lr`` scaled by ``1 - momentum``, so that the long-run step length is unchanged).
+SVEN_NATIVE_FRACTIONS = (0.25, 0.5, 1.0)
+SVEN_NATIVE_RTOLS = (1e-4, 1e-3, 1e-2)
+
+
+def _native_grid() -> tuple[Hparams, ...]:
+    points: list[Hparams] = []
+    for lr in (0.1, 0.3, 0.5):
+        for f, rtol in itertools.product(SVEN_NATIVE_FRACTIONS, SVEN_NATIVE_RTOLS):
+            points.append({"lr": lr, "rank_fraction": f, "rtol": rtol})
+    for lr in (0.5, 1.0):
+        for f, rtol in itertools.product(SVEN_NATIVE_FRACTIONS, SVEN_NATIVE_RTOLS):
+            points.append({"lr": lr, "rank_fraction": f, "rtol": rtol, "adaptive_damping": True})
+    for lr in (0.5, 1.0):
+        points.append({"lr": lr, "rank_fraction": 0.5, "rtol": 1e-3, "damping": 1e-3})
+    bases: tuple[Hparams, ...] = (
+        {"lr": 0.3, "rank_fraction": 0.5, "rtol": 1e-3},
+        {"lr": 1.0, "rank_fraction": 0.5, "rtol": 1e-3, "adaptive_damping": True},
+    )
+    for base in bases:
+        lr = float(base["lr"])
+        for extra in (
+            {"lr": lr * 0.5, "momentum": 0.5},
+            {"lr": lr * 0.1, "momentum": 0.9},
+            {"weight_decay": 1e-5},
+            {"weight_decay": 1e-4},
+            {"lr": lr * 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+        ):
+            points.append({**base, **extra})
+    return tuple(points)
+
+
+SVEN_NATIVE_GRID: tuple[Hparams, ...] = _native_grid()
+#: ``sven-native`` without ``--grid``: the defaults of :class:`sven.Sven` (no option passed), which are the
+#: winner of that grid (:data:`sven.config.DEFAULT_LR`).
+SVEN_NATIVE: Hparams = {}
 #: ``sven-plain`` on the full-batch tasks: plain Sven on the residuals with a fixed Tikhonov damping
 #: (no step control); the best of lr=1 x damping in {1e-3, 1e-6} and lr=0.5, damping=1e-8 in a
 #: probe on poisson2d (seed 0, 8 s each).
@@ -182,7 +208,9 @@ def train_epoch(stepper: Stepper, batches: Iterable[tuple[torch.Tensor, torch.Te
 
 
 def format_hparams(hparams: Hparams) -> str:
-    """``"lr=0.001 max_iter=5"``: a short label of a grid point."""
+    """``"lr=0.001 max_iter=5"``: a short label of a grid point (``"defaults"`` when it sets nothing)."""
+    if not hparams:
+        return "defaults"
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hparams.items())
 
 
@@ -474,28 +502,34 @@ class _Sven(OptimizerFactory):
             rank=int(hparams["rank"]),
             rtol=float(hparams["rtol"]),
             kappa=float(hparams.get("kappa", 2.0)),
+            adaptive_damping=False,  # the paper-era plain Sven step
         )
         return _PerSampleClosure(model, task, opt)
 
 
 class _SvenNative(OptimizerFactory):
     name = "sven-native"
-    description = "sven.Sven with one configuration for every mini-batch task (SVEN_NATIVE), or --grid"
-
-    def supports(self, task: AnyTask) -> bool:
-        return isinstance(task, Task)
+    description = "sven.Sven with one configuration for every task (SVEN_NATIVE), or --grid (SVEN_NATIVE_GRID)"
 
     def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
-        if not self.supports(task):
-            return []
         return [dict(p) for p in SVEN_NATIVE_GRID] if sven_grid else [dict(SVEN_NATIVE)]
 
+    @staticmethod
+    def _options(hparams: Hparams, rows: int) -> dict[str, float | int | bool | None]:
+        opts: dict[str, float | int | bool | None] = dict(hparams)
+        fraction = float(opts.pop("rank_fraction", 0.0) or 0.0)
+        if fraction > 0:
+            opts["rank"] = max(1, round(fraction * rows))
+        return opts
+
     def make(self, model: nn.Module, task: Task, hparams: Hparams) -> Stepper:
-        opts = dict(hparams)
-        fraction = float(opts.pop("rank_fraction"))
-        rank = max(1, round(fraction * task.batch_size)) if fraction > 0 else None
-        opt = sven.Sven(model.parameters(), rank=rank, **opts)  # type: ignore[arg-type]
+        opt = sven.Sven(model.parameters(), **self._options(hparams, task.batch_size))  # type: ignore[arg-type]
         return _PerSampleClosure(model, task, opt)
+
+    def make_full_batch(self, model: nn.Module, problem: Residuals, hparams: Hparams) -> FullBatchStepper:
+        rows = int(problem().detach().numel())
+        opt = sven.Sven(model.parameters(), residuals=True, **self._options(hparams, rows))  # type: ignore[arg-type]
+        return _SvenFullBatch(problem, opt)
 
 
 class _SvenPlain(OptimizerFactory):
