@@ -44,8 +44,10 @@ def cnn(seed: int = 0, batchnorm: bool = True) -> nn.Module:
 def make_sven(model: nn.Module, route: str) -> sven.Sven:
     """Sven with the settings of the digits task; ``route``: a ``jacobian`` name or ``"frozen"``."""
     if route == "frozen":
-        return sven.Sven(model.parameters(), lr=0.5, rank=64, rtol=1e-4, route=GramRoute(batchnorm="frozen"))
-    return sven.Sven(model.parameters(), lr=0.5, rank=64, rtol=1e-4, jacobian=route)
+        return sven.Sven(
+            model.parameters(), lr=0.5, rank=64, rtol=1e-4, route=GramRoute(batchnorm="frozen"), adaptive_damping=False
+        )
+    return sven.Sven(model.parameters(), lr=0.5, rank=64, rtol=1e-4, jacobian=route, adaptive_damping=False)
 
 
 def _direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batchnorm: str | None, rank: int) -> torch.Tensor:

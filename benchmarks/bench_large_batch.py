@@ -78,10 +78,16 @@ def run(B: int, repeats: int, *, solvers: bool = True) -> None:
     model, x, y = model_and_data(B)
     adam_model, _, _ = model_and_data(B)
     adam = torch.optim.Adam(adam_model.parameters(), lr=1e-3)
-    opt = sven.Sven(model.parameters(), lr=0.1, rank=rank, rtol=1e-3)
+    opt = sven.Sven(model.parameters(), lr=0.1, rank=rank, rtol=1e-3, adaptive_damping=False)
     exact_model, _, _ = model_and_data(B)
     opt_exact = sven.Sven(
-        exact_model.parameters(), lr=0.1, rank=rank, rtol=1e-3, jacobian="gram", solver=tp.GramEigen()
+        exact_model.parameters(),
+        lr=0.1,
+        rank=rank,
+        rtol=1e-3,
+        jacobian="gram",
+        solver=tp.GramEigen(),
+        adaptive_damping=False,
     )
 
     def adam_step() -> None:

@@ -134,7 +134,14 @@ class Stepper:
             self.opt = torch.optim.Adam(model.parameters(), lr=LR)
         else:
             batch = int(x.shape[0])
-            self.opt = sven.Sven(model.parameters(), lr=LR, rank=max(1, batch // 2), rtol=RTOL, jacobian=ROUTES[method])
+            self.opt = sven.Sven(
+                model.parameters(),
+                lr=LR,
+                rank=max(1, batch // 2),
+                rtol=RTOL,
+                jacobian=ROUTES[method],
+                adaptive_damping=False,
+            )
 
     def __call__(self) -> None:
         if isinstance(self.opt, sven.Sven):

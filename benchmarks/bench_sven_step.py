@@ -75,7 +75,7 @@ def _setup() -> dict[str, Callable[[], object]]:
         return loss
 
     m_native = copy.deepcopy(base)
-    native = sven.Sven(m_native.parameters(), lr=LR, rank=RANK, rtol=RTOL)
+    native = sven.Sven(m_native.parameters(), lr=LR, rank=RANK, rtol=RTOL, adaptive_damping=False)
 
     def native_step() -> object:
         return native.step(lambda: per_sample_mse(m_native(x), y))

@@ -55,7 +55,8 @@ class _Variant(OptimizerFactory):
         opts = dict(self.options)
         scale = float(opts.pop("lr_scale", 1.0))
         opt = sven.Sven(model.parameters(), lr=float(hparams["lr"]) * scale, rank=int(hparams["rank"]),
-                        rtol=float(hparams["rtol"]), kappa=float(hparams.get("kappa", 2.0)), **opts)  # fmt: skip
+                        rtol=float(hparams["rtol"]), kappa=float(hparams.get("kappa", 2.0)),
+                        **{"adaptive_damping": False, **opts})  # fmt: skip
         return _Closure(model, task, opt)
 
 

@@ -30,7 +30,7 @@ from truncpinv._optional import require
 
 #: The variants: extra keyword arguments of :class:`sven.Sven` on top of the task's defaults.
 VARIANTS: Mapping[str, Mapping[str, Any]] = {
-    "plain": {},
+    "plain": {"adaptive_damping": False},
     "damping=1e-3": {"damping": 1e-3},
     "adaptive": {"adaptive_damping": True},
     "adaptive, lr=1": {"adaptive_damping": True, "lr": 1.0},

@@ -106,7 +106,7 @@ def stage_functions(case: Case, device: str = "cpu") -> dict[str, Callable[[], o
         return loss
 
     m_sven = copy.deepcopy(base)
-    opt = sven.Sven(m_sven.parameters(), lr=0.1, rank=case.rank, rtol=case.rtol)
+    opt = sven.Sven(m_sven.parameters(), lr=0.1, rank=case.rank, rtol=case.rtol, adaptive_damping=False)
 
     def sven_step() -> object:
         return opt.step(lambda: loss_of(m_sven))

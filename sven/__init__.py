@@ -10,7 +10,7 @@ reduces every per-sample loss at once:
 
 Two ways to use it:
 
-* ``torch.optim`` style: ``opt = sven.Sven(model.parameters(), lr=0.1, rank=16)``
+* ``torch.optim`` style: ``opt = sven.Sven(model.parameters())`` (defaults that need no tuning)
   and ``opt.step(closure)`` with a closure returning per-sample losses;
 * the original API: ``SvenWrapper`` + ``sven.opt.Sven(wrapped, lr, k, rtol)``.
 

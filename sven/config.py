@@ -9,6 +9,7 @@ preconditioner (:mod:`sven.precondition`), the step-control policy
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -29,14 +30,24 @@ from .control import Policy, make_policy
 from .linearize import ROUTES, Linearizer, RowSpec
 from .precondition import RMSProp
 
-__all__ = ["DEFAULT_LR", "DEFAULT_RTOL", "GLOBAL_OPTIONS", "GROUP_OPTIONS", "SEED_NAMES", "SvenConfig", "check_group"]
+__all__ = [
+    "DEFAULT_LR",
+    "DEFAULT_RTOL",
+    "GLOBAL_OPTIONS",
+    "GROUP_OPTIONS",
+    "SEED_NAMES",
+    "SvenConfig",
+    "check_group",
+    "with_momentum_rule",
+]
 
 #: The defaults of the native :class:`sven.Sven`: ``lr=0.5``, ``rank=None``, ``rtol=1e-4`` and adaptive
-#: Levenberg--Marquardt damping (``adaptive_damping=None``: on unless ``variable_k``, ``check_step`` or a fixed
-#: ``damping > 0`` is asked for). Chosen as the one configuration with the lowest mean log-regret across
-#: toy1d, polynomial, digits, digits-ce, poisson2d and heat1d in a 57-point grid (damping policy x lr x rank
-#: fraction x rtol, momentum, weight decay; ``sven-bench --optimizers sven-native --grid``, docs/results.md):
-#: within 1.8x of the best grid point on every task. The seed API keeps the original's defaults.
+#: Levenberg--Marquardt damping (``adaptive_damping=None``: on unless ``variable_k``, ``check_step``, a
+#: fixed ``damping > 0``, ``rmsprop`` or momentum is asked for). Chosen as the one configuration with the
+#: lowest mean log-regret across toy1d, polynomial, digits, digits-ce, poisson2d and heat1d in a 57-point
+#: grid (damping policy x lr x rank fraction x rtol, momentum, weight decay; ``sven-bench --optimizers
+#: sven-native --grid``, docs/results.md): within 1.8x of the best grid point on every task. The seed API
+#: keeps the original's defaults.
 DEFAULT_LR = 0.5
 DEFAULT_RTOL = 1e-4
 
@@ -60,7 +71,8 @@ class SvenConfig:
         damping: Tikhonov damping :math:`\lambda/\sigma_{max}^2`: fixed, or the start value with
             ``adaptive_damping``.
         adaptive_damping: :class:`sven.control.AdaptiveDamping` (Levenberg--Marquardt with rejection).
-            ``None`` (default): on, unless ``variable_k``, ``check_step`` or a fixed ``damping > 0`` is set.
+            ``None`` (default): on, unless ``variable_k``, ``check_step``, a fixed ``damping > 0`` or
+            ``rmsprop`` is set (or momentum: :func:`with_momentum_rule`).
         max_retries: retries after a rejected step (``adaptive_damping``).
         trust_radius: cap on :math:`\|\delta\theta\|` (:class:`sven.control.TrustRadius`).
         check_step: :class:`sven.control.CheckStep`.
@@ -125,9 +137,17 @@ class SvenConfig:
         put("chunk_size", check_positive_int("chunk_size", self.chunk_size))
         put("on_nonfinite", check_choice("on_nonfinite", self.on_nonfinite, ("skip", "raise")))
         put("damping", check_nonneg_float("damping", self.damping))
-        if self.adaptive_damping is None:  # the default: on, unless another step control was asked for
-            put("adaptive_damping", not (self.variable_k or self.check_step or self.damping > 0))
+        post = self.rmsprop and self.rmsprop_post
+        if self.adaptive_damping is None:  # the default: on, unless another step control or RMSProp was asked for
+            put("adaptive_damping", not (self.variable_k or self.check_step or self.damping > 0 or self.rmsprop))
         put("adaptive_damping", check_bool("adaptive_damping", self.adaptive_damping))
+        if self.adaptive_damping and post:
+            raise ValueError(
+                "`adaptive_damping=True` cannot be combined with `rmsprop_post=True`: RMSProp after the "
+                "pseudoinverse divides the direction by its own running size, which undoes the shortening that "
+                "the damping relies on, so rejected steps repeat; use rmsprop_post=False (RMSProp on the "
+                "Jacobian) or adaptive_damping=False"
+            )
         put("max_retries", check_nonneg_int("max_retries", self.max_retries))
         if self.trust_radius is not None:
             put("trust_radius", check_positive_float("trust_radius", self.trust_radius))
@@ -167,7 +187,7 @@ class SvenConfig:
         """The step-control policy of the damping, variable-k, check-step and trust-radius options."""
         return make_policy(
             damping=self.damping,
-            adaptive_damping=self.adaptive_damping,
+            adaptive_damping=bool(self.adaptive_damping),  # resolved from None in __post_init__
             max_retries=self.max_retries,
             variable_k=self.variable_k,
             check_step=self.check_step,
@@ -204,3 +224,22 @@ def check_group(group: dict[str, Any]) -> dict[str, Any]:
     if "nesterov" in out:
         out["nesterov"] = check_bool("nesterov", out["nesterov"])
     return out
+
+
+def with_momentum_rule(options: dict[str, Any], params: Any, momentum: Any) -> dict[str, Any]:
+    """The options with the default ``adaptive_damping=None`` turned off when heavy-ball momentum is asked for.
+
+    Momentum adds the previous steps to every try of the Levenberg--Marquardt
+    control, which then rejects good steps and raises its damping: in the grid
+    run that chose the defaults (docs/results.md) every momentum variant with
+    adaptive damping was worse than without, and momentum 0.9 stalled. So the
+    default turns the adaptive damping off if ``momentum`` (the constructor's,
+    or a parameter group's) is positive; ``adaptive_damping=True`` still combines them.
+    """
+    if options.get("adaptive_damping") is not None:
+        return options
+    groups = params if isinstance(params, list) else []
+    asked = [momentum, *(g.get("momentum", 0) for g in groups if isinstance(g, dict))]
+    if any(isinstance(m, numbers.Real) and not isinstance(m, bool) and float(m) > 0 for m in asked):
+        return {**options, "adaptive_damping": False}
+    return options

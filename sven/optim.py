@@ -13,7 +13,7 @@ from . import distributed as dist_
 from . import functional as SF
 from . import update
 from ._validation import check_option_names, closure_errors
-from .config import DEFAULT_LR, GLOBAL_OPTIONS, GROUP_OPTIONS, SEED_NAMES, SvenConfig, check_group
+from .config import DEFAULT_LR, GLOBAL_OPTIONS, GROUP_OPTIONS, SEED_NAMES, SvenConfig, check_group, with_momentum_rule
 from .control import Evaluator, Policy, step_context
 from .factorize import factorize, solver_for_step
 from .info import StepFault, StepInfo
@@ -61,9 +61,8 @@ class Sven(Optimizer):
        rejection, trust radius, variable-k;
     4. *apply* it to each parameter group with its ``lr``.
 
-    **Two forms.** ``sven.Sven(wrapped, lr, k, rtol, ...)`` with a
-    :class:`sven.nn.SvenWrapper` as first argument builds the seed-compatible
-    :class:`sven.opt.WrappedSven` (a subclass).
+    **Two forms.** ``sven.Sven(wrapped, lr, k, rtol, ...)`` with a :class:`sven.nn.SvenWrapper`
+    builds the seed-compatible :class:`sven.opt.WrappedSven` (a subclass).
 
     **Parameter groups.** ``lr``, ``momentum``, ``weight_decay`` and
     ``nesterov`` are per group (the constructor gives the defaults, so
@@ -153,7 +152,8 @@ class Sven(Optimizer):
                 raise ValueError("pass the route once: `route` or `jacobian`, not both")
             options["jacobian"] = route
             route = None
-        self.config = cfg = SvenConfig(**options)
+        params = params if isinstance(params, torch.Tensor) else list(params)
+        self.config = cfg = SvenConfig(**with_momentum_rule(options, params, momentum))
         self.solver = cfg.solver
         self.rows = cfg.rows()
         self.route = route if route is not None else cfg.route()

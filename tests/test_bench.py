@@ -13,9 +13,17 @@ import torch
 import sven
 from sven.bench import runner
 from sven.bench.cli import main
-from sven.bench.optimizers import OPTIMIZERS, ReferenceSven, get_optimizer, reference_direction, train_epoch
+from sven.bench.optimizers import (
+    OPTIMIZERS,
+    ReferenceSven,
+    format_hparams,
+    get_optimizer,
+    reference_direction,
+    train_epoch,
+)
 from sven.bench.runner import BenchConfig, RunResult, aggregate, select_config
 from sven.bench.tasks import Task, get_task
+from sven.bench.tasks.full_batch import FullBatchTask
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -86,7 +94,7 @@ def test_reference_sven_matches_sven_with_the_same_truncation() -> None:
     m_ours = copy.deepcopy(m_ref)
     w0 = _flat(m_ref)
     ReferenceSven(m_ref, task.per_sample_loss, lr=0.5, rank=16, rtol=1e-3).step(xb, yb)
-    opt = sven.Sven(m_ours.parameters(), lr=0.5, rank=16, rtol=1e-3, solver="svd")
+    opt = sven.Sven(m_ours.parameters(), lr=0.5, rank=16, rtol=1e-3, solver="svd", adaptive_damping=False)
     opt.step(lambda: task.per_sample_loss(m_ours(xb), yb))
     delta_ref, delta_ours = _flat(m_ref) - w0, _flat(m_ours) - w0
     assert float((delta_ref - delta_ours).norm() / delta_ref.norm()) < 1e-3
@@ -255,4 +263,13 @@ def test_sven_native_is_one_configuration_with_the_rank_as_a_fraction_of_the_bat
         assert stepper.opt.config.rank == rank  # type: ignore[attr-defined]
     free = factory.make(toy.model(0), toy, {"lr": 0.1, "rank_fraction": 0.0, "rtol": 1e-3})
     assert free.opt.config.rank is None  # type: ignore[attr-defined]
-    assert not factory.supports(get_task("poisson2d"))
+    # without --grid: the library's defaults, nothing passed
+    assert SVEN_NATIVE == {} and format_hparams(SVEN_NATIVE) == "defaults"
+    default = factory.make(toy.model(0), toy, SVEN_NATIVE)
+    assert default.opt.config == sven.Sven(toy.model(0).parameters()).config  # type: ignore[attr-defined]
+    # the PINN tasks too: residual mode, the fraction taken of the residual rows
+    pinn = get_task("poisson2d")
+    assert factory.supports(pinn) and isinstance(pinn, FullBatchTask)
+    net = pinn.model(0)
+    stepper = factory.make_full_batch(net, pinn.problem(net), {"rank_fraction": 0.5})
+    assert stepper.opt.config.residuals and stepper.opt.config.rank == 510  # type: ignore[attr-defined]

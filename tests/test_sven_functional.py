@@ -48,10 +48,10 @@ def test_one_step_lands_on_min_norm_least_squares_solution(shape: tuple[int, int
     else:
         w = torch.nn.Parameter(w0.clone())
         if mode == "residuals":
-            opt = sven.Sven([w], lr=1.0, rtol=1e-12, residuals=True, solver=EXACT)
+            opt = sven.Sven([w], lr=1.0, rtol=1e-12, residuals=True, solver=EXACT, adaptive_damping=False)
             opt.step(lambda: X @ w - y)
         else:
-            opt = sven.Sven([w], lr=1.0, rtol=1e-12, kappa=1.0, solver=EXACT)
+            opt = sven.Sven([w], lr=1.0, rtol=1e-12, kappa=1.0, solver=EXACT, adaptive_damping=False)
             opt.step(lambda: (X @ w - y) ** 2)
         w1 = w.detach().numpy()
     np.testing.assert_allclose(w1, expected, rtol=0, atol=1e-6)
@@ -64,7 +64,7 @@ def test_least_squares_with_an_nn_linear_model_uses_the_fast_path() -> None:
     lin = torch.nn.Linear(30, 1, bias=False).double()
     with torch.no_grad():
         lin.weight.copy_(w0[None])
-    opt = sven.Sven(lin.parameters(), lr=1.0, rtol=1e-12, residuals=True, solver=EXACT)
+    opt = sven.Sven(lin.parameters(), lr=1.0, rtol=1e-12, residuals=True, solver=EXACT, adaptive_damping=False)
     opt.step(lambda: lin(X)[:, 0] - y)
     assert opt.last_step is not None and opt.last_step.jacobian_method == "hooks"
     np.testing.assert_allclose(lin.weight.detach().numpy()[0], _reference_step(X, y, w0), atol=1e-6)
@@ -92,7 +92,7 @@ def _two_param_losses(theta: torch.Tensor) -> torch.Tensor:
 )
 def test_two_parameter_problem_derived_on_paper(kappa: float, expected: tuple[float, float]) -> None:
     theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
-    opt = sven.Sven([theta], lr=1.0, rtol=1e-12, kappa=kappa, solver=EXACT)
+    opt = sven.Sven([theta], lr=1.0, rtol=1e-12, kappa=kappa, solver=EXACT, adaptive_damping=False)
     opt.step(lambda: _two_param_losses(theta))
     torch.testing.assert_close(theta.detach(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
 
@@ -107,7 +107,7 @@ def test_two_parameter_problem_rank_one_truncation() -> None:
     for kwargs, expected in (({"rank": 1}, (1.0, 0.0)), ({"rtol": 0.6}, (1.0, 0.0)), ({}, (1.0, 1.0))):
         theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
         opts = {"rtol": 1e-12, **kwargs}
-        opt = sven.Sven([theta], lr=1.0, kappa=1.0, solver=EXACT, **opts)
+        opt = sven.Sven([theta], lr=1.0, kappa=1.0, solver=EXACT, adaptive_damping=False, **opts)
         opt.step(lambda theta=theta: torch.stack([(2 * theta[0] - 2) ** 2, (theta[1] - 1) ** 2]))
         torch.testing.assert_close(theta.detach(), torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0)
         assert opt.last_step is not None and opt.last_step.rank == (1 if kwargs else 2)
@@ -142,7 +142,7 @@ def test_kappa_changes_the_step() -> None:
     steps = []
     for kappa in (1.0, 2.0):
         theta = torch.nn.Parameter(torch.tensor([0.3, -0.2], dtype=torch.float64))
-        opt = sven.Sven([theta], lr=1.0, rtol=1e-12, kappa=kappa, solver=EXACT)
+        opt = sven.Sven([theta], lr=1.0, rtol=1e-12, kappa=kappa, solver=EXACT, adaptive_damping=False)
         opt.step(lambda theta=theta: torch.stack([(theta[0] - 1) ** 4, (theta[1] + 2) ** 2 + theta[0] ** 2]))
         steps.append(theta.detach().clone())
     assert not torch.allclose(steps[0], steps[1])

@@ -113,7 +113,7 @@ def test_frozen_parameters_are_left_alone() -> None:
 def test_state_dict_round_trip_continues_the_same_trajectory() -> None:
     x, y = _data(24)
     base = mlp(width=6, depth=2, seed=5)
-    kwargs = {"lr": 0.2, "rank": 8, "rmsprop": True, "rmsprop_post": True, "rmsprop_momentum": 0.5}
+    kwargs = {"lr": 0.2, "rank": 8, "rtol": 1e-3, "rmsprop": True, "rmsprop_post": True, "rmsprop_momentum": 0.5}
     a = copy.deepcopy(base)
     opt_a = sven.Sven(a.parameters(), **kwargs)  # type: ignore[arg-type]
     for _ in range(3):
@@ -186,7 +186,9 @@ def test_residual_mode_flattens_multi_output_residuals() -> None:
     x = torch.randn(6, 3, generator=g, dtype=torch.float64)
     y = torch.randn(6, 2, generator=g, dtype=torch.float64)
     lin = nn.Linear(3, 2).double()
-    opt = sven.Sven(lin.parameters(), lr=1.0, rtol=1e-12, residuals=True, solver=truncpinv.GramEigen())
+    opt = sven.Sven(
+        lin.parameters(), lr=1.0, rtol=1e-12, residuals=True, solver=truncpinv.GramEigen(), adaptive_damping=False
+    )
     opt.step(lambda: lin(x) - y)  # 12 residual rows, 8 parameters: the least-squares fit
     A = torch.cat([x, torch.ones(6, 1, dtype=torch.float64)], 1)
     coef = torch.linalg.lstsq(A, y).solution
@@ -224,7 +226,7 @@ def test_rmsprop_first_step_matches_the_formula(post: bool) -> None:
     w = nn.Parameter(torch.zeros(8, dtype=torch.float64))
     alpha, eps = 0.9, 1e-6
     opt = sven.Sven(
-        [w], lr=0.5, rtol=1e-12, residuals=True, solver=truncpinv.GramEigen(),
+        [w], lr=0.5, rtol=1e-12, residuals=True, solver=truncpinv.GramEigen(), adaptive_damping=False,
         rmsprop=True, rmsprop_alpha=alpha, rmsprop_eps=eps, rmsprop_post=post,
     )  # fmt: skip
     opt.step(lambda: X @ w - y)
@@ -385,3 +387,60 @@ def test_a_nonfinite_jacobian_with_finite_losses_is_skipped(rmsprop: bool) -> No
     assert opt.skipped_steps == 1
     if rmsprop:
         assert not opt.state[w]  # the RMSProp state was not touched either
+
+
+# --------------------------------------------------------------------------- the defaults
+def test_the_native_defaults_are_the_grid_winner_with_adaptive_damping() -> None:
+    from sven.config import DEFAULT_LR, DEFAULT_RTOL
+
+    opt = sven.Sven(mlp(width=2, depth=1).parameters())
+    assert (DEFAULT_LR, DEFAULT_RTOL) == (0.5, 1e-4)
+    assert opt.param_groups[0]["lr"] == DEFAULT_LR and opt.rtol == DEFAULT_RTOL and opt.rank is None
+    assert opt.adaptive_damping is True and isinstance(opt.control, sven.control.AdaptiveDamping)
+
+
+@pytest.mark.parametrize(
+    ("options", "policy"),
+    [
+        ({"variable_k": True}, "VariableK"),
+        ({"check_step": True}, "CheckStep"),
+        ({"damping": 1e-3}, "Tikhonov"),
+        ({"rmsprop": True, "rmsprop_post": True}, "Plain"),
+        ({"rmsprop": True}, "Plain"),
+        ({"rmsprop": True, "adaptive_damping": True}, "AdaptiveDamping"),
+        ({"adaptive_damping": False}, "Plain"),
+        ({"damping": 1e-3, "adaptive_damping": True}, "AdaptiveDamping"),
+    ],
+)
+def test_asking_for_another_step_control_turns_the_default_damping_off(options: dict, policy: str) -> None:
+    opt = sven.Sven(mlp(width=2, depth=1).parameters(), **options)
+    assert type(opt.control).__name__ == policy
+    assert opt.adaptive_damping is (policy == "AdaptiveDamping")
+
+
+def test_momentum_turns_the_default_damping_off_unless_both_are_asked_for() -> None:
+    def policy(params, **kw):  # type: ignore[no-untyped-def]
+        return type(sven.Sven(params, **kw).control).__name__
+
+    net = mlp(width=2, depth=1)
+    assert policy(net.parameters(), momentum=0.9) == "Plain"
+    assert policy(net.parameters(), momentum=np.float32(0.5)) == "Plain"
+    assert policy([{"params": net.parameters(), "momentum": 0.5}]) == "Plain"
+    assert policy(net.parameters(), momentum=0.9, adaptive_damping=True) == "AdaptiveDamping"
+    assert policy(net.parameters(), momentum=0.0) == "AdaptiveDamping"
+
+
+def test_adaptive_damping_refuses_rmsprop_after_the_pseudoinverse() -> None:
+    with pytest.raises(ValueError, match=r"`adaptive_damping=True` cannot be combined with `rmsprop_post=True`"):
+        sven.Sven(mlp(width=2, depth=1).parameters(), adaptive_damping=True, rmsprop=True, rmsprop_post=True)
+
+
+def test_the_default_configuration_fits_a_small_regression_without_tuning() -> None:
+    # 40 steps of the defaults on a 1-D fit: the mean loss falls by four orders of magnitude
+    model = mlp(width=16, depth=2, seed=0)
+    x, y = _data(64)
+    opt = sven.Sven(model.parameters())
+    first = opt.step(_closure(model, x, y)).mean()
+    for _ in range(40):
+        last = opt.step(_closure(model, x, y)).mean()
+    assert float(last) < 1e-4 * float(first)

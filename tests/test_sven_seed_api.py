@@ -67,6 +67,8 @@ def test_sven_dispatches_on_a_wrapper() -> None:
     assert isinstance(opt, sven.Sven) and isinstance(opt, torch.optim.Optimizer)
     assert sven.opt.Sven is sven.Sven
     assert (opt.lr, opt.k, opt.rtol) == (0.1, 8, 1e-3)
+    # the seed form keeps the original's plain step: no adaptive damping unless asked for
+    assert opt.adaptive_damping is False and type(opt.control).__name__ == "Plain"
     native = sven.Sven(mlp(width=4, depth=1).parameters(), lr=0.1)
     assert type(native) is sven.Sven
 
@@ -75,8 +77,8 @@ def test_sven_dispatches_on_a_wrapper() -> None:
 @pytest.mark.parametrize(
     ("kappa", "extra_seed", "extra_native"),
     [
-        (2.0, {}, {}),
-        (1.0, {}, {}),
+        (2.0, {}, {"adaptive_damping": False}),  # the seed API's plain step; the native default damps
+        (1.0, {}, {"adaptive_damping": False}),
         (2.0, {"use_rmsprop": True, "alpha_rmsprop": 0.9}, {"rmsprop": True, "rmsprop_alpha": 0.9}),
         (
             2.0,

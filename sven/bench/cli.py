@@ -9,7 +9,7 @@ Defaults: every task, every optimizer (each on the tasks it supports), 3
 seeds, 20 epochs (60 s per run on the full-batch tasks), ``--threads auto``
 (:func:`auto_threads`: one thread for the small models of these tasks),
 ``results/``. ``--quick`` is a smoke test of everything in well under 3
-minutes on 2 cores (see :data:`QUICK`). See ``docs/results.md``.
+minutes on 2 cores (see :data:`QUICK`). See ``docs/sven-bench.md``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _threads(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {text!r}") from None
 
 
-#: What ``--quick`` changes (documented in ``--help`` and docs/results.md).
+#: What ``--quick`` changes (documented in ``--help`` and docs/sven-bench.md).
 QUICK = (
     "--quick: 1 seed, 5 epochs and 2 s per full-batch run (unless --seeds / --epochs / --seconds are given); "
     "toy1d and polynomial train on the "
