@@ -143,3 +143,30 @@ def test_report_and_notes_need_from_json(tmp_path: Path, capsys: pytest.CaptureF
     with pytest.raises(SystemExit) as e:
         bench_main(["--report", str(tmp_path / "r.md"), "--out", str(tmp_path)])
     assert e.value.code == 2 and "--report and --notes go with --from-json" in capsys.readouterr().err
+
+
+def test_time_to_a_loss_level_and_the_toy1d_goal_built_on_it() -> None:
+    from sven.bench.report import check_goals
+    from sven.bench.runner import BenchConfig, BenchResults
+
+    def run(opt: str, seed: int, vals: list[float], hp: dict[str, float]) -> RunResult:
+        r = RunResult(task="toy1d", optimizer=opt, hparams=hp, seed=seed)
+        r.epochs, r.val_loss = list(range(len(vals))), vals
+        r.train_time = [float(i) for i in range(len(vals))]
+        r.epoch_time, r.step_time_median, r.n_steps = [1.0] * (len(vals) - 1), 1e-3, 10
+        return r
+
+    fast = run("sven-native", 0, [1.0, 1e-7, 5e-9, 1e-9], {})
+    assert fast.time_to(1e-8) == 2.0 and fast.time_to(1e-12) is None and fast.time_to(1.0) == 0.0
+    runs = [
+        fast,
+        run("sven-native", 1, [1.0, 1e-7, 1e-7, 9e-9], {}),  # reaches 1e-8 at 3 s
+        run("sven-native", 2, [1.0, 1e-6, 1e-7, 1e-7], {}),  # never
+        *(run("adam", s, [1.0, 0.1, 0.01, 1e-3, 1e-4], {"lr": 1e-3}) for s in range(3)),  # 4 s of training
+    ]
+    cfg = BenchConfig(tasks=("toy1d",), optimizers=("sven-native", "adam"), seeds=3)
+    results = BenchResults(cfg, {}, tasks={"toy1d": {"target": 1e-4}}, runs=runs)
+    rows = {c["goal"]: c for c in check_goals(results)["toy1d"]}
+    row = rows["Sven's median time to a validation loss <= 1e-08 / best Adam's training time <= 1.5"]
+    # the median of (2 s, 3 s, never) is 3 s; Adam trained for 4 s
+    assert row["met"] is True and row["measured"].startswith("0.75 (3")

@@ -190,6 +190,12 @@ def check_goals(results: BenchResults) -> dict[str, list[dict[str, Any]]]:
                 )
             elif a is None:
                 measured = "no adam run"
+            elif goal.kind == "time_to_loss_ratio":
+                times = [r.time_to(goal.level) for r in results.runs_of(task, name) if r.config == s["config"]]
+                med = statistics.median([math.inf if t is None else t for t in times]) if times else math.inf
+                value = _ratio(med, a["wall_time"]["median"]) if math.isfinite(med) else math.inf
+                reached = f"{_secs(med)} s" if math.isfinite(med) else "not reached by most seeds"
+                measured = f"{_num(value)} ({reached} vs Adam's {_secs(a['wall_time']['median'])} s)"
             elif goal.kind == "loss_ratio":
                 value = _ratio(s["final_val_loss"]["median"], a["final_val_loss"]["median"])
                 measured = (

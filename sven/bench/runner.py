@@ -118,6 +118,10 @@ class RunResult:
             return math.nan
         return self.val_loss[-1]
 
+    def time_to(self, level: float) -> float | None:
+        """Training time at the first evaluation with a validation loss <= ``level`` (``None``: never)."""
+        return next((t for v, t in zip(self.val_loss, self.train_time) if v <= level), None)
+
     @property
     def total_train_time(self) -> float:
         """Training time of the whole run, seconds."""

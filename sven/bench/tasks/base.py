@@ -26,6 +26,7 @@ GOAL_KINDS = {
     "loss_ratio": "Sven / best Adam median final {loss} <= {value:g}",
     "time_ratio": "Sven / best Adam median training time <= {value:g}",
     "time_to_target": "Sven's median time to {target:g} <= {value:g} s",
+    "time_to_loss_ratio": "Sven's median time to a {loss} <= {level:g} / best Adam's training time <= {value:g}",
 }
 
 
@@ -38,10 +39,12 @@ class Goal:
             loss, on its ratio to the best Adam's, on the ratio of training
             times, or on Sven's time to the task's target.
         value: the bound.
+        level: the loss level of ``"time_to_loss_ratio"`` (Sven's time to reach it, at epoch ends).
     """
 
     kind: str
     value: float
+    level: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in GOAL_KINDS:
@@ -51,7 +54,7 @@ class Goal:
 
     def describe(self, loss: str = "loss", target: float = 0.0) -> str:
         """The goal as a sentence fragment, e.g. ``"Sven's median final loss <= 1e-08"``."""
-        return GOAL_KINDS[self.kind].format(loss=loss, value=self.value, target=target)
+        return GOAL_KINDS[self.kind].format(loss=loss, value=self.value, target=target, level=self.level)
 
 
 def per_sample_mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,11 @@ class Toy1DTask(Task):
     loader_seed = LOADER_SEED
     target = 1e-4
     sven_defaults: ClassVar[Mapping[str, float | int]] = {"lr": 0.1, "rank": 16, "rtol": 1e-3, "kappa": 2.0}
-    goals: ClassVar[tuple[Goal, ...]] = (Goal("loss", 1e-8), Goal("time_ratio", 1.5))
+    goals: ClassVar[tuple[Goal, ...]] = (
+        Goal("loss", 1e-8),
+        Goal("time_ratio", 1.5),
+        Goal("time_to_loss_ratio", 1.5, level=1e-8),
+    )
     quick_n_train = 2_000
 
     def build_data(self) -> TaskData:
