@@ -30,8 +30,9 @@ def merge_results(parts: Sequence[BenchResults]) -> BenchResults:
     """One :class:`BenchResults` holding the runs of every part, in order.
 
     The configuration is the first part's, with the tasks and optimizers of all
-    parts; the commands are joined with ``" && "``; the elapsed times add up (the
-    sum of the processes' wall times, not the wall time of a parallel run).
+    parts; the commands are joined with ``" && "``; the start is the earliest; the
+    elapsed times add up (the sum of the processes' wall times, not the wall time of a
+    parallel run).
 
     Raises:
         ValueError: if ``parts`` is empty, or two parts ran a different number of seeds or epochs.
@@ -52,7 +53,7 @@ def merge_results(parts: Sequence[BenchResults]) -> BenchResults:
         tasks={k: v for p in parts for k, v in p.tasks.items()},
         runs=[r for p in parts for r in p.runs],
         interrupted=any(p.interrupted for p in parts),
-        started=first.started,
+        started=min((p.started for p in parts if p.started), default=first.started),
         elapsed=sum(p.elapsed for p in parts),
         command=" && ".join(p.command for p in parts if p.command),
     )
