@@ -260,7 +260,7 @@ def test_sven_native_is_one_configuration_with_the_rank_as_a_fraction_of_the_bat
     assert factory.grid(toy, sven_grid=True) == list(SVEN_NATIVE_GRID)
     for task, rank in ((toy, 16), (digits, 32)):
         stepper = factory.make(task.model(0), task, {"lr": 0.5, "rank_fraction": 0.5, "rtol": 1e-3})
-        assert stepper.opt.config.rank == rank  # type: ignore[attr-defined]
+        assert stepper.opt.config.rank_cap(task.batch_size) == rank  # type: ignore[attr-defined]
     free = factory.make(toy.model(0), toy, {"lr": 0.1, "rank_fraction": 0.0, "rtol": 1e-3})
     assert free.opt.config.rank is None  # type: ignore[attr-defined]
     # without --grid: the library's defaults, nothing passed
@@ -272,4 +272,5 @@ def test_sven_native_is_one_configuration_with_the_rank_as_a_fraction_of_the_bat
     assert factory.supports(pinn) and isinstance(pinn, FullBatchTask)
     net = pinn.model(0)
     stepper = factory.make_full_batch(net, pinn.problem(net), {"rank_fraction": 0.5})
-    assert stepper.opt.config.residuals and stepper.opt.config.rank == 510  # type: ignore[attr-defined]
+    rows = pinn.problem(net)().numel()
+    assert stepper.opt.config.residuals and stepper.opt.config.rank_cap(rows) == 510  # type: ignore[attr-defined]

@@ -93,7 +93,7 @@ def _results(tasks: tuple[str, ...], runs: list[RunResult], *, seeds: int = 1): 
 
 
 def test_merged_parts_keep_every_run_task_and_command() -> None:
-    from sven.bench.publish import merge_results
+    from sven.bench.merge import merge_results
 
     a = _results(("toy1d",), [_run("toy1d", A, 1e-3)])
     b = _results(("digits",), [_run("digits", A, 1e-2), _run("digits", B, 1e-1)])

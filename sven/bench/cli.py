@@ -24,8 +24,8 @@ import torch
 
 from truncpinv._optional import MissingExtraError, require_extra
 
+from .merge import merge_results
 from .optimizers import OPTIMIZERS
-from .publish import merge_results, publish
 from .report import read_json, write_all, write_json, write_markdown
 from .runner import BenchConfig, BenchResults, run_benchmark
 from .tasks import TASKS
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             ap.error(str(e))
         notes = args.notes.read_text(encoding="utf-8") if args.notes is not None else ""
-        for p in publish(merged, args.out, args.report, notes=notes):
+        for p in write_all(merged, args.out, report=args.report, notes=notes):
             print(f"  {p}", file=sys.stderr)
         return 0
     if args.report is not None or args.notes is not None:

@@ -515,20 +515,20 @@ class _SvenNative(OptimizerFactory):
         return [dict(p) for p in SVEN_NATIVE_GRID] if sven_grid else [dict(SVEN_NATIVE)]
 
     @staticmethod
-    def _options(hparams: Hparams, rows: int) -> dict[str, float | int | bool | None]:
+    def _options(hparams: Hparams) -> dict[str, float | int | bool | None]:
+        """The grid point as :class:`sven.Sven` options: ``rank_fraction`` f becomes ``rank=f`` (0: no cap)."""
         opts: dict[str, float | int | bool | None] = dict(hparams)
         fraction = float(opts.pop("rank_fraction", 0.0) or 0.0)
         if fraction > 0:
-            opts["rank"] = max(1, round(fraction * rows))
+            opts["rank"] = fraction  # sven.Sven keeps at most ceil(f * rows) singular values
         return opts
 
     def make(self, model: nn.Module, task: Task, hparams: Hparams) -> Stepper:
-        opt = sven.Sven(model.parameters(), **self._options(hparams, task.batch_size))  # type: ignore[arg-type]
+        opt = sven.Sven(model.parameters(), **self._options(hparams))  # type: ignore[arg-type]
         return _PerSampleClosure(model, task, opt)
 
     def make_full_batch(self, model: nn.Module, problem: Residuals, hparams: Hparams) -> FullBatchStepper:
-        rows = int(problem().detach().numel())
-        opt = sven.Sven(model.parameters(), residuals=True, **self._options(hparams, rows))  # type: ignore[arg-type]
+        opt = sven.Sven(model.parameters(), residuals=True, **self._options(hparams))  # type: ignore[arg-type]
         return _SvenFullBatch(problem, opt)
 
 

@@ -110,9 +110,11 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def goal_sven(results: BenchResults, task: str) -> str | None:
-    """The name of the Sven run the goals of ``task`` are checked on (:data:`GOAL_SVEN`), or ``None``."""
-    per_opt = results.summary().get(task, {})
+def goal_sven(results: BenchResults, task: str, per_opt: dict[str, Any]) -> str | None:
+    """The name of the Sven run the goals of ``task`` are checked on (:data:`GOAL_SVEN`), or ``None``.
+
+    ``per_opt`` is the task's entry of ``results.summary()`` (the optimizers that ran on it).
+    """
     kind = "full-batch" if results.tasks.get(task, {}).get("unit") == "step" else "mini-batch"
     return next((name for name in GOAL_SVEN[kind] if name in per_opt), None)
 
@@ -132,7 +134,7 @@ def goals(results: BenchResults) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for task, per_opt in results.summary().items():
         g: dict[str, Any] = {}
-        name = goal_sven(results, task)
+        name = goal_sven(results, task, per_opt)
         s, a = (per_opt[name] if name else None), per_opt.get("adam")
         if name is not None:
             g["sven"] = name
@@ -168,7 +170,7 @@ def check_goals(results: BenchResults) -> dict[str, list[dict[str, Any]]]:
     """
     out: dict[str, list[dict[str, Any]]] = {}
     for task, per_opt in results.summary().items():
-        name = goal_sven(results, task)
+        name = goal_sven(results, task, per_opt)
         if name is None:
             continue
         s, a = per_opt[name], per_opt.get("adam")
@@ -401,7 +403,9 @@ def _goal_checks_table(results: BenchResults) -> list[str]:
         "| task | Sven | goal | measured | |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {t} | {goal_sven(results, t)} | {c['goal']} | {c['measured']} | {mark[c['met']]} |" for t, c in rows]
+    summary = results.summary()
+    name = {t: goal_sven(results, t, summary.get(t, {})) for t in checks}
+    lines += [f"| {t} | {name[t]} | {c['goal']} | {c['measured']} | {mark[c['met']]} |" for t, c in rows]
     return [*lines, ""]
 
 
@@ -572,15 +576,20 @@ def write_plots(results: BenchResults, out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_all(results: BenchResults, out_dir: Path, *, plots: bool = True) -> list[Path]:
-    """Write ``results.json``, ``results.md`` and (if ``plots``) the PNGs into ``out_dir``.
-
-    Returns:
-        The paths written.
-    """
+def write_all(
+    results: BenchResults, out_dir: Path, *, plots: bool = True, report: Path | None = None, notes: str = ""
+) -> list[Path]:
+    """Write ``results.json`` and (if ``plots``) the PNGs into ``out_dir``, and the Markdown ``report``
+    (default ``out_dir / "results.md"``; plots linked relative to it) with ``notes`` (Markdown, e.g. the
+    reading of the numbers) after its header. Returns the paths written: JSON, report, plots."""
     out_dir = Path(out_dir)
-    paths = [out_dir / "results.json", out_dir / "results.md"]
-    write_json(results, paths[0])
+    report = Path(report) if report is not None else out_dir / "results.md"
+    write_json(results, out_dir / "results.json")
     pngs = write_plots(results, out_dir) if plots else []
-    write_markdown(results, paths[1], [p.name for p in pngs] if plots else [])
-    return paths + pngs
+    text = markdown(results, [Path(os.path.relpath(p, report.parent)).as_posix() for p in pngs])
+    if notes.strip():
+        head, sep, rest = text.partition("\n## ")
+        text = f"{head.rstrip()}\n\n{notes.strip()}\n{sep}{rest}" if sep else f"{text.rstrip()}\n\n{notes.strip()}\n"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(report, text)
+    return [out_dir / "results.json", report, *pngs]
