@@ -23,8 +23,18 @@ A new route is a new file here with a class implementing the protocol; add
 its name to :data:`~sven.linearize.auto.ROUTES` and to :func:`choose_route`.
 """
 
-from .auto import GRAM_MIN_ENTRIES, ROUTES, Linearizer, choose_route
-from .base import GramOperator, Linearization, Route, RowSpec, RowTransformed, Unsupported, WithGram, row_transform
+from .auto import GRAM_MIN_ENTRIES, ROUTES, TALL_RATIO, Linearizer, choose_route
+from .base import (
+    Declined,
+    GramOperator,
+    Linearization,
+    Route,
+    RowSpec,
+    RowTransformed,
+    Unsupported,
+    WithGram,
+    row_transform,
+)
 from .dense import JACOBIAN_METHODS, DenseRoute, JacobianResult, PerSampleJacobian, autograd_jacobian, func_jacobian
 from .functional import FunctionalJacobian
 from .gram import GramJacobian, GramRoute, LayerGram, supported_modules
@@ -36,8 +46,10 @@ __all__ = [
     "GRAM_MIN_ENTRIES",
     "JACOBIAN_METHODS",
     "ROUTES",
+    "TALL_RATIO",
     "ClosureJacobian",
     "DataParallel",
+    "Declined",
     "DenseRoute",
     "DistributedGram",
     "FunctionalJacobian",

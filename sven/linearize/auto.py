@@ -11,10 +11,20 @@ The rule behind ``jacobian="auto"``:
    the solver applies.
 3. A model the Gram route could not handle (remembered after the first try):
    the dense route.
-4. A tiny problem, ``N * P < GRAM_MIN_ENTRIES`` for the previous step's
+4. More rows than parameters (``N > TALL_RATIO * P``), on one process: the
+   dense route. The Gram matrix ``K = M M^T`` is ``N x N`` and its
+   factorisation costs ``O(N^3)``, while the materialised ``M`` costs
+   ``N x P`` memory and its factorisation ``O(N P^2)``. The previous step's
+   ``N`` decides; on the first step the Gram route itself declines such a
+   closure after the forward pass (:class:`~sven.linearize.base.Declined`)
+   and the Jacobian comes from the same evaluation. Measured per step on
+   ``1-w-w-1`` tanh MLPs (one thread, ``benchmarks/bench_route_crossover.py``):
+   the two routes cost the same near ``N = P`` and the Gram route is 2-9x
+   slower at ``N = 2P`` to ``4P`` (30x for ``P = 673``, ``N = 4P``).
+5. A tiny problem, ``N * P < GRAM_MIN_ENTRIES`` for the previous step's
    ``N`` rows, on one process: the dense route, as fast when Python overhead
    dominates both.
-5. Otherwise the Gram route.
+6. Otherwise the Gram route.
 """
 
 from __future__ import annotations
@@ -25,19 +35,22 @@ from typing import Any
 
 import torch
 
-from .base import Linearization, RowSpec, Unsupported
+from .base import Declined, Linearization, RowSpec, Unsupported
 from .dense import DenseRoute, autograd_jacobian
 from .gram import GramRoute
 from .matfree import MatfreeRoute
 from .pointwise import PointwiseRoute, Residuals
 
-__all__ = ["GRAM_MIN_ENTRIES", "ROUTES", "Linearizer", "choose_route"]
+__all__ = ["GRAM_MIN_ENTRIES", "ROUTES", "TALL_RATIO", "Linearizer", "choose_route"]
 
 #: Accepted route names (the ``jacobian`` option of :class:`sven.Sven`).
 ROUTES = ("auto", "gram", "hooks", "autograd", "matfree", "pointwise")
 #: Under ``"auto"`` the Gram route is used from this many Jacobian entries (``N * P``) on; below it the
 #: materialised hook path is as fast (Python overhead dominates both).
 GRAM_MIN_ENTRIES = 1 << 16
+#: Under ``"auto"`` a closure with more than ``TALL_RATIO * P`` rows takes the materialised route: its
+#: ``N x N`` Gram matrix costs more than ``M`` itself (measured crossover between ``N = P`` and ``N = 2P``).
+TALL_RATIO = 1.0
 
 
 def choose_route(
@@ -49,6 +62,8 @@ def choose_route(
     gram_failed: bool,
     distributed: bool,
     pointwise: bool = False,
+    rows: int | None = None,
+    cols: int | None = None,
 ) -> str:
     """The route to run: ``"gram"``, ``"dense"``, ``"matfree"`` or ``"pointwise"`` (the rule in the module docstring).
 
@@ -60,6 +75,8 @@ def choose_route(
         gram_failed: the Gram route was found not to apply to this model.
         distributed: data-parallel (the tiny-problem shortcut is off).
         pointwise: the closure is a :class:`~sven.linearize.pointwise.Residuals` object.
+        rows: ``N`` of the previous step (``None`` on the first).
+        cols: ``P``, the number of parameters (``None``: not weighed).
     """
     if requested == "pointwise" or (requested == "auto" and pointwise):
         return "pointwise"
@@ -76,8 +93,9 @@ def choose_route(
         return "dense"
     if requested == "gram":
         return "gram"
+    tall = rows is not None and cols is not None and rows > TALL_RATIO * cols and not distributed
     tiny = entries is not None and entries < GRAM_MIN_ENTRIES and not distributed
-    return "gram" if (not gram_failed and gram_allowed and not tiny) else "dense"
+    return "gram" if (not gram_failed and gram_allowed and not tiny and not tall) else "dense"
 
 
 class Linearizer:
@@ -117,6 +135,8 @@ class Linearizer:
         self.gram_allowed = gram_allowed
         self.rmsprop_on_jacobian = rmsprop_on_jacobian
         self.gram = GramRoute(seed=seed)
+        # under "auto", the Gram route declines a closure with more rows than parameters (rule 4)
+        self._tall_ratio = TALL_RATIO if requested == "auto" else None
         self.dense = DenseRoute(requested if requested in ("hooks", "autograd") else "auto")
         self.matfree = MatfreeRoute(chunk_size)
         self.pointwise = PointwiseRoute()
@@ -140,6 +160,8 @@ class Linearizer:
             gram_failed=self.gram_failed is not None,
             distributed=agree is not None,
             pointwise=isinstance(closure, Residuals),
+            rows=self._last_rows,
+            cols=n_cols,
         )
         if route == "pointwise":
             res = self.pointwise(closure, params, rows)
@@ -152,7 +174,13 @@ class Linearizer:
         if route == "matfree":
             return self.matfree(closure, params, rows)
         if route == "gram":
+            self.gram.tall_ratio = self._tall_ratio if agree is None else None
             res = self.gram(closure, params, rows)
+            if isinstance(res, Declined):
+                # more rows than parameters: M itself, from the same closure evaluation; dense from now on
+                self._last_rows = int(res.output.shape[0])
+                with torch.enable_grad():
+                    return _materialised(res.output, params)
             ok = not isinstance(res, Unsupported)
             if agree is not None:
                 ok = agree(ok)

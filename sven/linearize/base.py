@@ -21,6 +21,7 @@ from truncpinv import LinearOperator
 from .. import functional as SF
 
 __all__ = [
+    "Declined",
     "GramOperator",
     "Linearization",
     "Route",
@@ -70,6 +71,17 @@ class Unsupported:
 
     reason: str
     output: Any
+
+
+@dataclass
+class Declined(Unsupported):
+    """A route applies but is not the cheaper one for this closure (no warning, no fallback remembered).
+
+    The Gram route declines, under ``jacobian="auto"``, when the rows outnumber
+    the parameters: the ``N x N`` Gram matrix then costs more than the
+    materialised ``N x P`` Jacobian (see :func:`sven.linearize.auto.choose_route`).
+    ``output`` holds the rows with their graph, as for :class:`Unsupported`.
+    """
 
 
 class Route(Protocol):

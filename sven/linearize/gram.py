@@ -88,12 +88,13 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .base import Linearization, RowSpec, Unsupported
+from .base import Declined, Linearization, RowSpec, Unsupported
 from .gram_bn import BATCHNORM_MODES, add_coupling, coupling
 from .gram_factors import GramJacobian, Piece, call_pieces, make_blocks
 from .recorder import Labels, Recorder, recording, supported_modules
@@ -180,6 +181,7 @@ class LayerGram:
         *,
         rows: Callable[[Any], torch.Tensor],
         names: Sequence[str] | None = None,
+        max_rows: int | None = None,
     ) -> GramJacobian | Unsupported:
         """Run ``closure`` (with grad enabled) and return ``K = J J^T`` and the products with ``J``.
 
@@ -189,9 +191,11 @@ class LayerGram:
             rows: turns the closure's return value into the 1-D rows with a graph
                 (``(B,)`` losses, or ``(B, D)`` residuals flattened row-major).
             names: optional parameter names, for the reasons of :class:`Unsupported`.
+            max_rows: decline (:class:`~sven.linearize.base.Declined`) when the closure returns more rows:
+                the ``N x N`` Gram matrix would cost more than the materialised Jacobian. ``None``: never.
 
         Returns:
-            A :class:`GramJacobian`, or :class:`Unsupported` with the reason and the
+            A :class:`GramJacobian`, or :class:`Unsupported` (or :class:`Declined`) with the reason and the
             rows (graph kept) for an exact fallback.
         """
         params = list(params)
@@ -215,6 +219,8 @@ class LayerGram:
                 "do not compute it under torch.no_grad() or from detached tensors"
             )
         n = int(out.shape[0])
+        if max_rows is not None and n > max_rows:
+            return Declined(f"{n} rows outnumber the {max_rows} the Gram route takes here", out)
         if rec.problem is not None:
             return Unsupported(rec.problem, out)
         for c in rec.calls:
@@ -368,17 +374,31 @@ class GramRoute:
     Returns a :class:`~sven.linearize.base.Linearization` whose ``jacobian`` is
     the :class:`GramJacobian` (``K`` in float64 plus the products), or
     :class:`~sven.linearize.base.Unsupported` naming the layer it cannot handle.
+
+    ``tall_ratio``: decline (:class:`~sven.linearize.base.Declined`) a closure
+    with more than ``tall_ratio * P`` rows, before the backward pass (``None``:
+    never; :class:`~sven.linearize.auto.Linearizer` sets
+    :data:`~sven.linearize.auto.TALL_RATIO` under ``jacobian="auto"``).
     """
 
     name = "gram"
 
-    def __init__(self, *, seed: int = 0, verify: bool = True, batchnorm: str = "exact") -> None:
+    def __init__(
+        self, *, seed: int = 0, verify: bool = True, batchnorm: str = "exact", tall_ratio: float | None = None
+    ) -> None:
+        ok = isinstance(tall_ratio, numbers.Real) and not isinstance(tall_ratio, bool) and float(tall_ratio) > 0
+        if tall_ratio is not None and not (ok and math.isfinite(float(tall_ratio))):
+            raise ValueError(f"`tall_ratio` must be a positive finite number or None, got {tall_ratio!r}")
         self.layer_gram = LayerGram(seed=seed, verify=verify, batchnorm=batchnorm)
+        self.tall_ratio = None if tall_ratio is None else float(tall_ratio)
 
     def __call__(
         self, closure: Callable[[], Any], params: Sequence[torch.Tensor], rows: RowSpec
     ) -> Linearization | Unsupported:
-        res = self.layer_gram(closure, params, rows=rows)
+        max_rows = None
+        if self.tall_ratio is not None:
+            max_rows = int(self.tall_ratio * sum(p.numel() for p in params))
+        res = self.layer_gram(closure, params, rows=rows, max_rows=max_rows)
         if isinstance(res, Unsupported):
             return res
         return Linearization(res.output, res.output, res, "gram")
