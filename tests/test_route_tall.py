@@ -137,3 +137,32 @@ def test_auto_on_a_wide_problem_stays_on_the_gram_route() -> None:
     assert N * _n_params(net) >= sven.linearize.GRAM_MIN_ENTRIES
     _, methods, _ = _train("auto", N, steps=2, width=400)
     assert methods == ["gram", "gram"]
+
+
+def test_the_seed_api_materialises_a_tall_batch_without_a_warning() -> None:
+    from sven.nn import SvenWrapper
+    from sven.opt import Sven as SeedSven
+
+    def run(jacobian: str) -> tuple[list[torch.Tensor], list[str], list[warnings.WarningMessage]]:
+        net, x, y = _fit(150)
+
+        def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return ((pred - target) ** 2).sum(dim=-1)
+
+        wrapped = SvenWrapper(net, loss_fn, torch.device("cpu"), jacobian=jacobian)
+        opt = SeedSven(wrapped, lr=0.5, k=8, rtol=1e-6)
+        methods = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                wrapped.loss_and_grad((x, y))
+                opt.step()
+                methods.append(wrapped.jacobian_method)
+        return [p.detach().clone() for p in net.parameters()], methods, list(caught)
+
+    got, methods, caught = run("auto")
+    ref, _, _ = run("autograd")
+    assert "gram" not in methods and methods[1:] == ["hooks", "hooks"]
+    assert not [w for w in caught if "Gram route" in str(w.message)]
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-7, atol=1e-9)

@@ -153,7 +153,10 @@ def test_fill_last_block_selects_exactly_the_fraction() -> None:
             assert wrapped.grads.shape == (32, int(fraction * P))
             partly = [(s, n) for _, n, s in wrapped.param_names_counts_startIdx if 0 < int(mask[s : s + n].sum()) < n]
             assert len(partly) <= 1
-            assert wrapped.jacobian_method == ("gram" if not partly else "hooks")
+            # whole tensors on the Gram route, unless the 32 rows outnumber their parameters (then M is smaller)
+            touched = sum(n for _, n, s in wrapped.param_names_counts_startIdx if int(mask[s : s + n].sum()) > 0)
+            expected = ("gram",) if not partly and touched >= 32 else ("hooks", "autograd")
+            assert wrapped.jacobian_method in expected
             opt.step()
             changed = wrapped.params.detach() != before
             assert not changed[~mask].any()

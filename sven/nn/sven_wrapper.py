@@ -13,7 +13,8 @@ from torch.nn.utils import parameters_to_vector
 
 from .. import functional as SF
 from .._validation import _is_int, check_bool, check_fraction, check_positive_float, check_positive_int
-from ..linearize.base import GramOperator, row_transform
+from ..linearize.auto import TALL_RATIO
+from ..linearize.base import Declined, GramOperator, row_transform
 from ..linearize.dense import JACOBIAN_METHODS, PerSampleJacobian, autograd_jacobian, func_jacobian
 from ..linearize.gram import GramJacobian, LayerGram
 
@@ -160,6 +161,7 @@ class SvenWrapper:
         self._try_hooks = jacobian in ("auto", "hooks") and only_linear
         self._try_gram = jacobian in ("auto", "gram")
         self._gram = LayerGram()
+        self._last_rows: int | None = None  # rows of the previous step, for the tall-problem rule
 
         # populated by loss_and_grad(), consumed by the optimizer's step()
         self.grads: torch.Tensor | GramOperator = torch.empty(0, device=self.device)
@@ -242,20 +244,32 @@ class SvenWrapper:
         def rows(pred: torch.Tensor) -> torch.Tensor:
             return self._checked_losses(pred, args, x)
 
-        if self._try_gram and (self.param_mask is None or (self.mask_by_block and not self._partial_block)):
+        # under "auto", more rows than parameters: M is smaller than K (sven.linearize.auto, rule 4); the
+        # previous step's rows decide before the closure runs, the Gram route itself on the first step
+        max_rows = int(TALL_RATIO * sum(p.numel() for p in active)) if self._method == "auto" else None
+        tall = max_rows is not None and self._last_rows is not None and self._last_rows > max_rows
+        if (
+            self._try_gram
+            and not tall
+            and (self.param_mask is None or (self.mask_by_block and not self._partial_block))
+        ):
             active_names = names
-            gres = self._gram(closure, active, rows=rows, names=active_names)
+            gres = self._gram(closure, active, rows=rows, names=active_names, max_rows=max_rows)
             if isinstance(gres, GramJacobian):
+                self._last_rows = int(gres.output.shape[0])
                 return self._store_gram(gres, preds[-1].detach())
-            if self._method == "gram":
+            if isinstance(gres, Declined):
+                pass  # the materialised Jacobian, without a warning
+            elif self._method == "gram":
                 raise ValueError(f"`jacobian='gram'` does not apply to this model: {gres.reason}")
-            warnings.warn(
-                f"Sven: the Gram route does not apply ({gres.reason}); using the materialised Jacobian instead",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            self._try_gram = False
-            self._try_hooks = False  # the Gram route covers every model the Linear hook path covers
+            else:
+                warnings.warn(
+                    f"Sven: the Gram route does not apply ({gres.reason}); using the materialised Jacobian instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._try_gram = False
+                self._try_hooks = False  # the Gram route covers every model the Linear hook path covers
             losses, J, method = gres.output.detach(), autograd_jacobian(gres.output, active), "autograd"
             pred = preds[-1].detach()
         elif self._try_hooks:
@@ -271,6 +285,7 @@ class SvenWrapper:
             losses, J, pred = func_jacobian(self.model, names, rows, (x,))
             method = "func"
 
+        self._last_rows = int(losses.shape[0])
         if self.param_mask is not None and not self.mask_by_block:
             J = J[:, self.param_mask]
         elif self.param_mask is not None and self._partial_block:  # columns of the touched tensors -> selection
