@@ -8,14 +8,18 @@
 relative error (the accuracy) side by side.
 
 Times are the minimum over rounds; ratios are against ``torch-svd-then-truncate``
-of the same group (same matrix, same run). ``--plot`` draws relative error
-against time, one panel per group.
+of the same group (same matrix, same run), or, in a group without it (the
+Sven step-cost groups), against its Adam step, else its fastest entry. A group
+whose entries carry no relative error (step costs) gets a time-only table and
+no panel: ``--plot`` draws relative error against time, one panel per group
+that has errors, and says so when no group has any.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 
 BASE = "torch-svd-then-truncate"
@@ -33,19 +37,44 @@ def load(path: str) -> dict[str, list[tuple[str, float, float]]]:
     return groups
 
 
+def _baseline(rows: list[tuple[str, float, float]]) -> tuple[str, float] | None:
+    """The entry a group's ratios are against: ``BASE``, else an Adam step, else the fastest entry."""
+    times = {m: t for m, t, _ in rows}
+    for name in [BASE, *sorted(m for m in times if "adam" in m.lower())]:
+        if name in times and times[name] > 0:
+            return name, times[name]
+    positive = [(t, m) for m, t, _ in rows if t > 0]
+    return (min(positive)[1], min(positive)[0]) if positive else None
+
+
+def _has_errors(rows: list[tuple[str, float, float]]) -> bool:
+    return any(math.isfinite(err) for _, _, err in rows)
+
+
 def markdown(groups: dict[str, list[tuple[str, float, float]]]) -> str:
     out = []
     for group, rows in groups.items():
-        base = {m: t for m, t, _ in rows}.get(BASE)
-        out += [f"**{group}**", "", f"| method | time [s] | time / {BASE} | rel. error |", "|---|---:|---:|---:|"]
+        base = _baseline(rows)
+        name = base[0] if base else "-"
+        errors = _has_errors(rows)
+        head = f"| method | time [s] | time / {name} |" + (" rel. error |" if errors else "")
+        out += [f"**{group}**", "", head, "|---|---:|---:|" + ("---:|" if errors else "")]
         for method, t, err in sorted(rows, key=lambda r: r[1]):
-            ratio = f"{t / base:.3f}" if base else ""
-            out.append(f"| {method} | {t:.3f} | {ratio} | {err:.1e} |")
+            ratio = f"{t / base[1]:.3f}" if base else ""
+            cell = (f" {err:.1e} |" if math.isfinite(err) else " - |") if errors else ""
+            out.append(f"| {method} | {t:.3f} | {ratio} |{cell}")
         out.append("")
     return "\n".join(out)
 
 
-def plot(groups: dict[str, list[tuple[str, float, float]]], path: str) -> None:
+def plot(groups: dict[str, list[tuple[str, float, float]]], path: str) -> bool:
+    """Relative error against time, one panel per group with errors; ``False`` (nothing written) if none has any."""
+    groups = {
+        g: [r for r in rows if math.isfinite(r[2]) and r[1] > 0] for g, rows in groups.items() if _has_errors(rows)
+    }
+    groups = {g: rows for g, rows in groups.items() if rows}
+    if not groups:
+        return False
     from truncpinv._optional import require
 
     require("matplotlib", "bench", "benchmarks/report.py")
@@ -77,17 +106,19 @@ def plot(groups: dict[str, list[tuple[str, float, float]]], path: str) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=7)
     fig.tight_layout(rect=(0, 0.1 if nrows == 1 else 0.06, 1, 1))
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json")
     p.add_argument("--plot", help="write an error-vs-time PNG here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     groups = load(args.json)
     print(markdown(groups))
-    if args.plot:
-        plot(groups, args.plot)
+    if args.plot and not plot(groups, args.plot):
+        print(f"no group has relative errors: {args.plot} not written")
 
 
 if __name__ == "__main__":
