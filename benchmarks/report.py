@@ -25,6 +25,13 @@ from collections import defaultdict
 BASE = "torch-svd-then-truncate"
 
 
+def threads(path: str) -> int | None:
+    """The thread count the benchmarks ran on (``machine_info.bench_threads``, set by ``benchmarks/conftest.py``)."""
+    with open(path) as f:
+        value = json.load(f).get("machine_info", {}).get("bench_threads")
+    return int(value) if value is not None else None
+
+
 def load(path: str) -> dict[str, list[tuple[str, float, float]]]:
     with open(path) as f:
         data = json.load(f)
@@ -116,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", help="write an error-vs-time PNG here")
     args = p.parse_args(argv)
     groups = load(args.json)
+    n = threads(args.json)
+    print(f"{n} thread(s) (BENCH_THREADS)\n" if n is not None else "threads: not recorded\n")
     print(markdown(groups))
     if args.plot and not plot(groups, args.plot):
         print(f"no group has relative errors: {args.plot} not written")

@@ -17,7 +17,7 @@ def _bench(group: str, name: str, t: float, err: float | None = None) -> dict:
 
 def _export(tmp_path: Path, benches: list[dict]) -> str:
     path = tmp_path / "bench.json"
-    path.write_text(json.dumps({"benchmarks": benches}))
+    path.write_text(json.dumps({"machine_info": {"bench_threads": 1}, "benchmarks": benches}))
     return str(path)
 
 
@@ -36,6 +36,7 @@ def test_a_step_cost_group_without_errors_gets_a_ratio_table_and_no_panel(
     report.main([_export(tmp_path, benches), "--plot", str(png)])
     out = capsys.readouterr().out
     assert png.exists() and png.stat().st_size > 0
+    assert "1 thread(s)" in out
     step_table = out[out.index("**sven_step_toy1d_B128**") :]
     assert "time / test_adam_step" in step_table and "rel. error" not in step_table
     assert "| test_sven_step_torch_optim_api | 0.004 | 4.000 |" in step_table
