@@ -1,5 +1,9 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv first.
 PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+# On the standard package index `torch==2.13.0` is the CUDA build (several GB with cuDNN and NCCL); PyTorch's CPU
+# wheel index has the CPU build (about 200 MB). `make setup TORCH_INDEX=` keeps pip's own index (for a GPU build).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -8,8 +12,14 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# CPU build of torch first, so that the range in pyproject.toml installs nothing larger.
-	$(BIN)/python -m pip install -q torch==2.13.0
+	# torch first, so that the range in pyproject.toml installs nothing larger: a wheel pip already has on this
+	# machine (find-links, no download; then its dependencies from the usual index), else the CPU build from
+	# TORCH_INDEX.
+	if $(BIN)/python -m pip install -q --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null; then \
+		$(BIN)/python -m pip install -q torch==$(TORCH_VERSION); \
+	else \
+		$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+	fi
 	# The project with every extra: `dev` holds the test tools plus the `sklearn` and `bench` extras.
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
