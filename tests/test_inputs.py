@@ -50,7 +50,7 @@ def test_check_finite_false_skips_the_scan_but_nan_never_passes_silently(info: S
         (torch.ones(3, 4, dtype=torch.float16), r"`A` must be float32 or float64, got torch.float16"),
         (np.ones((3, 4), dtype=np.int32), r"`A` must have a floating dtype .* got numpy int32"),
         (np.ones((3, 4), dtype=np.complex128), r"`A` must be real"),
-        ([[1.0, 2.0]], r"`A` must be a torch.Tensor, a numpy.ndarray, .* got list"),
+        ([[1.0, 2.0]], r"`A` must be a torch.Tensor, a numpy.ndarray .* got list"),
     ],
 )
 def test_bad_dtype_or_type(A: object, match: str) -> None:
@@ -83,7 +83,7 @@ def test_tolerances_must_be_non_negative_and_finite(name: str, value: float) -> 
         (torch.ones(5, dtype=torch.float64), r"`b` must have 6 rows to match `A` of shape \(6, 9\), got shape \(5,\)"),
         (torch.ones(6, 2, 2, dtype=torch.float64), r"`b` must have shape \(m,\) or \(m, r\)"),
         (torch.ones(6, dtype=torch.int64), r"`b` must have a floating dtype"),
-        ("abc", r"`b` must be a torch.Tensor or numpy.ndarray, got str"),
+        ("abc", r"`b` must be a torch.Tensor or a numpy.ndarray .*got str"),
     ],
 )
 def test_bad_rhs(b: object, match: str) -> None:

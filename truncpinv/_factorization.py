@@ -195,12 +195,15 @@ class TruncatedPinv:
             self._V = W * inv
         return self._V
 
-    def _rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+    def _rmatmat(self, Y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``A^T Y`` in ``dtype`` (default: the factors'); a dense ``A`` is promoted to it, an operator is not."""
         op = self._op
+        dt = self._U.dtype if dtype is None else dtype
         if isinstance(op, torch.Tensor):
-            return (op.T @ Y.to(op.dtype)).to(self._U.dtype)
+            wide = torch.promote_types(op.dtype, dt)
+            return (op.T.to(wide) @ Y.to(wide)).to(dt)
         assert op is not None
-        return op.rmatmat(Y.to(op.dtype)).to(self._U.dtype)
+        return op.rmatmat(Y.to(op.dtype)).to(dt)
 
     # ------------------------------------------------------------------ solving
     def solve(self, b: Any, *, check_finite: bool = True) -> Any:
@@ -211,22 +214,26 @@ class TruncatedPinv:
             check_finite: reject NaN/Inf in ``b`` (default ``True``).
 
         Returns:
-            ``(n,)`` or ``(n, k)``, of the same kind (tensor or array) as ``b``.
+            ``(n,)`` or ``(n, k)``, of the same kind (tensor or array) as ``b``, in the promoted
+            dtype of the factorisation and ``b`` (a float64 ``b`` gives float64, as NumPy's
+            ``float32 @ float64`` does; the factors keep their own precision).
         """
         b2, vec, was_numpy = prepare_rhs(
             b, shape=self.shape, dtype=self.dtype, device=self.device, check_finite=check_finite
         )
         r = self.rank
+        dt = b2.dtype  # the factorisation's dtype, or float64 for a float64 `b` (NumPy's promotion)
         with no_tf32():
             if r == 0:
-                x = torch.zeros(self.shape[1], b2.shape[1], dtype=self.dtype, device=self.device)
+                x = torch.zeros(self.shape[1], b2.shape[1], dtype=dt, device=self.device)
             else:
-                y = self._U[:, :r].T @ b2
-                S = self._S[:r, None]
+                U = self._U[:, :r].to(dt)
+                y = U.T @ b2
+                S = self._S[:r, None].to(dt)
                 if self._V is None and self._squares_safe:
-                    x = self._rmatmat(self._U[:, :r] @ (y / (S * S)))
+                    x = self._rmatmat(U @ (y / (S * S)), dtype=dt)
                 else:  # V orthonormal, y / S of the order of x: no intermediate over- or underflows
-                    x = self._full_V()[:, :r] @ (y / S)
+                    x = self._full_V()[:, :r].to(dt) @ (y / S)
         if vec:
             x = x[:, 0]
         return x.detach().cpu().numpy() if was_numpy else x

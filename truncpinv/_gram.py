@@ -50,6 +50,7 @@ from ._certify import UncertifiedResultWarning
 from ._factorization import TruncatedPinv, no_tf32
 from ._operator import OperatorView, aslinearoperator
 from ._tolerance import make_tolerance
+from ._validation import is_numpy_world
 from .solvers import Auto, DenseSVD, GramEigen, Lanczos, Solver
 from .solvers.gram_eigen import _zero_below
 
@@ -77,7 +78,7 @@ class _RmatmatOperator(OperatorView):
 
 def _prepare_operator(operator: Any) -> tuple[Any, bool]:
     """Validate ``operator``; returns ``(op, numpy_out)`` with ``op`` a tensor or an operator."""
-    numpy_out = isinstance(operator, np.ndarray)
+    numpy_out = is_numpy_world(operator)
     if isinstance(operator, (torch.Tensor, np.ndarray)):
         op: Any = aslinearoperator(operator).A  # type: ignore[attr-defined]
         if op.ndim != 2:

@@ -6,6 +6,7 @@ was received, so that the fix is obvious from the error alone.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 
 from ._operator import LinearOperator, OperatorView, aslinearoperator, is_operator
 
-__all__ = ["PreparedMatrix", "prepare_matrix", "prepare_rhs"]
+__all__ = ["PreparedMatrix", "is_numpy_world", "prepare_matrix", "prepare_rhs"]
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -89,7 +90,42 @@ def _check_dtype(name: str, dtype: Any) -> None:
     raise TypeError(f"`{name}` must have a floating dtype (float32 or float64), got {dtype}; convert with `.float()`")
 
 
+def is_numpy_world(x: Any) -> bool:
+    """Whether results for ``x`` come back as NumPy arrays: NumPy arrays and array-likes, SciPy matrices and operators.
+
+    The rule of the package: a torch input (a tensor, a truncpinv operator)
+    gives torch results, anything from the NumPy/SciPy world gives NumPy
+    results (as :func:`numpy.linalg.lstsq` would), on the CPU.
+    """
+    if isinstance(x, torch.Tensor):
+        return False
+    if isinstance(x, np.ndarray):
+        return True
+    return type(x).__module__.split(".")[0] in ("scipy", "numpy", "pandas") or (
+        hasattr(x, "__array__") and not is_operator(x)
+    )
+
+
+def _from_array_like(name: str, x: Any) -> np.ndarray | None:
+    """``np.asarray(x)`` for an array-like that is neither a tensor nor an ndarray (a pandas DataFrame...)."""
+    if isinstance(x, (torch.Tensor, np.ndarray)) or not hasattr(x, "__array__"):
+        return None
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"`{name}` could not be converted to a NumPy array ({type(x).__name__}): {exc}") from None
+    if arr.dtype == object:
+        raise TypeError(
+            f"`{name}` ({type(x).__name__}) converts to a NumPy array of dtype object (mixed or non-numeric "
+            f"columns); select the numeric columns and convert with `.astype(np.float64)`"
+        )
+    return arr
+
+
 def _as_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
+    arr = _from_array_like(name, x)
+    if arr is not None:
+        x = arr
     if isinstance(x, torch.Tensor):
         if x.layout != torch.strided:
             raise TypeError(
@@ -106,10 +142,18 @@ def _as_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
                 f"convert with `.astype(np.float64)`"
             )
         # native byte order (torch cannot read swapped bytes); np.require keeps a 0-d array 0-d
-        return torch.from_numpy(np.require(x, dtype=x.dtype.newbyteorder("="), requirements="C")), True
-    what = "a torch.Tensor, a numpy.ndarray, or a matrix-free operator (see truncpinv.LinearOperator)"
+        x = np.require(x, dtype=x.dtype.newbyteorder("="), requirements="C")
+        if not x.flags.writeable:
+            # truncpinv never writes to its inputs: a read-only array is shared as it is, without torch's warning
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+                return torch.from_numpy(x), True
+        return torch.from_numpy(x), True
+    arrays = "a numpy.ndarray (or an object with `__array__`, such as a pandas DataFrame)"
+    what = f"a torch.Tensor, {arrays}, or a matrix-free operator (see truncpinv.LinearOperator)"
     raise TypeError(
-        f"`{name}` must be {what if name == 'A' else 'a torch.Tensor or numpy.ndarray'}, got {type(x).__name__}"
+        f"`{name}` must be {what if name == 'A' else 'a torch.Tensor or ' + arrays}, "
+        f"got {type(x).__name__}"
     )
 
 
@@ -134,7 +178,7 @@ def prepare_matrix(A: Any, *, allow_operator: bool, solver: str, check_finite: b
                 n_bad = int((~np.isfinite(data)).sum())
                 raise ValueError(_NOT_FINITE.format(n=n_bad, s="y" if n_bad == 1 else "ies"))
             op = FiniteCheckedOperator(op)  # any other operator: checked at every product
-        return PreparedMatrix(op, numpy_out=False)
+        return PreparedMatrix(op, numpy_out=is_numpy_world(A))
     t, numpy_out = _as_tensor("A", A)
     if t.ndim != 2:
         raise ValueError(f"`A` must be a 2-D matrix, got {t.ndim} dimension(s) with shape {tuple(t.shape)}")
@@ -155,7 +199,8 @@ def prepare_rhs(
     """Validate a right-hand side for an ``m x n`` problem.
 
     Returns ``(b2, was_vector, was_numpy)`` where ``b2`` has shape ``(m, r)``
-    and the dtype of the factorisation.
+    and the promotion of ``dtype`` (the factorisation's) and ``b``'s dtype, as
+    NumPy promotes ``float32 @ float64`` to float64.
     """
     t, was_numpy = _as_tensor("b", b)
     if t.ndim not in (1, 2):
@@ -173,4 +218,4 @@ def prepare_rhs(
         raise ValueError("`b` must be finite, but it contains NaN or Inf")
     vec = t.ndim == 1
     t2 = t.unsqueeze(1) if vec else t
-    return t2.to(dtype), vec, was_numpy
+    return t2.to(torch.promote_types(dtype, t2.dtype)), vec, was_numpy
