@@ -152,8 +152,7 @@ def _as_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
     arrays = "a numpy.ndarray (or an object with `__array__`, such as a pandas DataFrame)"
     what = f"a torch.Tensor, {arrays}, or a matrix-free operator (see truncpinv.LinearOperator)"
     raise TypeError(
-        f"`{name}` must be {what if name == 'A' else 'a torch.Tensor or ' + arrays}, "
-        f"got {type(x).__name__}"
+        f"`{name}` must be {what if name == 'A' else 'a torch.Tensor or ' + arrays}, got {type(x).__name__}"
     )
 
 

@@ -114,18 +114,25 @@ class Auto(Solver):
         extra: dict[str, object] = {}
         cert = trip.stats.get("_certificate")
         bad = isinstance(cert, Certificate) and not cert.certified
+        bad = bad or "_uncertified_reason" in trip.stats  # GramEigen lost requested values below its floor
         if isinstance(chosen, RandomizedSVD) and not bad:
             keep, _ = tol.keep(trip.S)
             kappa = float(trip.S[0] / trip.S[keep - 1]) if keep > 0 else 1.0
             # a Krylov space built from working-precision products carries ~eps * kappa^2 error
             bad = torch.finfo(A.dtype).eps * kappa * kappa > KAPPA2_TRUST
         if bad:  # never return an uncertified result: fall back to an exact method
-            extra["uncertified"] = {k: v for k, v in trip.stats.items() if k != "_certificate"}
-            if dense:
+            extra["uncertified"] = {k: v for k, v in trip.stats.items() if not k.startswith("_")}
+            if dense and isinstance(chosen, GramEigen):
+                fallback: Solver = DenseSVD()  # backward stable: resolves what the Gram matrix squared away
+                trip = fallback._compute(A, tol)
+                name = fallback.name
+            elif dense:
                 fallback = choose_solver((m, n), min(m, n), dense=True, dtype=A.dtype)
                 trip = fallback._compute(A, tol)
                 name = fallback.name
             else:
+                # materialised and decomposed exactly (a thin SVD for float64 data, which resolves what
+                # GramEigen's floor loses; float32 data never loses values to it, see gram_eigen)
                 trip = _exact(A, tol, "uncertified", int(trip.stats.get("matvecs", 0)), 0)
                 name = "exact"
             trip.stats = {k: v for k, v in trip.stats.items() if k != "_certificate"}

@@ -70,6 +70,44 @@ def _zero_below(S: torch.Tensor, floor: float) -> torch.Tensor:
     return torch.where((S <= floor) & torch.isfinite(S), torch.zeros_like(S), S)
 
 
+def _lost_below_floor(
+    A: torch.Tensor | LinearOperator, Q: torch.Tensor, S: torch.Tensor, floor: float, tol: Tolerance
+) -> tuple[int, int]:
+    r"""Directions the noise floor zeroed although ``A`` has values there that the tolerance keeps.
+
+    ``Q`` holds the eigenvectors of the Gram matrix on the short side, ``S``
+    the singular values after :func:`_zero_below`. When the tolerance's cut-off
+    lies below ``floor`` and the rank cap still wants some of the zeroed
+    directions, their norms :math:`\|A^\top q\|` (wide) or :math:`\|A q\|`
+    (tall) are measured through ``A`` itself, whose products carry only
+    ``eps * sigma_max`` absolute error (not the Gram matrix's squared one). A
+    norm above both the cut-off and ``10 sqrt(max(m, n)) eps sigma_max`` is a
+    singular value the user asked for and this method lost (a numerically
+    rank-deficient matrix stays silent: its null directions measure at round-off).
+
+    Returns ``(lost, products)``: the count, and the columns multiplied by ``A``.
+    """
+    smax = float(S[0]) if S.numel() else 0.0
+    if smax == 0.0:
+        return 0, 0
+    cut = tol.cutoff(smax)
+    if cut >= floor:
+        return 0, 0
+    kept = int((S > 0).sum())
+    want = min(tol.rank, S.numel())
+    if kept >= want:
+        return 0, 0
+    Z = Q[:, kept:want].to(A.dtype)
+    m, n = A.shape
+    if isinstance(A, torch.Tensor):
+        W = A.T @ Z if m <= n else A @ Z
+    else:
+        W = A.rmatmat(Z) if m <= n else A.matmat(Z)
+    norms = torch.linalg.vector_norm(W.double(), dim=0)
+    noise = 10.0 * math.sqrt(max(m, n)) * float(torch.finfo(A.dtype).eps) * smax
+    return int((norms > max(cut, noise)).sum()), Z.shape[1]
+
+
 @dataclass(frozen=True)
 class GramEigen(Solver):
     r"""Truncated pseudoinverse from the eigendecomposition of the Gram matrix.
@@ -164,14 +202,29 @@ class GramEigen(Solver):
                 matvecs *= 2
         # Eigenvalues of K are only known to ~ eps_acc * max(m, n) * lambda_max (accumulation plus
         # eigh): singular values below sqrt of that are indistinguishable from zero for this method.
-        S = _zero_below(S, math.sqrt(torch.finfo(acc).eps * long_) * smax)
+        floor = math.sqrt(torch.finfo(acc).eps * long_) * smax
+        S = _zero_below(S, floor)
+        stats: dict[str, object] = {"matvecs": matvecs, "iterations": 1}
+        lost, probes = _lost_below_floor(A, Q, S, floor, tol)
+        if probes:
+            stats["matvecs"] = matvecs + probes
+            stats["floor"] = floor / smax
+        if lost:
+            stats["lost_below_floor"] = lost
+            stats["_uncertified_reason"] = (
+                f"the Gram matrix squares the condition number: singular values below {floor / smax:.1e} * "
+                f"sigma_max are lost in its eigenvalues, but the tolerance keeps values down to "
+                f"{max(tol.cutoff(smax), 0.0) / smax:.1e} * sigma_max, and {lost} direction(s) reported as zero "
+                f"have ||A v|| above it; use solver='svd' (or 'auto', which does) for this matrix"
+            )
         if m <= n:
-            return Triplets(Q.to(dtype), S.to(dtype), None, stats={"matvecs": matvecs, "iterations": 1})
+            return Triplets(Q.to(dtype), S.to(dtype), None, stats=stats)
         # tall: Q holds V; form U = A V S^{-1} for the positive part.
         V = Q.to(dtype)
         inv = reciprocal_or_zero(S).to(dtype)
         AV = A @ V if isinstance(A, torch.Tensor) else A.matmat(V)
-        return Triplets(AV * inv, S.to(dtype), V, stats={"matvecs": matvecs + n, "iterations": 1})
+        stats["matvecs"] = int(stats["matvecs"]) + n  # type: ignore[call-overload]
+        return Triplets(AV * inv, S.to(dtype), V, stats=stats)
 
     @staticmethod
     def _refine(A: torch.Tensor | LinearOperator, Q0: torch.Tensor, matvecs: int) -> Triplets:
