@@ -4,7 +4,7 @@ Each habit either works or says so: a ``backward()`` before ``step`` warns,
 ``clip_grad_norm_`` after ``step`` has nothing to clip (``trust_radius`` is the
 equivalent, and caps the step), a closure that calls ``backward()`` itself
 (L-BFGS style, or Lightning's automatic optimisation) gets advice, and a
-``torch.compile``\\ d model or closure trains with exactly the uncompiled step.
+model or closure compiled with ``torch.compile`` trains with exactly the uncompiled step.
 """
 
 from __future__ import annotations
@@ -224,3 +224,29 @@ def test_a_model_compiled_with_inductor_trains() -> None:
         ref.step(lambda: _losses(twin, x, y))
     torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-12, atol=1e-14)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_seed_api_with_a_compiled_model_gets_the_uncompiled_step() -> None:
+    from sven.nn import SvenWrapper
+    from sven.opt import Sven as SeedSven
+
+    torch._dynamo.reset()
+    model, x, y = _problem(3)
+    twin = copy.deepcopy(model)
+    backend = _Counting()
+    loss_fn = lambda pred, target: ((pred - target) ** 2).sum(dim=-1)  # noqa: E731
+    wrapped = SvenWrapper(torch.compile(model, backend=backend), loss_fn, "cpu")
+    reference = SvenWrapper(twin, loss_fn, "cpu")
+    opt, ref = SeedSven(wrapped, 0.1, 8, 1e-3), SeedSven(reference, 0.1, 8, 1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            got, _ = wrapped.loss_and_grad((x, y))
+            want, _ = reference.loss_and_grad((x, y))
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+            opt.step()
+            ref.step()
+    assert _our_warnings(caught) == []
+    torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-12, atol=1e-14)
+    assert backend.compiled == 0
