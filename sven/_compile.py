@@ -8,9 +8,10 @@ batched backward (``is_grads_batched=True``) through the graph. Under
 
 * the hook is traced into the graph, so the recorded outputs of hidden
   layers are extra outputs of one compiled autograd node, *siblings* of the
-  loss rather than its ancestors: no gradient flows to them. The version counter the hook
-  read was a constant of the trace, so the in-place check fails on every call
-  and blames an in-place operation the model does not have;
+  loss rather than its ancestors: no gradient flows to them. The version
+  counter the hook read was a constant of the trace, so the in-place check
+  fails on every call and blames an in-place operation the model does not
+  have;
 * Inductor's compiled backward cannot run on the batched tensors of
   ``is_grads_batched`` ("Cannot access storage of BatchedTensorImpl").
 

@@ -171,15 +171,16 @@ def closure_errors(params: Sequence[Any] = ()) -> Iterator[None]:
     ``TypeError`` or ``RuntimeError`` (such as Sven's own "returned a scalar
     loss") after the closure wrote the ``.grad`` of one of ``params`` (it is
     ``None`` before, or its version counter moved). The advice is raised as the
-    same exception type, chained to the original.
+    same built-in exception type, chained to the original.
     """
     before = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
     try:
         yield
     except (ValueError, TypeError, RuntimeError) as err:
         text = str(err)
+        kind = next(k for k in (ValueError, TypeError, RuntimeError) if isinstance(err, k))  # one-argument init
         if _BACKWARD_OF_VECTOR in text:
-            raise type(err)(
+            raise kind(
                 f"the closure differentiated a non-scalar tensor without `grad_outputs` ({_BACKWARD_OF_VECTOR}). "
                 f"If it calls backward() on the per-sample losses, it must not: {_NO_BACKWARD}"
             ) from err
@@ -189,7 +190,7 @@ def closure_errors(params: Sequence[Any] = ()) -> Iterator[None]:
         )
         if wrote or (isinstance(err, RuntimeError) and any(s in text for s in _BACKWARD_IN_CLOSURE)):
             called = "the closure called backward() (it wrote the parameters' `.grad`): " if wrote else ""
-            raise type(err)(f"{called}{_NO_BACKWARD}") from err
+            raise kind(f"{called}{_NO_BACKWARD}") from err
         raise
 
 
