@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "check_positive_int",
     "check_unit_interval",
     "closure_errors",
+    "warn_ignored_grads",
 ]
 
 
@@ -149,21 +151,72 @@ def check_option_names(options: Iterable[str], known: Iterable[str], renamed: di
 
 #: Substrings of the autograd errors that a closure which calls ``backward()`` itself causes.
 _BACKWARD_IN_CLOSURE = ("backward through the graph a second time", "directly access saved tensors after they have")
+#: The autograd error of ``backward()`` on the per-sample losses (an L-BFGS-style or Lightning closure).
+_BACKWARD_OF_VECTOR = "grad can be implicitly created only for scalar outputs"
+_NO_BACKWARD = (
+    "Sven differentiates the closure's output itself: the closure must not call backward() (nor zero_grad()); "
+    "return the per-sample losses, e.g. `opt.step(lambda: ((model(x) - y) ** 2).sum(dim=-1))`, shape (B,), not "
+    "reduced. Under PyTorch Lightning this is automatic optimisation, which calls backward() in its closure: set "
+    "`self.automatic_optimization = False` and call `self.optimizers().step(closure)` in `training_step`"
+)
 
 
 @contextmanager
-def closure_errors() -> Iterator[None]:
-    """Turn the autograd error of an L-BFGS-style closure (one that calls ``backward()``) into advice."""
+def closure_errors(params: Sequence[Any] = ()) -> Iterator[None]:
+    """Turn the errors of a closure that calls ``backward()`` (L-BFGS style, Lightning's automatic mode) into advice.
+
+    Three signs, each checked only once an error has been raised: autograd's
+    error for a second backward through a freed graph; its error for
+    ``backward()`` on the non-scalar per-sample losses; and any ``ValueError``,
+    ``TypeError`` or ``RuntimeError`` (such as Sven's own "returned a scalar
+    loss") after the closure wrote the ``.grad`` of one of ``params`` (it is
+    ``None`` before, or its version counter moved). The advice is raised as the
+    same built-in exception type, chained to the original.
+    """
+    before = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
     try:
         yield
-    except RuntimeError as err:
-        if any(s in str(err) for s in _BACKWARD_IN_CLOSURE):
-            raise RuntimeError(
-                "Sven differentiates the closure's output itself: the closure must not call backward() "
-                "(nor zero_grad()); return the per-sample losses, e.g. "
-                "`opt.step(lambda: ((model(x) - y) ** 2).sum(dim=-1))`, shape (B,), not reduced"
+    except (ValueError, TypeError, RuntimeError) as err:
+        text = str(err)
+        kind = next(k for k in (ValueError, TypeError, RuntimeError) if isinstance(err, k))  # one-argument init
+        if _BACKWARD_OF_VECTOR in text:
+            raise kind(
+                f"the closure differentiated a non-scalar tensor without `grad_outputs` ({_BACKWARD_OF_VECTOR}). "
+                f"If it calls backward() on the per-sample losses, it must not: {_NO_BACKWARD}"
             ) from err
+        wrote = any(
+            p.grad is not None and (g is None or p.grad is not g or p.grad._version != v)
+            for p, (g, v) in zip(params, before)
+        )
+        if wrote or (isinstance(err, RuntimeError) and any(s in text for s in _BACKWARD_IN_CLOSURE)):
+            called = "the closure called backward() (it wrote the parameters' `.grad`): " if wrote else ""
+            raise kind(f"{called}{_NO_BACKWARD}") from err
         raise
+
+
+def warn_ignored_grads(params: Sequence[Any]) -> None:
+    """Warn (``RuntimeWarning``) when an optimised parameter holds a ``.grad``, which ``Sven.step`` ignores.
+
+    Sven differentiates the closure's per-sample losses itself and never reads
+    or writes ``.grad``: a ``loss.backward()`` before ``step`` only costs a
+    backward pass, and ``clip_grad_norm_`` between the two changes nothing.
+    Checking costs one ``is None`` per parameter (no pass over the values, no
+    device synchronisation). The warning is attributed to the caller of
+    ``step``, so Python's default filter does not repeat it at every step.
+    """
+    for i, p in enumerate(params):
+        if p.grad is not None:
+            warnings.warn(
+                f"Sven.step ignores `.grad`, but parameter #{i} of shape {tuple(p.shape)} has one (from a "
+                f"loss.backward() before step?): Sven differentiates the closure's per-sample losses itself and "
+                f"never reads or writes `.grad`, so a backward() before step is wasted and gradient clipping "
+                f"(clip_grad_norm_) does not change the step. Drop backward(); to bound the step use "
+                f"`trust_radius=r` (||delta theta|| <= r), and log `opt.last_step.step_norm` instead of a "
+                f"gradient norm. If another optimizer left these gradients, call zero_grad() before Sven's step",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

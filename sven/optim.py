@@ -12,7 +12,8 @@ from torch.optim import Optimizer
 from . import distributed as dist_
 from . import functional as SF
 from . import update
-from ._validation import check_option_names, closure_errors
+from ._compile import eager
+from ._validation import check_option_names, closure_errors, warn_ignored_grads
 from .config import DEFAULT_LR, GLOBAL_OPTIONS, GROUP_OPTIONS, SEED_NAMES, SvenConfig, check_group, with_momentum_rule
 from .control import Evaluator, Policy, step_context
 from .factorize import factorize, solver_for_step
@@ -253,14 +254,16 @@ class Sven(Optimizer):
         group = group if group is not None and dist_.world_size(group) > 1 else None
         route = self.route if group is None else DataParallel(self.route, group)
         params = [b.param for b in blocks]
-        with torch.enable_grad(), closure_errors():  # the step works inside the caller's torch.no_grad()
+        warn_ignored_grads(params)
+        # works inside the caller's torch.no_grad(); compiled models run eagerly (sven/_compile.py says why)
+        with torch.enable_grad(), closure_errors(params), eager():
             lin = route(closure, params, self.rows)
         if isinstance(lin, Unsupported):
             raise ValueError(f"the route does not apply to this model: {lin.reason}")
         R, M = self.rows.residualize(lin.rows, lin.jacobian)
 
         def rows_after() -> torch.Tensor:
-            with closure_mode(params):  # derivatives the closure takes itself work; none for the parameters
+            with closure_mode(params), eager():  # derivatives the closure takes itself work; none for the params
                 rows = self.rows(closure()).detach()
             return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from .. import functional as SF
+from .._compile import eager
 from .._validation import _is_int, check_bool, check_fraction, check_positive_float, check_positive_int
 from ..linearize.auto import TALL_RATIO
 from ..linearize.base import Declined, GramOperator, row_transform
@@ -218,7 +219,7 @@ class SvenWrapper:
             ``(losses, preds)``, both detached; ``losses`` has one entry per
             microbatch.
         """
-        with torch.enable_grad():
+        with torch.enable_grad(), eager():  # a torch.compile'd model runs eagerly here (sven/_compile.py)
             return self._loss_and_grad(batch)
 
     def _loss_and_grad(self, batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
