@@ -292,8 +292,13 @@ def certify(
 def warn_uncertified(cert: Certificate, solver: str) -> None:
     """Issue the one :class:`UncertifiedResultWarning` of a direct solver call, attributed to the first
     caller outside truncpinv (``tp.pinv``, ``tp.lstsq`` or ``solver.factorize`` alike)."""
+    warn_from_caller(cert.explain(solver))
+
+
+def warn_from_caller(message: str) -> None:
+    """Issue an :class:`UncertifiedResultWarning` attributed to the first caller outside truncpinv."""
     pkg = os.path.dirname(os.path.abspath(__file__))
     level, frame = 1, sys._getframe(0)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
         level, frame = level + 1, frame.f_back  # type: ignore[assignment]
-    warnings.warn(cert.explain(solver), UncertifiedResultWarning, stacklevel=level)
+    warnings.warn(message, UncertifiedResultWarning, stacklevel=level)
