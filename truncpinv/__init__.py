@@ -51,6 +51,7 @@ __all__ = [
     "default_rtol",
     "default_tol",
     "get_solver",
+    "krylov_applies",
     "lstsq",
     "no_tf32",
     "pinv",

@@ -410,9 +410,8 @@ def lsmr_column(
         normA2 += beta * beta
         normA = math.sqrt(normA2)
         normA2 += alpha * alpha
-        maxrbar = max(maxrbar, rhobarold)
-        if itn > 1:
-            minrbar = min(minrbar, rhobarold)
+        if itn > 1:  # (rhobar starts at 1, which is not a value of A's scale: SciPy includes it in maxrbar)
+            maxrbar, minrbar = max(maxrbar, rhobarold), min(minrbar, rhobarold)
         condA = max(maxrbar, rhotemp) / min(minrbar, rhotemp) if min(minrbar, rhotemp) > 0 else math.inf
         normar = abs(zetabar)
         normx = float(x.to(_F64).norm())
