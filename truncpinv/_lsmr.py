@@ -65,9 +65,9 @@ import torch
 
 from ._certify import default_tol, warn_from_caller
 from ._factorization import no_tf32
-from ._operator import LinearOperator, is_operator
+from ._operator import LinearOperator, ScipyOperator, is_operator
 from ._tolerance import default_rtol
-from ._validation import prepare_matrix, prepare_rhs
+from ._validation import FiniteCheckedOperator, prepare_matrix, prepare_rhs
 from .solvers._base import _equilibrate, _ldexp
 
 __all__ = ["LSMR", "LstsqResult", "krylov_applies"]
@@ -76,6 +76,11 @@ _F64 = torch.float64
 #: ``max|b|`` outside ``[2^-E, 2^E]`` is scaled by a power of two first, so that no norm over- or underflows.
 _SAFE_B_EXPONENT = {torch.float32: 32, torch.float64: 128}
 Vec = Callable[[torch.Tensor], torch.Tensor]
+_NONFINITE_PRODUCT = (
+    "`A` must be finite, but its products with finite vectors contain NaN or Inf: `A` or the operator holds "
+    "NaN/Inf (check_finite=False skips the scan of a dense or sparse `A`) or the products overflow in {dtype}. "
+    "Clean the input"
+)
 
 
 def krylov_applies(A: Any, *, rank: Any, rtol: Any, atol: Any) -> bool:
@@ -252,11 +257,27 @@ class LSMR:
 
 
 def _vector_products(A: torch.Tensor | LinearOperator) -> tuple[Vec, Vec]:
-    """``(v -> A v, u -> A^T u)`` on vectors."""
+    """``(v -> A v, u -> A^T u)`` on vectors.
+
+    An operator's ``check_finite`` wrapper is dropped: :func:`lsmr_column`
+    checks the norm of every product anyway. SciPy operators get their
+    ``matvec``/``rmatvec`` on 1-D arrays, without the 2-D round trip.
+    """
     if isinstance(A, torch.Tensor):
         return (lambda v: A @ v), (lambda u: A.T @ u)
-    op = A
+    op: Any = A.op if isinstance(A, FiniteCheckedOperator) else A
+    if isinstance(op, ScipyOperator):
+        sop = op.op
+        return (
+            (lambda v: torch.as_tensor(np.asarray(sop.matvec(v.numpy())), dtype=v.dtype)),
+            (lambda u: torch.as_tensor(np.asarray(sop.rmatvec(u.numpy())), dtype=u.dtype)),
+        )
     return (lambda v: op.matmat(v[:, None])[:, 0].to(v.dtype)), (lambda u: op.rmatmat(u[:, None])[:, 0].to(u.dtype))
+
+
+def _norm(v: torch.Tensor) -> float:
+    """``||v||``, accumulated in float64."""
+    return float(torch.linalg.vector_norm(v, dtype=_F64))
 
 
 def _scaled(b: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -312,7 +333,7 @@ def backward_error(
     nr = math.hypot(float(r.norm()), damp * nx)
     nar = float(ar.norm())
     nA = math.hypot(norm_A, damp)
-    scale = float(b.to(_F64).norm()) + nA * nx
+    scale = _norm(b) + nA * nx
     normal = 0.0 if nar == 0 else (nar / (nA * nr) if nA * nr > 0 else math.inf)
     compatible = 0.0 if nr == 0 else (nr / scale if scale > 0 else math.inf)
     eps = float(torch.finfo(x.dtype).eps)
@@ -336,7 +357,7 @@ def lsmr_column(
     per-column statistics of :class:`LstsqResult`.
     """
     dt = b.dtype
-    normb = float(b.to(_F64).norm())
+    normb = _norm(b)
     info: dict[str, Any] = {"iterations": 0, "matvecs": 0, "norm_A": 0.0, "cond_A": 1.0}
     if not math.isfinite(normb):
         raise ValueError("`b` must be finite, but it contains NaN or Inf (check_finite=False skipped the scan)")
@@ -344,11 +365,9 @@ def lsmr_column(
     v = rmv(u)
     x = torch.zeros_like(v)
     info["matvecs"] = 1
-    alpha = float(v.to(_F64).norm()) if normb > 0 else 0.0
+    alpha = _norm(v) if normb > 0 else 0.0
     if not math.isfinite(alpha):
-        raise ValueError(
-            "`A` must be finite, but its product with `b` contains NaN or Inf (check_finite=False skipped the scan)"
-        )
+        raise ValueError(_NONFINITE_PRODUCT.format(dtype=str(dt).replace("torch.", "")))
     if alpha == 0.0:  # b = 0 or A^T b = 0: x = 0 is the minimum-norm solution
         info.update(
             stop="zero", backward_error=0.0, normal_residual=0.0, residual_norm=normb, attainable=0.0, certified=True
@@ -366,20 +385,17 @@ def lsmr_column(
     stop, itn, cert = "maxiter", 0, None
     while itn < maxiter:
         itn += 1
-        u = torch.sub(mv(v), u, alpha=alpha)  # out of place: an operator may return a view it keeps
-        beta = float(u.to(_F64).norm())
+        u.mul_(-alpha).add_(mv(v))  # in place on our own vectors only: an operator may return a view it keeps
+        beta = _norm(u)
         if beta > 0:
             u.mul_(1.0 / beta)
-            v = torch.sub(rmv(u), v, alpha=beta)
-            alpha = float(v.to(_F64).norm())
+            v.mul_(-beta).add_(rmv(u))
+            alpha = _norm(v)
             if alpha > 0:
                 v.mul_(1.0 / alpha)
         info["matvecs"] += 2
         if not (math.isfinite(alpha) and math.isfinite(beta)):
-            raise ValueError(
-                "`A` must be finite, but the products with it contain NaN or Inf "
-                "(check_finite=False skipped the scan, or they overflow)"
-            )
+            raise ValueError(_NONFINITE_PRODUCT.format(dtype=str(dt).replace("torch.", "")))
         try:
             chat, shat, alphahat = _sym_ortho(alphabar, damp)
             rhoold = rho
@@ -414,7 +430,7 @@ def lsmr_column(
             maxrbar, minrbar = max(maxrbar, rhobarold), min(minrbar, rhobarold)
         condA = max(maxrbar, rhotemp) / min(minrbar, rhotemp) if min(minrbar, rhotemp) > 0 else math.inf
         normar = abs(zetabar)
-        normx = float(x.to(_F64).norm())
+        normx = _norm(x)
         test2 = normar / (normA * normr) if normA * normr > 0 else math.inf
         compatible = normr <= inner * (normb + normA * normx)
         if compatible or test2 <= inner:
