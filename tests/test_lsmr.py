@@ -234,6 +234,14 @@ def test_iteration_limit_warns_and_reports_uncertified() -> None:
     assert not res.certified and res.stats["stop"] == "maxiter" and res.stats["iterations"] == 5
 
 
+def test_condition_limit_stops_and_says_so() -> None:
+    A = _matrix(60, 40, 40, 1e4, seed=9)
+    b = np.random.default_rng(10).standard_normal(60)
+    with pytest.warns(tp.UncertifiedResultWarning, match=r"its estimate of cond\(A\) reached conlim = 10"):
+        res = tp.LSMR(conlim=10.0, maxiter=MAXITER).solve(A, b)
+    assert res.stats["stop"] == "cond" and res.stats["cond_A"] >= 10.0 and not res.certified
+
+
 def test_auto_below_the_default_cutoff_gives_the_truncated_solution() -> None:
     """A singular value below the default cut-off ``max(m, n) eps sigma_1``: the truncated SVD drops it, and
     so does ``tp.lstsq``'s LSMR path (its component of ``A^T r`` is below the tolerance: LSMR stops first;
