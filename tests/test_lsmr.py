@@ -143,6 +143,7 @@ def test_agrees_with_numpy_lstsq(kind: str, shape: tuple[int, int], deficient: b
     assert res.certified, res.stats
     X = _np64(res.x)
     assert X.shape == (n, 2) and isinstance(res.x, torch.Tensor) == (kind == "torch")
+    assert res.x.dtype == (dtype if kind == "torch" else NP_FLOAT[dtype])
     B_used = _np64(b_in)
     rcond = 1e-4 if dtype == torch.float32 else 1e-10  # the exact zeros, rounded to the dtype
     X_ref = np.linalg.lstsq(A_used, B_used, rcond=rcond)[0]
@@ -303,22 +304,26 @@ def test_multiple_rhs_equal_column_by_column_solves_and_report_each_column() -> 
         torch.testing.assert_close(res.x[:, j], tp.LSMR().solve(A, B[:, j]).x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("e", [-100, 100])
+@pytest.mark.parametrize(
+    ("dtype", "e"), [(torch.float32, 70), (torch.float32, -70), (torch.float64, 600), (torch.float64, -600)]
+)
 def test_extreme_scales_are_exact_powers_of_two_apart(dtype: torch.dtype, e: int) -> None:
-    """``lstsq(2^e A, b) = 2^-e lstsq(A, b)`` and ``lstsq(A, 2^e b) = 2^e lstsq(A, b)``, far outside float32's
-    squared range (2^+-100 overflows ``||A||^2`` in float32 and ``||b||^2`` for 2^+-100 in float32)."""
+    """``lstsq(2^e A, b) = 2^-e lstsq(A, b)`` and ``lstsq(A, 2^e b) = 2^e lstsq(A, b)`` where ``||A||^2`` and
+    ``||b||^2`` over- or underflow the dtype (``2^{+-140}`` in float32, ``2^{+-1200}`` in float64)."""
     A = torch.from_numpy(_matrix(20, 8, 8, 3.0, seed=4)).to(dtype)
     b = torch.randn(20, generator=torch.Generator().manual_seed(5)).to(dtype)
     x = tp.lstsq(A, b, solver="lsmr")
     eps = float(torch.finfo(dtype).eps)
-    e_b = e if dtype == torch.float64 else e // 2
+    two_e = torch.tensor(e)
     for xs, scale in (
-        (tp.lstsq(torch.ldexp(A, torch.tensor(e_b)), b, solver="lsmr"), -e_b),
-        (tp.lstsq(A, torch.ldexp(b, torch.tensor(e_b)), solver="lsmr"), e_b),
+        (tp.lstsq(torch.ldexp(A, two_e), b, solver="lsmr"), -e),
+        (tp.lstsq(A, torch.ldexp(b, two_e), solver="lsmr"), e),
     ):
         assert bool(torch.isfinite(xs).all())
         torch.testing.assert_close(torch.ldexp(xs, torch.tensor(-scale)), x, rtol=1e3 * eps, atol=1e3 * eps)
+    # the statistics are in the units of the given A
+    big = tp.LSMR().solve(torch.ldexp(A, two_e), b).stats["norm_A"]
+    assert big == pytest.approx(math.ldexp(tp.LSMR().solve(A, b).stats["norm_A"], e), rel=1e-4)
 
 
 def test_nonfinite_input_is_rejected() -> None:

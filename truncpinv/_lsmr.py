@@ -227,6 +227,9 @@ class LSMR:
                 bj, f = _scaled(b2[:, j])
                 xj, info = lsmr_column(mv, rmv, bj, damp=damp, tol=tol, maxiter=maxiter, conlim=conlim)
                 cols.append(_ldexp(xj, f - shift) if f - shift else xj)
+                # back to the units of the given A and b (the ratios are scale-free)
+                info["norm_A"] = math.ldexp(info["norm_A"], shift)
+                info["residual_norm"] = math.ldexp(info["residual_norm"], f)
                 infos.append(info)
             X = torch.stack(cols, dim=1)
         if not bool(torch.isfinite(X).all()):
