@@ -152,6 +152,11 @@ def test_agrees_with_numpy_lstsq(kind: str, shape: tuple[int, int], deficient: b
         bound = _wedin_bound(A_used, B_used[:, j], X_ref[:, j], eta) + 100 * float(torch.finfo(dtype).eps) * 10
         err = np.linalg.norm(X[:, j] - X_ref[:, j]) / np.linalg.norm(X_ref[:, j])
         assert err <= bound, f"column {j}: relative error {err:.2e} > {bound:.2e}"
+    # tp.lstsq with defaults: LSMR for the operators, the SVD for dense input; the same solution either way
+    X_auto = _np64(tp.lstsq(A_in, b_in))
+    for j in range(2):
+        bound = _wedin_bound(A_used, B_used[:, j], X_ref[:, j], eta) + 100 * float(torch.finfo(dtype).eps) * 10
+        assert np.linalg.norm(X_auto[:, j] - X_ref[:, j]) <= bound * np.linalg.norm(X_ref[:, j])
     # x in range(A^T): orthogonal to the null space (LSMR from x0 = 0 never leaves the row space)
     _, _, Vh = np.linalg.svd(A64)
     null = Vh[r:]
