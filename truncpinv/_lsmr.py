@@ -35,8 +35,10 @@ is held to ``tol``, with ``||Abar||`` LSMR's estimate (a *lower* bound on the
 Frobenius norm, so the test errs on the strict side). ``eta <= tol`` proves
 that ``x`` is the exact least-squares solution of a problem within relative
 ``tol`` of the given one: ``A - r r^T A / ||r||^2`` (Stewart's rank-one
-perturbation, of norm ``||A^T r|| / ||r||``) for the first term, the
-compatible system ``(A + r x^T / ||x||^2) x = b`` for the second. One
+perturbation, of norm ``||A^T r|| / ||r||``) for the first term; for the
+second, the compatible system ``(A + E) x = b + f`` with ``E`` a multiple of
+``r x^T`` and ``f`` of ``r``, split so that ``||E|| / ||A||`` and ``||f|| / ||b||``
+both equal that term (Fong & Saunders' first stopping rule). One
 allowance: the explicit ``r`` carries rounding of relative size
 ``8 sqrt(max(m, n)) eps (||b|| + ||A|| ||x||) / ||r||``, so the first term is
 held to the larger of ``tol`` and that level (``stats["attainable"]``; it
