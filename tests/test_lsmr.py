@@ -205,7 +205,7 @@ def test_property_minimum_norm_least_squares(
     kappa = data.draw(st.sampled_from([1.0, 10.0] if dtype == torch.float32 else [1.0, 10.0, 1e3]), label="kappa")
     A64 = _matrix(m, n, r, kappa, seed).astype(NP_FLOAT[dtype]).astype(np.float64)
     b = np.random.default_rng(seed + 1).standard_normal(m).astype(NP_FLOAT[dtype])
-    kind = data.draw(st.sampled_from(["torch", "numpy", "scipy-sparse"]), label="kind")
+    kind = data.draw(st.sampled_from(KINDS), label="kind")
     res = tp.LSMR(maxiter=MAXITER).solve(_as(kind, A64, dtype), b)
     assert res.certified, res.stats
     x = _np64(res.x)
