@@ -20,12 +20,14 @@ from typing import Any
 from ._certify import Certificate, UncertifiedResultWarning, certify, default_tol
 from ._factorization import Triplets, TruncatedPinv, no_tf32
 from ._gram import pinv_from_gram
+from ._lsmr import LSMR, LstsqResult, krylov_applies
 from ._operator import CallableOperator, LinearOperator, ScipyOperator, TensorOperator, aslinearoperator
 from ._tolerance import Tolerance, default_rtol, resolve_cutoff, select_rank
 from .solvers import LOBPCG, SOLVERS, Auto, DenseSVD, GramEigen, Lanczos, RandomizedSVD, Solver, SolverError, get_solver
 
 __all__ = [
     "LOBPCG",
+    "LSMR",
     "SOLVERS",
     "Auto",
     "CallableOperator",
@@ -34,6 +36,7 @@ __all__ = [
     "GramEigen",
     "Lanczos",
     "LinearOperator",
+    "LstsqResult",
     "RandomizedSVD",
     "ScipyOperator",
     "Solver",
@@ -48,6 +51,7 @@ __all__ = [
     "default_rtol",
     "default_tol",
     "get_solver",
+    "krylov_applies",
     "lstsq",
     "no_tf32",
     "pinv",
@@ -86,6 +90,11 @@ def pinv(
         A :class:`TruncatedPinv`; ``F @ b`` solves, ``F.T`` is the pseudoinverse of
         ``A^T``, ``F.truncate(...)`` re-thresholds, ``F.to_dense()`` forms the matrix.
     """
+    if isinstance(solver, LSMR) or (isinstance(solver, str) and solver == LSMR.name):
+        raise ValueError(
+            "solver 'lsmr' solves least-squares problems without factorising `A`, so it has no pseudoinverse "
+            "to return; use tp.lstsq(A, b, solver='lsmr'), or an SVD solver here"
+        )
     return get_solver(solver).factorize(A, rank=rank, rtol=rtol, atol=atol, check_finite=check_finite)
 
 
@@ -96,7 +105,7 @@ def lstsq(
     rank: int | None = None,
     rtol: float | None = None,
     atol: float | None = None,
-    solver: str | Solver = "auto",
+    solver: str | Solver | LSMR = "auto",
     check_finite: bool = True,
 ) -> Any:
     """Minimum-norm least-squares solution ``x = A_r^+ b`` of the truncated problem.
@@ -104,7 +113,34 @@ def lstsq(
     ``x`` minimises ``||A_r x - b||`` and, among the minimisers, ``||x||``. With
     nothing truncated it equals :func:`numpy.linalg.lstsq`'s solution. ``b`` may
     be ``(m,)`` or ``(m, k)``; the result is ``(n,)`` or ``(n, k)``, of the same
-    kind (tensor or array) as ``b``. Arguments as in :func:`pinv`.
+    kind (tensor or array) as ``b``. Arguments as in :func:`pinv`, and:
+
+    * ``solver="auto"`` with a **matrix-free** ``A`` (SciPy sparse matrix or
+      ``LinearOperator``, truncpinv operator) and **no truncation asked for**
+      (``rank``, ``rtol``, ``atol`` all ``None``) solves by :class:`LSMR`
+      instead of computing every singular triplet: tens of products instead of
+      thousands. Its answer is certified (backward error within
+      :func:`default_tol`); when it is not, or when LSMR finds a singular value
+      at or below the default cut-off ``max(m, n) eps sigma_max`` (so the
+      truncation matters), the truncated SVD is computed as before. Dense input
+      and explicit truncations always take the SVD path.
+    * ``solver="lsmr"`` or ``solver=LSMR(tol=..., damp=...)`` always solves
+      by LSMR (no truncation: ``rank``/``rtol``/``atol`` must stay ``None``);
+      ``LSMR().solve(A, b)`` also returns the statistics.
     """
+    if isinstance(solver, LSMR) or (isinstance(solver, str) and solver == LSMR.name):
+        for name, val in (("rank", rank), ("rtol", rtol), ("atol", atol)):
+            if val is not None:
+                raise ValueError(
+                    f"`{name}` truncates the SVD, which solver 'lsmr' never computes; leave it None (LSMR's "
+                    f"stopping tolerance is LSMR(tol=...), its regulariser LSMR(damp=...)) or use an SVD solver"
+                )
+        krylov = solver if isinstance(solver, LSMR) else LSMR()
+        return krylov.solve(A, b, check_finite=check_finite).x
+    auto = isinstance(solver, Auto) or (isinstance(solver, str) and solver == Auto.name)
+    if auto and krylov_applies(A, rank=rank, rtol=rtol, atol=atol):
+        res = LSMR().solve_quietly(A, b, check_finite=check_finite)
+        if res.certified and res.stats["cond_A"] < res.stats["conlim"]:
+            return res.x
     F = pinv(A, rank=rank, rtol=rtol, atol=atol, solver=solver, check_finite=check_finite)
     return F.solve(b, check_finite=check_finite)

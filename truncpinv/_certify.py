@@ -292,11 +292,11 @@ def certify(
 def warn_uncertified(cert: Certificate, solver: str) -> None:
     """Issue the one :class:`UncertifiedResultWarning` of a direct solver call, attributed to the first
     caller outside truncpinv (``tp.pinv``, ``tp.lstsq`` or ``solver.factorize`` alike)."""
-    warn_outside(cert.explain(solver))
+    warn_from_caller(cert.explain(solver))
 
 
-def warn_outside(message: str) -> None:
-    """An :class:`UncertifiedResultWarning` attributed to the first caller outside truncpinv."""
+def warn_from_caller(message: str) -> None:
+    """Issue an :class:`UncertifiedResultWarning` attributed to the first caller outside truncpinv."""
     pkg = os.path.dirname(os.path.abspath(__file__))
     level, frame = 1, sys._getframe(0)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):

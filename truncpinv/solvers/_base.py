@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._certify import Certificate, certify, warn_outside, warn_uncertified
+from .._certify import Certificate, certify, warn_from_caller, warn_uncertified
 from .._factorization import Triplets, TruncatedPinv, no_tf32
 from .._operator import LinearOperator
 from .._tolerance import Tolerance, make_tolerance
@@ -108,7 +108,7 @@ class Solver(abc.ABC):
         reason = stats.pop("_uncertified_reason", None)
         if reason is not None:  # an exact method that measured its own loss (GramEigen's noise floor)
             stats["certified"] = False
-            warn_outside(f"{self.name!r}: {reason}")
+            warn_from_caller(f"{self.name!r}: {reason}")
         if isinstance(cert, Certificate):
             # triplets beyond the rank only served the certificate (see truncpinv._certify)
             S, trip.U = S[: tol.rank], trip.U[:, : tol.rank]
