@@ -398,7 +398,9 @@ class GramRoute:
         max_rows = None
         if self.tall_ratio is not None:
             max_rows = int(self.tall_ratio * sum(p.numel() for p in params))
-        res = self.layer_gram(closure, params, rows=rows, max_rows=max_rows)
+        # (the keyword only when set: a stand-in for LayerGram without it keeps working)
+        extra = {} if max_rows is None else {"max_rows": max_rows}
+        res = self.layer_gram(closure, params, rows=rows, **extra)
         if isinstance(res, Unsupported):
             return res
         return Linearization(res.output, res.output, res, "gram")
