@@ -133,7 +133,12 @@ class OriginalSven:
         self.variable_k: bool = kw.get("variable_k", False)
         self.v: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
-        self.svd_info: dict[str, list[Any]] = {"svs": [], "num_nonzero_svs": [], "k_used": [], "variable_k_substep_losses": []}
+        self.svd_info: dict[str, list[Any]] = {
+            "svs": [],
+            "num_nonzero_svs": [],
+            "k_used": [],
+            "variable_k_substep_losses": [],
+        }
 
     def _svd(self, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.svd_mode == "randomized":

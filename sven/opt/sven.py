@@ -11,7 +11,6 @@ import torch
 
 import truncpinv
 
-from .. import functional as SF
 from .._validation import (
     check_bool,
     check_choice,
@@ -324,15 +323,15 @@ class WrappedSven(Sven, form=SvenWrapper):
         wrapped = self.model
         if self._dirty or self.config.kappa != wrapped.kappa:
             self._configure()
+        missing = MissingJacobianError(
+            "call `model.loss_and_grad(batch)` before `step()`: no Jacobian is stored (each step() consumes it)"
+        )
         try:
             M, R, losses = wrapped.grads_operator, wrapped.residuals, wrapped.losses
-        except AttributeError:
-            M = R = losses = None  # deleted by the previous step(), as in the original
-        if M is None or (isinstance(M, torch.Tensor) and M.numel() == 0) or M.shape[0] != R.shape[0]:
-            raise MissingJacobianError(
-                "call `model.loss_and_grad(batch)` before `step()`: no Jacobian is stored (each step() consumes it)"
-            )
-        assert R is not None and losses is not None
+        except AttributeError:  # deleted by the previous step(), as in the original
+            raise missing from None
+        if (isinstance(M, torch.Tensor) and M.numel() == 0) or M.shape[0] != R.shape[0]:
+            raise missing
         if batch is None and (self.variable_k or self.adaptive_damping or self.check_step):
             raise ValueError(
                 "`batch` must be passed to step(batch) with variable_k, adaptive_damping or check_step "
