@@ -15,7 +15,8 @@ here independently:
   the Jacobian's columns divided by ``sqrt(v) + eps``, no mapping back), the
   truncated SVD (``torch.linalg.svd``, or the randomized SVD with ``k + 5``
   Gaussian columns from the global RNG and one power iteration), the cut-off
-  (at most ``k`` values, ``sigma > rtol sigma_1``, then ``sigma > 1e-10``),
+  (at most ``k`` values, fewer than ``min(B, P)`` in the ``"scipy"`` mode,
+  ``sigma > rtol sigma_1``, then ``sigma > 1e-10``),
   ``delta = V S^{-1} U^T R``, RMSProp on the update with momentum (``v``, ``b``
   by position), or the greedy rank-one search of ``variable_k``, and
   ``theta[mask] -= lr * delta``; ``svd_info`` records the kept singular values,
@@ -149,9 +150,10 @@ class OriginalSven:
             Q, _ = torch.linalg.qr(Y)
             Ub, S, Vh = torch.linalg.svd(Q.T @ J, full_matrices=False)
             U = Q @ Ub
-        else:
-            U, S, Vh = torch.linalg.svd(J, full_matrices=False)
-        return U[:, : self.k], S[: self.k], Vh[: self.k]
+            return U[:, : self.k], S[: self.k], Vh[: self.k]
+        U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+        k = min(self.k, min(J.shape) - 1) if self.svd_mode == "scipy" else self.k  # svds: k < min(m, n)
+        return U[:, :k], S[:k], Vh[:k]
 
     def _pinv(self, J: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         U, S, Vh = self._svd(J)
@@ -265,6 +267,7 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[int, dict[str, Any]]
     "variable_k": ({}, {**BASE, "variable_k": True}, {}),
     "variable_k_fraction_microbatch": ({"param_fraction": 0.5, "microbatch_size": 2}, {**BASE, "variable_k": True}, {}),
     "randomized_fraction": ({"param_fraction": 0.5}, {**BASE, "k": 12, "svd_mode": "randomized"}, {}),
+    "scipy_k_above_the_rows": ({"microbatch_size": 4}, {**BASE, "svd_mode": "scipy"}, {}),  # 4 rows: 3 kept
     "options_assigned": ({}, BASE, {5: {"k": 2}, 10: {"rtol": 0.05, "k": 16}, 15: {"lr": 0.1}}),
 }
 

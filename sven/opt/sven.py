@@ -351,6 +351,9 @@ class WrappedSven(Sven, form=SvenWrapper):
             return wrapped._group_rows(wrapped.evaluate_and_loss(x, *args))
 
         self._draw_like_the_original(int(M.shape[0]), ncols)
+        rank = self._original_rank(int(M.shape[0]), ncols)
+        if rank != self.config.rank:
+            object.__setattr__(self, "config", dataclasses.replace(self.config, rank=rank))
         evaluate = None if batch is None else Evaluator(rows_after, self.rows)
         info: StepInfo = self._descend(losses, R, M, blocks, evaluate=evaluate, method=wrapped.jacobian_method)
         if self.track_svd_info:
@@ -372,6 +375,12 @@ class WrappedSven(Sven, form=SvenWrapper):
             torch.randn(rows, width, dtype=dtype, device=device)
         elif self.svd_mode == "lobpcg":  # torch.lobpcg's start block for the smaller Gram matrix
             torch.randn(min(rows, cols), self.k, dtype=dtype, device=device)
+
+    def _original_rank(self, rows: int, cols: int) -> int:
+        """``k``; for ``svd_mode="scipy"`` at most ``min(B', P') - 1``, as the original's ``svds`` call kept."""
+        if self.svd_mode == "scipy":
+            return max(1, min(self.k, min(rows, cols) - 1))
+        return int(self.k)
 
     def _record(self, info: StepInfo, losses: torch.Tensor) -> None:
         """Append this step to :attr:`svd_info` (one entry per step, skipped or not)."""
