@@ -548,3 +548,10 @@ def test_polyak_matches_the_original_norm_squared_bit_for_bit() -> None:
                 p.add_(p.grad, alpha=-lr)
         for p, q in zip(model.parameters(), ref.parameters()):
             assert torch.equal(p, q)
+
+
+def test_seed_pinv_scipy_mode_keeps_fewer_values_than_the_rows_as_svds() -> None:
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(5, 20, generator=g, dtype=torch.float64)  # full rank 5, well conditioned
+    assert sven.opt.pinv(M, k=8, rtol=0.0, mode="scipy")[1].numel() == 4
+    assert sven.opt.pinv(M, k=8, rtol=0.0, mode="torch")[1].numel() == 5
