@@ -207,8 +207,11 @@ class OriginalSven:
 
 
 # --------------------------------------------------------------------------- the two loops
-def _model(seed: int) -> nn.Module:
+def _model(seed: int, dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(seed)
+    if dropout:  # its masks come from the global RNG too, after the parameter subsets and the sketches
+        return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 8), nn.Tanh(),
+                             nn.Linear(8, 1)).double()  # fmt: skip
     return nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).double()
 
 
@@ -222,7 +225,8 @@ def _batches(n: int = 20, b: int = 16) -> list[Batch]:
 
 
 def _run_original(seed: int, wkw: dict[str, Any], okw: dict[str, Any], schedule: dict[int, dict[str, Any]]) -> Any:
-    base = _model(seed)
+    wkw = dict(wkw)
+    base = _model(seed, wkw.pop("dropout", 0.0))
     torch.manual_seed(100 + seed)  # the masks and the sketches come from here on
     w = OriginalWrapper(base, per_sample_mse, **wkw)
     opt = OriginalSven(w, **okw)
@@ -236,7 +240,8 @@ def _run_original(seed: int, wkw: dict[str, Any], okw: dict[str, Any], schedule:
 
 
 def _run_ours(seed: int, wkw: dict[str, Any], okw: dict[str, Any], schedule: dict[int, dict[str, Any]]) -> Any:
-    base = _model(seed)
+    wkw = dict(wkw)
+    base = _model(seed, wkw.pop("dropout", 0.0))
     torch.manual_seed(100 + seed)
     w = SvenWrapper(base, per_sample_mse, "cpu", **wkw)
     opt = Sven(w, track_svd_info=True, **okw)
@@ -267,6 +272,11 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[int, dict[str, Any]]
     "variable_k": ({}, {**BASE, "variable_k": True}, {}),
     "variable_k_fraction_microbatch": ({"param_fraction": 0.5, "microbatch_size": 2}, {**BASE, "variable_k": True}, {}),
     "randomized_fraction": ({"param_fraction": 0.5}, {**BASE, "k": 12, "svd_mode": "randomized"}, {}),
+    "dropout_randomized_fraction": (
+        {"dropout": 0.2, "param_fraction": 0.5},
+        {**BASE, "k": 12, "svd_mode": "randomized", "variable_k": True},
+        {},
+    ),
     "scipy_k_above_the_rows": ({"microbatch_size": 4}, {**BASE, "svd_mode": "scipy"}, {}),  # 4 rows: 3 kept
     "options_assigned": ({}, BASE, {5: {"k": 2}, 10: {"rtol": 0.05, "k": 16}, 15: {"lr": 0.1}}),
 }
