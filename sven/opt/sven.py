@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -399,7 +400,11 @@ class WrappedSven(Sven, form=SvenWrapper):
             )
 
     def _fault(self, info: StepInfo, losses: torch.Tensor, fault: StepFault) -> None:
-        try:
-            super()._fault(info, losses, fault)
-        except FloatingPointError as err:  # also the original's type: torch.linalg.LinAlgError
-            raise NonFiniteStepError(str(err)) from None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                super()._fault(info, losses, fault)
+            except FloatingPointError as err:  # also the original's type: torch.linalg.LinAlgError
+                raise NonFiniteStepError(str(err)) from None
+        for w in caught:  # attributed to the caller: _fault < _descend < no_grad < step < torch.optim hooks < caller
+            warnings.warn(w.message, w.category, stacklevel=6)
