@@ -2,6 +2,7 @@ r"""The Sven optimizer as a :class:`torch.optim.Optimizer`: parameter groups, st
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -24,6 +25,8 @@ from .params import ParamBlock, blocks_of_groups, closure_mode
 __all__ = ["GLOBAL_OPTIONS", "StepInfo", "Sven"]
 
 _OPTIONS = frozenset(SvenConfig.__dataclass_fields__)
+#: Options read from :attr:`Sven.config` at every step: assigning one (``opt.rtol = 1e-3``) acts at the next step.
+_ASSIGNABLE = frozenset({"rank", "rtol", "atol", "on_nonfinite"})
 #: Keys of the optimizer-wide state saved under ``state_dict()["sven"]``.
 _COUNTERS = ("steps", "skipped_steps", "rejected_steps")
 
@@ -181,6 +184,11 @@ class Sven(Optimizer):
             return getattr(cfg, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not hasattr(type(self), name):  # an option: acts at the next step, or raises saying how to change it
+            name, value = _assigned_option(self.__dict__.get("config"), name, value)
+        super().__setattr__(name, value)
+
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; only ``lr``, ``momentum``, ``weight_decay`` and ``nesterov`` may be set per group."""
@@ -316,10 +324,31 @@ class Sven(Optimizer):
             )
         info.skipped = True
         self._counters["skipped_steps"] += 1
-        if fault.fault:
-            msg = f"Sven step skipped: {fault.what}; the parameters were left unchanged"
-        else:
-            msg = f"Sven step skipped: NaN or Inf in {fault.what}; the parameters were left unchanged"
+        msg = _skip_message(fault, self._counters)
         if cfg.on_nonfinite == "raise":
             raise FloatingPointError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _assigned_option(cfg: SvenConfig | None, name: str, value: Any) -> tuple[str, Any]:
+    """``opt.<name> = value`` on an option: a new config if it is read at every step, else an error saying how."""
+    if cfg is not None and name in _ASSIGNABLE:
+        return "config", dataclasses.replace(cfg, **{name: value})  # validated again
+    if name in GROUP_OPTIONS:
+        raise AttributeError(
+            f"`{name}` is a per-group option: assigning `opt.{name}` would change nothing; set "
+            f"`opt.param_groups[i][{name!r}]` (every group: `for g in opt.param_groups: g[{name!r}] = value`)"
+        )
+    if cfg is not None and name in _OPTIONS and name != "solver":
+        raise AttributeError(
+            f"`{name}` is fixed when the optimizer is built (only {sorted(_ASSIGNABLE)} and `solver` may be "
+            f"assigned); pass `{name}=...` to sven.Sven(...)"
+        )
+    return name, value
+
+
+def _skip_message(fault: StepFault, counters: dict[str, int]) -> str:
+    """The warning (or error) of a skipped step, with the number of steps skipped so far (each one is shown)."""
+    what = fault.what if fault.fault else f"NaN or Inf in {fault.what}"
+    count = f"{counters['skipped_steps']} of {counters['steps']} steps skipped so far"
+    return f"Sven step skipped ({count}): {what}; the parameters were left unchanged"

@@ -10,7 +10,12 @@ Jacobian columns, as RMSProp does with gradients. Two places:
   optional momentum (:func:`sven.functional.rmsprop_transform_`).
 
 The buffers (``square_avg``, ``momentum_buffer``) live in the optimizer's
-per-parameter ``state``, so ``state_dict()`` saves them.
+per-parameter ``state``, so ``state_dict()`` saves them. With a random subset
+of a parameter's entries (the seed API's ``param_fraction``) they are kept
+either per entry (``by_position=False``: entry ``i`` of the parameter always
+owns slot ``i``) or, as the original code did, by *position in the subset*
+(``by_position=True``: a buffer of the subset's size, whose slot ``j``
+belongs to the ``j``-th selected entry of whichever subset is drawn).
 """
 
 from __future__ import annotations
@@ -38,12 +43,37 @@ class RMSProp:
         eps: added to the root of the average.
         momentum: momentum of the direction (``post=True`` only).
         post: scale the direction (``True``) or the Jacobian (``False``).
+        by_position: for a block that covers a subset of a parameter's entries
+            (``ParamBlock.index``), one buffer of the subset's size, indexed by
+            position in the subset (the original code's rule: the averages of
+            different entries mix when the subset changes, see docs/sven.md);
+            ``False``: one slot per parameter entry.
     """
 
     alpha: float = 0.99
     eps: float = 1e-8
     momentum: float = 0.0
     post: bool = False
+    by_position: bool = False
+
+    def _buffer(self, state: _State, b: ParamBlock, name: str) -> torch.Tensor:
+        """The block's slice of buffer ``name`` (per entry), or the subset-sized buffer (``by_position``)."""
+        if not self.by_position or b.index is None:
+            return state_slice(state[b.param], b, name)
+        st, n = state[b.param], b.stop - b.start
+        if name not in st:
+            st[name] = torch.zeros(n, dtype=b.param.dtype, device=b.param.device)
+        elif st[name].numel() != n:
+            raise ValueError(
+                f"RMSProp by position keeps one average per position in the parameter subset, {st[name].numel()} "
+                f"of them, but this step's subset has {n} entries: the subset size must stay fixed (the original "
+                f"code's rule); keep the averages per entry instead (`rmsprop_state='entry'`)"
+            )
+        return st[name]
+
+    def _store(self, state: _State, b: ParamBlock, name: str, value: torch.Tensor) -> None:
+        if not self.by_position or b.index is None:
+            store_slice(state[b.param], b, name, value)
 
     def jacobian(self, M: Any, blocks: Sequence[ParamBlock], state: _State) -> Any:
         """``M`` with its columns scaled (``post=False``); ``M`` itself otherwise."""
@@ -53,9 +83,9 @@ class RMSProp:
             raise TypeError("RMSProp on the Jacobian needs the materialised M")  # the route choice ensures it
         scaled = []
         for b in blocks:
-            v = state_slice(state[b.param], b, "square_avg")
+            v = self._buffer(state, b, "square_avg")
             scaled.append(SF.rmsprop_precondition_(M[:, b.start : b.stop], v, alpha=self.alpha, eps=self.eps))
-            store_slice(state[b.param], b, "square_avg", v)
+            self._store(state, b, "square_avg", v)
         return torch.cat(scaled, dim=1)
 
     def direction(self, d: torch.Tensor, blocks: Sequence[ParamBlock], state: _State) -> torch.Tensor:
@@ -64,15 +94,14 @@ class RMSProp:
             return d
         parts = []
         for b in blocks:
-            st = state[b.param]
-            v = state_slice(st, b, "square_avg")
-            mom = state_slice(st, b, "momentum_buffer") if self.momentum > 0 else None
+            v = self._buffer(state, b, "square_avg")
+            mom = self._buffer(state, b, "momentum_buffer") if self.momentum > 0 else None
             u = SF.rmsprop_transform_(
                 d[b.start : b.stop], v, mom, alpha=self.alpha, eps=self.eps, momentum=self.momentum
             )
-            store_slice(st, b, "square_avg", v)
+            self._store(state, b, "square_avg", v)
             if mom is not None:
-                store_slice(st, b, "momentum_buffer", mom)
+                self._store(state, b, "momentum_buffer", mom)
             parts.append(u.clone())
         return torch.cat(parts)
 

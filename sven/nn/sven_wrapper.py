@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from .. import functional as SF
+from .. import seed_errors
 from .._compile import eager
 from .._validation import _is_int, check_bool, check_fraction, check_positive_float, check_positive_int
 from ..linearize.auto import TALL_RATIO
@@ -93,10 +94,20 @@ class SvenWrapper:
             (``None`` when ``param_fraction == 1``).
         actual_param_fraction: the selected fraction (whole tensors with
             ``mask_by_block``).
-        grads: ``(B', P')`` residual Jacobian of the last ``loss_and_grad``
-            (a :class:`sven.gram.GramOperator` on the Gram route).
+        grads: ``(B', P')`` residual Jacobian of the last ``loss_and_grad``,
+            a tensor as in the original. On the Gram route the step never
+            forms it; reading ``grads`` materialises it once (``M^T I``
+            through the stored layer factors: about one more backward pass
+            and ``B' x P'`` memory) and keeps it until the next
+            ``loss_and_grad``. :attr:`grads_operator` is what was stored,
+            without that cost.
         losses: ``(B',)`` (microbatch-averaged) losses.
         residuals: ``(B',)`` residuals ``losses ** (kappa / 2)``.
+
+    As in the original, the optimizer's ``step()`` deletes ``grads``,
+    ``losses`` and ``residuals``: reading them then raises an error that is
+    both an ``AttributeError`` (the original's type) and a ``RuntimeError``
+    (:class:`sven.seed_errors.MissingJacobianError`).
     """
 
     def __init__(
@@ -164,11 +175,43 @@ class SvenWrapper:
         self._gram = LayerGram()
         self._last_rows: int | None = None  # rows of the previous step, for the tall-problem rule
 
-        # populated by loss_and_grad(), consumed by the optimizer's step()
-        self.grads: torch.Tensor | GramOperator = torch.empty(0, device=self.device)
+        # populated by loss_and_grad(), consumed (and deleted) by the optimizer's step()
+        self._grads: torch.Tensor | GramOperator | None = torch.empty(0, device=self.device)
+        self._grads_dense: torch.Tensor | None = None  # ``grads`` materialised from an operator, on demand
         self.losses: torch.Tensor = torch.empty(0, device=self.device)
         self.residuals: torch.Tensor = torch.empty(0, device=self.device)
         self.jacobian_method: str = ""
+
+    # ------------------------------------------------------------------ the stored Jacobian
+    @property
+    def grads_operator(self) -> torch.Tensor | GramOperator:
+        """The residual Jacobian as stored: the tensor, or the Gram route's operator (never materialised)."""
+        if self._grads is None:
+            raise seed_errors.MissingJacobianError(
+                "no Jacobian is stored: the optimizer's step() consumed it; call `loss_and_grad(batch)` first"
+            )
+        return self._grads
+
+    @property
+    def grads(self) -> torch.Tensor:
+        """The ``(B', P')`` residual Jacobian as a tensor (materialised once from the Gram operator, see the class)."""
+        M = self.grads_operator
+        if isinstance(M, torch.Tensor):
+            return M
+        if self._grads_dense is None:
+            eye = torch.eye(M.shape[0], dtype=self.params.dtype, device=self.params.device)
+            self._grads_dense = M.rmatmat(eye).T.to(self.params.dtype).contiguous()
+        return self._grads_dense
+
+    @grads.setter
+    def grads(self, value: torch.Tensor | GramOperator) -> None:
+        self._grads, self._grads_dense = value, None
+
+    @grads.deleter
+    def grads(self) -> None:
+        if self._grads is None:
+            raise AttributeError("grads")
+        self._grads, self._grads_dense = None, None
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -187,7 +230,7 @@ class SvenWrapper:
             raise TypeError(f"`loss_fn` must return a tensor of per-sample losses, got {type(losses).__name__}")
         b = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
         if losses.dim() == 0:
-            raise ValueError(
+            raise seed_errors.BatchShapeError(
                 f"`loss_fn` returned a scalar, but Sven needs one loss per sample, shape (B,)"
                 f"{f' = ({b},)' if b is not None else ''}: use reduction='none' and reduce only the non-batch "
                 f"dimensions, e.g. `loss_fn = lambda pred, y: ((pred - y) ** 2).sum(dim=-1)` instead of nn.MSELoss()"
@@ -291,14 +334,21 @@ class SvenWrapper:
             J = J[:, self.param_mask]
         elif self.param_mask is not None and self._partial_block:  # columns of the touched tensors -> selection
             J = J[:, torch.cat([self.param_mask[s : s + n] for _, n, s in self._block_selection])]
-        losses = SF.group_rows(losses, size=self.microbatch_size)
-        J = SF.group_rows(J, size=self.microbatch_size)
+        losses = self._group_rows(losses)
+        J = self._group_rows(J)
         R, M = SF.residual_jacobian(losses, J, kappa=self.kappa)
         self.grads = M.detach()
         self.losses = losses.detach()
         self.residuals = R.detach()
         self.jacobian_method = method
         return self.losses, pred
+
+    def _group_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """:func:`sven.functional.group_rows`, its error also a ``RuntimeError`` (the original's type)."""
+        try:
+            return SF.group_rows(x, size=self.microbatch_size)
+        except ValueError as err:
+            raise seed_errors.BatchShapeError(str(err)) from None
 
     def _store_gram(self, G: GramJacobian, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Microbatching and ``kappa`` as row transforms of the Gram route: ``M = diag(s) A J``."""
@@ -307,12 +357,12 @@ class SvenWrapper:
         if self.microbatch_size > 1:
             n = losses.shape[0]
             if n % self.microbatch_size:
-                SF.group_rows(losses, size=self.microbatch_size)  # raises the documented error
+                self._group_rows(losses)  # raises the documented error
             groups = torch.arange(n, device=losses.device) // self.microbatch_size
             avg = torch.zeros(n // self.microbatch_size, n, dtype=torch.float64, device=losses.device)
             avg[groups, torch.arange(n, device=losses.device)] = 1.0 / self.microbatch_size
             M = row_transform(M, avg)
-            losses = SF.group_rows(losses, size=self.microbatch_size)
+            losses = self._group_rows(losses)
         R, scale = SF.residual_scale(losses, kappa=self.kappa)
         if self.kappa != 2.0:
             M = row_transform(M, scale)

@@ -12,7 +12,8 @@ onto accurate solvers:
   had relative errors near 1; fewer than 3 Krylov steps are raised to 3; with
   its default oversampling ``k + 32`` the search space covers the whole batch
   at ``k = B/2``, and the result is exact);
-* ``"scipy"`` (``scipy.sparse.linalg.svds``): :class:`truncpinv.Lanczos`;
+* ``"scipy"`` (``scipy.sparse.linalg.svds``): :class:`truncpinv.Lanczos`, keeping at most
+  ``min(B, P) - 1`` values as ``svds`` did;
 * ``"lobpcg"``: :class:`truncpinv.LOBPCG`.
 
 Any :mod:`truncpinv` registry name (``"auto"``, ``"gram"``, ``"svd"``,
@@ -92,6 +93,8 @@ def pinv(
     check_nonneg_float("tol", tol)
     check_nonneg_float("rtol", rtol)
     power_iter = check_nonneg_int("power_iter", power_iter)
+    if mode == "scipy":  # the original's svds call kept fewer than min(B, P) values
+        k_ = max(1, min(int(k), min(M.shape) - 1))
     solver = solver_for_mode(mode, power_iterations=power_iter)
     F = solver.factorize(M.detach(), rank=k_, rtol=rtol, atol=tol)
     return F.V, 1.0 / F.S, F.U.T

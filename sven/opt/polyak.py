@@ -84,7 +84,8 @@ class PolyakSGD(Optimizer):
             grads = [p.grad for p in group["params"] if p.grad is not None]
             if not grads:
                 continue
-            sq = float(sum(g.detach().pow(2).sum() for g in grads))
+            # as the original: a sum of squared norms (``norm() ** 2``, in the gradients' dtype), then .item()
+            sq = float(sum(g.detach().norm() ** 2 for g in grads))
             lr = (value - group["f_star"]) / (sq + group["eps"])
             lr = min(max(lr, 0.0), group["max_lr"])
             for p in group["params"]:
