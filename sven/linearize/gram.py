@@ -399,7 +399,7 @@ class GramRoute:
         if self.tall_ratio is not None:
             max_rows = int(self.tall_ratio * sum(p.numel() for p in params))
         # (the keyword only when set: a stand-in for LayerGram without it keeps working)
-        extra = {} if max_rows is None else {"max_rows": max_rows}
+        extra: dict[str, Any] = {} if max_rows is None else {"max_rows": max_rows}
         res = self.layer_gram(closure, params, rows=rows, **extra)
         if isinstance(res, Unsupported):
             return res
