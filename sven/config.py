@@ -27,14 +27,16 @@ from ._validation import (
     rank_for,
 )
 from .control import Policy, make_policy
+from .functional import DAMPING_MIN
 from .linearize import ROUTES, Linearizer, RowSpec
-from .precondition import RMSProp
+from .precondition import ColumnScaling, RMSProp
 
 __all__ = [
     "DEFAULT_LR",
     "DEFAULT_RTOL",
     "GLOBAL_OPTIONS",
     "GROUP_OPTIONS",
+    "RESIDUAL_LR",
     "SEED_NAMES",
     "SvenConfig",
     "check_group",
@@ -50,6 +52,9 @@ __all__ = [
 #: keeps the original's defaults.
 DEFAULT_LR = 0.5
 DEFAULT_RTOL = 1e-4
+#: The learning rate of residual mode (``residuals=True``) with damping: Levenberg--Marquardt takes the whole
+#: damped step; the damping, not ``lr``, shortens it (``lr=0.5`` halves every step and doubles the iterations).
+RESIDUAL_LR = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,11 @@ class SvenConfig:
     Args:
         rank: ``k``, the maximum number of singular values kept: an ``int``, or a float in (0, 1], the
             fraction of the step's rows ``B`` (``ceil(rank * B)``); ``None``: every one above the cut-off.
-        rtol: keep :math:`\sigma > rtol\,\sigma_{max}`.
+        rtol: keep :math:`\sigma > rtol\,\sigma_{max}`. ``None`` (default): :data:`DEFAULT_RTOL`, except in
+            residual mode with damping (``residuals=True`` and ``adaptive_damping`` or ``damping > 0``), where
+            only numerically zero values are cut (``max(B, P) * eps``, :func:`truncpinv.default_rtol`): the
+            damping :math:`\sigma/(\sigma^2+\lambda)` already shrinks the small directions, and cutting them
+            would stop Levenberg--Marquardt from ever correcting a badly scaled parameter.
         atol: keep :math:`\sigma > atol`.
         kappa: the residual exponent, :math:`R = \ell^{\kappa/2}`.
         solver: a :mod:`truncpinv` solver object or registry name.
@@ -74,6 +83,9 @@ class SvenConfig:
             ``None`` (default): on, unless ``variable_k``, ``check_step``, a fixed ``damping > 0`` or
             ``rmsprop`` is set (or momentum: :func:`with_momentum_rule`).
         max_retries: retries after a rejected step (``adaptive_damping``).
+        scale: Moré's column scaling of the damping (:class:`sven.precondition.ColumnScaling`, as MINPACK's
+            LM); it materialises ``M`` (``B x P``). ``None`` (default): on in residual mode with
+            ``adaptive_damping``, without RMSProp and with a route that materialises ``M``.
         trust_radius: cap on :math:`\|\delta\theta\|` (:class:`sven.control.TrustRadius`).
         check_step: :class:`sven.control.CheckStep`.
         seed: seed of the randomized solvers (step ``t`` uses ``seed + t``) and of the verification probes.
@@ -81,7 +93,7 @@ class SvenConfig:
     """
 
     rank: int | float | None = None
-    rtol: float = DEFAULT_RTOL
+    rtol: float | None = None
     atol: float = 0.0
     kappa: float = 2.0
     solver: Any = "auto"
@@ -97,6 +109,7 @@ class SvenConfig:
     damping: float = 0.0
     adaptive_damping: bool | None = None
     max_retries: int = 3
+    scale: bool | None = None
     trust_radius: float | None = None
     check_step: bool = False
     seed: int = 0
@@ -107,7 +120,8 @@ class SvenConfig:
             object.__setattr__(self, name, value)
 
         put("rank", check_rank("rank", self.rank))
-        put("rtol", check_nonneg_float("rtol", self.rtol))
+        if self.rtol is not None:
+            put("rtol", check_nonneg_float("rtol", self.rtol))
         put("atol", check_nonneg_float("atol", self.atol))
         put("kappa", check_positive_float("kappa", self.kappa))
         put("residuals", check_bool("residuals", self.residuals))
@@ -149,6 +163,22 @@ class SvenConfig:
                 "Jacobian) or adaptive_damping=False"
             )
         put("max_retries", check_nonneg_int("max_retries", self.max_retries))
+        if self.rtol is None:  # numerically zero (truncpinv's default) where damping regularises residuals
+            put("rtol", None if self.residuals and (self.adaptive_damping or self.damping > 0) else DEFAULT_RTOL)
+        materialised = self.jacobian in ("auto", "hooks", "autograd")  # the routes that can give M's columns
+        if self.scale is None:
+            put("scale", bool(self.residuals and self.adaptive_damping and not self.rmsprop and materialised))
+        put("scale", check_bool("scale", self.scale))
+        if self.scale and not materialised:
+            raise ValueError(
+                f"`scale=True` needs the materialised Jacobian (its column norms), which `jacobian={self.jacobian!r}` "
+                f"does not form; use jacobian='auto', 'hooks' or 'autograd', or scale=False"
+            )
+        if self.scale and self.rmsprop:
+            raise ValueError(
+                "`scale=True` cannot be combined with `rmsprop=True`: both rescale the columns of the Jacobian; "
+                "choose one"
+            )
         if self.trust_radius is not None:
             put("trust_radius", check_positive_float("trust_radius", self.trust_radius))
         put("check_step", check_bool("check_step", self.check_step))
@@ -158,6 +188,11 @@ class SvenConfig:
                 "`adaptive_damping=True` cannot be combined with `variable_k=True`: both decide the step from "
                 "re-evaluated losses; choose one"
             )
+
+    @property
+    def default_lr(self) -> float:
+        """The ``lr`` when none is given: :data:`RESIDUAL_LR` in residual mode with damping, else ``DEFAULT_LR``."""
+        return RESIDUAL_LR if self.residuals and (self.adaptive_damping or self.damping > 0) else DEFAULT_LR
 
     def rank_cap(self, rows: int) -> int | None:
         """The ``rank`` rule for a step with ``rows`` rows: a count, ``ceil(fraction * rows)``, or ``None``."""
@@ -172,13 +207,15 @@ class SvenConfig:
         return Linearizer(
             self.jacobian,
             gram_allowed=isinstance(self.solver, truncpinv.Auto),
-            rmsprop_on_jacobian=self.rmsprop and not self.rmsprop_post,
+            rmsprop_on_jacobian=(self.rmsprop and not self.rmsprop_post) or bool(self.scale),
             chunk_size=self.chunk_size,
             seed=self.seed,
         )
 
-    def preconditioner(self) -> RMSProp | None:
-        """The RMSProp preconditioner, or ``None``."""
+    def preconditioner(self) -> RMSProp | ColumnScaling | None:
+        """The RMSProp preconditioner, Moré's column scaling, or ``None``."""
+        if self.scale:
+            return ColumnScaling()
         if not self.rmsprop:
             return None
         return RMSProp(self.rmsprop_alpha, self.rmsprop_eps, self.rmsprop_momentum, self.rmsprop_post)
@@ -192,6 +229,9 @@ class SvenConfig:
             variable_k=self.variable_k,
             check_step=self.check_step,
             trust_radius=self.trust_radius,
+            # Levenberg--Marquardt with Moré's scaling lets the damping reach 0, as MINPACK: near a singular
+            # solution the kept values shrink below any fixed floor (Powell's singular function)
+            damping_floor=0.0 if self.scale else DAMPING_MIN,
         )
 
 
