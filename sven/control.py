@@ -237,7 +237,8 @@ class AdaptiveDamping(Policy):
                     f"Sven stalled: every try was rejected with the damping at its ceiling "
                     f"({SF.DAMPING_MAX:g} sigma_max^2), but the point is not stationary (|M^T R| / (sigma_max |R|) "
                     f"= {cos:.3g}). The Jacobian does not predict the closure's change: check that the closure "
-                    f"is differentiable in the parameters, deterministic, and not detached.",
+                    f"is differentiable in the parameters, deterministic, and not detached (or, with momentum, that "
+                    f"the carried steps do not push every try uphill: adaptive_damping=False).",
                     RuntimeWarning,
                     stacklevel=5,
                 )

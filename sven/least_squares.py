@@ -136,7 +136,7 @@ def _tolerances(ftol: Any, xtol: Any, gtol: Any, max_nfev: Any, n: int) -> tuple
     eps = float(np.finfo(np.float64).eps)
     if all(t < eps for t in tols):
         raise ValueError(f"at least one of `ftol`, `xtol` and `gtol` must be at least {eps:.3g} (machine epsilon)")
-    nfev = 100 * (n + 1) if max_nfev is None else check_positive_int("max_nfev", max_nfev)
+    nfev = 100 * (n + 1) if max_nfev is None else int(check_positive_int("max_nfev", max_nfev) or 0)
     return tols[0], tols[1], tols[2], nfev
 
 
