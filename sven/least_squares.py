@@ -42,7 +42,7 @@ import torch
 import truncpinv
 
 from ._validation import check_nonneg_float, check_positive_int
-from .control import STALL_COSINE
+from .control import STALL_COSINE, AdaptiveDamping
 from .info import StepInfo
 from .linearize.dense import autograd_jacobian
 from .optim import Sven
@@ -167,7 +167,8 @@ def least_squares(
         args, kwargs: extra arguments of ``fun``.
         ftol, xtol, gtol: the stopping rules of the module docstring (scipy's defaults, ``1e-8``).
         max_nfev: the most residual evaluations (default ``100 * (n + 1)``, as scipy's ``lm``).
-        **options: further :class:`sven.Sven` options (``damping``, ``scale``, ``solver``, ``rtol``, ...).
+        **options: further :class:`sven.Sven` options (``damping``: the start value of the adaptive damping,
+            ``scale``, ``solver``, ``rtol``, ``max_retries``, ...).
 
     Returns:
         A :class:`LeastSquaresResult` (``x``, ``cost``, ``fun``, ``jac``, ``grad``, ``optimality``,
@@ -214,7 +215,15 @@ def least_squares(
         raise ValueError("`fun` returned NaN or Inf residuals at the start `params`")
     cost0 = 0.5 * float(r0.double().pow(2).sum())
     options.setdefault("max_retries", _RETRIES)
+    if options.get("adaptive_damping", True) is False:
+        raise ValueError(
+            "`adaptive_damping=False` does not apply to least_squares: its steps are accepted by the gain ratio "
+            "of Levenberg-Marquardt; pass `damping` for the start value of the adaptive damping"
+        )
+    options["adaptive_damping"] = True  # also with a `damping` start value (alone, it would mean fixed damping)
     opt = Sven(ps, residuals=True, on_nonfinite="raise", **options)
+    if not isinstance(opt.control, AdaptiveDamping) and not getattr(opt.control, "needs_evaluate", False):
+        raise ValueError("`control` must re-evaluate the residuals after each try (e.g. sven.control.AdaptiveDamping)")
     nfev, njev, nit, status, stalled = 1, 0, 0, -1, False
     cos = float("nan")
     while status < 0:

@@ -93,6 +93,13 @@ def test_curve_fit_without_redundancy_gives_an_infinite_covariance_with_a_warnin
 
 
 # --------------------------------------------------------------------------- stopping rules and stalls
+@pytest.mark.parametrize("damping", [1e-6, 1.0])
+def test_a_damping_is_the_start_of_the_adaptive_damping(damping: float) -> None:
+    p = BY_NUMBER[8]
+    res = sven.least_squares(p.fun, p.start(), damping=damping)
+    assert res.success and solved(2 * res.cost, p.fstar) and res.nfev > 2
+
+
 def test_status_says_why_it_stopped() -> None:
     p = BY_NUMBER[1]  # Rosenbrock: zero residual at (1, 1)
     assert sven.least_squares(p.fun, p.start(), ftol=0.0, xtol=0.0, gtol=1e-8).status == 1
@@ -159,6 +166,7 @@ def _lin(x: torch.Tensor) -> torch.Tensor:
         ({"max_nfev": 0}, ValueError, "`max_nfev` must be a positive integer"),
         ({"ftol": 0.0, "xtol": 0.0, "gtol": 0.0}, ValueError, "at least one of `ftol`, `xtol` and `gtol`"),
         ({"residuals": False}, ValueError, "`residuals` is fixed by least_squares"),
+        ({"adaptive_damping": False}, ValueError, "`adaptive_damping=False` does not apply to least_squares"),
     ],
 )
 def test_bad_options_name_the_argument(kwargs: dict, error: type, match: str) -> None:  # type: ignore[type-arg]
