@@ -37,6 +37,8 @@ import torch
 from truncpinv import Solver, TruncatedPinv
 
 __all__ = [
+    "DAMPING_MAX",
+    "DAMPING_MIN",
     "DampingState",
     "VariableKResult",
     "all_finite",

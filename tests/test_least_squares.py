@@ -198,3 +198,35 @@ def test_numpy_scalars_and_arrays_are_accepted() -> None:
     start = torch.zeros(3, dtype=F64)
     sven.least_squares(_lin, start)
     assert bool((start == 0).all())  # the start is not modified
+
+
+def test_gradient_cosine_is_the_angle_of_the_gradient() -> None:
+    import truncpinv
+
+    from sven.functional import gradient_cosine
+
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(20, 5, generator=g, dtype=F64)
+    R = torch.randn(20, generator=g, dtype=F64)
+    F = truncpinv.DenseSVD().factorize(M)
+    ref = float((M.T @ R).norm() / (torch.linalg.matrix_norm(M, 2) * R.norm()))  # the definition
+    assert float(gradient_cosine(F, R)) == pytest.approx(ref, rel=1e-12)
+    # at the least-squares solution the residual is orthogonal to the range of M
+    x = torch.linalg.lstsq(M, R).solution
+    assert float(gradient_cosine(F, R - M @ x)) < 1e-12
+    assert float(gradient_cosine(F, torch.zeros(20, dtype=F64))) == 0.0
+
+
+def test_column_scaling_direction_is_the_scaled_lm_step() -> None:
+    # one Sven step with scale=True and damping lam is argmin |M d + R|^2 + lam sigma_1(M D^-1)^2 |D d|^2
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(12, 3, generator=g, dtype=F64) * torch.tensor([1.0, 1e3, 1e-2], dtype=F64)
+    b = torch.randn(12, generator=g, dtype=F64)
+    w = torch.nn.Parameter(torch.zeros(3, dtype=F64))
+    opt = sven.Sven([w], residuals=True, control=sven.control.Tikhonov(0.1), scale=True)
+    opt.step(lambda: A @ w - b)
+    D = A.norm(dim=0)
+    s1 = torch.linalg.matrix_norm(A / D, 2)
+    lam = 0.1 * s1**2
+    ref = torch.linalg.solve(A.T @ A + lam * torch.diag(D**2), A.T @ b)  # the normal equations of the damped problem
+    np.testing.assert_allclose(w.detach().numpy(), ref.numpy(), rtol=1e-9)
