@@ -49,10 +49,6 @@ from .optim import Sven
 
 __all__ = ["LeastSquaresResult", "curve_fit", "least_squares"]
 
-#: Retries of a Sven step after a rejected try: MINPACK retries without limit; ten doublings of the
-#: Madsen--Nielsen growth factor take any damping to its ceiling, so a step either succeeds or stalls.
-_RETRIES = 10
-
 _MESSAGES = {
     0: "The maximum number of function evaluations is exceeded.",
     1: "`gtol` termination condition is satisfied.",
@@ -168,7 +164,7 @@ def least_squares(
         ftol, xtol, gtol: the stopping rules of the module docstring (scipy's defaults, ``1e-8``).
         max_nfev: the most residual evaluations (default ``100 * (n + 1)``, as scipy's ``lm``).
         **options: further :class:`sven.Sven` options (``damping``: the start value of the adaptive damping,
-            ``scale``, ``solver``, ``rtol``, ``max_retries``, ...).
+            ``scale``, ``solver``, ``rtol``, ``max_retries`` (default 10 with ``scale``), ...).
 
     Returns:
         A :class:`LeastSquaresResult` (``x``, ``cost``, ``fun``, ``jac``, ``grad``, ``optimality``,
@@ -214,7 +210,6 @@ def least_squares(
     if not bool(torch.isfinite(r0).all()):
         raise ValueError("`fun` returned NaN or Inf residuals at the start `params`")
     cost0 = 0.5 * float(r0.double().pow(2).sum())
-    options.setdefault("max_retries", _RETRIES)
     if options.get("adaptive_damping", True) is False:
         raise ValueError(
             "`adaptive_damping=False` does not apply to least_squares: its steps are accepted by the gain ratio "

@@ -202,7 +202,6 @@ def test_numpy_scalars_and_arrays_are_accepted() -> None:
 
 def test_gradient_cosine_is_the_angle_of_the_gradient() -> None:
     import truncpinv
-
     from sven.functional import gradient_cosine
 
     g = torch.Generator().manual_seed(3)
