@@ -22,7 +22,8 @@ A step is a pipeline of small parts, each in its own module:
 * :mod:`sven.control`: step-control policies (damping, trust radius, variable-k, ...);
 * :mod:`sven.params`: applying a direction to the parameter groups;
 * :mod:`sven.update`: momentum and decoupled weight decay;
-* :mod:`sven.pinn`: residuals of differential equations (the pointwise route).
+* :mod:`sven.pinn`: residuals of differential equations (the pointwise route);
+* :mod:`sven.least_squares`: ``least_squares`` and ``curve_fit``, scipy-like front-ends (Levenberg--Marquardt).
 
 The maths is in :mod:`sven.functional`; :class:`sven.Sven` (:mod:`sven.optim`)
 wires the parts to ``torch.optim``; :mod:`sven.nn` and :mod:`sven.opt` are the
@@ -32,11 +33,13 @@ seed-compatible API.
 from . import control, functional, jacobian, linearize, pinn
 from .config import SvenConfig
 from .info import StepInfo
+from .least_squares import LeastSquaresResult, curve_fit, least_squares
 from .nn import SvenWrapper
 from .opt import PolyakSGD, WrappedSven, pinv
 from .optim import Sven
 
 __all__ = [
+    "LeastSquaresResult",
     "PolyakSGD",
     "StepInfo",
     "Sven",
@@ -44,8 +47,10 @@ __all__ = [
     "SvenWrapper",
     "WrappedSven",
     "control",
+    "curve_fit",
     "functional",
     "jacobian",
+    "least_squares",
     "linearize",
     "pinn",
     "pinv",

@@ -32,6 +32,7 @@ the wrappers. Pass it as ``sven.Sven(..., control=...)``.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,10 +46,11 @@ from . import update
 from .info import StepFault
 from .linearize.base import RowSpec
 from .params import ParamBlock, apply_direction, lr_scaled, save_parameters
-from .precondition import RMSProp
+from .precondition import ColumnScaling, RMSProp
 
 __all__ = [
     "ADAPTIVE_DAMPING_START",
+    "STALL_COSINE",
     "AdaptiveDamping",
     "CheckStep",
     "Evaluator",
@@ -65,6 +67,10 @@ __all__ = [
 
 #: Starting damping of :class:`AdaptiveDamping` when none is given.
 ADAPTIVE_DAMPING_START = 1e-3
+#: A stall (every try rejected at the largest damping) warns when :math:`\|M^\top R\| / (\sigma_{max}\|R\|)`
+#: exceeds this: far above the round-off of the gradient (``~ sqrt(eps)`` in float64) yet a stationary point's
+#: angle can never reach it.
+STALL_COSINE = 1e-4
 
 
 @dataclass
@@ -109,6 +115,7 @@ class Outcome:
     capped: bool = False
     k_used: int | None = None
     substep_losses: list[float] | None = None
+    stalled: bool = False
 
 
 class Policy:
@@ -171,13 +178,25 @@ class AdaptiveDamping(Policy):
     with :math:`\rho \le 0` is undone and retried with the larger
     :math:`\lambda` on the *cached* factorisation, at most ``max_retries``
     times. When every try is rejected the parameters stay unchanged.
+    ``floor`` is the smallest damping (``0``: pure Gauss--Newton steps are allowed).
+
+    **Stalls are not silent.** When every try is rejected with :math:`\lambda`
+    at its ceiling (:data:`sven.functional.DAMPING_MAX`), no step along the
+    linear model reduces the loss; ``Outcome.stalled`` is set, and if the point
+    is not stationary (:func:`sven.functional.gradient_cosine` above
+    :data:`STALL_COSINE`) a ``RuntimeWarning`` says so: the Jacobian does not
+    describe the closure (a detached or non-differentiable computation, a
+    closure that changes between calls, noise).
     """
 
     needs_evaluate = True
 
-    def __init__(self, start: float = ADAPTIVE_DAMPING_START, max_retries: int = 3) -> None:
+    def __init__(
+        self, start: float = ADAPTIVE_DAMPING_START, max_retries: int = 3, *, floor: float = SF.DAMPING_MIN
+    ) -> None:
         self.state = SF.DampingState(lam=start)
         self.max_retries = max_retries
+        self.floor = floor
 
     @property
     def damping(self) -> float:
@@ -204,12 +223,25 @@ class AdaptiveDamping(Policy):
             out.direction = d
             R_new = evaluate.residuals()
             out.gain_ratio = SF.gain_ratio(ctx.R, R_new, R_pred)
-            if SF.madsen_nielsen_update(self.state, out.gain_ratio):
+            if SF.madsen_nielsen_update(self.state, out.gain_ratio, floor=self.floor):
                 out.retries = attempt
                 return out
             restore()
             ctx.reject()
         out.rejected, out.retries, out.direction = True, tries, None
+        out.stalled = self.state.lam >= SF.DAMPING_MAX
+        if out.stalled:
+            cos = float(SF.gradient_cosine(ctx.F, ctx.R))
+            if cos > STALL_COSINE:
+                warnings.warn(
+                    f"Sven stalled: every try was rejected with the damping at its ceiling "
+                    f"({SF.DAMPING_MAX:g} sigma_max^2), but the point is not stationary (|M^T R| / (sigma_max |R|) "
+                    f"= {cos:.3g}). The Jacobian does not predict the closure's change: check that the closure "
+                    f"is differentiable in the parameters, deterministic, and not detached (or, with momentum, that "
+                    f"the carried steps do not push every try uphill: adaptive_damping=False).",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
         return out
 
 
@@ -307,12 +339,13 @@ def make_policy(
     variable_k: bool = False,
     check_step: bool = False,
     trust_radius: float | None = None,
+    damping_floor: float = SF.DAMPING_MIN,
 ) -> Policy:
     """The policy that :class:`sven.Sven`'s keyword options describe.
 
     ``variable_k`` gives :class:`VariableK`; ``adaptive_damping`` gives
     :class:`AdaptiveDamping` (starting at ``damping``, or
-    :data:`ADAPTIVE_DAMPING_START` when it is 0), which already checks each
+    :data:`ADAPTIVE_DAMPING_START` when it is 0, never below ``damping_floor``), which already checks each
     step; otherwise :class:`Tikhonov` (:class:`Plain` for ``damping=0``),
     wrapped in :class:`CheckStep` if ``check_step``. ``trust_radius`` wraps
     the result in :class:`TrustRadius`.
@@ -321,7 +354,7 @@ def make_policy(
     if variable_k:
         policy = VariableK(damping)
     elif adaptive_damping:
-        policy = AdaptiveDamping(damping if damping > 0 else ADAPTIVE_DAMPING_START, max_retries)
+        policy = AdaptiveDamping(damping if damping > 0 else ADAPTIVE_DAMPING_START, max_retries, floor=damping_floor)
     else:
         policy = Tikhonov(damping) if damping > 0 else Plain()
         if check_step:
@@ -338,7 +371,7 @@ def step_context(
     blocks: list[ParamBlock],
     *,
     state: Any,
-    precondition: RMSProp | None,
+    precondition: RMSProp | ColumnScaling | None,
     loss: Callable[[], float],
     evaluate: Evaluator | None,
     reject: Callable[[], None],

@@ -37,13 +37,17 @@ def solver_for_step(solver: truncpinv.Solver, seed: int, step: int) -> truncpinv
 
 
 def factorize(
-    M: Any, solver: truncpinv.Solver, *, rank: int | None, rtol: float, atol: float
+    M: Any, solver: truncpinv.Solver, *, rank: int | None, rtol: float | None, atol: float
 ) -> truncpinv.TruncatedPinv:
     """``M_k^+``: keep at most ``rank`` singular values above ``max(atol, rtol * sigma_max)``.
+
+    ``rtol=None``: numerically zero values only, :func:`truncpinv.default_rtol` of ``M``'s shape and dtype.
 
     Raises:
         StepFault: the solver failed, or ``M`` or its spectrum is not finite.
     """
+    if rtol is None:
+        rtol = truncpinv.default_rtol((int(M.shape[0]), int(M.shape[1])), M.dtype)
     try:
         if isinstance(M, torch.Tensor):
             F = solver.factorize(M, rank=rank, rtol=rtol, atol=atol, check_finite=False)

@@ -37,6 +37,8 @@ import torch
 from truncpinv import Solver, TruncatedPinv
 
 __all__ = [
+    "DAMPING_MAX",
+    "DAMPING_MIN",
     "DampingState",
     "VariableKResult",
     "all_finite",
@@ -44,6 +46,7 @@ __all__ = [
     "filter_factors",
     "filtered_direction",
     "gain_ratio",
+    "gradient_cosine",
     "group_rows",
     "madsen_nielsen_update",
     "rank_one_components",
@@ -326,6 +329,27 @@ def gain_ratio(R_old: torch.Tensor, R_new: torch.Tensor, R_pred: torch.Tensor) -
     return actual / predicted
 
 
+def gradient_cosine(F: TruncatedPinv, R: torch.Tensor) -> torch.Tensor:
+    r"""How far from stationary: :math:`\|M^\top R\| / (\sigma_{max}\|R\|)` from the factorisation, at no extra cost.
+
+    With :math:`M = U \Sigma V^\top` (the kept part), :math:`\|M^\top R\|_2 = \|\Sigma U^\top R\|_2`
+    because :math:`V` has orthonormal columns; dropped values below the cut-off add at most
+    ``cutoff * ||R||``. The ratio is scale-free and lies in ``[0, 1]``: 0 at a stationary point of
+    :math:`\|R\|^2` (MINPACK's ``gtol`` test uses the same angle, column by column). ``R = 0`` gives 0.
+    Returns a 0-dim tensor (no host synchronisation).
+    """
+    Rf = R.to(F.dtype)
+    if F.rank == 0:
+        return Rf.new_zeros(())
+    g = torch.linalg.vector_norm(F.S * (F.U.T @ Rf))
+    scale = F.S[0] * torch.linalg.vector_norm(Rf)
+    return torch.where(scale > 0, g / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(g))
+
+
+#: Bounds of the adaptive damping :math:`\lambda / \sigma_{max}^2` (:func:`madsen_nielsen_update`).
+DAMPING_MIN, DAMPING_MAX = 1e-12, 1e12
+
+
 @dataclass
 class DampingState:
     """Adaptive Levenberg--Marquardt damping: ``lam`` (relative to ``sigma_max^2``) and the growth factor ``nu``."""
@@ -334,7 +358,9 @@ class DampingState:
     nu: float = 2.0
 
 
-def madsen_nielsen_update(state: DampingState, rho: float, *, accept_threshold: float = 0.0) -> bool:
+def madsen_nielsen_update(
+    state: DampingState, rho: float, *, accept_threshold: float = 0.0, floor: float = DAMPING_MIN
+) -> bool:
     r"""Update the damping from the gain ratio (Madsen, Nielsen & Tingleff 2004, Alg. 3.16).
 
     .. math::
@@ -343,14 +369,15 @@ def madsen_nielsen_update(state: DampingState, rho: float, *, accept_threshold: 
         \qquad \text{otherwise}:\ \lambda \leftarrow \nu\lambda,\ \nu \leftarrow 2\nu.
 
     A zero ``lam`` that must grow restarts at ``1e-6``. ``lam`` is kept in
-    ``[1e-12, 1e12]``. Returns whether the step is accepted; ``state`` is
-    updated in place.
+    ``[floor, 1e12]`` (``floor`` defaults to :data:`DAMPING_MIN`, ``1e-12``; ``0`` lets the step become
+    Gauss--Newton's, as in MINPACK, which a singular solution needs). Returns whether the step is accepted;
+    ``state`` is updated in place.
     """
     if rho > accept_threshold:
-        state.lam = max(state.lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-12)
+        state.lam = max(state.lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), floor)
         state.nu = 2.0
         return True
-    state.lam = min(max(state.lam, 1e-6) * state.nu, 1e12)
+    state.lam = min(max(state.lam, 1e-6) * state.nu, DAMPING_MAX)
     state.nu = min(state.nu * 2.0, 1e6)
     return False
 

@@ -47,6 +47,8 @@ class StepInfo:
         retries: rejected tries before the applied step.
         rejected: every try was rejected; the parameters are unchanged.
         capped: the step was shortened to ``trust_radius``.
+        stalled: every try was rejected with the damping at its ceiling: the step control can do no more
+            from here (see :class:`sven.control.AdaptiveDamping`).
     """
 
     losses: torch.Tensor
@@ -62,14 +64,22 @@ class StepInfo:
     retries: int = 0
     rejected: bool = False
     capped: bool = False
+    stalled: bool = False
+    _gradient_cosine: torch.Tensor | None = field(default=None, repr=False)
     _direction: torch.Tensor | None = field(default=None, repr=False)
     _lrs: list[tuple[int, int, float]] = field(default_factory=list, repr=False)
 
     def record(self, outcome: Any, lrs: list[tuple[int, int, float]]) -> None:
         """Copy a step-control :class:`~sven.control.Outcome` (and the blocks' learning rates) into this record."""
-        for name in ("damping", "gain_ratio", "retries", "rejected", "capped", "k_used", "substep_losses"):
+        for name in ("damping", "gain_ratio", "retries", "rejected", "capped", "k_used", "substep_losses", "stalled"):
             setattr(self, name, getattr(outcome, name))
         self._direction, self._lrs = outcome.direction, lrs
+
+    @property
+    def gradient_cosine(self) -> float:
+        r"""Stationarity before the step, :math:`\|M^\top R\| / (\sigma_{max}\|R\|)` in ``[0, 1]``
+        (:func:`sven.functional.gradient_cosine`; of the preconditioned ``M``); NaN if the step was skipped."""
+        return float("nan") if self._gradient_cosine is None else float(self._gradient_cosine)
 
     @property
     def step_norm(self) -> float:

@@ -15,7 +15,15 @@ from . import functional as SF
 from . import update
 from ._compile import eager
 from ._validation import check_option_names, closure_errors, warn_ignored_grads
-from .config import DEFAULT_LR, GLOBAL_OPTIONS, GROUP_OPTIONS, SEED_NAMES, SvenConfig, check_group, with_momentum_rule
+from .config import (
+    GLOBAL_OPTIONS,
+    GROUP_OPTIONS,
+    SEED_NAMES,
+    SvenConfig,
+    check_group,
+    with_momentum_rule,
+    with_scale_rule,
+)
 from .control import Evaluator, Policy, step_context
 from .factorize import factorize, solver_for_step
 from .info import StepFault, StepInfo
@@ -86,7 +94,7 @@ class Sven(Optimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate :math:`\eta` (per group; default 0.5).
+        lr: learning rate :math:`\eta` (per group; default 0.5, or 1 in residual mode with damping).
         momentum: heavy-ball momentum :math:`\mu \in [0, 1)` on the Sven direction (per group,
             :mod:`sven.update`): :math:`b \leftarrow \mu b + d`, :math:`\theta \leftarrow \theta - \eta b`.
         weight_decay: decoupled weight decay :math:`w` (per group, as AdamW):
@@ -134,7 +142,7 @@ class Sven(Optimizer):
     def __init__(
         self,
         params: Any,
-        lr: float = DEFAULT_LR,
+        lr: float | None = None,
         *args: Any,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
@@ -157,7 +165,7 @@ class Sven(Optimizer):
             options["jacobian"] = route
             route = None
         params = params if isinstance(params, torch.Tensor) else list(params)
-        self.config = cfg = SvenConfig(**with_momentum_rule(options, params, momentum))
+        self.config = cfg = SvenConfig(**with_scale_rule(with_momentum_rule(options, params, momentum), params))
         self.solver = cfg.solver
         self.rows = cfg.rows()
         self.route = route if route is not None else cfg.route()
@@ -171,6 +179,7 @@ class Sven(Optimizer):
                 "`jacobian='matfree'` does not support data-parallel training; use jacobian='auto' (the Gram route, "
                 "or the materialised Jacobian gathered across ranks)"
             )
+        lr = cfg.default_lr if lr is None else lr
         super().__init__(params, check_group({"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                                               "nesterov": nesterov}))  # fmt: skip
         group = dist_.resolve_group(process_group)
@@ -296,6 +305,7 @@ class Sven(Optimizer):
             pre = self.precondition.jacobian(M, blocks, self.state) if self.precondition is not None else M
             F = factorize(pre, self._solver_for_step(), rank=cfg.rank_cap(R.numel()), rtol=cfg.rtol, atol=cfg.atol)
             info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
+            info._gradient_cosine = SF.gradient_cosine(F, R)
             ctx = step_context(
                 F, R, M, blocks,
                 state=self.state,

@@ -290,12 +290,15 @@ def _generator(seed: Any, generator: torch.Generator | None, device: torch.devic
 #:   the Jacobian; the damping, not the truncation, regularises;
 #: * ``adaptive_damping=True``, ``lr=1.0``: Levenberg--Marquardt. Undamped
 #:   (``lr=1``, no damping) the first steps overshoot and diverge.
+#: * ``scale=False``: damping relative to the largest singular value, without
+#:   Moré's column scaling, so the Gram and pointwise routes still apply.
 PRESET: dict[str, Any] = {
     "lr": 1.0,
     "residuals": True,
     "rank": None,
     "rtol": 1e-10,
     "adaptive_damping": True,
+    "scale": False,
 }
 
 

@@ -166,3 +166,16 @@ def test_the_seed_api_materialises_a_tall_batch_without_a_warning() -> None:
     assert not [w for w in caught if "Gram route" in str(w.message)]
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_mores_scaling_is_on_in_residual_mode_only_for_small_models() -> None:
+    """Moré's scaling materialises M: on by default up to SCALE_MAX_PARAMS parameters, never beyond unless asked."""
+    from sven.config import SCALE_MAX_PARAMS
+
+    small = nn.Linear(4, 3)
+    big = nn.Linear(SCALE_MAX_PARAMS, 2)
+    assert sven.Sven(small.parameters(), residuals=True).config.scale is True
+    assert sven.Sven(big.parameters(), residuals=True).config.scale is False
+    assert sven.Sven([{"params": big.parameters()}], residuals=True).config.scale is False
+    assert sven.Sven(big.parameters(), residuals=True, scale=True).config.scale is True
+    assert sven.Sven(small.parameters()).config.scale is False  # per-sample losses: never by default

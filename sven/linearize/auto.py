@@ -102,8 +102,10 @@ class Linearizer:
     """The routes of one optimizer, chosen by :func:`choose_route`, with the fallback from the Gram route.
 
     When the Gram route does not apply under ``"auto"``, one warning names
-    the layer; the exact Jacobian is then computed from the same closure
-    evaluation, and the dense route is used from then on.
+    the layer (none for a closure of bare parameters, with no layer the route
+    could use: the materialised Jacobian is its natural route); the exact
+    Jacobian is then computed from the same closure evaluation, and the dense
+    route is used from then on.
 
     Args:
         requested: one of :data:`ROUTES`.
@@ -191,12 +193,13 @@ class Linearizer:
             if self.requested == "gram":
                 raise ValueError(f"`jacobian='gram'` does not apply to this model: {reason}")
             self.gram_failed = reason
-            warnings.warn(
-                f"Sven: the Gram route does not apply ({reason}); using the materialised Jacobian instead "
-                f"(memory B x P). Pass jacobian='hooks' or 'autograd' to silence this warning.",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+            if not (isinstance(res, Unsupported) and res.quiet):  # bare parameters: no layer to use, nothing lost
+                warnings.warn(
+                    f"Sven: the Gram route does not apply ({reason}); using the materialised Jacobian instead "
+                    f"(memory B x P). Pass jacobian='hooks' or 'autograd' to silence this warning.",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
             if isinstance(res, Unsupported) and res.output is not None:
                 return _materialised(res.output, params)
         lin = self.dense(closure, params, rows)

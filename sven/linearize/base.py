@@ -67,10 +67,13 @@ class Unsupported:
             caller can compute the exact Jacobian without re-running the
             closure (e.g. :func:`sven.linearize.dense.autograd_jacobian`);
             ``None`` when the closure must be run again.
+        quiet: the closure has no layer the route could use (a function of bare parameters): the
+            materialised Jacobian is the natural route, and falling back to it needs no warning.
     """
 
     reason: str
     output: Any
+    quiet: bool = False
 
 
 @dataclass

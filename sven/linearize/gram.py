@@ -253,7 +253,7 @@ class LayerGram:
             which = ", ".join(labels[index[id(p)]] for p in used)
             outside = f"parameter(s) {which} are used outside the forward of a supported layer"
             self._remember(key, outside)
-            return Unsupported(outside, out)
+            return Unsupported(outside, out, quiet=not rec.calls)
 
         dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
         pieces: dict[int, list[tuple[int, Piece]]] = {}

@@ -1,0 +1,180 @@
+"""Least squares with Sven: the Moré--Garbow--Hillstrom set, the sinc fit, and the step overhead.
+
+Run (one thread, as every benchmark here)::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_least_squares --mgh --sinc --overhead
+
+* ``--mgh``: the 35 problems of :mod:`benchmarks.mgh` from their standard starts, by
+  :func:`sven.least_squares` and :func:`scipy.optimize.least_squares` (``lm`` and ``trf``, with the exact
+  Jacobian from :func:`torch.func.jacrev`, so ``nfev`` counts residual evaluations only, as for Sven).
+  Solved: ``f = sum r^2`` within 1e-6 relative of a published minimum (``<= 1e-10`` for a zero minimum).
+* ``--sinc``: a 1-20-1 tanh MLP fitted to ``sinc(10 x)`` at 20,000 points of ``[-1, 1]`` (full batch,
+  float64), the example of torch-levenberg-marquardt: Sven in residual mode against torch-levenberg-marquardt
+  (when installed, the ``bench`` extra) and Adam, each for ``--sinc-seconds`` of wall time.
+* ``--overhead``: the time of one Sven step on a 3-parameter, 100-residual problem, against one evaluation
+  of the residuals with their exact Jacobian (``torch.func.jacrev``) in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import sven
+
+from .mgh import PROBLEMS, Problem, solved
+
+
+def _scipy(p: Problem, method: str) -> tuple[float, int, float]:
+    from scipy.optimize import least_squares
+
+    jac = torch.func.jacrev(p.fun)
+    t0 = time.perf_counter()
+    r = least_squares(
+        lambda x: p.fun(torch.from_numpy(x)).numpy(),
+        np.array(p.x0),
+        jac=lambda x: jac(torch.from_numpy(x)).numpy(),
+        method=method,
+    )
+    return 2.0 * float(r.cost), int(r.nfev), time.perf_counter() - t0
+
+
+def _sven(p: Problem) -> tuple[float, int, float, int, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        r = sven.least_squares(p.fun, p.start())
+        dt = time.perf_counter() - t0
+    return 2.0 * r.cost, r.nfev, dt, r.status, [str(w.message)[:60] for w in caught]
+
+
+def mgh() -> None:
+    print("| # | problem | n | m | Sven | nfev | ms | scipy lm | nfev | ms | scipy trf | nfev | ms | Sven status |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lm_solved = within = 0
+    for p in PROBLEMS:
+        f_s, n_s, t_s, status, warned = _sven(p)
+        f_l, n_l, t_l = _scipy(p, "lm")
+        f_t, n_t, t_t = _scipy(p, "trf")
+        ok = [solved(f, p.fstar, rtol=p.rtol) for f in (f_s, f_l, f_t)]
+        if ok[1]:
+            lm_solved += 1
+            within += ok[0] and n_s <= 2 * n_l
+        mark = ["yes" if o else "**no**" for o in ok]
+        note = f"{status}" + (f" (warned: {warned[0]})" if warned else "")
+        print(
+            f"| {p.number} | {p.name} | {p.n} | {p.m} | {mark[0]} | {n_s} | {t_s * 1e3:.0f} | {mark[1]} | {n_l} | "
+            f"{t_l * 1e3:.0f} | {mark[2]} | {n_t} | {t_t * 1e3:.0f} | {note} |"
+        )
+    print(f"\nscipy lm solves {lm_solved}; Sven solves {within} of those with at most 2x scipy lm's evaluations")
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1)).double()
+
+
+def sinc(seconds: float) -> None:
+    x = torch.linspace(-1, 1, 20_000, dtype=torch.float64)[:, None]
+    y = torch.sinc(10 * x)
+    results: list[tuple[str, float, int, float]] = []
+
+    model = _mlp(0)
+    opt = sven.Sven(model.parameters(), residuals=True)
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        opt.step(lambda: (model(x) - y)[:, 0])
+        steps += 1
+    with torch.no_grad():
+        results.append(("Sven (residuals=True)", float((model(x) - y).pow(2).mean()), steps, time.perf_counter() - t0))
+
+    try:
+        from torch_levenberg_marquardt.training import LevenbergMarquardtModule
+    except ImportError:
+        print("torch-levenberg-marquardt is not installed (pip install '.[bench]'): not compared")
+    else:
+        model = _mlp(0)
+        lm = LevenbergMarquardtModule(model)
+        steps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            lm.training_step(x, y)
+            steps += 1
+        with torch.no_grad():
+            results.append(
+                ("torch-levenberg-marquardt", float((model(x) - y).pow(2).mean()), steps, time.perf_counter() - t0)
+            )
+
+    model = _mlp(0)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        adam.zero_grad()
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()
+        adam.step()
+        steps += 1
+    with torch.no_grad():
+        results.append(("Adam (lr 1e-2)", float((model(x) - y).pow(2).mean()), steps, time.perf_counter() - t0))
+
+    print(f"\nsinc(10x), 1-20-1 tanh MLP, 20,000 points, float64, {seconds:g} s each")
+    print("| optimizer | final MSE | steps | wall s |")
+    print("|---|---|---|---|")
+    for name, mse, steps, wall in results:
+        print(f"| {name} | {mse:.3g} | {steps} | {wall:.1f} |")
+
+
+def overhead(repeats: int) -> None:
+    t = torch.linspace(0, 1, 100, dtype=torch.float64)
+    y = 2.0 * torch.exp(-3.0 * t) + 0.01 * torch.sin(50 * t)
+
+    def fun(z: torch.Tensor) -> torch.Tensor:
+        return z[0] * torch.exp(-z[1] * t) + z[2] - y
+
+    x = torch.nn.Parameter(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))
+    opt = sven.Sven([x], residuals=True)
+    jac = torch.func.jacrev(fun)
+    for _ in range(10):
+        opt.step(lambda: fun(x))
+    best_step = best_eval = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            opt.step(lambda: fun(x))
+        best_step = min(best_step, (time.perf_counter() - t0) / repeats)
+        z = x.detach()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fun(z)
+            jac(z)
+        best_eval = min(best_eval, (time.perf_counter() - t0) / repeats)
+    print(
+        f"\none Sven step (P=3, m=100): {best_step * 1e3:.2f} ms; residuals + jacrev Jacobian: "
+        f"{best_eval * 1e3:.2f} ms; ratio {best_step / best_eval:.1f} (best of 5 x {repeats}, one thread)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mgh", action="store_true")
+    parser.add_argument("--sinc", action="store_true")
+    parser.add_argument("--sinc-seconds", type=float, default=5.0)
+    parser.add_argument("--overhead", action="store_true")
+    parser.add_argument("--repeats", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if not (args.mgh or args.sinc or args.overhead):
+        args.mgh = args.sinc = args.overhead = True
+    if args.mgh:
+        mgh()
+    if args.sinc:
+        sinc(args.sinc_seconds)
+    if args.overhead:
+        overhead(args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+r"""``sven.least_squares`` and ``sven.curve_fit``: scipy-like front-ends over :class:`sven.Sven` in residual mode.
+
+Both minimise :math:`F(x) = \tfrac12\|r(x)\|^2` by Levenberg--Marquardt:
+``sven.Sven(..., residuals=True)`` with its residual-mode defaults (adaptive
+damping with the Madsen--Nielsen update, Moré's column scaling, ``lr=1``, only
+numerically zero singular values truncated). Each Sven step linearises
+:math:`r` once (one Jacobian) and tries damped steps
+:math:`\delta = -D^{-1} V \frac{\Sigma}{\Sigma^2 + \lambda} U^\top r` on the
+cached factorisation of :math:`J D^{-1}` until one reduces :math:`F`. This
+module only adds scipy's stopping rules, evaluation counts and the result
+object; everything runs in torch, on the device of the parameters.
+
+Stopping rules (checked after every Sven step; ``status`` as in
+:func:`scipy.optimize.least_squares`):
+
+* ``gtol`` (status 1): :math:`\|J^\top r\| \le gtol\,\sigma_{max}(J)\,\|r\|`
+  (the angle between :math:`r` and the range of the scaled Jacobian, as
+  MINPACK's test, with 2-norms; :func:`sven.functional.gradient_cosine`);
+* ``ftol`` (status 2): both the actual and the predicted relative reduction
+  of :math:`F` of an accepted step are at most ``ftol``; also status 2 when no
+  step can reduce :math:`F` (every try rejected at the largest damping);
+* ``xtol`` (status 3): :math:`\|\delta\| \le xtol\,(xtol + \|x\|)`; status 4
+  when ``ftol`` and ``xtol`` hold together;
+* ``max_nfev`` (status 0): the evaluation budget is spent.
+
+A run that ends without convergence while the gradient is still large warns
+(``RuntimeWarning``): never a silent stall.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+import truncpinv
+
+from ._validation import check_nonneg_float, check_positive_int
+from .control import STALL_COSINE, AdaptiveDamping
+from .info import StepInfo
+from .linearize.dense import autograd_jacobian
+from .optim import Sven
+
+__all__ = ["LeastSquaresResult", "curve_fit", "least_squares"]
+
+_MESSAGES = {
+    0: "The maximum number of function evaluations is exceeded.",
+    1: "`gtol` termination condition is satisfied.",
+    2: "`ftol` termination condition is satisfied.",
+    3: "`xtol` termination condition is satisfied.",
+    4: "Both `ftol` and `xtol` termination conditions are satisfied.",
+}
+#: A run that stops by ``ftol``/``xtol`` warns when the angle :func:`sven.functional.gradient_cosine` is above
+#: this (converged runs on the MGH set with nonzero residual end at 1.2e-4 or below) ...
+_NOT_STATIONARY = 1e-2
+#: ... unless the cost fell to round-off of the start's (a zero-residual solution, where the angle is noise).
+_ROUNDOFF = 1e-16
+_STALL_MESSAGE = "No step reduces the cost: every try was rejected at the largest damping."
+
+
+class LeastSquaresResult(dict):  # type: ignore[type-arg]
+    """The result of :func:`least_squares`, as :class:`scipy.optimize.OptimizeResult`: a dict with attribute access.
+
+    Attributes:
+        x: the solution (a tensor shaped like the start; for parameters, their flat concatenation).
+        cost: :math:`\\tfrac12\\|r(x)\\|^2`.
+        fun: the residuals :math:`r(x)`, flattened.
+        jac: the Jacobian :math:`J(x)`, ``(m, n)``.
+        grad: :math:`J^\\top r`.
+        optimality: :math:`\\|J^\\top r\\|_\\infty`.
+        status: ``0`` (``max_nfev``), ``1`` (``gtol``), ``2`` (``ftol``), ``3`` (``xtol``), ``4`` (both).
+        message: why it stopped, in words.
+        success: ``status > 0``.
+        nfev: residual evaluations at new points (the start and every tried step), as MINPACK counts them.
+        njev: Jacobian evaluations (one per Sven step, plus one for ``jac`` at the solution).
+        nit: Sven steps.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as err:
+            raise AttributeError(name) from err
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __repr__(self) -> str:
+        width = max(map(len, self)) if self else 0
+        return "\n".join(f"{k.rjust(width)}: {v!r}" for k, v in self.items())
+
+
+def _start(params: Any) -> tuple[list[torch.Tensor], bool, torch.Tensor | None]:
+    """The tensors to optimise, whether ``fun`` takes them as argument (``x0`` form), and the ``x0`` leaf."""
+    if isinstance(params, (torch.Tensor, np.ndarray, numbers.Real)):
+        items: list[Any] = [params]
+    elif isinstance(params, Iterable):
+        items = list(params)
+        if items and all(isinstance(p, torch.Tensor) for p in items) and all(p.requires_grad for p in items):
+            return items, False, None
+        items = [items]
+    else:
+        raise TypeError(
+            f"`params` must be a tensor or array (the start x0) or an iterable of parameters that require grad, "
+            f"got {type(params).__name__}"
+        )
+    try:
+        x0 = torch.as_tensor(items[0])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"`params` must be a real tensor, array or sequence of numbers: {err}") from None
+    if not (x0.is_floating_point() or x0.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise TypeError(f"`params` must be real, got dtype {x0.dtype}")
+    # as scipy: a start given as numbers (or integers) is float64; a floating tensor or array keeps its dtype
+    floating = x0.is_floating_point() and isinstance(items[0], (torch.Tensor, np.ndarray))
+    x = x0.detach().to(x0.dtype if floating else torch.float64).clone()
+    if x.numel() == 0:
+        raise ValueError("`params` must have at least one entry, got an empty start")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("`params` (the start x0) must be finite, got NaN or Inf")
+    x.requires_grad_(True)
+    return [x], True, x
+
+
+def _tolerances(ftol: Any, xtol: Any, gtol: Any, max_nfev: Any, n: int) -> tuple[float, float, float, int]:
+    tols = tuple(check_nonneg_float(name, v) for name, v in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)))
+    eps = float(np.finfo(np.float64).eps)
+    if all(t < eps for t in tols):
+        raise ValueError(f"at least one of `ftol`, `xtol` and `gtol` must be at least {eps:.3g} (machine epsilon)")
+    nfev = 100 * (n + 1) if max_nfev is None else int(check_positive_int("max_nfev", max_nfev) or 0)
+    return tols[0], tols[1], tols[2], nfev
+
+
+def least_squares(
+    fun: Callable[..., torch.Tensor],
+    params: Any,
+    *,
+    args: tuple[Any, ...] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    ftol: float = 1e-8,
+    xtol: float = 1e-8,
+    gtol: float = 1e-8,
+    max_nfev: int | None = None,
+    **options: Any,
+) -> LeastSquaresResult:
+    r"""Minimise :math:`\tfrac12\|r(x)\|^2` by Levenberg--Marquardt (:class:`sven.Sven` in residual mode).
+
+    Two forms:
+
+    * ``least_squares(fun, x0)``: ``x0`` a tensor, array or sequence of numbers (integers become float64);
+      ``fun(x, *args, **kwargs)`` returns the residuals (any shape, flattened). ``x0`` is not modified.
+    * ``least_squares(fun, model.parameters())``: parameters that require grad, changed in place;
+      ``fun(*args, **kwargs)`` evaluates the residuals at their current values.
+
+    Args:
+        fun: the residual function, differentiable by autograd.
+        params: the start ``x0`` or the parameters (see above).
+        args, kwargs: extra arguments of ``fun``.
+        ftol, xtol, gtol: the stopping rules of the module docstring (scipy's defaults, ``1e-8``).
+        max_nfev: the most residual evaluations (default ``100 * (n + 1)``, as scipy's ``lm``).
+        **options: further :class:`sven.Sven` options (``damping``: the start value of the adaptive damping,
+            ``scale``, ``solver``, ``rtol``, ``max_retries`` (default 10 with ``scale``), ...).
+
+    Returns:
+        A :class:`LeastSquaresResult` (``x``, ``cost``, ``fun``, ``jac``, ``grad``, ``optimality``,
+        ``status``, ``message``, ``success``, ``nfev``, ``njev``, ``nit``).
+
+    Raises:
+        ValueError: bad tolerances, ``max_nfev``, start, or residuals that are not finite at the start.
+        TypeError: ``fun`` not callable, ``params`` of the wrong kind, or ``fun`` not returning a tensor.
+
+    Example:
+        >>> import torch, sven
+        >>> t = torch.linspace(0, 1, 20, dtype=torch.float64)
+        >>> y = 2.0 * torch.exp(-3.0 * t)
+        >>> res = sven.least_squares(lambda p: p[0] * torch.exp(-p[1] * t) - y, [1.0, 1.0])
+        >>> res.success, [round(v, 6) for v in res.x.tolist()]
+        (True, [2.0, 3.0])
+    """
+    if not callable(fun):
+        raise TypeError(f"`fun` must be callable, got {type(fun).__name__}")
+    kw = dict(kwargs or {})
+    for bad in ("residuals", "on_nonfinite"):
+        if bad in options:
+            raise ValueError(f"`{bad}` is fixed by least_squares (residuals=True, on_nonfinite='raise')")
+    ps, takes_x, x = _start(params)
+    n = sum(p.numel() for p in ps)
+    ftol, xtol, gtol, max_nfev = _tolerances(ftol, xtol, gtol, max_nfev, n)
+    last: list[torch.Tensor] = []
+    calls = [0]
+
+    def closure() -> torch.Tensor:
+        out = fun(x, *args, **kw) if takes_x else fun(*args, **kw)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"`fun` must return a torch.Tensor of residuals, got {type(out).__name__}")
+        calls[0] += 1
+        out = out.reshape(-1)
+        last[:] = [out.detach()]
+        return out
+
+    with torch.no_grad():
+        r0 = closure()
+    if r0.numel() == 0:
+        raise ValueError("`fun` returned no residuals at the start")
+    if not bool(torch.isfinite(r0).all()):
+        raise ValueError("`fun` returned NaN or Inf residuals at the start `params`")
+    cost0 = 0.5 * float(r0.double().pow(2).sum())
+    if options.get("adaptive_damping", True) is False:
+        raise ValueError(
+            "`adaptive_damping=False` does not apply to least_squares: its steps are accepted by the gain ratio "
+            "of Levenberg-Marquardt; pass `damping` for the start value of the adaptive damping"
+        )
+    options["adaptive_damping"] = True  # also with a `damping` start value (alone, it would mean fixed damping)
+    opt = Sven(ps, residuals=True, on_nonfinite="raise", **options)
+    if not isinstance(opt.control, AdaptiveDamping) and not getattr(opt.control, "needs_evaluate", False):
+        raise ValueError("`control` must re-evaluate the residuals after each try (e.g. sven.control.AdaptiveDamping)")
+    nfev, njev, nit, status, stalled = 1, 0, 0, -1, False
+    cos = float("nan")
+    while status < 0:
+        calls[0] = 0
+        rows = opt.step(closure)
+        info = cast(StepInfo, opt.last_step)  # set by every step
+        nit, njev, nfev = nit + 1, njev + 1, nfev + calls[0] - 1  # the first call of a step is its Jacobian
+        cos = info.gradient_cosine
+        cost_before = 0.5 * float(rows.double().pow(2).sum())
+        if cos <= gtol or cost_before == 0.0:
+            status = 1
+        elif info.stalled:
+            status, stalled = 2, True
+        elif not info.rejected:
+            cost_after = 0.5 * float(last[0].double().pow(2).sum())
+            actual = (cost_before - cost_after) / cost_before
+            rho = info.gain_ratio if info.gain_ratio is not None else 1.0
+            predicted = actual / rho if rho > 0 else math.inf
+            f_ok = abs(actual) <= ftol and predicted <= ftol and rho <= 2.0
+            xnorm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in ps))
+            # a step that is short only because the damping dominates (lambda > sigma_max^2) says nothing about x
+            x_ok = info.step_norm <= xtol * (xtol + xnorm) and info.damping <= 1.0
+            status = 4 if f_ok and x_ok else 2 if f_ok else 3 if x_ok else -1
+        if status < 0 and nfev >= max_nfev:
+            status = 0
+    with torch.enable_grad():
+        out = closure()
+        J = autograd_jacobian(out, ps)
+    njev += 1
+    r = out.detach()
+    grad = J.T @ r.to(J.dtype)
+    cost = 0.5 * float(r.double().pow(2).sum())
+    if status == 0 and cos > STALL_COSINE:
+        warnings.warn(
+            f"least_squares stopped after max_nfev={max_nfev} evaluations without converging: the point is not "
+            f"stationary (|J^T r| / (sigma_max |r|) = {cos:.3g}); raise `max_nfev` or check the residual function",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    elif status in (2, 3, 4) and not stalled and cos > _NOT_STATIONARY and cost > _ROUNDOFF * cost0:
+        warnings.warn(
+            f"least_squares stopped ({_MESSAGES[status]}) at a point that is not stationary: "
+            f"|J^T r| / (sigma_max |r|) = {cos:.3g} with the cost {cost:.3g} (from {cost0:.3g}); the tolerances "
+            f"may be too loose, or the problem too flat here",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    sol = x.detach().clone() if x is not None else torch.cat([p.detach().reshape(-1) for p in ps])
+    return LeastSquaresResult(
+        x=sol,
+        cost=cost,
+        fun=r,
+        jac=J,
+        grad=grad,
+        optimality=float(grad.abs().max()),
+        status=status,
+        message=_STALL_MESSAGE if stalled else _MESSAGES[status],
+        success=status > 0,
+        nfev=nfev,
+        njev=njev,
+        nit=nit,
+    )
+
+
+def _as_tensor(name: str, value: Any, like: torch.Tensor | None = None) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(value, device=None if like is None else like.device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"`{name}` must be a tensor, array or sequence of numbers: {err}") from None
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    return t
+
+
+def curve_fit(
+    f: Callable[..., torch.Tensor],
+    xdata: Any,
+    ydata: Any,
+    p0: Any = None,
+    sigma: Any = None,
+    absolute_sigma: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Fit ``f(xdata, *p)`` to ``ydata`` by least squares, as :func:`scipy.optimize.curve_fit` (on torch tensors).
+
+    Minimises :math:`\sum_i \big((f(x_i, p) - y_i)/\sigma_i\big)^2` with :func:`least_squares`
+    and returns the parameters and their covariance
+
+    .. math::
+
+        \mathrm{pcov} = (J^\top J)^{+}\, s^2, \qquad s^2 = \frac{\|r\|^2}{m - n}
+
+    (:math:`J` the Jacobian of the weighted residuals at the solution; the
+    pseudoinverse drops singular values below ``max(m, n) * eps * sigma_max``,
+    as scipy; ``absolute_sigma=True`` leaves out :math:`s^2`). With ``m <= n``
+    the covariance cannot be estimated: it is all ``inf``, with a warning, as in scipy.
+
+    Args:
+        f: ``f(xdata, *p)`` returns the model at ``xdata``, shaped like ``ydata``; each ``p[i]`` is a 0-dim tensor.
+        xdata: the independent variable (anything ``f`` accepts; arrays become tensors).
+        ydata: the data, a tensor or array of ``m`` values (on the device the fit runs on).
+        p0: the start, ``n`` values; ``None``: ones, with ``n`` from ``f``'s signature.
+        sigma: the standard deviations of ``ydata`` (scalar or ``m`` values), or ``None``.
+        absolute_sigma: ``sigma`` is absolute (do not rescale ``pcov`` by :math:`s^2`).
+        **kwargs: passed to :func:`least_squares` (``ftol``, ``max_nfev``, Sven options, ...).
+
+    Returns:
+        ``(popt, pcov)``: ``(n,)`` and ``(n, n)`` tensors, on ``ydata``'s device.
+
+    Raises:
+        ValueError: ``p0`` cannot be inferred, ``sigma`` has the wrong size or is not positive, the data are
+            empty or not finite.
+    """
+    if not callable(f):
+        raise TypeError(f"`f` must be callable, got {type(f).__name__}")
+    y = _as_tensor("ydata", ydata)
+    if y.numel() == 0:
+        raise ValueError("`ydata` must not be empty")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError("`ydata` must be finite, got NaN or Inf")
+    if p0 is None:
+        names = list(inspect.signature(f).parameters.values())
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in names) or len(names) < 2:
+            raise ValueError("`p0` is required when the number of parameters cannot be read from `f`'s signature")
+        p0 = [1.0] * (len(names) - 1)
+    start = _as_tensor("p0", p0, like=y).to(y.dtype).reshape(-1)
+    xd = _as_tensor("xdata", xdata, like=y) if isinstance(xdata, (np.ndarray, list, tuple)) else xdata
+    if sigma is None:
+        weight = None
+    else:
+        s = _as_tensor("sigma", sigma, like=y).to(y.dtype)
+        if s.numel() not in (1, y.numel()):
+            raise ValueError(f"`sigma` must be a scalar or have {y.numel()} entries like `ydata`, got {s.numel()}")
+        if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+            raise ValueError("`sigma` must be positive and finite")
+        weight = 1.0 / s.reshape(-1)
+    yf = y.reshape(-1)
+
+    def residuals(p: torch.Tensor) -> torch.Tensor:
+        model = torch.as_tensor(f(xd, *p.unbind()))
+        r = model.reshape(-1) - yf
+        return r if weight is None else r * weight
+
+    res = least_squares(residuals, start, **kwargs)
+    J = res.jac
+    m, n = J.shape
+    F = truncpinv.DenseSVD().factorize(J, rtol=truncpinv.default_rtol((m, n), J.dtype))
+    V, S = F.V, F.S
+    pcov = (V / S**2) @ V.T
+    if not absolute_sigma:
+        if m > n:
+            pcov = pcov * (2.0 * res.cost / (m - n))
+        else:
+            pcov = torch.full_like(pcov, math.inf)
+            warnings.warn("Covariance of the parameters could not be estimated (m <= n)", RuntimeWarning, stacklevel=2)
+    return res.x, pcov
