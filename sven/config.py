@@ -280,15 +280,34 @@ def check_group(group: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def listed_params(params: Any) -> Any:
+    """``params`` as a tensor or a list, each parameter group's ``params`` a list (in a copy of the group dict).
+
+    Iterators (``model.parameters()``) can be read only once; the default rules
+    count the parameters before :class:`torch.optim.Optimizer` reads them.
+    """
+    if isinstance(params, torch.Tensor):
+        return params
+    out = []
+    for g in params:
+        if isinstance(g, dict) and not isinstance(g.get("params"), (torch.Tensor, list, type(None))):
+            g = {**g, "params": list(g["params"])}
+        out.append(g)
+    return out
+
+
 def _count_params(params: Any) -> int:
-    """The number of entries of ``params``: a tensor, a list of tensors or of parameter-group dicts."""
+    """The number of entries of ``params``: a tensor, a list of tensors or of parameter-group dicts.
+
+    Iterators are never consumed (a group's ``params`` that is not a list counts as empty).
+    """
     if isinstance(params, torch.Tensor):
         return params.numel()
     total = 0
     for p in params if isinstance(params, list) else []:
         if isinstance(p, dict):
             ps = p.get("params", [])
-            total += _count_params(ps if isinstance(ps, torch.Tensor) else list(ps))
+            total += _count_params(ps if isinstance(ps, (torch.Tensor, list)) else [])
         elif isinstance(p, torch.Tensor):
             total += p.numel()
     return total

@@ -21,6 +21,7 @@ from .config import (
     SEED_NAMES,
     SvenConfig,
     check_group,
+    listed_params,
     with_momentum_rule,
     with_scale_rule,
 )
@@ -164,7 +165,7 @@ class Sven(Optimizer):
                 raise ValueError("pass the route once: `route` or `jacobian`, not both")
             options["jacobian"] = route
             route = None
-        params = params if isinstance(params, torch.Tensor) else list(params)
+        params = listed_params(params)  # groups' iterators listed once, in copies: the rules below count them
         self.config = cfg = SvenConfig(**with_scale_rule(with_momentum_rule(options, params, momentum), params))
         self.solver = cfg.solver
         self.rows = cfg.rows()
