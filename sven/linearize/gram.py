@@ -255,7 +255,7 @@ class LayerGram:
             for ci, (c, g) in enumerate(zip(rec.calls, gs)):
                 if g is None:
                     continue
-                for i, piece in call_pieces(c.module, c.kind, c.inp, g, B, D, index, c.stats):
+                for i, piece in call_pieces(c.module, c.kind, c.inp, g, B, D, index, c.stats, c.linear):
                     pieces.setdefault(i, []).append((ci, piece))
             blocks = make_blocks(pieces, D, dtype)
             K = torch.zeros(n, n, dtype=torch.float64, device=out.device)

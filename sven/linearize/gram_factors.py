@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .attention import LinearSlice
+
 __all__ = ["GramJacobian", "Piece", "bn_xhat", "call_pieces", "layer_input", "make_blocks"]
 
 #: Columns converted to float64 at a time when the Gram matrix of formed per-row gradients is accumulated.
@@ -122,10 +124,12 @@ def call_pieces(
     D: int,
     index: dict[int, int],
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    linear: LinearSlice | None = None,
 ) -> list[tuple[int, Piece]]:
     """The factors of one call, per optimised parameter (index into the parameter list).
 
     ``stats``: the batch statistics a BatchNorm call normalised with (``None``: its running statistics).
+    ``linear``: a Linear-kind call on rows of other parameters (MultiheadAttention's projections).
     """
     N = B * D
     x = x.detach()
@@ -134,6 +138,18 @@ def call_pieces(
     def owned(p: torch.Tensor | None) -> int | None:
         return None if p is None else index.get(id(p))
 
+    if linear is not None:  # rows [w0, w0 + n) of the weight, [b0, b0 + n) of the bias; the other rows get 0
+        a = x.reshape(B, -1, x.shape[-1])
+        gg = g.reshape(N, -1, g.shape[-1])
+        w, b = owned(linear.weight), owned(linear.bias)
+        gw = _in_rows(gg, linear.w0, linear.weight.shape[0])
+        if w is not None:
+            out.append((w, _Outer(a, gw)))
+        if b is not None and linear.bias is not None:
+            same = linear.b0 == linear.w0 and linear.bias.shape[0] == linear.weight.shape[0]
+            gb = gw if same else _in_rows(gg, linear.b0, linear.bias.shape[0])
+            out.append((b, _Outer(torch.ones(B, a.shape[1], 1, dtype=a.dtype, device=a.device), gb)))
+        return out
     w, b = owned(module.weight), owned(getattr(module, "bias", None))
     if kind in (nn.Linear, nn.Conv1d, nn.Conv2d):
         a = layer_input(module, kind, x, B)
@@ -175,6 +191,16 @@ def call_pieces(
         if b is not None:
             out.append((b, _Rows(gg.sum(2).reshape(N, d))))
     return out
+
+
+def _in_rows(g: torch.Tensor, start: int, total: int) -> torch.Tensor:
+    """``g`` ``(N, T, n)`` placed at rows ``[start, start + n)`` of ``(N, T, total)`` zeros (itself if it fills them)."""
+    n = g.shape[-1]
+    if start == 0 and n == total:
+        return g
+    full = g.new_zeros(*g.shape[:-1], total)
+    full[..., start : start + n] = g
+    return full
 
 
 def _combine(pieces: list[Piece], D: int, dtype: torch.dtype) -> Piece:
@@ -315,8 +341,9 @@ class _RowsBlock:
 def make_blocks(pieces: dict[int, list[tuple[int, Piece]]], D: int, dtype: torch.dtype) -> list[_Block]:
     """Group the parameters' combined pieces into blocks of ``K``.
 
-    Outer pieces of parameters used by exactly the same calls (a layer's weight
-    and bias) share one block; formed rows go into one block.
+    Outer pieces of parameters used by exactly the same calls with the same
+    output factors (a layer's weight and bias) share one block; formed rows go
+    into one block.
     """
     blocks: list[_Block] = []
     outer: dict[tuple[int, ...], list[tuple[int, _Outer]]] = {}
@@ -324,7 +351,7 @@ def make_blocks(pieces: dict[int, list[tuple[int, Piece]]], D: int, dtype: torch
     for i, lst in pieces.items():
         piece = _combine([p for _, p in lst], D, dtype)
         if isinstance(piece, _Outer):
-            outer.setdefault(tuple(c for c, _ in lst), []).append((i, piece))
+            outer.setdefault(tuple((c, id(p.g)) for c, p in lst if isinstance(p, _Outer)), []).append((i, piece))
         elif isinstance(piece, _Index):
             blocks.append(_IndexBlock(i, piece, D))
         else:
