@@ -1,0 +1,197 @@
+"""A nanoGPT-style char transformer on the Gram route: Sven step against Adam step, time and peak memory.
+
+The model of issue #20: a character-level GPT with 2 blocks, width 64, 4
+heads, context 64, vocabulary 65, learned position embeddings looked up
+once for the whole batch (``pos(torch.arange(T))``), per-sample rows = the
+mean cross-entropy over the positions of each sequence. Two variants of the
+attention:
+
+* ``arange``: nanoGPT's own attention (``Linear(d, 3d)``, ``F.scaled_dot_product_attention``
+  with ``is_causal=True``, ``Linear(d, d)``);
+* ``mha``: ``nn.MultiheadAttention(d, 4, batch_first=True)`` with a causal mask.
+
+Time: a Sven step (``sven.Sven`` with its defaults, and with the plain step
+``adaptive_damping=False``) against an Adam step, interleaved in rounds in
+one process (medians; ratios only). Memory: each optimiser runs its steps in
+a fresh subprocess; the peak resident memory (``ru_maxrss``) above the
+resident memory once the model and batch exist is the step's memory::
+
+    python benchmarks/bench_transformer.py [--variants arange,mha] [--batch 32] [--rounds 10]
+
+Goal (issue #20): Sven step <= 3x the Adam step, peak memory <= 1.5x Adam's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sven  # noqa: E402
+from benchmarks.step_cases import measure  # noqa: E402
+
+VOCAB, WIDTH, HEADS, LAYERS, CONTEXT = 65, 64, 4, 2, 64
+VARIANTS = ("arange", "mha")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention and an MLP, each with a residual connection."""
+
+    def __init__(self, d: int, heads: int, mha: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        if mha:
+            self.attn: nn.Module = nn.MultiheadAttention(d, heads, batch_first=True)
+        else:
+            self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.mha = mha
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        if self.mha:
+            mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1)
+            return self.attn(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attend(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharGPT(nn.Module):
+    """nanoGPT's layout: token + position embeddings (positions ``arange(T)``, shared by the batch), blocks, head."""
+
+    def __init__(self, mha: bool, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.tok, self.pos = nn.Embedding(VOCAB, WIDTH), nn.Embedding(CONTEXT, WIDTH)
+        self.blocks = nn.Sequential(*(Block(WIDTH, HEADS, mha) for _ in range(LAYERS)))
+        self.ln, self.head = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.head(self.ln(self.blocks(x)))
+
+
+def batch(B: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and next-token targets (the cost does not depend on the values)."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, VOCAB, (B, CONTEXT + 1), generator=g)
+    return data[:, :-1], data[:, 1:]
+
+
+def per_sample_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``(B,)``: each sequence's mean next-token cross-entropy."""
+    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+
+
+def steppers(variant: str, B: int) -> dict[str, Callable[[], object]]:
+    """An Adam step, a default Sven step and a plain Sven step, each on its own copy of the model."""
+    x, y = batch(B)
+    out: dict[str, Callable[[], object]] = {}
+    m_adam = CharGPT(variant == "mha")
+    adam = torch.optim.Adam(m_adam.parameters(), lr=1e-3)
+
+    def adam_step() -> object:
+        adam.zero_grad()
+        loss = per_sample_ce(m_adam(x), y).mean()
+        loss.backward()
+        adam.step()
+        return loss
+
+    out["adam"] = adam_step
+    for name, kw in (("sven", {}), ("sven-plain", {"adaptive_damping": False})):
+        model = CharGPT(variant == "mha")
+        opt = sven.Sven(model.parameters(), **kw)
+
+        def step(model: nn.Module = model, opt: sven.Sven = opt) -> object:
+            return opt.step(lambda: per_sample_ce(model(x), y))
+
+        out[name] = step
+    return out
+
+
+def route_of(variant: str, B: int) -> str:
+    """The route Sven settles on for this model (after a first step), and any warning it gave."""
+    x, y = batch(B)
+    model = CharGPT(variant == "mha")
+    opt = sven.Sven(model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.step(lambda: per_sample_ce(model(x), y))
+    lin = opt.route(lambda: per_sample_ce(model(x), y), list(model.parameters()), opt.rows)
+    said = "; ".join(str(w.message) for w in caught if "Gram route" in str(w.message))
+    return lin.method + (f" ({said})" if said else "")
+
+
+def _child(variant: str, B: int, which: str, steps: int) -> None:
+    """Print the peak resident memory (bytes) of ``steps`` steps above the resident memory before them."""
+    torch.set_num_threads(1)
+    fns = steppers(variant, B)
+    f = fns[which]
+    base = _rss_now()
+    for _ in range(steps):
+        f()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_above_start": peak - base}))
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory(variant: str, B: int, which: str, steps: int = 3) -> int:
+    """Peak memory (bytes) of ``steps`` steps of ``which`` in a fresh process, above its start."""
+    cmd = [sys.executable, __file__, "--child", which, "--variants", variant, "--batch", str(B)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return int(json.loads(res.stdout.strip().splitlines()[-1])["peak_above_start"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    variants = args.variants.split(",")
+    if args.child is not None:
+        _child(variants[0], args.batch, args.child, 3)
+        return
+    for variant in variants:
+        route = route_of(variant, args.batch)
+        t = measure(steppers(variant, args.batch), rounds=args.rounds, per_round=args.per_round)
+        mem = {k: memory(variant, args.batch, k) for k in ("adam", "sven", "sven-plain")}
+        print(f"\n{variant}, B={args.batch}, 1 thread, route {route}")
+        print(f"  adam step        {t['adam'] * 1e3:8.2f} ms   peak +{mem['adam'] / 2**20:7.1f} MiB")
+        for k in ("sven", "sven-plain"):
+            print(
+                f"  {k:16s} {t[k] * 1e3:8.2f} ms   peak +{mem[k] / 2**20:7.1f} MiB   "
+                f"time {t[k] / t['adam']:.2f}x, memory {mem[k] / mem['adam']:.2f}x  (goal <= 3x, <= 1.5x)"
+            )
+
+
+if __name__ == "__main__":
+    main()
