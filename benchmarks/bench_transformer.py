@@ -39,8 +39,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import sven  # noqa: E402
-from benchmarks.step_cases import measure  # noqa: E402
+import sven
+from benchmarks.step_cases import measure
 
 VOCAB, WIDTH, HEADS, LAYERS, CONTEXT = 65, 64, 4, 2, 64
 VARIANTS = ("arange", "mha")

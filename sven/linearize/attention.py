@@ -217,11 +217,11 @@ class _Capture(TorchFunctionMode):
 
     def out_project(self, y: torch.Tensor) -> torch.Tensor:
         """The output projection of the attention output ``y`` (``(L B, E)``, rows ordered by position, then sample)."""
+        assert self.out_weight is not None  # set with the call
         with torch._C.DisableTorchFunctionSubclass():
             yp = y.as_subclass(torch.Tensor)
             y_bf = yp.reshape(self.tgt_len, self.bsz, -1).transpose(0, 1)
             out = F.linear(y_bf, self.out_weight, self.out_bias)  # (B, L, E)
-        assert self.out_weight is not None  # set with the call
         self.record(self.module.out_proj, y_bf, out, LinearSlice(self.out_weight, self.out_bias, 0, 0))
         self.out_done = True
         return out.transpose(0, 1).reshape(yp.shape[0], -1)
@@ -247,8 +247,8 @@ class AttentionCapture:
         cap.__enter__()
         self.active[id(module)] = cap
 
-    def leave(self, module: nn.Module) -> str | None | bool:
-        """Stop catching ``module``'s call (forward hook): ``False`` if it was not caught, else :meth:`_Capture.finish`."""
+    def leave(self, module: nn.Module) -> str | bool | None:
+        """Stop catching ``module``'s call (forward hook): ``False`` if not caught, else :meth:`_Capture.finish`."""
         cap = self.active.pop(id(module), None)
         if cap is None:
             return False

@@ -194,7 +194,7 @@ def call_pieces(
 
 
 def _in_rows(g: torch.Tensor, start: int, total: int) -> torch.Tensor:
-    """``g`` ``(N, T, n)`` placed at rows ``[start, start + n)`` of ``(N, T, total)`` zeros (itself if it fills them)."""
+    """``g`` ``(N, T, n)`` at rows ``[start, start + n)`` of ``(N, T, total)`` zeros (itself if it fills them)."""
     n = g.shape[-1]
     if start == 0 and n == total:
         return g
@@ -346,7 +346,7 @@ def make_blocks(pieces: dict[int, list[tuple[int, Piece]]], D: int, dtype: torch
     into one block.
     """
     blocks: list[_Block] = []
-    outer: dict[tuple[int, ...], list[tuple[int, _Outer]]] = {}
+    outer: dict[tuple[tuple[int, int], ...], list[tuple[int, _Outer]]] = {}
     rows: list[tuple[int, torch.Tensor]] = []
     for i, lst in pieces.items():
         piece = _combine([p for _, p in lst], D, dtype)
