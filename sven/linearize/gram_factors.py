@@ -229,7 +229,12 @@ class _Block(Protocol):
 
 
 class _OuterBlock:
-    """Parameters whose per-row gradients are the column blocks of ``sum_t g_{nt} a_{b(n)t}^T``."""
+    """Parameters whose per-row gradients are the column blocks of ``sum_t g_{nt} a_{b(n)t}^T``.
+
+    When forming the per-row gradients is the cheaper way to ``K`` (``formed``), they are formed
+    for ``K`` and for products with several columns, one block at a time, and not kept: a block
+    holds its factors only (a product with one column, ``J^T c`` of a step, is one GEMM over them).
+    """
 
     def __init__(self, params: list[int], widths: list[int], a: torch.Tensor, g: torch.Tensor, D: int) -> None:
         self.params, self.widths, self.a, self.g, self.D = params, widths, a, g, D
@@ -238,11 +243,15 @@ class _OuterBlock:
         pairs = (B * T) ** 2 * di + (N * T) ** 2 * (do + 1)
         formed = N * T * di * do + N * N * di * do
         # the cheaper of the pair sum over positions and the formed per-row gradients (module docstring)
-        self.m = None if pairs <= formed else _Outer(a, g).rows(D).reshape(N, do, di)
+        self.formed = pairs > formed
+
+    def _rows(self) -> torch.Tensor:
+        """The per-row gradients ``(N, d_out d_in)``, formed."""
+        return _Outer(self.a, self.g).rows(self.D)
 
     def gram(self) -> torch.Tensor:
-        if self.m is not None:
-            return _gram64(self.m.reshape(self.m.shape[0], -1))
+        if self.formed:
+            return _gram64(self._rows())
         a, g = self.a.double(), self.g.double()
         B, T, di = a.shape
         N = g.shape[0]
@@ -261,8 +270,8 @@ class _OuterBlock:
     def rmatmat(self, C: torch.Tensor) -> dict[int, torch.Tensor]:
         B, T, di = self.a.shape
         N, do, r = self.g.shape[0], self.g.shape[2], C.shape[1]
-        if self.m is not None:
-            return self._split((self.m.reshape(N, -1).T @ C).reshape(do, di, r))
+        if self.formed and r > 1:
+            return self._split((self._rows().T @ C).reshape(do, di, r))
         if self.D == 1:
             gC = self.g[..., None] * C[:, None, None, :]
         else:
@@ -275,9 +284,9 @@ class _OuterBlock:
         B, T, di = self.a.shape
         N, do = self.g.shape[0], self.g.shape[2]
         X = torch.cat([xs[i].reshape(do, w, -1) for i, w in zip(self.params, self.widths)], dim=1)
-        if self.m is not None:
-            return self.m.reshape(N, -1) @ X.reshape(do * di, -1)
         r = X.shape[2]
+        if self.formed and r > 1:
+            return self._rows() @ X.reshape(do * di, -1)
         aX = (self.a.reshape(B * T, di) @ X.permute(1, 0, 2).reshape(di, do * r)).reshape(B, T, do, r)
         if self.D == 1:
             return (self.g[..., None] * aX).sum((1, 2))
