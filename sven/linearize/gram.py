@@ -265,7 +265,13 @@ class LayerGram:
                     continue
                 for i, piece in call_pieces(c.module, c.kind, c.inp, g, B, D, index, c.stats, c.linear):
                     pieces.setdefault(i, []).append((ci, piece))
+            low = min((p.dtype for p in params), key=lambda t: -torch.finfo(t).eps)
+            low = min((low, *(c.out.dtype for c in rec.calls)), key=lambda t: -torch.finfo(t).eps)
+            if not coupled:  # the pieces hold what is needed: the recorded outputs and whole gradients can go
+                rec.calls.clear()
+                gs = []
             blocks = make_blocks(pieces, D, dtype)
+            del pieces
             K = torch.zeros(n, n, dtype=torch.float64, device=out.device)
             for blk in blocks:
                 K += blk.gram()
@@ -281,8 +287,6 @@ class LayerGram:
         if verify:
             rec.switch.frozen = coupled and self.batchnorm == "frozen"  # compare with the same linearisation
             try:
-                low = min((p.dtype for p in params), key=lambda t: -torch.finfo(t).eps)
-                low = min((low, *(c.out.dtype for c in rec.calls)), key=lambda t: -torch.finfo(t).eps)
                 decided, reason = self._check(out, params, G, labels, low)
             finally:
                 rec.switch.frozen = False
