@@ -231,27 +231,42 @@ class _Block(Protocol):
 class _OuterBlock:
     """Parameters whose per-row gradients are the column blocks of ``sum_t g_{nt} a_{b(n)t}^T``.
 
-    When forming the per-row gradients is the cheaper way to ``K`` (``formed``), they are formed
-    for ``K`` and for products with several columns, one block at a time, and not kept: a block
-    holds its factors only (a product with one column, ``J^T c`` of a step, is one GEMM over them).
+    When forming the per-row gradients is the cheaper way to ``K``, the block keeps them
+    (``m``, ``N x d_out d_in``) instead of its factors ``a`` and ``g`` (``None`` then); a
+    block built from gathered rows passes ``m`` (and ``None`` factors) directly.
     """
 
-    def __init__(self, params: list[int], widths: list[int], a: torch.Tensor, g: torch.Tensor, D: int) -> None:
+    def __init__(
+        self,
+        params: list[int],
+        widths: list[int],
+        a: torch.Tensor | None,
+        g: torch.Tensor | None,
+        D: int,
+        m: torch.Tensor | None = None,
+        d_out: int | None = None,
+    ) -> None:
         self.params, self.widths, self.a, self.g, self.D = params, widths, a, g, D
+        self.m = m
+        if m is not None:
+            assert d_out is not None  # given with m
+            self.d_out = d_out
+            return
+        assert a is not None and g is not None  # given without m
         B, T, di = a.shape
         N, do = g.shape[0], g.shape[2]
+        self.d_out = do
         pairs = (B * T) ** 2 * di + (N * T) ** 2 * (do + 1)
         formed = N * T * di * do + N * N * di * do
         # the cheaper of the pair sum over positions and the formed per-row gradients (module docstring)
-        self.formed = pairs > formed
-
-    def _rows(self) -> torch.Tensor:
-        """The per-row gradients ``(N, d_out d_in)``, formed."""
-        return _Outer(self.a, self.g).rows(self.D)
+        if pairs > formed:
+            self.m = _Outer(a, g).rows(D)
+            self.a = self.g = None  # the rows are all the block needs (and here smaller than a and g)
 
     def gram(self) -> torch.Tensor:
-        if self.formed:
-            return _gram64(self._rows())
+        if self.m is not None:
+            return _gram64(self.m)
+        assert self.a is not None and self.g is not None
         a, g = self.a.double(), self.g.double()
         B, T, di = a.shape
         N = g.shape[0]
@@ -268,10 +283,12 @@ class _OuterBlock:
         return {i: p.reshape(-1, r) for i, p in zip(self.params, parts)}
 
     def rmatmat(self, C: torch.Tensor) -> dict[int, torch.Tensor]:
+        r = C.shape[1]
+        if self.m is not None:
+            return self._split((self.m.T @ C).reshape(self.d_out, -1, r))
+        assert self.a is not None and self.g is not None
         B, T, di = self.a.shape
-        N, do, r = self.g.shape[0], self.g.shape[2], C.shape[1]
-        if self.formed and r > 1:
-            return self._split((self._rows().T @ C).reshape(do, di, r))
+        do = self.d_out
         if self.D == 1:
             gC = self.g[..., None] * C[:, None, None, :]
         else:
@@ -281,12 +298,13 @@ class _OuterBlock:
         return self._split(R.reshape(do, r, di).permute(0, 2, 1))
 
     def matmat(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        B, T, di = self.a.shape
-        N, do = self.g.shape[0], self.g.shape[2]
+        do = self.d_out
         X = torch.cat([xs[i].reshape(do, w, -1) for i, w in zip(self.params, self.widths)], dim=1)
-        r = X.shape[2]
-        if self.formed and r > 1:
-            return self._rows() @ X.reshape(do * di, -1)
+        if self.m is not None:
+            return self.m @ X.reshape(self.m.shape[1], -1)
+        assert self.a is not None and self.g is not None
+        B, T, di = self.a.shape
+        N, r = self.g.shape[0], X.shape[2]
         aX = (self.a.reshape(B * T, di) @ X.permute(1, 0, 2).reshape(di, do * r)).reshape(B, T, do, r)
         if self.D == 1:
             return (self.g[..., None] * aX).sum((1, 2))
@@ -352,12 +370,13 @@ def make_blocks(pieces: dict[int, list[tuple[int, Piece]]], D: int, dtype: torch
 
     Outer pieces of parameters used by exactly the same calls with the same
     output factors (a layer's weight and bias) share one block; formed rows go
-    into one block.
+    into one block. The pieces are taken out of ``pieces`` as they are used.
     """
     blocks: list[_Block] = []
     outer: dict[tuple[tuple[int, int], ...], list[tuple[int, _Outer]]] = {}
     rows: list[tuple[int, torch.Tensor]] = []
-    for i, lst in pieces.items():
+    for i in list(pieces):
+        lst = pieces.pop(i)  # taken out of ``pieces``: a block's factors go once it is built
         piece = _combine([p for _, p in lst], D, dtype)
         if isinstance(piece, _Outer):
             outer.setdefault(tuple((c, id(p.g)) for c, p in lst if isinstance(p, _Outer)), []).append((i, piece))
@@ -365,9 +384,11 @@ def make_blocks(pieces: dict[int, list[tuple[int, Piece]]], D: int, dtype: torch
             blocks.append(_IndexBlock(i, piece, D))
         else:
             rows.append((i, piece.m.to(dtype)))
-    for group in outer.values():
+    for key in list(outer):
+        group = outer.pop(key)
         a = torch.cat([p.a for _, p in group], dim=2)
         blocks.append(_OuterBlock([i for i, _ in group], [p.a.shape[2] for _, p in group], a, group[0][1].g, D))
+        del group, a
     if rows:
         blocks.append(_RowsBlock([i for i, _ in rows], [m for _, m in rows]))
     return blocks
