@@ -53,8 +53,8 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["AttentionCapture", "LinearSlice", "attention_problem"]
 
-#: The signature of ``F.multi_head_attention_forward``, to rebind its arguments.
-_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+#: The parameters of ``F.multi_head_attention_forward`` in order, with their defaults, to rebind its arguments.
+_MHA_PARAMETERS = [(p.name, p.default) for p in inspect.signature(F.multi_head_attention_forward).parameters.values()]
 
 
 @dataclass(frozen=True)
@@ -165,9 +165,9 @@ class _Capture(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _forward(self, args: Any, kwargs: Any) -> Any:
-        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
+        a = {name: default for name, default in _MHA_PARAMETERS}
+        a.update(zip((name for name, _ in _MHA_PARAMETERS), args))
+        a.update(kwargs)
         query, key, value = a["query"], a["key"], a["value"]
         if query.dim() != 3:
             self.problem = f"was called on an unbatched input of shape {tuple(query.shape)}"
@@ -191,7 +191,7 @@ class _Capture(TorchFunctionMode):
             parts.append(t)
         a["use_separate_proj_weight"] = True
         a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"] = parts
-        return F.multi_head_attention_forward(*bound.args, **bound.kwargs)
+        return F.multi_head_attention_forward(**a)
 
     def project(self, part: int, x: torch.Tensor) -> torch.Tensor:
         """Projection ``part`` (0: q, 1: k, 2: v) of ``x`` ``(L, B, E_in)``, with every part sharing ``x`` at once."""
