@@ -48,6 +48,13 @@ sequence, and over repeated calls of a shared layer; :math:`b(n)` is the sample 
       for long sequences the per-row gradients restricted to the ``U`` distinct
       indices of the batch are formed instead (whichever is cheaper).
       ``J^T c`` is an ``index_add``. Positions at ``padding_idx`` get no gradient.
+      Indices without the batch dimension (shared positions, ``pos(arange(T))``)
+      are recorded where the output is broadcast over the batch, with the
+      indices expanded alike (:mod:`sven.linearize.broadcast`).
+    * :class:`~torch.nn.MultiheadAttention`: its four projections are Linear
+      calls; an input projection by rows ``[r_0, r_1)`` of the packed
+      ``in_proj_weight`` contributes ``g`` placed in those rows (zero in the
+      others) (:mod:`sven.linearize.attention`).
     * :class:`~torch.nn.LayerNorm`, :class:`~torch.nn.RMSNorm`: the per-row
       gradients :math:`\sum_t g_{nt} \circ \hat x_{b(n)t}` (weight) and
       :math:`\sum_t g_{nt}` (bias) are small (``N x d``) and are formed.
@@ -55,7 +62,9 @@ sequence, and over repeated calls of a shared layer; :math:`b(n)` is the sample 
     A parameter shared by layers of different kinds (tied embeddings) has its
     per-row gradients formed from every call and summed. ``K`` is the sum of
     the blocks, accumulated in float64 (the factors are cast for the Gram
-    products); ``J^T C`` and ``J X`` are computed in the parameters' dtype.
+    products); ``J^T C`` and ``J X`` are computed in the parameters' dtype, at
+    least float32 (bfloat16/float16 models and ``torch.autocast``: the
+    half-precision factors are cast).
 
 What is *unsupported* (:class:`Unsupported`, with a reason naming the layer or parameter)
     * an optimised parameter owned by a module of another type (BatchNorm's
@@ -65,7 +74,9 @@ What is *unsupported* (:class:`Unsupported`, with a reason naming the layer or p
     * Conv with ``groups > 1``, transposed convolutions, Conv3d, Embedding with
       ``max_norm`` or ``scale_grad_by_freq``, a supported layer applied to an
       unbatched input or to one whose leading dimension is not the batch size,
-      a recorded output modified in place (``ReLU(inplace=True)``);
+      a recorded output modified in place (``ReLU(inplace=True)``),
+      MultiheadAttention with ``add_bias_kv=True`` (``bias_k``/``bias_v`` optimised),
+      shared positions used other than broadcast over the batch by ``+ - * /``;
     * a layer that couples the samples: BatchNorm in training mode (detected
       from its type and ``training`` flag) and anything else (a loss normalised
       over the batch, attention across the batch...), detected by the
