@@ -19,7 +19,9 @@ memory before them is the *step peak* (the step's working memory), and the
 peak resident memory of the process (torch, model, optimiser state and step)
 the *process peak*::
 
-    python benchmarks/bench_transformer.py [--variants arange,mha] [--batch 32] [--rounds 10]
+    python benchmarks/bench_transformer.py [--variants arange,mha] [--batch 32] [--rounds 10] [--fallback]
+
+(``--fallback`` also times the plain step on the autograd Jacobian, the route these models fell back to.)
 
 Goal (issue #20): Sven step <= 3x the Adam step, peak memory <= 1.5x Adam's.
 """
@@ -104,8 +106,11 @@ def per_sample_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
 
 
-def steppers(variant: str, B: int) -> dict[str, Callable[[], object]]:
-    """An Adam step, a default Sven step and a plain Sven step, each on its own copy of the model."""
+def steppers(variant: str, B: int, fallback: bool = False) -> dict[str, Callable[[], object]]:
+    """An Adam step, a default Sven step and a plain Sven step, each on its own copy of the model.
+
+    ``fallback``: also the plain step on the materialised autograd Jacobian (what these models fell back to).
+    """
     x, y = batch(B)
     out: dict[str, Callable[[], object]] = {}
     m_adam = CharGPT(variant == "mha")
@@ -119,9 +124,12 @@ def steppers(variant: str, B: int) -> dict[str, Callable[[], object]]:
         return loss
 
     out["adam"] = adam_step
-    for name, kw in (("sven", {}), ("sven-plain", {"adaptive_damping": False})):
+    runs: list[tuple[str, dict[str, object]]] = [("sven", {}), ("sven-plain", {"adaptive_damping": False})]
+    if fallback:
+        runs.append(("sven-autograd", {"adaptive_damping": False, "jacobian": "autograd"}))
+    for name, kw in runs:
         model = CharGPT(variant == "mha")
-        opt = sven.Sven(model.parameters(), **kw)
+        opt = sven.Sven(model.parameters(), **kw)  # type: ignore[arg-type]
 
         def step(model: nn.Module = model, opt: sven.Sven = opt) -> object:
             return opt.step(lambda: per_sample_ce(model(x), y))
@@ -182,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--fallback", action="store_true", help="also time the autograd Jacobian (slow)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -192,6 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     for variant in variants:
         route = route_of(variant, args.batch)
         t = measure(steppers(variant, args.batch), rounds=args.rounds, per_round=args.per_round)
+        if args.fallback:
+            fb = measure(
+                {k: v for k, v in steppers(variant, args.batch, True).items() if k in ("adam", "sven-autograd")},
+                rounds=2,
+                per_round=1,
+            )
         mem = {k: memory(variant, args.batch, k) for k in ("adam", "sven", "sven-plain")}
         print(f"\n{variant}, B={args.batch}, 1 thread, route {route}")
         print(f"  {'':12s} {'step':>9s} {'step peak':>10s} {'process peak':>13s}")
@@ -204,6 +219,11 @@ def main(argv: list[str] | None = None) -> None:
                     else f"   time {t[k] / t['adam']:.2f}x, step peak {mem[k]['step'] / mem['adam']['step']:.2f}x, "
                     f"process peak {mem[k]['process'] / mem['adam']['process']:.2f}x"
                 )
+            )
+        if args.fallback:
+            ratio = fb["sven-autograd"] / fb["adam"]
+            print(
+                f"  sven-autograd {fb['sven-autograd'] * 1e3:6.0f} ms   time {ratio:.1f}x (the fallback, for reference)"
             )
         print("  goal: time <= 3x, peak memory <= 1.5x")
 
