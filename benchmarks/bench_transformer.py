@@ -178,7 +178,8 @@ def _status(field: str) -> int:
 def memory(variant: str, B: int, which: str) -> dict[str, int]:
     """Peak memory (bytes) of ``which``'s steps in a fresh process: above the start (``step``) and in all."""
     cmd = [sys.executable, __file__, "--child", which, "--variants", variant, "--batch", str(B)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # allocations above 16 KiB get their own pages, returned on free: the resident memory follows the live tensors
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="16384", MALLOC_TRIM_THRESHOLD_="0")
     res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     out: dict[str, int] = json.loads(res.stdout.strip().splitlines()[-1])
     return out

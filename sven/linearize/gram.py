@@ -254,13 +254,22 @@ class LayerGram:
         verify = self.verify and not seen
         uncovered = [p for p in params if id(p) not in rec.covered]
         coupled = any(c.stats is not None for c in rec.calls)
+        low = min((p.dtype for p in params), key=lambda t: -torch.finfo(t).eps)
+        low = min((low, *(c.out.dtype for c in rec.calls)), key=lambda t: -torch.finfo(t).eps)
+        outs: list[Any] = [c.out for c in rec.calls]
+        like = [(c.out.shape, c.out.dtype) for c in rec.calls]
+        if not coupled:
+            # the backward reaches the recorded outputs through their graph edges: holding no reference to
+            # them, autograd frees each as soon as its own backward has run (the BatchNorm term needs them)
+            outs = [torch.autograd.graph.get_gradient_edge(z) for z in outs]
+            for c in rec.calls:
+                c.release_output()
         rec.switch.frozen = True  # the per-sample factors: batch statistics held constant
         try:
-            gs, used = _backward(
-                out, [c.out for c in rec.calls], uncovered, B, D, retain=verify or bool(uncovered) or coupled
-            )
+            gs, used = _backward(out, outs, like, uncovered, B, D, retain=verify or bool(uncovered) or coupled)
         finally:
             rec.switch.frozen = False
+        del outs
         if used:
             which = ", ".join(labels[index[id(p)]] for p in used)
             outside = f"parameter(s) {which} are used outside the forward of a supported layer"
@@ -276,8 +285,6 @@ class LayerGram:
                     continue
                 for i, piece in call_pieces(c.module, c.kind, c.inp, g, B, D, index, c.stats, c.linear):
                     pieces.setdefault(i, []).append((ci, piece))
-            low = min((p.dtype for p in params), key=lambda t: -torch.finfo(t).eps)
-            low = min((low, *(c.out.dtype for c in rec.calls)), key=lambda t: -torch.finfo(t).eps)
             if not coupled:  # the pieces hold what is needed: the recorded outputs and whole gradients can go
                 rec.calls.clear()
                 gs = []
@@ -347,7 +354,8 @@ class LayerGram:
 
 def _backward(
     out: torch.Tensor,
-    outs: list[torch.Tensor],
+    outs: list[Any],
+    like: list[tuple[torch.Size, torch.dtype]],
     uncovered: list[torch.Tensor],
     B: int,
     D: int,
@@ -358,6 +366,7 @@ def _backward(
 
     One backward pass of ``sum(rows)`` when ``D = 1``; otherwise one per
     column ``d`` of the ``(B, D)`` rows (cotangent ``e_d`` in every sample).
+    ``outs``: the recorded outputs or their gradient edges; ``like``: their shapes and dtypes.
     """
     inputs = outs + uncovered
     if not inputs:
@@ -382,13 +391,13 @@ def _backward(
     if D == 1:
         return list(per_d[0]), []
     result: list[torch.Tensor | None] = []
-    for j, z in enumerate(outs):
+    for j, (shape, dtype) in enumerate(like):
         col = [gd[j] for gd in per_d]
         if all(g is None for g in col):
             result.append(None)
             continue
-        full = [torch.zeros_like(z) if g is None else g for g in col]
-        result.append(torch.stack(full, dim=1).reshape(B * D, *z.shape[1:]))
+        full = [torch.zeros(shape, dtype=dtype, device=out.device) if g is None else g for g in col]
+        result.append(torch.stack(full, dim=1).reshape(B * D, *shape[1:]))
     return result, []
 
 

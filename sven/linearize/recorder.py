@@ -181,6 +181,10 @@ class Call:
     stats: tuple[torch.Tensor, torch.Tensor] | None = None
     linear: LinearSlice | None = None
 
+    def release_output(self) -> None:
+        """Drop the reference to the output (its dtype kept): the backward then frees it when it can."""
+        self.out = self.out.detach().new_empty(0)
+
 
 @dataclass
 class Recorder:
