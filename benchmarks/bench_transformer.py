@@ -17,7 +17,9 @@ subprocess; after a first step, the peak resident memory of three more steps
 (``VmHWM``, reset through ``/proc/self/clear_refs``; Linux) above the resident
 memory before them is the *step peak* (the step's working memory), and the
 peak resident memory of the process (torch, model, optimiser state and step)
-the *process peak*::
+the *process peak*. The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=16384``
+so that freed tensors leave the resident memory at once (otherwise glibc's
+heap keeps them and the step peaks vary from run to run)::
 
     python benchmarks/bench_transformer.py [--variants arange,mha] [--batch 32] [--rounds 10] [--fallback]
 
