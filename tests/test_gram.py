@@ -339,9 +339,9 @@ def test_unsupported_layer_configurations_name_the_module() -> None:
     emb = nn.Embedding(5, 2, max_norm=1.0).double()
     idx = torch.randint(0, 5, (4, 3), generator=_gen(9))
     _unsupported(lambda: emb(idx).pow(2).sum((1, 2)), [emb.weight], r"^Embedding .*max_norm")
-    pos = nn.Embedding(3, 2).double()  # positional: the same rows for every sample
+    pos = nn.Embedding(3, 2).double()  # positional, scaled before the broadcast (tests/test_gram_layers.py)
     _unsupported(
-        lambda: (emb(idx) + pos(torch.arange(3))).pow(2).sum((1, 2)), [pos.weight], r"leading dimension is not"
+        lambda: (emb(idx) + 2 * pos(torch.arange(3))).pow(2).sum((1, 2)), [pos.weight], r"leading dimension is not"
     )
     lin = nn.Linear(3, 3).double()
     v = torch.randn(4, 3, dtype=F64)

@@ -153,6 +153,16 @@ class Linearizer:
         *,
         agree: Callable[[bool], bool] | None = None,
     ) -> Linearization:
+        """Linearise the closure on the chosen route; a bfloat16/float16 Jacobian is handed on in float32."""
+        return _at_least_float32(self._linearize(closure, params, rows, agree))
+
+    def _linearize(
+        self,
+        closure: Callable[[], Any],
+        params: Sequence[torch.Tensor],
+        rows: RowSpec,
+        agree: Callable[[bool], bool] | None,
+    ) -> Linearization:
         n_cols = sum(p.numel() for p in params)
         route = choose_route(
             self.requested,
@@ -210,3 +220,32 @@ class Linearizer:
 def _materialised(out: torch.Tensor, params: Sequence[torch.Tensor]) -> Linearization:
     """The exact Jacobian of rows that still hold their graph (a route's fallback without running the closure again)."""
     return Linearization(out.detach(), out.detach(), autograd_jacobian(out, list(params)), "autograd")
+
+
+class _Float32:
+    """A bfloat16/float16 operator's products, returned in float32 (the solvers factorise in float32 or float64)."""
+
+    def __init__(self, op: Any) -> None:
+        self.op = op
+        self.shape, self.device, self.dtype = op.shape, op.device, torch.float32
+        if hasattr(op, "gram"):  # a GramOperator: K is already float64
+            self.gram = op.gram
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.op.matmat(X.to(self.op.dtype)).float()
+
+    def rmatmat(self, C: torch.Tensor) -> torch.Tensor:
+        return self.op.rmatmat(C.to(self.op.dtype)).float()
+
+
+def _at_least_float32(lin: Linearization) -> Linearization:
+    """``lin`` with a half-precision Jacobian (bfloat16/float16 models) and rows in float32; ``local`` unchanged.
+
+    The materialised Jacobian is cast (its entries are exact in float32); a matrix-free operator keeps computing
+    in the model's dtype and returns float32 products.
+    """
+    J = lin.jacobian
+    if J.dtype not in (torch.float16, torch.bfloat16):
+        return lin
+    Jf: Any = J.float() if isinstance(J, torch.Tensor) else _Float32(J)
+    return Linearization(lin.local, lin.rows.float(), Jf, lin.method)

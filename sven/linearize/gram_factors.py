@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .attention import LinearSlice
+
 __all__ = ["GramJacobian", "Piece", "bn_xhat", "call_pieces", "layer_input", "make_blocks"]
 
 #: Columns converted to float64 at a time when the Gram matrix of formed per-row gradients is accumulated.
@@ -122,10 +124,12 @@ def call_pieces(
     D: int,
     index: dict[int, int],
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    linear: LinearSlice | None = None,
 ) -> list[tuple[int, Piece]]:
     """The factors of one call, per optimised parameter (index into the parameter list).
 
     ``stats``: the batch statistics a BatchNorm call normalised with (``None``: its running statistics).
+    ``linear``: a Linear-kind call on rows of other parameters (MultiheadAttention's projections).
     """
     N = B * D
     x = x.detach()
@@ -134,6 +138,18 @@ def call_pieces(
     def owned(p: torch.Tensor | None) -> int | None:
         return None if p is None else index.get(id(p))
 
+    if linear is not None:  # rows [w0, w0 + n) of the weight, [b0, b0 + n) of the bias; the other rows get 0
+        a = x.reshape(B, -1, x.shape[-1])
+        gg = g.reshape(N, -1, g.shape[-1])
+        w, b = owned(linear.weight), owned(linear.bias)
+        gw = _in_rows(gg, linear.w0, linear.weight.shape[0])
+        if w is not None:
+            out.append((w, _Outer(a, gw)))
+        if b is not None and linear.bias is not None:
+            same = linear.b0 == linear.w0 and linear.bias.shape[0] == linear.weight.shape[0]
+            gb = gw if same else _in_rows(gg, linear.b0, linear.bias.shape[0])
+            out.append((b, _Outer(torch.ones(B, a.shape[1], 1, dtype=a.dtype, device=a.device), gb)))
+        return out
     w, b = owned(module.weight), owned(getattr(module, "bias", None))
     if kind in (nn.Linear, nn.Conv1d, nn.Conv2d):
         a = layer_input(module, kind, x, B)
@@ -177,6 +193,16 @@ def call_pieces(
     return out
 
 
+def _in_rows(g: torch.Tensor, start: int, total: int) -> torch.Tensor:
+    """``g`` ``(N, T, n)`` at rows ``[start, start + n)`` of ``(N, T, total)`` zeros (itself if it fills them)."""
+    n = g.shape[-1]
+    if start == 0 and n == total:
+        return g
+    full = g.new_zeros(*g.shape[:-1], total)
+    full[..., start : start + n] = g
+    return full
+
+
 def _combine(pieces: list[Piece], D: int, dtype: torch.dtype) -> Piece:
     """One piece for one parameter from its calls: concatenated over calls, or formed and summed."""
     if len(pieces) == 1 and not isinstance(pieces[0], _Index):
@@ -203,20 +229,44 @@ class _Block(Protocol):
 
 
 class _OuterBlock:
-    """Parameters whose per-row gradients are the column blocks of ``sum_t g_{nt} a_{b(n)t}^T``."""
+    """Parameters whose per-row gradients are the column blocks of ``sum_t g_{nt} a_{b(n)t}^T``.
 
-    def __init__(self, params: list[int], widths: list[int], a: torch.Tensor, g: torch.Tensor, D: int) -> None:
+    When forming the per-row gradients is the cheaper way to ``K``, the block keeps them
+    (``m``, ``N x d_out d_in``) instead of its factors ``a`` and ``g`` (``None`` then); a
+    block built from gathered rows passes ``m`` (and ``None`` factors) directly.
+    """
+
+    def __init__(
+        self,
+        params: list[int],
+        widths: list[int],
+        a: torch.Tensor | None,
+        g: torch.Tensor | None,
+        D: int,
+        m: torch.Tensor | None = None,
+        d_out: int | None = None,
+    ) -> None:
         self.params, self.widths, self.a, self.g, self.D = params, widths, a, g, D
+        self.m = m
+        if m is not None:
+            assert d_out is not None  # given with m
+            self.d_out = d_out
+            return
+        assert a is not None and g is not None  # given without m
         B, T, di = a.shape
         N, do = g.shape[0], g.shape[2]
+        self.d_out = do
         pairs = (B * T) ** 2 * di + (N * T) ** 2 * (do + 1)
         formed = N * T * di * do + N * N * di * do
         # the cheaper of the pair sum over positions and the formed per-row gradients (module docstring)
-        self.m = None if pairs <= formed else _Outer(a, g).rows(D).reshape(N, do, di)
+        if pairs > formed:
+            self.m = _Outer(a, g).rows(D)
+            self.a = self.g = None  # the rows are all the block needs (and here smaller than a and g)
 
     def gram(self) -> torch.Tensor:
         if self.m is not None:
-            return _gram64(self.m.reshape(self.m.shape[0], -1))
+            return _gram64(self.m)
+        assert self.a is not None and self.g is not None
         a, g = self.a.double(), self.g.double()
         B, T, di = a.shape
         N = g.shape[0]
@@ -233,10 +283,12 @@ class _OuterBlock:
         return {i: p.reshape(-1, r) for i, p in zip(self.params, parts)}
 
     def rmatmat(self, C: torch.Tensor) -> dict[int, torch.Tensor]:
-        B, T, di = self.a.shape
-        N, do, r = self.g.shape[0], self.g.shape[2], C.shape[1]
+        r = C.shape[1]
         if self.m is not None:
-            return self._split((self.m.reshape(N, -1).T @ C).reshape(do, di, r))
+            return self._split((self.m.T @ C).reshape(self.d_out, -1, r))
+        assert self.a is not None and self.g is not None
+        B, T, di = self.a.shape
+        do = self.d_out
         if self.D == 1:
             gC = self.g[..., None] * C[:, None, None, :]
         else:
@@ -246,12 +298,13 @@ class _OuterBlock:
         return self._split(R.reshape(do, r, di).permute(0, 2, 1))
 
     def matmat(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        B, T, di = self.a.shape
-        N, do = self.g.shape[0], self.g.shape[2]
+        do = self.d_out
         X = torch.cat([xs[i].reshape(do, w, -1) for i, w in zip(self.params, self.widths)], dim=1)
         if self.m is not None:
-            return self.m.reshape(N, -1) @ X.reshape(do * di, -1)
-        r = X.shape[2]
+            return self.m @ X.reshape(self.m.shape[1], -1)
+        assert self.a is not None and self.g is not None
+        B, T, di = self.a.shape
+        N, r = self.g.shape[0], X.shape[2]
         aX = (self.a.reshape(B * T, di) @ X.permute(1, 0, 2).reshape(di, do * r)).reshape(B, T, do, r)
         if self.D == 1:
             return (self.g[..., None] * aX).sum((1, 2))
@@ -315,23 +368,27 @@ class _RowsBlock:
 def make_blocks(pieces: dict[int, list[tuple[int, Piece]]], D: int, dtype: torch.dtype) -> list[_Block]:
     """Group the parameters' combined pieces into blocks of ``K``.
 
-    Outer pieces of parameters used by exactly the same calls (a layer's weight
-    and bias) share one block; formed rows go into one block.
+    Outer pieces of parameters used by exactly the same calls with the same
+    output factors (a layer's weight and bias) share one block; formed rows go
+    into one block. The pieces are taken out of ``pieces`` as they are used.
     """
     blocks: list[_Block] = []
-    outer: dict[tuple[int, ...], list[tuple[int, _Outer]]] = {}
+    outer: dict[tuple[tuple[int, int], ...], list[tuple[int, _Outer]]] = {}
     rows: list[tuple[int, torch.Tensor]] = []
-    for i, lst in pieces.items():
+    for i in list(pieces):
+        lst = pieces.pop(i)  # taken out of ``pieces``: a block's factors go once it is built
         piece = _combine([p for _, p in lst], D, dtype)
         if isinstance(piece, _Outer):
-            outer.setdefault(tuple(c for c, _ in lst), []).append((i, piece))
+            outer.setdefault(tuple((c, id(p.g)) for c, p in lst if isinstance(p, _Outer)), []).append((i, piece))
         elif isinstance(piece, _Index):
             blocks.append(_IndexBlock(i, piece, D))
         else:
             rows.append((i, piece.m.to(dtype)))
-    for group in outer.values():
+    for key in list(outer):
+        group = outer.pop(key)
         a = torch.cat([p.a for _, p in group], dim=2)
         blocks.append(_OuterBlock([i for i, _ in group], [p.a.shape[2] for _, p in group], a, group[0][1].g, D))
+        del group, a
     if rows:
         blocks.append(_RowsBlock([i for i, _ in rows], [m for _, m in rows]))
     return blocks

@@ -71,7 +71,11 @@ class DistributedGram:
 
 def _gather_block(blk: _Block, D: int, group: Any) -> _Block:
     """The same block over the global batch: its row-indexed factors all-gathered in rank order."""
+    if isinstance(blk, _OuterBlock) and blk.m is not None:  # formed per-row gradients
+        m = dist_.all_gather_rows(blk.m.contiguous(), group)
+        return _OuterBlock(blk.params, blk.widths, None, None, D, m=m, d_out=blk.d_out)
     if isinstance(blk, _OuterBlock):
+        assert blk.a is not None and blk.g is not None  # kept when not formed
         a = dist_.all_gather_rows(blk.a.contiguous(), group)
         g = dist_.all_gather_rows(blk.g.contiguous(), group)
         return _OuterBlock(blk.params, blk.widths, a, g, D)

@@ -20,6 +20,13 @@ Two modes:
   Gram route reads the per-sample factors in the second mode and adds the
   coupling back as an exact low-rank term (:mod:`sven.linearize.gram_bn`).
   Running statistics are updated once, by the module's own forward.
+* Under ``strict=True``, :class:`~torch.nn.MultiheadAttention` is caught
+  between a forward pre-hook (:meth:`Recorder.pre`) and the forward hook,
+  and its four projections are recorded as Linear calls on rows of its
+  parameters (:mod:`sven.linearize.attention`); an Embedding called on
+  indices without the batch dimension hands back a
+  :class:`~sven.linearize.broadcast.Shared` output, recorded broadcast over
+  the batch where the model broadcasts it (:mod:`sven.linearize.broadcast`).
 * ``strict=False`` (the materialised hook path, :mod:`sven.linearize.dense`):
   other modules are ignored; the route verifies its result instead.
 """
@@ -34,7 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+from .attention import AttentionCapture, LinearSlice, attention_problem, unwrap
+from .broadcast import SharedUse, maybe_shared, share
 
 __all__ = [
     "Call",
@@ -54,7 +64,9 @@ def supported_modules() -> tuple[type[nn.Module], ...]:
     ``_BatchNorm`` covers ``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d``
     (not ``SyncBatchNorm``, whose forward communicates).
     """
-    return (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm, _BatchNorm)
+    return (
+        nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm, _BatchNorm, nn.MultiheadAttention
+    )  # fmt: skip
 
 
 def uses_batch_stats(module: nn.Module) -> bool:
@@ -157,6 +169,8 @@ class Call:
     """One recorded call of a supported layer: its input, its output and the output's version counter.
 
     ``stats``: BatchNorm's batch mean and ``1/sqrt(var + eps)`` when it normalises with the batch statistics.
+    ``linear``: for a Linear-kind call not made by an ``nn.Linear`` (MultiheadAttention's projections), the
+    parameters and the rows of them it used.
     """
 
     module: nn.Module
@@ -165,6 +179,11 @@ class Call:
     out: torch.Tensor
     version: int
     stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    linear: LinearSlice | None = None
+
+    def release_output(self) -> None:
+        """Drop the reference to the output (its dtype kept): the backward then frees it when it can."""
+        self.out = self.out.detach().new_empty(0)
 
 
 @dataclass
@@ -187,14 +206,61 @@ class Recorder:
     covered: set[int] = field(default_factory=set)
     problem: str | None = None
     switch: StatsSwitch = field(default_factory=StatsSwitch)
+    attention: AttentionCapture = field(default_factory=AttentionCapture)
 
     def describe(self, module: nn.Module) -> str:
         """The module's type and its optimised parameters, for messages."""
         own = [self.labels[self.index[id(p)]] for p in module._parameters.values() if id(p) in self.index]
         return type(module).__name__ + (f" (parameters {', '.join(own)})" if own else "")
 
+    def _fail(self, module: nn.Module, problem: str) -> None:
+        if self.problem is None:
+            self.problem = f"{self.describe(module)}: {problem}"
+
+    def _record_linear(self, module: nn.Module, inp: torch.Tensor, out: torch.Tensor, linear: LinearSlice) -> None:
+        """Record a projection of MultiheadAttention (batch-first ``inp`` and ``out``)."""
+        if out.requires_grad:
+            self.calls.append(Call(module, nn.Linear, inp, out, out._version, None, linear))
+            self.covered.update(id(p) for p in (linear.weight, linear.bias) if p is not None and id(p) in self.index)
+
+    def pre(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """Forward pre-hook: start catching a MultiheadAttention call with optimised parameters (strict mode)."""
+        if not self.strict or self.problem is not None or layer_kind(module, (nn.MultiheadAttention,)) is None:
+            return
+        owned = {id(p) for p in module.parameters() if id(p) in self.index}
+        if not owned:
+            return
+        problem = attention_problem(module, owned)
+        if problem is not None:
+            self._fail(module, problem)
+            return
+        self.attention.enter(module, self._record_linear)
+
+    def close(self) -> None:
+        """End the calls still being caught (after a forward that raised)."""
+        self.attention.close()
+
+    def _shared(self, module: nn.Module, call: Call) -> SharedUse:
+        """How an Embedding output without the batch dimension is recorded when broadcast (``broadcast``)."""
+        first = [True]
+
+        def expand(idx: torch.Tensor, out: torch.Tensor) -> None:
+            if first[0]:
+                call.inp, call.out, call.version = idx, out, out._version
+                first[0] = False
+            else:
+                self.calls.append(Call(module, nn.Embedding, idx, out, out._version))
+
+        return SharedUse(call.inp, expand, lambda problem: self._fail(module, problem))
+
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
         self.structure.append((id(module), module.training))
+        if self.strict and self.attention.active:
+            caught = self.attention.leave(module)
+            if caught is not False:
+                if isinstance(caught, str):
+                    self._fail(module, caught)
+                return unwrap(output)
         if self.problem is not None:
             return None
         kind = None
@@ -231,17 +297,31 @@ class Recorder:
         if batch_normed:
             stats = batch_stats(module, x)
             output = _switched_output(module, x, output, stats, self.switch)
-        if output.requires_grad:
-            self.calls.append(Call(module, kind, x, output, output._version, stats))
-            self.covered.update(id(p) for p in owned)
-        return output if stats is not None else None
+        if not output.requires_grad:
+            return None
+        call = Call(module, kind, x, output, output._version, stats)
+        self.calls.append(call)
+        self.covered.update(id(p) for p in owned)
+        if stats is not None:
+            return output
+        if self.strict and kind is nn.Embedding and maybe_shared(x):
+            return share(output, self._shared(module, call))
+        return None
 
 
 @contextmanager
 def recording(recorder: Callable[[nn.Module, tuple[Any, ...], Any], None]) -> Iterator[None]:
-    """Install ``recorder`` as a global module forward hook for the duration of the block."""
+    """Install ``recorder`` as a global module forward hook for the duration of the block.
+
+    A :class:`Recorder` is also installed as a forward pre-hook (:meth:`Recorder.pre`), and closed at the end.
+    """
     handle = register_module_forward_hook(recorder)
+    pre = register_module_forward_pre_hook(recorder.pre) if isinstance(recorder, Recorder) else None
     try:
         yield
     finally:
         handle.remove()
+        if pre is not None:
+            pre.remove()
+        if isinstance(recorder, Recorder):
+            recorder.close()
