@@ -36,6 +36,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_forward_hook
 
+from .gram_rnn import RECURRENT, substitute
+
 __all__ = [
     "Call",
     "Labels",
@@ -52,9 +54,10 @@ def supported_modules() -> tuple[type[nn.Module], ...]:
     """The layer types whose parameters the Gram route handles (exact types, or subclasses keeping ``forward``).
 
     ``_BatchNorm`` covers ``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d``
-    (not ``SyncBatchNorm``, whose forward communicates).
+    (not ``SyncBatchNorm``, whose forward communicates). ``RNN``, ``GRU`` and
+    ``LSTM`` are substituted by their gate maps (:mod:`sven.linearize.gram_rnn`).
     """
-    return (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm, _BatchNorm)
+    return (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm, _BatchNorm, *RECURRENT)
 
 
 def uses_batch_stats(module: nn.Module) -> bool:
@@ -216,6 +219,8 @@ class Recorder:
                 what = "has optimised parameters" if owned else "couples the samples (batch statistics)"
                 self.problem = f"{self.describe(module)} {what} but is not a layer the Gram route supports ({names})"
             return None
+        if self.strict and kind in RECURRENT:
+            return self._recurrent(module, inputs, output, owned)
         if self.strict:
             problem = _config_problem(module, kind)
             if problem is None and (x is None or not isinstance(output, torch.Tensor)):
@@ -235,6 +240,17 @@ class Recorder:
             self.calls.append(Call(module, kind, x, output, output._version, stats))
             self.covered.update(id(p) for p in owned)
         return output if stats is not None else None
+
+    def _recurrent(self, module: nn.Module, inputs: tuple[Any, ...], output: Any, owned: list[torch.Tensor]) -> Any:
+        """A recurrent call: its outputs rebuilt around its two gate maps, recorded as Linear calls (``gram_rnn``)."""
+        sub = substitute(module, inputs, output, self.index)
+        if isinstance(sub, str):
+            self.problem = f"{self.describe(module)}: {sub}"
+            return None
+        for proxy, a, z in sub.calls:
+            self.calls.append(Call(proxy, nn.Linear, a, z, z._version))
+        self.covered.update(id(p) for p in owned)
+        return sub.output
 
 
 @contextmanager

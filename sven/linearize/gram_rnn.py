@@ -1,0 +1,386 @@
+r"""Recurrent layers (:class:`~torch.nn.RNN`, :class:`~torch.nn.GRU`, :class:`~torch.nn.LSTM`) on the Gram route.
+
+A recurrent layer applies, at every step ``t``, two affine maps onto its gate
+pre-activations and a pointwise cell:
+
+.. math::
+
+    z^i_t = W_{ih} x_t + b_{ih}, \qquad z^h_t = W_{hh} h_{t-1} + b_{hh}, \qquad
+    (h_t, c_t) = \text{cell}(z^i_t, z^h_t, h_{t-1}, c_{t-1}).
+
+So sample ``n``'s gradients are sums over time of outer products, exactly as for
+a Linear layer applied to a sequence (:mod:`sven.linearize.gram`):
+
+.. math::
+
+    \frac{\partial \ell_n}{\partial W_{ih}} = \sum_t g^i_{nt} x_{nt}^\top, \qquad
+    \frac{\partial \ell_n}{\partial W_{hh}} = \sum_t g^h_{nt} h_{n,t-1}^\top, \qquad
+    g^{i}_{nt} = \frac{\partial \ell_n}{\partial z^i_{nt}}, \;
+    g^{h}_{nt} = \frac{\partial \ell_n}{\partial z^h_{nt}},
+
+with the biases summing ``g`` over time. The fused recurrent operator (ATen,
+cuDNN) does not expose ``g``. When the recorder sees a call in strict mode it
+substitutes the module's outputs by outputs of the same value whose graph is
+
+* ``z^i = F.linear(x, W_ih, b_ih)`` for all steps at once, and
+  ``z^h = F.linear(H_prev, W_hh, b_hh)`` with ``H_prev = [h_0, h_1, ..., h_{T-1}]``
+  the hidden states the module computed (constants in this graph): two Linear
+  calls that the Gram route records like any other (:class:`GateLinear`);
+* :class:`_Recurrence`, whose backward is back-propagation through time from
+  the saved gate activations: it returns ``g^i`` and ``g^h`` and the gradient
+  of ``h_0`` (and ``c_0``), and carries :math:`\partial/\partial h_{t-1}` through
+  :math:`W_{hh}^\top g^h_t` itself.
+
+The gradients of the parameters and of the input ``x`` then flow through the
+two Linear maps as usual, and one backward pass gives every ``g``. The cells,
+in PyTorch's gate order:
+
+* RNN: :math:`h_t = \phi(z^i_t + z^h_t)` (``tanh`` or ``relu``); ``g^i = g^h = \delta h_t \phi'``.
+* LSTM (gates ``i, f, g, o``): :math:`c_t = f c_{t-1} + i g`, :math:`h_t = o \tanh c_t`; ``g^i = g^h``.
+* GRU (gates ``r, z, n``): :math:`n = \tanh(z^i_n + r \circ z^h_n)`,
+  :math:`h_t = (1 - z) n + z h_{t-1}`. The hidden pre-activation of the ``n``
+  gate is the term :math:`W_{hn} h + b_{hn}` itself, so
+  :math:`g^h_n = r \circ g^i_n` while the ``r`` and ``z`` parts of ``g^i`` and ``g^h`` are equal.
+
+Stacked layers are handled layer by layer (the hidden states of the layers
+below the top one are recomputed without a graph by the fused operator, one
+layer at a time), and the reverse direction of a bidirectional layer is the
+same recurrence over the reversed sequence. Before substituting, the gate
+activations recomputed from ``z^i + z^h`` are checked to reproduce the
+module's hidden states (to ``sqrt(eps)`` of their scale); a mismatch, a
+``PackedSequence``, ``proj_size > 0``, dropout between layers in training
+mode or an unbatched input make the Gram route report the layer unsupported,
+with a sentence that says how to make it supported.
+
+Cost: the fused forward, two GEMMs over all steps, the gate activations
+(elementwise, all steps at once) and, in the backward, ``T`` steps of a few
+``(B, H)`` elementwise products and one ``(B, G H) x (G H, H)`` GEMM (``G``
+gates) instead of the fused operator's backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import _VF, nn
+from torch.nn.utils.rnn import PackedSequence
+
+__all__ = ["RECURRENT", "GateLinear", "Substitution", "substitute"]
+
+#: The recurrent layer types the Gram route handles (each defines its own ``forward``).
+RECURRENT: tuple[type[nn.Module], ...] = (nn.RNN, nn.GRU, nn.LSTM)
+
+_FUSED = {"GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
+
+
+class GateLinear(nn.Module):
+    r"""One affine map of a recurrent layer onto its gate pre-activations, ``z = a W^T + b``, seen as a Linear layer.
+
+    Only a carrier of ``weight``, ``bias``, ``in_features`` and
+    ``out_features`` for the Gram route's factors (:func:`~sven.linearize.gram_factors.call_pieces`
+    reads it like an :class:`~torch.nn.Linear`); it is never called.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+
+
+@dataclass
+class _Cell:
+    """The detached gate activations of one layer and direction (``(B, T, H)`` each), for the backward."""
+
+    mode: str
+    w_hh: torch.Tensor
+    acts: dict[str, torch.Tensor]
+
+
+@dataclass
+class Substitution:
+    """The replacement output of a recurrent call and its gate maps ``(GateLinear, input a, pre-activation z)``."""
+
+    output: Any
+    calls: list[tuple[GateLinear, torch.Tensor, torch.Tensor]]
+
+
+# --------------------------------------------------------------------------- checks
+def config_problem(module: Any) -> str | None:
+    """Why the configuration of a recurrent ``module`` is not supported (how to fix it), or ``None``."""
+    if getattr(module, "proj_size", 0) > 0:
+        return (
+            f"proj_size={module.proj_size} (LSTM projections) is not supported; use proj_size=0 (a smaller "
+            f"hidden_size, or an nn.Linear on the outputs) to keep the Gram route"
+        )
+    if module.training and module.dropout > 0 and module.num_layers > 1:
+        return (
+            f"dropout={module.dropout} between its {module.num_layers} layers in training mode draws masks the "
+            f"Gram route cannot see; stack single-layer {type(module).__name__}s with nn.Dropout between them "
+            f"(the same model) to keep the Gram route"
+        )
+    return None
+
+
+def input_problem(inputs: tuple[Any, ...]) -> str | None:
+    """Why the input of a recurrent call is not supported (how to fix it), or ``None``."""
+    x = inputs[0] if inputs else None
+    if isinstance(x, PackedSequence):
+        return (
+            "was called on a PackedSequence, which the Gram route does not unpack; pass the padded batch instead "
+            "(for a one-directional layer, mask the loss of the padded steps: the result is the same)"
+        )
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        return f"was called on an unbatched input of shape {shape}; add a batch dimension"
+    return None
+
+
+# --------------------------------------------------------------------------- gate activations
+def _activations(
+    mode: str, zi: torch.Tensor, zh: torch.Tensor, hprev: torch.Tensor, c0: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """The gate activations from the pre-activations ``zi``, ``zh`` ``(B, T, G H)`` (no graph), and the states.
+
+    Returns a dict with ``"h"`` (the recomputed hidden states, ``(B, T, H)``)
+    and what the backward of the cell needs; for the LSTM also ``"c_last"``.
+    """
+    H = hprev.shape[2]
+    if mode == "GRU":
+        rz = torch.sigmoid(zi[..., : 2 * H] + zh[..., : 2 * H])
+        r, z = rz[..., :H], rz[..., H:]
+        zh_n = zh[..., 2 * H :]
+        n = torch.tanh(zi[..., 2 * H :] + r * zh_n)
+        return {"h": n + z * (hprev - n), "r": r, "z": z, "n": n, "zh_n": zh_n, "hprev": hprev}
+    pre = zi + zh
+    if mode == "LSTM":
+        assert c0 is not None
+        i = torch.sigmoid(pre[..., :H])
+        f = torch.sigmoid(pre[..., H : 2 * H])
+        g = torch.tanh(pre[..., 2 * H : 3 * H])
+        o = torch.sigmoid(pre[..., 3 * H :])
+        ig = i * g
+        c = torch.empty_like(ig)
+        prev = c0
+        for t in range(ig.shape[1]):  # the cell state: a linear recurrence, one fused op per step
+            prev = torch.addcmul(ig[:, t], f[:, t], prev)
+            c[:, t] = prev
+        tc = torch.tanh(c)
+        cprev = torch.cat([c0[:, None], c[:, :-1]], 1)
+        return {"h": o * tc, "i": i, "f": f, "g": g, "o": o, "tc": tc, "cprev": cprev, "c_last": prev}
+    h = torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
+    return {"h": h}
+
+
+def _mismatch(ours: torch.Tensor, exact: torch.Tensor) -> float | None:
+    """The largest difference when ``ours`` is not ``exact`` to ``sqrt(eps)`` of its scale, else ``None``."""
+    if ours.numel() == 0:
+        return None
+    err = float((ours - exact).abs().amax())
+    tol = torch.finfo(exact.dtype).eps ** 0.5 * (1.0 + float(exact.abs().amax()))
+    return None if err <= tol else err
+
+
+# --------------------------------------------------------------------------- back-propagation through time
+def _bptt(cell: _Cell, dy: torch.Tensor, dc_last: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    r"""``(g^i, g^h, dh_0, dc_0)`` from the gradient ``dy`` ``(B, T, H)`` of the hidden states (and of ``c_T``).
+
+    Step ``t`` from the last: :math:`\delta h_t = dy_t + W_{hh}^\top g^h_{t+1}` (plus the
+    cell's direct term for the GRU), the gate gradients from the saved
+    activations, then the carry. Gradients of the sequence come in as lists
+    and are stacked once (no ``out=`` writes: the backward also runs under
+    ``vmap`` when a fallback forms the Jacobian with batched gradients).
+    """
+    a, w, mode = cell.acts, cell.w_hh, cell.mode
+    T = dy.shape[1]
+    gh: list[torch.Tensor] = []
+    carry: torch.Tensor | None = None
+    if mode == "GRU":
+        r, z, n = a["r"], a["z"], a["n"]
+        dn_of = (1 - z) * (1 - n * n)  # d h_t / d (n pre-activation)
+        dz_of = (a["hprev"] - n) * z * (1 - z)
+        dr_of = a["zh_n"] * r * (1 - r)  # per unit of the n pre-activation's gradient
+        gn: list[torch.Tensor] = []
+        for t in range(T - 1, -1, -1):
+            dh = dy[:, t] if carry is None else dy[:, t] + carry
+            dn = dh * dn_of[:, t]
+            g = torch.cat([dn * dr_of[:, t], dh * dz_of[:, t], dn * r[:, t]], 1)
+            gn.append(dn)
+            gh.append(g)
+            carry = torch.addmm(dh * z[:, t], g, w)
+        Gh = torch.stack(gh[::-1], 1)
+        H = n.shape[2]
+        Gi = torch.cat([Gh[..., : 2 * H], torch.stack(gn[::-1], 1)], 2)
+        return Gi, Gh, carry, None  # type: ignore[return-value]
+    if mode == "LSTM":
+        i, f, g_, o, tc = a["i"], a["f"], a["g"], a["o"], a["tc"]
+        dc_of_h = o * (1 - tc * tc)
+        ifg_of = torch.stack([g_ * i * (1 - i), a["cprev"] * f * (1 - f), i * (1 - g_ * g_)], 2)  # (B, T, 3, H)
+        o_of = tc * o * (1 - o)
+        cc = dc_last
+        for t in range(T - 1, -1, -1):
+            dh = dy[:, t] if carry is None else dy[:, t] + carry
+            dc = dh * dc_of_h[:, t] if cc is None else torch.addcmul(cc, dh, dc_of_h[:, t])
+            g = torch.cat([(dc[:, None] * ifg_of[:, t]).flatten(1), dh * o_of[:, t]], 1)
+            gh.append(g)
+            cc = dc * f[:, t]
+            carry = g @ w
+        G = torch.stack(gh[::-1], 1)
+        return G, G, carry, cc  # type: ignore[return-value]
+    h = a["h"]
+    d_of = 1 - h * h if mode == "RNN_TANH" else (h > 0).to(h.dtype)
+    for t in range(T - 1, -1, -1):
+        dh = dy[:, t] if carry is None else dy[:, t] + carry
+        g = dh * d_of[:, t]
+        gh.append(g)
+        carry = g @ w
+    G = torch.stack(gh[::-1], 1)
+    return G, G, carry, None  # type: ignore[return-value]
+
+
+class _Recurrence(torch.autograd.Function):
+    """The hidden states (and ``c_T``) of one layer and direction, with the value of the module's own outputs.
+
+    Inputs with a graph: the pre-activations ``zi``, ``zh`` and the initial
+    states ``h0``, ``c0``; the backward is :func:`_bptt` on the saved activations.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        zi: torch.Tensor,
+        zh: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor | None,
+        hs: torch.Tensor,
+        c_last: torch.Tensor | None,
+        cell: _Cell,
+    ) -> Any:
+        ctx.cell = cell
+        ctx.lstm = c_last is not None
+        if c_last is None:
+            return hs.clone()
+        return hs.clone(), c_last.clone()
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, dc: torch.Tensor | None = None) -> tuple[Any, ...]:
+        gi, gh, dh0, dc0 = _bptt(ctx.cell, dy, dc if ctx.lstm else None)
+        need = ctx.needs_input_grad
+        return (
+            gi if need[0] else None,
+            gh if need[1] else None,
+            dh0 if need[2] else None,
+            dc0 if ctx.lstm and need[3] else None,
+            None,
+            None,
+            None,
+        )
+
+
+class _Value(torch.autograd.Function):
+    """The value of ``exact``, the gradient to ``ours`` (equal up to rounding)."""
+
+    @staticmethod
+    def forward(ctx: Any, ours: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return exact.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return g, None
+
+
+# --------------------------------------------------------------------------- the substitution
+def _fused_layer(module: Any, layer: int, inp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None) -> torch.Tensor:
+    """The hidden states ``(B, T, dirs H)`` of one layer by the fused operator, batch first, without a graph."""
+    dirs = 2 if module.bidirectional else 1
+    weights = [getattr(module, name) for k in range(dirs) for name in module._all_weights[layer * dirs + k]]
+    if module.mode == "LSTM":
+        assert c0 is not None
+        return _VF.lstm(inp, (h0, c0), weights, module.bias, 1, 0.0, False, module.bidirectional, True)[0]
+    return _FUSED[module.mode](inp, h0, weights, module.bias, 1, 0.0, False, module.bidirectional, True)[0]
+
+
+def substitute(module: Any, inputs: tuple[Any, ...], output: Any, optimised: Container[int]) -> Substitution | str:
+    """The outputs of a recurrent call, rebuilt to expose the gate pre-activations (module docstring), or a reason.
+
+    Args:
+        module: an :class:`~torch.nn.RNN`, :class:`~torch.nn.GRU` or :class:`~torch.nn.LSTM`.
+        inputs, output: the call's arguments and its outputs (the values kept).
+        optimised: ids of the optimised parameters; only gate maps owning one are returned.
+    """
+    problem = config_problem(module) or input_problem(inputs)
+    if problem is not None:
+        return problem
+    x: torch.Tensor = inputs[0]
+    hx = inputs[1] if len(inputs) > 1 else None
+    lstm = module.mode == "LSTM"
+    out, states = output
+    hn, cn = states if lstm else (states, None)
+    L, dirs, H = module.num_layers, 2 if module.bidirectional else 1, module.hidden_size
+    xb = x if module.batch_first else x.transpose(0, 1)
+    B = xb.shape[0]
+    h0s, c0s = (hx if lstm else (hx, None)) if hx is not None else (None, None)
+    if h0s is None:
+        h0s = x.new_zeros(L * dirs, B, H)
+    if lstm and c0s is None:
+        c0s = x.new_zeros(L * dirs, B, H)
+    with torch.no_grad():
+        values: list[torch.Tensor] = []
+        below = xb.detach()
+        for layer in range(L - 1):
+            sl = slice(layer * dirs, (layer + 1) * dirs)
+            below = _fused_layer(module, layer, below, h0s[sl].detach(), None if c0s is None else c0s[sl].detach())
+            values.append(below)
+        values.append((out if module.batch_first else out.transpose(0, 1)).detach())
+    calls: list[tuple[GateLinear, torch.Tensor, torch.Tensor]] = []
+    h_last: list[torch.Tensor] = []
+    c_last: list[torch.Tensor] = []
+    inp = xb
+    for layer in range(L):
+        seqs = []
+        for k in range(dirs):
+            sfx = f"_l{layer}" + ("_reverse" if k else "")
+            w_ih, w_hh = getattr(module, "weight_ih" + sfx), getattr(module, "weight_hh" + sfx)
+            b_ih = getattr(module, "bias_ih" + sfx) if module.bias else None
+            b_hh = getattr(module, "bias_hh" + sfx) if module.bias else None
+            j = layer * dirs + k
+            h0, c0 = h0s[j], None if c0s is None else c0s[j]
+            hs = values[layer][..., k * H : (k + 1) * H]
+            a = inp.flip(1) if k else inp
+            hs = hs.flip(1) if k else hs
+            hprev = torch.cat([h0.detach()[:, None], hs[:, :-1]], 1)
+            zi = F.linear(a, w_ih, b_ih)
+            zh = F.linear(hprev, w_hh, b_hh)
+            with torch.no_grad():
+                acts = _activations(module.mode, zi.detach(), zh.detach(), hprev, None if c0 is None else c0.detach())
+                err = _mismatch(acts.pop("h"), hs)
+                c_end = acts.pop("c_last", None)
+                if err is None and c_end is not None and cn is not None:
+                    err = _mismatch(c_end, cn[j].detach())
+                if module.mode.startswith("RNN"):
+                    acts["h"] = hs  # the cell's derivative from the module's own states
+            if err is not None:
+                where = f"layer {layer}" + (" (reverse)" if k else "")
+                return (
+                    f"recomputing {where} from its gate pre-activations differs from the module's output by {err:.3g}; "
+                    f"the Gram route does not know this {type(module).__name__}'s cell"
+                )
+            res = _Recurrence.apply(zi, zh, h0, c0, hs, c_end, _Cell(module.mode, w_hh.detach(), acts))
+            seq = res[0] if lstm else res
+            h_last.append(seq[:, -1])
+            if lstm:
+                c_last.append(res[1])
+            seqs.append(seq.flip(1) if k else seq)
+            for proxy, arg, pre in ((GateLinear(w_ih, b_ih), a, zi), (GateLinear(w_hh, b_hh), hprev, zh)):
+                if pre.requires_grad and any(p is not None and id(p) in optimised for p in (proxy.weight, proxy.bias)):
+                    calls.append((proxy, arg, pre))
+        inp = torch.cat(seqs, 2) if dirs > 1 else seqs[0]
+    new_out = inp if module.batch_first else inp.transpose(0, 1).contiguous()
+    new_hn = _Value.apply(torch.stack(h_last), hn)
+    if lstm:
+        return Substitution((new_out, (new_hn, _Value.apply(torch.stack(c_last), cn))), calls)
+    return Substitution((new_out, new_hn), calls)
