@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["RECURRENT", "GateLinear", "Substitution", "substitute"]
+__all__ = ["RECURRENT", "GateLinear", "Substitution", "bind", "substitutable", "substitute"]
 
 #: The recurrent layer types the Gram route handles (each defines its own ``forward``).
 RECURRENT: tuple[type[nn.Module], ...] = (nn.RNN, nn.GRU, nn.LSTM)
@@ -141,47 +141,73 @@ def input_problem(inputs: tuple[Any, ...]) -> str | None:
 
 
 # --------------------------------------------------------------------------- gate activations
-def _activations(
-    mode: str, zi: torch.Tensor, zh: torch.Tensor, hprev: torch.Tensor, c0: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """The gate activations from the pre-activations ``zi``, ``zh`` ``(B, T, G H)`` (no graph), and the states.
+def _coefficients(
+    mode: str, zi: torch.Tensor, zh: torch.Tensor, hprev: torch.Tensor, hs: torch.Tensor, c0: torch.Tensor | None
+) -> tuple[dict[str, torch.Tensor], float | None, torch.Tensor | None]:
+    """What the backward of the cell needs, the mismatch with the module's states ``hs``, and ``c_T`` (LSTM).
 
-    Returns a dict with ``"h"`` (the recomputed hidden states, ``(B, T, H)``)
-    and what the backward of the cell needs; for the LSTM also ``"c_last"``.
+    ``zi`` and ``zh`` are ``(B, T, G H)`` (no graph). The gate activations
+    and the coefficients are computed in place in one new ``(B, T, G H)``
+    buffer where possible, so that the substitution holds about as much
+    memory as the fused graph would once the caller frees ``zi`` and ``zh``.
+    Returns ``(coefficients, mismatch, c_T)`` with ``mismatch`` the largest
+    difference between the hidden states recomputed from the gates and ``hs``
+    when it exceeds ``sqrt(eps)`` of their scale (else ``None``).
     """
     H = hprev.shape[2]
     if mode == "GRU":
-        rz = torch.sigmoid(zi[..., : 2 * H] + zh[..., : 2 * H])
+        buf = torch.empty_like(zi)
+        rz = torch.add(zi[..., : 2 * H], zh[..., : 2 * H], out=buf[..., : 2 * H]).sigmoid_()
         r, z = rz[..., :H], rz[..., H:]
         zh_n = zh[..., 2 * H :]
-        n = torch.tanh(zi[..., 2 * H :] + r * zh_n)
-        return {"h": n + z * (hprev - n), "r": r, "z": z, "n": n, "zh_n": zh_n, "hprev": hprev}
+        n = torch.addcmul(zi[..., 2 * H :], r, zh_n, out=buf[..., 2 * H :]).tanh_()
+        d = hprev - n
+        err = _mismatch(torch.addcmul(n, z, d), hs)  # h_t = n + z (h_{t-1} - n)
+        dz_of = d.mul_(z).addcmul_(d, z, value=-1)  # (h_{t-1} - n) z (1 - z)
+        dn_of = n.mul_(n).neg_().add_(1)
+        dn_of.addcmul_(dn_of, z, value=-1)  # (1 - n^2)(1 - z), in n's place
+        dr_of = zh_n * r
+        dr_of.addcmul_(dr_of, r, value=-1)  # (W_hn h + b_hn) r (1 - r), per unit of the n gate's gradient
+        return {"r": r, "z": z, "dn_of": dn_of, "dz_of": dz_of, "dr_of": dr_of}, err, None
     pre = zi + zh
     if mode == "LSTM":
         assert c0 is not None
-        i = torch.sigmoid(pre[..., :H])
-        f = torch.sigmoid(pre[..., H : 2 * H])
-        g = torch.tanh(pre[..., 2 * H : 3 * H])
-        o = torch.sigmoid(pre[..., 3 * H :])
-        ig = i * g
-        c = torch.empty_like(ig)
-        prev = c0
-        for t in range(ig.shape[1]):  # the cell state: a linear recurrence, one fused op per step
-            prev = torch.addcmul(ig[:, t], f[:, t], prev)
-            c[:, t] = prev
-        tc = torch.tanh(c)
-        cprev = torch.cat([c0[:, None], c[:, :-1]], 1)
-        return {"h": o * tc, "i": i, "f": f, "g": g, "o": o, "tc": tc, "cprev": cprev, "c_last": prev}
-    h = torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
-    return {"h": h}
+        i, f, g, o = pre[..., :H].sigmoid_(), pre[..., H : 2 * H].sigmoid_(), pre[..., 2 * H : 3 * H].tanh_(), pre[..., 3 * H :]
+        o.sigmoid_()
+        cs = torch.empty(hprev.shape[0], hprev.shape[1] + 1, H, dtype=pre.dtype, device=pre.device)
+        cs[:, 0] = c0
+        torch.mul(i, g, out=cs[:, 1:])
+        for t in range(hprev.shape[1]):  # the cell state: a linear recurrence, one fused op per step
+            cs[:, t + 1].addcmul_(f[:, t], cs[:, t])
+        c_last = cs[:, -1].clone()
+        tc = torch.tanh(cs[:, 1:])
+        err = _mismatch(o * tc, hs)  # h_t = o tanh(c_t)
+        cf = cs[:, :-1].mul_(f)
+        cf.addcmul_(cf, f, value=-1)  # c_{t-1} f (1 - f), in c's place
+        co = tc * o
+        co.addcmul_(co, o, value=-1)  # tanh(c_t) o (1 - o)
+        tc.mul_(tc).neg_().add_(1).mul_(o)  # o (1 - tanh^2 c_t): d c_t / d h_t, in o's place below
+        o.copy_(tc)
+        del tc
+        ci = g * i
+        ci.addcmul_(ci, i, value=-1)  # g i (1 - i)
+        i.mul_(g.mul(g).neg_().add_(1))  # i (1 - g^2), in i's place
+        g.copy_(ci)  # g i (1 - i), in g's place
+        del ci
+        return {"f": f, "dc_of_h": o, "ci": g, "cf": cf, "cg": i, "co": co}, err, c_last
+    err = _mismatch(pre.tanh_() if mode == "RNN_TANH" else pre.relu_(), hs)
+    # the derivative of the cell from the module's own states, in the pre-activations' place
+    d_of = torch.mul(hs, hs, out=pre).neg_().add_(1) if mode == "RNN_TANH" else pre.copy_(hs.gt(0))
+    return {"d_of": d_of}, err, None
 
 
 def _mismatch(ours: torch.Tensor, exact: torch.Tensor) -> float | None:
     """The largest difference when ``ours`` is not ``exact`` to ``sqrt(eps)`` of its scale, else ``None``."""
     if ours.numel() == 0:
         return None
-    err = float((ours - exact).abs().amax())
-    tol = torch.finfo(exact.dtype).eps ** 0.5 * (1.0 + float(exact.abs().amax()))
+    err = float(ours.sub_(exact).abs_().amax())
+    scale = max(float(exact.amax()), -float(exact.amin()))
+    tol = torch.finfo(exact.dtype).eps ** 0.5 * (1.0 + scale)
     return None if err <= tol else err
 
 
@@ -190,20 +216,17 @@ def _bptt(cell: _Cell, dy: torch.Tensor, dc_last: torch.Tensor | None) -> tuple[
     r"""``(g^i, g^h, dh_0, dc_0)`` from the gradient ``dy`` ``(B, T, H)`` of the hidden states (and of ``c_T``).
 
     Step ``t`` from the last: :math:`\delta h_t = dy_t + W_{hh}^\top g^h_{t+1}` (plus the
-    cell's direct term for the GRU), the gate gradients from the saved
-    activations, then the carry. Gradients of the sequence come in as lists
-    and are stacked once (no ``out=`` writes: the backward also runs under
-    ``vmap`` when a fallback forms the Jacobian with batched gradients).
+    cell's direct term), the gate gradients from the saved coefficients
+    (:func:`_coefficients`), then the carry. Gradients of the sequence are
+    collected in lists and stacked once (no ``out=`` writes: the backward also
+    runs under ``vmap`` when a fallback forms the Jacobian with batched gradients).
     """
     a, w, mode = cell.acts, cell.w_hh, cell.mode
     T = dy.shape[1]
     gh: list[torch.Tensor] = []
     carry: torch.Tensor | None = None
     if mode == "GRU":
-        r, z, n = a["r"], a["z"], a["n"]
-        dn_of = (1 - z) * (1 - n * n)  # d h_t / d (n pre-activation)
-        dz_of = (a["hprev"] - n) * z * (1 - z)
-        dr_of = a["zh_n"] * r * (1 - r)  # per unit of the n pre-activation's gradient
+        r, z, dn_of, dz_of, dr_of = a["r"], a["z"], a["dn_of"], a["dz_of"], a["dr_of"]
         gn: list[torch.Tensor] = []
         for t in range(T - 1, -1, -1):
             dh = dy[:, t] if carry is None else dy[:, t] + carry
@@ -212,34 +235,39 @@ def _bptt(cell: _Cell, dy: torch.Tensor, dc_last: torch.Tensor | None) -> tuple[
             gn.append(dn)
             gh.append(g)
             carry = torch.addmm(dh * z[:, t], g, w)
-        Gh = torch.stack(gh[::-1], 1)
-        H = n.shape[2]
-        Gi = torch.cat([Gh[..., : 2 * H], torch.stack(gn[::-1], 1)], 2)
+        Gh = _stacked(gh)
+        H = z.shape[2]
+        Gi = torch.cat([Gh[..., : 2 * H], _stacked(gn)], 2)
         return Gi, Gh, carry, None  # type: ignore[return-value]
     if mode == "LSTM":
-        i, f, g_, o, tc = a["i"], a["f"], a["g"], a["o"], a["tc"]
-        dc_of_h = o * (1 - tc * tc)
-        ifg_of = torch.stack([g_ * i * (1 - i), a["cprev"] * f * (1 - f), i * (1 - g_ * g_)], 2)  # (B, T, 3, H)
-        o_of = tc * o * (1 - o)
+        f, dc_of_h, co = a["f"], a["dc_of_h"], a["co"]
+        ifg_of = torch.stack([a["ci"], a["cf"], a["cg"]], 2)  # (B, T, 3, H)
         cc = dc_last
         for t in range(T - 1, -1, -1):
             dh = dy[:, t] if carry is None else dy[:, t] + carry
             dc = dh * dc_of_h[:, t] if cc is None else torch.addcmul(cc, dh, dc_of_h[:, t])
-            g = torch.cat([(dc[:, None] * ifg_of[:, t]).flatten(1), dh * o_of[:, t]], 1)
+            g = torch.cat([(dc[:, None] * ifg_of[:, t]).flatten(1), dh * co[:, t]], 1)
             gh.append(g)
             cc = dc * f[:, t]
             carry = g @ w
-        G = torch.stack(gh[::-1], 1)
+        G = _stacked(gh)
         return G, G, carry, cc  # type: ignore[return-value]
-    h = a["h"]
-    d_of = 1 - h * h if mode == "RNN_TANH" else (h > 0).to(h.dtype)
+    d_of = a["d_of"]
     for t in range(T - 1, -1, -1):
         dh = dy[:, t] if carry is None else dy[:, t] + carry
         g = dh * d_of[:, t]
         gh.append(g)
         carry = g @ w
-    G = torch.stack(gh[::-1], 1)
+    G = _stacked(gh)
     return G, G, carry, None  # type: ignore[return-value]
+
+
+def _stacked(steps: list[torch.Tensor]) -> torch.Tensor:
+    """The per-step tensors, collected from the last step, as ``(B, T, ...)`` (the list is emptied)."""
+    steps.reverse()
+    out = torch.stack(steps, 1)
+    steps.clear()
+    return out
 
 
 class _Recurrence(torch.autograd.Function):
@@ -260,15 +288,16 @@ class _Recurrence(torch.autograd.Function):
         c_last: torch.Tensor | None,
         cell: _Cell,
     ) -> Any:
-        ctx.cell = cell
-        ctx.lstm = c_last is not None
+        ctx.mode, ctx.keys, ctx.lstm = cell.mode, tuple(cell.acts), c_last is not None
+        ctx.save_for_backward(cell.w_hh, *cell.acts.values())  # released after a backward without retain_graph
         if c_last is None:
             return hs.clone()
         return hs.clone(), c_last.clone()
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor, dc: torch.Tensor | None = None) -> tuple[Any, ...]:
-        gi, gh, dh0, dc0 = _bptt(ctx.cell, dy, dc if ctx.lstm else None)
+        w, *acts = ctx.saved_tensors
+        gi, gh, dh0, dc0 = _bptt(_Cell(ctx.mode, w, dict(zip(ctx.keys, acts))), dy, dc if ctx.lstm else None)
         need = ctx.needs_input_grad
         return (
             gi if need[0] else None,
@@ -304,19 +333,41 @@ def _fused_layer(module: Any, layer: int, inp: torch.Tensor, h0: torch.Tensor, c
     return _FUSED[module.mode](inp, h0, weights, module.bias, 1, 0.0, False, module.bidirectional, True)[0]
 
 
-def substitute(module: Any, inputs: tuple[Any, ...], output: Any, optimised: Container[int]) -> Substitution | str:
+def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """``(input, hx)`` of a recurrent call, passed by position or by name."""
+    x = args[0] if args else kwargs.get("input")
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    return x, hx
+
+
+def substitutable(module: nn.Module, args: tuple[Any, ...], optimised: Container[int]) -> bool:
+    """Whether a recurrent call with these positional ``args`` will be substituted (grad mode on, parameters optimised).
+
+    The recorder then runs the module's fused forward without a graph
+    (:meth:`~sven.linearize.recorder.Recorder.before`): the substitution replaces it.
+    """
+    return (
+        torch.is_grad_enabled()
+        and any(id(p) in optimised for p in module._parameters.values())
+        and config_problem(module) is None
+        and input_problem(args) is None
+    )
+
+
+def substitute(
+    module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, optimised: Container[int]
+) -> Substitution | str:
     """The outputs of a recurrent call, rebuilt to expose the gate pre-activations (module docstring), or a reason.
 
     Args:
         module: an :class:`~torch.nn.RNN`, :class:`~torch.nn.GRU` or :class:`~torch.nn.LSTM`.
-        inputs, output: the call's arguments and its outputs (the values kept).
+        args, kwargs, output: the call's arguments and its outputs (the values kept).
         optimised: ids of the optimised parameters; only gate maps owning one are returned.
     """
-    problem = config_problem(module) or input_problem(inputs)
+    x, hx = bind(args, kwargs)
+    problem = config_problem(module) or input_problem((x,))
     if problem is not None:
         return problem
-    x: torch.Tensor = inputs[0]
-    hx = inputs[1] if len(inputs) > 1 else None
     lstm = module.mode == "LSTM"
     out, states = output
     hn, cn = states if lstm else (states, None)
@@ -356,19 +407,21 @@ def substitute(module: Any, inputs: tuple[Any, ...], output: Any, optimised: Con
             zi = F.linear(a, w_ih, b_ih)
             zh = F.linear(hprev, w_hh, b_hh)
             with torch.no_grad():
-                acts = _activations(module.mode, zi.detach(), zh.detach(), hprev, None if c0 is None else c0.detach())
-                err = _mismatch(acts.pop("h"), hs)
-                c_end = acts.pop("c_last", None)
+                acts, err, c_end = _coefficients(
+                    module.mode, zi.detach(), zh.detach(), hprev, hs, None if c0 is None else c0.detach()
+                )
                 if err is None and c_end is not None and cn is not None:
-                    err = _mismatch(c_end, cn[j].detach())
-                if module.mode.startswith("RNN"):
-                    acts["h"] = hs  # the cell's derivative from the module's own states
+                    err = _mismatch(c_end.clone(), cn[j].detach())
             if err is not None:
                 where = f"layer {layer}" + (" (reverse)" if k else "")
                 return (
                     f"recomputing {where} from its gate pre-activations differs from the module's output by {err:.3g}; "
                     f"the Gram route does not know this {type(module).__name__}'s cell"
                 )
+            # the values of zi and zh are not read again: the recorded calls need them only as graph handles
+            # (their backward saves the inputs), so their memory goes, as the fused graph's would
+            for pre in (zi, zh):
+                pre.untyped_storage().resize_(0)
             res = _Recurrence.apply(zi, zh, h0, c0, hs, c_end, _Cell(module.mode, w_hh.detach(), acts))
             seq = res[0] if lstm else res
             h_last.append(seq[:, -1])

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-from .gram_rnn import RECURRENT, substitute
+from .gram_rnn import RECURRENT, substitutable, substitute
 
 __all__ = [
     "Call",
@@ -190,14 +190,25 @@ class Recorder:
     covered: set[int] = field(default_factory=set)
     problem: str | None = None
     switch: StatsSwitch = field(default_factory=StatsSwitch)
+    paused: list[nn.Module] = field(default_factory=list)
 
     def describe(self, module: nn.Module) -> str:
         """The module's type and its optimised parameters, for messages."""
         own = [self.labels[self.index[id(p)]] for p in module._parameters.values() if id(p) in self.index]
         return type(module).__name__ + (f" (parameters {', '.join(own)})" if own else "")
 
-    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+    def before(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """Forward pre-hook (strict): a recurrent call to be substituted runs its fused forward without a graph."""
+        if self.problem is None and layer_kind(module, RECURRENT) and substitutable(module, inputs, self.index):
+            torch.set_grad_enabled(False)  # back on in __call__ (or by the route's enable_grad if forward raises)
+            self.paused.append(module)
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         self.structure.append((id(module), module.training))
+        if self.paused and self.paused[-1] is module:
+            self.paused.pop()
+            torch.set_grad_enabled(True)
+            return self._recurrent(module, inputs, kwargs, output, paused=True)
         if self.problem is not None:
             return None
         kind = None
@@ -220,7 +231,7 @@ class Recorder:
                 self.problem = f"{self.describe(module)} {what} but is not a layer the Gram route supports ({names})"
             return None
         if self.strict and kind in RECURRENT:
-            return self._recurrent(module, inputs, output, owned)
+            return self._recurrent(module, inputs, kwargs, output, paused=False)
         if self.strict:
             problem = _config_problem(module, kind)
             if problem is None and (x is None or not isinstance(output, torch.Tensor)):
@@ -241,23 +252,34 @@ class Recorder:
             self.covered.update(id(p) for p in owned)
         return output if stats is not None else None
 
-    def _recurrent(self, module: nn.Module, inputs: tuple[Any, ...], output: Any, owned: list[torch.Tensor]) -> Any:
+    def _recurrent(
+        self, module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any, *, paused: bool
+    ) -> Any:
         """A recurrent call: its outputs rebuilt around its two gate maps, recorded as Linear calls (``gram_rnn``)."""
-        sub = substitute(module, inputs, output, self.index)
+        if not torch.is_grad_enabled():
+            return None
+        sub = substitute(module, inputs, kwargs, output, self.index)
         if isinstance(sub, str):
             self.problem = f"{self.describe(module)}: {sub}"
-            return None
+            # without a graph after before(): run the forward again with one, for the exact fallback
+            return module.forward(*inputs, **kwargs) if paused else None
         for proxy, a, z in sub.calls:
             self.calls.append(Call(proxy, nn.Linear, a, z, z._version))
-        self.covered.update(id(p) for p in owned)
+        self.covered.update(id(p) for p in module._parameters.values() if p is not None and id(p) in self.index)
         return sub.output
 
 
 @contextmanager
-def recording(recorder: Callable[[nn.Module, tuple[Any, ...], Any], None]) -> Iterator[None]:
-    """Install ``recorder`` as a global module forward hook for the duration of the block."""
-    handle = register_module_forward_hook(recorder)
+def recording(recorder: Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]) -> Iterator[None]:
+    """Install ``recorder`` as a global module forward hook (with keyword arguments) for the duration of the block.
+
+    A strict :class:`Recorder` is also installed as a forward pre-hook (:meth:`Recorder.before`).
+    """
+    handles = [register_module_forward_hook(recorder, with_kwargs=True)]
+    if isinstance(recorder, Recorder) and recorder.strict:
+        handles.append(register_module_forward_pre_hook(recorder.before))
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
