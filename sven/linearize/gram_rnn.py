@@ -172,8 +172,8 @@ def _coefficients(
     pre = zi + zh
     if mode == "LSTM":
         assert c0 is not None
-        i, f, g, o = pre[..., :H].sigmoid_(), pre[..., H : 2 * H].sigmoid_(), pre[..., 2 * H : 3 * H].tanh_(), pre[..., 3 * H :]
-        o.sigmoid_()
+        i, f, o = pre[..., :H].sigmoid_(), pre[..., H : 2 * H].sigmoid_(), pre[..., 3 * H :].sigmoid_()
+        g = pre[..., 2 * H : 3 * H].tanh_()
         cs = torch.empty(hprev.shape[0], hprev.shape[1] + 1, H, dtype=pre.dtype, device=pre.device)
         cs[:, 0] = c0
         torch.mul(i, g, out=cs[:, 1:])
