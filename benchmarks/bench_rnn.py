@@ -35,34 +35,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sven
-from benchmarks.step_cases import measure
+from benchmarks.step_cases import SeqRegressor, measure, noisy_sines
 
 TIME_GOAL = 3.0
 MEMORY_GOAL = 1.5
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
-
-
-def noisy_sines(B: int = 64, T: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, T, 1)`` inputs and ``(B, T)`` next-value targets of sines with random frequency and phase."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(T + 1, dtype=torch.float32) * 0.2
-    w = 0.5 + torch.rand(B, 1, generator=g)
-    phi = 6.283 * torch.rand(B, 1, generator=g)
-    s = torch.sin(w * t + phi) + 0.05 * torch.randn(B, T + 1, generator=g)
-    return s[:, :T, None], s[:, 1:]
-
-
-class SeqRegressor(nn.Module):
-    """A recurrent layer (batch first) and a linear head on every step: ``(B, T, d) -> (B, T)``."""
-
-    def __init__(self, cell: type[nn.Module] = nn.GRU, hidden: int = 64, n_in: int = 1, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.rnn = cell(n_in, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(x)[0]).squeeze(-1)
 
 
 def per_sample_loss(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

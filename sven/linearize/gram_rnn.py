@@ -27,7 +27,8 @@ substitutes the module's outputs by outputs of the same value whose graph is
   the hidden states the module computed (constants in this graph): two Linear
   calls that the Gram route records like any other (:class:`GateLinear`);
 * :class:`_Recurrence`, whose backward is back-propagation through time from
-  the saved gate activations: it returns ``g^i`` and ``g^h`` and the gradient
+  coefficients of the gate activations computed once in the forward
+  (:func:`_coefficients`): it returns ``g^i`` and ``g^h`` and the gradient
   of ``h_0`` (and ``c_0``), and carries :math:`\partial/\partial h_{t-1}` through
   :math:`W_{hh}^\top g^h_t` itself.
 
@@ -52,10 +53,20 @@ module's hidden states (to ``sqrt(eps)`` of their scale); a mismatch, a
 mode or an unbatched input make the Gram route report the layer unsupported,
 with a sentence that says how to make it supported.
 
-Cost: the fused forward, two GEMMs over all steps, the gate activations
-(elementwise, all steps at once) and, in the backward, ``T`` steps of a few
-``(B, H)`` elementwise products and one ``(B, G H) x (G H, H)`` GEMM (``G``
-gates) instead of the fused operator's backward.
+Cost: the fused forward, run without a graph (the recorder's forward
+pre-hook turns autograd off for a call it will substitute), two GEMMs over all
+steps, the gate activations (elementwise, all steps at once) and, in the
+backward, ``T`` steps of a few ``(B, H)`` elementwise products and one
+``(B, G H) x (G H, H)`` GEMM (``G`` gates) instead of the fused operator's
+backward. Memory: the coefficients (``(B, T, H)`` each: 5 for the GRU, 6 for
+the LSTM, 1 for the RNN) and ``H_prev`` replace the fused graph; the storage
+of ``z^i`` and ``z^h`` is released once the coefficients are formed (the
+recorded calls need them only as graph handles).
+
+The Gram route's one-time verification compares ``J^T u`` with autograd
+through this same substituted graph: it checks the rest of the model, not
+this backward, which ``tests/test_gram_rnn.py`` compares with autograd
+through the fused operator; the value check above guards the forward.
 """
 
 from __future__ import annotations
@@ -94,7 +105,7 @@ class GateLinear(nn.Module):
 
 @dataclass
 class _Cell:
-    """The detached gate activations of one layer and direction (``(B, T, H)`` each), for the backward."""
+    """What the backward of one layer and direction needs: ``W_hh`` and the coefficients of :func:`_coefficients`."""
 
     mode: str
     w_hh: torch.Tensor
@@ -134,9 +145,10 @@ def input_problem(inputs: tuple[Any, ...]) -> str | None:
             "was called on a PackedSequence, which the Gram route does not unpack; pass the padded batch instead "
             "(for a one-directional layer, mask the loss of the padded steps: the result is the same)"
         )
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        return f"was called on an unbatched input of shape {shape}; add a batch dimension"
+    if not isinstance(x, torch.Tensor):
+        return f"was called without a tensor input (got {type(x).__name__})"
+    if x.dim() != 3:
+        return f"was called on an unbatched input of shape {tuple(x.shape)}; add a batch dimension"
     return None
 
 
