@@ -164,11 +164,18 @@ def _coefficients(
     memory as the fused graph would once the caller frees ``zi`` and ``zh``.
     Returns ``(coefficients, mismatch, c_T)`` with ``mismatch`` the largest
     difference between the hidden states recomputed from the gates and ``hs``
-    when it exceeds ``sqrt(eps)`` of their scale (else ``None``).
+    when it exceeds ``sqrt(eps)`` of their scale (else ``None``). The
+    coefficients are time-major, ``(T, B, H)``, so that each step of the
+    backward reads contiguous rows.
     """
-    H = hprev.shape[2]
+    zi, zh, hprev, hs = (t.transpose(0, 1) for t in (zi, zh, hprev, hs))
+    T, B, H = hprev.shape
+
+    def new(width: int) -> torch.Tensor:
+        return torch.empty(T, B, width, dtype=zi.dtype, device=zi.device)
+
     if mode == "GRU":
-        buf = torch.empty_like(zi)
+        buf = new(3 * H)
         rz = torch.add(zi[..., : 2 * H], zh[..., : 2 * H], out=buf[..., : 2 * H]).sigmoid_()
         r, z = rz[..., :H], rz[..., H:]
         zh_n = zh[..., 2 * H :]
@@ -181,20 +188,20 @@ def _coefficients(
         dr_of = zh_n * r
         dr_of.addcmul_(dr_of, r, value=-1)  # (W_hn h + b_hn) r (1 - r), per unit of the n gate's gradient
         return {"r": r, "z": z, "dn_of": dn_of, "dz_of": dz_of, "dr_of": dr_of}, err, None
-    pre = zi + zh
+    pre = torch.add(zi, zh, out=new(zi.shape[2]))
     if mode == "LSTM":
         assert c0 is not None
         i, f, o = pre[..., :H].sigmoid_(), pre[..., H : 2 * H].sigmoid_(), pre[..., 3 * H :].sigmoid_()
         g = pre[..., 2 * H : 3 * H].tanh_()
-        cs = torch.empty(hprev.shape[0], hprev.shape[1] + 1, H, dtype=pre.dtype, device=pre.device)
-        cs[:, 0] = c0
-        torch.mul(i, g, out=cs[:, 1:])
-        for t in range(hprev.shape[1]):  # the cell state: a linear recurrence, one fused op per step
-            cs[:, t + 1].addcmul_(f[:, t], cs[:, t])
-        c_last = cs[:, -1].clone()
-        tc = torch.tanh(cs[:, 1:])
+        cs = torch.empty(T + 1, B, H, dtype=pre.dtype, device=pre.device)
+        cs[0] = c0
+        torch.mul(i, g, out=cs[1:])
+        for t in range(T):  # the cell state: a linear recurrence, one fused op per step
+            cs[t + 1].addcmul_(f[t], cs[t])
+        c_last = cs[-1].clone()
+        tc = torch.tanh(cs[1:])
         err = _mismatch(o * tc, hs)  # h_t = o tanh(c_t)
-        cf = cs[:, :-1].mul_(f)
+        cf = cs[:-1].mul_(f)
         cf.addcmul_(cf, f, value=-1)  # c_{t-1} f (1 - f), in c's place
         co = tc * o
         co.addcmul_(co, o, value=-1)  # tanh(c_t) o (1 - o)
@@ -234,40 +241,41 @@ def _bptt(cell: _Cell, dy: torch.Tensor, dc_last: torch.Tensor | None) -> tuple[
     runs under ``vmap`` when a fallback forms the Jacobian with batched gradients).
     """
     a, w, mode = cell.acts, cell.w_hh, cell.mode
-    T = dy.shape[1]
+    dy = dy.transpose(0, 1)  # time-major, like the coefficients
+    T = dy.shape[0]
     gh: list[torch.Tensor] = []
     carry: torch.Tensor | None = None
     if mode == "GRU":
         r, z, dn_of, dz_of, dr_of = a["r"], a["z"], a["dn_of"], a["dz_of"], a["dr_of"]
         gn: list[torch.Tensor] = []
         for t in range(T - 1, -1, -1):
-            dh = dy[:, t] if carry is None else dy[:, t] + carry
-            dn = dh * dn_of[:, t]
-            g = torch.cat([dn * dr_of[:, t], dh * dz_of[:, t], dn * r[:, t]], 1)
+            dh = dy[t] if carry is None else dy[t] + carry
+            dn = dh * dn_of[t]
+            g = torch.cat([dn * dr_of[t], dh * dz_of[t], dn * r[t]], 1)
             gn.append(dn)
             gh.append(g)
-            carry = torch.addmm(dh * z[:, t], g, w)
+            carry = torch.addmm(dh * z[t], g, w)
         Gh = _stacked(gh)
         H = z.shape[2]
         Gi = torch.cat([Gh[..., : 2 * H], _stacked(gn)], 2)
         return Gi, Gh, carry, None  # type: ignore[return-value]
     if mode == "LSTM":
         f, dc_of_h, co = a["f"], a["dc_of_h"], a["co"]
-        ifg_of = torch.stack([a["ci"], a["cf"], a["cg"]], 2)  # (B, T, 3, H)
+        ifg_of = torch.stack([a["ci"], a["cf"], a["cg"]], 2)  # (T, B, 3, H)
         cc = dc_last
         for t in range(T - 1, -1, -1):
-            dh = dy[:, t] if carry is None else dy[:, t] + carry
-            dc = dh * dc_of_h[:, t] if cc is None else torch.addcmul(cc, dh, dc_of_h[:, t])
-            g = torch.cat([(dc[:, None] * ifg_of[:, t]).flatten(1), dh * co[:, t]], 1)
+            dh = dy[t] if carry is None else dy[t] + carry
+            dc = dh * dc_of_h[t] if cc is None else torch.addcmul(cc, dh, dc_of_h[t])
+            g = torch.cat([(dc[:, None] * ifg_of[t]).flatten(1), dh * co[t]], 1)
             gh.append(g)
-            cc = dc * f[:, t]
+            cc = dc * f[t]
             carry = g @ w
         G = _stacked(gh)
         return G, G, carry, cc  # type: ignore[return-value]
     d_of = a["d_of"]
     for t in range(T - 1, -1, -1):
-        dh = dy[:, t] if carry is None else dy[:, t] + carry
-        g = dh * d_of[:, t]
+        dh = dy[t] if carry is None else dy[t] + carry
+        g = dh * d_of[t]
         gh.append(g)
         carry = g @ w
     G = _stacked(gh)
