@@ -169,6 +169,35 @@ def test_residual_rows_and_keyword_arguments() -> None:
     _agree(lambda: (head(rnn(input=x)[0]).squeeze(-1) - y).sum(1), params)
 
 
+def test_a_layer_called_twice_and_step_by_step() -> None:
+    """Shared weights: two sequences through one GRU, and an LSTM unrolled one step per call with its states chained."""
+    torch.manual_seed(11)
+    B, T, d, h = 5, 4, 2, 3
+    gru, lstm, head = nn.GRU(d, h, batch_first=True), nn.LSTM(d, h), nn.Linear(h, 1)
+    gru, lstm, head = gru.double(), lstm.double(), head.double()
+    x1, _ = _data(B, T, d, batch_first=True, seed=11)
+    x2, _ = _data(B, T + 2, d, batch_first=True, seed=12)
+
+    def closure() -> torch.Tensor:
+        a, b = gru(x1)[0], gru(x2)[0]
+        state = None
+        for t in range(3):  # one step per call: T = 1, the states of the previous call as hx
+            out, state = lstm(x1[:, t][None], state)
+        return head(a).sum((1, 2)) * head(b[:, -1]).squeeze(1) + head(out[0]).squeeze(1) ** 2
+
+    _agree(closure, [*gru.parameters(), *lstm.parameters(), *head.parameters()])
+
+
+def test_the_auto_route_warns_with_the_fix_and_falls_back() -> None:
+    torch.manual_seed(12)
+    rnn, head = nn.GRU(1, 8, num_layers=2, dropout=0.2, batch_first=True), nn.Linear(8, 1)
+    x, y = torch.randn(16, 6, 1), torch.randn(16, 6)
+    params = [*rnn.parameters(), *head.parameters()]
+    opt = sven.Sven(params, rank=8, adaptive_damping=False)
+    with pytest.warns(RuntimeWarning, match=r"GRU \(parameters .*dropout=0.2.*nn\.Dropout between them"):
+        opt.step(lambda: ((head(rnn(x)[0]).squeeze(-1) - y) ** 2).sum(1))
+
+
 def test_only_some_parameters_optimised() -> None:
     torch.manual_seed(5)
     model = Seq("lstm", 2, 3, layers=2).double()
