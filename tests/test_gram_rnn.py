@@ -230,6 +230,27 @@ def _unsupported(closure: Callable[[], torch.Tensor], params: Sequence[torch.Ten
     return U.reason
 
 
+class _Scale(nn.Module):
+    """A layer the Gram route does not support (its own parameter)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, n, dtype=F64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_an_unsupported_layer_after_a_substituted_one_falls_back_exactly(cell: str) -> None:
+    """The rows then carry the rebuilt recurrent graph: the fallback's batched backward runs through it."""
+    torch.manual_seed(13)
+    rnn, scale, head = CELLS[cell](2, 3, batch_first=True).double(), _Scale(3), nn.Linear(3, 1).double()
+    x, _ = _data(6, 5, 2, batch_first=True, seed=13)
+    params = [*rnn.parameters(), *scale.parameters(), *head.parameters()]
+    _unsupported(lambda: head(scale(rnn(x)[0])).pow(2).sum((1, 2)), params, r"^_Scale .*not a layer the Gram route")
+
+
 def test_dropout_between_layers_in_training_is_refused_with_the_fix() -> None:
     torch.manual_seed(6)
     rnn = nn.GRU(2, 3, num_layers=2, dropout=0.3, batch_first=True).double()

@@ -267,13 +267,12 @@ def _bptt(cell: _Cell, dy: torch.Tensor, dc_last: torch.Tensor | None) -> tuple[
         Gi = torch.cat([Gh[..., : 2 * H], _stacked(gn)], 2)
         return Gi, Gh, carry, None  # type: ignore[return-value]
     if mode == "LSTM":
-        f, dc_of_h, co = a["f"], a["dc_of_h"], a["co"]
-        ifg_of = torch.stack([a["ci"], a["cf"], a["cg"]], 2)  # (T, B, 3, H)
+        f, dc_of_h, ci, cf, cg, co = a["f"], a["dc_of_h"], a["ci"], a["cf"], a["cg"], a["co"]
         cc = dc_last
         for t in range(T - 1, -1, -1):
             dh = dy[t] if carry is None else dy[t] + carry
             dc = dh * dc_of_h[t] if cc is None else torch.addcmul(cc, dh, dc_of_h[t])
-            g = torch.cat([(dc[:, None] * ifg_of[t]).flatten(1), dh * co[t]], 1)
+            g = torch.cat([dc * ci[t], dc * cf[t], dc * cg[t], dh * co[t]], 1)
             gh.append(g)
             cc = dc * f[t]
             carry = g @ w
