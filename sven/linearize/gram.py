@@ -69,7 +69,8 @@ What is *unsupported* (:class:`Unsupported`, with a reason naming the layer or p
       receives a gradient although no supported layer used it);
     * Conv with ``groups > 1``, transposed convolutions, Conv3d, Embedding with
       ``max_norm`` or ``scale_grad_by_freq``, a recurrent layer with dropout
-      between layers in training mode, ``proj_size > 0`` or a ``PackedSequence``, a supported layer applied to an
+      between layers in training mode, ``proj_size > 0`` or a
+      ``PackedSequence``, a supported layer applied to an
       unbatched input or to one whose leading dimension is not the batch size,
       a recorded output modified in place (``ReLU(inplace=True)``);
     * a layer that couples the samples: BatchNorm in training mode (detected
