@@ -20,6 +20,11 @@ Two modes:
   Gram route reads the per-sample factors in the second mode and adds the
   coupling back as an exact low-rank term (:mod:`sven.linearize.gram_bn`).
   Running statistics are updated once, by the module's own forward.
+* Recurrent layers (``RNN``, ``GRU``, ``LSTM``), under ``strict=True``: a
+  forward pre-hook (:meth:`Recorder.before`) runs the fused forward without a
+  graph, and the output is replaced by one of the same value rebuilt around
+  the two gate maps, which are recorded as Linear calls
+  (:mod:`sven.linearize.gram_rnn`). The hook sees keyword arguments (``hx=``).
 * ``strict=False`` (the materialised hook path, :mod:`sven.linearize.dense`):
   other modules are ignored; the route verifies its result instead.
 """
