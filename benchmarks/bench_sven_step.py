@@ -2,7 +2,9 @@
 
 Cases (``--cases``): ``toy1d-B32`` and ``toy1d-B128`` (593 parameters, rank
 ``B/2``), ``digits-B64`` (MLP 64-32-32-32-10, 4,522 parameters, rank 32) and
-``mlp10M-B256`` (MLP 784-2048-2048-2048-10, 10.0M parameters, rank 128), each at
+``mlp10M-B256`` (MLP 784-2048-2048-2048-10, 10.0M parameters, rank 128) and
+``gru-B64`` (GRU(1, 64) + Linear(64, 1) on sequences of 50, 12,929 parameters,
+rank 32; ``benchmarks/bench_rnn.py`` adds its peak memory), each at
 1 and 2 threads (``--threads``). For each case the script prints the ratio of
 a Sven step (torch.optim API, default options) to an Adam step measured in
 the same run, and the stages of the Sven step: forward+backward (what Adam
@@ -50,7 +52,7 @@ from sven.nn import SvenWrapper
 from sven.tasks import make_toy1d, mlp, per_sample_mse
 
 #: the cases of ``main`` (defined in benchmarks/step_cases.py)
-CASES = ("toy1d-B32", "toy1d-B128", "digits-B64", "mlp10M-B256")
+CASES = ("toy1d-B32", "toy1d-B128", "digits-B64", "mlp10M-B256", "gru-B64")
 
 #: the legacy case
 B = 128

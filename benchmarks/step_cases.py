@@ -57,11 +57,41 @@ def _mlp10m() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     return mlp(2048, 3, seed=0, n_in=784, n_out=10), x, y
 
 
+def noisy_sines(B: int = 64, T: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T, 1)`` inputs and ``(B, T)`` next-value targets of sines with random frequency and phase, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(T + 1, dtype=torch.float32) * 0.2
+    w = 0.5 + torch.rand(B, 1, generator=g)
+    phi = 6.283 * torch.rand(B, 1, generator=g)
+    s = torch.sin(w * t + phi) + 0.05 * torch.randn(B, T + 1, generator=g)
+    return s[:, :T, None], s[:, 1:]
+
+
+class SeqRegressor(torch.nn.Module):
+    """A recurrent layer (batch first) and a linear head on every step: ``(B, T, d) -> (B, T)``."""
+
+    def __init__(self, cell: type[torch.nn.Module] = torch.nn.GRU, hidden: int = 64, n_in: int = 1, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.rnn = cell(n_in, hidden, batch_first=True)
+        self.head = torch.nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0]).squeeze(-1)
+
+
+def _gru() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    # issue #20: next value of noisy sines, GRU(1, 64) + Linear(64, 1), sequence 50, batch 64
+    x, y = noisy_sines()
+    return SeqRegressor(torch.nn.GRU), x, y
+
+
 CASES: dict[str, Case] = {
     "toy1d-B32": Case("toy1d-B32", _toy1d(32), rank=16),
     "toy1d-B128": Case("toy1d-B128", _toy1d(128), rank=64),
     "digits-B64": Case("digits-B64", _digits, rank=32, rtol=1e-4),
     "mlp10M-B256": Case("mlp10M-B256", _mlp10m, rank=128, heavy=True),
+    "gru-B64": Case("gru-B64", _gru, rank=32),
 }
 
 

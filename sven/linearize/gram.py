@@ -58,6 +58,11 @@ sequence, and over repeated calls of a shared layer; :math:`b(n)` is the sample 
     * :class:`~torch.nn.LayerNorm`, :class:`~torch.nn.RMSNorm`: the per-row
       gradients :math:`\sum_t g_{nt} \circ \hat x_{b(n)t}` (weight) and
       :math:`\sum_t g_{nt}` (bias) are small (``N x d``) and are formed.
+    * :class:`~torch.nn.RNN`, :class:`~torch.nn.GRU`, :class:`~torch.nn.LSTM`:
+      two Linear layers over the sequence, ``(W_ih, b_ih)`` on the inputs and
+      ``(W_hh, b_hh)`` on the previous hidden states, with ``g`` the gradients
+      of the gate pre-activations (:mod:`sven.linearize.gram_rnn` rebuilds the
+      outputs so that one backward pass gives them).
 
     A parameter shared by layers of different kinds (tied embeddings) has its
     per-row gradients formed from every call and summed. ``K`` is the sum of
@@ -72,7 +77,9 @@ What is *unsupported* (:class:`Unsupported`, with a reason naming the layer or p
       outside the forward of a supported layer (found in the backward: it
       receives a gradient although no supported layer used it);
     * Conv with ``groups > 1``, transposed convolutions, Conv3d, Embedding with
-      ``max_norm`` or ``scale_grad_by_freq``, a supported layer applied to an
+      ``max_norm`` or ``scale_grad_by_freq``, a recurrent layer with dropout
+      between layers in training mode, ``proj_size > 0`` or a
+      ``PackedSequence``, a supported layer applied to an
       unbatched input or to one whose leading dimension is not the batch size,
       a recorded output modified in place (``ReLU(inplace=True)``),
       MultiheadAttention with ``add_bias_kv=True`` (``bias_k``/``bias_v`` optimised),

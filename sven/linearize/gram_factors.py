@@ -26,7 +26,7 @@ from .attention import LinearSlice
 __all__ = ["GramJacobian", "Piece", "bn_xhat", "call_pieces", "layer_input", "make_blocks"]
 
 #: Columns converted to float64 at a time when the Gram matrix of formed per-row gradients is accumulated.
-_CHUNK = 4096
+_CHUNK = 2048
 
 
 # --------------------------------------------------------------------------- factors of one call
@@ -38,6 +38,7 @@ def _gram64(M: torch.Tensor) -> torch.Tensor:
     for j in range(0, M.shape[1], _CHUNK):
         Mc = M[:, j : j + _CHUNK].double()
         K += Mc @ Mc.T
+        del Mc  # one converted chunk alive at a time
     return K
 
 

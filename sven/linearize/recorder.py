@@ -27,6 +27,11 @@ Two modes:
   indices without the batch dimension hands back a
   :class:`~sven.linearize.broadcast.Shared` output, recorded broadcast over
   the batch where the model broadcasts it (:mod:`sven.linearize.broadcast`).
+* Recurrent layers (``RNN``, ``GRU``, ``LSTM``), under ``strict=True``: a
+  forward pre-hook (:meth:`Recorder.before`) runs the fused forward without a
+  graph, and the output is replaced by one of the same value rebuilt around
+  the two gate maps, which are recorded as Linear calls
+  (:mod:`sven.linearize.gram_rnn`). The hook sees keyword arguments (``hx=``).
 * ``strict=False`` (the materialised hook path, :mod:`sven.linearize.dense`):
   other modules are ignored; the route verifies its result instead.
 """
@@ -45,6 +50,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 
 from .attention import AttentionCapture, LinearSlice, attention_problem, unwrap
 from .broadcast import SharedUse, maybe_shared, share
+from .gram_rnn import RECURRENT, substitutable, substitute
 
 __all__ = [
     "Call",
@@ -62,10 +68,12 @@ def supported_modules() -> tuple[type[nn.Module], ...]:
     """The layer types whose parameters the Gram route handles (exact types, or subclasses keeping ``forward``).
 
     ``_BatchNorm`` covers ``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d``
-    (not ``SyncBatchNorm``, whose forward communicates).
+    (not ``SyncBatchNorm``, whose forward communicates). ``RNN``, ``GRU`` and
+    ``LSTM`` are substituted by their gate maps (:mod:`sven.linearize.gram_rnn`).
     """
     return (
-        nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm, _BatchNorm, nn.MultiheadAttention
+        nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.RMSNorm, _BatchNorm, nn.MultiheadAttention,
+        *RECURRENT,
     )  # fmt: skip
 
 
@@ -207,6 +215,7 @@ class Recorder:
     problem: str | None = None
     switch: StatsSwitch = field(default_factory=StatsSwitch)
     attention: AttentionCapture = field(default_factory=AttentionCapture)
+    paused: list[nn.Module] = field(default_factory=list)
 
     def describe(self, module: nn.Module) -> str:
         """The module's type and its optimised parameters, for messages."""
@@ -224,8 +233,12 @@ class Recorder:
             self.covered.update(id(p) for p in (linear.weight, linear.bias) if p is not None and id(p) in self.index)
 
     def pre(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        """Forward pre-hook: start catching a MultiheadAttention call with optimised parameters (strict mode)."""
-        if not self.strict or self.problem is not None or layer_kind(module, (nn.MultiheadAttention,)) is None:
+        """Forward pre-hook (strict mode): a recurrent call to substitute runs without a graph (:meth:`before`);
+        a MultiheadAttention call with optimised parameters starts being caught."""
+        if not self.strict or self.problem is not None:
+            return
+        self.before(module, inputs)
+        if layer_kind(module, (nn.MultiheadAttention,)) is None:
             return
         owned = {id(p) for p in module.parameters() if id(p) in self.index}
         if not owned:
@@ -253,8 +266,18 @@ class Recorder:
 
         return SharedUse(call.inp, expand, lambda problem: self._fail(module, problem))
 
-    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+    def before(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """A recurrent call to be substituted runs its fused forward without a graph (part of :meth:`pre`)."""
+        if self.problem is None and layer_kind(module, RECURRENT) and substitutable(module, inputs, self.index):
+            torch.set_grad_enabled(False)  # back on in __call__ (or by the route's enable_grad if forward raises)
+            self.paused.append(module)
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         self.structure.append((id(module), module.training))
+        if self.paused and self.paused[-1] is module:
+            self.paused.pop()
+            torch.set_grad_enabled(True)
+            return self._recurrent(module, inputs, kwargs, output, paused=True)
         if self.strict and self.attention.active:
             caught = self.attention.leave(module)
             if caught is not False:
@@ -282,6 +305,8 @@ class Recorder:
                 what = "has optimised parameters" if owned else "couples the samples (batch statistics)"
                 self.problem = f"{self.describe(module)} {what} but is not a layer the Gram route supports ({names})"
             return None
+        if self.strict and kind in RECURRENT:
+            return self._recurrent(module, inputs, kwargs, output, paused=False)
         if self.strict:
             problem = _config_problem(module, kind)
             if problem is None and (x is None or not isinstance(output, torch.Tensor)):
@@ -308,20 +333,37 @@ class Recorder:
             return share(output, self._shared(module, call))
         return None
 
+    def _recurrent(
+        self, module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any, *, paused: bool
+    ) -> Any:
+        """A recurrent call: its outputs rebuilt around its two gate maps, recorded as Linear calls (``gram_rnn``)."""
+        if not torch.is_grad_enabled():
+            return None
+        sub = substitute(module, inputs, kwargs, output, self.index)
+        if isinstance(sub, str):
+            self.problem = f"{self.describe(module)}: {sub}"
+            # without a graph after before(): run the forward again with one, for the exact fallback
+            return module.forward(*inputs, **kwargs) if paused else None
+        for proxy, a, z in sub.calls:
+            self.calls.append(Call(proxy, nn.Linear, a, z, z._version))
+        self.covered.update(id(p) for p in module._parameters.values() if p is not None and id(p) in self.index)
+        return sub.output
+
 
 @contextmanager
-def recording(recorder: Callable[[nn.Module, tuple[Any, ...], Any], None]) -> Iterator[None]:
-    """Install ``recorder`` as a global module forward hook for the duration of the block.
+def recording(recorder: Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]) -> Iterator[None]:
+    """Install ``recorder`` as a global module forward hook (with keyword arguments) for the duration of the block.
 
-    A :class:`Recorder` is also installed as a forward pre-hook (:meth:`Recorder.pre`), and closed at the end.
+    A :class:`Recorder` is also installed as a forward pre-hook (:meth:`Recorder.pre`: recurrent layers and
+    MultiheadAttention, strict mode only), and closed at the end.
     """
-    handle = register_module_forward_hook(recorder)
-    pre = register_module_forward_pre_hook(recorder.pre) if isinstance(recorder, Recorder) else None
+    handles = [register_module_forward_hook(recorder, with_kwargs=True)]
+    if isinstance(recorder, Recorder):
+        handles.append(register_module_forward_pre_hook(recorder.pre))
     try:
         yield
     finally:
-        handle.remove()
-        if pre is not None:
-            pre.remove()
+        for handle in handles:
+            handle.remove()
         if isinstance(recorder, Recorder):
             recorder.close()
