@@ -151,6 +151,9 @@ class ColumnScaling:
     truncated) is unchanged by the scaling.
     """
 
+    #: It scales the Jacobian's columns before the pseudoinverse (as RMSProp with ``post=False``).
+    post = False
+
     def jacobian(self, M: Any, blocks: Sequence[ParamBlock], state: _State) -> Any:
         """``M D^{-1}`` after updating ``D`` with the column norms of ``M``."""
         if not isinstance(M, torch.Tensor):
