@@ -246,6 +246,7 @@ def test_auto_threads_is_one_thread_for_the_small_task_models(monkeypatch: pytes
     assert build_parser().parse_args([]).threads == "auto"
     assert all(sum(p.numel() for p in TASKS[t]().model(0).parameters()) < SMALL_MODEL_PARAMS for t in TASKS)
     assert auto_threads(list(TASKS)) == 1
+    assert SMALL_MODEL_PARAMS > 116_705  # charlm's transformer, the largest task model
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert auto_threads(["toy1d"]) == torch.get_num_threads()  # the user's setting is respected
 
