@@ -6,7 +6,8 @@
                --seeds 3 --epochs 20 --out results/
 
 Defaults: every task, every optimizer (each on the tasks it supports), 3
-seeds, 20 epochs (60 s per run on the full-batch tasks), ``--threads auto``
+seeds, each task's own number of epochs (20 for the paper's tasks; 60 s per
+run on the full-batch tasks), ``--threads auto``
 (:func:`auto_threads`: one thread for the small models of these tasks),
 ``results/``. ``--quick`` is a smoke test of everything in well under 3
 minutes on 2 cores (see :data:`QUICK`). See ``docs/sven-bench.md``.
@@ -63,8 +64,9 @@ def _threads(text: str) -> int | str:
 #: What ``--quick`` changes (documented in ``--help`` and docs/sven-bench.md).
 QUICK = (
     "--quick: 1 seed, 5 epochs and 2 s per full-batch run (unless --seeds / --epochs / --seconds are given); "
-    "toy1d and polynomial train on the "
-    "first 2,000 of their 10,000 training points (validation sets and digits unchanged); baseline grids "
+    "toy1d and polynomial train on the first 2,000 of their 10,000 training points, mnist-subset(-mse, -cnn) and "
+    "mnist1d on 256 of 4,000, gru on 128 of 4,000, charlm on 32 blocks (one step per epoch) (validation sets and "
+    "digits unchanged); baseline grids "
     "reduced to lr in {1e-3, 1e-2} for adam/adamw/sgd/rmsprop and lr=1, max_iter in {1, 5} for lbfgs; with --grid, "
     "Sven's grid is reduced to k in {B/2, B} x lr in {0.1, 0.5} x rtol=1e-3."
 )
