@@ -150,12 +150,11 @@ def corpus() -> str:
     return "".join(parts)
 
 
-def _init(module: nn.Module, std: float) -> None:
+def _init(module: nn.Linear | nn.Embedding, std: float) -> None:
     """nanoGPT's initialisation: normal(0, std) weights, zero biases."""
     nn.init.normal_(module.weight, 0.0, std)
-    bias = getattr(module, "bias", None)
-    if bias is not None:
-        nn.init.zeros_(bias)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -184,8 +183,11 @@ class Block(nn.Module):
 
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(d), CausalSelfAttention(d, heads)
-        self.ln2, self.fc, self.out = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 4 * d)
+        self.out = nn.Linear(4 * d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One block on ``(B, T, d)``."""
@@ -220,6 +222,7 @@ class CharTransformer(nn.Module):
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(context, d)
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        blocks: list[Block] = [b for b in self.blocks if isinstance(b, Block)]
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab)
         with torch.random.fork_rng(devices=[]):
@@ -227,7 +230,7 @@ class CharTransformer(nn.Module):
             for m in self.modules():
                 if isinstance(m, (nn.Linear, nn.Embedding)):
                     _init(m, 0.02)
-            for block in self.blocks:
+            for block in blocks:
                 for proj in (block.attn.proj, block.out):  # nanoGPT's c_proj: scaled for the residual sum
                     _init(proj, 0.02 / math.sqrt(2 * layers))
 
