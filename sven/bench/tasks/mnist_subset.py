@@ -17,7 +17,7 @@
 * Sven: the ``digits-ce`` settings, ``k=32`` (half the batch), ``lr=0.5``,
   ``rtol=1e-4``, ``kappa=2``; not tuned for this task.
 
-Time-to-target uses a validation cross-entropy of ``0.35``. The variants
+Time-to-target uses a validation cross-entropy of ``0.3`` (Adam at lr=1e-2 reached 0.29 in 2 epochs). The variants
 ``mnist-subset-mse`` (label regression) and ``mnist-subset-cnn`` (a small CNN)
 share the data (:func:`load_mnist_subset`).
 """
@@ -114,7 +114,7 @@ class MnistSubsetTask(Task):
     )
     batch_size = 64
     loader_seed = LOADER_SEED
-    target = 0.35
+    target = 0.3
     sven_defaults: ClassVar[Mapping[str, float | int]] = {"lr": 0.5, "rank": 32, "rtol": 1e-4, "kappa": 2.0}
     metric_names = ("accuracy",)
     loss_label = "mean per-sample cross-entropy"

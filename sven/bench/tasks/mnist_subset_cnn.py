@@ -10,7 +10,7 @@ Flatten - Linear(784, 10)``
 (9,098 parameters), initialised from the model seed; 5 epochs. Sven:
 ``k=32, lr=0.5, rtol=1e-4, kappa=2`` (the ``digits-ce`` settings).
 
-Time-to-target uses a validation cross-entropy of ``0.35``.
+Time-to-target uses a validation cross-entropy of ``0.15`` (Adam at lr=1e-2 reached 0.14 in 2 epochs).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class MnistSubsetCNNTask(MnistSubsetTask):
         "(9,098 params), batch 64, 5 epochs"
     )
     epochs = 5
+    target = 0.15
 
     def model(self, seed: int) -> nn.Module:
         """See :func:`small_cnn`."""
