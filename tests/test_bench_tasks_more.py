@@ -311,3 +311,26 @@ def test_gru_sines() -> None:
     noise = x[:, :, 0] - clean[:, :STEPS]
     assert float(noise.std()) == pytest.approx(NOISE, rel=0.02) and abs(float(noise.mean())) < 0.003
     assert task.model(0)(d.x_val[:5]).shape == (5, 1)
+
+
+# --------------------------------------------------------------------------- per-task epochs
+def test_each_task_runs_its_own_epochs_unless_epochs_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sven.bench.report import markdown
+    from sven.bench.runner import BenchConfig, BenchResults, run_benchmark
+    from sven.bench.tasks.gru import GRUTask
+
+    charlm, toy = _task("charlm"), _task("toy1d")
+    own = BenchConfig(("charlm", "toy1d"), ("adam",))
+    assert own.epochs is None and own.epochs_for(charlm) == 6 and own.epochs_for(toy) == 20
+    assert BenchConfig(("charlm",), ("adam",), epochs=2).epochs_for(charlm) == 2
+    with pytest.raises(ValueError, match="`epochs` must be a positive int, got 0"):
+        BenchConfig(("charlm",), ("adam",), epochs=0)
+    # a run without --epochs trains each task for its own number of epochs, and the report says so
+    monkeypatch.setattr(GRUTask, "epochs", 2)
+    config = BenchConfig(("gru",), ("adam",), seeds=1, quick=True, threads=1, progress=False)
+    results = run_benchmark(config)
+    assert [r.epochs for r in results.runs] == [[0, 1, 2], [0, 1, 2]]  # two learning rates under --quick
+    assert results.tasks["gru"]["epochs"] == 2 and results.tasks["gru"]["n_train"] == 128
+    assert "1 model seed(s), each task's own epochs (gru 2)" in markdown(results, plots=[])
+    fixed = BenchResults(BenchConfig(("gru",), ("adam",), epochs=3), {}, tasks=results.tasks)
+    assert "3 model seed(s), 3 epochs, grid selection" in markdown(fixed, plots=[])
