@@ -9,8 +9,8 @@ Defaults: every task, every optimizer (each on the tasks it supports), 3
 seeds, each task's own number of epochs (20 for the paper's tasks; 60 s per
 run on the full-batch tasks), ``--threads auto``
 (:func:`auto_threads`: one thread for the small models of these tasks),
-``results/``. ``--quick`` is a smoke test of everything in well under 3
-minutes on 2 cores (see :data:`QUICK`). See ``docs/sven-bench.md``.
+``results/``. ``--quick`` is a smoke test of everything (see :data:`QUICK`).
+See ``docs/sven-bench.md``.
 """
 
 from __future__ import annotations

@@ -180,8 +180,8 @@ class Task(abc.ABC):
         epochs: the recipe's number of epochs, run when ``--epochs`` is not given.
         sven_reference: whether ``sven-reference`` (the original code's step: a ``jacrev`` Jacobian and a full
             SVD) runs on this task. Off for the larger models of issue #20, where its step takes seconds
-            (1.7 s on the 9k-parameter CNN, 1.8 to 2.8 s on the 100k-parameter MLPs, 2 cores), so a run would
-            take hours.
+            (1.7 s on the 9k-parameter CNN, 1.8 to 3.4 s on the MLPs, on a busy 2-core machine), so a run
+            would take hours.
     """
 
     name: ClassVar[str]
