@@ -82,8 +82,10 @@ def test_grids_follow_tasks_md() -> None:
 
 
 def test_unknown_optimizer_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="unknown optimizer 'adamw'; valid optimizers: sven, adam, sgd, rmsprop"):
-        get_optimizer("adamw")
+    with pytest.raises(
+        ValueError, match="unknown optimizer 'nadam'; valid optimizers: sven, adam, adamw, sgd, rmsprop"
+    ):
+        get_optimizer("nadam")
 
 
 def test_reference_sven_matches_sven_with_the_same_truncation() -> None:
@@ -218,8 +220,8 @@ def test_interrupted_run_keeps_the_finished_runs(tmp_path: Path, monkeypatch: py
             "unknown task 'mnist'; valid tasks: toy1d, polynomial, digits, digits-ce, poisson2d, heat1d",
         ),
         (
-            ["--optimizers", "adamw"],
-            "valid optimizers: sven, adam, sgd, rmsprop, lbfgs, polyak, sven-reference, sven-plain, sven-native",
+            ["--optimizers", "nadam"],
+            "valid optimizers: sven, adam, adamw, sgd, rmsprop, lbfgs, polyak, sven-reference, sven-plain, sven-native",
         ),
         (["--seconds", "0"], "--seconds must be a positive number, got 0"),
         (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
@@ -246,6 +248,7 @@ def test_auto_threads_is_one_thread_for_the_small_task_models(monkeypatch: pytes
     assert build_parser().parse_args([]).threads == "auto"
     assert all(sum(p.numel() for p in TASKS[t]().model(0).parameters()) < SMALL_MODEL_PARAMS for t in TASKS)
     assert auto_threads(list(TASKS)) == 1
+    assert SMALL_MODEL_PARAMS > 116_705  # charlm's transformer, the largest task model
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert auto_threads(["toy1d"]) == torch.get_num_threads()  # the user's setting is respected
 

@@ -24,7 +24,8 @@ def test_every_task_is_deterministic_and_well_formed(name: str) -> None:
     da, db = a.data(), b.data()
     assert _same(da, db)  # built twice from the recipe's seeds: identical
     assert a.data() is da  # cached
-    assert da.x_train.dtype == torch.float32 and da.x_val.dtype == torch.float32
+    inputs = torch.int64 if name == "charlm" else torch.float32  # charlm's inputs are character ids
+    assert da.x_train.dtype == inputs and da.x_val.dtype == inputs
     assert da.x_train.shape[0] == da.y_train.shape[0] and da.x_val.shape[0] == da.y_val.shape[0]
     # the model seed changes the weights only, deterministically
     m0, m0b, m1 = a.model(0), a.model(0), a.model(1)
@@ -41,7 +42,9 @@ def test_every_task_is_deterministic_and_well_formed(name: str) -> None:
 
 def test_unknown_task_lists_the_valid_ones() -> None:
     with pytest.raises(
-        ValueError, match="unknown task 'mnist'; valid tasks: toy1d, polynomial, digits, digits-ce, poisson2d, heat1d"
+        ValueError,
+        match="unknown task 'mnist'; valid tasks: toy1d, polynomial, digits, digits-ce, poisson2d, heat1d, "
+        "mnist-subset, mnist-subset-mse, mnist-subset-cnn, mnist1d, charlm, gru",
     ):
         get_task("mnist")
 

@@ -64,7 +64,7 @@ def test_core_dependencies_and_extras() -> None:
     extras = project["optional-dependencies"]
     names = {extra: {req.split(">")[0] for req in reqs} for extra, reqs in extras.items()}
     assert names["sklearn"] == {"scikit-learn"}
-    assert names["bench"] == {"matplotlib", "tqdm", "scikit-learn", "torch-levenberg-marquardt"}
+    assert names["bench"] == {"matplotlib", "tqdm", "scikit-learn", "torch-levenberg-marquardt", "mlxtend"}
     assert names["dev"] >= names["sklearn"] | names["bench"] | {"pytest", "hypothesis", "pytest-benchmark"}
     # truncpinv/_optional.py names the same extras, by import name
     assert set(EXTRAS) == {"sklearn", "bench"}
@@ -255,7 +255,7 @@ def test_wheel_installs_and_works_in_a_fresh_venv(tmp_path: Path) -> None:
 
     freeze = _run([str(python), "-m", "pip", "freeze", "--exclude-editable"], cwd=tmp_path).stdout
     installed = {line.split("==")[0].split(" @ ")[0].lower() for line in freeze.splitlines()}
-    assert not installed & {"matplotlib", "tqdm", "scikit-learn"}, freeze
+    assert not installed & {"matplotlib", "tqdm", "scikit-learn", "mlxtend"}, freeze
     assert {"truncpinv-sven", "torch", "numpy", "scipy"} <= installed, freeze
 
     smoke = _run([str(python), "-c", SMOKE], cwd=tmp_path)

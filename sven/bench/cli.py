@@ -6,10 +6,11 @@
                --seeds 3 --epochs 20 --out results/
 
 Defaults: every task, every optimizer (each on the tasks it supports), 3
-seeds, 20 epochs (60 s per run on the full-batch tasks), ``--threads auto``
+seeds, each task's own number of epochs (20 for the paper's tasks; 60 s per
+run on the full-batch tasks), ``--threads auto``
 (:func:`auto_threads`: one thread for the small models of these tasks),
-``results/``. ``--quick`` is a smoke test of everything in well under 3
-minutes on 2 cores (see :data:`QUICK`). See ``docs/sven-bench.md``.
+``results/``. ``--quick`` is a smoke test of everything (see :data:`QUICK`).
+See ``docs/sven-bench.md``.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from .tasks import TASKS
 __all__ = ["QUICK", "SMALL_MODEL_PARAMS", "auto_threads", "build_parser", "main"]
 
 #: Below this many parameters (the largest model of the selected tasks) ``--threads auto`` uses one
-#: intra-op thread. The tasks' models have 593 to ~3,500 parameters: their per-step kernels are far too
-#: small to split, and on a busy 2-core machine 2 OpenMP threads waiting on each other made
-#: ``sven-bench --quick`` take 8 minutes against 45 s with one thread.
-SMALL_MODEL_PARAMS = 100_000
+#: intra-op thread. The tasks' models have 593 to 116,705 parameters (charlm) and batches of 32 or 64: their
+#: per-step kernels are far too small to split. On a busy 2-core machine 2 OpenMP threads waiting on each other
+#: made ``sven-bench --quick`` take 8 minutes against 45 s with one thread, and an Adam step of mnist-subset,
+#: mnist1d and charlm took 2.4 to 3.9 times as long with 2 threads as with 1 (same process, load average 5).
+SMALL_MODEL_PARAMS = 200_000
 
 
 def auto_threads(tasks: Sequence[str]) -> int:
@@ -62,9 +64,10 @@ def _threads(text: str) -> int | str:
 #: What ``--quick`` changes (documented in ``--help`` and docs/sven-bench.md).
 QUICK = (
     "--quick: 1 seed, 5 epochs and 2 s per full-batch run (unless --seeds / --epochs / --seconds are given); "
-    "toy1d and polynomial train on the "
-    "first 2,000 of their 10,000 training points (validation sets and digits unchanged); baseline grids "
-    "reduced to lr in {1e-3, 1e-2} for adam/sgd/rmsprop and lr=1, max_iter in {1, 5} for lbfgs; with --grid, "
+    "toy1d and polynomial train on the first 2,000 of their 10,000 training points, mnist-subset(-mse, -cnn) and "
+    "mnist1d on 256 of 4,000, gru on 128 of 4,000, charlm on 32 blocks (one step per epoch) (validation sets and "
+    "digits unchanged); baseline grids "
+    "reduced to lr in {1e-3, 1e-2} for adam/adamw/sgd/rmsprop and lr=1, max_iter in {1, 5} for lbfgs; with --grid, "
     "Sven's grid is reduced to k in {B/2, B} x lr in {0.1, 0.5} x rtol=1e-3."
 )
 QUICK_SEEDS = 1
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``argparse`` parser of ``sven-bench``."""
     ap = argparse.ArgumentParser(
         prog="sven-bench",
-        description="Benchmark Sven against Adam, SGD, RMSprop, L-BFGS, Polyak SGD and the original Sven code "
+        description="Benchmark Sven against Adam, AdamW, SGD, RMSprop, L-BFGS, Polyak SGD and the original Sven code "
         "on the tasks of docs/tasks.md; writes results.json, results.md and PNG plots.",
         epilog=QUICK,
     )
@@ -88,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"optimizers ({', '.join(OPTIMIZERS)})",
     )
     ap.add_argument("--seeds", type=int, default=None, help="number of model seeds 0..N-1 (default 3; --quick: 1)")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20; --quick: 5)")
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs per run on every mini-batch task (default: each task's own, 20 for the paper's tasks; --quick: 5)",
+    )
     ap.add_argument(
         "--seconds",
         type=float,
@@ -172,9 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report is not None or args.notes is not None:
         ap.error("--report and --notes go with --from-json (a run writes its report into --out)")
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 3)
-    epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else 20)
+    epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else None)  # None: the task's
     for name, value in (("--seeds", seeds), ("--epochs", epochs)):
-        if value < 1:
+        if value is not None and value < 1:
             ap.error(f"{name} must be a positive integer, got {value}")
     if args.seconds is not None and not args.seconds > 0:
         ap.error(f"--seconds must be a positive number, got {args.seconds:g}")

@@ -8,7 +8,7 @@ Every factory turns ``(model, task, hparams)`` into a :class:`Stepper`, whose
   the per-sample losses, shape ``(B,)``. With ``--grid``: every combination
   of ``k`` in ``{B/4, B/2, B}``, ``lr`` in ``{0.1, 0.3, 0.5, 1.0}`` and
   ``rtol`` in ``{1e-4, 1e-3, 1e-2}`` (36 points, as in the paper);
-* ``adam``, ``sgd``, ``rmsprop``: ``torch.optim`` with ``lr`` in
+* ``adam``, ``adamw`` (torch's ``weight_decay=0.01``), ``sgd``, ``rmsprop``: ``torch.optim`` with ``lr`` in
   ``{1e-4, 1e-3, 1e-2, 1e-1}`` on the mean loss;
 * ``lbfgs``: ``torch.optim.LBFGS(line_search_fn="strong_wolfe")`` with
   ``lr`` in ``{0.1, 0.5, 1}`` and ``max_iter`` in ``{1, 5}``, one
@@ -23,7 +23,7 @@ Every factory turns ``(model, task, hparams)`` into a :class:`Stepper`, whose
   (:class:`ReferenceSven`): the per-sample Jacobian materialised by
   ``torch.func.jacrev`` of a ``functional_call`` on the flat parameter
   vector, a **full** ``torch.linalg.svd(full_matrices=False)``, then
-  truncation to ``k`` and ``rtol``. Same hyperparameters as ``sven``.
+  truncation to ``k`` and ``rtol``. Same hyperparameters as ``sven``; only where ``Task.sven_reference``.
 
 On the full-batch tasks (:class:`~sven.bench.tasks.full_batch.FullBatchTask`,
 the PINNs) a factory builds a :class:`FullBatchStepper` instead
@@ -36,7 +36,7 @@ Sven with a fixed damping). ``sven-reference`` has no full-batch form
 (:meth:`OptimizerFactory.supports`).
 
 Under ``--quick`` the baseline grids shrink (:meth:`OptimizerFactory.grid`):
-``lr`` in ``{1e-3, 1e-2}`` for Adam, SGD and RMSprop; ``lr=1, max_iter`` in
+``lr`` in ``{1e-3, 1e-2}`` for Adam, AdamW, SGD and RMSprop; ``lr=1, max_iter`` in
 ``{1, 5}`` for L-BFGS; Sven's ``--grid`` to ``k`` in ``{B/2, B}``, ``lr`` in
 ``{0.1, 0.5}``, ``rtol=1e-3``.
 """
@@ -555,7 +555,7 @@ class _SvenReference(OptimizerFactory):
     description = "the original code's Sven: jacrev Jacobian, full torch.linalg.svd, then truncation (task defaults)"
 
     def supports(self, task: AnyTask) -> bool:
-        return isinstance(task, Task)
+        return isinstance(task, Task) and task.sven_reference  # off where its step takes seconds
 
     def grid(self, task: AnyTask, *, quick: bool = False, sven_grid: bool = False) -> list[Hparams]:
         return [dict(task.sven_defaults)] if self.supports(task) else []
@@ -577,6 +577,7 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     for f in (
         _Sven(),
         _FirstOrder(torch.optim.Adam, "adam"),
+        _FirstOrder(torch.optim.AdamW, "adamw"),
         _FirstOrder(torch.optim.SGD, "sgd"),
         _FirstOrder(torch.optim.RMSprop, "rmsprop"),
         _LBFGS(),

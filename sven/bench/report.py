@@ -453,6 +453,8 @@ def markdown(results: BenchResults, plots: Sequence[str] = PLOTS) -> str:
     c = results.config
     m = results.machine
     kind = "**Quick run** (`--quick`: a smoke test, not the benchmark)" if c.quick else "Full run"
+    own = ", ".join(f"{name} {t['epochs']}" for name, t in results.tasks.items() if t.get("unit") == "epoch")
+    epochs = f"{c.epochs} epochs" if c.epochs else f"each task's own epochs ({own})"  # no --epochs: the tasks'
     lines = [
         "# Sven benchmark results",
         "",
@@ -460,7 +462,7 @@ def markdown(results: BenchResults, plots: Sequence[str] = PLOTS) -> str:
         "",
         f"* command: `{results.command}`" if results.command else "* command: (library call)",
         f"* started {results.started}, {results.elapsed:.0f} s in total, {len(results.runs)} runs",
-        f"* {c.seeds} model seed(s), {c.epochs} epochs, grid selection on "
+        f"* {c.seeds} model seed(s), {epochs}, grid selection on "
         + ("every seed" if c.grid_all_seeds else "seed 0, then the selected point on every seed")
         + (", Sven's `--grid`" if c.sven_grid else ""),
         f"* machine: {m.get('cpu')}, {m.get('cpu_count')} CPUs, torch {m.get('torch')} "

@@ -142,7 +142,7 @@ class BenchConfig:
         tasks: task names.
         optimizers: optimizer names.
         seeds: number of model seeds (``0 .. seeds - 1``).
-        epochs: epochs per run (mini-batch tasks).
+        epochs: epochs per run on every mini-batch task (``None``: each task's own, :attr:`Task.epochs`).
         seconds: wall-time budget of a run on a full-batch task (``None``: the task's own).
         quick: ``--quick``: subsampled training sets and reduced baseline grids.
         sven_grid: ``--grid``: Sven's own hyperparameter grid.
@@ -154,7 +154,7 @@ class BenchConfig:
     tasks: tuple[str, ...]
     optimizers: tuple[str, ...]
     seeds: int = 3
-    epochs: int = 20
+    epochs: int | None = None
     seconds: float | None = None
     quick: bool = False
     sven_grid: bool = False
@@ -165,6 +165,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         for name in ("seeds", "epochs", "threads"):
             value = getattr(self, name)
+            if name == "epochs" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
         if self.seconds is not None and (isinstance(self.seconds, bool) or not self.seconds > 0):
@@ -177,6 +179,10 @@ class BenchConfig:
             get_task(t)
         for o in self.optimizers:
             get_optimizer(o)
+
+    def epochs_for(self, task: Task) -> int:
+        """The epochs of a run on ``task``: ``epochs``, else the task's own (:attr:`Task.epochs`)."""
+        return self.epochs if self.epochs is not None else task.epochs
 
     def budget(self, task: FullBatchTask) -> float:
         """The wall-time budget of a run on ``task``: ``seconds``, else the task's (quick) budget."""
@@ -530,7 +536,7 @@ def run_benchmark(
     def one(task: AnyTask, data: TaskData | None, factory: OptimizerFactory, hparams: Hparams, seed: int) -> RunResult:
         desc = f"{task.name} {factory.name} {format_hparams(hparams)} seed {seed}"
         full = isinstance(task, FullBatchTask)
-        total = task.n_checkpoints if isinstance(task, FullBatchTask) else config.epochs
+        total = task.n_checkpoints if isinstance(task, FullBatchTask) else config.epochs_for(task)
         unit = "checkpoint" if full else "epoch"
         ebar = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not show, position=1)
 
@@ -542,7 +548,8 @@ def run_benchmark(
             if isinstance(task, FullBatchTask):
                 return run_full_batch(task, factory, hparams, seed, seconds=config.budget(task), progress=progress)
             assert data is not None
-            return run_one(task, factory, hparams, seed, data=data, epochs=config.epochs, progress=progress)
+            epochs = config.epochs_for(task)
+            return run_one(task, factory, hparams, seed, data=data, epochs=epochs, progress=progress)
         finally:
             ebar.close()
 
@@ -555,7 +562,12 @@ def run_benchmark(
                 data = task.data()
                 if config.quick and task.quick_n_train is not None:
                     data = data.subsample(task.quick_n_train)
-                results.tasks[task.name] = {**task.describe(), "n_train": data.n_train, "n_val": data.n_val}
+                results.tasks[task.name] = {
+                    **task.describe(),
+                    "epochs": config.epochs_for(task),
+                    "n_train": data.n_train,
+                    "n_val": data.n_val,
+                }
                 results.tasks[task.name]["data"] = dict(data.info)
             results.tasks[task.name]["n_params"] = sum(p.numel() for p in task.model(0).parameters())
             for factory in factories:

@@ -10,10 +10,16 @@ either in a new file and add one line to :data:`TASKS`.
 from __future__ import annotations
 
 from .base import Goal, Task, TaskData, batches, mlp, per_sample_mse
+from .charlm import CharLMTask
 from .digits import DigitsTask
 from .digits_ce import DigitsCETask
 from .full_batch import FullBatchTask
+from .gru import GRUTask
 from .heat1d import Heat1DTask
+from .mnist1d import MNIST1DTask
+from .mnist_subset import MnistSubsetTask
+from .mnist_subset_cnn import MnistSubsetCNNTask
+from .mnist_subset_mse import MnistSubsetMSETask
 from .poisson2d import Poisson2DTask
 from .polynomial import PolynomialTask
 from .toy1d import Toy1DTask
@@ -42,6 +48,12 @@ TASKS: dict[str, type[Task] | type[FullBatchTask]] = {
     "digits-ce": DigitsCETask,
     "poisson2d": Poisson2DTask,
     "heat1d": Heat1DTask,
+    "mnist-subset": MnistSubsetTask,
+    "mnist-subset-mse": MnistSubsetMSETask,
+    "mnist-subset-cnn": MnistSubsetCNNTask,
+    "mnist1d": MNIST1DTask,
+    "charlm": CharLMTask,
+    "gru": GRUTask,
 }
 
 
