@@ -22,14 +22,15 @@ A step is a pipeline of small parts, each in its own module:
 * :mod:`sven.control`: step-control policies (damping, trust radius, variable-k, ...);
 * :mod:`sven.params`: applying a direction to the parameter groups;
 * :mod:`sven.update`: momentum and decoupled weight decay;
-* :mod:`sven.pinn`: residuals of differential equations (the pointwise route).
+* :mod:`sven.pinn`: residuals of differential equations (the pointwise route);
+* :mod:`sven.losses`: Gauss--Newton rows of cross-entropy (classifiers).
 
 The maths is in :mod:`sven.functional`; :class:`sven.Sven` (:mod:`sven.optim`)
 wires the parts to ``torch.optim``; :mod:`sven.nn` and :mod:`sven.opt` are the
 seed-compatible API.
 """
 
-from . import control, functional, jacobian, linearize, pinn
+from . import control, functional, jacobian, linearize, losses, pinn
 from .config import SvenConfig
 from .info import StepInfo
 from .nn import SvenWrapper
@@ -47,6 +48,7 @@ __all__ = [
     "functional",
     "jacobian",
     "linearize",
+    "losses",
     "pinn",
     "pinv",
 ]
