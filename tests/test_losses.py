@@ -63,11 +63,11 @@ def problems(draw: st.DrawFn):
     return logits, target, kw
 
 
-@given(problems(), st.sampled_from([None, 0, 1, 2]), st.booleans())
-def test_gradient_is_the_cross_entropy_gradient(problem, classes, scaled):
+@given(problems(), st.sampled_from([None, 0, 1, 2]))
+def test_gradient_is_the_cross_entropy_gradient(problem, classes):  # classes=1 is the default
     """``M^T R`` is the gradient of ``F.cross_entropy(..., reduction='sum')`` in the logits, for every option."""
     logits, target, kw = problem
-    R, J = _rows_jacobian(logits, lambda z: cross_entropy(z, target, classes=classes, scaled=scaled, **kw))
+    R, J = _rows_jacobian(logits, lambda z: cross_entropy(z, target, classes=classes, **kw))
     g = _ce_grad(logits, target, **kw)
     assert torch.isfinite(R).all()
     torch.testing.assert_close(J.T @ R, g, atol=1e-9 * (1 + g.abs().max()), rtol=1e-7)
@@ -75,9 +75,9 @@ def test_gradient_is_the_cross_entropy_gradient(problem, classes, scaled):
 
 @given(problems())
 def test_exact_rows_are_the_factor_of_the_hessian(problem):
-    """Unscaled, all classes: the Jacobian is ``sqrt(s) A^T``, the value ``sqrt(s) A^+ (p - q)``, ``M^T M = s H``."""
+    """All classes: the Jacobian is ``sqrt(s) A^T``, the value ``sqrt(s) A^+ (p - q)``, ``M^T M = s H``."""
     logits, target, kw = problem
-    R, J = _rows_jacobian(logits, lambda z: cross_entropy(z, target, scaled=False, **kw))
+    R, J = _rows_jacobian(logits, lambda z: cross_entropy(z, target, classes=None, **kw))
     q, s = cross_entropy_targets(logits, target, **kw)
     B, C = logits.shape
     p = torch.softmax(logits, -1)
@@ -92,37 +92,13 @@ def test_exact_rows_are_the_factor_of_the_hessian(problem):
             torch.testing.assert_close(R[i * C : (i + 1) * C], want, atol=1e-8 * (1 + want.abs().max()), rtol=1e-6)
 
 
-@given(problems())
-def test_scaled_rows_measure_the_loss(problem):
-    """``scaled``: ``1/2 ||R_i||^2`` is the loss less the target's entropy; the curvature is ``c s H``, ``c >= 1/2``."""
-    logits, target, kw = problem
-    R, J = _rows_jacobian(logits, lambda z: cross_entropy(z, target, **kw))
-    q, s = cross_entropy_targets(logits, target, **kw)
-    p = torch.softmax(logits, -1)
-    B, C = logits.shape
-    loss = F.cross_entropy(logits, target, reduction="none", **kw)
-    entropy = -(torch.where(q > 0, q * q.clamp(min=1e-300).log(), 0.0)).sum(-1)
-    half_sq = 0.5 * R.reshape(B, C).pow(2).sum(-1)
-    torch.testing.assert_close(half_sq, loss - s * entropy, atol=1e-9, rtol=1e-6)
-    for i in range(B):
-        if s[i] == 0:
-            continue
-        blk = J[i * C : (i + 1) * C, i * C : (i + 1) * C]
-        H = s[i] * (torch.diag(p[i]) - torch.outer(p[i], p[i]))
-        curv = blk.T @ blk
-        c = float((curv * H).sum() / (H * H).sum())  # the multiple of H (when H != 0)
-        if float(H.abs().max()) > 1e-12:
-            assert c >= 0.5 - 1e-9
-            torch.testing.assert_close(curv, c * H, atol=1e-10 * (1 + float(curv.abs().max())), rtol=1e-7)
-
-
 @given(problems(), st.integers(0, 4))
 def test_fewer_classes_restrict_the_curvature(problem, classes):
     """``classes=k``: ``k + 1`` rows; the curvature is below the full one (PSD) and equals it when ``k >= C - 1``."""
     logits, target, kw = problem
     B, C = logits.shape
-    _, Jf = _rows_jacobian(logits, lambda z: cross_entropy(z, target, scaled=False, **kw))
-    Rk, Jk = _rows_jacobian(logits, lambda z: cross_entropy(z, target, classes=classes, scaled=False, **kw))
+    _, Jf = _rows_jacobian(logits, lambda z: cross_entropy(z, target, classes=None, **kw))
+    Rk, Jk = _rows_jacobian(logits, lambda z: cross_entropy(z, target, classes=classes, **kw))
     assert Rk.numel() == B * min(classes + 1, C)
     gap = torch.linalg.eigvalsh(Jf.T @ Jf - Jk.T @ Jk)
     scale = 1 + float(torch.linalg.eigvalsh(Jf.T @ Jf).abs().max())
@@ -131,28 +107,22 @@ def test_fewer_classes_restrict_the_curvature(problem, classes):
         assert float(gap.abs().max()) <= 1e-9 * scale
 
 
-def test_one_row_scaled_is_kappa_one():
-    """``classes=0, scaled``: value ``sqrt(2 l)``; the Sven step equals kappa=1 on the per-sample loss."""
-    torch.manual_seed(0)
-    x, y = torch.randn(12, 5, dtype=DT), torch.randint(0, 4, (12,))
-
-    def net():
-        torch.manual_seed(1)
-        return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 4)).double()
-
-    a, b = net(), net()
-    rows = cross_entropy(a(x), y, classes=0)
-    torch.testing.assert_close(rows.detach()[:, 0], (2 * F.cross_entropy(a(x), y, reduction="none")).sqrt().detach())
-    opt_a = sven.Sven(a.parameters(), lr=1.0, residuals=True, adaptive_damping=False, jacobian="autograd")
-    opt_b = sven.Sven(b.parameters(), lr=1.0, kappa=1.0, adaptive_damping=False, jacobian="autograd")
-    opt_a.step(lambda: cross_entropy(a(x), y, classes=0))
-    opt_b.step(lambda: F.cross_entropy(b(x), y, reduction="none"))
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, atol=1e-10, rtol=1e-8)
+@given(problems())
+def test_one_row_is_the_gradient_direction(problem):
+    """``classes=0``: one row per sample, value ``||r|| = sqrt(chi^2(q || p))``, Jacobian ``grad l / ||r||``."""
+    logits, target, kw = problem
+    B, C = logits.shape
+    R, J = _rows_jacobian(logits, lambda z: cross_entropy(z, target, classes=0, **kw))
+    full = cross_entropy(logits, target, classes=None, **kw)
+    torch.testing.assert_close(R, full.norm(dim=1))
+    g = _ce_grad(logits, target, **kw).reshape(B, C)
+    for i in range(B):
+        if float(R[i]) > 1e-6 * float(full[i].abs().max() + 1):
+            torch.testing.assert_close(J[i].reshape(B, C)[i], g[i] / R[i], atol=1e-9, rtol=1e-7)
 
 
-def _ggn_step(model, x, y, *, scaled: bool) -> np.ndarray:
-    """``-(sum_i c_i J_i^T H_i J_i)^+ J^T (p - q)``, from the per-sample logit Jacobians by autograd."""
+def _ggn_step(model, x, y) -> np.ndarray:
+    """``-(sum_i J_i^T H_i J_i)^+ J^T (p - q)``, from the per-sample logit Jacobians by autograd."""
     params = list(model.parameters())
     z = model(x)
     B, C = z.shape
@@ -169,36 +139,35 @@ def _ggn_step(model, x, y, *, scaled: bool) -> np.ndarray:
     grad = torch.zeros(Jz.shape[-1], dtype=DT)
     for i in range(B):
         H = torch.diag(p[i]) - torch.outer(p[i], p[i])
-        c = 1.0
-        if scaled:
-            c = float(((p[i] - q[i]) ** 2 / p[i]).sum() / (2 * F.cross_entropy(zd[i : i + 1], y[i : i + 1])))
-        G += c * Jz[i].T @ H @ Jz[i]
+        G += Jz[i].T @ H @ Jz[i]
         grad += Jz[i].T @ (p[i] - q[i])
     return -np.linalg.lstsq(G.numpy(), grad.numpy(), rcond=1e-10)[0]
 
 
-@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("jacobian", ["gram", "autograd"])
-def test_sven_step_is_the_ggn_step(scaled, jacobian, one_thread):
-    """The plain Sven step (lr 1, no truncation) on the rows is the minimum-norm GGN step, on both routes."""
+def test_sven_step_is_the_ggn_step(jacobian, one_thread):
+    """The plain Sven step (lr 1, no truncation) on all ``C`` rows is the minimum-norm GGN step, on both routes."""
     torch.manual_seed(0)
     x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
-    want = _ggn_step(model, x, y, scaled=scaled)  # P = 67 > B (C - 1) = 12: the GGN is singular
+    want = _ggn_step(model, x, y)  # P = 67 > B (C - 1) = 12: the GGN is singular
     before = torch.cat([t.detach().reshape(-1) for t in model.parameters()])
     opt = sven.Sven(model.parameters(), lr=1.0, rtol=1e-10, residuals=True, adaptive_damping=False, jacobian=jacobian)
-    opt.step(lambda: cross_entropy(model(x), y, scaled=scaled))
+    opt.step(lambda: cross_entropy(model(x), y, classes=None))
     got = (torch.cat([t.detach().reshape(-1) for t in model.parameters()]) - before).numpy()
     np.testing.assert_allclose(got, want, atol=1e-8 * np.abs(want).max(), rtol=1e-6)
     assert opt.last_step.rank == 6 * 2  # C - 1 directions per sample: ker A^T = span(1)
 
 
-def test_defaults_train_a_classifier(one_thread):
-    """With the defaults (adaptive damping) the training loss falls and no step is skipped."""
+def test_preset_trains_a_classifier(one_thread):
+    """``sven.losses.optimizer``: the training loss falls, no step is skipped, overrides apply."""
     torch.manual_seed(0)
-    x, y = torch.randn(64, 10), torch.randint(0, 4, (64,))
+    x = torch.randn(64, 10)
+    y = (x @ torch.randn(10, 4)).argmax(1)  # learnable labels
     model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-    opt = sven.Sven(model.parameters(), residuals=True)
+    opt = sven.losses.optimizer(model.parameters())
+    assert (opt.config.damping, opt.config.adaptive_damping, opt.config.residuals) == (0.3, False, True)
+    assert sven.losses.optimizer(model.parameters(), lr=0.5).param_groups[0]["lr"] == 0.5
     before = float(F.cross_entropy(model(x), y).detach())
     for _ in range(10):
         opt.step(lambda: cross_entropy(model(x), y, classes=2))
@@ -224,12 +193,12 @@ def test_underflowed_probabilities_stay_finite():
     """A target class with probability far below the float32 epsilon: finite rows, the other rows unchanged."""
     z = torch.tensor([[0.0, 200.0, -50.0], [3.0, 0.0, 1.0]], requires_grad=True)
     y = torch.tensor([0, 0])
-    for scaled in (False, True):
-        rows = cross_entropy(z, y, scaled=scaled)
+    for classes in (None, 1):
+        rows = cross_entropy(z, y, classes=classes)
         assert torch.isfinite(rows).all()
         (g,) = torch.autograd.grad(rows.sum(), z)
         assert torch.isfinite(g).all()
-    ok = cross_entropy(z.detach().double(), y, scaled=False)[1]
+    ok = cross_entropy(z.detach().double(), y, classes=None)[1]
     p = torch.softmax(z.detach()[1].double(), -1)
     torch.testing.assert_close(ok, (p - F.one_hot(y[1], 3).double()) / p.sqrt())
 
@@ -237,8 +206,8 @@ def test_underflowed_probabilities_stay_finite():
 def test_numpy_scalars_are_accepted():
     z = torch.randn(4, 3, dtype=DT)
     y = torch.randint(0, 3, (4,))
-    a = cross_entropy(z, y, classes=np.int64(1), label_smoothing=np.float32(0.25), scaled=np.bool_(True))
-    b = cross_entropy(z, y, classes=1, label_smoothing=0.25, scaled=True)
+    a = cross_entropy(z, y, classes=np.int64(1), label_smoothing=np.float32(0.25), ignore_index=np.int64(-1))
+    b = cross_entropy(z, y, classes=1, label_smoothing=0.25, ignore_index=-1)
     torch.testing.assert_close(a, b)
 
 
@@ -259,7 +228,6 @@ def test_numpy_scalars_are_accepted():
         ({"label_smoothing": 1.5}, ValueError, r"`label_smoothing` must be a float in \[0, 1\]"),
         ({"classes": -1}, ValueError, r"`classes` must be a non-negative integer"),
         ({"classes": 1.5}, ValueError, r"`classes` must be a non-negative integer"),
-        ({"scaled": "yes"}, ValueError, r"`scaled` must be True or False"),
         ({"ignore_index": 0.5}, ValueError, r"`ignore_index` must be an integer"),
     ],
 )
