@@ -64,7 +64,7 @@ def test_core_dependencies_and_extras() -> None:
     extras = project["optional-dependencies"]
     names = {extra: {req.split(">")[0] for req in reqs} for extra, reqs in extras.items()}
     assert names["sklearn"] == {"scikit-learn"}
-    assert names["bench"] == {"matplotlib", "tqdm", "scikit-learn"}
+    assert names["bench"] == {"matplotlib", "tqdm", "scikit-learn", "mlxtend"}
     assert names["dev"] >= names["sklearn"] | names["bench"] | {"pytest", "hypothesis", "pytest-benchmark"}
     # truncpinv/_optional.py names the same extras, by import name
     assert set(EXTRAS) == {"sklearn", "bench"}
