@@ -41,7 +41,7 @@ is the loss's second-order model in the logits. Another square root of
 Autograd sees the Jacobian and Sven the values because, with ``p`` held
 constant, the rows are ``A^T z - (A^T z).detach() + r``, with
 :math:`A^\top z = \sqrt p \circ (z - p^\top z)`. Return them from the closure
-with ``residuals=True``.
+to a :func:`optimizer` (``sven.Sven`` with ``residuals=True`` and a fixed damping).
 
 **Fewer rows** (``classes=k``). ``C`` rows per sample cost ``C`` backward
 passes on the Gram route and a ``(B C)``-sized eigenproblem. With ``classes=k``
@@ -53,7 +53,8 @@ orthonormal basis of the kept coordinates and the unit vector
 still the exact gradient, and the curvature :math:`J^\top A U U^\top A^\top J`
 is the GGN's restriction, below it (:math:`U U^\top \preceq I`). The dropped
 rows are the classes with the least probability, whose rows are small
-(:math:`\|a_c\| \le \sqrt{p_c}`). ``classes=0`` is a single row per sample,
+(:math:`\|A e_c\| \le \sqrt{2 p_c}`). The default is ``classes=1``: two rows per
+sample. ``classes=0`` is a single row per sample,
 value :math:`\|r\| = \sqrt{\chi^2(q\|p)}` and Jacobian
 :math:`\nabla_\theta\ell / \|r\|`: the GGN along the gradient only. For a
 vocabulary-sized ``C`` (a language model, one position per token) use a
@@ -101,11 +102,12 @@ __all__ = ["PRESET", "cross_entropy", "cross_entropy_targets", "optimizer"]
 #: The :class:`sven.Sven` options of :func:`optimizer`, for a closure that returns :func:`cross_entropy` rows:
 #:
 #: * ``residuals=True``: the rows are residuals;
-#: * a fixed damping ``0.3`` (relative to :math:`\sigma_{max}^2`) and ``lr=1``, no adaptive damping: on the
-#:   MNIST-5000 MLP and the sklearn digits MLP (docs/sven.md, "Classifiers") the undamped GGN step
-#:   diverged, damping ``0.03`` diverged, and the adaptive Levenberg--Marquardt damping, which judges a
-#:   step by the squared rows rather than by the cross-entropy, overfitted (test loss 3x Adam's); 0.1--0.3
-#:   were best, ``1`` too slow.
+#: * a fixed damping ``0.3`` (relative to :math:`\sigma_{max}^2`), ``lr=1``, no adaptive damping. On the
+#:   sklearn digits MLP the undamped GGN step diverged, and so did damping ``0.03``; on the MNIST-5000 MLP
+#:   damping ``1`` was worse than ``0.3``. The adaptive Levenberg--Marquardt damping judges a step by the
+#:   squared rows (:math:`\chi^2(q\|p)`), not by the cross-entropy: it rejected half the steps on digits,
+#:   and with rows rescaled to make that judgement exact it let the damping fall and overfitted (MNIST-5000
+#:   test loss 0.99 against Adam's 0.27). docs/sven.md ("Classifiers") has the measurements.
 PRESET: dict[str, Any] = {"lr": 1.0, "residuals": True, "damping": 0.3, "adaptive_damping": False}
 
 
