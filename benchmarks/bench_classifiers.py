@@ -29,7 +29,7 @@ from truncpinv._optional import require
 
 BATCH = 64
 ADAM_LRS = (3e-4, 1e-3, 3e-3)
-PRESET = "GGN rows, classes=1, damping 0.3, lr 1 (sven.losses.optimizer)"
+PRESET = "GGN rows, classes=1, damping 0.1, lr 0.5 (sven.losses.optimizer)"
 
 #: An optimizer factory: parameters -> optimizer.
 Maker = Callable[[Any], Any]
@@ -47,6 +47,10 @@ def _per_sample(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[]
     return lambda: F.cross_entropy(net(x), y, reduction="none")
 
 
+def _ggn(**kw: Any) -> Maker:
+    return lambda params: sven.losses.optimizer(params, **kw)
+
+
 def _rows(classes: int | None) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]:
     return lambda net, x, y: lambda: sven.losses.cross_entropy(net(x), y, classes=classes)
 
@@ -58,13 +62,15 @@ VARIANTS: dict[str, tuple[Maker, Any]] = {
     "Sven, kappa=1": (_sven(kappa=1.0), _per_sample),
     "Sven, the paper's step (rank B/2, lr 0.5, no damping)": (_sven(rank=0.5, adaptive_damping=False), _per_sample),
     PRESET: (sven.losses.optimizer, _rows(1)),
+    "GGN rows, classes=1, damping 0.2, lr 0.7": (_ggn(damping=0.2, lr=0.7), _rows(1)),
+    "GGN rows, classes=1, damping 0.3, lr 1": (_ggn(damping=0.3, lr=1.0), _rows(1)),
     "GGN rows, classes=1, damping 0.3, lr 1, weight_decay 1e-3": (
-        lambda p: sven.losses.optimizer(p, weight_decay=1e-3),
+        _ggn(damping=0.3, lr=1.0, weight_decay=1e-3),
         _rows(1),
     ),
-    "GGN rows, classes=2, damping 0.3, lr 1": (sven.losses.optimizer, _rows(2)),
-    "GGN rows, classes=2, damping 0.1, lr 0.5": (lambda p: sven.losses.optimizer(p, damping=0.1, lr=0.5), _rows(2)),
-    "GGN rows, all classes, damping 0.3, lr 1": (sven.losses.optimizer, _rows(None)),
+    "GGN rows, classes=2, damping 0.3, lr 1": (_ggn(damping=0.3, lr=1.0), _rows(2)),
+    "GGN rows, classes=2, damping 0.1, lr 0.5": (sven.losses.optimizer, _rows(2)),
+    "GGN rows, all classes, damping 0.3, lr 1": (_ggn(damping=0.3, lr=1.0), _rows(None)),
 }
 
 

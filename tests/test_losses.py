@@ -166,8 +166,8 @@ def test_preset_trains_a_classifier(one_thread):
     y = (x @ torch.randn(10, 4)).argmax(1)  # learnable labels
     model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
     opt = sven.losses.optimizer(model.parameters())
-    assert (opt.config.damping, opt.config.adaptive_damping, opt.config.residuals) == (0.3, False, True)
-    assert sven.losses.optimizer(model.parameters(), lr=0.5).param_groups[0]["lr"] == 0.5
+    assert (opt.config.damping, opt.config.adaptive_damping, opt.config.residuals) == (0.1, False, True)
+    assert sven.losses.optimizer(model.parameters(), lr=0.25).param_groups[0]["lr"] == 0.25
     before = float(F.cross_entropy(model(x), y).detach())
     for _ in range(10):
         opt.step(lambda: cross_entropy(model(x), y, classes=2))
