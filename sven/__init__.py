@@ -24,13 +24,14 @@ A step is a pipeline of small parts, each in its own module:
 * :mod:`sven.update`: momentum and decoupled weight decay;
 * :mod:`sven.pinn`: residuals of differential equations (the pointwise route);
 * :mod:`sven.least_squares`: ``least_squares`` and ``curve_fit``, scipy-like front-ends (Levenberg--Marquardt).
+* :mod:`sven.losses`: Gauss--Newton rows of cross-entropy (classifiers).
 
 The maths is in :mod:`sven.functional`; :class:`sven.Sven` (:mod:`sven.optim`)
 wires the parts to ``torch.optim``; :mod:`sven.nn` and :mod:`sven.opt` are the
 seed-compatible API.
 """
 
-from . import control, functional, jacobian, linearize, pinn
+from . import control, functional, jacobian, linearize, losses, pinn
 from .config import SvenConfig
 from .info import StepInfo
 from .least_squares import LeastSquaresResult, curve_fit, least_squares
@@ -52,6 +53,7 @@ __all__ = [
     "jacobian",
     "least_squares",
     "linearize",
+    "losses",
     "pinn",
     "pinv",
 ]
