@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 from collections import defaultdict
+from typing import Any
 
 BASE = "torch-svd-then-truncate"
 
@@ -109,9 +110,13 @@ def plot(groups: dict[str, list[tuple[str, float, float]]], path: str) -> bool:
         ax.tick_params(axis="x", labelrotation=30)
         ax.set_title(group, fontsize=9)
         ax.axhline(1e-4, color="grey", lw=0.5, ls="--")
-    handles, labels = axes.flat[0].get_legend_handles_labels()  # one legend below the panels, over no data
+    legend: dict[str, Any] = {}  # one legend below the panels, over no data: every method of every panel, once
+    for ax in axes.flat[:n]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=7)
-    fig.tight_layout(rect=(0, 0.1 if nrows == 1 else 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 if nrows == 1 else 0.04 + 0.02 * -(-len(labels) // 7), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
