@@ -50,7 +50,7 @@ from ._certify import UncertifiedResultWarning
 from ._factorization import TruncatedPinv, no_tf32
 from ._operator import OperatorView, aslinearoperator
 from ._tolerance import make_tolerance
-from ._validation import is_numpy_world
+from ._validation import check_no_grad, is_numpy_world
 from .solvers import Auto, DenseSVD, GramEigen, Lanczos, Solver
 from .solvers.gram_eigen import _zero_below
 
@@ -79,6 +79,7 @@ class _RmatmatOperator(OperatorView):
 def _prepare_operator(operator: Any) -> tuple[Any, bool]:
     """Validate ``operator``; returns ``(op, numpy_out)`` with ``op`` a tensor or an operator."""
     numpy_out = is_numpy_world(operator)
+    check_no_grad("operator", operator)
     if isinstance(operator, (torch.Tensor, np.ndarray)):
         op: Any = aslinearoperator(operator).A  # type: ignore[attr-defined]
         if op.ndim != 2:
@@ -115,6 +116,7 @@ def _prepare_gram(K: Any, m: int, device: torch.device, check_finite: bool) -> t
         K = torch.from_numpy(np.ascontiguousarray(K))
     if not isinstance(K, torch.Tensor):
         raise TypeError(f"`K` must be a torch.Tensor or numpy.ndarray, got {type(K).__name__}")
+    check_no_grad("K", K)
     if not K.dtype.is_floating_point:
         raise TypeError(f"`K` must have a real floating dtype, got {K.dtype}")
     if K.ndim != 2 or K.shape[0] != K.shape[1]:

@@ -15,7 +15,7 @@ import torch
 
 from ._operator import LinearOperator, OperatorView, aslinearoperator, is_operator
 
-__all__ = ["PreparedMatrix", "is_numpy_world", "prepare_matrix", "prepare_rhs"]
+__all__ = ["PreparedMatrix", "check_no_grad", "is_numpy_world", "prepare_matrix", "prepare_rhs"]
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -156,8 +156,27 @@ def _as_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
     )
 
 
+def check_no_grad(name: str, x: Any) -> None:
+    """Refuse a tensor that requires grad while autograd records: truncpinv does not differentiate through it.
+
+    Its factorisations run without a graph, so ``x.grad`` would silently stay
+    ``None`` (the result would depend on ``b`` only). Gradients with respect to
+    ``b`` are unaffected: ``F @ b`` is a product of ``b`` with the factors.
+    """
+    inner = getattr(x, "A", None) if not isinstance(x, torch.Tensor) else x  # a TensorOperator's matrix
+    if isinstance(inner, torch.Tensor) and inner.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"`{name}` requires grad, but truncpinv does not differentiate through `{name}`: its factorisations "
+            f"run without an autograd graph, so `{name}.grad` would silently stay None. Pass `{name}.detach()` "
+            f"if no gradient with respect to `{name}` is wanted (gradients with respect to `b` still flow through "
+            f"`F @ b` and `tp.lstsq`), or use torch.linalg.lstsq / torch.linalg.pinv for a solve that is "
+            f"differentiable in `{name}`"
+        )
+
+
 def prepare_matrix(A: Any, *, allow_operator: bool, solver: str, check_finite: bool = True) -> PreparedMatrix:
     """Validate the matrix ``A`` and convert it to a tensor or an operator."""
+    check_no_grad("A", A)
     if is_operator(A):
         if not allow_operator:
             raise TypeError(
