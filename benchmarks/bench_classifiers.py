@@ -156,6 +156,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help="a subset of the variant names")
     ap.add_argument("--time-only", action="store_true", help="only the step times relative to Adam's")
     a = ap.parse_args()
+    unknown = [n for n in a.variants if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown --variants {unknown}; choose from {list(VARIANTS)}")
     torch.set_num_threads(1)
     data = load(a.task)
     ratio = step_ratios(a.task, data)
