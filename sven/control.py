@@ -32,6 +32,7 @@ the wrappers. Pass it as ``sven.Sven(..., control=...)``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,7 +187,9 @@ class AdaptiveDamping(Policy):
     is not stationary (:func:`sven.functional.gradient_cosine` above
     :data:`STALL_COSINE`) a ``RuntimeWarning`` says so: the Jacobian does not
     describe the closure (a detached or non-differentiable computation, a
-    closure that changes between calls, noise).
+    closure that changes between calls, noise). Residuals already at the
+    round-off level of the largest :math:`\|R\|^2` seen (``(1e3 eps)^2`` of it: an
+    exact fit) stay silent: no step can reduce them further.
     """
 
     needs_evaluate = True
@@ -197,6 +200,7 @@ class AdaptiveDamping(Policy):
         self.state = SF.DampingState(lam=start)
         self.max_retries = max_retries
         self.floor = floor
+        self.peak = 0.0  # the largest ||R||^2 seen: a stall at round-off below it is convergence, not a stall
 
     @property
     def damping(self) -> float:
@@ -213,6 +217,8 @@ class AdaptiveDamping(Policy):
         evaluate = _evaluator(ctx)
         restore = ctx.save()
         tries = 1 + self.max_retries
+        loss = float(ctx.R.double().pow(2).sum())
+        self.peak = max(self.peak, loss) if math.isfinite(loss) else self.peak
         out = Outcome(damping=self.state.lam)
         for attempt in range(tries):
             lam = out.damping = self.state.lam
@@ -230,7 +236,9 @@ class AdaptiveDamping(Policy):
             ctx.reject()
         out.rejected, out.retries, out.direction = True, tries, None
         out.stalled = self.state.lam >= SF.DAMPING_MAX
-        if out.stalled:
+        # residuals at the round-off level of the largest seen (an exact fit) cannot be reduced by any step
+        roundoff = (1e3 * torch.finfo(ctx.R.dtype).eps) ** 2 * self.peak
+        if out.stalled and loss > roundoff:
             cos = float(SF.gradient_cosine(ctx.F, ctx.R))
             if cos > STALL_COSINE:
                 warnings.warn(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -229,3 +230,17 @@ def test_column_scaling_direction_is_the_scaled_lm_step() -> None:
     lam = 0.1 * s1**2
     ref = torch.linalg.solve(A.T @ A + lam * torch.diag(D**2), A.T @ b)  # the normal equations of the damped problem
     np.testing.assert_allclose(w.detach().numpy(), ref.numpy(), rtol=1e-9)
+
+
+def test_an_exact_fit_at_round_off_is_convergence_not_a_stall() -> None:
+    """Once the residuals are at round-off, every try is rejected: that is the end of the fit, so no stall warning."""
+    x = torch.linspace(0, 1, 100, dtype=torch.float64)
+    y = 2 * torch.exp(-1.5 * x) + 0.3  # exactly representable by the model
+    p = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = sven.Sven([p], residuals=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(30):
+            R = opt.step(lambda: p[0] * torch.exp(p[1] * x) + p[2] - y)
+    assert float(R.pow(2).sum()) <= 1e-24
+    torch.testing.assert_close(p.detach(), torch.tensor([2.0, -1.5, 0.3], dtype=torch.float64), rtol=1e-10, atol=1e-10)
