@@ -90,7 +90,7 @@ def pinv(
         A :class:`TruncatedPinv`; ``F @ b`` solves, ``F.T`` is the pseudoinverse of
         ``A^T``, ``F.truncate(...)`` re-thresholds, ``F.to_dense()`` forms the matrix.
     """
-    if isinstance(solver, LSMR) or (isinstance(solver, str) and solver == LSMR.name):
+    if isinstance(solver, LSMR) or solver == LSMR.name:
         raise ValueError(
             "solver 'lsmr' solves least-squares problems without factorising `A`, so it has no pseudoinverse "
             "to return; use tp.lstsq(A, b, solver='lsmr'), or an SVD solver here"
@@ -128,7 +128,7 @@ def lstsq(
       by LSMR (no truncation: ``rank``/``rtol``/``atol`` must stay ``None``);
       ``LSMR().solve(A, b)`` also returns the statistics.
     """
-    if isinstance(solver, LSMR) or (isinstance(solver, str) and solver == LSMR.name):
+    if isinstance(solver, LSMR) or solver == LSMR.name:
         for name, val in (("rank", rank), ("rtol", rtol), ("atol", atol)):
             if val is not None:
                 raise ValueError(
@@ -137,10 +137,10 @@ def lstsq(
                 )
         krylov = solver if isinstance(solver, LSMR) else LSMR()
         return krylov.solve(A, b, check_finite=check_finite).x
-    auto = isinstance(solver, Auto) or (isinstance(solver, str) and solver == Auto.name)
-    if auto and krylov_applies(A, rank=rank, rtol=rtol, atol=atol):
+    if (isinstance(solver, Auto) or solver == Auto.name) and krylov_applies(A, rank=rank, rtol=rtol, atol=atol):
         res = LSMR().solve_quietly(A, b, check_finite=check_finite)
         if res.certified and res.stats["cond_A"] < res.stats["conlim"]:
             return res.x
     F = pinv(A, rank=rank, rtol=rtol, atol=atol, solver=solver, check_finite=check_finite)
     return F.solve(b, check_finite=check_finite)
+

@@ -68,7 +68,7 @@ import torch
 from ._certify import default_tol, warn_from_caller
 from ._factorization import no_tf32
 from ._operator import LinearOperator, ScipyOperator, is_operator
-from ._tolerance import default_rtol
+from ._tolerance import default_rtol, is_int_scalar, is_real_scalar
 from ._validation import FiniteCheckedOperator, prepare_matrix, prepare_rhs
 from .solvers._base import _equilibrate, _ldexp
 
@@ -123,10 +123,6 @@ class LstsqResult:
         return bool(self.stats["certified"])
 
 
-def _is_real(v: Any) -> bool:
-    return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, float, np.integer, np.floating))
-
-
 @dataclass(frozen=True)
 class LSMR:
     r"""Minimum-norm least squares :math:`\min \|Ax - b\|^2 + \lambda^2 \|x\|^2` by LSMR, certified.
@@ -165,16 +161,16 @@ class LSMR:
     name: ClassVar[str] = "lsmr"
 
     def __post_init__(self) -> None:
-        if self.tol is not None and (not _is_real(self.tol) or not 0 < float(self.tol) < 1):
+        if self.tol is not None and (not is_real_scalar(self.tol) or not 0 < float(self.tol) < 1):
             raise ValueError(f"`tol` must be a float in (0, 1) or None, got {self.tol!r}")
         if self.maxiter is not None:
-            if isinstance(self.maxiter, (bool, np.bool_)) or not isinstance(self.maxiter, (int, np.integer)):
+            if not is_int_scalar(self.maxiter):
                 raise TypeError(f"`maxiter` must be a positive integer or None, got {self.maxiter!r}")
             if self.maxiter < 1:
                 raise ValueError(f"`maxiter` must be a positive integer, got {self.maxiter}")
-        if not _is_real(self.damp) or not math.isfinite(float(self.damp)) or self.damp < 0:
+        if not is_real_scalar(self.damp) or not math.isfinite(float(self.damp)) or self.damp < 0:
             raise ValueError(f"`damp` must be a non-negative finite float, got {self.damp!r}")
-        if self.conlim is not None and (not _is_real(self.conlim) or not float(self.conlim) > 1):
+        if self.conlim is not None and (not is_real_scalar(self.conlim) or not float(self.conlim) > 1):
             raise ValueError(f"`conlim` must be a float above 1 (math.inf for no limit) or None, got {self.conlim!r}")
 
     def resolved_conlim(self, shape: tuple[int, int], dtype: torch.dtype) -> float:

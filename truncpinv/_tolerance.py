@@ -22,11 +22,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Tolerance", "default_rtol", "resolve_cutoff", "select_rank"]
+__all__ = ["Tolerance", "default_rtol", "is_int_scalar", "is_real_scalar", "resolve_cutoff", "select_rank"]
 
 #: A default ``rtol`` above this value triggers a warning: it would silently
 #: discard a sizeable part of the spectrum (float32 matrices wider than ~84k).
@@ -93,6 +94,16 @@ def select_rank(S: torch.Tensor, *, cutoff: float, rank: int) -> int:
     return min(n_above, int(rank))
 
 
+def is_int_scalar(v: Any) -> bool:
+    """A Python or NumPy integer (``np.int64`` from shape arithmetic), not a bool."""
+    return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, np.integer))
+
+
+def is_real_scalar(v: Any) -> bool:
+    """A Python or NumPy real scalar (``np.float32`` from array arithmetic), not a bool."""
+    return not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, float, np.integer, np.floating))
+
+
 def make_tolerance(
     shape: tuple[int, int],
     dtype: torch.dtype,
@@ -112,7 +123,7 @@ def make_tolerance(
         k = full
     else:
         # Python and NumPy integers (np.int64 from shape arithmetic); bools and floats are refused
-        if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)):
+        if not is_int_scalar(rank):
             raise TypeError(
                 f"`rank` must be a positive integer or None, got {rank!r} ({type(rank).__name__}); "
                 f"pass an int such as `rank=int(r)`"
@@ -124,7 +135,7 @@ def make_tolerance(
         if val is None:
             continue
         # Python and NumPy real scalars (np.float32 from array arithmetic); bools are refused
-        if isinstance(val, (bool, np.bool_)) or not isinstance(val, (int, float, np.integer, np.floating)):
+        if not is_real_scalar(val):
             raise TypeError(f"`{name}` must be a non-negative float or None, got {val!r} ({type(val).__name__})")
         if not math.isfinite(float(val)) or val < 0:
             raise ValueError(f"`{name}` must be a non-negative finite float, got {val}")

@@ -137,8 +137,6 @@ class Linearizer:
         self.gram_allowed = gram_allowed
         self.rmsprop_on_jacobian = rmsprop_on_jacobian
         self.gram = GramRoute(seed=seed)
-        # under "auto", the Gram route declines a closure with more rows than parameters (rule 4)
-        self._tall_ratio = TALL_RATIO if requested == "auto" else None
         self.dense = DenseRoute(requested if requested in ("hooks", "autograd") else "auto")
         self.matfree = MatfreeRoute(chunk_size)
         self.pointwise = PointwiseRoute()
@@ -186,7 +184,8 @@ class Linearizer:
         if route == "matfree":
             return self.matfree(closure, params, rows)
         if route == "gram":
-            self.gram.tall_ratio = self._tall_ratio if agree is None else None
+            # under "auto" on one process, the Gram route declines a closure with more rows than parameters (rule 4)
+            self.gram.tall_ratio = TALL_RATIO if self.requested == "auto" and agree is None else None
             res = self.gram(closure, params, rows)
             if isinstance(res, Declined):
                 # more rows than parameters: M itself, from the same closure evaluation; dense from now on

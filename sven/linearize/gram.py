@@ -106,13 +106,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._validation import _is_real
 from .base import Declined, Linearization, RowSpec, Unsupported
 from .gram_bn import BATCHNORM_MODES, add_coupling, coupling
 from .gram_factors import GramJacobian, Piece, call_pieces, make_blocks
@@ -267,8 +267,8 @@ class LayerGram:
         verify = self.verify and not seen
         uncovered = [p for p in params if id(p) not in rec.covered]
         coupled = any(c.stats is not None for c in rec.calls)
-        low = min((p.dtype for p in params), key=lambda t: -torch.finfo(t).eps)
-        low = min((low, *(c.out.dtype for c in rec.calls)), key=lambda t: -torch.finfo(t).eps)
+        # the least precise dtype of the computation (bfloat16 models, torch.autocast): the verification's tolerance
+        low = max((*(p.dtype for p in params), *(c.out.dtype for c in rec.calls)), key=lambda t: torch.finfo(t).eps)
         outs: list[Any] = [c.out for c in rec.calls]
         like = [(c.out.shape, c.out.dtype) for c in rec.calls]
         if not coupled:
@@ -432,8 +432,7 @@ class GramRoute:
     def __init__(
         self, *, seed: int = 0, verify: bool = True, batchnorm: str = "exact", tall_ratio: float | None = None
     ) -> None:
-        ok = isinstance(tall_ratio, numbers.Real) and not isinstance(tall_ratio, bool) and float(tall_ratio) > 0
-        if tall_ratio is not None and not (ok and math.isfinite(float(tall_ratio))):
+        if tall_ratio is not None and not (_is_real(tall_ratio) and math.isfinite(tall_ratio) and tall_ratio > 0):
             raise ValueError(f"`tall_ratio` must be a positive finite number or None, got {tall_ratio!r}")
         self.layer_gram = LayerGram(seed=seed, verify=verify, batchnorm=batchnorm)
         self.tall_ratio = None if tall_ratio is None else float(tall_ratio)

@@ -302,11 +302,9 @@ class SvenWrapper:
             if isinstance(gres, GramJacobian):
                 self._last_rows = int(gres.output.shape[0])
                 return self._store_gram(gres, preds[-1].detach())
-            if isinstance(gres, Declined):
-                pass  # the materialised Jacobian, without a warning
-            elif self._method == "gram":
+            if self._method == "gram":
                 raise ValueError(f"`jacobian='gram'` does not apply to this model: {gres.reason}")
-            else:
+            if not isinstance(gres, Declined):  # declined (tall): the materialised Jacobian, without a warning
                 warnings.warn(
                     f"Sven: the Gram route does not apply ({gres.reason}); using the materialised Jacobian instead",
                     RuntimeWarning,

@@ -204,10 +204,10 @@ class GramEigen(Solver):
         # eigh): singular values below sqrt of that are indistinguishable from zero for this method.
         floor = math.sqrt(torch.finfo(acc).eps * long_) * smax
         S = _zero_below(S, floor)
-        stats: dict[str, object] = {"matvecs": matvecs, "iterations": 1}
         lost, probes = _lost_below_floor(A, Q, S, floor, tol)
+        matvecs += probes
+        stats: dict[str, object] = {"iterations": 1}
         if probes:
-            stats["matvecs"] = matvecs + probes
             stats["floor"] = floor / smax
         if lost:
             stats["lost_below_floor"] = lost
@@ -218,13 +218,12 @@ class GramEigen(Solver):
                 f"have ||A v|| above it; use solver='svd' (or 'auto', which does) for this matrix"
             )
         if m <= n:
-            return Triplets(Q.to(dtype), S.to(dtype), None, stats=stats)
+            return Triplets(Q.to(dtype), S.to(dtype), None, stats={"matvecs": matvecs, **stats})
         # tall: Q holds V; form U = A V S^{-1} for the positive part.
         V = Q.to(dtype)
         inv = reciprocal_or_zero(S).to(dtype)
         AV = A @ V if isinstance(A, torch.Tensor) else A.matmat(V)
-        stats["matvecs"] = int(stats["matvecs"]) + n  # type: ignore[call-overload]
-        return Triplets(AV * inv, S.to(dtype), V, stats=stats)
+        return Triplets(AV * inv, S.to(dtype), V, stats={"matvecs": matvecs + n, **stats})
 
     @staticmethod
     def _refine(A: torch.Tensor | LinearOperator, Q0: torch.Tensor, matvecs: int) -> Triplets:
