@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GOAL_KINDS", "Goal", "Task", "TaskData", "batches", "mlp", "per_sample_mse"]
+__all__ = ["GOAL_KINDS", "ClassifierTask", "Goal", "Task", "TaskData", "accuracy", "batches", "mlp", "per_sample_mse"]
 
 
 #: What a :class:`Goal` bounds, and how it reads in the report.
@@ -247,3 +248,23 @@ class Task(abc.ABC):
             "unit": "epoch",
             "epochs": self.epochs,
         }
+
+
+def accuracy(pred: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """``{"accuracy": fraction of argmax predictions equal to the label}``."""
+    return {"accuracy": float((pred.argmax(dim=-1) == y).float().mean())}
+
+
+class ClassifierTask(Task):
+    """A task whose model returns logits and whose labels are class indices: per-sample cross-entropy, accuracy."""
+
+    metric_names: ClassVar[tuple[str, ...]] = ("accuracy",)
+    loss_label: ClassVar[str] = "mean per-sample cross-entropy"
+
+    def per_sample_loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``cross_entropy(pred, y, reduction="none")``."""
+        return F.cross_entropy(pred, y, reduction="none")
+
+    def metrics(self, pred: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """See :func:`accuracy`."""
+        return accuracy(pred, y)

@@ -28,7 +28,7 @@ from torch import nn
 
 from truncpinv._optional import require
 
-from .base import Goal, Task, TaskData, mlp
+from .base import Goal, Task, TaskData, accuracy, mlp
 
 __all__ = ["LOADER_SEED", "SPLIT_SEED", "DigitsTask", "load_digits_split"]
 
@@ -93,5 +93,5 @@ class DigitsTask(Task):
         return ((pred - onehot) ** 2).sum(dim=-1)
 
     def metrics(self, pred: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """``{"accuracy": fraction of argmax predictions equal to the label}``."""
-        return {"accuracy": float((pred.argmax(dim=-1) == y).float().mean())}
+        """See :func:`~sven.bench.tasks.base.accuracy`."""
+        return accuracy(pred, y)

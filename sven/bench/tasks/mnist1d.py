@@ -48,12 +48,10 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 from torch import nn
 
-from .base import Task, TaskData, mlp
-from .mnist_subset import accuracy
+from .base import ClassifierTask, TaskData, mlp
 
 __all__ = [
     "LOADER_SEED",
@@ -246,7 +244,7 @@ def make_mnist1d(recipe: MNIST1DRecipe | None = None) -> MNIST1D:
     return MNIST1D(xs[:split], ys[:split], xs[split:], ys[split:], mean, std)
 
 
-class MNIST1DTask(Task):
+class MNIST1DTask(ClassifierTask):
     """The ``mnist1d`` task (see the module docstring for the recipe)."""
 
     name = "mnist1d"
@@ -258,8 +256,6 @@ class MNIST1DTask(Task):
     loader_seed = LOADER_SEED
     target = 1.0
     sven_defaults: ClassVar[Mapping[str, float | int]] = {"lr": 0.5, "rank": 32, "rtol": 1e-4, "kappa": 2.0}
-    metric_names = ("accuracy",)
-    loss_label = "mean per-sample cross-entropy"
     quick_n_train = 256
     epochs = 20
     sven_reference = False  # its step takes seconds on this model (base.Task.sven_reference)
@@ -278,11 +274,3 @@ class MNIST1DTask(Task):
     def model(self, seed: int) -> nn.Module:
         """MLP 40-256-256-10 with GELU, 78,858 parameters."""
         return mlp(256, 2, seed=seed, n_in=40, n_out=N_CLASSES)
-
-    def per_sample_loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``cross_entropy(pred, y, reduction="none")``."""
-        return F.cross_entropy(pred, y, reduction="none")
-
-    def metrics(self, pred: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """``{"accuracy": ...}`` (:func:`~sven.bench.tasks.mnist_subset.accuracy`)."""
-        return accuracy(pred, y)

@@ -31,12 +31,11 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from truncpinv._optional import require
 
-from .base import Task, TaskData, mlp
+from .base import ClassifierTask, TaskData, mlp
 
 __all__ = ["LOADER_SEED", "N_VAL", "SPLIT_SEED", "MnistSubsetTask", "load_mnist_subset", "mnist_5k"]
 
@@ -99,12 +98,7 @@ def load_mnist_subset() -> TaskData:
     )
 
 
-def accuracy(pred: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """``{"accuracy": fraction of argmax predictions equal to the label}``."""
-    return {"accuracy": float((pred.argmax(dim=-1) == y).float().mean())}
-
-
-class MnistSubsetTask(Task):
+class MnistSubsetTask(ClassifierTask):
     """The ``mnist-subset`` task (see the module docstring for the recipe)."""
 
     name = "mnist-subset"
@@ -116,8 +110,6 @@ class MnistSubsetTask(Task):
     loader_seed = LOADER_SEED
     target = 0.3
     sven_defaults: ClassVar[Mapping[str, float | int]] = {"lr": 0.5, "rank": 32, "rtol": 1e-4, "kappa": 2.0}
-    metric_names = ("accuracy",)
-    loss_label = "mean per-sample cross-entropy"
     quick_n_train = 256
     epochs = 10
     sven_reference = False  # its step takes seconds on this model (base.Task.sven_reference)
@@ -129,11 +121,3 @@ class MnistSubsetTask(Task):
     def model(self, seed: int) -> nn.Module:
         """MLP 784-128-10 with GELU, 101,770 parameters."""
         return mlp(128, 1, seed=seed, n_in=784, n_out=N_CLASSES)
-
-    def per_sample_loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``cross_entropy(pred, y, reduction="none")``."""
-        return F.cross_entropy(pred, y, reduction="none")
-
-    def metrics(self, pred: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """See :func:`accuracy`."""
-        return accuracy(pred, y)
