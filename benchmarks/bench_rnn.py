@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sven
-from benchmarks.step_cases import SeqRegressor, measure, noisy_sines
+from benchmarks.step_cases import SeqRegressor, adam_stepper, measure, noisy_sines
 
 TIME_GOAL = 3.0
 MEMORY_GOAL = 1.5
@@ -51,16 +51,7 @@ def steppers(cell: type[nn.Module], fallback: bool) -> dict[str, Callable[[], ob
     x, y = noisy_sines()
     base = SeqRegressor(cell)
     m_adam = copy.deepcopy(base)
-    adam = torch.optim.Adam(m_adam.parameters(), lr=1e-3)
-
-    def adam_step() -> object:
-        adam.zero_grad()
-        loss = per_sample_loss(m_adam(x), y).mean()
-        loss.backward()
-        adam.step()
-        return loss
-
-    fns: dict[str, Callable[[], object]] = {"adam": adam_step}
+    fns: dict[str, Callable[[], object]] = {"adam": adam_stepper(m_adam, lambda: per_sample_loss(m_adam(x), y))}
     for name, route in [("sven", "auto")] + ([("sven autograd", "autograd")] if fallback else []):
         model = copy.deepcopy(base)
         opt = sven.Sven(model.parameters(), lr=0.1, rank=32, rtol=1e-3, jacobian=route, adaptive_damping=False)

@@ -46,7 +46,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sven
-from benchmarks.step_cases import measure
+from benchmarks.step_cases import adam_stepper, measure
 
 VOCAB, WIDTH, HEADS, LAYERS, CONTEXT = 65, 64, 4, 2, 64
 VARIANTS = ("arange", "mha")
@@ -116,16 +116,7 @@ def steppers(variant: str, B: int, fallback: bool = False) -> dict[str, Callable
     x, y = batch(B)
     out: dict[str, Callable[[], object]] = {}
     m_adam = CharGPT(variant == "mha")
-    adam = torch.optim.Adam(m_adam.parameters(), lr=1e-3)
-
-    def adam_step() -> object:
-        adam.zero_grad()
-        loss = per_sample_ce(m_adam(x), y).mean()
-        loss.backward()
-        adam.step()
-        return loss
-
-    out["adam"] = adam_step
+    out["adam"] = adam_stepper(m_adam, lambda: per_sample_ce(m_adam(x), y))
     runs: list[tuple[str, dict[str, object]]] = [("sven", {}), ("sven-plain", {"adaptive_damping": False})]
     if fallback:
         runs.append(("sven-autograd", {"adaptive_damping": False, "jacobian": "autograd"}))

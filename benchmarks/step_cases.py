@@ -117,6 +117,20 @@ def measure(fns: dict[str, Callable[[], object]], *, rounds: int, per_round: int
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def adam_stepper(model: torch.nn.Module, losses: Callable[[], torch.Tensor], lr: float = 1e-3) -> Callable[[], object]:
+    """One Adam training step on ``model`` (zero_grad, the mean of ``losses()``, backward, step): the baseline."""
+    adam = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step() -> object:
+        adam.zero_grad()
+        loss = losses().mean()
+        loss.backward()
+        adam.step()
+        return loss
+
+    return step
+
+
 def stage_functions(case: Case, device: str = "cpu") -> dict[str, Callable[[], object]]:
     """An Adam step, a Sven step, and each stage of a Sven step on its own (on ``device``)."""
     base, x, y = case.build()
@@ -126,14 +140,7 @@ def stage_functions(case: Case, device: str = "cpu") -> dict[str, Callable[[], o
         return per_sample_mse(model(x), y)
 
     m_adam = copy.deepcopy(base)
-    adam = torch.optim.Adam(m_adam.parameters(), lr=1e-3)
-
-    def adam_step() -> object:
-        adam.zero_grad()
-        loss = loss_of(m_adam).mean()
-        loss.backward()
-        adam.step()
-        return loss
+    adam_step = adam_stepper(m_adam, lambda: loss_of(m_adam))
 
     m_sven = copy.deepcopy(base)
     opt = sven.Sven(m_sven.parameters(), lr=0.1, rank=case.rank, rtol=case.rtol, adaptive_damping=False)
