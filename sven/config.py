@@ -31,6 +31,8 @@ from ._validation import (
 from .control import Policy, make_policy
 from .functional import DAMPING_MIN
 from .linearize import ROUTES, Linearizer, RowSpec
+from .loss_rows import PRESET
+from .loss_rule import CrossEntropyRows
 from .precondition import ColumnScaling, RMSProp
 
 __all__ = [
@@ -102,6 +104,9 @@ class SvenConfig:
         check_step: :class:`sven.control.CheckStep`.
         seed: seed of the randomized solvers (step ``t`` uses ``seed + t``) and of the verification probes.
         chunk_size: columns per batched autograd call of the matrix-free route.
+        ggn: the loss rule (:mod:`sven.loss_rule`): ``True``, the closure returns softmax cross-entropy losses
+            and Sven uses their generalised Gauss--Newton rows with the settings of :data:`sven.losses.PRESET`;
+            ``False``, never; ``None`` (default), decided at the first step from the closure's output.
     """
 
     rank: int | float | None = None
@@ -126,6 +131,7 @@ class SvenConfig:
     check_step: bool = False
     seed: int = 0
     chunk_size: int = 64
+    ggn: bool | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -197,6 +203,18 @@ class SvenConfig:
             put("trust_radius", check_positive_float("trust_radius", self.trust_radius))
         put("check_step", check_bool("check_step", self.check_step))
         put("seed", check_nonneg_int("seed", self.seed))
+        if self.ggn is not None:
+            put("ggn", check_bool("ggn", self.ggn))
+        if self.ggn and not self.residuals:
+            raise ValueError(
+                "`ggn=True` makes the closure's cross-entropy losses into residual rows, so it needs residuals=True "
+                "(the default with ggn=True); leave `residuals` unset"
+            )
+        if self.ggn and (self.adaptive_damping or self.variable_k or self.check_step):
+            raise ValueError(
+                "`ggn=True` cannot be combined with adaptive_damping, variable_k or check_step: they re-evaluate the "
+                "rows without their graph, from which the cross-entropy rows are built; use a fixed `damping`"
+            )
         if self.adaptive_damping and self.variable_k:
             raise ValueError(
                 "`adaptive_damping=True` cannot be combined with `variable_k=True`: both decide the step from "
@@ -205,7 +223,10 @@ class SvenConfig:
 
     @property
     def default_lr(self) -> float:
-        """The ``lr`` when none is given: :data:`RESIDUAL_LR` in residual mode with damping, else ``DEFAULT_LR``."""
+        """The ``lr`` when none is given: the preset's with ``ggn``, :data:`RESIDUAL_LR` in residual mode with damping,
+        else ``DEFAULT_LR``."""
+        if self.ggn:
+            return float(PRESET["lr"])
         return RESIDUAL_LR if self.residuals and (self.adaptive_damping or self.damping > 0) else DEFAULT_LR
 
     def rank_cap(self, rows: int) -> int | None:
@@ -213,7 +234,9 @@ class SvenConfig:
         return rank_for(self.rank, rows)
 
     def rows(self) -> RowSpec:
-        """What the closure returns (losses or residuals) and how it becomes ``R``."""
+        """What the closure returns (losses, residuals, cross-entropy losses as GGN rows) and how it becomes ``R``."""
+        if self.ggn:
+            return CrossEntropyRows()
         return RowSpec(residuals=self.residuals, kappa=self.kappa)
 
     def route(self) -> Linearizer:

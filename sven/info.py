@@ -49,6 +49,8 @@ class StepInfo:
         capped: the step was shortened to ``trust_radius``.
         stalled: every try was rejected with the damping at its ceiling: the step control can do no more
             from here (see :class:`sven.control.AdaptiveDamping`).
+        ggn: the step used the generalised Gauss--Newton rows of the closure's softmax cross-entropy losses
+            (:mod:`sven.loss_rule`); ``losses`` are then the cross-entropy losses (this rank's).
     """
 
     losses: torch.Tensor
@@ -65,6 +67,7 @@ class StepInfo:
     rejected: bool = False
     capped: bool = False
     stalled: bool = False
+    ggn: bool = False
     _gradient_cosine: torch.Tensor | None = field(default=None, repr=False)
     _direction: torch.Tensor | None = field(default=None, repr=False)
     _lrs: list[tuple[int, int, float]] = field(default_factory=list, repr=False)

@@ -40,8 +40,11 @@ is the loss's second-order model in the logits. Another square root of
 
 Autograd sees the Jacobian and Sven the values because, with ``p`` held
 constant, the rows are ``A^T z - (A^T z).detach() + r``, with
-:math:`A^\top z = \sqrt p \circ (z - p^\top z)`. Return them from the closure
-to a :func:`optimizer` (``sven.Sven`` with ``residuals=True`` and a fixed damping).
+:math:`A^\top dz = \sqrt p \circ (dz - p^\top dz) = \sqrt p \circ d \log p`: the rows are
+built from :math:`\log p = \mathrm{log\_softmax}(z)` (:func:`sven.loss_rows.ggn_rows`). Return
+them from the closure to a :func:`optimizer` (``sven.Sven`` with ``residuals=True`` and a fixed
+damping). A plain ``sven.Sven()`` builds the same rows by itself when its closure returns
+``F.cross_entropy(logits, y, reduction="none")`` (:mod:`sven.loss_rule`).
 
 **Fewer rows** (``classes=k``). ``C`` rows per sample cost ``C`` backward
 passes on the Gram route and a ``(B C)``-sized eigenproblem. With ``classes=k``
@@ -87,128 +90,22 @@ Example:
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
-import numpy as np
 import torch
 
-from ._validation import check_nonneg_int, check_unit_interval
+from ._validation import check_nonneg_int
+from .loss_rows import GGN_CLASSES, PRESET, check_logits, cross_entropy_targets, ggn_rows
 from .optim import Sven
 
 __all__ = ["PRESET", "cross_entropy", "cross_entropy_targets", "optimizer"]
-
-#: The :class:`sven.Sven` options of :func:`optimizer`, for a closure that returns :func:`cross_entropy` rows:
-#:
-#: * ``residuals=True``: the rows are residuals;
-#: * a fixed damping ``0.1`` (relative to :math:`\sigma_{max}^2`), ``lr=0.5``, no adaptive damping. Of the
-#:   damping and ``lr`` pairs run on the MNIST-5000 MLP and the sklearn digits MLP (three seeds each), it had
-#:   the lowest worst-case test loss relative to the best-tuned Adam (1.11x and 1.08x; damping ``0.3`` with
-#:   ``lr=1``: 1.07x and 1.28x). The undamped GGN step diverged on digits, and so did damping ``0.03`` at
-#:   ``lr=1``. The adaptive Levenberg--Marquardt damping judges a step by the squared rows
-#:   (:math:`\chi^2(q\|p)`), not by the cross-entropy: it rejected half the steps on digits, and with rows
-#:   rescaled to make that judgement exact it let the damping fall and overfitted (MNIST-5000 test loss
-#:   0.99 against Adam's 0.27). docs/sven.md ("Classifiers") has the measurements.
-PRESET: dict[str, Any] = {"lr": 0.5, "residuals": True, "damping": 0.1, "adaptive_damping": False}
-
-
-def _check_logits(logits: Any) -> torch.Tensor:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"`logits` must be a tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"`logits` must be a floating-point tensor, got dtype {logits.dtype}")
-    if logits.dim() < 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
-        raise ValueError(
-            f"`logits` must have shape (B, C) or (B, C, d1, ...) with B >= 1 samples and C >= 1 classes "
-            f"(the class dimension is 1, as in torch.nn.functional.cross_entropy), got {tuple(logits.shape)}"
-        )
-    return logits
-
-
-def cross_entropy_targets(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    weight: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""The normalised target distribution ``q`` and the weight ``s`` of each sample (and position).
-
-    :func:`torch.nn.functional.cross_entropy` with ``reduction="none"`` is
-    :math:`\ell = -\sum_c w_c y_c \log p_c = s \cdot (-\sum_c q_c \log p_c)`
-    with :math:`y` the (smoothed) target distribution, :math:`s = \sum_c w_c y_c`
-    and :math:`q = w \circ y / s`; an ignored position has :math:`s = 0`.
-
-    Args:
-        logits: ``(B, C)`` or ``(B, C, d1, ...)``, as for ``F.cross_entropy``.
-        target: class indices ``(B,)`` / ``(B, d1, ...)`` (integers in ``[0, C)``
-            or ``ignore_index``), or class probabilities of the logits' shape.
-        weight: optional ``(C,)`` non-negative class weights.
-        ignore_index: a class-index target that contributes nothing.
-        label_smoothing: :math:`\varepsilon \in [0, 1]`: :math:`y \leftarrow (1-\varepsilon) y + \varepsilon / C`.
-
-    Returns:
-        ``(q, s)``: ``q`` with the class dimension *last*, ``(B, d1, ..., C)``,
-        detached and in the logits' dtype; ``s`` of shape ``(B, d1, ...)``.
-    """
-    logits = _check_logits(logits)
-    label_smoothing = check_unit_interval("label_smoothing", label_smoothing, closed_right=True)
-    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, numbers.Integral):
-        raise ValueError(f"`ignore_index` must be an integer, got {ignore_index!r}")
-    C = logits.shape[1]
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"`target` must be a tensor of class indices or probabilities, got {type(target).__name__}")
-    dtype, device = logits.dtype, logits.device
-    target = target.detach().to(device)
-    if target.is_floating_point():
-        if target.shape != logits.shape:
-            raise ValueError(
-                f"`target` as class probabilities must have the logits' shape {tuple(logits.shape)}, "
-                f"got {tuple(target.shape)}"
-            )
-        y = target.to(dtype).movedim(1, -1)
-        if not bool(torch.isfinite(y).all()) or bool((y < 0).any()):
-            raise ValueError("`target` probabilities must be finite and non-negative")
-        keep = torch.ones(y.shape[:-1], dtype=torch.bool, device=device)
-    else:
-        if target.dtype == torch.bool or target.is_complex():
-            raise TypeError(f"`target` must hold integer class indices or float probabilities, got {target.dtype}")
-        want = logits.shape[:1] + logits.shape[2:]
-        if target.shape != want:
-            raise ValueError(
-                f"`target` as class indices must have shape {tuple(want)} (the logits' shape without the class "
-                f"dimension 1), got {tuple(target.shape)}"
-            )
-        keep = target != ignore_index
-        bad = keep & ((target < 0) | (target >= C))
-        if bool(bad.any()):
-            raise ValueError(
-                f"`target` class indices must lie in [0, {C}) (C = {C} classes) or equal `ignore_index` "
-                f"({ignore_index}), got {int(target[bad][0])}"
-            )
-        y = torch.nn.functional.one_hot(torch.where(keep, target, 0).long(), C).to(dtype)
-    if label_smoothing > 0:
-        y = (1 - label_smoothing) * y + label_smoothing / C
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or weight.shape != (C,):
-            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-            raise ValueError(f"`weight` must be a tensor of shape ({C},), one weight per class, got {got}")
-        w = weight.detach().to(device=device, dtype=dtype)
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-            raise ValueError("`weight` must hold finite, non-negative class weights")
-        y = y * w
-    s = y.sum(-1) * keep.to(dtype)
-    q = torch.where(s[..., None] > 0, y / torch.where(s > 0, s, 1.0)[..., None], 0.0)
-    return q, s
 
 
 def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
-    classes: int | None = 1,
+    classes: int | None = GGN_CLASSES,
     weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
@@ -249,36 +146,14 @@ def cross_entropy(
         >>> bool(torch.allclose(r.detach(), (p - torch.tensor([[1.0, 0, 0]])) / p.sqrt()))
         True
     """
-    logits = _check_logits(logits)
-    C = logits.shape[1]
+    logits = check_logits(logits)
     if classes is not None:
         classes = check_nonneg_int("classes", classes)
     q, s = cross_entropy_targets(
         logits, target, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing
     )
-    z = logits.movedim(1, -1)  # (B, d..., C)
-    logp = torch.log_softmax(z.detach(), dim=-1)
-    p = logp.exp()
-    # the division by sqrt(p) is the one place an underflowed probability would overflow (module docstring)
-    inv_root_p = torch.exp(-0.5 * logp.clamp(min=math.log(torch.finfo(z.dtype).tiny)))
-    root_p = p.sqrt()
-    root_s = s.sqrt()[..., None]
-    lin = root_s * (root_p * (z - (p * z).sum(-1, keepdim=True)))  # sqrt(s) A^T z, p held constant
-    value = root_s * (root_p - q * inv_root_p)  # sqrt(s) A^+ (p - q) = sqrt(s) (p - q) / sqrt(p)
-    if classes is not None and classes < C:
-        lin, value = _compress(lin, value, p, classes)
-    return (lin - lin.detach() + value).movedim(-1, 1)
-
-
-def _compress(lin: torch.Tensor, value: torch.Tensor, p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the rows of the ``k`` most probable classes; the others become one row along their residual."""
-    top = p.topk(k, dim=-1).indices
-    rest = torch.ones_like(p, dtype=torch.bool).scatter(-1, top, False)
-    r_rest = torch.where(rest, value, 0.0)
-    norm = r_rest.norm(dim=-1, keepdim=True)
-    u = r_rest / torch.where(norm > 0, norm, 1.0)
-    lin_rest = (u * lin).sum(-1, keepdim=True)
-    return torch.cat([lin.gather(-1, top), lin_rest], -1), torch.cat([value.gather(-1, top), norm], -1)
+    logp = torch.log_softmax(logits.movedim(1, -1), dim=-1)  # (B, d..., C), with its graph
+    return ggn_rows(logp, q, s, classes).movedim(-1, 1)
 
 
 def optimizer(params: Any, **overrides: Any) -> Sven:

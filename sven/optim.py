@@ -29,6 +29,7 @@ from .control import Evaluator, Policy, step_context
 from .factorize import factorize, solver_for_step
 from .info import StepFault, StepInfo
 from .linearize import DataParallel, Unsupported
+from .loss_rule import CrossEntropyRows, decided, with_ggn_rule
 from .params import ParamBlock, blocks_of_groups, closure_mode
 
 __all__ = ["GLOBAL_OPTIONS", "StepInfo", "Sven"]
@@ -62,6 +63,13 @@ class Sven(Optimizer):
 
     The closure must return one loss per sample (``reduction="none"``) and
     must not call ``backward()``: the optimizer differentiates its output.
+
+    **Classifiers** (``ggn``, :mod:`sven.loss_rule`): if the closure returns
+    ``F.cross_entropy(logits, y, reduction="none")`` at the first step and no
+    option that chooses the rows, the step control or ``lr`` was given, Sven
+    uses the generalised Gauss--Newton rows of :func:`sven.losses.cross_entropy`
+    with :data:`sven.losses.PRESET` (``opt.config.ggn`` and ``last_step.ggn``
+    say so). ``ggn=False`` keeps the per-sample losses; ``ggn=True`` asks for the rows.
 
     **A step is a pipeline** of parts that can be passed in directly:
 
@@ -116,7 +124,7 @@ class Sven(Optimizer):
             ``"gram"``, ``"hooks"``, ``"autograd"``, ``"matfree"``),
             ``on_nonfinite``, ``damping``, ``adaptive_damping`` (default: on),
             ``max_retries``, ``trust_radius``, ``check_step``, ``seed``,
-            ``chunk_size``. ``docs/sven.md`` explains each.
+            ``chunk_size``, ``ggn``. ``docs/sven.md`` explains each.
 
     Attributes:
         last_step: :class:`StepInfo` of the last step.
@@ -153,12 +161,7 @@ class Sven(Optimizer):
         process_group: Any = None,
         **options: Any,
     ) -> None:
-        if args:
-            raise TypeError(
-                f"sven.Sven(params, lr, *, rank=..., rtol=..., ...) takes its options as keywords, got "
-                f"{', '.join(repr(a) for a in args)}; the positional form Sven(wrapped, lr, k, rtol) needs a "
-                f"sven.nn.SvenWrapper as first argument"
-            )
+        _check_keywords(args)
         check_option_names(options, (*_OPTIONS, *GROUP_OPTIONS, "control", "route", "process_group"), SEED_NAMES)
         if isinstance(route, str):
             if "jacobian" in options:
@@ -166,7 +169,9 @@ class Sven(Optimizer):
             options["jacobian"] = route
             route = None
         params = listed_params(params)  # groups' iterators listed once, in copies: the rules below count them
-        self.config = cfg = SvenConfig(**with_scale_rule(with_momentum_rule(options, params, momentum), params))
+        options = with_ggn_rule(options, params, explicit=lr is not None or control is not None)
+        self._options = options = with_scale_rule(with_momentum_rule(options, params, momentum), params)
+        self.config = cfg = SvenConfig(**options)
         self.solver = cfg.solver
         self.rows = cfg.rows()
         self.route = route if route is not None else cfg.route()
@@ -233,7 +238,7 @@ class Sven(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for k in ("config", "solver", "rows", "route", "control", "precondition", "last_step", "_counters"):
+        for k in ("config", "solver", "rows", "route", "control", "precondition", "last_step", "_counters", "_options"):
             state[k] = getattr(self, k)
         state["process_group"] = None  # a process group cannot be pickled
         return state
@@ -273,11 +278,18 @@ class Sven(Optimizer):
         route = self.route if group is None else DataParallel(self.route, group)
         params = [b.param for b in blocks]
         warn_ignored_grads(params)
+        # the loss rule's first step: cross-entropy losses become GGN rows (sven/loss_rule.py)
+        probe = CrossEntropyRows(fallback=self.rows) if self.config.ggn is None else None
+        spec = probe or self.rows
         # works inside the caller's torch.no_grad(); compiled models run eagerly (sven/_compile.py says why)
         with torch.enable_grad(), closure_errors(params), eager():
-            lin = route(closure, params, self.rows)
+            lin = route(closure, params, spec)
         if isinstance(lin, Unsupported):
             raise ValueError(f"the route does not apply to this model: {lin.reason}")
+        if probe is not None:
+            self.config = cfg = SvenConfig(**decided(self._options, probe.found))
+            if cfg.ggn:
+                self.rows, self.control = cfg.rows(), cfg.policy()
         R, M = self.rows.residualize(lin.rows, lin.jacobian)
 
         def rows_after() -> torch.Tensor:
@@ -285,8 +297,9 @@ class Sven(Optimizer):
                 rows = self.rows(closure()).detach()
             return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
 
-        self._descend(lin.rows, R, M, blocks, evaluate=Evaluator(rows_after, self.rows), method=lin.method)
-        return lin.local
+        losses = spec.output(lin.rows)  # the cross-entropy losses, not their rows
+        self._descend(losses, R, M, blocks, evaluate=Evaluator(rows_after, self.rows), method=lin.method)
+        return spec.output(lin.local)
 
     @torch.no_grad()
     def _descend(
@@ -294,7 +307,7 @@ class Sven(Optimizer):
     ) -> StepInfo:
         """Factorise ``M``, let the step control choose and apply the direction; record :attr:`last_step`."""
         self._counters["steps"] += 1
-        info = StepInfo(losses=losses, jacobian_method=method, damping=self.control.damping)
+        info = StepInfo(losses=losses, jacobian_method=method, damping=self.control.damping, ggn=bool(self.config.ggn))
         self.last_step = info
         cfg = self.config
         try:
@@ -327,18 +340,32 @@ class Sven(Optimizer):
         return solver_for_step(self.solver, self.config.seed, self._counters["steps"])
 
     def _fault(self, info: StepInfo, losses: torch.Tensor, fault: StepFault) -> None:
-        cfg = self.config
-        if cfg.kappa != 2.0 and not cfg.residuals and bool((losses < 0).any()):
-            raise ValueError(
-                f"kappa={cfg.kappa} needs non-negative losses (R = loss ** (kappa/2)), but a loss is "
-                f"{float(losses.min()):.3g}; use kappa=2 for losses that can be negative"
-            )
-        info.skipped = True
-        self._counters["skipped_steps"] += 1
-        msg = _skip_message(fault, self._counters)
-        if cfg.on_nonfinite == "raise":
-            raise FloatingPointError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        _skip(self.config, self._counters, info, losses, fault)
+
+
+def _check_keywords(args: tuple[Any, ...]) -> None:
+    """``sven.Sven(params, lr, *, ...)`` takes no further positional argument (the seed form needs a wrapper)."""
+    if args:
+        raise TypeError(
+            f"sven.Sven(params, lr, *, rank=..., rtol=..., ...) takes its options as keywords, got "
+            f"{', '.join(repr(a) for a in args)}; the positional form Sven(wrapped, lr, k, rtol) needs a "
+            f"sven.nn.SvenWrapper as first argument"
+        )
+
+
+def _skip(cfg: SvenConfig, counters: dict[str, int], info: StepInfo, losses: torch.Tensor, fault: StepFault) -> None:
+    """A step that cannot be taken: count and report it (``on_nonfinite``), or explain a negative loss."""
+    if cfg.kappa != 2.0 and not cfg.residuals and bool((losses < 0).any()):
+        raise ValueError(
+            f"kappa={cfg.kappa} needs non-negative losses (R = loss ** (kappa/2)), but a loss is "
+            f"{float(losses.min()):.3g}; use kappa=2 for losses that can be negative"
+        )
+    info.skipped = True
+    counters["skipped_steps"] += 1
+    msg = _skip_message(fault, counters)
+    if cfg.on_nonfinite == "raise":
+        raise FloatingPointError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=5)
 
 
 def _assigned_option(cfg: SvenConfig | None, name: str, value: Any) -> tuple[str, Any]:

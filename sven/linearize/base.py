@@ -145,6 +145,10 @@ class RowSpec:
             )
         return out
 
+    def output(self, local: torch.Tensor) -> torch.Tensor:
+        """What ``step`` returns for this rank's detached rows ``local``: the rows themselves."""
+        return local
+
     def residuals_of(self, rows: torch.Tensor) -> torch.Tensor:
         """The residuals ``R`` of detached rows."""
         return rows if self.residuals else SF.residuals_from_losses(rows, kappa=self.kappa)

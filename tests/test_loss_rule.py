@@ -1,0 +1,260 @@
+"""The loss rule of ``sven.Sven`` (``sven/loss_rule.py``): softmax cross-entropy losses get the GGN rows.
+
+The rule is checked against quantities derived here: the Tikhonov-damped GGN
+step ``-lr (G + lambda I)^{-1} g`` built densely from the logits' Jacobian and
+the softmax Hessian ``diag(p) - p p^T`` (two classes, where ``classes=1``
+keeps every row, so the rows' curvature is the whole GGN), and the explicit
+preset of ``sven.losses``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sven
+from sven.control import Plain
+from sven.loss_rule import recognise
+
+DT = torch.float64
+
+
+def _model(n_out: int = 3, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, n_out)).to(DT)
+
+
+def _data(n: int = 24, classes: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=DT)
+    return x, torch.randint(0, classes, (n,), generator=g)
+
+
+def _params(m: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+
+# ----------------------------------------------------------------------------- recognition
+Z = torch.randn(5, 4, dtype=DT)
+Y = torch.tensor([0, 3, 1, 1, 2])
+WEIGHT = torch.tensor([0.5, 2.0, 1.0, 0.25], dtype=DT)
+
+RECOGNISED = {
+    "F.cross_entropy": lambda z: F.cross_entropy(z, Y, reduction="none"),
+    "nn.CrossEntropyLoss": lambda z: nn.CrossEntropyLoss(reduction="none")(z, Y),
+    "weight": lambda z: F.cross_entropy(z, Y, weight=WEIGHT, reduction="none"),
+    "ignore_index": lambda z: F.cross_entropy(z, Y, ignore_index=1, reduction="none"),
+    "nll_loss(log_softmax(z, -1))": lambda z: F.nll_loss(F.log_softmax(z, -1), Y, reduction="none"),
+}
+NOT_RECOGNISED = {
+    "squared error": lambda z: (z**2).sum(-1),
+    "reduction='mean'": lambda z: F.cross_entropy(z, Y),
+    "label_smoothing": lambda z: F.cross_entropy(z, Y, label_smoothing=0.1, reduction="none"),
+    "probability targets": lambda z: F.cross_entropy(z, torch.softmax(torch.ones_like(z), -1), reduction="none"),
+    "a scaled loss": lambda z: 2 * F.cross_entropy(z, Y, reduction="none"),
+    "a loss plus a penalty": lambda z: F.cross_entropy(z, Y, reduction="none") + (z**2).sum(-1),
+    "log_softmax over the batch": lambda z: F.nll_loss(F.log_softmax(z, 0), Y, reduction="none"),
+    "nll_loss of raw scores": lambda z: F.nll_loss(z, Y, reduction="none"),
+    "no graph": lambda z: F.cross_entropy(z.detach(), Y, reduction="none"),
+    "positions": lambda z: F.cross_entropy(z.reshape(5, 2, 2), Y.reshape(5, 1).expand(5, 2) % 2, reduction="none"),
+}
+
+
+@pytest.mark.parametrize("name", RECOGNISED)
+def test_recognises_softmax_cross_entropy(name: str) -> None:
+    z = Z.clone().requires_grad_(True)
+    out = RECOGNISED[name](z)
+    ce = recognise(out)
+    assert ce is not None
+    torch.testing.assert_close(ce.logp.detach(), torch.log_softmax(Z, -1))
+    assert torch.equal(ce.target, Y)
+    # the rows: M^T R is the gradient of the summed losses (sven.losses derives it), here in the logits
+    rows = ce.rows()
+    (g_rows,) = torch.autograd.grad(rows, z, grad_outputs=rows.detach())
+    (g_loss,) = torch.autograd.grad(RECOGNISED[name](z).sum(), z)
+    torch.testing.assert_close(g_rows, g_loss)
+
+
+@pytest.mark.parametrize("name", NOT_RECOGNISED)
+def test_does_not_recognise_anything_else(name: str) -> None:
+    assert recognise(NOT_RECOGNISED[name](Z.clone().requires_grad_(True))) is None
+
+
+# ----------------------------------------------------------------------------- when the rule acts
+@pytest.mark.parametrize("loss", ["F.cross_entropy", "nn.CrossEntropyLoss"])
+def test_default_sven_takes_the_ggn_rows_for_cross_entropy(loss: str, caplog: pytest.LogCaptureFixture) -> None:
+    m = _model()
+    x, y = _data()
+    fn = F.cross_entropy if loss == "F.cross_entropy" else nn.CrossEntropyLoss(reduction="none")
+    opt = sven.Sven(m.parameters())
+    assert opt.config.ggn is None  # not decided before the first step
+    with caplog.at_level(logging.INFO, logger="sven"):
+        expected = F.cross_entropy(m(x), y, reduction="none").detach()
+        for _ in range(2):
+            out = opt.step(lambda: fn(m(x), y, reduction="none") if loss == "F.cross_entropy" else fn(m(x), y))
+            if _ == 0:
+                torch.testing.assert_close(out, expected)  # step returns the losses, not the rows
+    assert opt.config.ggn is True and opt.last_step is not None and opt.last_step.ggn
+    assert opt.config.residuals and opt.config.damping == sven.losses.PRESET["damping"]
+    assert not opt.config.adaptive_damping
+    assert out.shape == (x.shape[0],) and opt.last_step.losses.shape == (x.shape[0],)
+    said = [r for r in caplog.records if r.name == "sven" and "cross-entropy" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+
+
+def test_squared_errors_keep_todays_step() -> None:
+    x, _ = _data()
+    target = torch.randn(x.shape[0], 3, dtype=DT)
+    a, b = _model(), _model()
+    oa, ob = sven.Sven(a.parameters()), sven.Sven(b.parameters(), ggn=False)
+    for _ in range(3):
+        oa.step(lambda: ((a(x) - target) ** 2).sum(-1))
+        ob.step(lambda: ((b(x) - target) ** 2).sum(-1))
+    assert oa.config.ggn is False and oa.last_step is not None and not oa.last_step.ggn
+    assert oa.config.adaptive_damping and not oa.config.residuals
+    assert torch.equal(_params(a), _params(b))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lr": 0.5},
+        {"damping": 0.1},
+        {"adaptive_damping": True},
+        {"kappa": 1.0},
+        {"variable_k": True},
+        {"check_step": True},
+        {"rmsprop": True},
+        {"control": Plain()},
+        {"ggn": False},
+    ],
+    ids=lambda o: next(iter(o)),
+)
+def test_options_set_explicitly_keep_the_losses(options: dict) -> None:
+    m = _model()
+    x, y = _data()
+    opt = sven.Sven(m.parameters(), **options)
+    assert opt.config.ggn is False
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    assert opt.last_step is not None and not opt.last_step.ggn
+
+
+def test_a_group_lr_keeps_the_losses() -> None:
+    m = _model()
+    opt = sven.Sven([{"params": list(m.parameters()), "lr": 0.5}])
+    assert opt.config.ggn is False
+
+
+def test_the_seed_api_never_takes_the_rows() -> None:
+    m = _model()
+    wrapped = sven.nn.SvenWrapper(m, lambda pred, y: F.cross_entropy(pred, y, reduction="none"), "cpu")
+    assert sven.Sven(wrapped, 0.5, 4, 1e-3).config.ggn is False
+
+
+# ----------------------------------------------------------------------------- the step
+def test_the_preset_lr_is_the_default_lr() -> None:
+    """The rule switches at the first step and leaves the groups' ``lr`` alone: the preset's must be the default."""
+    assert sven.losses.PRESET["lr"] == sven.config.DEFAULT_LR
+
+
+@pytest.mark.parametrize("jacobian", ["auto", "gram", "autograd"])
+@pytest.mark.parametrize("extra", [{}, {"ignore_index": 2}, {"weight": torch.tensor([0.5, 2.0, 1.0], dtype=DT)}])
+def test_the_step_is_the_explicit_preset_step(jacobian: str, extra: dict) -> None:
+    a, b = _model(), _model()
+    x, y = _data()
+    oa = sven.Sven(a.parameters(), jacobian=jacobian)
+    ob = sven.losses.optimizer(b.parameters(), jacobian=jacobian)
+    for _ in range(3):
+        oa.step(lambda: F.cross_entropy(a(x), y, reduction="none", **extra))
+        ob.step(lambda: sven.losses.cross_entropy(b(x), y, **extra))
+    assert oa.config.ggn is True
+    torch.testing.assert_close(_params(a), _params(b), rtol=1e-9, atol=1e-12)
+
+
+def test_the_step_is_the_damped_ggn_step() -> None:
+    r"""Two classes: ``-lr (G + damping * lambda_max(G) I)^{-1} g`` with ``G = sum_i J_i^T H_i J_i``, built densely."""
+    m = _model(n_out=2)
+    x, y = _data(classes=2)
+    names = [n for n, _ in m.named_parameters()]
+    theta = {n: p.detach().clone() for n, p in m.named_parameters()}
+
+    def logits(flat: torch.Tensor) -> torch.Tensor:
+        parts, i = {}, 0
+        for n in names:
+            parts[n] = flat[i : i + theta[n].numel()].reshape(theta[n].shape)
+            i += theta[n].numel()
+        return torch.func.functional_call(m, parts, (x,))
+
+    flat = _params(m)
+    J = torch.autograd.functional.jacobian(logits, flat)  # (B, C, P)
+    p = torch.softmax(logits(flat), -1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    G = torch.einsum("bcp,bcd,bdq->pq", J, H, J)
+    g = torch.einsum("bcp,bc->p", J, p - F.one_hot(y, 2).to(DT))
+    lam = sven.losses.PRESET["damping"] * float(torch.linalg.eigvalsh(G)[-1])
+    want = flat - sven.losses.PRESET["lr"] * torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=DT), g)
+    opt = sven.Sven(m.parameters())
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    torch.testing.assert_close(_params(m), want, rtol=1e-8, atol=1e-10)
+
+
+def test_a_classifier_trains_lower_than_before_the_rule() -> None:
+    """Five epochs of a small 4-class problem: the held-out loss with the rule is below the old default's.
+
+    (The old default drives every training loss towards zero and inflates the logits: its training loss is about
+    the same, its held-out loss 1.3--1.7x higher on this problem's seeds 0--3; seed 0 is asserted.)
+    """
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(10, 4, generator=g, dtype=DT)
+    x = torch.randn(256, 10, generator=g, dtype=DT)
+    y = (x @ W + 0.5 * torch.randn(256, 4, generator=g, dtype=DT)).argmax(-1)
+    held = {}
+    for ggn in (None, False):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4)).to(DT)
+        opt = sven.Sven(m.parameters(), ggn=ggn)
+        for _ in range(5):
+            for i in range(0, 192, 32):
+                xb, yb = x[i : i + 32], y[i : i + 32]
+                opt.step(lambda m=m, xb=xb, yb=yb: F.cross_entropy(m(xb), yb, reduction="none"))
+        with torch.no_grad():
+            held[ggn] = float(F.cross_entropy(m(x[192:]), y[192:]))
+    assert held[None] < 0.9 * held[False]
+
+
+# ----------------------------------------------------------------------------- ggn=True and bad input
+def test_ggn_true_takes_the_rows_from_the_start_and_refuses_other_losses() -> None:
+    m = _model()
+    x, y = _data()
+    opt = sven.Sven(m.parameters(), ggn=True)
+    assert opt.config.ggn is True and opt.param_groups[0]["lr"] == sven.losses.PRESET["lr"]
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    with pytest.raises(ValueError, match=r"ggn=False for other losses"):
+        opt.step(lambda: (m(x) ** 2).sum(-1))
+
+
+def test_after_the_rule_another_loss_is_an_error() -> None:
+    m = _model()
+    x, y = _data()
+    opt = sven.Sven(m.parameters())
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    with pytest.raises(ValueError, match=r"must return `F.cross_entropy"):
+        opt.step(lambda: F.cross_entropy(m(x), y, reduction="none", label_smoothing=0.1))
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"ggn": "yes"}, r"`ggn` must be True or False"),
+        ({"ggn": True, "adaptive_damping": True}, r"`ggn=True` cannot be combined with adaptive_damping"),
+        ({"ggn": True, "variable_k": True}, r"`ggn=True` cannot be combined"),
+        ({"ggn": True, "residuals": False}, r"`ggn=True` makes the closure's cross-entropy losses"),
+    ],
+)
+def test_bad_ggn_options(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        sven.Sven(_model().parameters(), **options)
