@@ -58,7 +58,8 @@ def _rows(classes: int | None) -> Callable[[nn.Module, torch.Tensor, torch.Tenso
 #: name -> (optimizer factory, closure builder ``(net, x, y) -> closure``, or ``None`` for Adam's backward step)
 VARIANTS: dict[str, tuple[Maker, Any]] = {
     **{f"Adam, lr {lr:g}": (_adam(lr), None) for lr in ADAM_LRS},
-    "Sven defaults (kappa=2, adaptive damping)": (_sven(), _per_sample),
+    "Sven defaults (the loss rule: GGN rows of the per-sample cross-entropy)": (_sven(), _per_sample),
+    "Sven, per-sample losses (ggn=False: kappa=2, adaptive damping)": (_sven(ggn=False), _per_sample),
     "Sven, kappa=1": (_sven(kappa=1.0), _per_sample),
     "Sven, the paper's step (rank B/2, lr 0.5, no damping)": (_sven(rank=0.5, adaptive_damping=False), _per_sample),
     PRESET: (sven.losses.optimizer, _rows(1)),
@@ -124,13 +125,15 @@ def train(task: str, name: str, seed: int, epochs: int, data: tuple[torch.Tensor
     return curve
 
 
-def step_ratios(task: str, data: tuple[torch.Tensor, ...], rounds: int = 20, steps: int = 5) -> dict[str, float]:
+def step_ratios(
+    task: str, data: tuple[torch.Tensor, ...], variants: list[str], rounds: int = 20, steps: int = 5
+) -> dict[str, float]:
     """Median step time of each variant over an Adam step's: blocks of ``steps`` steps, the variants interleaved.
 
     The first round (route choice, verification, allocation) is left out.
     """
     xtr, ytr = data[0], data[1]
-    names = ["Adam, lr 0.001", *(n for n in VARIANTS if not n.startswith("Adam"))]
+    names = ["Adam, lr 0.001", *(n for n in variants if not n.startswith("Adam"))]
     runs = {n: (model(task, 0), VARIANTS[n]) for n in names}
     opts = {n: make(net.parameters()) for n, (net, (make, _)) in runs.items()}
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -161,7 +164,7 @@ def main() -> None:
         ap.error(f"unknown --variants {unknown}; choose from {list(VARIANTS)}")
     torch.set_num_threads(1)
     data = load(a.task)
-    ratio = step_ratios(a.task, data)
+    ratio = step_ratios(a.task, data, a.variants)
     if a.time_only:
         for n, r in ratio.items():
             print(f"{a.task}: {n}: step time {r:.1f}x Adam's")
