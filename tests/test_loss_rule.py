@@ -258,3 +258,20 @@ def test_after_the_rule_another_loss_is_an_error() -> None:
 def test_bad_ggn_options(options: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         sven.Sven(_model().parameters(), **options)
+
+
+def test_a_checkpoint_resumes_in_a_fresh_default_optimizer() -> None:
+    """The decision is not saved: a fresh optimizer makes it again at its first step, and continues the run."""
+    a = _model()
+    x, y = _data()
+    oa = sven.Sven(a.parameters())
+    oa.step(lambda: F.cross_entropy(a(x), y, reduction="none"))
+    b = _model()
+    b.load_state_dict(a.state_dict())
+    ob = sven.Sven(b.parameters())
+    ob.load_state_dict(oa.state_dict())
+    for _ in range(2):
+        oa.step(lambda: F.cross_entropy(a(x), y, reduction="none"))
+        ob.step(lambda: F.cross_entropy(b(x), y, reduction="none"))
+    assert ob.config.ggn is True
+    torch.testing.assert_close(_params(b), _params(a), rtol=1e-10, atol=1e-12)
