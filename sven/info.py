@@ -49,6 +49,8 @@ class StepInfo:
         capped: the step was shortened to ``trust_radius``.
         stalled: every try was rejected with the damping at its ceiling: the step control can do no more
             from here (see :class:`sven.control.AdaptiveDamping`).
+        converged: the convergence tests the step control found met (``"ftol"``, ``"xtol"``; only
+            :class:`sven.trust_region.TrustRegion` with those tolerances makes them).
     """
 
     losses: torch.Tensor
@@ -65,13 +67,15 @@ class StepInfo:
     rejected: bool = False
     capped: bool = False
     stalled: bool = False
+    converged: tuple[str, ...] = ()
     _gradient_cosine: torch.Tensor | None = field(default=None, repr=False)
     _direction: torch.Tensor | None = field(default=None, repr=False)
     _lrs: list[tuple[int, int, float]] = field(default_factory=list, repr=False)
 
     def record(self, outcome: Any, lrs: list[tuple[int, int, float]]) -> None:
         """Copy a step-control :class:`~sven.control.Outcome` (and the blocks' learning rates) into this record."""
-        for name in ("damping", "gain_ratio", "retries", "rejected", "capped", "k_used", "substep_losses", "stalled"):
+        for name in ("damping", "gain_ratio", "retries", "rejected", "capped", "k_used", "substep_losses", "stalled",
+                     "converged"):  # fmt: skip
             setattr(self, name, getattr(outcome, name))
         self._direction, self._lrs = outcome.direction, lrs
 

@@ -42,10 +42,12 @@ import torch
 import truncpinv
 
 from ._validation import check_nonneg_float, check_positive_int
-from .control import STALL_COSINE, AdaptiveDamping
+from .config import LM_RETRIES
+from .control import STALL_COSINE
 from .info import StepInfo
 from .linearize.dense import autograd_jacobian
 from .optim import Sven
+from .trust_region import TrustRegion
 
 __all__ = ["LeastSquaresResult", "curve_fit", "least_squares"]
 
@@ -215,10 +217,15 @@ def least_squares(
             "`adaptive_damping=False` does not apply to least_squares: its steps are accepted by the gain ratio "
             "of Levenberg-Marquardt; pass `damping` for the start value of the adaptive damping"
         )
-    options["adaptive_damping"] = True  # also with a `damping` start value (alone, it would mean fixed damping)
+    if "control" not in options and "damping" not in options and "adaptive_damping" not in options:
+        options["control"] = TrustRegion(options.pop("max_retries", LM_RETRIES), ftol=ftol, xtol=xtol)
+    else:  # the multiplicative damping update, started at `damping` (alone, it would mean fixed damping)
+        options["adaptive_damping"] = True
     opt = Sven(ps, residuals=True, on_nonfinite="raise", **options)
-    if not isinstance(opt.control, AdaptiveDamping) and not getattr(opt.control, "needs_evaluate", False):
+    if not getattr(opt.control, "needs_evaluate", False):
         raise ValueError("`control` must re-evaluate the residuals after each try (e.g. sven.control.AdaptiveDamping)")
+    # TrustRegion with tolerances tests ftol and xtol itself after every try, as MINPACK (scale-invariant)
+    inside = isinstance(opt.control, TrustRegion) and (opt.control.ftol > 0 or opt.control.xtol > 0)
     nfev, njev, nit, status, stalled = 1, 0, 0, -1, False
     cos = float("nan")
     while status < 0:
@@ -232,7 +239,9 @@ def least_squares(
             status = 1
         elif info.stalled:
             status, stalled = 2, True
-        elif not info.rejected:
+        elif info.converged:  # the policy's own tests, after a try (TrustRegion: MINPACK's, inside the step)
+            status = 4 if len(info.converged) == 2 else 2 if info.converged == ("ftol",) else 3
+        elif not info.rejected and not inside:
             cost_after = 0.5 * float(last[0].double().pow(2).sum())
             actual = (cost_before - cost_after) / cost_before
             rho = info.gain_ratio if info.gain_ratio is not None else 1.0
