@@ -25,11 +25,15 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import sven
+from sven.linearize.dense import autograd_jacobian
 from sven.trust_region import TrustRegion
 
 from .mgh import PROBLEMS, Problem, solved
@@ -181,6 +185,8 @@ def overhead(repeats: int) -> None:
             f"goal 0.3 ms: {'met' if best_step <= 3e-4 else 'missed'}"
         )
 
+    jacobians(fun, repeats)
+
     # the whole front end, per residual evaluation, against scipy's lm given the same torch residuals and jacrev
     x0 = np.array([1.0, 1.0, 0.0])
     best_sven = best_scipy = float("inf")
@@ -203,6 +209,41 @@ def overhead(repeats: int) -> None:
         f"{best_scipy * 1e3:.1f} ms for {nfev_scipy} ({best_scipy / nfev_scipy * 1e3:.2f} ms each); "
         f"ratio {best_sven / best_scipy:.1f} (best of 5)"
     )
+
+
+def jacobians(fun: Callable[[torch.Tensor], torch.Tensor], repeats: int) -> None:
+    """The ``(100, 3)`` Jacobian of ``fun`` by each way autograd offers, residuals included, same run."""
+    z = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    x = z.clone().requires_grad_(True)
+    m = fun(z).shape[0]
+    eye_m, eye_p = torch.eye(m, dtype=z.dtype), torch.eye(3, dtype=z.dtype)
+    jacrev, jacfwd = torch.func.jacrev(fun), torch.func.jacfwd(fun)
+
+    def rows() -> torch.Tensor:  # m cotangents in one batched backward pass
+        (g,) = torch.autograd.grad(fun(x), [x], grad_outputs=eye_m, is_grads_batched=True)
+        return g
+
+    def forward_ad() -> torch.Tensor:  # P forward passes with dual numbers
+        with fwAD.dual_level():
+            return torch.stack([fwAD.unpack_dual(fun(fwAD.make_dual(z, eye_p[j]))).tangent for j in range(3)], 1)
+
+    ways: dict[str, Callable[[], Any]] = {
+        "double backward, P columns (Sven's tall route)": lambda: autograd_jacobian(fun(x), [x]),
+        "batched backward, m rows": rows,
+        "torch.func.jacrev (+ residuals)": lambda: (fun(z), jacrev(z)),
+        "torch.func.jacfwd (+ residuals)": lambda: (fun(z), jacfwd(z)),
+        "forward AD, P passes": forward_ad,
+    }
+    print("\n| Jacobian (P=3, m=100), one thread | us |\n|---|---|")
+    for name, way in ways.items():
+        way()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                way()
+            best = min(best, (time.perf_counter() - t0) / repeats)
+        print(f"| {name} | {best * 1e6:.0f} |")
 
 
 def main() -> None:
