@@ -11,8 +11,9 @@ The :class:`StepContext` offers the factorisation ``F`` of :math:`M`, the
 residuals :math:`R`, ``direction(lam)`` (the filtered Sven direction
 :math:`d_\lambda = \sum_i \frac{\sigma_i}{\sigma_i^2 + \lambda\sigma_1^2} v_i u_i^\top R`,
 preconditioned), ``apply(d, sign)``, ``predict(d)`` (the linear model's change of
-:math:`R`), ``save()`` (a snapshot to restore) and ``evaluate`` (the loss after
-the step). The policy returns the applied direction and its diagnostics.
+:math:`R`), ``save()`` (a snapshot to restore), ``evaluate`` (the loss after
+the step) and ``xnorm()`` (:math:`\|D\theta\|` in the column scaling). The
+policy returns the applied direction and its diagnostics.
 
 ==========================  ===================================================================
 policy                      rule
@@ -23,6 +24,8 @@ policy                      rule
 :class:`VariableK`          greedy rank: rank-one components while the loss does not increase
 :class:`CheckStep`          wraps a policy: undo a step that makes the loss non-finite
 :class:`TrustRadius`        wraps a policy: cap :math:`\|\eta d\|` at a radius
+``TrustRegion``             MINPACK's trust-region LM: the radius steers :math:`\lambda`
+                            (:mod:`sven.trust_region`, its own file)
 ==========================  ===================================================================
 
 A new step-control feature is a new class here with ``run``; it composes with
@@ -168,6 +171,7 @@ def warn_stall(ctx: StepContext, out: Outcome, loss: float, peak: float, where: 
 
 
 def evaluator(ctx: StepContext) -> Evaluator:
+    """``ctx.evaluate``, or a ValueError saying that this step control needs the batch to re-evaluate the loss."""
     if ctx.evaluate is None:
         raise ValueError("this Sven configuration re-evaluates the loss after the step: pass the batch to step()")
     return ctx.evaluate

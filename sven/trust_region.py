@@ -117,6 +117,17 @@ class TrustRegion(Policy):
             the radius cut by 2 to 10).
         factor: the first radius, relative to :math:`\|D\theta\|` (MINPACK's ``factor``, 100).
         ftol, xtol: the convergence tests above (``0``: off, the default for :class:`sven.Sven`).
+
+    Example:
+        >>> import torch, sven
+        >>> from sven.trust_region import TrustRegion
+        >>> x = torch.nn.Parameter(torch.tensor([-1.2, 1.0], dtype=torch.float64))
+        >>> rosenbrock = lambda: torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+        >>> opt = sven.Sven([x], residuals=True, control=TrustRegion())
+        >>> for _ in range(30):
+        ...     _ = opt.step(rosenbrock)
+        >>> [round(v, 8) for v in x.tolist()]
+        [1.0, 1.0]
     """
 
     needs_evaluate = True
