@@ -98,7 +98,9 @@ class TrustRegion(Policy):
     r"""Levenberg--Marquardt with MINPACK's trust-region control of the damping (see the module docstring).
 
     Pass it as ``sven.Sven(params, residuals=True, control=TrustRegion())``; :func:`sven.least_squares`
-    uses it by default. Each try re-evaluates the residuals once. When every try of a step is rejected the
+    uses it by default. The radius measures the direction before the learning rate (MINPACK's step is
+    ``lr=1``, residual mode's default); the gain ratio uses the step actually applied. Each try
+    re-evaluates the residuals once. When every try of a step is rejected the
     parameters stay unchanged; the radius keeps shrinking at the next step (on its new Jacobian).
 
     **Stalls are not silent**, as in :class:`sven.control.AdaptiveDamping`: a step whose every try is
