@@ -53,6 +53,8 @@ __all__ = ["TrustRegion", "lm_parameter"]
 FACTOR = 100.0
 #: A try is kept when its gain ratio is at least this (MINPACK: ``ratio >= 1e-4``).
 ACCEPT = 1e-4
+#: The smallest radius (far below any round-off of ``||D theta||``, far above the float64 underflow).
+_TINY = 1e-280
 
 
 def lm_parameter(S: np.ndarray, c: np.ndarray, radius: float, *, rtol: float = 1e-6, max_iter: int = 50) -> float:
@@ -79,9 +81,12 @@ def lm_parameter(S: np.ndarray, c: np.ndarray, radius: float, *, rtol: float = 1
             with ``1e-6`` against 212 with ``0.1``; scipy's ``lm``: 126).
         max_iter: the most Newton iterations (each one gains at least the quadratic rate near the root).
     """
-    w = (S * c) ** 2
-    s2 = S * S
-    norm = math.sqrt(float(np.sum(w / (s2 * s2)))) if S.size else 0.0
+    if not radius > 0:
+        raise ValueError(f"`radius` must be positive, got {radius!r}")
+    keep = S > 0  # a zero singular value (nothing truncated at all) adds nothing to the step
+    w = (S[keep] * c[keep]) ** 2
+    s2 = S[keep] ** 2
+    norm = math.sqrt(float(np.sum(w / (s2 * s2)))) if w.size else 0.0
     if norm <= (1.0 + rtol) * radius:
         return 0.0
     lam = 0.0
@@ -104,8 +109,9 @@ class TrustRegion(Policy):
     parameters stay unchanged; the radius keeps shrinking at the next step (on its new Jacobian).
 
     **Stalls are not silent**, as in :class:`sven.control.AdaptiveDamping`: a step whose every try is
-    rejected with the radius below round-off of :math:`\|D\theta\|` sets ``Outcome.stalled`` and warns if
-    the point is not stationary.
+    rejected with the radius below round-off of :math:`\|D\theta\|`, or whose try leaves the residuals
+    bit-identical (a step lost in round-off; it is undone), sets ``Outcome.stalled`` and warns if the point
+    is not stationary.
 
     **Convergence inside the step**, as ``lmder`` tests it after every try (kept or not), when ``ftol`` or
     ``xtol`` is positive: ``ftol`` holds when the actual and the predicted relative reductions of
@@ -175,7 +181,7 @@ class TrustRegion(Policy):
         for attempt in range(1 + self.max_retries):
             lam = lm_parameter(S, c, self.radius)
             den = S * S + lam
-            q = S * c / den if S.size else S
+            q = S * c / np.where(den > 0, den, 1.0)  # (a zero singular value gives a zero component)
             pnorm = float(np.linalg.norm(q))
             if first:
                 self.radius = min(self.radius, pnorm) if pnorm > 0 else self.radius
@@ -186,6 +192,12 @@ class TrustRegion(Policy):
             ctx.apply(d, 1.0)
             out.direction = d
             R_new = evaluate.residuals()
+            if pnorm > 0 and torch.equal(R_new, ctx.R):  # the step is lost in round-off: nothing more to do here
+                restore()
+                ctx.reject()
+                out.rejected, out.direction, out.retries, out.stalled = True, None, attempt, True
+                warn_stall(ctx, out, fnorm2, self.peak, f"the step lost in round-off (radius {self.radius:.3g})")
+                return out
             rho = out.gain_ratio = SF.gain_ratio(ctx.R, R_new, R_pred)
             fnew2, jnorm = float(R_new.double().pow(2).sum()), float(np.linalg.norm(S * q))
             self._update(rho, lam, pnorm, jnorm, fnorm2, fnew2)
@@ -236,6 +248,7 @@ class TrustRegion(Policy):
             mu = 0.5 if actred >= 0 else 0.5 * dirder / (dirder + 0.5 * actred)
             if 0.1 * fnew >= fnorm or not mu >= 0.1:
                 mu = 0.1
-            self.radius = mu * min(self.radius or math.inf, pnorm / 0.1)
+            # never 0: a radius that underflowed could not grow again (the stall is reported long before)
+            self.radius = max(mu * min(self.radius or math.inf, pnorm / 0.1), _TINY)
         elif lam == 0.0 or rho >= 0.75:
             self.radius = pnorm / 0.5

@@ -121,3 +121,23 @@ def test_a_rejected_try_leaves_the_parameters_and_shrinks_the_radius() -> None:
 def test_bad_options_name_the_argument(kwargs: dict, match: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(ValueError, match=match):
         TrustRegion(**kwargs)
+
+
+def test_lm_parameter_ignores_zero_singular_values_and_refuses_a_zero_radius() -> None:
+    S, c = np.array([2.0, 0.0]), np.array([1.0, 5.0])
+    lam = lm_parameter(S, c, 0.1)  # only the first component counts: 2 * 1 / (4 + lam) = 0.1
+    assert math.isclose(lam, 16.0, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="`radius` must be positive"):
+        lm_parameter(S, c, 0.0)
+
+
+def test_a_wrong_jacobian_stalls_with_a_warning_and_never_moves() -> None:
+    # the residual is sin(x), but autograd is told its derivative is -1: every try goes uphill, the radius
+    # shrinks below round-off of |x|, the stall is reported, and further steps change nothing
+    x = torch.nn.Parameter(torch.tensor([0.5], dtype=F64))
+    opt = sven.Sven([x], residuals=True, control=TrustRegion(), scale=False)
+    with pytest.warns(RuntimeWarning, match="Sven stalled: every try was rejected with the step lost in round-off"):
+        for _ in range(8):
+            opt.step(lambda: -x + (torch.sin(x) + x).detach())
+    assert opt.last_step.stalled and opt.last_step.rejected
+    assert x.item() == 0.5 and opt.control.radius > 0
