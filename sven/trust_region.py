@@ -192,14 +192,18 @@ class TrustRegion(Policy):
             ctx.apply(d, 1.0)
             out.direction = d
             R_new = evaluate.residuals()
-            if pnorm > 0 and torch.equal(R_new, ctx.R):  # the step is lost in round-off: nothing more to do here
+            jnorm = float(np.linalg.norm(S * q))
+            if pnorm > 0 and R_new.dtype == ctx.R.dtype and torch.equal(R_new, ctx.R):
+                # the step is lost in round-off: converged by the tests that hold, else a stall
                 restore()
                 ctx.reject()
-                out.rejected, out.direction, out.retries, out.stalled = True, None, attempt, True
+                out.rejected, out.direction, out.retries = True, None, attempt
+                out.converged = self._converged(0.0, lam, pnorm, jnorm, fnorm2, fnorm2, xnorm)
+                out.stalled = not out.converged
                 warn_stall(ctx, out, fnorm2, self.peak, f"the step lost in round-off (radius {self.radius:.3g})")
                 return out
             rho = out.gain_ratio = SF.gain_ratio(ctx.R, R_new, R_pred)
-            fnew2, jnorm = float(R_new.double().pow(2).sum()), float(np.linalg.norm(S * q))
+            fnew2 = float(R_new.double().pow(2).sum())
             self._update(rho, lam, pnorm, jnorm, fnorm2, fnew2)
             kept = rho >= ACCEPT
             out.converged = self._converged(rho, lam, pnorm, jnorm, fnorm2, fnew2, ctx.xnorm() if kept else xnorm)
