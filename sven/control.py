@@ -11,8 +11,9 @@ The :class:`StepContext` offers the factorisation ``F`` of :math:`M`, the
 residuals :math:`R`, ``direction(lam)`` (the filtered Sven direction
 :math:`d_\lambda = \sum_i \frac{\sigma_i}{\sigma_i^2 + \lambda\sigma_1^2} v_i u_i^\top R`,
 preconditioned), ``apply(d, sign)``, ``predict(d)`` (the linear model's change of
-:math:`R`), ``save()`` (a snapshot to restore) and ``evaluate`` (the loss after
-the step). The policy returns the applied direction and its diagnostics.
+:math:`R`), ``save()`` (a snapshot to restore), ``evaluate`` (the loss after
+the step) and ``xnorm()`` (:math:`\|D\theta\|` in the column scaling). The
+policy returns the applied direction and its diagnostics.
 
 ==========================  ===================================================================
 policy                      rule
@@ -23,6 +24,8 @@ policy                      rule
 :class:`VariableK`          greedy rank: rank-one components while the loss does not increase
 :class:`CheckStep`          wraps a policy: undo a step that makes the loss non-finite
 :class:`TrustRadius`        wraps a policy: cap :math:`\|\eta d\|` at a radius
+``TrustRegion``             MINPACK's trust-region LM: the radius steers :math:`\lambda`
+                            (:mod:`sven.trust_region`, its own file)
 ==========================  ===================================================================
 
 A new step-control feature is a new class here with ``run``; it composes with
@@ -62,8 +65,10 @@ __all__ = [
     "Tikhonov",
     "TrustRadius",
     "VariableK",
+    "evaluator",
     "make_policy",
     "step_context",
+    "warn_stall",
 ]
 
 #: Starting damping of :class:`AdaptiveDamping` when none is given.
@@ -102,6 +107,8 @@ class StepContext:
     save: Callable[[], Callable[[], None]]
     reject: Callable[[], None]
     evaluate: Evaluator | None
+    #: :math:`\|D\theta\|`: the parameters' norm in the preconditioner's column scaling (plain without one)
+    xnorm: Callable[[], float] = lambda: 0.0
 
 
 @dataclass
@@ -117,6 +124,8 @@ class Outcome:
     k_used: int | None = None
     substep_losses: list[float] | None = None
     stalled: bool = False
+    #: the convergence tests a policy found met (:class:`sven.trust_region.TrustRegion`'s ``"ftol"``, ``"xtol"``)
+    converged: tuple[str, ...] = ()
 
 
 class Policy:
@@ -140,7 +149,29 @@ class Policy:
         """Restore :meth:`state_dict` (stateless policies ignore it)."""
 
 
-def _evaluator(ctx: StepContext) -> Evaluator:
+def warn_stall(ctx: StepContext, out: Outcome, loss: float, peak: float, where: str) -> None:
+    r"""Warn about a stall (``out.stalled``) at a point that is not stationary, unless ``loss`` is at round-off.
+
+    ``loss`` is :math:`\|R\|^2` before the step and ``peak`` the largest seen: residuals at
+    ``(1e3 eps)^2`` of it (an exact fit) cannot be reduced by any step, which is convergence.
+    """
+    roundoff = (1e3 * torch.finfo(ctx.R.dtype).eps) ** 2 * peak
+    if not out.stalled or loss <= roundoff:
+        return
+    cos = float(SF.gradient_cosine(ctx.F, ctx.R))
+    if cos > STALL_COSINE:
+        warnings.warn(
+            f"Sven stalled: every try was rejected with {where}, but the point is not stationary "
+            f"(|M^T R| / (sigma_max |R|) = {cos:.3g}). The Jacobian does not predict the closure's change: check "
+            f"that the closure is differentiable in the parameters, deterministic, and not detached (or, with "
+            f"momentum, that the carried steps do not push every try uphill: adaptive_damping=False).",
+            RuntimeWarning,
+            stacklevel=6,
+        )
+
+
+def evaluator(ctx: StepContext) -> Evaluator:
+    """``ctx.evaluate``, or a ValueError saying that this step control needs the batch to re-evaluate the loss."""
     if ctx.evaluate is None:
         raise ValueError("this Sven configuration re-evaluates the loss after the step: pass the batch to step()")
     return ctx.evaluate
@@ -214,7 +245,7 @@ class AdaptiveDamping(Policy):
             self.state = SF.DampingState(lam=float(state["damping"]), nu=float(state.get("nu", 2.0)))
 
     def run(self, ctx: StepContext) -> Outcome:
-        evaluate = _evaluator(ctx)
+        evaluate = evaluator(ctx)
         restore = ctx.save()
         tries = 1 + self.max_retries
         loss = float(ctx.R.double().pow(2).sum())
@@ -236,20 +267,7 @@ class AdaptiveDamping(Policy):
             ctx.reject()
         out.rejected, out.retries, out.direction = True, tries, None
         out.stalled = self.state.lam >= SF.DAMPING_MAX
-        # residuals at the round-off level of the largest seen (an exact fit) cannot be reduced by any step
-        roundoff = (1e3 * torch.finfo(ctx.R.dtype).eps) ** 2 * self.peak
-        if out.stalled and loss > roundoff:
-            cos = float(SF.gradient_cosine(ctx.F, ctx.R))
-            if cos > STALL_COSINE:
-                warnings.warn(
-                    f"Sven stalled: every try was rejected with the damping at its ceiling "
-                    f"({SF.DAMPING_MAX:g} sigma_max^2), but the point is not stationary (|M^T R| / (sigma_max |R|) "
-                    f"= {cos:.3g}). The Jacobian does not predict the closure's change: check that the closure "
-                    f"is differentiable in the parameters, deterministic, and not detached (or, with momentum, that "
-                    f"the carried steps do not push every try uphill: adaptive_damping=False).",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
+        warn_stall(ctx, out, loss, self.peak, f"the damping at its ceiling ({SF.DAMPING_MAX:g} sigma_max^2)")
         return out
 
 
@@ -305,7 +323,7 @@ class CheckStep(_Wrapper):
         return True
 
     def run(self, ctx: StepContext) -> Outcome:
-        evaluate = _evaluator(ctx)
+        evaluate = evaluator(ctx)
         restore = ctx.save()
         out = self.inner.run(ctx)
         if SF.all_finite(evaluate.residuals()):
@@ -430,6 +448,13 @@ def step_context(
 
         return restore
 
+    def xnorm() -> float:
+        x = torch.cat([b.param.detach().reshape(-1) if b.index is None else b.param.detach().reshape(-1)[b.index]
+                       for b in blocks]).double()  # fmt: skip
+        if isinstance(precondition, ColumnScaling):
+            x = x * precondition.weights(blocks, state).to(x.dtype)
+        return float(x.norm())
+
     return StepContext(
         F=F,
         R=R,
@@ -441,4 +466,5 @@ def step_context(
         save=save,
         reject=reject,
         evaluate=evaluate,
+        xnorm=xnorm,
     )

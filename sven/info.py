@@ -51,6 +51,8 @@ class StepInfo:
             from here (see :class:`sven.control.AdaptiveDamping`).
         ggn: the step used the generalised Gauss--Newton rows of the closure's softmax cross-entropy losses
             (:mod:`sven.loss_rule`); ``losses`` are then the cross-entropy losses (this rank's).
+        converged: the convergence tests the step control found met (``"ftol"``, ``"xtol"``; only
+            :class:`sven.trust_region.TrustRegion` with those tolerances makes them).
     """
 
     losses: torch.Tensor
@@ -68,13 +70,15 @@ class StepInfo:
     capped: bool = False
     stalled: bool = False
     ggn: bool = False
+    converged: tuple[str, ...] = ()
     _gradient_cosine: torch.Tensor | None = field(default=None, repr=False)
     _direction: torch.Tensor | None = field(default=None, repr=False)
     _lrs: list[tuple[int, int, float]] = field(default_factory=list, repr=False)
 
     def record(self, outcome: Any, lrs: list[tuple[int, int, float]]) -> None:
         """Copy a step-control :class:`~sven.control.Outcome` (and the blocks' learning rates) into this record."""
-        for name in ("damping", "gain_ratio", "retries", "rejected", "capped", "k_used", "substep_losses", "stalled"):
+        for name in ("damping", "gain_ratio", "retries", "rejected", "capped", "k_used", "substep_losses", "stalled",
+                     "converged"):  # fmt: skip
             setattr(self, name, getattr(outcome, name))
         self._direction, self._lrs = outcome.direction, lrs
 

@@ -1,30 +1,35 @@
 r"""``sven.least_squares`` and ``sven.curve_fit``: scipy-like front-ends over :class:`sven.Sven` in residual mode.
 
 Both minimise :math:`F(x) = \tfrac12\|r(x)\|^2` by Levenberg--Marquardt:
-``sven.Sven(..., residuals=True)`` with its residual-mode defaults (adaptive
-damping with the Madsen--Nielsen update, Moré's column scaling, ``lr=1``, only
-numerically zero singular values truncated). Each Sven step linearises
+``sven.Sven(..., residuals=True)`` (Moré's column scaling, ``lr=1``, only
+numerically zero singular values truncated) with MINPACK's trust-region step
+control, :class:`sven.trust_region.TrustRegion`. Each Sven step linearises
 :math:`r` once (one Jacobian) and tries damped steps
 :math:`\delta = -D^{-1} V \frac{\Sigma}{\Sigma^2 + \lambda} U^\top r` on the
-cached factorisation of :math:`J D^{-1}` until one reduces :math:`F`. This
-module only adds scipy's stopping rules, evaluation counts and the result
-object; everything runs in torch, on the device of the parameters.
+cached factorisation of :math:`J D^{-1}`, :math:`\lambda` chosen so that
+:math:`\|D\delta\|` is the trust radius, until one reduces :math:`F`. Passing
+``damping`` (or ``adaptive_damping=True``) uses Sven's multiplicative damping
+update instead (:class:`sven.control.AdaptiveDamping`, started at ``damping``),
+and ``control`` any policy that re-evaluates the residuals. This module only
+adds scipy's stopping rules, evaluation counts and the result object;
+everything runs in torch, on the device of the parameters.
 
-Stopping rules (checked after every Sven step; ``status`` as in
-:func:`scipy.optimize.least_squares`):
+Stopping rules (``status`` as in :func:`scipy.optimize.least_squares`):
 
-* ``gtol`` (status 1): :math:`\|J^\top r\| \le gtol\,\sigma_{max}(J)\,\|r\|`
+* ``gtol`` (status 1), before each step: :math:`\|J^\top r\| \le gtol\,\sigma_{max}(J)\,\|r\|`
   (the angle between :math:`r` and the range of the scaled Jacobian, as
   MINPACK's test, with 2-norms; :func:`sven.functional.gradient_cosine`);
 * ``ftol`` (status 2): both the actual and the predicted relative reduction
-  of :math:`F` of an accepted step are at most ``ftol``; also status 2 when no
-  step can reduce :math:`F` (every try rejected at the largest damping);
-* ``xtol`` (status 3): :math:`\|\delta\| \le xtol\,(xtol + \|x\|)`; status 4
-  when ``ftol`` and ``xtol`` hold together;
+  of :math:`F` of a try are at most ``ftol``; also status 2 when no step can
+  reduce :math:`F` (a stall: every try rejected, the radius at round-off, or the damping at its ceiling);
+* ``xtol`` (status 3): the trust radius is at most ``xtol`` :math:`\|Dx\|` (MINPACK's test; with
+  another policy: :math:`\|\delta\| \le xtol\,(xtol + \|x\|)` for an accepted step not dominated by
+  the damping); status 4 when ``ftol`` and ``xtol`` hold together;
 * ``max_nfev`` (status 0): the evaluation budget is spent.
 
-A run that ends without convergence while the gradient is still large warns
-(``RuntimeWarning``): never a silent stall.
+With the trust region the ``ftol`` and ``xtol`` tests run after every try, kept or not, inside the Sven
+step (as in MINPACK's ``lmder``); with another policy after every accepted step. A run that ends without
+convergence while the gradient is still large warns (``RuntimeWarning``): never a silent stall.
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ import torch
 import truncpinv
 
 from ._validation import check_nonneg_float, check_positive_int
-from .control import STALL_COSINE, AdaptiveDamping
+from .config import LM_RETRIES
+from .control import STALL_COSINE
 from .info import StepInfo
 from .linearize.dense import autograd_jacobian
 from .optim import Sven
+from .trust_region import TrustRegion
 
 __all__ = ["LeastSquaresResult", "curve_fit", "least_squares"]
 
@@ -163,8 +170,10 @@ def least_squares(
         args, kwargs: extra arguments of ``fun``.
         ftol, xtol, gtol: the stopping rules of the module docstring (scipy's defaults, ``1e-8``).
         max_nfev: the most residual evaluations (default ``100 * (n + 1)``, as scipy's ``lm``).
-        **options: further :class:`sven.Sven` options (``damping``: the start value of the adaptive damping,
-            ``scale``, ``solver``, ``rtol``, ``max_retries`` (default 10 with ``scale``), ...).
+        **options: further :class:`sven.Sven` options: ``control`` (default
+            :class:`~sven.trust_region.TrustRegion` with ``ftol``/``xtol``), ``damping`` (the multiplicative
+            update of :class:`~sven.control.AdaptiveDamping`, started there), ``scale``, ``solver``, ``rtol``,
+            ``max_retries`` (tries of one step, default 10), ...
 
     Returns:
         A :class:`LeastSquaresResult` (``x``, ``cost``, ``fun``, ``jac``, ``grad``, ``optimality``,
@@ -215,10 +224,15 @@ def least_squares(
             "`adaptive_damping=False` does not apply to least_squares: its steps are accepted by the gain ratio "
             "of Levenberg-Marquardt; pass `damping` for the start value of the adaptive damping"
         )
-    options["adaptive_damping"] = True  # also with a `damping` start value (alone, it would mean fixed damping)
+    if "control" not in options and "damping" not in options and "adaptive_damping" not in options:
+        options["control"] = TrustRegion(options.pop("max_retries", LM_RETRIES), ftol=ftol, xtol=xtol)
+    else:  # the multiplicative damping update, started at `damping` (alone, it would mean fixed damping)
+        options["adaptive_damping"] = True
     opt = Sven(ps, residuals=True, on_nonfinite="raise", **options)
-    if not isinstance(opt.control, AdaptiveDamping) and not getattr(opt.control, "needs_evaluate", False):
+    if not getattr(opt.control, "needs_evaluate", False):
         raise ValueError("`control` must re-evaluate the residuals after each try (e.g. sven.control.AdaptiveDamping)")
+    # TrustRegion with tolerances tests ftol and xtol itself after every try, as MINPACK (scale-invariant)
+    inside = isinstance(opt.control, TrustRegion) and (opt.control.ftol > 0 or opt.control.xtol > 0)
     nfev, njev, nit, status, stalled = 1, 0, 0, -1, False
     cos = float("nan")
     while status < 0:
@@ -232,7 +246,9 @@ def least_squares(
             status = 1
         elif info.stalled:
             status, stalled = 2, True
-        elif not info.rejected:
+        elif info.converged:  # the policy's own tests, after a try (TrustRegion: MINPACK's, inside the step)
+            status = 4 if len(info.converged) == 2 else 2 if info.converged == ("ftol",) else 3
+        elif not info.rejected and not inside:
             cost_after = 0.5 * float(last[0].double().pow(2).sum())
             actual = (cost_before - cost_after) / cost_before
             rho = info.gain_ratio if info.gain_ratio is not None else 1.0

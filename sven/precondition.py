@@ -169,14 +169,14 @@ class ColumnScaling:
         D = torch.cat(parts).to(M.dtype)
         return M / torch.where(D > 0, D, torch.ones_like(D))
 
+    def weights(self, blocks: Sequence[ParamBlock], state: _State) -> torch.Tensor:
+        """``D`` as a vector (a column that has always been zero, or not seen yet, counts 1)."""
+        D = torch.cat([state_slice(state[b.param], b, "col_scale") for b in blocks])
+        return torch.where(D > 0, D, torch.ones_like(D))
+
     def direction(self, d: torch.Tensor, blocks: Sequence[ParamBlock], state: _State) -> torch.Tensor:
         """``D^{-1} d``: the direction in the original parameters."""
-        parts = []
-        for b in blocks:
-            D = state_slice(state[b.param], b, "col_scale")
-            parts.append(D.to(d.dtype))
-        D = torch.cat(parts)
-        return d / torch.where(D > 0, D, torch.ones_like(D))
+        return d / self.weights(blocks, state).to(d.dtype)
 
     def save(self, blocks: Sequence[ParamBlock], state: _State) -> Callable[[], None]:
         """Nothing to restore: ``D`` changes only with a new Jacobian, never during the tries of one step."""

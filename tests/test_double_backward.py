@@ -94,3 +94,42 @@ def test_an_ordinary_graph_still_gives_m_x() -> None:
     J = torch.cat([J[0].reshape(10, -1), J[1].reshape(10, -1)], dim=1)
     X = torch.randn(8, 2, generator=g, dtype=torch.float64)
     torch.testing.assert_close(ClosureJacobian(out, params).matmat(X), J @ X)
+
+
+class _HalfDetachedBackward(torch.autograd.Function):
+    """``2 x``, whose backward records only half of itself: the double backward silently misses the rest."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+        with torch.no_grad():
+            h = g * 1.0
+        return g + h  # the right value, 2 g, but only g is differentiable in g
+
+
+def test_the_free_probe_check_catches_silently_wrong_columns() -> None:
+    # the columns from the double graph are half the truth, yet the graph exists (nothing raises); the value of
+    # g(u) = J^T u recorded at the probe is exact, so the check sees the difference and the rows are used
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(3, 2).double()
+    x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    out = _HalfDetachedBackward.apply(lin(x)).reshape(-1)  # 60 rows, 8 parameters: the column path
+    params = list(lin.parameters())
+    ref = _rows_one_by_one(out, params)
+    op = ClosureJacobian(out, params, probe=torch.randn(60, generator=g, dtype=torch.float64), batching="batched")
+    cols = op.matmat(torch.eye(8, dtype=torch.float64))
+    torch.testing.assert_close(2 * cols, ref)  # what the check must catch: half of each column
+    torch.testing.assert_close(autograd_jacobian(out, params), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_probe_of_the_wrong_shape_is_refused() -> None:
+    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    out = torch.stack([w[0] * w[1], w[0], w[1]])
+    with pytest.raises(ValueError, match=r"`probe` must have shape \(3,\) like `out`"):
+        ClosureJacobian(out, [w], probe=torch.zeros(2, dtype=torch.float64))
+    u = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    op = ClosureJacobian(out, [w], probe=u)
+    torch.testing.assert_close(op.probe_vjp(), op.rmatmat(u[:, None])[:, 0])  # the probe's value is M^T u

@@ -244,3 +244,16 @@ def test_an_exact_fit_at_round_off_is_convergence_not_a_stall() -> None:
             R = opt.step(lambda: p[0] * torch.exp(p[1] * x) + p[2] - y)
     assert float(R.pow(2).sum()) <= 1e-24
     torch.testing.assert_close(p.detach(), torch.tensor([2.0, -1.5, 0.3], dtype=torch.float64), rtol=1e-10, atol=1e-10)
+
+
+def test_no_route_warning_when_the_user_chose_no_route() -> None:
+    # bare parameters have no layer for the Gram route: the exact route serves them, silently (issue #23)
+    x = torch.nn.Parameter(torch.tensor([1.0, 1.0], dtype=F64))
+    t = torch.linspace(0.0, 1.0, 30, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = sven.Sven([x], residuals=True)
+        for _ in range(3):
+            opt.step(lambda: x[0] * torch.exp(-x[1] * t) - torch.exp(-2.0 * t))
+        res = sven.least_squares(lambda p: p[0] * torch.exp(-p[1] * t) - torch.exp(-2.0 * t), [1.0, 1.0])
+    assert res.success

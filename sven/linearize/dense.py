@@ -90,13 +90,10 @@ class JacobianResult:
 def agrees_with_a_vjp(out: torch.Tensor, params: Sequence[torch.Tensor], J: torch.Tensor, *, seed: int = 0) -> bool:
     r"""Whether ``J`` is the Jacobian of ``out``, probed once: ``J^T u`` against the exact vector-Jacobian product.
 
-    ``u`` is Gaussian from ``seed``; the tolerance is ``1e3 eps`` of
-    :math:`\| |J|^T |u| \|`. Non-finite values never agree. The graph of
-    ``out`` is kept.
+    ``u`` is Gaussian from ``seed`` (:func:`probe_vector`); the comparison is :func:`vjp_agrees`. The graph
+    of ``out`` is kept.
     """
-    gen = torch.Generator(device=out.device)
-    gen.manual_seed(seed)
-    u = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+    u = probe_vector(out, seed=seed)
     exact = torch.autograd.grad(out, list(params), grad_outputs=u, retain_graph=True, allow_unused=True)
     ref = torch.cat(
         [
@@ -104,9 +101,24 @@ def agrees_with_a_vjp(out: torch.Tensor, params: Sequence[torch.Tensor], J: torc
             for p, g in zip(params, exact)
         ]
     )
+    return vjp_agrees(J, u, ref)
+
+
+def probe_vector(out: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """The Gaussian probe ``u`` (shaped like ``out``) of :func:`agrees_with_a_vjp`, from ``seed``."""
+    gen = torch.Generator(device=out.device)
+    gen.manual_seed(seed)
+    return torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+
+
+def vjp_agrees(J: torch.Tensor, u: torch.Tensor, exact: torch.Tensor) -> bool:
+    r"""``J^T u`` equals the exact product ``exact`` within ``1e3 eps`` of :math:`\| |J|^T |u| \|`.
+
+    Non-finite values never agree.
+    """
     mine = J.T @ u.to(J.dtype)
     scale = (J.abs().T @ u.abs().to(J.dtype)).norm()
-    return bool((mine - ref).norm() <= 1e3 * torch.finfo(J.dtype).eps * scale)
+    return bool((mine - exact.to(J.dtype)).norm() <= 1e3 * torch.finfo(J.dtype).eps * scale)
 
 
 #: Columns per batched double-backward product of :func:`autograd_jacobian` for a tall Jacobian.
@@ -135,9 +147,11 @@ def autograd_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor]) -> torc
     p_total = sum(p.numel() for p in params)
     if n > p_total:
         try:
-            op = ClosureJacobian(out, params, chunk_size=COLUMN_CHUNK, batching="batched")
+            # the double graph is recorded at the probe u, so its value is the exact J^T u: the check is free
+            u = probe_vector(out)
+            op = ClosureJacobian(out, params, chunk_size=COLUMN_CHUNK, batching="batched", probe=u)
             J = op.matmat(torch.eye(p_total, dtype=op.dtype, device=out.device))
-            if agrees_with_a_vjp(out, params, J):
+            if vjp_agrees(J, u, op.probe_vjp()):
                 return J
         except RuntimeError:
             pass  # an operation without a double backward: the rows

@@ -207,6 +207,11 @@ class ClosureJacobian:
         batching: ``"batched"`` (``is_grads_batched=True``), ``"loop"`` (one
             backward pass per column) or ``"auto"`` (time both on the first
             chunks and keep the faster; the loop if batching fails).
+        probe: the ``(N,)`` point ``u`` at which ``g(u) = M^T u`` is recorded
+            (default zeros). ``M X`` does not depend on it (``g`` is linear in
+            ``u``), but the value of ``g`` is then the exact first-order
+            vector-Jacobian product ``M^T u`` (:meth:`probe_vjp`): a check of
+            the double-backward columns that costs no further pass.
 
     Attributes:
         output: the rows, detached.
@@ -235,6 +240,7 @@ class ClosureJacobian:
         *,
         chunk_size: int | None = None,
         batching: Literal["auto", "batched", "loop"] = "auto",
+        probe: torch.Tensor | None = None,
     ) -> None:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"`out` must be a torch.Tensor, got {type(out).__name__}")
@@ -264,6 +270,9 @@ class ClosureJacobian:
         self.output = out.detach()
         self._batching = _Batching(batching, out.device)
         self._dual: tuple[torch.Tensor, list[tuple[int, torch.Tensor]]] | None = None
+        if probe is not None and tuple(probe.shape) != (int(out.shape[0]),):
+            raise ValueError(f"`probe` must have shape ({int(out.shape[0])},) like `out`, got {tuple(probe.shape)}")
+        self._probe = probe
         self.stats: dict[str, Any] = {"matvecs": 0, "forward": 0, "adjoint": 0, "batching": self._batching.choice}
 
     @classmethod
@@ -352,7 +361,10 @@ class ClosureJacobian:
     def _dual_graph(self) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
         """The dummy ``u`` and the pieces ``(index, g_i(u))`` of ``g(u) = M^T u`` that depend on ``u``."""
         if self._dual is None:
-            u = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device, requires_grad=True)
+            if self._probe is None:
+                u = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device, requires_grad=True)
+            else:
+                u = self._probe.detach().to(self.dtype).clone().requires_grad_(True)
             with torch.enable_grad():
                 gs = torch.autograd.grad(
                     self._out, self._params, grad_outputs=u, create_graph=True, retain_graph=True, allow_unused=True
@@ -366,6 +378,17 @@ class ClosureJacobian:
                 raise RuntimeError(f"{_NO_DOUBLE_BACKWARD} (parameter(s) {lost})")
             self._dual = (u, [(i, g) for i, g in enumerate(gs) if g is not None])
         return self._dual
+
+    def probe_vjp(self) -> torch.Tensor:
+        """``M^T u`` at the ``probe`` ``u`` (``(P,)``): the value of the recorded ``g(u)``, exact to first order."""
+        _, gs = self._dual_graph()
+        pieces = dict(gs)
+        return torch.cat(
+            [
+                pieces[i].detach().reshape(-1) if i in pieces else torch.zeros(n, dtype=self.dtype, device=self.device)
+                for i, n in enumerate(self._numels)
+            ]
+        )
 
     def _split(self, Xt: torch.Tensor, lead: tuple[int, ...]) -> list[torch.Tensor]:
         """Per-parameter pieces of the rows ``Xt`` (``lead + (P,)``), shaped like the parameters."""
