@@ -59,6 +59,23 @@ class OperatorView:
         return torch.device(self.op.device)
 
 
+class AdjointOperator(OperatorView):
+    """The adjoint ``A^H`` of an operator ``A``: its products swapped."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        m, n = self.op.shape
+        return (int(n), int(m))
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.op.rmatmat(X)
+        return out
+
+    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.op.matmat(Y)
+        return out
+
+
 class TensorOperator:
     """A dense ``torch.Tensor`` seen as an operator (``matmat`` is ``A @ X``)."""
 

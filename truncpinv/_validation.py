@@ -26,6 +26,9 @@ class PreparedMatrix:
 
     A: torch.Tensor | LinearOperator
     numpy_out: bool
+    #: the dense ``A`` itself when it requires grad while autograd records (``A`` above is then detached):
+    #: results are made differentiable with respect to it (:mod:`truncpinv._autograd`)
+    grad_source: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -157,27 +160,31 @@ def _as_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
 
 
 def check_no_grad(name: str, x: Any) -> None:
-    """Refuse a tensor that requires grad while autograd records: truncpinv does not differentiate through it.
+    """Refuse a matrix-free input that requires grad while autograd records: it cannot be differentiated.
 
-    Its factorisations run without a graph, so ``x.grad`` would silently stay
-    ``None`` (the result would depend on ``b`` only). Gradients with respect to
-    ``b`` are unaffected: ``F @ b`` is a product of ``b`` with the factors.
+    A matrix-free operator only offers products, so the dense SVD that the
+    backward pass needs (:mod:`truncpinv._autograd`) is not available, and
+    ``x.grad`` would silently stay ``None``. Dense tensors are differentiable.
     """
     inner = getattr(x, "A", None) if not isinstance(x, torch.Tensor) else x  # a TensorOperator's matrix
     if isinstance(inner, torch.Tensor) and inner.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
-            f"`{name}` requires grad, but truncpinv does not differentiate through `{name}`: its factorisations "
-            f"run without an autograd graph, so `{name}.grad` would silently stay None. Pass `{name}.detach()` "
-            f"if no gradient with respect to `{name}` is wanted (gradients with respect to `b` still flow through "
-            f"`F @ b` and `tp.lstsq`), or use torch.linalg.lstsq / torch.linalg.pinv for a solve that is "
-            f"differentiable in `{name}`"
+            f"`{name}` requires grad, but truncpinv does not differentiate through a matrix-free `{name}`: its "
+            f"factorisations run without an autograd graph, so `{name}.grad` would silently stay None. Pass the "
+            f"dense tensor itself (tp.lstsq(A, b) and tp.pinv(A) are differentiable in a dense `A`), or "
+            f"`{name}.detach()` if no gradient with respect to `{name}` is wanted"
         )
 
 
 def prepare_matrix(A: Any, *, allow_operator: bool, solver: str, check_finite: bool = True) -> PreparedMatrix:
-    """Validate the matrix ``A`` and convert it to a tensor or an operator."""
-    check_no_grad("A", A)
+    """Validate the matrix ``A`` and convert it to a tensor or an operator.
+
+    A dense tensor that requires grad (while autograd records) is returned
+    detached, with itself as :attr:`PreparedMatrix.grad_source`; an operator
+    that requires grad is refused (:func:`check_no_grad`).
+    """
     if is_operator(A):
+        check_no_grad("A", A)
         if not allow_operator:
             raise TypeError(
                 f"solver {solver!r} needs a dense matrix, but `A` is a matrix-free operator "
@@ -208,7 +215,8 @@ def prepare_matrix(A: Any, *, allow_operator: bool, solver: str, check_finite: b
     if check_finite and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         n_bad = int((~torch.isfinite(t)).sum())
         raise ValueError(_NOT_FINITE.format(n=n_bad, s="y" if n_bad == 1 else "ies"))
-    return PreparedMatrix(t, numpy_out=numpy_out)
+    source = t if t.requires_grad and torch.is_grad_enabled() else None
+    return PreparedMatrix(t.detach(), numpy_out=numpy_out, grad_source=source)
 
 
 def prepare_rhs(

@@ -124,6 +124,7 @@ class Solver(abc.ABC):
             stats=stats,
             operator=prep.A,
             numpy_out=prep.numpy_out,
+            grad_source=prep.grad_source,
         )
 
     @abc.abstractmethod
