@@ -80,6 +80,11 @@ class TensorOperator:
     """A dense ``torch.Tensor`` seen as an operator (``matmat`` is ``A @ X``)."""
 
     def __init__(self, A: torch.Tensor) -> None:
+        if isinstance(A, torch.Tensor) and A.ndim != 2:
+            raise ValueError(
+                f"a matrix-free operator has no batch dimension: `A` must be 2-D, got shape {tuple(A.shape)}; "
+                f"pass a dense batch (..., m, n) to tp.pinv / tp.lstsq directly, or loop over it"
+            )
         self.A = A
 
     @property

@@ -206,7 +206,10 @@ def prepare_matrix(A: Any, *, allow_operator: bool, solver: str, check_finite: b
         return PreparedMatrix(op, numpy_out=is_numpy_world(A))
     t, numpy_out = _as_tensor("A", A)
     if t.ndim != 2:
-        raise ValueError(f"`A` must be a 2-D matrix, got {t.ndim} dimension(s) with shape {tuple(t.shape)}")
+        raise ValueError(
+            f"`A` must be a 2-D matrix, got {t.ndim} dimension(s) with shape {tuple(t.shape)}"
+            + ("; tp.pinv and tp.lstsq take batches (..., m, n)" if t.ndim > 2 else "")
+        )
     _check_dtype("A", t.dtype)
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"`A` must be non-empty, got shape {tuple(t.shape)}")
