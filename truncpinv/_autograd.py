@@ -35,6 +35,13 @@ from ._spectral_grad import SpectralFilter, singular_values_vjp, solve_vjp
 __all__ = ["backward_svd", "differentiable_singular_values", "differentiable_solve", "linear_in_rhs"]
 
 
+def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad`` in the dtype of ``x``: its real part for a real ``x`` (the gradient of ``Re <grad, dx>``)."""
+    if grad.is_complex() and not x.is_complex():
+        grad = grad.real
+    return grad.to(x.dtype)
+
+
 def backward_svd(
     A: torch.Tensor, reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, keep: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,8 +104,8 @@ class _Solve(torch.autograd.Function):
             rest=rest,
         )
         return (
-            None if Abar is None else Abar.to(A.dtype),
-            None if bbar is None else bbar.to(b.dtype),
+            None if Abar is None else _like(Abar, A),
+            None if bbar is None else _like(bbar, b),
             None,
             None,
             None,
@@ -124,7 +131,7 @@ class _SingularValues(torch.autograd.Function):
         (A,) = ctx.saved_tensors
         U, _, V = backward_svd(A, ctx.reuse, ctx.count)
         k = ctx.count
-        return singular_values_vjp(U[:, :k], V[:, :k], Sbar).to(A.dtype), None, None
+        return _like(singular_values_vjp(U[:, :k], V[:, :k], Sbar), A), None, None
 
 
 class _LinearInRhs(torch.autograd.Function):

@@ -218,9 +218,9 @@ class TruncatedPinv:
 
     @property
     def Vh(self) -> Any:
-        """``(r, n)``: the transpose of :attr:`V`, as in ``torch.linalg.svd``."""
+        """``(r, n)``: the conjugate transpose of :attr:`V`, as in ``torch.linalg.svd``."""
         self._refuse_vectors("Vh")
-        return _out(self._full_V()[:, : self.rank].T, self.numpy_out)
+        return _out(self._full_V()[:, : self.rank].mH, self.numpy_out)
 
     @property
     def singular_values(self) -> Any:
@@ -241,7 +241,7 @@ class TruncatedPinv:
         dt = self._U.dtype if dtype is None else dtype
         if isinstance(op, torch.Tensor):
             wide = torch.promote_types(op.dtype, dt)
-            return (op.T.to(wide) @ Y.to(wide)).to(dt)
+            return (op.mH.to(wide) @ Y.to(wide)).to(dt)
         assert op is not None
         return op.rmatmat(Y.to(op.dtype)).to(dt)
 
@@ -277,6 +277,8 @@ class TruncatedPinv:
 
     def _apply(self, b2: torch.Tensor) -> torch.Tensor:
         """``A_r^+ b2`` for a prepared ``(m, k)`` right-hand side, from the factors."""
+        if b2.is_complex() and not self._U.is_complex():  # a real A_r^+ maps real and imaginary parts apart
+            return torch.complex(self._apply(b2.real), self._apply(b2.imag))
         r = self.rank
         dt = b2.dtype  # the factorisation's dtype, or float64 for a float64 `b` (NumPy's promotion)
         with no_tf32():
@@ -284,8 +286,8 @@ class TruncatedPinv:
                 x = torch.zeros(self.shape[1], b2.shape[1], dtype=dt, device=self.device)
             else:
                 U = self._U[:, :r].to(dt)
-                y = U.T @ b2
-                S = self._S[:r, None].to(dt)
+                y = U.mH @ b2
+                S = self._S[:r, None].to(dt.to_real())
                 if self._V is None and self._squares_safe:
                     x = self._rmatmat(U @ (y / (S * S)), dtype=dt)
                 else:  # V orthonormal, y / S of the order of x: no intermediate over- or underflows
@@ -297,12 +299,12 @@ class TruncatedPinv:
 
     @property
     def T(self) -> TruncatedPinv:
-        """The truncated pseudoinverse of ``A^T``: the same factors with ``U`` and ``V`` swapped."""
+        """The truncated pseudoinverse of ``A^T``: the same factors with ``U`` and ``V`` swapped (and conjugated)."""
         V = self._full_V()
         return TruncatedPinv(
-            V,
+            V.conj(),
             self._S,
-            self._U,
+            self._U.conj(),
             tol=self.tol,
             shape=(self.shape[1], self.shape[0]),
             stats=self.stats,
@@ -345,14 +347,14 @@ class TruncatedPinv:
             return self.solve(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
         r = self.rank
         V = self._full_V()[:, :r]
-        return _out((V / self._S[:r]) @ self._U[:, :r].T, self.numpy_out)
+        return _out((V / self._S[:r]) @ self._U[:, :r].mH, self.numpy_out)
 
     def approximation(self) -> Any:
         """The ``m x n`` rank-``r`` approximation ``A_r = U_r diag(sigma) V_r^T``."""
         self._refuse_vectors("approximation()")
         r = self.rank
         V = self._full_V()[:, :r]
-        return _out((self._U[:, :r] * self._S[:r]) @ V.T, self.numpy_out)
+        return _out((self._U[:, :r] * self._S[:r]) @ V.mH, self.numpy_out)
 
     def __repr__(self) -> str:
         name = self.stats.get("solver", "?")

@@ -212,6 +212,11 @@ class LSMR:
         prep = prepare_matrix(A, allow_operator=True, solver=self.name, check_finite=check_finite)
         shape, dt = prep.shape, prep.dtype
         b2, vec, was_numpy = prepare_rhs(b, shape=shape, dtype=dt, device=prep.device, check_finite=check_finite)
+        if b2.is_complex():
+            raise TypeError(
+                f"`b` must be real (float32 or float64) for solver 'lsmr'; complex dtype {b2.dtype} is not "
+                f"supported by it: use solver='svd' (or 'auto' with a dense `A`)"
+            )
         tol = float(self.tol) if self.tol is not None else default_tol(dt, shape)
         maxiter = int(self.maxiter) if self.maxiter is not None else min(shape) + 32
         conlim = self.resolved_conlim(shape, dt)
