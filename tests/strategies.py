@@ -215,7 +215,6 @@ _TORCH_BAD_DTYPES = [
     (torch.bool, r"must have a floating dtype \(float32 or float64\), got torch.bool"),
     (torch.float16, r"must be float32 or float64, got torch.float16; half precision"),
     (torch.bfloat16, r"must be float32 or float64, got torch.bfloat16; half precision"),
-    (torch.complex32, r"must be real \(float32 or float64\) or complex64/complex128; complex dtype torch.complex32 is"),
 ]
 _NUMPY_BAD_DTYPES = [
     (np.int8, r"must have a floating dtype \(float32 or float64\), got numpy int8"),
@@ -237,7 +236,7 @@ _NUMPY_BAD_DTYPES = [
 def bad_dtype_arrays(draw: st.DrawFn, shape: tuple[int, ...]) -> tuple[Any, str]:
     """An array of ``shape`` with a dtype the solvers refuse, and the ``TypeError`` message pattern.
 
-    Torch tensors (integer, bool, half, bfloat16, complex32) and NumPy arrays
+    Torch tensors (integer, bool, half, bfloat16) and NumPy arrays
     (integer, bool, half, long double, complex long double, object). Complex64/128 are
     accepted by the dense solvers and refused by the others: ``tests/test_complex.py``. The pattern omits the
     argument name, so it serves for ``A`` and for ``b``.
