@@ -5,7 +5,8 @@ columns, each method's forward pass runs once; then the backward pass
 ``torch.autograd.grad(x, (A, b), xbar)`` is timed, best of ``--repeats``, the
 methods interleaved round by round in one process on one thread. Methods:
 
-* ``tp.lstsq`` with ``solver="svd"``: the backward reuses the factorisation's SVD;
+* ``tp.lstsq`` with ``solver="svd"``: the backward reuses the factorisation's SVD (so the forward
+  pass, an SVD against ``torch.linalg.lstsq``'s QR, carries the cost: see the forward + backward column);
 * ``tp.lstsq`` with ``solver="randomized"``, ``rank=min(m, n)//8``: the backward computes a dense SVD;
 * ``torch.linalg.lstsq(A, b)``: its backward (a pseudoinverse through ``linalg.pinv``'s formula);
 * ``torch.linalg.pinv(A) @ b``: the backward of the explicit pseudoinverse.
@@ -63,26 +64,40 @@ def problem(shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def backward_time(f: Method, A: torch.Tensor, b: torch.Tensor, xbar: torch.Tensor) -> float:
     """Seconds of one backward pass (the forward pass is not timed)."""
-    x = f(A, b)
+    return timed(f, A, b, xbar)[1]
+
+
+def timed(f: Method, A: torch.Tensor, b: torch.Tensor, xbar: torch.Tensor) -> tuple[float, float]:
+    """Seconds of one forward and of one backward pass."""
     t0 = time.perf_counter()
+    x = f(A, b)
+    t1 = time.perf_counter()
     torch.autograd.grad(x, (A, b), xbar)
-    return time.perf_counter() - t0
+    return t1 - t0, time.perf_counter() - t1
 
 
 def table(shapes: list[tuple[int, int]], repeats: int) -> None:
     torch.set_num_threads(1)
     print(f"backward pass, best of {repeats}, 1 thread, float64, b with {K} columns")
-    print(f"{'shape':>12} | {'method':<32} | {'backward (s)':>12} | {'/ torch.linalg.lstsq':>20}")
+    print(
+        f"{'shape':>12} | {'method':<32} | {'backward (s)':>12} | {'/ torch.linalg.lstsq':>20} | "
+        f"{'fwd + bwd (s)':>13} | {'/ torch.linalg.lstsq':>20}"
+    )
     for shape in shapes:
         A, b, xbar = problem(shape)
         ms = methods(shape)
-        best = {name: float("inf") for name in ms}
+        bwd = {name: float("inf") for name in ms}
+        both = dict(bwd)
         for _ in range(repeats):  # interleaved: every method sees the same machine state
             for name, f in ms.items():
-                best[name] = min(best[name], backward_time(f, A, b, xbar))
-        base = best["torch.linalg.lstsq"]
-        for name, t in best.items():
-            print(f"{shape!s:>12} | {name:<32} | {t:12.4f} | {t / base:20.2f}")
+                tf, tb = timed(f, A, b, xbar)
+                bwd[name], both[name] = min(bwd[name], tb), min(both[name], tf + tb)
+        base, base2 = bwd["torch.linalg.lstsq"], both["torch.linalg.lstsq"]
+        for name in ms:
+            print(
+                f"{shape!s:>12} | {name:<32} | {bwd[name]:12.4f} | {bwd[name] / base:20.2f} | "
+                f"{both[name]:13.4f} | {both[name] / base2:20.2f}"
+            )
 
 
 @pytest.mark.parametrize("shape", SMALL, ids=[f"{m}x{n}" for m, n in SMALL])
