@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import truncpinv as tp
 from tests.registry import SHAPES
 from tests.strategies import gapped_spectra, matrix_with_spectrum
+from truncpinv._svd_grad import svd
 
 F64 = torch.float64
 SOLVERS = sorted(tp.SOLVERS)
@@ -193,3 +194,37 @@ def test_float32_gradients_keep_the_dtypes_of_the_inputs() -> None:
     A64 = A.detach().double().requires_grad_(True)
     (gA64,) = torch.autograd.grad((torch.linalg.pinv(A64) @ b.detach()).sum(), (A64,))
     _assert_close(gA.double(), gA64, tol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7), (6, 6)])
+def test_exactly_zero_singular_values_keep_second_derivatives_finite(shape: tuple[int, int]) -> None:
+    """Zero rows and columns give exactly zero singular values (torch.linalg.svd's backward: 0/0 = NaN there)."""
+    m, n = shape
+    A = torch.zeros(m, n, dtype=F64)
+    A[:3, :3] = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=F64))
+    A.requires_grad_(True)
+    b = torch.randn(m, 2, generator=torch.Generator().manual_seed(0), dtype=F64).requires_grad_(True)
+    for kw in ({"rank": 2}, {"rtol": 1e-3}):
+
+        def f(A: torch.Tensor, b: torch.Tensor, kw: dict[str, float] = kw) -> torch.Tensor:
+            return tp.lstsq(A, b, **kw)  # type: ignore[arg-type]
+
+        assert torch.autograd.gradgradcheck(f, (A, b), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.complex128])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_the_safe_svd_backward_is_torch_linalg_svds_on_distinct_values(
+    shape: tuple[int, int], dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(*shape, generator=g, dtype=dtype)
+    W = torch.randn(*shape, generator=g, dtype=dtype)
+
+    def loss(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
+        # depends on U, V only through gauge-invariant products, as the spectral filters do
+        return ((U[:, :3] * S[:3] ** 2) @ Vh[:3] * W).real.sum() + (S**3).sum() + (U[:, :2] @ U[:, :2].mH).abs().sum()
+
+    got = _grads(lambda A: loss(*svd(A)), A)[0]
+    ref = _grads(lambda A: loss(*torch.linalg.svd(A, full_matrices=False)), A)[0]
+    _assert_close(got, ref, tol=1e-10)

@@ -19,8 +19,9 @@ Semantics of the truncation:
   Golub & Pereyra (1973). A perturbation that lifts them changes the
   pseudoinverse discontinuously unless they are discarded by the cut-off;
 * higher derivatives (``create_graph=True``) differentiate the same formula
-  through ``torch.linalg.svd``'s backward, which assumes distinct nonzero
-  singular values among those that carry a gradient.
+  through the SVD (:mod:`truncpinv._svd_grad`: ``torch.linalg.svd``'s backward,
+  safe at exactly zero values), which assumes distinct nonzero singular values
+  among those that carry a gradient; third derivatives are not available.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from ._spectral_grad import SpectralFilter, singular_values_vjp, solve_vjp
+from ._svd_grad import svd
 
 __all__ = ["backward_svd", "differentiable_singular_values", "differentiable_solve", "linear_in_rhs"]
 
@@ -52,7 +54,7 @@ def backward_svd(
     complete SVD ``reuse`` when there is one, or a fresh one.
     """
     if torch.is_grad_enabled() and A.requires_grad:
-        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        U, S, Vh = svd(A)  # torch.linalg.svd's backward, safe where values are exactly zero
         V = Vh.mH
     elif reuse is not None:
         U, S, V = reuse
