@@ -45,7 +45,13 @@ are self-adjoint). For ``x = P b`` and an incoming ``\bar x``, with
 
 Everything is written in differentiable torch operations of ``(U, S, V)``,
 ``b`` and ``\bar x``, so when the SVD itself is differentiable (the backward
-of the backward, :mod:`truncpinv._autograd`) the second derivatives follow.
+of the backward, :mod:`truncpinv._autograd`) the second derivatives follow,
+but for one term: the values treated as zero do move to first order. Their
+block ``N = A - U S V^H`` (round-off at ``A``, derivative
+``(I - U U^H) dA (I - V V^H)``) changes the divided differences with a kept
+value by ``+- alpha_i s_j`` (``alpha = g / s^2`` truncated, ``-g / \lambda^2``
+ridge), which adds ``V alpha U^H dA N^H + N^H dA V alpha U^H`` to ``dP`` and
+``g'(0) N^H`` to ``P``; :func:`solve_vjp` takes ``N`` as ``rest`` for that.
 """
 
 from __future__ import annotations
