@@ -228,3 +228,18 @@ def test_the_safe_svd_backward_is_torch_linalg_svds_on_distinct_values(
     got = _grads(lambda A: loss(*svd(A)), A)[0]
     ref = _grads(lambda A: loss(*torch.linalg.svd(A, full_matrices=False)), A)[0]
     _assert_close(got, ref, tol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["svd", "randomized"])
+def test_the_factorisations_pieces_pass_gradcheck_and_gradgradcheck(solver: str) -> None:
+    """``F.S``, ``F.singular_values``, ``F.to_dense()`` and ``F.T @ c`` of a rank-deficient ``A`` cut below a gap."""
+    A = _spectral(7, 5, [3.0, 2.0, 1.0, 1e-2, 0.0], seed=5).requires_grad_(True)
+    c = torch.randn(5, generator=torch.Generator().manual_seed(0), dtype=F64).requires_grad_(True)
+
+    def pieces(A: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        F = tp.pinv(A, rank=3, solver=solver)
+        assert isinstance(F, tp.TruncatedPinv)
+        return F.S, F.singular_values[:3], F.to_dense(), F.T @ c
+
+    assert torch.autograd.gradcheck(pieces, (A, c), atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradgradcheck(pieces, (A, c), atol=1e-6, rtol=1e-5)
