@@ -1,4 +1,4 @@
-"""The Python examples in README.md, docs/index.md and docs/solvers.md run as written.
+"""The Python examples in README.md, docs/index.md, docs/solvers.md and docs/gradients.md run as written.
 
 The blocks of one file run in order in one namespace (later blocks may use
 earlier names, as a reader would). docs/sven.md is covered by test_sven_docs.py.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ["README.md", "docs/index.md", "docs/solvers.md"]
+FILES = ["README.md", "docs/index.md", "docs/solvers.md", "docs/gradients.md"]
 
 
 @pytest.mark.usefixtures("one_thread")

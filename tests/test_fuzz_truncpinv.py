@@ -503,7 +503,10 @@ def test_wrong_dtype_is_rejected(
     numpy=st.booleans(),
 )
 def test_matrix_of_wrong_ndim_is_rejected(info: SolverInfo, dims: list[int], dtype: torch.dtype, numpy: bool) -> None:
-    """A scalar, vector or stack of matrices as ``A`` -> ``ValueError`` naming ``A`` and its shape."""
+    """A scalar, vector or stack of matrices as ``A`` of a solver -> ``ValueError`` naming ``A`` and its shape.
+
+    (``tp.pinv`` and ``tp.lstsq`` take stacks: ``tests/test_batch.py``.)
+    """
     A: Any = torch.ones(dims, dtype=dtype)
     if numpy:
         A = A.numpy()
@@ -511,7 +514,7 @@ def test_matrix_of_wrong_ndim_is_rejected(info: SolverInfo, dims: list[int], dty
     with pytest.raises(
         ValueError, match=rf"`A` must be a 2-D matrix, got {len(dims)} dimension\(s\) with shape {shape}"
     ):
-        tp.pinv(A, solver=info.solver)
+        info.solver.factorize(A)
 
 
 @given(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._batch import BatchedTruncatedPinv, is_batch, lstsq_batched, pinv_batched
 from ._certify import Certificate, UncertifiedResultWarning, certify, default_tol
 from ._factorization import Triplets, TruncatedPinv, no_tf32
 from ._gram import pinv_from_gram
@@ -30,6 +31,7 @@ __all__ = [
     "LSMR",
     "SOLVERS",
     "Auto",
+    "BatchedTruncatedPinv",
     "CallableOperator",
     "Certificate",
     "DenseSVD",
@@ -71,14 +73,17 @@ def pinv(
     atol: float | None = None,
     solver: str | Solver = "auto",
     check_finite: bool = True,
-) -> TruncatedPinv:
+) -> TruncatedPinv | BatchedTruncatedPinv:
     """Factorised truncated pseudoinverse of ``A``.
 
     Keeps at most ``rank`` singular values ``sigma > max(atol, rtol * sigma_max)``.
     The default ``rtol`` is ``max(m, n) * eps`` as in :func:`torch.linalg.pinv`.
 
+    A dense batch ``(..., m, n)`` gives a :class:`BatchedTruncatedPinv`, one
+    factorisation per matrix (as a loop would compute them).
+
     Args:
-        A: ``m x n`` tensor, array, or matrix-free operator.
+        A: ``m x n`` tensor, array, or matrix-free operator; or a dense batch ``(..., m, n)``.
         rank: maximum rank (default ``min(m, n)``; larger values are clamped).
         rtol: relative tolerance.
         atol: absolute tolerance (default 0).
@@ -94,6 +99,10 @@ def pinv(
         raise ValueError(
             "solver 'lsmr' solves least-squares problems without factorising `A`, so it has no pseudoinverse "
             "to return; use tp.lstsq(A, b, solver='lsmr'), or an SVD solver here"
+        )
+    if is_batch(A):
+        return pinv_batched(
+            A, lambda Ai: pinv(Ai, rank=rank, rtol=rtol, atol=atol, solver=solver, check_finite=check_finite)
         )
     return get_solver(solver).factorize(A, rank=rank, rtol=rtol, atol=atol, check_finite=check_finite)
 
@@ -113,7 +122,11 @@ def lstsq(
     ``x`` minimises ``||A_r x - b||`` and, among the minimisers, ``||x||``. With
     nothing truncated it equals :func:`numpy.linalg.lstsq`'s solution. ``b`` may
     be ``(m,)`` or ``(m, k)``; the result is ``(n,)`` or ``(n, k)``, of the same
-    kind (tensor or array) as ``b``. Arguments as in :func:`pinv`, and:
+    kind (tensor or array) as ``b``. A dense batch ``A`` ``(..., m, n)`` solves
+    each matrix on its own, with ``b`` broadcast as in :func:`torch.linalg.solve`
+    (a batch of vectors when ``b.ndim == 1`` or ``b.shape == A.shape[:-1]``,
+    else of ``(m, k)`` matrices). The result is differentiable in ``b`` and in
+    a dense ``A`` that requires grad (docs/gradients.md). Arguments as in :func:`pinv`, and:
 
     * ``solver="auto"`` with a **matrix-free** ``A`` (SciPy sparse matrix or
       ``LinearOperator``, truncpinv operator) and **no truncation asked for**
@@ -128,6 +141,12 @@ def lstsq(
       by LSMR (no truncation: ``rank``/``rtol``/``atol`` must stay ``None``);
       ``LSMR().solve(A, b)`` also returns the statistics.
     """
+    if is_batch(A):
+        return lstsq_batched(
+            A,
+            b,
+            lambda Ai, bi: lstsq(Ai, bi, rank=rank, rtol=rtol, atol=atol, solver=solver, check_finite=check_finite),
+        )
     if isinstance(solver, LSMR) or solver == LSMR.name:
         for name, val in (("rank", rank), ("rtol", rtol), ("atol", atol)):
             if val is not None:
@@ -141,6 +160,6 @@ def lstsq(
         res = LSMR().solve_quietly(A, b, check_finite=check_finite)
         if res.certified and res.stats["cond_A"] < res.stats["conlim"]:
             return res.x
-    F = pinv(A, rank=rank, rtol=rtol, atol=atol, solver=solver, check_finite=check_finite)
+    F = get_solver(solver).factorize(A, rank=rank, rtol=rtol, atol=atol, check_finite=check_finite)
     return F.solve(b, check_finite=check_finite)
 

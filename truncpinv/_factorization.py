@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
+from ._autograd import differentiable_singular_values, differentiable_solve
 from ._operator import LinearOperator
+from ._spectral_grad import Truncated
 from ._tolerance import Tolerance, make_tolerance
 from ._validation import prepare_rhs
 
@@ -115,6 +117,13 @@ class TruncatedPinv:
     is called. All computed triplets are kept, so :meth:`truncate` can
     re-threshold without recomputing.
 
+    **Gradients.** When ``A`` is a dense tensor that requires grad (and
+    autograd records), ``F @ b``, :attr:`S`, :attr:`singular_values` and
+    :meth:`to_dense` are differentiable with respect to ``A`` (and ``b``), at
+    the fixed kept rank ``r`` (see :mod:`truncpinv._autograd` for the
+    semantics at the cut-off). The singular vectors (:attr:`U`, :attr:`V`,
+    :meth:`approximation`) are then refused: they are defined only up to sign.
+
     Attributes:
         rank: number of singular values in use (``r``).
         cutoff: the absolute cut-off that was applied.
@@ -134,6 +143,7 @@ class TruncatedPinv:
         stats: dict[str, Any] | None = None,
         operator: torch.Tensor | LinearOperator | None = None,
         numpy_out: bool = False,
+        grad_source: torch.Tensor | None = None,
     ) -> None:
         if V is None and operator is None:
             raise ValueError("`operator` is required when the right singular vectors `V` are implicit")
@@ -145,6 +155,7 @@ class TruncatedPinv:
         self.shape = shape
         self.stats: dict[str, Any] = dict(stats or {})
         self.numpy_out = numpy_out
+        self._source = grad_source  # the dense A that requires grad (results are differentiable in it)
         self.rank, self.cutoff = tol.keep(S)
         # The implicit-V solve x = A^T U S^{-2} U^T b squares S: safe while sigma_max lies within the fourth
         # root of the dtype's range (2^+-32 in float32), with room for the kept part's kappa^2. Beyond it
@@ -163,29 +174,58 @@ class TruncatedPinv:
         return self._U.device
 
     @property
+    def requires_grad(self) -> bool:
+        """Whether the results are differentiable with respect to ``A`` (a dense ``A`` that requires grad)."""
+        return self._source is not None
+
+    def _refuse_vectors(self, what: str) -> None:
+        if self._source is not None:
+            raise NotImplementedError(
+                f"`F.{what}` is not differentiable: `A` requires grad, and singular vectors are defined only up to "
+                f"sign (and rotations within repeated values). F.S, F @ b, F.to_dense() and tp.lstsq are "
+                f"differentiable; use torch.linalg.svd for singular vectors with gradients, or build F from "
+                f"`A.detach()` if no gradient is wanted"
+            )
+
+    def _complete_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The factors, for the backward pass, when they are a complete backward-stable thin SVD of ``A``."""
+        exact = self.stats.get("chosen", self.stats.get("solver")) == "svd"
+        if exact and self._V is not None and self._S.numel() == min(self.shape):
+            return self._U, self._S, self._V
+        return None
+
+    def _values(self, count: int) -> Any:
+        if self._source is not None:
+            return differentiable_singular_values(self._source, self._S[:count], self._complete_svd())
+        return _out(self._S[:count], self.numpy_out)
+
+    @property
     def U(self) -> Any:
         """``(m, r)`` left singular vectors in use."""
+        self._refuse_vectors("U")
         return _out(self._U[:, : self.rank], self.numpy_out)
 
     @property
     def S(self) -> Any:
-        """``(r,)`` singular values in use, descending."""
-        return _out(self._S[: self.rank], self.numpy_out)
+        """``(r,)`` singular values in use, descending (differentiable in a dense ``A`` that requires grad)."""
+        return self._values(self.rank)
 
     @property
     def V(self) -> Any:
         """``(n, r)`` right singular vectors in use (formed on first access if implicit)."""
+        self._refuse_vectors("V")
         return _out(self._full_V()[:, : self.rank], self.numpy_out)
 
     @property
     def Vh(self) -> Any:
-        """``(r, n)``: the transpose of :attr:`V`, as in ``torch.linalg.svd``."""
-        return _out(self._full_V()[:, : self.rank].T, self.numpy_out)
+        """``(r, n)``: the conjugate transpose of :attr:`V`, as in ``torch.linalg.svd``."""
+        self._refuse_vectors("Vh")
+        return _out(self._full_V()[:, : self.rank].mH, self.numpy_out)
 
     @property
     def singular_values(self) -> Any:
-        """Every singular value the solver computed, kept or not."""
-        return _out(self._S, self.numpy_out)
+        """Every singular value the solver computed, kept or not (differentiable as :attr:`S`)."""
+        return self._values(int(self._S.shape[0]))
 
     def _full_V(self) -> torch.Tensor:
         if self._V is None:
@@ -201,7 +241,7 @@ class TruncatedPinv:
         dt = self._U.dtype if dtype is None else dtype
         if isinstance(op, torch.Tensor):
             wide = torch.promote_types(op.dtype, dt)
-            return (op.T.to(wide) @ Y.to(wide)).to(dt)
+            return (op.mH.to(wide) @ Y.to(wide)).to(dt)
         assert op is not None
         return op.rmatmat(Y.to(op.dtype)).to(dt)
 
@@ -221,6 +261,24 @@ class TruncatedPinv:
         b2, vec, was_numpy = prepare_rhs(
             b, shape=self.shape, dtype=self.dtype, device=self.device, check_finite=check_finite
         )
+        if self._source is None:
+            x = self._apply(b2)
+        elif was_numpy:
+            raise TypeError(
+                "`b` is a NumPy array, so the result would be one too, without the gradient with respect to `A` "
+                "(which requires grad); pass `b` as a tensor, torch.as_tensor(b), or factorise `A.detach()`"
+            )
+        else:
+            filt = Truncated(self.rank)
+            x = differentiable_solve(self._source, b2, lambda: self._apply(b2), filt, self._complete_svd())
+        if vec:
+            x = x[:, 0]
+        return x.detach().cpu().numpy() if was_numpy else x
+
+    def _apply(self, b2: torch.Tensor) -> torch.Tensor:
+        """``A_r^+ b2`` for a prepared ``(m, k)`` right-hand side, from the factors."""
+        if b2.is_complex() and not self._U.is_complex():  # a real A_r^+ maps real and imaginary parts apart
+            return torch.complex(self._apply(b2.real), self._apply(b2.imag))
         r = self.rank
         dt = b2.dtype  # the factorisation's dtype, or float64 for a float64 `b` (NumPy's promotion)
         with no_tf32():
@@ -228,31 +286,30 @@ class TruncatedPinv:
                 x = torch.zeros(self.shape[1], b2.shape[1], dtype=dt, device=self.device)
             else:
                 U = self._U[:, :r].to(dt)
-                y = U.T @ b2
-                S = self._S[:r, None].to(dt)
+                y = U.mH @ b2
+                S = self._S[:r, None].to(dt.to_real())
                 if self._V is None and self._squares_safe:
                     x = self._rmatmat(U @ (y / (S * S)), dtype=dt)
                 else:  # V orthonormal, y / S of the order of x: no intermediate over- or underflows
                     x = self._full_V()[:, :r].to(dt) @ (y / S)
-        if vec:
-            x = x[:, 0]
-        return x.detach().cpu().numpy() if was_numpy else x
+        return x
 
     def __matmul__(self, b: Any) -> Any:
         return self.solve(b)
 
     @property
     def T(self) -> TruncatedPinv:
-        """The truncated pseudoinverse of ``A^T``: the same factors with ``U`` and ``V`` swapped."""
+        """The truncated pseudoinverse of ``A^T``: the same factors with ``U`` and ``V`` swapped (and conjugated)."""
         V = self._full_V()
         return TruncatedPinv(
-            V,
+            V.conj(),
             self._S,
-            self._U,
+            self._U.conj(),
             tol=self.tol,
             shape=(self.shape[1], self.shape[0]),
             stats=self.stats,
             numpy_out=self.numpy_out,
+            grad_source=None if self._source is None else self._source.mT,
         )
 
     def truncate(
@@ -281,19 +338,23 @@ class TruncatedPinv:
             stats=self.stats,
             operator=self._op,
             numpy_out=self.numpy_out,
+            grad_source=self._source,
         )
 
     def to_dense(self) -> Any:
         """The ``n x m`` matrix ``A_r^+ = V_r diag(1/sigma) U_r^T`` (memory ``O(m n)``)."""
+        if self._source is not None:  # A_r^+ I, differentiable
+            return self.solve(torch.eye(self.shape[0], dtype=self.dtype, device=self.device))
         r = self.rank
         V = self._full_V()[:, :r]
-        return _out((V / self._S[:r]) @ self._U[:, :r].T, self.numpy_out)
+        return _out((V / self._S[:r]) @ self._U[:, :r].mH, self.numpy_out)
 
     def approximation(self) -> Any:
         """The ``m x n`` rank-``r`` approximation ``A_r = U_r diag(sigma) V_r^T``."""
+        self._refuse_vectors("approximation()")
         r = self.rank
         V = self._full_V()[:, :r]
-        return _out((self._U[:, :r] * self._S[:r]) @ V.T, self.numpy_out)
+        return _out((self._U[:, :r] * self._S[:r]) @ V.mH, self.numpy_out)
 
     def __repr__(self) -> str:
         name = self.stats.get("solver", "?")

@@ -81,9 +81,9 @@ def _prepare_operator(operator: Any) -> tuple[Any, bool]:
     numpy_out = is_numpy_world(operator)
     check_no_grad("operator", operator)
     if isinstance(operator, (torch.Tensor, np.ndarray)):
+        if operator.ndim != 2:
+            raise ValueError(f"`operator` must be a 2-D matrix, got shape {tuple(operator.shape)}")
         op: Any = aslinearoperator(operator).A  # type: ignore[attr-defined]
-        if op.ndim != 2:
-            raise ValueError(f"`operator` must be a 2-D matrix, got shape {tuple(op.shape)}")
     elif all(hasattr(operator, a) for a in ("shape", "dtype", "device", "rmatmat")) and not hasattr(operator, "matmat"):
         op = _RmatmatOperator(operator)
     else:

@@ -65,9 +65,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ._autograd import differentiable_solve, linear_in_rhs
 from ._certify import default_tol, warn_from_caller
 from ._factorization import no_tf32
-from ._operator import LinearOperator, ScipyOperator, is_operator
+from ._operator import AdjointOperator, LinearOperator, ScipyOperator, is_operator
+from ._spectral_grad import Ridge, Truncated
 from ._tolerance import default_rtol, is_int_scalar, is_real_scalar
 from ._validation import FiniteCheckedOperator, prepare_matrix, prepare_rhs
 from .solvers._base import _equilibrate, _ldexp
@@ -210,6 +212,11 @@ class LSMR:
         prep = prepare_matrix(A, allow_operator=True, solver=self.name, check_finite=check_finite)
         shape, dt = prep.shape, prep.dtype
         b2, vec, was_numpy = prepare_rhs(b, shape=shape, dtype=dt, device=prep.device, check_finite=check_finite)
+        if b2.is_complex():
+            raise TypeError(
+                f"`b` must be real (float32 or float64) for solver 'lsmr'; complex dtype {b2.dtype} is not "
+                f"supported by it: use solver='svd' (or 'auto' with a dense `A`)"
+            )
         tol = float(self.tol) if self.tol is not None else default_tol(dt, shape)
         maxiter = int(self.maxiter) if self.maxiter is not None else min(shape) + 32
         conlim = self.resolved_conlim(shape, dt)
@@ -253,8 +260,31 @@ class LSMR:
             "time": time.perf_counter() - t0,
             "columns": infos,
         }
+        X = self._differentiable(prep, b2, X)
         x: Any = X[:, 0] if vec else X
         return LstsqResult(x.detach().cpu().numpy() if was_numpy else x, stats)
+
+    def _differentiable(self, prep: Any, b2: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """``X`` with gradients to a dense ``A`` that requires grad, and to ``b``.
+
+        ``A``: the derivative of the damped pseudoinverse ``(A^H A + damp^2 I)^{-1} A^H`` (``damp > 0``), or of
+        ``A^+`` at the default cut-off (``damp = 0``; LSMR's limit, see the class docstring), from a dense
+        SVD in the backward pass (:mod:`truncpinv._autograd`). ``b`` alone (a matrix-free ``A``, or one
+        without grad): ``bbar = P^H xbar`` is the same LSMR solve with the adjoint ``A^H``, which has the
+        same damped pseudoinverse, transposed.
+        """
+        if prep.grad_source is not None:
+            filt = Ridge(float(self.damp)) if self.damp else Truncated(None)
+            return differentiable_solve(prep.grad_source, b2, lambda: X, filt)
+        if not (b2.requires_grad and torch.is_grad_enabled()):
+            return X
+        A = prep.A
+        adj = A.mH if isinstance(A, torch.Tensor) else AdjointOperator(A)
+
+        def adjoint(xbar: torch.Tensor) -> torch.Tensor:
+            return self.solve_quietly(adj, xbar, check_finite=False).x  # type: ignore[no-any-return]
+
+        return linear_in_rhs(b2, lambda: X, adjoint)
 
 
 def _vector_products(A: torch.Tensor | LinearOperator) -> tuple[Vec, Vec]:

@@ -59,10 +59,32 @@ class OperatorView:
         return torch.device(self.op.device)
 
 
+class AdjointOperator(OperatorView):
+    """The adjoint ``A^H`` of an operator ``A``: its products swapped."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        m, n = self.op.shape
+        return (int(n), int(m))
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.op.rmatmat(X)
+        return out
+
+    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.op.matmat(Y)
+        return out
+
+
 class TensorOperator:
     """A dense ``torch.Tensor`` seen as an operator (``matmat`` is ``A @ X``)."""
 
     def __init__(self, A: torch.Tensor) -> None:
+        if isinstance(A, torch.Tensor) and A.ndim != 2:
+            raise ValueError(
+                f"a matrix-free operator has no batch dimension: `A` must be 2-D, got shape {tuple(A.shape)}; "
+                f"pass a dense batch (..., m, n) to tp.pinv / tp.lstsq directly, or loop over it"
+            )
         self.A = A
 
     @property

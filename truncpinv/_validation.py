@@ -18,6 +18,7 @@ from ._operator import LinearOperator, OperatorView, aslinearoperator, is_operat
 __all__ = ["PreparedMatrix", "check_no_grad", "is_numpy_world", "prepare_matrix", "prepare_rhs"]
 
 _FLOATS = (torch.float32, torch.float64)
+_COMPLEX = (torch.complex64, torch.complex128)
 
 
 @dataclass
@@ -26,6 +27,9 @@ class PreparedMatrix:
 
     A: torch.Tensor | LinearOperator
     numpy_out: bool
+    #: the dense ``A`` itself when it requires grad while autograd records (``A`` above is then detached):
+    #: results are made differentiable with respect to it (:mod:`truncpinv._autograd`)
+    grad_source: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -77,11 +81,19 @@ class FiniteCheckedOperator(OperatorView):
         return self._checked(self.op.rmatmat(Y), Y, "rmatmat")
 
 
-def _check_dtype(name: str, dtype: Any) -> None:
-    if dtype in _FLOATS:
+def _check_dtype(name: str, dtype: Any, *, complex_ok: bool = False, solver: str = "") -> None:
+    if dtype in _FLOATS or (complex_ok and dtype in _COMPLEX):
         return
+    if dtype in _COMPLEX and solver:
+        raise TypeError(
+            f"`{name}` must be real (float32 or float64) for solver {solver!r}; complex dtype {dtype} is not "
+            f"supported by it: use solver='svd' (or 'auto', which picks it for complex input)"
+        )
     if isinstance(dtype, torch.dtype) and dtype.is_complex:
-        raise TypeError(f"`{name}` must be real (float32 or float64); complex dtype {dtype} is not supported")
+        raise TypeError(
+            f"`{name}` must be real (float32 or float64) or complex64/complex128; complex dtype {dtype} is not "
+            f"supported"
+        )
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         raise TypeError(
             f"`{name}` must be float32 or float64, got {dtype}; half precision loses the small singular values, "
@@ -134,9 +146,12 @@ def _as_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
             )
         return x, False
     if isinstance(x, np.ndarray):
-        if x.dtype.kind == "c":
-            raise TypeError(f"`{name}` must be real (float32 or float64); complex dtype {x.dtype} is not supported")
-        if x.dtype.kind != "f" or x.dtype.itemsize not in (4, 8):  # not half, not long double
+        if x.dtype.kind == "c" and x.dtype.itemsize not in (8, 16):  # complex256
+            raise TypeError(
+                f"`{name}` must be real (float32 or float64) or complex64/complex128; complex dtype {x.dtype} is "
+                f"not supported"
+            )
+        if x.dtype.kind not in "fc" or (x.dtype.kind == "f" and x.dtype.itemsize not in (4, 8)):  # half, long double
             raise TypeError(
                 f"`{name}` must have a floating dtype (float32 or float64), got numpy {x.dtype}; "
                 f"convert with `.astype(np.float64)`"
@@ -157,27 +172,33 @@ def _as_tensor(name: str, x: Any) -> tuple[torch.Tensor, bool]:
 
 
 def check_no_grad(name: str, x: Any) -> None:
-    """Refuse a tensor that requires grad while autograd records: truncpinv does not differentiate through it.
+    """Refuse a matrix-free input that requires grad while autograd records: it cannot be differentiated.
 
-    Its factorisations run without a graph, so ``x.grad`` would silently stay
-    ``None`` (the result would depend on ``b`` only). Gradients with respect to
-    ``b`` are unaffected: ``F @ b`` is a product of ``b`` with the factors.
+    A matrix-free operator only offers products, so the dense SVD that the
+    backward pass needs (:mod:`truncpinv._autograd`) is not available, and
+    ``x.grad`` would silently stay ``None``. Dense tensors are differentiable.
     """
     inner = getattr(x, "A", None) if not isinstance(x, torch.Tensor) else x  # a TensorOperator's matrix
     if isinstance(inner, torch.Tensor) and inner.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
-            f"`{name}` requires grad, but truncpinv does not differentiate through `{name}`: its factorisations "
-            f"run without an autograd graph, so `{name}.grad` would silently stay None. Pass `{name}.detach()` "
-            f"if no gradient with respect to `{name}` is wanted (gradients with respect to `b` still flow through "
-            f"`F @ b` and `tp.lstsq`), or use torch.linalg.lstsq / torch.linalg.pinv for a solve that is "
-            f"differentiable in `{name}`"
+            f"`{name}` requires grad, but truncpinv does not differentiate through a matrix-free `{name}`: its "
+            f"factorisations run without an autograd graph, so `{name}.grad` would silently stay None. Pass the "
+            f"dense tensor itself (tp.lstsq(A, b) and tp.pinv(A) are differentiable in a dense `A`), or "
+            f"`{name}.detach()` if no gradient with respect to `{name}` is wanted"
         )
 
 
-def prepare_matrix(A: Any, *, allow_operator: bool, solver: str, check_finite: bool = True) -> PreparedMatrix:
-    """Validate the matrix ``A`` and convert it to a tensor or an operator."""
-    check_no_grad("A", A)
+def prepare_matrix(
+    A: Any, *, allow_operator: bool, solver: str, check_finite: bool = True, complex_ok: bool = False
+) -> PreparedMatrix:
+    """Validate the matrix ``A`` and convert it to a tensor or an operator.
+
+    A dense tensor that requires grad (while autograd records) is returned
+    detached, with itself as :attr:`PreparedMatrix.grad_source`; an operator
+    that requires grad is refused (:func:`check_no_grad`).
+    """
     if is_operator(A):
+        check_no_grad("A", A)
         if not allow_operator:
             raise TypeError(
                 f"solver {solver!r} needs a dense matrix, but `A` is a matrix-free operator "
@@ -187,6 +208,11 @@ def prepare_matrix(A: Any, *, allow_operator: bool, solver: str, check_finite: b
         shape = tuple(op.shape)
         if len(shape) != 2:
             raise ValueError(f"`A` must be 2-D, got an operator of shape {shape}")
+        if op.dtype in _COMPLEX:
+            raise TypeError(
+                f"a matrix-free `A` must be real (float32 or float64); complex operators (dtype {op.dtype}) are not "
+                f"supported: pass the dense complex matrix itself (solver='svd' or 'auto')"
+            )
         _check_dtype("A", op.dtype)
         if shape[0] == 0 or shape[1] == 0:
             raise ValueError(f"`A` must be non-empty, got shape {shape}")
@@ -199,8 +225,11 @@ def prepare_matrix(A: Any, *, allow_operator: bool, solver: str, check_finite: b
         return PreparedMatrix(op, numpy_out=is_numpy_world(A))
     t, numpy_out = _as_tensor("A", A)
     if t.ndim != 2:
-        raise ValueError(f"`A` must be a 2-D matrix, got {t.ndim} dimension(s) with shape {tuple(t.shape)}")
-    _check_dtype("A", t.dtype)
+        raise ValueError(
+            f"`A` must be a 2-D matrix, got {t.ndim} dimension(s) with shape {tuple(t.shape)}"
+            + ("; tp.pinv and tp.lstsq take batches (..., m, n)" if t.ndim > 2 else "")
+        )
+    _check_dtype("A", t.dtype, complex_ok=complex_ok, solver=solver)
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"`A` must be non-empty, got shape {tuple(t.shape)}")
     # fast path: NaN and Inf propagate through a sum, so a finite sum proves a finite matrix
@@ -208,7 +237,8 @@ def prepare_matrix(A: Any, *, allow_operator: bool, solver: str, check_finite: b
     if check_finite and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         n_bad = int((~torch.isfinite(t)).sum())
         raise ValueError(_NOT_FINITE.format(n=n_bad, s="y" if n_bad == 1 else "ies"))
-    return PreparedMatrix(t, numpy_out=numpy_out)
+    source = t if t.requires_grad and torch.is_grad_enabled() else None
+    return PreparedMatrix(t.detach(), numpy_out=numpy_out, grad_source=source)
 
 
 def prepare_rhs(
@@ -223,7 +253,7 @@ def prepare_rhs(
     t, was_numpy = _as_tensor("b", b)
     if t.ndim not in (1, 2):
         raise ValueError(f"`b` must have shape (m,) or (m, r), got {t.ndim} dimensions with shape {tuple(t.shape)}")
-    _check_dtype("b", t.dtype)
+    _check_dtype("b", t.dtype, complex_ok=True)
     if t.shape[0] != shape[0]:
         raise ValueError(f"`b` must have {shape[0]} rows to match `A` of shape {shape}, got shape {tuple(t.shape)}")
     if was_numpy:

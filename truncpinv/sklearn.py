@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from . import pinv
 from ._optional import require
-from .solvers import SOLVERS, Solver
+from .solvers import SOLVERS, Solver, get_solver
 
 require("sklearn", "sklearn", "truncpinv.sklearn")
 
@@ -177,7 +176,7 @@ class TruncatedPinvRegressor(MultiOutputMixin, RegressorMixin, BaseEstimator):
             Xc = Xc * root[:, None]
             yc = yc * (root if yc.ndim == 1 else root[:, None])
 
-        F = pinv(Xc, rank=rank, rtol=rtol, atol=atol, solver=solver)
+        F = get_solver(solver).factorize(Xc, rank=rank, rtol=rtol, atol=atol)  # X is 2-D: one factorisation
         coef = F @ yc  # (n_features,) or (n_features, n_targets)
         self.coef_ = coef if coef.ndim == 1 else np.ascontiguousarray(coef.T)
         self.rank_ = int(F.rank)

@@ -39,13 +39,15 @@ class Solver(abc.ABC):
     * ``name``: the registry name;
     * ``exact``: computes the singular triplets to working accuracy by a direct method;
     * ``matrix_free``: accepts an operator with ``matmat``/``rmatmat`` only;
-    * ``randomized``: uses random numbers (always from an explicit ``seed``).
+    * ``randomized``: uses random numbers (always from an explicit ``seed``);
+    * ``complex_ok``: accepts a complex dense ``A`` (conjugate transposes throughout).
     """
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
     matrix_free: ClassVar[bool] = False
     randomized: ClassVar[bool] = False
+    complex_ok: ClassVar[bool] = False
 
     def factorize(
         self,
@@ -72,7 +74,9 @@ class Solver(abc.ABC):
         Returns:
             A :class:`truncpinv.TruncatedPinv`.
         """
-        prep = prepare_matrix(A, allow_operator=self.matrix_free, solver=self.name, check_finite=check_finite)
+        prep = prepare_matrix(
+            A, allow_operator=self.matrix_free, solver=self.name, check_finite=check_finite, complex_ok=self.complex_ok
+        )
         tol = make_tolerance(prep.shape, prep.dtype, rank=rank, rtol=rtol, atol=atol)
         t0 = time.perf_counter()
         try:
@@ -124,6 +128,7 @@ class Solver(abc.ABC):
             stats=stats,
             operator=prep.A,
             numpy_out=prep.numpy_out,
+            grad_source=prep.grad_source,
         )
 
     @abc.abstractmethod
@@ -146,8 +151,11 @@ def _equilibrate(A: torch.Tensor) -> tuple[torch.Tensor, int]:
     any), and ``pinv(c A) = pinv(A) / c``, so the result is unchanged. Common
     data takes the first branch: one reduction, no copy.
     """
-    lo, hi = torch.aminmax(A)
-    amax = max(-float(lo), float(hi))
+    if A.is_complex():
+        amax = float(A.abs().max())
+    else:
+        lo, hi = torch.aminmax(A)
+        amax = max(-float(lo), float(hi))
     if amax == 0.0 or not math.isfinite(amax):  # zero, or NaN/Inf (check_finite=False): nothing to scale
         return A, 0
     e = math.frexp(amax)[1]

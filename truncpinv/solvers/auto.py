@@ -54,10 +54,13 @@ def choose_solver(
       refined through ``A``), below that accumulated in float64.
     * **Dense float64, or nearly square:** ``DenseSVD`` (QR-reduced when
       rectangular): backward stable, which a Gram matrix in float64 is not.
+    * **Dense complex:** ``DenseSVD``, the one solver that takes complex input.
     """
     m, n = shape
     short, long_ = min(m, n), max(m, n)
     low_rank = short > SMALL_SIDE and rank * LOW_RANK_FRACTION <= short
+    if dense and dtype.is_complex:
+        return DenseSVD()
     if not dense:
         if short <= SMALL_SIDE:
             return GramEigen()
@@ -102,6 +105,7 @@ class Auto(Solver):
     name: ClassVar[str] = "auto"
     exact: ClassVar[bool] = False
     matrix_free: ClassVar[bool] = True
+    complex_ok: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
