@@ -97,7 +97,7 @@ def test_randomized_keeps_going_on_a_small_gap() -> None:
     assert np.linalg.norm(F @ b - x_ref) < 1e-8 * np.linalg.norm(x_ref)
 
 
-@pytest.mark.parametrize("solver", ["auto", "lanczos", "randomized", "lobpcg", "gram"])
+@pytest.mark.parametrize("solver", ["auto", "lanczos", "randomized", "lobpcg", "gram", "svds"])
 def test_nan_in_sparse_or_operator_input_is_named(solver: str) -> None:
     S = sp.random(60, 40, density=0.2, random_state=0, format="csr")
     S.data[3] = np.nan
