@@ -14,25 +14,33 @@ A computed set of triplets ``(sigma_i, u_i, v_i)``, ``i = 1..c``, is
 
 2. **Nothing above the kept values was missed.** Residuals cannot see a
    singular value that the search space never reached (a converged triplet
-   of the *wrong* ``sigma``). The deflated operator
-   ``D = A - U_d \Sigma_d V_d^\top`` (the kept triplets, plus every further
-   returned triplet with residual within ``sqrt(tol)`` that lies below the cut:
-   these are singular values of ``A`` too, up to their residuals, which are
-   subtracted from the threshold (Weyl); deflating them widens the gap that
-   the check has to resolve) holds every singular value of ``A`` that the
-   triplets miss, so the top ``c`` are the top ``c`` when
-   ``\|D\| < \tau`` with ``\tau = \sigma_c`` when ``c`` equals the requested
-   rank and ``\tau = `` the cut-off when fewer values were kept. ``\|D\|`` is
-   estimated by ``B`` *independent* Lanczos runs on ``D^\top D`` (short
-   side, float64, full reorthogonalisation) from Gaussian starts, and
-   ``\hat\delta`` (the largest Ritz value) is a *lower* bound. By Kuczyński &
-   Woźniakowski (1992), after ``q`` steps of one run
+   of the *wrong* ``sigma``). Let ``Q`` be an orthonormal basis of the
+   short-side vectors (``V_d`` for tall ``A``, ``U_d`` for wide) of the kept
+   triplets, plus every further returned triplet with residual within
+   ``sqrt(tol)`` that lies below the cut (deflating them widens the gap that
+   the check has to resolve), and ``P = I - Q Q^\top``. By Courant–Fischer,
+   ``\sigma_{d+1}(A) \le \|A P\|`` for *any* ``d``-dimensional ``Q``
+   (``A = A P + A Q Q^\top`` and the second term has rank ``d``), so without
+   further triplets ``\|A P\| < \tau`` proves that ``A`` has no singular
+   value at or above ``\tau`` besides the ``c`` kept ones, whatever the
+   accuracy of the triplets; each further triplet is a singular value of
+   ``A`` below ``\tau`` up to the residuals, which move the others by at most
+   ``\sqrt{2d}\, r\, \sigma_1`` (Weyl), subtracted from the threshold. Here
+   ``\tau = \sigma_c`` when ``c`` equals the requested rank and ``\tau = `` the
+   cut-off when fewer values were kept. ``\|A P\|`` is estimated by ``B``
+   *independent* Lanczos runs on ``P A^\top A P`` (``P A A^\top P`` for wide
+   ``A``: the short side, float64, full reorthogonalisation) from Gaussian
+   starts. Unlike the subtraction ``A - U_d \Sigma_d V_d^\top``, the
+   projection costs nothing on the long side (``O(s d)`` per product), and
+   ``\|A P\| = \|(A - U_d \Sigma_d V_d^\top) P\|``, so both see the same
+   missed values; ``\hat\delta`` (the largest Ritz value) is a *lower* bound.
+   By Kuczyński & Woźniakowski (1992), after ``q`` steps of one run
 
    .. math::
-       P\{\hat\delta^2 < (1 - \varepsilon) \|D\|^2\} \le 1.648 \sqrt{s}\, e^{-\sqrt{\varepsilon}(2q - 1)},
+       P\{\hat\delta^2 < (1 - \varepsilon) \|A P\|^2\} \le 1.648 \sqrt{s}\, e^{-\sqrt{\varepsilon}(2q - 1)},
 
    so with ``\varepsilon = 1 - (\hat\delta / \tau)^2`` the probability that
-   ``\|D\| \ge \tau`` although every run reports ``\hat\delta < \tau`` is at
+   ``\|A P\| \ge \tau`` although every run reports ``\hat\delta < \tau`` is at
    most the ``B``-th power of that bound. The check stops (certified) once it
    is below :data:`FAILURE_PROBABILITY`, fails at once when ``\hat\delta \ge \tau``
    (a missed value is *proven*), and otherwise gives up after ``max_steps``
@@ -122,9 +130,10 @@ class Certificate:
     Attributes:
         residual: ``max_i max(||A v_i - s_i u_i||, ||A^T u_i - s_i v_i||) / s_1`` over the kept triplets.
         tol: the residual tolerance it was held to.
-        deflated_norm: the lower estimate ``delta`` of ``||A - U S V^T||`` (absolute).
-        threshold: ``tau``, the bound ``||A - U S V^T||`` must stay below.
-        failure_probability: bound on the probability that ``||A - U S V^T|| >= tau`` given the estimate.
+        deflated_norm: the lower estimate ``delta`` of ``||A P||`` (absolute; ``P`` projects out the
+            short-side vectors of the deflated triplets, see the module docstring).
+        threshold: ``tau``, the bound ``||A P||`` must stay below.
+        failure_probability: bound on the probability that ``||A P|| >= tau`` given the estimate.
         steps: Lanczos steps of the deflation check.
         matvecs: columns multiplied by ``A`` or ``A^T`` for the certificate.
         certified: both checks passed.
@@ -159,13 +168,13 @@ class Certificate:
             )
         elif self.deflated_norm >= self.threshold:
             what = (
-                f"it missed a singular value: ||A - U S V^T|| >= {self.deflated_norm:.3e} is not below "
+                f"it missed a singular value: ||A (I - V V^T)|| >= {self.deflated_norm:.3e} is not below "
                 f"the smallest kept value / cut-off {self.threshold:.3e}"
             )
         else:
             what = (
                 f"the gap at the cut is too small to rule out a missed singular value within {self.steps} check steps "
-                f"(||A - U S V^T|| ~ {self.deflated_norm:.3e} vs {self.threshold:.3e}, "
+                f"(||A (I - V V^T)|| ~ {self.deflated_norm:.3e} vs {self.threshold:.3e}, "
                 f"miss probability <= {self.failure_probability:.1e})"
             )
         return (
@@ -261,20 +270,14 @@ def certify(
     scale = max(smax, tau, 1e-300)
     for j in range(steps_max):
         W = gram(Qb[:, j].T).T  # (B, s)
-        alpha[:, j] = (W * Qb[:, j]).sum(1)
-        # the three-term recurrence, then full reorthogonalisation by classical Gram-Schmidt, a second pass
-        # where the first one cancelled more than half of the norm (Daniel, Gragg, Kaufman & Stewart 1976)
-        W = W - alpha[:, j, None] * Qb[:, j]
-        if j > 0:
-            W = W - beta[:, j - 1, None] * Qb[:, j - 1]
+        # full reorthogonalisation, classical Gram-Schmidt twice ("twice is enough"; BLAS-2/3 over the runs);
+        # the first pass's coefficient of q_j is alpha_j = q_j^T M q_j
         Qj = Qb[:, : j + 1]
-        before = W.norm(dim=1)
-        for _ in range(2):
-            W = W - torch.bmm(torch.bmm(W[:, None, :], Qj.transpose(1, 2)), Qj)[:, 0]
-            bn = W.norm(dim=1)
-            if bool((bn > 0.5 * before).all()):
-                break
-            before = bn
+        h = torch.bmm(Qj, W[:, :, None])
+        alpha[:, j] = h[:, j, 0]
+        W = W - torch.bmm(Qj.transpose(1, 2), h)[:, :, 0]
+        W = W - torch.bmm(Qj.transpose(1, 2), torch.bmm(Qj, W[:, :, None]))[:, :, 0]
+        bn = W.norm(dim=1)
         broken |= bn <= 1e-13 * scale * scale
         beta[:, j] = torch.where(broken, torch.zeros_like(bn), bn)
         Qb[:, j + 1] = torch.where(broken[:, None], torch.zeros_like(W), W / bn.clamp_min(1e-300)[:, None])
