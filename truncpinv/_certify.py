@@ -17,8 +17,10 @@ A computed set of triplets ``(sigma_i, u_i, v_i)``, ``i = 1..c``, is
    of the *wrong* ``sigma``). Let ``Q`` be an orthonormal basis of the
    short-side vectors (``V_d`` for tall ``A``, ``U_d`` for wide) of the kept
    triplets, plus every further returned triplet with residual within
-   ``sqrt(tol)`` that lies below the cut (deflating them widens the gap that
-   the check has to resolve), and ``P = I - Q Q^\top``. By Courant–Fischer,
+   ``sqrt(tol)`` that lies below ``\tau`` by more than four times its residual
+   (deflating them widens the gap that the check has to resolve; a fixed margin
+   of ``4 sqrt(tol) sigma_1`` instead kept accurate neighbours of ``\tau`` out at a
+   loose ``tol``, and the check then never resolved the gap), and ``P = I - Q Q^\top``. By Courant–Fischer,
    ``\sigma_{d+1}(A) \le \|A P\|`` for *any* ``d``-dimensional ``Q``
    (``A = A P + A Q Q^\top`` and the second term has rank ``d``), so without
    further triplets ``\|A P\| < \tau`` proves that ``A`` has no singular
@@ -232,7 +234,7 @@ def certify(
     x_tol = math.sqrt(rtol_res)
     extra = torch.arange(t, device=dev) >= c
     extra &= res_all <= x_tol
-    extra &= S64 < tau - 4 * x_tol * smax
+    extra &= S64 + 4 * res_all * smax < tau  # clearly below tau, by its own residual
     n_extra = int(extra.sum())
     sel = torch.arange(t, device=dev) < c
     sel |= extra
