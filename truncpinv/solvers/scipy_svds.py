@@ -37,7 +37,7 @@ def scipy_view(A: torch.Tensor | LinearOperator) -> Any:
     checked = isinstance(A, FiniteCheckedOperator)
     inner = A.op if isinstance(A, FiniteCheckedOperator) else A
     M = getattr(inner.op, "A", None) if isinstance(inner, ScipyOperator) else None
-    if sp.issparse(M) and not (checked and not bool(np.isfinite(M.data).all())):  # type: ignore[union-attr]
+    if sp.issparse(M) and (not checked or bool(np.isfinite(M.data).all())):  # type: ignore[union-attr]
         return M
     dt, dev = A.dtype, A.device
     fwd, back = (A.__matmul__, A.T.__matmul__) if isinstance(A, torch.Tensor) else (A.matmat, A.rmatmat)
@@ -142,7 +142,6 @@ class ScipySVDS(Solver):
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
         import scipy.sparse as sp
-        from scipy.sparse.linalg import ArpackError, svds
 
         m, n = int(A.shape[0]), int(A.shape[1])
         s, k = min(m, n), tol.rank
@@ -161,24 +160,7 @@ class ScipySVDS(Solver):
             t_svds, maxiter = max(rtol_res / 10, 1e-7), 20 * k + 200
         M = scipy_view(A)
         count = _Counter(M)
-        try:
-            U, S, Vh = svds(
-                count.op, k=k, tol=t_svds, solver=self.method, maxiter=maxiter, random_state=np.random.default_rng(seed)
-            )
-        except ArpackError as e:
-            if not str(e).startswith(f"ARPACK error {_ZERO_START}:"):  # ArpackError keeps no code
-                raise SolverError(
-                    f"scipy svds ({self.method}) did not converge on a {m}x{n} operator at rank {k}: {e}; "
-                    f"use solver='lanczos' or solver='auto'"
-                ) from e
-            # A^T A v0 = 0 for a Gaussian v0: A = 0 almost surely. Zero triplets; the certificate checks it.
-            np_dt = np.float64 if A.dtype == torch.float64 else np.float32
-            U, S, Vh = np.eye(m, k, dtype=np_dt), np.zeros(k, dtype=np_dt), np.eye(k, n, dtype=np_dt)
-        except np.linalg.LinAlgError as e:
-            raise SolverError(
-                f"scipy svds ({self.method}) did not converge on a {m}x{n} operator at rank {k}: {e}; "
-                f"use solver='lanczos' or solver='auto'"
-            ) from e
+        U, S, Vh = self._svds(count.op, k, t_svds, maxiter, seed)
         order = np.argsort(-S, kind="stable")
         dev, dt = A.device, A.dtype
         U_t, S_t, V_t = (
@@ -193,6 +175,23 @@ class ScipySVDS(Solver):
         certify_triplets(A_cert, trip, tol, rtol_res=rtol_res, seed=seed, runs=1, max_steps=self.check_steps)
         trip.stats["converged"] = True
         return trip
+
+    def _svds(self, op: Any, k: int, t: float, maxiter: int | None, seed: int) -> tuple[Any, Any, Any]:
+        """``svds``'s triplets; zero ones when ARPACK's start vector maps to zero (``A = 0`` almost surely:
+        the certificate then checks it), a :class:`SolverError` when it does not converge."""
+        from scipy.sparse.linalg import ArpackError, svds
+
+        m, n = op.shape
+        try:
+            return svds(op, k=k, tol=t, solver=self.method, maxiter=maxiter, random_state=np.random.default_rng(seed))
+        except (ArpackError, np.linalg.LinAlgError) as e:
+            if not str(e).startswith(f"ARPACK error {_ZERO_START}:"):  # ArpackError keeps no code
+                raise SolverError(
+                    f"scipy svds ({self.method}) did not converge on a {m}x{n} operator at rank {k}: {e}; "
+                    f"use solver='lanczos' or solver='auto'"
+                ) from e
+        np_dt = op.dtype
+        return np.eye(m, k, dtype=np_dt), np.zeros(k, dtype=np_dt), np.eye(k, n, dtype=np_dt)
 
 
 class _SparseProducts:
