@@ -49,7 +49,8 @@ def choose_solver(
     * **SciPy sparse matrix or SciPy ``LinearOperator``** (``scipy=True``, on the
       CPU), low rank (``rank <= min(m, n) / 8``): ``ScipySVDS`` (ARPACK), certified by
       truncpinv. ARPACK's implicit restarts need fewer products than our
-      ``Lanczos`` on the flat spectra of sparse data (measured 2 to 3 times faster).
+      ``Lanczos`` on the flat spectra of sparse data (ARPACK plus the certificate
+      measured 1.2x to 7x faster on the 18 cases of ``benchmarks/sparse_table.py``).
     * **Other matrix-free operators** (torch operators, CUDA; SciPy input at a high
       rank): ``Lanczos`` (certified, and faster than a randomized sketch on the flat
       spectra of sparse data); exact Gram route when the short side is at most 64
