@@ -96,10 +96,11 @@ class Auto(Solver):
     ``Auto`` never returns an uncertified result. The iterative and randomized
     solvers certify their answers a posteriori (:mod:`truncpinv._certify`:
     residuals in both orientations within ``tol sigma_1`` and no singular value
-    above the kept ones left in ``A - U S V^T``) and keep going within a budget;
+    above the kept ones in ``A (I - V V^T)``) and keep going within a budget;
     a result that is still uncertified, or a randomized one whose kept part is so
     ill-conditioned (``eps kappa^2 > 1e-3``) that float32 products cannot
-    resolve its smallest values, is recomputed by an exact method (``GramEigen``/``DenseSVD``
+    resolve its smallest values, is recomputed (an ARPACK answer by ``Lanczos`` first), and
+    then by an exact method (``GramEigen``/``DenseSVD``
     for dense input, the operator materialised with ``min(m, n)`` products and an
     exact decomposition otherwise). ``stats["fallback"]`` names it and
     ``stats["uncertified"]`` holds the rejected attempt's statistics.
