@@ -86,7 +86,9 @@ class ScipySVDS(Solver):
     check has to resolve (on a flat spectrum its length goes like
     ``1 / sqrt(1 - (sigma_{k+g+1} / sigma_k)^2)``; on the 20000 x 3000 matrix
     of ``benchmarks/sparse_table.py`` at rank 50, 5 more triplets cost ARPACK 87
-    products and save the check 248). An
+    products and save the check 248; guard triplets below ARPACK's resolution,
+    ``sqrt(eps) sigma_1`` on the Gram operator, may not converge: then ``svds`` runs
+    again without them). An
     uncertified result raises one :class:`~truncpinv.UncertifiedResultWarning`
     (``solver="auto"`` falls back instead). ARPACK squares ``A``: its residuals carry
     ``eps sigma_1^2 / sigma_i``, so kept parts with ``sigma_1 / sigma_k``
