@@ -230,7 +230,7 @@ def certify(
         return Certificate(residual, rtol_res, math.nan, tau, 1.0, 0, matvecs, False)
     # deflate the kept triplets and every further one that is accurate (residual within sqrt(tol)) and lies
     # clearly below tau: then a value >= tau that the triplets miss is, up to the triplets' residuals, a
-    # singular value of D (Weyl: d triplets of residual <= r move it by <= sqrt(2 d) r sigma_1)
+    # singular value of A P (Weyl: d triplets of residual <= r move it by <= sqrt(2 d) r sigma_1)
     x_tol = math.sqrt(rtol_res)
     extra = torch.arange(t, device=dev) >= c
     extra &= res_all <= x_tol
