@@ -71,3 +71,17 @@ def test_sparse_solver(benchmark, method: str) -> None:  # type: ignore[no-untyp
     benchmark.extra_info["method"] = method
     if method.startswith("truncpinv-"):
         assert err <= 1e-8, f"{method}: relative error {err:.2e} > 1e-8"
+
+
+def test_sparse_table_smoke() -> None:
+    """``benchmarks/sparse_table.py`` on a small matrix: every method runs, truncpinv's are certified and
+    accurate to the tolerance they were given."""
+    from .sparse_table import measure, random_sparse, reference, table
+
+    A = random_sparse(300, 120, 0.05)
+    s_ref, _ = reference(A)
+    res = measure(A, s_ref, 5, 1e-10, repeats=1)
+    assert {"auto", "tp-svds", "tp-lanczos", "arpack", "propack", "sklearn-rsvd"} <= set(res)
+    for name in ("auto", "tp-svds", "tp-lanczos"):
+        assert res[name].certified and res[name].err <= 1e-9, (name, res[name])
+    assert "| tp-svds |" in table("smoke", res)

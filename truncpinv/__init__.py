@@ -24,7 +24,19 @@ from ._gram import pinv_from_gram
 from ._lsmr import LSMR, LstsqResult, krylov_applies
 from ._operator import CallableOperator, LinearOperator, ScipyOperator, TensorOperator, aslinearoperator
 from ._tolerance import Tolerance, default_rtol, resolve_cutoff, select_rank
-from .solvers import LOBPCG, SOLVERS, Auto, DenseSVD, GramEigen, Lanczos, RandomizedSVD, Solver, SolverError, get_solver
+from .solvers import (
+    LOBPCG,
+    SOLVERS,
+    Auto,
+    DenseSVD,
+    GramEigen,
+    Lanczos,
+    RandomizedSVD,
+    ScipySVDS,
+    Solver,
+    SolverError,
+    get_solver,
+)
 
 __all__ = [
     "LOBPCG",
@@ -41,6 +53,7 @@ __all__ = [
     "LstsqResult",
     "RandomizedSVD",
     "ScipyOperator",
+    "ScipySVDS",
     "Solver",
     "SolverError",
     "TensorOperator",

@@ -14,25 +14,35 @@ A computed set of triplets ``(sigma_i, u_i, v_i)``, ``i = 1..c``, is
 
 2. **Nothing above the kept values was missed.** Residuals cannot see a
    singular value that the search space never reached (a converged triplet
-   of the *wrong* ``sigma``). The deflated operator
-   ``D = A - U_d \Sigma_d V_d^\top`` (the kept triplets, plus every further
-   returned triplet with residual within ``sqrt(tol)`` that lies below the cut:
-   these are singular values of ``A`` too, up to their residuals, which are
-   subtracted from the threshold (Weyl); deflating them widens the gap that
-   the check has to resolve) holds every singular value of ``A`` that the
-   triplets miss, so the top ``c`` are the top ``c`` when
-   ``\|D\| < \tau`` with ``\tau = \sigma_c`` when ``c`` equals the requested
-   rank and ``\tau = `` the cut-off when fewer values were kept. ``\|D\|`` is
-   estimated by ``B = 4`` *independent* Lanczos runs on ``D^\top D`` (short
-   side, float64, full reorthogonalisation) from Gaussian starts, and
-   ``\hat\delta`` (the largest Ritz value) is a *lower* bound. By Kuczyński &
-   Woźniakowski (1992), after ``q`` steps of one run
+   of the *wrong* ``sigma``). Let ``Q`` be an orthonormal basis of the
+   short-side vectors (``V_d`` for tall ``A``, ``U_d`` for wide) of the kept
+   triplets, plus every further returned triplet with residual within
+   ``sqrt(tol)`` that lies below ``\tau`` by more than four times its residual
+   (deflating them widens the gap that the check has to resolve; a fixed margin
+   of ``4 sqrt(tol) sigma_1`` instead kept accurate neighbours of ``\tau`` out at a
+   loose ``tol``, and the check then never resolved the gap), and ``P = I - Q Q^\top``. By Courant–Fischer,
+   ``\sigma_{d+1}(A) \le \|A P\|`` for *any* ``d``-dimensional ``Q``
+   (``A = A P + A Q Q^\top`` and the second term has rank ``d``), so without
+   further triplets ``\|A P\| < \tau`` proves that ``A`` has no singular
+   value at or above ``\tau`` besides the ``c`` kept ones, whatever the
+   accuracy of the triplets; each further triplet is a singular value of
+   ``A`` below ``\tau`` up to the residuals, which move the others by at most
+   ``\sqrt{2d}\, r\, \sigma_1`` (Weyl), subtracted from the threshold. Here
+   ``\tau = \sigma_c`` when ``c`` equals the requested rank and ``\tau = `` the
+   cut-off when fewer values were kept. ``\|A P\|`` is estimated by ``B``
+   *independent* Lanczos runs on ``P A^\top A P`` (``P A A^\top P`` for wide
+   ``A``: the short side, float64, full reorthogonalisation) from Gaussian
+   starts. Unlike the subtraction ``A - U_d \Sigma_d V_d^\top``, the
+   projection costs nothing on the long side (``O(s d)`` per product), and
+   ``\|A P\| = \|(A - U_d \Sigma_d V_d^\top) P\|``, so both see the same
+   missed values; ``\hat\delta`` (the largest Ritz value) is a *lower* bound.
+   By Kuczyński & Woźniakowski (1992), after ``q`` steps of one run
 
    .. math::
-       P\{\hat\delta^2 < (1 - \varepsilon) \|D\|^2\} \le 1.648 \sqrt{s}\, e^{-\sqrt{\varepsilon}(2q - 1)},
+       P\{\hat\delta^2 < (1 - \varepsilon) \|A P\|^2\} \le 1.648 \sqrt{s}\, e^{-\sqrt{\varepsilon}(2q - 1)},
 
    so with ``\varepsilon = 1 - (\hat\delta / \tau)^2`` the probability that
-   ``\|D\| \ge \tau`` although every run reports ``\hat\delta < \tau`` is at
+   ``\|A P\| \ge \tau`` although every run reports ``\hat\delta < \tau`` is at
    most the ``B``-th power of that bound. The check stops (certified) once it
    is below :data:`FAILURE_PROBABILITY`, fails at once when ``\hat\delta \ge \tau``
    (a missed value is *proven*), and otherwise gives up after ``max_steps``
@@ -45,6 +55,14 @@ A computed set of triplets ``(sigma_i, u_i, v_i)``, ``i = 1..c``, is
 The certificate uses its own generator (seeded from the solver's seed), so it
 is reproducible. Cost: ``2c`` columns of products for (1) and
 ``2 B q`` for (2) (``q \le 64`` by default), plus ``O(s B q^2)`` flops.
+
+**How many runs.** To reach the bound ``p`` with ``B`` runs each run needs
+``\sqrt{\varepsilon}(2q - 1) \ge \ln(1.648\sqrt{s}) + \ln(1/p) / B``, so the
+products in all, ``2 B q``, are fewest for ``B = 1`` (at ``s = 3000``,
+``p = 10^{-6}``: ``18.3 / \sqrt{\varepsilon}`` columns against ``31.8 / \sqrt{\varepsilon}``
+for ``B = 4``). A block of ``B`` columns costs about one column on dense data and
+on a GPU (one GEMM), so the default is ``B = 4``; for SciPy sparse matrices and
+operators, whose products cost per column, :class:`truncpinv.ScipySVDS` passes ``runs=1``.
 
 References:
     J. Kuczyński and H. Woźniakowski, *Estimating the largest eigenvalue by
@@ -71,8 +89,10 @@ __all__ = ["Certificate", "UncertifiedResultWarning", "certify", "default_tol"]
 _F64 = torch.float64
 #: Accepted probability that a certified result missed a singular value above the threshold.
 FAILURE_PROBABILITY = 1e-6
-#: Independent Lanczos runs of the deflation check (their failure probabilities multiply).
+#: Independent Lanczos runs of the deflation check by default (their failure probabilities multiply).
 RUNS = 4
+#: Memory of the check's Krylov bases (float64 numbers, all runs together) that caps ``max_steps`` above 64.
+BASIS_BUDGET = 1 << 25
 #: Steps between two convergence tests of the deflation check.
 CHECK_EVERY = 4
 #: Singular values below ``RESOLUTION sqrt(c + 1) tol sigma_1`` are not resolved by the check: the
@@ -112,9 +132,10 @@ class Certificate:
     Attributes:
         residual: ``max_i max(||A v_i - s_i u_i||, ||A^T u_i - s_i v_i||) / s_1`` over the kept triplets.
         tol: the residual tolerance it was held to.
-        deflated_norm: the lower estimate ``delta`` of ``||A - U S V^T||`` (absolute).
-        threshold: ``tau``, the bound ``||A - U S V^T||`` must stay below.
-        failure_probability: bound on the probability that ``||A - U S V^T|| >= tau`` given the estimate.
+        deflated_norm: the lower estimate ``delta`` of ``||A P||`` (absolute; ``P`` projects out the
+            short-side vectors of the deflated triplets, see the module docstring).
+        threshold: ``tau``, the bound ``||A P||`` must stay below.
+        failure_probability: bound on the probability that ``||A P|| >= tau`` given the estimate.
         steps: Lanczos steps of the deflation check.
         matvecs: columns multiplied by ``A`` or ``A^T`` for the certificate.
         certified: both checks passed.
@@ -149,13 +170,13 @@ class Certificate:
             )
         elif self.deflated_norm >= self.threshold:
             what = (
-                f"it missed a singular value: ||A - U S V^T|| >= {self.deflated_norm:.3e} is not below "
+                f"it missed a singular value: ||A (I - V V^T)|| >= {self.deflated_norm:.3e} is not below "
                 f"the smallest kept value / cut-off {self.threshold:.3e}"
             )
         else:
             what = (
                 f"the gap at the cut is too small to rule out a missed singular value within {self.steps} check steps "
-                f"(||A - U S V^T|| ~ {self.deflated_norm:.3e} vs {self.threshold:.3e}, "
+                f"(||A (I - V V^T)|| ~ {self.deflated_norm:.3e} vs {self.threshold:.3e}, "
                 f"miss probability <= {self.failure_probability:.1e})"
             )
         return (
@@ -180,10 +201,13 @@ def certify(
     rtol_res: float,
     seed: int = 0,
     max_steps: int = 64,
+    runs: int = RUNS,
 ) -> Certificate:
     """Certify the triplets ``(U, S, V)`` of ``A`` (descending ``S``) for the truncation ``tol``.
 
     Only the triplets that ``tol`` keeps are checked; see the module docstring.
+    ``max_steps`` bounds the Lanczos steps of the missed-value check (and
+    :data:`BASIS_BUDGET` its memory), ``runs`` is the number ``B`` of independent runs.
     """
     m, n = int(A.shape[0]), int(A.shape[1])
     dt, dev = A.dtype, A.device
@@ -205,64 +229,64 @@ def certify(
     if residual > rtol_res:  # no point in the deflation check
         return Certificate(residual, rtol_res, math.nan, tau, 1.0, 0, matvecs, False)
     # deflate the kept triplets and every further one that is accurate (residual within sqrt(tol)) and lies
-    # clearly below tau: then a value >= tau that the triplets miss is, up to the extras' residuals, a
-    # singular value of D (Weyl: deflating e triplets of residual <= r moves it by <= sqrt(2 e) r sigma_1)
+    # clearly below tau: then a value >= tau that the triplets miss is, up to the triplets' residuals, a
+    # singular value of A P (Weyl: d triplets of residual <= r move it by <= sqrt(2 d) r sigma_1)
     x_tol = math.sqrt(rtol_res)
     extra = torch.arange(t, device=dev) >= c
     extra &= res_all <= x_tol
-    extra &= S64 < tau - 4 * x_tol * smax
+    extra &= S64 + 4 * res_all * smax < tau  # clearly below tau, by its own residual
     n_extra = int(extra.sum())
-    margin = math.sqrt(2 * n_extra) * float(res_all[extra].max()) * smax if n_extra else 0.0
     sel = torch.arange(t, device=dev) < c
     sel |= extra
-    Uc, Sc, Vc = U64[:, sel], S64[sel], V64[:, sel]
     d = int(sel.sum())
+    # without extras no margin: sigma_{c+1}(A) <= ||A P|| for the projector P of any c-dim subspace
+    margin = math.sqrt(2 * d) * float(res_all[sel].max()) * smax if n_extra else 0.0
     # never below the resolution: the deflated operator of a correct answer carries the triplets' errors
     tau = max(tau - margin, RESOLUTION * math.sqrt(d + 1) * rtol_res * smax)
     s = min(m, n)
     wide = m <= n
-    B = RUNS
+    B = runs
+    # P = I - Q Q^T on the short side, Q an orthonormal basis of the deflated short-side vectors
+    Qd = torch.linalg.qr((U64 if wide else V64)[:, sel]).Q
 
-    def dmat(X: torch.Tensor) -> torch.Tensor:  # (A - U S V^T) X, X: n x B
-        return mm(X.to(dt)).to(_F64) - Uc @ (Sc[:, None] * (Vc.T @ X))
+    def proj(X: torch.Tensor) -> torch.Tensor:
+        return X - Qd @ (Qd.T @ X)
 
-    def dtmat(Y: torch.Tensor) -> torch.Tensor:  # (A - U S V^T)^T Y, Y: m x B
-        return rmm(Y.to(dt)).to(_F64) - Vc @ (Sc[:, None] * (Uc.T @ Y))
-
-    def gram(X: torch.Tensor) -> torch.Tensor:  # short-side D D^T or D^T D
+    def gram(X: torch.Tensor) -> torch.Tensor:  # P C^T C P X on the short side, C = A (tall) or A^T (wide)
         nonlocal matvecs
         matvecs += 2 * X.shape[1]
-        return dmat(dtmat(X)) if wide else dtmat(dmat(X))
+        Y = proj(X).to(dt)
+        return proj((mm(rmm(Y)) if wide else rmm(mm(Y))).to(_F64))
 
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed + 0x5EED)
-    steps_max = min(max_steps, s)
-    Qb = torch.zeros(B, s, steps_max + 1, dtype=_F64, device=dev)
-    x0 = torch.randn(s, B, dtype=_F64, device=dev, generator=gen)
-    Qb[:, :, 0] = (x0 / x0.norm(dim=0)).T
+    # more than the default 64 steps only while the bases fit the memory budget
+    steps_max = min(max_steps, s, max(64, BASIS_BUDGET // (B * s) - 1))
+    Qb = torch.zeros(B, steps_max + 1, s, dtype=_F64, device=dev)  # the runs' Lanczos bases, as rows
+    x0 = proj(torch.randn(s, B, dtype=_F64, device=dev, generator=gen))
+    Qb[:, 0] = (x0 / x0.norm(dim=0).clamp_min(1e-300)).T
     alpha = torch.zeros(B, steps_max, dtype=_F64, device=dev)
     beta = torch.zeros(B, steps_max, dtype=_F64, device=dev)
     broken = torch.zeros(B, dtype=torch.bool, device=dev)
     delta, prob, q = 0.0, 1.0, 0
     scale = max(smax, tau, 1e-300)
     for j in range(steps_max):
-        W = gram(Qb[:, :, j].T).T  # (B, s)
-        alpha[:, j] = (W * Qb[:, :, j]).sum(1)
-        # full reorthogonalisation, classical Gram-Schmidt twice (BLAS-3 over the runs)
-        Qj = Qb[:, :, : j + 1]
-        for _ in range(2):
-            W = W - torch.bmm(Qj, torch.bmm(Qj.transpose(1, 2), W[:, :, None]))[:, :, 0]
+        W = gram(Qb[:, j].T).T  # (B, s)
+        # full reorthogonalisation, classical Gram-Schmidt twice ("twice is enough"; BLAS-2/3 over the runs);
+        # the first pass's coefficient of q_j is alpha_j = q_j^T M q_j
+        Qj = Qb[:, : j + 1]
+        h = torch.bmm(Qj, W[:, :, None])
+        alpha[:, j] = h[:, j, 0]
+        W = W - torch.bmm(Qj.transpose(1, 2), h)[:, :, 0]
+        W = W - torch.bmm(Qj.transpose(1, 2), torch.bmm(Qj, W[:, :, None]))[:, :, 0]
         bn = W.norm(dim=1)
         broken |= bn <= 1e-13 * scale * scale
         beta[:, j] = torch.where(broken, torch.zeros_like(bn), bn)
-        Qb[:, :, j + 1] = torch.where(broken[:, None], torch.zeros_like(W), W / bn.clamp_min(1e-300)[:, None])
+        Qb[:, j + 1] = torch.where(broken[:, None], torch.zeros_like(W), W / bn.clamp_min(1e-300)[:, None])
         q = j + 1
         if q % CHECK_EVERY and q != steps_max and not bool(broken.all()):
             continue
-        off = beta[:, : q - 1]
-        T = torch.diag_embed(alpha[:, :q]) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-        theta = torch.linalg.eigvalsh(T)[:, -1].clamp_min(0)
-        delta = math.sqrt(float(theta.max()))
+        delta = math.sqrt(_largest_ritz(alpha[:, :q], beta[:, : q - 1]))
         if delta >= tau and delta > 0:  # a missed singular value is proven
             prob = 1.0
             break
@@ -287,6 +311,20 @@ def certify(
         matvecs=matvecs,
         certified=bool(ok_res and ok_defl),
     )
+
+
+def _largest_ritz(alpha: torch.Tensor, beta: torch.Tensor) -> float:
+    """The largest eigenvalue (clamped at 0) over the ``B`` symmetric tridiagonal matrices with diagonals
+    ``alpha`` and off-diagonals ``beta`` (rows): LAPACK bisection for that one eigenvalue, ``O(q)`` each."""
+    from scipy.linalg import eigvalsh_tridiagonal
+
+    a, b = alpha.cpu().numpy(), beta.cpu().numpy()
+    q = a.shape[1]
+    best = 0.0
+    for i in range(a.shape[0]):
+        top = a[i, 0] if q == 1 else eigvalsh_tridiagonal(a[i], b[i], select="i", select_range=(q - 1, q - 1))[0]
+        best = max(best, float(top))
+    return best
 
 
 def warn_uncertified(cert: Certificate, solver: str) -> None:

@@ -16,6 +16,7 @@ from .gram_eigen import GramEigen
 from .lanczos import Lanczos
 from .lobpcg import LOBPCG
 from .randomized import RandomizedSVD
+from .scipy_svds import ScipySVDS
 
 __all__ = [
     "LOBPCG",
@@ -25,6 +26,7 @@ __all__ = [
     "GramEigen",
     "Lanczos",
     "RandomizedSVD",
+    "ScipySVDS",
     "Solver",
     "SolverError",
     "get_solver",
@@ -39,6 +41,7 @@ SOLVERS: dict[str, type[Solver]] = {
     "randomized": RandomizedSVD,
     "lobpcg": LOBPCG,
     "lanczos": Lanczos,
+    "svds": ScipySVDS,
 }
 
 

@@ -184,16 +184,25 @@ def _ldexp_float(v: float, e: int) -> float:
 
 
 def certify_triplets(
-    A: torch.Tensor | LinearOperator, trip: Triplets, tol: Tolerance, *, rtol_res: float, seed: Any
+    A: torch.Tensor | LinearOperator,
+    trip: Triplets,
+    tol: Tolerance,
+    *,
+    rtol_res: float,
+    seed: Any,
+    **check: int,
 ) -> Certificate:
     """Certify ``trip`` (see :mod:`truncpinv._certify`) and record the outcome in ``trip.stats``.
 
+    ``check`` passes ``max_steps``/``runs`` on to :func:`~truncpinv.certify`.
     ``factorize`` warns once (:class:`~truncpinv.UncertifiedResultWarning`) when a
     directly called solver returns an uncertified result; ``Auto`` falls back instead.
     """
     if trip.V is None:
         raise TypeError("certify_triplets needs both singular vectors")
-    cert = certify(A, trip.U, trip.S, trip.V, tol, rtol_res=rtol_res, seed=seed if isinstance(seed, int) else 0)
+    cert = certify(
+        A, trip.U, trip.S, trip.V, tol, rtol_res=rtol_res, seed=seed if isinstance(seed, int) else 0, **check
+    )
     trip.stats = {
         **trip.stats,
         **cert.stats(),

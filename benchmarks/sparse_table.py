@@ -1,0 +1,278 @@
+"""Solver table on sparse input (issue #22): truncpinv against ARPACK, PROPACK, PRIMME and a randomized SVD.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --quick    # < 1 min: small matrices
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --hidden   # the 20000 x 3000 case only
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py            # every matrix, ranks 10/50/150
+
+Matrices: ``scipy.sparse.random`` (uniform entries), the same with power-law
+column norms (column ``j`` scaled by ``(j + 1)^{-1/2}``), and the signed
+edge-node incidence matrix of a random graph. For each matrix, rank and
+tolerance ``t`` every method runs in the same process on one thread,
+interleaved round by round (best of ``--repeats``):
+
+* ``auto``: ``tp.pinv(A, rank=k, rtol=1e-8)`` at its default certified tolerance (``1e-12``);
+* ``tp-svds``, ``tp-lanczos``: ``tp.ScipySVDS(tol=t)`` and ``tp.Lanczos(tol=t)``
+  (``t = 0``, the ``--hidden`` case: every method at its defaults);
+* ``arpack``, ``propack``: ``scipy.sparse.linalg.svds(A, k, tol=t, solver=...)``;
+* ``sklearn-rsvd``: ``sklearn.utils.extmath.randomized_svd(A, k)`` (no tolerance: its defaults);
+* ``primme``: ``primme.svds(A, k, tol=t)`` when ``primme`` is importable (not a dependency).
+
+Columns: time and its ratio to ``arpack`` in the same run, products (columns
+multiplied by ``A`` or ``A^T``, counted in an untimed first round for the
+peers), the largest relative error of the kept values against a dense float64
+reference (the SVD of ``A.toarray()``, or for more than ``6e7`` entries the
+eigenvalues of the float64 Gram matrix, accurate to ``eps (sigma_1 / sigma_k)^2``),
+and whether the triplets pass truncpinv's certificate at residual tolerance
+``t`` (the peers' answers are certified after the fact, untimed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import truncpinv as tp
+
+#: The cut-off of every truncpinv call (the hidden case's ``rtol``); far below the kept values here.
+RTOL = 1e-8
+Triplet = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def random_sparse(m: int, n: int, density: float, seed: int = 0) -> sp.csr_matrix:
+    """``scipy.sparse.random`` with uniform ``[0, 1)`` entries (the issue's matrix)."""
+    return sp.random(m, n, density=density, random_state=seed, format="csr")
+
+
+def power_law(m: int, n: int, density: float, seed: int = 1) -> sp.csr_matrix:
+    """Random sparse with column ``j`` scaled by ``(j + 1)^{-1/2}`` (power-law column norms)."""
+    A = sp.random(
+        m, n, density=density, random_state=seed, format="csc", data_rvs=np.random.default_rng(seed).standard_normal
+    )
+    return (A @ sp.diags(1.0 / np.sqrt(np.arange(1, n + 1)))).tocsr()
+
+
+def incidence(nodes: int, edges: int, seed: int = 2) -> sp.csr_matrix:
+    """Signed edge-node incidence matrix (``edges x nodes``, ``+1``/``-1`` per row) of a random multigraph."""
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, nodes, edges)
+    j = (i + rng.integers(1, nodes, edges)) % nodes  # no self loops
+    rows = np.repeat(np.arange(edges), 2)
+    cols = np.stack([i, j], 1).ravel()
+    vals = np.tile([1.0, -1.0], edges)
+    return sp.csr_matrix((vals, (rows, cols)), shape=(edges, nodes))
+
+
+def reference(A: sp.csr_matrix) -> tuple[np.ndarray, str]:
+    """Singular values of ``A``, descending, from a dense float64 computation."""
+    if A.shape[0] * A.shape[1] <= 6e7:
+        return np.linalg.svd(A.toarray(), compute_uv=False), "dense SVD"
+    G = (A.T @ A if A.shape[0] >= A.shape[1] else A @ A.T).toarray()
+    lam = np.linalg.eigvalsh(G)[::-1]
+    return np.sqrt(np.maximum(lam, 0.0)), "dense Gram eigvalsh"
+
+
+class Counted(spla.LinearOperator):  # type: ignore[misc]
+    """``A`` as a SciPy operator that counts the columns it multiplies."""
+
+    def __init__(self, A: Any) -> None:
+        super().__init__(A.dtype, A.shape)
+        self.A, self.columns = A, 0
+
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        self.columns += X.shape[1]
+        return np.asarray(self.A @ X)
+
+    def _rmatmat(self, Y: np.ndarray) -> np.ndarray:
+        self.columns += Y.shape[1]
+        return np.asarray(self.A.T @ Y)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        self.columns += 1
+        return np.asarray(self.A @ x)
+
+    def _rmatvec(self, y: np.ndarray) -> np.ndarray:
+        self.columns += 1
+        return np.asarray(self.A.T @ y)
+
+
+@dataclass
+class Result:
+    time: float
+    products: int
+    err: float
+    certified: bool | None
+
+
+def _ours(solver: Callable[[float], tp.Solver]) -> Callable[[Any, int, float], tuple[Triplet, int, bool]]:
+    def run(A: Any, k: int, t: float) -> tuple[Triplet, int, bool]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", tp.UncertifiedResultWarning)
+            F = solver(t).factorize(A, rank=k, rtol=RTOL)
+        cert = bool(F.stats.get("certified", True))
+        return (np.asarray(F.U), np.asarray(F.S), np.asarray(F.V)), int(F.stats["matvecs"]), cert
+
+    return run
+
+
+def _svds(solver: str) -> Callable[[Any, int, float], Triplet]:
+    def run(A: Any, k: int, t: float) -> Triplet:
+        U, S, Vh = spla.svds(
+            A, k=k, tol=t, solver=solver, random_state=0, maxiter=None if solver == "arpack" else 20 * k + 200
+        )
+        return U, S, Vh.T
+
+    return run
+
+
+def _rsvd(A: Any, k: int, t: float) -> Triplet:
+    from sklearn.utils.extmath import randomized_svd
+
+    U, S, Vh = randomized_svd(A, k, random_state=0)
+    return U, S, Vh.T
+
+
+def _primme(A: Any, k: int, t: float) -> Triplet:
+    import primme  # type: ignore[import-not-found]
+
+    U, S, Vh = primme.svds(A, k, tol=t)
+    return U, S, Vh.T
+
+
+OURS: dict[str, Callable[[float], tp.Solver]] = {
+    "auto": lambda t: tp.Auto(),
+    "tp-svds": lambda t: tp.ScipySVDS(tol=t or None),
+    "tp-lanczos": lambda t: tp.Lanczos(tol=t or None),
+}
+PEERS: dict[str, Callable[[Any, int, float], Triplet]] = {
+    "arpack": _svds("arpack"),
+    "propack": _svds("propack"),
+    "sklearn-rsvd": _rsvd,
+}
+try:
+    import primme  # type: ignore[import-not-found]  # noqa: F401
+
+    PEERS["primme"] = _primme
+except ImportError:
+    pass
+
+
+def _sorted(trip: Triplet) -> Triplet:
+    U, S, V = trip
+    o = np.argsort(-S)
+    return U[:, o], S[o], V[:, o]
+
+
+def _certify(A: Any, trip: Triplet, k: int, t: float) -> bool:
+    U, S, V = (torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64)) for X in trip)
+    tol = tp.Tolerance(rank=k, rtol=RTOL, atol=0.0)
+    t = t or tp.default_tol(torch.float64, A.shape)
+    return tp.certify(tp.aslinearoperator(A), U, S, V, tol, rtol_res=t, runs=1, max_steps=400).certified
+
+
+def measure(A: Any, s_ref: np.ndarray, k: int, t: float, repeats: int) -> dict[str, Result]:
+    """Every method on ``A`` at rank ``k`` and tolerance ``t``, interleaved round by round."""
+    names = [*OURS, *PEERS]
+    best = dict.fromkeys(names, math.inf)
+    out: dict[str, Any] = {}
+    products: dict[str, int] = {}
+    certified: dict[str, bool | None] = {}
+    for name, fn in PEERS.items():  # untimed round: products and certificate of the peers
+        C = Counted(A)
+        try:  # randomized_svd needs the matrix itself: its products are not counted
+            out[name] = _sorted(fn(A, k, t) if name == "sklearn-rsvd" else fn(C, k, t))
+            products[name] = C.columns
+            certified[name] = _certify(A, out[name], k, t)
+        except Exception as e:  # a peer that fails is reported, not fatal
+            print(f"  {name}: failed ({type(e).__name__}: {e})", file=sys.stderr)
+            out[name], products[name], certified[name] = None, 0, None
+    for _ in range(repeats):
+        for name in names:
+            if name in PEERS and out[name] is None:
+                continue
+            t0 = time.perf_counter()
+            if name in OURS:
+                trip, products[name], certified[name] = _ours(OURS[name])(A, k, t)
+            else:
+                trip = PEERS[name](A, k, t)
+            best[name] = min(best[name], time.perf_counter() - t0)
+            out[name] = _sorted(trip)
+    res = {}
+    for name in names:
+        if out[name] is None:
+            continue
+        S = out[name][1][:k]
+        err = float(np.max(np.abs(S - s_ref[: S.size]) / s_ref[: S.size]))
+        res[name] = Result(best[name], products[name], err, certified[name])
+    return res
+
+
+def table(title: str, res: dict[str, Result]) -> str:
+    base = res["arpack"].time if "arpack" in res else math.nan
+    lines = [
+        f"**{title}**",
+        "",
+        "| method | time [s] | / arpack | products | max rel. error | certified |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, r in res.items():
+        cert = "" if r.certified is None else ("yes" if r.certified else "no")
+        prods = str(r.products) if r.products else "n/a"
+        lines.append(f"| {name} | {r.time:.3f} | {r.time / base:.2f} | {prods} | {r.err:.1e} | {cert} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small matrices, ranks 10 and 50 (under a minute)")
+    p.add_argument("--hidden", action="store_true", help="only the issue's 20000 x 3000 case, rank 50, t = 1e-8")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 1 quick, 3 otherwise)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:
+        pass
+    repeats = args.repeats or (1 if args.quick else 3)
+    print(f"truncpinv {tp.__version__}, torch {torch.__version__}, 1 thread, best of {repeats}", flush=True)
+    if args.hidden:
+        # t = 0: every method at its defaults (svds: machine precision; truncpinv: tp.default_tol)
+        cases = [("random 20000x3000 d=0.01 (hidden case)", random_sparse(20_000, 3_000, 0.01), [50], [0.0])]
+    elif args.quick:
+        cases = [
+            ("random 3000x500 d=0.02", random_sparse(3_000, 500, 0.02), [10, 50], [1e-6, 1e-10]),
+            ("power-law 3000x600 d=0.01", power_law(3_000, 600, 0.01), [10, 50], [1e-6, 1e-10]),
+            ("incidence 2400 edges x 400 nodes", incidence(400, 2_400), [10, 50], [1e-6, 1e-10]),
+        ]
+    else:
+        cases = [
+            ("random 20000x3000 d=0.01", random_sparse(20_000, 3_000, 0.01), [10, 50, 150], [1e-6, 1e-10]),
+            ("power-law 30000x5000 d=0.002", power_law(30_000, 5_000, 0.002), [10, 50, 150], [1e-6, 1e-10]),
+            ("incidence 30000 edges x 5000 nodes", incidence(5_000, 30_000), [10, 50, 150], [1e-6, 1e-10]),
+        ]
+    for title, A, ranks, tols in cases:
+        s_ref, how = reference(A)
+        for k in ranks:
+            for t in tols:
+                print(f"{title}, rank {k}, t={t:g} ...", file=sys.stderr, flush=True)
+                res = measure(A, s_ref, k, t, repeats)
+                print(table(f"{title}, rank {k}, tol {t:g} (reference: {how})", res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""SciPy input on the ``svds`` path (issue #22): ``ScipySVDS`` against a dense float64 SVD, ``auto``'s choice,
+and the certificate catching bad ``svds`` answers."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import truncpinv as tp
+
+from .spectra import make_matrix
+
+#: ``(m, n)`` for the differential tests: tall and wide.
+SHAPES = {"tall": (240, 90), "wide": (90, 240)}
+
+
+def _inputs(A: np.ndarray) -> dict[str, object]:
+    """The SciPy input kinds of one matrix: CSR, CSC, and a matrix-free ``LinearOperator``."""
+    csr = sp.csr_matrix(A)
+    op = spla.LinearOperator(A.shape, matvec=lambda x: A @ x, rmatvec=lambda y: A.T @ y, dtype=A.dtype)
+    return {"csr": csr, "csc": sp.csc_matrix(A), "operator": op}
+
+
+def _residual(A: np.ndarray, F: tp.TruncatedPinv) -> float:
+    U, S, V = np.asarray(F.U), np.asarray(F.S), np.asarray(F.V)
+    r1 = np.linalg.norm(A @ V - U * S, axis=0).max(initial=0.0)
+    r2 = np.linalg.norm(A.T @ U - V * S, axis=0).max(initial=0.0)
+    return max(r1, r2)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("kind", ["gap", "flat", "geometric", "deficient"])
+@pytest.mark.parametrize("inp", ["csr", "csc", "operator"])
+def test_svds_agrees_with_the_dense_svd(shape: tuple[int, int], kind: str, inp: str) -> None:
+    """Kept values within ``sqrt(2) tol sigma_1`` of the dense SVD's (the certificate's promise), residuals in
+    both orientations within ``tol sigma_1``, certified, at ranks from 1 to the whole short side."""
+    A, _, s, _ = make_matrix(*shape, kind, seed=len(kind))
+    q = min(shape)
+    for rank in (1, 7, q // 8, q):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", tp.UncertifiedResultWarning)
+            F = tp.ScipySVDS().factorize(_inputs(A)[inp], rank=rank, rtol=1e-10)
+        r = F.rank
+        expect = min(rank, int((s > 1e-10 * s[0]).sum()))
+        assert r == expect
+        tol = F.stats["residual_tol"] if "residual_tol" in F.stats else 1e-12
+        assert np.abs(np.asarray(F.S) - s[:r]).max(initial=0.0) <= np.sqrt(2) * tol * s[0] * 10
+        assert _residual(A, F) <= tol * s[0] * 10
+        assert F.stats.get("certified", True)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    m=st.integers(20, 120),
+    n=st.integers(20, 120),
+    density=st.sampled_from([0.05, 0.2, 1.0]),
+    rank=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    float32=st.booleans(),
+)
+def test_svds_on_random_sparse_matrices(m: int, n: int, density: float, rank: int, seed: int, float32: bool) -> None:
+    """Random sparse matrices of any orientation: the kept values are the top ones of the dense float64 SVD
+    to the certified tolerance (float64), or to ``sqrt(2) tol`` (float32), and never uncertified silently."""
+    A = sp.random(m, n, density=density, random_state=seed, format="csr")
+    A = A.astype(np.float32) if float32 else A
+    s = np.linalg.svd(A.toarray().astype(np.float64), compute_uv=False)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        F = tp.ScipySVDS().factorize(A, rank=rank, rtol=1e-4)
+    if F.stats.get("certified", True):
+        tol = F.stats.get("residual_tol", tp.default_tol(torch.float64, (m, n)))
+        err = np.abs(np.asarray(F.S, dtype=np.float64) - s[: F.rank]).max(initial=0.0)
+        assert err <= 2 * tol * s[0] + 4 * np.finfo(np.float32 if float32 else np.float64).eps * s[0]
+    else:  # a tie at the cut can leave the check undecided: then one warning says so
+        assert any(issubclass(x.category, tp.UncertifiedResultWarning) for x in w)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_auto_takes_svds_for_scipy_input_at_low_rank(shape: tuple[int, int]) -> None:
+    """The rule of docs/solvers.md: SciPy sparse or LinearOperator input on the CPU at ``rank <= min(m, n) / 8``
+    runs ``svds``; torch operators, dense arrays and higher ranks keep their paths."""
+    A, _, s, _ = make_matrix(*shape, "gap", seed=0)
+    q = min(shape)
+    for name, inp in _inputs(A).items():
+        F = tp.pinv(inp, rank=q // 8, rtol=1e-10)
+        assert F.stats["chosen"] == "svds", name
+        np.testing.assert_allclose(np.asarray(F.S), s[: q // 8], rtol=0, atol=1e-11 * s[0])
+    assert tp.pinv(sp.csr_matrix(A), rank=q // 8 + 1).stats["chosen"] == "lanczos"
+    assert tp.pinv(tp.TensorOperator(torch.from_numpy(A)), rank=q // 8).stats["chosen"] == "lanczos"
+    assert tp.pinv(A, rank=q // 8).stats["chosen"] != "svds"
+
+
+def _broken_svds(drop: int) -> object:
+    """``svds`` that leaves out the ``drop``-th largest triplet (exact triplets otherwise): a missed value."""
+    real = spla.svds
+
+    def svds(A: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        U, S, Vh = real(A, k=k + 1, **kw)  # type: ignore[arg-type]
+        order = np.argsort(-S)
+        keep = np.delete(order, drop)
+        return U[:, keep], S[keep], Vh[keep]
+
+    return svds
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_a_missed_value_from_svds_is_caught_and_auto_falls_back(shape: tuple[int, int], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An ``svds`` that skips sigma_3: every residual is at round-off, but the one-run check of the projected
+    operator finds sigma_3 above the smallest kept value. ``ScipySVDS`` warns; ``auto`` runs ``Lanczos``."""
+    A, _, s, _ = make_matrix(*shape, "geometric", seed=1)
+    monkeypatch.setattr(spla, "svds", _broken_svds(2))
+    with pytest.warns(tp.UncertifiedResultWarning, match="missed a singular value"):
+        F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=5, rtol=1e-10)
+    assert F.stats["certified"] is False and F.stats["residual"] < 1e-13
+    assert F.stats["deflated_norm"] >= F.stats["deflated_threshold"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tp.UncertifiedResultWarning)
+        G = tp.pinv(sp.csr_matrix(A), rank=5, rtol=1e-10)
+    assert G.stats["fallback"] == "lanczos" and G.stats["uncertified"]["certified"] is False
+    np.testing.assert_allclose(np.asarray(G.S), s[:5], rtol=0, atol=1e-11 * s[0])
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_a_perturbed_svds_answer_fails_the_residual(shape: tuple[int, int], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Right vectors rotated by 1e-6: ``||A^T u - s v||`` exposes them in either orientation."""
+    A, _, _, _ = make_matrix(*shape, "gap", seed=2)
+    real = spla.svds
+
+    def svds(M: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        U, S, Vh = real(M, k=k, **kw)  # type: ignore[arg-type]
+        noise = np.random.default_rng(0).standard_normal(Vh.shape)
+        return U, S, np.linalg.qr((Vh + 1e-6 * noise).T)[0].T
+
+    monkeypatch.setattr(spla, "svds", svds)
+    with pytest.warns(tp.UncertifiedResultWarning, match="residual"):
+        F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=4)
+    assert F.stats["residual"] > 1e-8
+
+
+def test_zero_matrix_and_bad_arguments() -> None:
+    Z = sp.csr_matrix((120, 50))
+    F = tp.ScipySVDS().factorize(Z, rank=3)
+    assert F.rank == 0 and F.stats["certified"]
+    with pytest.raises(ValueError, match=r"`method` must be one of \['arpack', 'propack'\], got 'lobpcg'"):
+        tp.ScipySVDS(method="lobpcg")
+    with pytest.raises(ValueError, match=r"`check_steps` must be a positive integer, got 0"):
+        tp.ScipySVDS(check_steps=0)
+
+
+def test_propack_is_certified_at_a_loose_tolerance() -> None:
+    """PROPACK through the same protocol; its residuals stall above 1e-11 sigma_1, so it is held to 1e-6 here."""
+    A, _, s, _ = make_matrix(200, 80, "gap", seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tp.UncertifiedResultWarning)
+        F = tp.ScipySVDS(method="propack", tol=1e-6).factorize(sp.csr_matrix(A), rank=6)
+    assert F.stats["method"] == "propack" and F.stats["certified"]
+    np.testing.assert_allclose(np.asarray(F.S), s[:6], rtol=0, atol=2e-6 * s[0])
+
+
+@pytest.mark.parametrize("runs", [1, 4])
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)], ids=["tall", "wide"])
+def test_one_run_check_still_catches_a_missed_value(runs: int, shape: tuple[int, int]) -> None:
+    """The projected check with one run (the SciPy path) and four (the default) on the broken triplets of
+    tests/test_certify.py: sigma_5 left out, all residuals zero."""
+    A, U, s, V = make_matrix(*shape, "geometric", seed=0)
+    idx = [0, 1, 2, 3, 5]
+    T = [torch.from_numpy(np.ascontiguousarray(X)) for X in (U[:, idx], s[idx], V[:, idx])]
+    tol = tp.Tolerance(rank=5, rtol=1e-8, atol=0.0)
+    cert = tp.certify(tp.aslinearoperator(sp.csr_matrix(A)), *T, tol, rtol_res=1e-12, runs=runs)
+    assert cert.residual < 1e-13 and not cert.certified
+    assert cert.threshold <= cert.deflated_norm <= s[4] * (1 + 1e-12)
+    good = [torch.from_numpy(np.ascontiguousarray(X)) for X in (U[:, :5], s[:5], V[:, :5])]
+    assert tp.certify(tp.aslinearoperator(sp.csr_matrix(A)), *good, tol, rtol_res=1e-12, runs=runs).certified

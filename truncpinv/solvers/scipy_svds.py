@@ -1,0 +1,251 @@
+r"""SciPy's ``svds`` (ARPACK or PROPACK) behind truncpinv's protocol, certified by truncpinv."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .._certify import check_tol, default_tol
+from .._factorization import Triplets
+from .._operator import LinearOperator, ScipyOperator
+from .._tolerance import Tolerance
+from .._validation import FiniteCheckedOperator
+from ._base import Solver, SolverError, certify_triplets, check_seed
+from .lobpcg import _exact
+
+__all__ = ["ScipySVDS", "scipy_backed", "scipy_view"]
+
+#: ``svds`` back ends.
+METHODS = ("arpack", "propack")
+#: ARPACK's ``info`` when the operator maps its start vector to zero.
+_ZERO_START = -9
+
+
+def scipy_view(A: torch.Tensor | LinearOperator) -> Any:
+    """What ``svds`` multiplies: the SciPy sparse matrix (with finite entries where ``check_finite``) or the
+    CPU array that ``A`` holds, else a :class:`scipy.sparse.linalg.LinearOperator` whose products go
+    through ``A`` (with its finite checks, which name a NaN), on ``A``'s device."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import LinearOperator as SpLinOp
+
+    if isinstance(A, torch.Tensor) and A.device.type == "cpu":
+        return A.numpy()
+    checked = isinstance(A, FiniteCheckedOperator)
+    inner = A.op if isinstance(A, FiniteCheckedOperator) else A
+    M = getattr(inner.op, "A", None) if isinstance(inner, ScipyOperator) else None
+    if sp.issparse(M) and (not checked or bool(np.isfinite(M.data).all())):  # type: ignore[union-attr]
+        return M
+    dt, dev = A.dtype, A.device
+    fwd, back = (A.__matmul__, A.T.__matmul__) if isinstance(A, torch.Tensor) else (A.matmat, A.rmatmat)
+
+    def call(f: Any, X: np.ndarray) -> np.ndarray:
+        X2 = np.ascontiguousarray(X.reshape(X.shape[0], -1))
+        return np.asarray(f(torch.from_numpy(X2).to(device=dev, dtype=dt)).cpu().numpy())
+
+    np_dt = np.float64 if dt == torch.float64 else np.float32
+    return SpLinOp(
+        tuple(A.shape),
+        matvec=lambda x: call(fwd, x),
+        matmat=lambda X: call(fwd, X),
+        rmatvec=lambda y: call(back, y),
+        rmatmat=lambda Y: call(back, Y),
+        dtype=np_dt,
+    )
+
+
+@dataclass(frozen=True)
+class ScipySVDS(Solver):
+    r"""Truncated pseudoinverse from :func:`scipy.sparse.linalg.svds`, certified like every iterative solver.
+
+    ``method="arpack"`` runs ARPACK's implicitly restarted Lanczos method
+    (Lehoucq & Sorensen 1996) on the short-side Gram operator
+    ``G = A^T A`` (``A A^T`` for wide ``A``) and then a Rayleigh–Ritz step
+    ``A V = U \Sigma W^T`` through ``A`` itself. ARPACK stops when its Ritz
+    estimate satisfies ``||G v - \theta v|| \le t^2 \theta`` with ``t`` the
+    ``svds`` tolerance; for a triplet this means
+    ``||A^T u - \sigma v|| \approx ||G v - \sigma^2 v|| / \sigma \le t^2 \sigma``,
+    so ``t = \sqrt{tol / 10}`` asks for a tenth of the certified residual
+    ``tol \sigma_1``. ``method="propack"`` runs PROPACK's Lanczos
+    bidiagonalisation of ``A`` itself (Larsen 1998), which does not square ``A``;
+    its stopping rule bounds the error of ``sigma`` rather than the residual, and
+    below an internal tolerance of ``1e-14`` it stops converging, so its
+    residuals stall between ``2e-11`` and ``7e-9 sigma_1`` (measured): it is
+    certified for a loose ``tol`` (``1e-6``), not at the float64 default ``1e-12``.
+
+    The answer is then certified (:mod:`truncpinv._certify`): explicit residuals
+    in both orientations within ``tol * sigma_1``, and no missed singular value
+    above the kept ones, checked by **one** Lanczos run on the deflated operator
+    (``runs=1``: SciPy products cost per column, and one run needs the fewest
+    of them for the same bound) of at most ``check_steps`` steps. ``svds``
+    computes ``guard`` triplets beyond the rank: those that are accurate and
+    clearly below the kept ones are deflated too, which widens the gap the
+    check has to resolve (on a flat spectrum its length goes like
+    ``1 / sqrt(1 - (sigma_{k+g+1} / sigma_k)^2)``; on the 20000 x 3000 matrix
+    of ``benchmarks/sparse_table.py`` at rank 50, 5 more triplets cost ARPACK 87
+    products and save the check 248; guard triplets below ARPACK's resolution,
+    ``sqrt(eps) sigma_1`` on the Gram operator, may not converge: then ``svds`` runs
+    again without them). An
+    uncertified result raises one :class:`~truncpinv.UncertifiedResultWarning`
+    (``solver="auto"`` falls back instead). ARPACK squares ``A``: its residuals carry
+    ``eps sigma_1^2 / sigma_i``, so kept parts with ``sigma_1 / sigma_k``
+    above about ``tol / eps`` are not certified (use ``Lanczos``).
+
+    When ARPACK's Krylov space (``2 rank + 1`` vectors) would not fit in the
+    short side ``s``, the short side is materialised (``s`` products) and
+    decomposed exactly instead (``stats["fallback"] = "rank"``).
+
+    Runs on the CPU: a CUDA tensor or operator is multiplied on its device and
+    each product crosses to the CPU; use ``Lanczos`` there.
+
+    Args:
+        method: ``"arpack"`` (default) or ``"propack"``.
+        tol: certified residual tolerance relative to ``sigma_max`` (default
+            :func:`truncpinv.default_tol`).
+        seed: seed or generator of ARPACK's start vector and of the certificate.
+        check_steps: step limit of the missed-value check (default 400).
+        guard: triplets computed beyond the rank (default ``max(5, rank // 10)``, as room permits).
+
+    References:
+        R. B. Lehoucq, D. C. Sorensen and C. Yang, *ARPACK Users' Guide*, SIAM, 1998.
+        R. M. Larsen, *Lanczos bidiagonalization with partial reorthogonalization*,
+        DAIMI PB-357, 1998.
+    """
+
+    method: str = "arpack"
+    tol: float | None = None
+    seed: int | torch.Generator | None = 0
+    check_steps: int = 400
+    guard: int | None = None
+
+    name: ClassVar[str] = "svds"
+    matrix_free: ClassVar[bool] = True
+    randomized: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}")
+        check_tol(self.tol)
+        check_seed(self.seed)
+        if isinstance(self.check_steps, bool) or not isinstance(self.check_steps, int) or self.check_steps < 1:
+            raise ValueError(f"`check_steps` must be a positive integer, got {self.check_steps!r}")
+        if self.guard is not None and (
+            isinstance(self.guard, bool) or not isinstance(self.guard, int) or self.guard < 0
+        ):
+            raise ValueError(f"`guard` must be a non-negative integer or None, got {self.guard!r}")
+
+    def _seed(self) -> int:
+        if isinstance(self.seed, torch.Generator):
+            return int(torch.randint(0, 2**62, (1,), generator=self.seed))
+        return 0 if self.seed is None else int(self.seed)
+
+    def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
+        import scipy.sparse as sp
+
+        m, n = int(A.shape[0]), int(A.shape[1])
+        s, k = min(m, n), tol.rank
+        rtol_res = self.tol if self.tol is not None else default_tol(A.dtype, (m, n))
+        if 2 * k + 1 > s:  # ARPACK's 2k + 1 Lanczos vectors would span the short side
+            trip = _exact(A, tol, "rank", 0, 0)
+            trip.stats.update(exact=True, certified=True)
+            return trip
+        seed = self._seed()
+        g = max(5, k // 10) if self.guard is None else self.guard
+        k = k + max(0, min(g, (s - 1) // 2 - k))  # the guard triplets, as far as ARPACK has room
+        if self.method == "arpack":
+            t_svds, maxiter = math.sqrt(rtol_res / 10), None
+        else:  # PROPACK's tolerance t^2 bounds the error of sigma, and a residual r moves sigma by only
+            # r^2 / gap: ask t ~ tol; below t^2 = 1e-14 it stops converging
+            t_svds, maxiter = max(rtol_res / 10, 1e-7), 20 * k + 200
+        M = scipy_view(A)
+        count = _Counter(M)
+        try:
+            U, S, Vh = self._svds(count.op, k, t_svds, maxiter, seed)
+        except SolverError:
+            if k == tol.rank:
+                raise
+            # guard triplets below ARPACK's resolution (sqrt(eps) sigma_1 on the Gram operator) need not
+            # converge: without them
+            U, S, Vh = self._svds(count.op, tol.rank, t_svds, maxiter, seed)
+        order = np.argsort(-S, kind="stable")
+        dev, dt = A.device, A.dtype
+        U_t, S_t, V_t = (
+            torch.from_numpy(np.ascontiguousarray(X)).to(device=dev, dtype=dt)
+            for X in (U[:, order], S[order], Vh[order].T)
+        )
+        stats = {"matvecs": count.columns, "method": self.method}
+        trip = Triplets(U_t, S_t.clamp_min(0), V_t, stats=stats)
+        # the certificate multiplies the sparse matrix itself when svds did (no per-product finite check:
+        # its entries were scanned); anything else through A
+        A_cert = _SparseProducts(M, A.dtype) if sp.issparse(M) else A
+        certify_triplets(A_cert, trip, tol, rtol_res=rtol_res, seed=seed, runs=1, max_steps=self.check_steps)
+        trip.stats["converged"] = True
+        return trip
+
+    def _svds(self, op: Any, k: int, t: float, maxiter: int | None, seed: int) -> tuple[Any, Any, Any]:
+        """``svds``'s triplets; zero ones when ARPACK's start vector maps to zero (``A = 0`` almost surely:
+        the certificate then checks it), a :class:`SolverError` when it does not converge."""
+        from scipy.sparse.linalg import ArpackError, svds
+
+        m, n = op.shape
+        try:
+            return svds(op, k=k, tol=t, solver=self.method, maxiter=maxiter, random_state=np.random.default_rng(seed))
+        except (ArpackError, np.linalg.LinAlgError) as e:
+            if not str(e).startswith(f"ARPACK error {_ZERO_START}:"):  # ArpackError keeps no code
+                raise SolverError(
+                    f"scipy svds ({self.method}) did not converge on a {m}x{n} operator at rank {k}: {e}; "
+                    f"use solver='lanczos' or solver='auto'"
+                ) from e
+        np_dt = op.dtype
+        return np.eye(m, k, dtype=np_dt), np.zeros(k, dtype=np_dt), np.eye(k, n, dtype=np_dt)
+
+
+class _SparseProducts:
+    """A SciPy sparse matrix under the :class:`~truncpinv.LinearOperator` protocol, with no adapter layers."""
+
+    def __init__(self, M: Any, dtype: torch.dtype) -> None:
+        self.M, self.MT, self.dtype = M, M.T, dtype
+        self.shape = (int(M.shape[0]), int(M.shape[1]))
+        self.device = torch.device("cpu")
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.M @ X.numpy()))
+
+    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.MT @ Y.numpy()))
+
+
+class _Counter:
+    """Counts the columns that ``svds`` multiplies by ``A`` or ``A^T`` (``stats["matvecs"]``)."""
+
+    def __init__(self, M: Any) -> None:
+        from scipy.sparse.linalg import LinearOperator as SpLinOp
+        from scipy.sparse.linalg import aslinearoperator
+
+        inner = aslinearoperator(M)
+        self.columns = 0
+
+        def counted(f: Any) -> Any:
+            def g(X: np.ndarray) -> np.ndarray:
+                self.columns += 1 if X.ndim == 1 else int(X.shape[1])
+                return f(X)
+
+            return g
+
+        self.op = SpLinOp(
+            inner.shape,
+            matvec=counted(inner.matvec),
+            matmat=counted(inner.matmat),
+            rmatvec=counted(inner.rmatvec),
+            rmatmat=counted(inner.rmatmat),
+            dtype=inner.dtype,
+        )
+
+
+def scipy_backed(A: torch.Tensor | LinearOperator) -> bool:
+    """Whether ``A`` is a SciPy sparse matrix or SciPy ``LinearOperator`` (as prepared by ``factorize``)."""
+    inner = A.op if isinstance(A, FiniteCheckedOperator) else A
+    return isinstance(inner, ScipyOperator)
