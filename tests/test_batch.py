@@ -124,3 +124,13 @@ def test_a_batch_is_indexed_like_a_sequence_and_bad_indices_or_rhs_are_refused()
     for solve in (lambda b: tp.lstsq(A, b), lambda b: F @ b):
         with pytest.raises(TypeError, match=r"`b` must be a torch\.Tensor or a numpy\.ndarray"):
             solve([1.0] * 5)
+
+
+def test_a_batch_transposes_and_retruncates_like_each_of_its_matrices() -> None:
+    A = torch.randn(2, 3, 6, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    F = tp.pinv(A, solver="svd")
+    torch.testing.assert_close(F.T.to_dense(), torch.linalg.pinv(A.mT))
+    assert F.T.shape == (2, 3, 4, 6)
+    G = F.truncate(rank=2)
+    torch.testing.assert_close(G.to_dense(), tp.pinv(A, rank=2, solver="svd").to_dense())
+    assert G.ranks.tolist() == [[2, 2, 2], [2, 2, 2]] and G.shape == F.shape

@@ -113,7 +113,8 @@ class BatchedTruncatedPinv:
 
     ``F[i]`` (a tuple index over the batch dimensions) is one factorisation;
     ``F @ b`` broadcasts ``b`` as :func:`torch.linalg.solve` does;
-    ``F.to_dense()`` is ``(..., n, m)``. The ranks may differ across the batch:
+    ``F.to_dense()`` is ``(..., n, m)``; ``F.T`` and ``F.truncate(...)`` act on
+    each matrix as :class:`TruncatedPinv`'s do. The ranks may differ across the batch:
     :attr:`ranks` holds them, and :attr:`S` pads each kept spectrum with zeros
     (the value ``g(sigma) = 0`` a discarded value has in the pseudoinverse) to
     the largest rank.
@@ -166,6 +167,18 @@ class BatchedTruncatedPinv:
 
     def __matmul__(self, b: Any) -> Any:
         return self.solve(b)
+
+    @property
+    def T(self) -> BatchedTruncatedPinv:
+        """The truncated pseudoinverses of the transposes ``A^T`` (of each matrix), reusing the factorisations."""
+        return BatchedTruncatedPinv([F.T for F in self._items], self.batch, (self.shape[-1], self.shape[-2]))
+
+    def truncate(
+        self, *, rank: int | None = None, rtol: float | None = None, atol: float | None = None
+    ) -> BatchedTruncatedPinv:
+        """Each matrix re-thresholded as :meth:`TruncatedPinv.truncate`, without recomputing anything."""
+        items = [F.truncate(rank=rank, rtol=rtol, atol=atol) for F in self._items]
+        return BatchedTruncatedPinv(items, self.batch, (self.shape[-2], self.shape[-1]))
 
     def to_dense(self) -> Any:
         """``(..., n, m)``: the dense truncated pseudoinverses."""
