@@ -77,7 +77,7 @@ def backward_svd(
 class _Solve(torch.autograd.Function):
     """``x = P(A) b`` with the solver's forward and the spectral filter's derivative."""
 
-    generate_vmap_rule = True  # torch.func.jacrev / hessian vmap the backward pass over cotangents
+    generate_vmap_rule = True  # torch.func.jacrev vmaps the backward pass over cotangents
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -127,7 +127,7 @@ class _Solve(torch.autograd.Function):
 class _SingularValues(torch.autograd.Function):
     """The ``count`` leading singular values, as the solver computed them; ``d s_i = Re u_i^H dA v_i``."""
 
-    generate_vmap_rule = True  # torch.func.jacrev / hessian vmap the backward pass over cotangents
+    generate_vmap_rule = True  # torch.func.jacrev vmaps the backward pass over cotangents
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -154,7 +154,7 @@ class _SingularValues(torch.autograd.Function):
 class _LinearInRhs(torch.autograd.Function):
     """``x = P b`` for a fixed ``P`` that is only applied (matrix-free LSMR): ``bbar = P^H xbar`` by ``adjoint``."""
 
-    generate_vmap_rule = True  # torch.func.jacrev / hessian vmap the backward pass over cotangents
+    generate_vmap_rule = True  # torch.func.jacrev vmaps the backward pass over cotangents
 
     @staticmethod
     def forward(  # type: ignore[override]

@@ -41,7 +41,7 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 class _SVD(torch.autograd.Function):
-    generate_vmap_rule = True  # torch.func.jacrev / hessian vmap the backward pass over cotangents
+    generate_vmap_rule = True  # torch.func.jacrev vmaps the backward pass over cotangents
 
     @staticmethod
     def forward(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
