@@ -120,8 +120,12 @@ def test_a_wrong_jacobian_stalls_with_a_warning() -> None:
 
     with pytest.warns(RuntimeWarning, match="Sven stalled"):
         res = sven.least_squares(fun, torch.tensor([0.5], dtype=F64))
-    assert res.status == 2 and "No step reduces the cost" in res.message
+    assert res.status == 2 and res.message.startswith("No step reduces the cost")
+    assert "trust radius" in res.message  # the default step control's words, not the damping's
     assert res.x.item() == 0.5  # every rejected try was undone
+    with pytest.warns(RuntimeWarning, match="Sven stalled"):
+        res = sven.least_squares(fun, torch.tensor([0.5], dtype=F64), damping=1e-3)
+    assert res.status == 2 and "largest damping" in res.message and res.x.item() == 0.5
 
 
 def test_residual_mode_sven_solves_brown_badly_scaled_with_its_defaults() -> None:
