@@ -230,7 +230,7 @@ def least_squares(
         )
     if "control" not in options and "damping" not in options and "adaptive_damping" not in options:
         options["control"] = TrustRegion(options.pop("max_retries", LM_RETRIES), ftol=ftol, xtol=xtol)
-    else:  # the multiplicative damping update, started at `damping` (alone, it would mean fixed damping)
+    elif "control" not in options:  # the multiplicative damping update, started at `damping` (alone: fixed)
         options["adaptive_damping"] = True
     opt = Sven(ps, residuals=True, on_nonfinite="raise", **options)
     if not getattr(opt.control, "needs_evaluate", False):

@@ -111,7 +111,7 @@ class Sven(Optimizer):
         nesterov: Nesterov momentum (per group): the step is :math:`d + \mu b`.
         control: a :class:`sven.control.Policy`, instead of the options
             ``damping``, ``adaptive_damping``, ``max_retries``, ``variable_k``,
-            ``check_step`` and ``trust_radius``.
+            ``check_step`` and ``trust_radius`` (passing any of them with it is an error).
         route: a route name (as ``jacobian``) or a :class:`sven.linearize.Route` object.
         process_group: data-parallel Sven on :mod:`torch.distributed`: each
             rank's closure covers its shard of the batch (``None``: the default
@@ -163,6 +163,7 @@ class Sven(Optimizer):
     ) -> None:
         _check_keywords(args)
         check_option_names(options, (*_OPTIONS, *GROUP_OPTIONS, "control", "route", "process_group"), SEED_NAMES)
+        _check_control(control, options)
         if isinstance(route, str):
             if "jacobian" in options:
                 raise ValueError("pass the route once: `route` or `jacobian`, not both")
@@ -350,6 +351,21 @@ def _check_keywords(args: tuple[Any, ...]) -> None:
             f"sven.Sven(params, lr, *, rank=..., rtol=..., ...) takes its options as keywords, got "
             f"{', '.join(repr(a) for a in args)}; the positional form Sven(wrapped, lr, k, rtol) needs a "
             f"sven.nn.SvenWrapper as first argument"
+        )
+
+
+#: The options that build the step-control policy (:meth:`SvenConfig.policy`); a ``control`` object replaces them.
+_POLICY_OPTIONS = ("damping", "adaptive_damping", "max_retries", "variable_k", "check_step", "trust_radius")
+
+
+def _check_control(control: Policy | None, options: dict[str, Any]) -> None:
+    """A ``control`` policy and the options it replaces are not given together (they would be ignored)."""
+    given = [k for k in _POLICY_OPTIONS if k in options]
+    if control is not None and given:
+        raise ValueError(
+            f"`control` replaces the step-control options, so {', '.join(f'`{k}`' for k in given)} would be "
+            f"ignored; configure the policy object instead (e.g. sven.control.AdaptiveDamping(start=...), "
+            f"TrustRegion(max_retries=...)), or leave out `control`"
         )
 
 

@@ -162,3 +162,14 @@ def test_momentum_that_pushes_every_try_uphill_stalls_with_warnings_but_never_cr
         for _ in range(12):
             opt.step(lambda: (model(X) - torch.sin(2 * X)).reshape(-1))
     assert opt.control.radius is not None and opt.control.radius > 0 and math.isfinite(opt.control.lam)
+
+
+@pytest.mark.parametrize("option", [{"damping": 0.1}, {"adaptive_damping": True}, {"max_retries": 3},
+                                    {"variable_k": True}, {"check_step": True}, {"trust_radius": 1.0}])  # fmt: skip
+def test_a_control_object_and_the_options_it_replaces_are_refused_together(option: dict) -> None:  # type: ignore[type-arg]
+    x = torch.nn.Parameter(torch.zeros(2, dtype=F64))
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"`control` replaces the step-control options, so `{name}` would be ignored"):
+        sven.Sven([x], residuals=True, control=TrustRegion(), **option)
+    with pytest.raises(ValueError, match=f"`{name}` would be ignored"):
+        sven.least_squares(lambda p: p - 1.0, [0.0, 0.0], control=TrustRegion(), **option)
