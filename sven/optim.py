@@ -161,9 +161,8 @@ class Sven(Optimizer):
         process_group: Any = None,
         **options: Any,
     ) -> None:
-        _check_keywords(args)
+        _check_arguments(args, control, options)
         check_option_names(options, (*_OPTIONS, *GROUP_OPTIONS, "control", "route", "process_group"), SEED_NAMES)
-        _check_control(control, options)
         if isinstance(route, str):
             if "jacobian" in options:
                 raise ValueError("pass the route once: `route` or `jacobian`, not both")
@@ -344,8 +343,10 @@ class Sven(Optimizer):
         _skip(self.config, self._counters, info, losses, fault)
 
 
-def _check_keywords(args: tuple[Any, ...]) -> None:
-    """``sven.Sven(params, lr, *, ...)`` takes no further positional argument (the seed form needs a wrapper)."""
+def _check_arguments(args: tuple[Any, ...], control: Policy | None, options: dict[str, Any]) -> None:
+    """``sven.Sven(params, lr, *, ...)`` takes no further positional argument (the seed form needs a wrapper),
+    and a ``control`` object comes without the options it replaces."""
+    _check_control(control, options)
     if args:
         raise TypeError(
             f"sven.Sven(params, lr, *, rank=..., rtol=..., ...) takes its options as keywords, got "
