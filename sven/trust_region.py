@@ -31,7 +31,7 @@ gain ratio :math:`\rho` (actual over predicted reduction of :math:`\|r\|^2`):
 The first radius is :math:`100\,\|D\theta\|` (100 if that is 0), cut to the
 length of the first step. On the Moré--Garbow--Hillstrom set this needs
 fewer evaluations than the multiplicative update where the scales of the
-parameters differ by orders of magnitude (Powell's badly scaled function: 20
+parameters differ by orders of magnitude (Powell's badly scaled function: 18
 evaluations against 75; ``benchmarks/bench_least_squares.py``).
 """
 
