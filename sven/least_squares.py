@@ -68,7 +68,11 @@ _MESSAGES = {
 _NOT_STATIONARY = 1e-2
 #: ... unless the cost fell to round-off of the start's (a zero-residual solution, where the angle is noise).
 _ROUNDOFF = 1e-16
-_STALL_MESSAGE = "No step reduces the cost: every try was rejected at the largest damping."
+#: The message of a stall, by the step control: MINPACK's trust region, or the multiplicative damping update.
+_STALL_MESSAGES = {
+    True: "No step reduces the cost: every try was rejected, down to a trust radius at round-off.",
+    False: "No step reduces the cost: every try was rejected at the largest damping.",
+}
 
 
 class LeastSquaresResult(dict):  # type: ignore[type-arg]
@@ -226,7 +230,7 @@ def least_squares(
         )
     if "control" not in options and "damping" not in options and "adaptive_damping" not in options:
         options["control"] = TrustRegion(options.pop("max_retries", LM_RETRIES), ftol=ftol, xtol=xtol)
-    else:  # the multiplicative damping update, started at `damping` (alone, it would mean fixed damping)
+    elif "control" not in options:  # the multiplicative damping update, started at `damping` (alone: fixed)
         options["adaptive_damping"] = True
     opt = Sven(ps, residuals=True, on_nonfinite="raise", **options)
     if not getattr(opt.control, "needs_evaluate", False):
@@ -291,7 +295,7 @@ def least_squares(
         grad=grad,
         optimality=float(grad.abs().max()),
         status=status,
-        message=_STALL_MESSAGE if stalled else _MESSAGES[status],
+        message=_STALL_MESSAGES[isinstance(opt.control, TrustRegion)] if stalled else _MESSAGES[status],
         success=status > 0,
         nfev=nfev,
         njev=njev,

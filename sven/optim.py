@@ -111,7 +111,7 @@ class Sven(Optimizer):
         nesterov: Nesterov momentum (per group): the step is :math:`d + \mu b`.
         control: a :class:`sven.control.Policy`, instead of the options
             ``damping``, ``adaptive_damping``, ``max_retries``, ``variable_k``,
-            ``check_step`` and ``trust_radius``.
+            ``check_step`` and ``trust_radius`` (passing any of them with it is an error).
         route: a route name (as ``jacobian``) or a :class:`sven.linearize.Route` object.
         process_group: data-parallel Sven on :mod:`torch.distributed`: each
             rank's closure covers its shard of the batch (``None``: the default
@@ -161,7 +161,7 @@ class Sven(Optimizer):
         process_group: Any = None,
         **options: Any,
     ) -> None:
-        _check_keywords(args)
+        _check_arguments(args, control, options)
         check_option_names(options, (*_OPTIONS, *GROUP_OPTIONS, "control", "route", "process_group"), SEED_NAMES)
         if isinstance(route, str):
             if "jacobian" in options:
@@ -343,13 +343,30 @@ class Sven(Optimizer):
         _skip(self.config, self._counters, info, losses, fault)
 
 
-def _check_keywords(args: tuple[Any, ...]) -> None:
-    """``sven.Sven(params, lr, *, ...)`` takes no further positional argument (the seed form needs a wrapper)."""
+def _check_arguments(args: tuple[Any, ...], control: Policy | None, options: dict[str, Any]) -> None:
+    """``sven.Sven(params, lr, *, ...)`` takes no further positional argument (the seed form needs a wrapper),
+    and a ``control`` object comes without the options it replaces."""
+    _check_control(control, options)
     if args:
         raise TypeError(
             f"sven.Sven(params, lr, *, rank=..., rtol=..., ...) takes its options as keywords, got "
             f"{', '.join(repr(a) for a in args)}; the positional form Sven(wrapped, lr, k, rtol) needs a "
             f"sven.nn.SvenWrapper as first argument"
+        )
+
+
+#: The options that build the step-control policy (:meth:`SvenConfig.policy`); a ``control`` object replaces them.
+_POLICY_OPTIONS = ("damping", "adaptive_damping", "max_retries", "variable_k", "check_step", "trust_radius")
+
+
+def _check_control(control: Policy | None, options: dict[str, Any]) -> None:
+    """A ``control`` policy and the options it replaces are not given together (they would be ignored)."""
+    given = [k for k in _POLICY_OPTIONS if k in options]
+    if control is not None and given:
+        raise ValueError(
+            f"`control` replaces the step-control options, so {', '.join(f'`{k}`' for k in given)} would be "
+            f"ignored; configure the policy object instead (e.g. sven.control.AdaptiveDamping(start=...), "
+            f"TrustRegion(max_retries=...)), or leave out `control`"
         )
 
 

@@ -31,7 +31,7 @@ gain ratio :math:`\rho` (actual over predicted reduction of :math:`\|r\|^2`):
 The first radius is :math:`100\,\|D\theta\|` (100 if that is 0), cut to the
 length of the first step. On the Moré--Garbow--Hillstrom set this needs
 fewer evaluations than the multiplicative update where the scales of the
-parameters differ by orders of magnitude (Powell's badly scaled function: 20
+parameters differ by orders of magnitude (Powell's badly scaled function: 18
 evaluations against 75; ``benchmarks/bench_least_squares.py``).
 """
 
@@ -90,12 +90,19 @@ def lm_parameter(S: np.ndarray, c: np.ndarray, radius: float, *, rtol: float = 1
     if norm <= (1.0 + rtol) * radius:
         return 0.0
     lam = 0.0
+    sc = np.sqrt(w)
     for _ in range(max_iter):
         den = s2 + lam
-        norm = math.sqrt(float(np.sum(w / (den * den))))
+        q = sc / den
+        top = float(np.max(q)) if q.size else 0.0
+        if top == 0.0:
+            break
+        u = q / top  # the squares of q itself would overflow or lose digits to underflow at extreme radii
+        norm = top * math.sqrt(float(np.sum(u * u)))
         if norm - radius <= rtol * radius:
             break
-        lam += (norm / radius - 1.0) * norm * norm / float(np.sum(w / (den * den * den)))
+        # ||q||^2 / sum(q_i^2 / den_i), with q scaled by its largest entry
+        lam += (norm / radius - 1.0) * float(np.sum(u * u)) / float(np.sum(u * u / den))
     return lam
 
 

@@ -109,3 +109,28 @@ def test_bad_batches_are_refused_with_the_rule() -> None:
         tp.lstsq(torch.ones(0, 6, 4, dtype=F64), torch.ones(6, dtype=F64))
     with pytest.raises(ValueError, match=r"a matrix-free operator has no batch dimension.*shape \(2, 3, 6, 4\)"):
         tp.TensorOperator(A)
+
+
+def test_a_batch_is_indexed_like_a_sequence_and_bad_indices_or_rhs_are_refused() -> None:
+    A = torch.randn(2, 3, 5, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    F = tp.pinv(A)
+    for index in [(1, 2), (-1, -1), (np.int64(1), np.int32(2)), (torch.tensor(1), 2)]:
+        torch.testing.assert_close(F[index].to_dense(), torch.linalg.pinv(A[index]))
+    G = tp.pinv(A[0])
+    torch.testing.assert_close(G[np.int64(-1)].to_dense(), torch.linalg.pinv(A[0, 2]))
+    for bad in [(2, 0), (0, -4), (1,), (0, 1.0), (True, 0)]:
+        with pytest.raises(IndexError, match="batch of shape"):
+            F[bad]
+    for solve in (lambda b: tp.lstsq(A, b), lambda b: F @ b):
+        with pytest.raises(TypeError, match=r"`b` must be a torch\.Tensor or a numpy\.ndarray"):
+            solve([1.0] * 5)
+
+
+def test_a_batch_transposes_and_retruncates_like_each_of_its_matrices() -> None:
+    A = torch.randn(2, 3, 6, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    F = tp.pinv(A, solver="svd")
+    torch.testing.assert_close(F.T.to_dense(), torch.linalg.pinv(A.mT))
+    assert F.T.shape == (2, 3, 4, 6)
+    G = F.truncate(rank=2)
+    torch.testing.assert_close(G.to_dense(), tp.pinv(A, rank=2, solver="svd").to_dense())
+    assert G.ranks.tolist() == [[2, 2, 2], [2, 2, 2]] and G.shape == F.shape

@@ -141,3 +141,35 @@ def test_a_wrong_jacobian_stalls_with_a_warning_and_never_moves() -> None:
             opt.step(lambda: -x + (torch.sin(x) + x).detach())
     assert opt.last_step.stalled and opt.last_step.rejected
     assert x.item() == 0.5 and opt.control.radius > 0
+
+
+@pytest.mark.parametrize("radius", [1e-3, 1e-100, 1e-160, 1e-250, 1e-300])
+def test_lm_parameter_reaches_radii_down_to_the_end_of_the_float64_range(radius: float) -> None:
+    # the radius of a run that keeps rejecting tries falls by up to 10x per try; the secular equation
+    # must stay solvable there (its squares and cubes of sigma^2 + lambda overflowed: ZeroDivisionError)
+    S, c = np.array([3.0, 1.0, 0.5]), np.array([1.0, -2.0, 0.25])
+    lam = lm_parameter(S, c, radius)
+    ratio = float(np.linalg.norm(S * c / (S * S + lam) / radius))  # ||q(lambda)|| / radius, without underflow
+    assert math.isfinite(lam) and math.isclose(ratio, 1.0, rel_tol=1e-5)
+
+
+def test_momentum_that_pushes_every_try_uphill_stalls_with_warnings_but_never_crashes() -> None:
+    torch.manual_seed(0)
+    X = torch.linspace(-2, 2, 32, dtype=F64)[:, None]
+    model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    opt = sven.Sven(model.parameters(), residuals=True, momentum=0.9, control=TrustRegion())
+    with pytest.warns(RuntimeWarning, match="Sven stalled.*momentum=0 with a `control` object such as TrustRegion"):
+        for _ in range(12):
+            opt.step(lambda: (model(X) - torch.sin(2 * X)).reshape(-1))
+    assert opt.control.radius is not None and opt.control.radius > 0 and math.isfinite(opt.control.lam)
+
+
+@pytest.mark.parametrize("option", [{"damping": 0.1}, {"adaptive_damping": True}, {"max_retries": 3},
+                                    {"variable_k": True}, {"check_step": True}, {"trust_radius": 1.0}])  # fmt: skip
+def test_a_control_object_and_the_options_it_replaces_are_refused_together(option: dict) -> None:  # type: ignore[type-arg]
+    x = torch.nn.Parameter(torch.zeros(2, dtype=F64))
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"`control` replaces the step-control options, so `{name}` would be ignored"):
+        sven.Sven([x], residuals=True, control=TrustRegion(), **option)
+    with pytest.raises(ValueError, match=f"`{name}` would be ignored"):
+        sven.least_squares(lambda p: p - 1.0, [0.0, 0.0], control=TrustRegion(), **option)

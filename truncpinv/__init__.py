@@ -105,8 +105,9 @@ def pinv(
         check_finite: reject NaN/Inf in a dense ``A``.
 
     Returns:
-        A :class:`TruncatedPinv`; ``F @ b`` solves, ``F.T`` is the pseudoinverse of
-        ``A^T``, ``F.truncate(...)`` re-thresholds, ``F.to_dense()`` forms the matrix.
+        A :class:`TruncatedPinv` (a :class:`BatchedTruncatedPinv` for a batch); ``F @ b`` solves,
+        ``F.T`` is the pseudoinverse of ``A^T``, ``F.truncate(...)`` re-thresholds, ``F.to_dense()`` forms the
+        matrix.
     """
     if isinstance(solver, LSMR) or solver == LSMR.name:
         raise ValueError(

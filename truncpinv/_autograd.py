@@ -22,6 +22,11 @@ Semantics of the truncation:
   through the SVD (:mod:`truncpinv._svd_grad`: ``torch.linalg.svd``'s backward,
   safe at exactly zero values), which assumes distinct nonzero singular values
   among those that carry a gradient; third derivatives are not available.
+
+The functions use ``setup_context`` and ``generate_vmap_rule`` so that the
+reverse-mode transforms of :mod:`torch.func` (``grad``, ``jacrev``) work;
+forward mode has no rule here and is refused where the inputs are validated
+(:func:`truncpinv._validation.check_reverse_mode`).
 """
 
 from __future__ import annotations
@@ -72,18 +77,23 @@ def backward_svd(
 class _Solve(torch.autograd.Function):
     """``x = P(A) b`` with the solver's forward and the spectral filter's derivative."""
 
+    generate_vmap_rule = True  # torch.func.jacrev vmaps the backward pass over cotangents
+
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
         A: torch.Tensor,
         b: torch.Tensor,
         compute: Callable[[], torch.Tensor],
         filt: SpectralFilter,
         reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
+        return compute()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        A, b, _, filt, reuse = inputs
         ctx.save_for_backward(A, b)
         ctx.filt, ctx.reuse = filt, reuse
-        return compute()
 
     @staticmethod
     def backward(ctx: Any, xbar: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -117,16 +127,21 @@ class _Solve(torch.autograd.Function):
 class _SingularValues(torch.autograd.Function):
     """The ``count`` leading singular values, as the solver computed them; ``d s_i = Re u_i^H dA v_i``."""
 
+    generate_vmap_rule = True  # torch.func.jacrev vmaps the backward pass over cotangents
+
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
         A: torch.Tensor,
         values: torch.Tensor,
         reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
+        return values.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        A, values, reuse = inputs
         ctx.save_for_backward(A)
         ctx.count, ctx.reuse = values.shape[0], reuse
-        return values.clone()
 
     @staticmethod
     def backward(ctx: Any, Sbar: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -139,15 +154,20 @@ class _SingularValues(torch.autograd.Function):
 class _LinearInRhs(torch.autograd.Function):
     """``x = P b`` for a fixed ``P`` that is only applied (matrix-free LSMR): ``bbar = P^H xbar`` by ``adjoint``."""
 
+    generate_vmap_rule = True  # torch.func.jacrev vmaps the backward pass over cotangents
+
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
         b: torch.Tensor,
         compute: Callable[[], torch.Tensor],
         adjoint: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        ctx.adjoint, ctx.dtype = adjoint, b.dtype
         return compute()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        b, _, adjoint = inputs
+        ctx.adjoint, ctx.dtype = adjoint, b.dtype
 
     @staticmethod
     def backward(ctx: Any, xbar: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]

@@ -12,6 +12,7 @@ Gradients flow through the batch as through a single matrix
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +35,11 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 def _rhs_layout(A_shape: tuple[int, ...], b: Any) -> tuple[tuple[int, ...], bool]:
     """``(batch dimensions of b, whether b holds vectors)`` by :func:`torch.linalg.solve`'s rule."""
+    if not isinstance(getattr(b, "shape", None), tuple | torch.Size):
+        raise TypeError(
+            f"`b` must be a torch.Tensor or a numpy.ndarray (or an object with `__array__` and `shape`, such as a "
+            f"pandas DataFrame), got {type(b).__name__}"
+        )
     bs = _shape(b)
     vector = len(bs) == 1 or bs == A_shape[:-1]
     if len(bs) == 0:
@@ -74,6 +80,13 @@ def _stack(items: list[Any], batch: tuple[int, ...]) -> Any:
     return t.reshape(batch + tuple(t.shape[1:]))
 
 
+def _is_int(i: Any) -> bool:
+    """A Python or NumPy integer (not a bool), or a 0-dim integer tensor."""
+    if isinstance(i, torch.Tensor):
+        return i.ndim == 0 and not i.is_floating_point() and not i.is_complex() and i.dtype != torch.bool
+    return isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_))
+
+
 def _indices(batch: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
     return itertools.product(*(range(d) for d in batch))
 
@@ -85,8 +98,9 @@ def _empty_batch(batch: tuple[int, ...]) -> None:
 
 def lstsq_batched(A: Any, b: Any, solve: Callable[[Any, Any], Any]) -> Any:
     """``solve(A[i], b[i])`` over the broadcast batch dimensions, stacked to ``(..., n)`` or ``(..., n, k)``."""
-    As, bs = _shape(A), _shape(b)
+    As = _shape(A)
     b_batch, vector = _rhs_layout(As, b)
+    bs = _shape(b)
     batch = _broadcast(As[:-2], b_batch, As, bs)
     _empty_batch(batch)
     A_e = _expand(A, batch + As[-2:])
@@ -99,7 +113,8 @@ class BatchedTruncatedPinv:
 
     ``F[i]`` (a tuple index over the batch dimensions) is one factorisation;
     ``F @ b`` broadcasts ``b`` as :func:`torch.linalg.solve` does;
-    ``F.to_dense()`` is ``(..., n, m)``. The ranks may differ across the batch:
+    ``F.to_dense()`` is ``(..., n, m)``; ``F.T`` and ``F.truncate(...)`` act on
+    each matrix as :class:`TruncatedPinv`'s do. The ranks may differ across the batch:
     :attr:`ranks` holds them, and :attr:`S` pads each kept spectrum with zeros
     (the value ``g(sigma) = 0`` a discarded value has in the pseudoinverse) to
     the largest rank.
@@ -111,11 +126,14 @@ class BatchedTruncatedPinv:
         self.shape = batch + shape
 
     def __getitem__(self, index: tuple[int, ...] | int) -> Any:
-        idx = (index,) if isinstance(index, int) else tuple(index)
-        if len(idx) != len(self.batch):
+        """The factorisation of ``A[index]``: one integer per batch dimension (negative ones count from the end)."""
+        idx = (index,) if not isinstance(index, tuple) else index
+        if len(idx) != len(self.batch) or not all(_is_int(i) for i in idx):
             raise IndexError(f"index a batch of shape {self.batch} with {len(self.batch)} integers, got {index!r}")
-        flat = int(np.ravel_multi_index(idx, self.batch))
-        return self._items[flat]
+        norm = tuple(int(i) + d if int(i) < 0 else int(i) for i, d in zip(idx, self.batch))
+        if not all(0 <= i < d for i, d in zip(norm, self.batch)):
+            raise IndexError(f"index {index!r} is out of range for a batch of shape {self.batch}")
+        return self._items[int(np.ravel_multi_index(norm, self.batch))]
 
     def __len__(self) -> int:
         return self.batch[0]
@@ -149,6 +167,18 @@ class BatchedTruncatedPinv:
 
     def __matmul__(self, b: Any) -> Any:
         return self.solve(b)
+
+    @property
+    def T(self) -> BatchedTruncatedPinv:
+        """The truncated pseudoinverses of the transposes ``A^T`` (of each matrix), reusing the factorisations."""
+        return BatchedTruncatedPinv([F.T for F in self._items], self.batch, (self.shape[-1], self.shape[-2]))
+
+    def truncate(
+        self, *, rank: int | None = None, rtol: float | None = None, atol: float | None = None
+    ) -> BatchedTruncatedPinv:
+        """Each matrix re-thresholded as :meth:`TruncatedPinv.truncate`, without recomputing anything."""
+        items = [F.truncate(rank=rank, rtol=rtol, atol=atol) for F in self._items]
+        return BatchedTruncatedPinv(items, self.batch, (self.shape[-2], self.shape[-1]))
 
     def to_dense(self) -> Any:
         """``(..., n, m)``: the dense truncated pseudoinverses."""

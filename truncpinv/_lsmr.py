@@ -275,7 +275,7 @@ class LSMR:
         """
         if prep.grad_source is not None:
             filt = Ridge(float(self.damp)) if self.damp else Truncated(None)
-            return differentiable_solve(prep.grad_source, b2, lambda: X, filt)
+            return differentiable_solve(prep.grad_source, b2, X.clone, filt)
         if not (b2.requires_grad and torch.is_grad_enabled()):
             return X
         A = prep.A
@@ -284,7 +284,7 @@ class LSMR:
         def adjoint(xbar: torch.Tensor) -> torch.Tensor:
             return self.solve_quietly(adj, xbar, check_finite=False).x  # type: ignore[no-any-return]
 
-        return linear_in_rhs(b2, lambda: X, adjoint)
+        return linear_in_rhs(b2, X.clone, adjoint)
 
 
 def _vector_products(A: torch.Tensor | LinearOperator) -> tuple[Vec, Vec]:

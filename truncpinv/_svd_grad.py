@@ -41,11 +41,16 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 class _SVD(torch.autograd.Function):
+    generate_vmap_rule = True  # torch.func.jacrev vmaps the backward pass over cotangents
+
     @staticmethod
-    def forward(ctx: Any, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
-        ctx.save_for_backward(U, S, Vh)
         return U, S, Vh
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+        ctx.save_for_backward(*output)
 
     @staticmethod
     @once_differentiable

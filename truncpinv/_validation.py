@@ -188,6 +188,22 @@ def check_no_grad(name: str, x: Any) -> None:
         )
 
 
+def check_reverse_mode(name: str, t: torch.Tensor) -> None:
+    """Refuse a tensor that carries a forward-mode tangent: truncpinv differentiates in reverse mode only.
+
+    The solvers run without a graph and the result is differentiable through a
+    custom :class:`torch.autograd.Function` with a backward pass only, so the
+    tangent of ``torch.func.jvp`` / ``jacfwd`` or :mod:`torch.autograd.forward_ad`
+    would silently come out as zero.
+    """
+    if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+        raise NotImplementedError(
+            f"`{name}` carries a forward-mode tangent (torch.func.jvp, torch.func.jacfwd or "
+            f"torch.autograd.forward_ad), but truncpinv differentiates in reverse mode only, so the tangent would "
+            f"silently be zero; use reverse mode (torch.autograd.grad, .backward(), torch.func.grad)"
+        )
+
+
 def prepare_matrix(
     A: Any, *, allow_operator: bool, solver: str, check_finite: bool = True, complex_ok: bool = False
 ) -> PreparedMatrix:
@@ -224,6 +240,7 @@ def prepare_matrix(
             op = FiniteCheckedOperator(op)  # any other operator: checked at every product
         return PreparedMatrix(op, numpy_out=is_numpy_world(A))
     t, numpy_out = _as_tensor("A", A)
+    check_reverse_mode("A", t)
     if t.ndim != 2:
         raise ValueError(
             f"`A` must be a 2-D matrix, got {t.ndim} dimension(s) with shape {tuple(t.shape)}"
@@ -251,6 +268,7 @@ def prepare_rhs(
     NumPy promotes ``float32 @ float64`` to float64.
     """
     t, was_numpy = _as_tensor("b", b)
+    check_reverse_mode("b", t)
     if t.ndim not in (1, 2):
         raise ValueError(f"`b` must have shape (m,) or (m, r), got {t.ndim} dimensions with shape {tuple(t.shape)}")
     _check_dtype("b", t.dtype, complex_ok=True)
