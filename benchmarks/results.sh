@@ -6,8 +6,7 @@
 # hand-written reading of the numbers in docs/results_notes.md and the plots in docs/img/results/. The paper's
 # tasks take about 45 minutes on 2 quiet cores. The tasks of issue #20 come last in each process: the MNIST,
 # MNIST-1D and GRU tasks in the first (an hour or more, estimated from their step times, not measured), charlm alone in
-# the second: Sven's fallback step there takes 1.6 to 3.6 s, so its 300 steps x 5 seeds x (sven, sven-native) are
-# hours until Sven's Gram route handles its position embedding. RESULTS (default results/goals) holds the
+# the second (300 steps x 5 seeds per optimizer; Sven's Gram step there costs about twice AdamW's). RESULTS (default results/goals) holds the
 # raw runs; SEEDS (default 5) the number of model seeds. The merge alone, from existing runs:
 #   bash benchmarks/results.sh --merge-only
 set -euo pipefail
