@@ -20,6 +20,8 @@ __all__ = ["IRLBA", "irlba_cycle"]
 
 _F64 = torch.float64
 _EPS = float(torch.finfo(_F64).eps)
+#: Certificates tried (the recurrence tightened in between) before the block ``Lanczos`` takes over.
+_MAX_ATTEMPTS = 3
 
 
 def _orth(Bt: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +51,8 @@ def irlba_cycle(
     stop: int,
     gen: torch.Generator,
     scale: float,
+    *,
+    one_sided: bool = True,
 ) -> tuple[float, torch.Tensor]:
     r"""Extend a Golub–Kahan relation from ``start`` to ``stop`` vectors, fully reorthogonalised.
 
@@ -63,16 +67,21 @@ def irlba_cycle(
 
     with ``c_j = Q_{<j}^\top C p_j`` stored in column ``j`` of ``B`` (``\beta_{j-1}``
     in the bidiagonal part, the restart's ``\rho_i = \beta x_{i,m}`` in the arrow
-    column), both sides orthogonalised against the *current* basis only (at most
-    ``stop`` vectors: the cost per step is bounded by the restart length). On
+    column). The short side ``P`` is orthogonalised against the whole current
+    basis (at most ``stop`` vectors: the cost per step is bounded by the restart
+    length, not by the products so far); with ``one_sided`` (Simon & Zha 2000)
+    the long side ``Q`` only against the vectors the recurrence couples it to
+    (``q_{j-1}``, or the kept Ritz vectors right after a restart), which saves
+    ``O(L m)`` per step on the long side ``L``; otherwise against all of ``Q``. On
     exit ``C P = Q B`` and ``C^\top Q = P B^\top + \beta_m p_{m+1} e_m^\top``;
     returns ``(\beta_m, p_{m+1})``.
     """
     beta, f = 0.0, Pt[start]
     for j in range(start, stop):
-        z, c = _orth(Qt[:j], Cp(Pt[j : j + 1])[0])
-        Qt[j], alpha = _normalise(Qt[:j], z, scale, gen)
-        Bm[:j, j], Bm[j, j] = c, alpha
+        lo = j - 1 if one_sided and j > start else 0
+        z, c = _orth(Qt[lo:j], Cp(Pt[j : j + 1])[0])
+        Qt[j], alpha = _normalise(Qt[lo:j], z, scale, gen)
+        Bm[lo:j, j], Bm[j, j] = c, alpha
         z, _ = _orth(Pt[: j + 1], Ctq(Qt[j : j + 1])[0])
         f, beta = _normalise(Pt[: j + 1], z, scale, gen)
         if j + 1 < stop:
@@ -107,12 +116,14 @@ class IRLBA(Solver):
     Iteration stops when the wanted triplets (at most ``rank``, above the
     cut-off) have ``\beta_m |x_{m,i}| \le tol / 2 \cdot \sigma_1`` and the first
     unwanted one is settled below the cut-off; the result must then pass
-    the certificate (:mod:`truncpinv._certify`), else the recurrence continues
-    with a tighter tolerance. A single Krylov vector sees one copy of a repeated
+    the certificate (:mod:`truncpinv._certify`, one run of its missed-value
+    check, up to 256 steps: products cost per column on sparse input), else the
+    recurrence continues with a tighter tolerance (3 tries at most). A single Krylov vector sees one copy of a repeated
     singular value: if the certificate finds a missed value (or ``max_restarts``
     runs out) the problem is handed to the block :class:`Lanczos` (products
     summed, ``stats["fallback"] = "lanczos"``). Once ``m`` reaches the short
-    side the result is exact (the SVD of ``C P``).
+    side the result is exact (the SVD of ``C P``). ``stats["work"]`` is ``m``:
+    the bases hold ``m (s + L)`` float64 numbers, whatever the number of restarts.
 
     Args:
         work: basis length ``m`` (default ``max(2 rank + 20, 3 rank)``, at most ``min(m, n)``).
@@ -144,8 +155,14 @@ class IRLBA(Solver):
         check_seed(self.seed)
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
-        trip = self._run(A, tol)
+        trip = self._run(A, tol, one_sided=True)
         cert = trip.stats.get("_certificate")
+        if isinstance(cert, Certificate) and not cert.certified and cert.residual > cert.tol:
+            # the long-side basis lost orthogonality (ill-conditioned A): again, fully reorthogonalised
+            spent = int(trip.stats["matvecs"])
+            trip = self._run(A, tol, one_sided=False)
+            trip.stats.update(matvecs=int(trip.stats["matvecs"]) + spent, reorthogonalisation="full")
+            cert = trip.stats.get("_certificate")
         if trip.stats.get("exact") or (isinstance(cert, Certificate) and cert.certified):
             return trip
         spent = int(trip.stats["matvecs"])  # a missed (repeated) value or no convergence: the block recurrence
@@ -153,7 +170,7 @@ class IRLBA(Solver):
         trip.stats.update(matvecs=int(trip.stats["matvecs"]) + spent, fallback="lanczos")
         return trip
 
-    def _run(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
+    def _run(self, A: torch.Tensor | LinearOperator, tol: Tolerance, *, one_sided: bool) -> Triplets:
         m, n = A.shape
         s, k, L = min(m, n), tol.rank, max(m, n)
         M = min(s, max(self.work or max(2 * k + 20, 3 * k), k + 2))
@@ -166,28 +183,37 @@ class IRLBA(Solver):
         Qt = torch.zeros(M, L, dtype=_F64, device=dev)
         Bm = torch.zeros(M, M, dtype=_F64, device=dev)
         Pt[0] = _fresh_rows(Pt[:0], 1, gen)[0]
-        start, scale, restarts, matvecs = 0, 0.0, 0, 0
+        start, scale, restarts, matvecs, attempts = 0, 0.0, 0, 0, 0
         while True:
-            beta, f = irlba_cycle(Cp, Ctq, Pt, Qt, Bm, start, M, gen, scale)
+            beta, f = irlba_cycle(Cp, Ctq, Pt, Qt, Bm, start, M, gen, scale, one_sided=one_sided)
             matvecs += 2 * (M - start)
             X, sig, Yh = torch.linalg.svd(Bm)
             scale = max(scale, float(sig[0]))
             if M == s:  # the basis spans the short side: exact in its coordinates
-                return Lanczos._exact(A, Pt, k, matvecs, restarts, restarts)
+                trip = Lanczos._exact(A, Pt, k, matvecs, restarts, restarts)
+                trip.stats["work"] = M
+                return trip
             res = beta * X[-1].abs()
             if Lanczos._converged(sig, res, tol, rtol_rec):
                 t = _converged_prefix(sig, res, math.sqrt(rtol_res), k)
                 trip = Lanczos._triplets(A, Pt, Yh, sig, t, matvecs, restarts, restarts, Qt, X)
-                cert = certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed, runs=1)
-                matvecs = int(trip.stats["matvecs"])
-                if cert.certified or cert.residual <= cert.tol:
+                trip.stats["work"] = M
+                cert = certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed, runs=1, max_steps=256)
+                matvecs, attempts = int(trip.stats["matvecs"]), attempts + 1
+                if (
+                    cert.certified
+                    or cert.residual > cert.tol
+                    or cert.deflated_norm >= cert.threshold
+                    or attempts == _MAX_ATTEMPTS
+                ):
                     trip.stats["converged"] = cert.certified
-                    return trip  # certified, or a missed value that the single vector cannot see
-                rtol_rec = max(rtol_rec / 10, _EPS)
+                    return trip  # certified, lost orthogonality, a proven missed (repeated) value, or no progress
+                rtol_rec = max(rtol_rec / 10, _EPS)  # the gap at the cut is not yet resolved: converge more
             if restarts == self.max_restarts:
                 X, sig, Yh = torch.linalg.svd(Bm)
                 trip = Lanczos._triplets(A, Pt, Yh, sig, min(k, M), matvecs, restarts, restarts, Qt, X)
-                certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed, runs=1)
+                trip.stats["work"] = M
+                certify_triplets(A, trip, tol, rtol_res=rtol_res, seed=self.seed, runs=1, max_steps=256)
                 trip.stats["converged"] = False
                 return trip
             restarts += 1
