@@ -71,17 +71,23 @@ def irlba_cycle(
     basis (at most ``stop`` vectors: the cost per step is bounded by the restart
     length, not by the products so far); with ``one_sided`` (Simon & Zha 2000)
     the long side ``Q`` only against the vectors the recurrence couples it to
-    (``q_{j-1}``, or the kept Ritz vectors right after a restart), which saves
+    (``q_{j-1}``, with the recurrence's coefficient ``\beta_{j-1}``, or the kept
+    Ritz vectors right after a restart), which saves
     ``O(L m)`` per step on the long side ``L``; otherwise against all of ``Q``. On
     exit ``C P = Q B`` and ``C^\top Q = P B^\top + \beta_m p_{m+1} e_m^\top``;
     returns ``(\beta_m, p_{m+1})``.
     """
     beta, f = 0.0, Pt[start]
     for j in range(start, stop):
-        lo = j - 1 if one_sided and j > start else 0
-        z, c = _orth(Qt[lo:j], Cp(Pt[j : j + 1])[0])
+        y = Cp(Pt[j : j + 1])[0]
+        if one_sided and j > start:  # the three-term recurrence: the coefficient of q_{j-1} is beta_{j-1}
+            z, lo = y - beta * Qt[j - 1], j - 1
+            Bm[lo, j] = beta
+        else:
+            (z, c), lo = _orth(Qt[:j], y), 0
+            Bm[:j, j] = c
         Qt[j], alpha = _normalise(Qt[lo:j], z, scale, gen)
-        Bm[lo:j, j], Bm[j, j] = c, alpha
+        Bm[j, j] = alpha
         z, _ = _orth(Pt[: j + 1], Ctq(Qt[j : j + 1])[0])
         f, beta = _normalise(Pt[: j + 1], z, scale, gen)
         if j + 1 < stop:
