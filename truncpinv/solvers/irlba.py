@@ -33,8 +33,9 @@ def _orth(Bt: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _normalise(Bt: torch.Tensor, z: torch.Tensor, scale: float, gen: torch.Generator) -> tuple[torch.Tensor, float]:
-    """``z / ||z||``, or on breakdown (``||z|| <= eps scale``) a random unit vector orthogonal to ``Bt``
-    with norm reported as 0 (the relation then holds with a zero coefficient)."""
+    """``z / ||z||``, or on breakdown (``||z|| <= 64 eps scale``, ``scale`` an estimate of ``||A||``) a random
+    unit vector orthogonal to the orthonormal rows of ``Bt``, with norm reported as 0 (the relation then holds
+    with a zero coefficient; a normalised rounding residue would not be orthogonal to ``Bt``)."""
     nrm = float(z.norm())
     if nrm > 64 * _EPS * scale:
         return z / nrm, nrm
@@ -53,7 +54,7 @@ def irlba_cycle(
     scale: float,
     *,
     one_sided: bool = True,
-) -> tuple[float, torch.Tensor]:
+) -> tuple[float, torch.Tensor, float]:
     r"""Extend a Golub–Kahan relation from ``start`` to ``stop`` vectors, fully reorthogonalised.
 
     On entry ``Pt[:start+1]``, ``Qt[:start]`` are orthonormal rows with
@@ -75,24 +76,26 @@ def irlba_cycle(
     Ritz vectors right after a restart), which saves
     ``O(L m)`` per step on the long side ``L``; otherwise against all of ``Q``. On
     exit ``C P = Q B`` and ``C^\top Q = P B^\top + \beta_m p_{m+1} e_m^\top``;
-    returns ``(\beta_m, p_{m+1})``.
+    returns ``(\beta_m, p_{m+1}, scale)``, ``scale`` the largest ``||C p_j||`` seen so far (an
+    estimate of ``||A||``, against which a breakdown is judged).
     """
     beta, f = 0.0, Pt[start]
     for j in range(start, stop):
         y = Cp(Pt[j : j + 1])[0]
+        scale = max(scale, float(y.norm()))
         if one_sided and j > start:  # the three-term recurrence: the coefficient of q_{j-1} is beta_{j-1}
-            z, lo = y - beta * Qt[j - 1], j - 1
-            Bm[lo, j] = beta
+            z = y - beta * Qt[j - 1]
+            Bm[j - 1, j] = beta
         else:
-            (z, c), lo = _orth(Qt[:j], y), 0
+            z, c = _orth(Qt[:j], y)
             Bm[:j, j] = c
-        Qt[j], alpha = _normalise(Qt[lo:j], z, scale, gen)
+        Qt[j], alpha = _normalise(Qt[:j], z, scale, gen)
         Bm[j, j] = alpha
         z, _ = _orth(Pt[: j + 1], Ctq(Qt[j : j + 1])[0])
         f, beta = _normalise(Pt[: j + 1], z, scale, gen)
         if j + 1 < stop:
             Pt[j + 1] = f
-    return beta, f
+    return beta, f, scale
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ class IRLBA(Solver):
         Pt[0] = _fresh_rows(Pt[:0], 1, gen)[0]
         start, scale, restarts, matvecs, attempts = 0, 0.0, 0, 0, 0
         while True:
-            beta, f = irlba_cycle(Cp, Ctq, Pt, Qt, Bm, start, M, gen, scale, one_sided=one_sided)
+            beta, f, scale = irlba_cycle(Cp, Ctq, Pt, Qt, Bm, start, M, gen, scale, one_sided=one_sided)
             matvecs += 2 * (M - start)
             X, sig, Yh = torch.linalg.svd(Bm)
             scale = max(scale, float(sig[0]))
