@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --quick    # < 1 min: small matrices
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --hidden   # the 20000 x 3000 case only
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py            # every matrix, ranks 10/50/150
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --matrix random --ranks 10 50   # a subset
 
 Matrices: ``scipy.sparse.random`` (uniform entries), the same with power-law
 column norms (column ``j`` scaled by ``(j + 1)^{-1/2}``), and the signed
@@ -244,6 +245,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small matrices, ranks 10 and 50 (under a minute)")
     p.add_argument("--hidden", action="store_true", help="only the issue's 20000 x 3000 case, rank 50, t = 1e-8")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 1 quick, 3 otherwise)")
+    p.add_argument("--matrix", default=None, help="only the matrices whose title starts with this (e.g. 'random')")
+    p.add_argument("--ranks", type=int, nargs="+", default=None, help="only these ranks")
     args = p.parse_args()
     torch.set_num_threads(1)
     try:
@@ -269,6 +272,7 @@ def main() -> None:
             ("power-law 30000x5000 d=0.002", power_law(30_000, 5_000, 0.002), [10, 50, 150], [1e-6, 1e-10]),
             ("incidence 30000 edges x 5000 nodes", incidence(5_000, 30_000), [10, 50, 150], [1e-6, 1e-10]),
         ]
+    cases = [(t, A, args.ranks or r, tols) for t, A, r, tols in cases if t.startswith(args.matrix or "")]
     for title, A, ranks, tols in cases:
         s_ref, how = reference(A)
         for k in ranks:
