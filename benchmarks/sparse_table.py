@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --quick    # < 1 min: small matrices
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --hidden   # the 20000 x 3000 case only
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py            # every matrix, ranks 10/50/150
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --matrix random --ranks 10 50   # a subset
 
 Matrices: ``scipy.sparse.random`` (uniform entries), the same with power-law
 column norms (column ``j`` scaled by ``(j + 1)^{-1/2}``), and the signed
@@ -11,13 +12,13 @@ tolerance ``t`` every method runs in the same process on one thread,
 interleaved round by round (best of ``--repeats``):
 
 * ``auto``: ``tp.pinv(A, rank=k, rtol=1e-8)`` at its default certified tolerance (``1e-12``);
-* ``tp-svds``, ``tp-lanczos``: ``tp.ScipySVDS(tol=t)`` and ``tp.Lanczos(tol=t)``
+* ``tp-svds``, ``tp-lanczos``, ``tp-irlba``: ``tp.ScipySVDS(tol=t)``, ``tp.Lanczos(tol=t)`` and ``tp.IRLBA(tol=t)``
   (``t = 0``, the ``--hidden`` case: every method at its defaults);
 * ``arpack``, ``propack``: ``scipy.sparse.linalg.svds(A, k, tol=t, solver=...)``;
 * ``sklearn-rsvd``: ``sklearn.utils.extmath.randomized_svd(A, k)`` (no tolerance: its defaults);
 * ``primme``: ``primme.svds(A, k, tol=t)`` when ``primme`` is importable (not a dependency).
 
-Columns: time and its ratio to ``arpack`` in the same run, products (columns
+Columns: time and its ratios to ``arpack`` and to ``tp-lanczos`` in the same run, products (columns
 multiplied by ``A`` or ``A^T``, counted in an untimed first round for the
 peers), the largest relative error of the kept values against a dense float64
 reference (the SVD of ``A.toarray()``, or for more than ``6e7`` entries the
@@ -156,6 +157,7 @@ OURS: dict[str, Callable[[float], tp.Solver]] = {
     "auto": lambda t: tp.Auto(),
     "tp-svds": lambda t: tp.ScipySVDS(tol=t or None),
     "tp-lanczos": lambda t: tp.Lanczos(tol=t or None),
+    "tp-irlba": lambda t: tp.IRLBA(tol=t or None),
 }
 PEERS: dict[str, Callable[[Any, int, float], Triplet]] = {
     "arpack": _svds("arpack"),
@@ -222,16 +224,19 @@ def measure(A: Any, s_ref: np.ndarray, k: int, t: float, repeats: int) -> dict[s
 
 def table(title: str, res: dict[str, Result]) -> str:
     base = res["arpack"].time if "arpack" in res else math.nan
+    old = res["tp-lanczos"].time if "tp-lanczos" in res else math.nan
     lines = [
         f"**{title}**",
         "",
-        "| method | time [s] | / arpack | products | max rel. error | certified |",
-        "|---|---:|---:|---:|---:|---|",
+        "| method | time [s] | / arpack | / tp-lanczos | products | max rel. error | certified |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in res.items():
         cert = "" if r.certified is None else ("yes" if r.certified else "no")
         prods = str(r.products) if r.products else "n/a"
-        lines.append(f"| {name} | {r.time:.3f} | {r.time / base:.2f} | {prods} | {r.err:.1e} | {cert} |")
+        lines.append(
+            f"| {name} | {r.time:.3f} | {r.time / base:.2f} | {r.time / old:.2f} | {prods} | {r.err:.1e} | {cert} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +245,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small matrices, ranks 10 and 50 (under a minute)")
     p.add_argument("--hidden", action="store_true", help="only the issue's 20000 x 3000 case, rank 50, t = 1e-8")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 1 quick, 3 otherwise)")
+    p.add_argument("--matrix", default=None, help="only the matrices whose title starts with this (e.g. 'random')")
+    p.add_argument("--ranks", type=int, nargs="+", default=None, help="only these ranks")
     args = p.parse_args()
     torch.set_num_threads(1)
     try:
@@ -265,6 +272,7 @@ def main() -> None:
             ("power-law 30000x5000 d=0.002", power_law(30_000, 5_000, 0.002), [10, 50, 150], [1e-6, 1e-10]),
             ("incidence 30000 edges x 5000 nodes", incidence(5_000, 30_000), [10, 50, 150], [1e-6, 1e-10]),
         ]
+    cases = [(t, A, args.ranks or r, tols) for t, A, r, tols in cases if t.startswith(args.matrix or "")]
     for title, A, ranks, tols in cases:
         s_ref, how = reference(A)
         for k in ranks:

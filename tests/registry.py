@@ -25,6 +25,7 @@ ACCURACY: dict[str, tuple[float, bool]] = {
     "randomized": (200.0, True),
     "lobpcg": (200.0, True),
     "lanczos": (200.0, False),
+    "irlba": (200.0, False),
     "svds": (200.0, True),
 }
 

@@ -159,14 +159,15 @@ def _assume_resolvable(info: SolverInfo, kept: np.ndarray) -> None:
     size (a Krylov space of ``b``-blocks sees at most ``b`` copies); a cluster of
     kept values equal to ``1e-3`` counts as one multiple value.
     """
-    if isinstance(info.solver, tp.Lanczos):
+    if isinstance(info.solver, (tp.Lanczos, tp.IRLBA)):  # IRLBA hands repeated values to the block Lanczos
+        b = info.solver.block_size if isinstance(info.solver, tp.Lanczos) else tp.Lanczos().block_size
         v = np.sort(np.asarray(kept, dtype=np.float64))[::-1]
         close = v[1:] >= v[:-1] * (1 - 1e-3)
         longest, run = 1, 1
         for c in close:
             run = run + 1 if c else 1
             longest = max(longest, run)
-        assume(longest <= info.solver.block_size)
+        assume(longest <= b)
 
 
 def _kappa(ref: Reference, r: int) -> float:

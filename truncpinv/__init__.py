@@ -25,6 +25,7 @@ from ._lsmr import LSMR, LstsqResult, krylov_applies
 from ._operator import CallableOperator, LinearOperator, ScipyOperator, TensorOperator, aslinearoperator
 from ._tolerance import Tolerance, default_rtol, resolve_cutoff, select_rank
 from .solvers import (
+    IRLBA,
     LOBPCG,
     SOLVERS,
     Auto,
@@ -39,6 +40,7 @@ from .solvers import (
 )
 
 __all__ = [
+    "IRLBA",
     "LOBPCG",
     "LSMR",
     "SOLVERS",
@@ -101,7 +103,7 @@ def pinv(
         rtol: relative tolerance.
         atol: absolute tolerance (default 0).
         solver: a registry name (``"auto"``, ``"svd"``, ``"gram"``,
-            ``"randomized"``, ``"lobpcg"``, ``"lanczos"``) or a solver object.
+            ``"randomized"``, ``"lobpcg"``, ``"lanczos"``, ``"irlba"``, ``"svds"``) or a solver object.
         check_finite: reject NaN/Inf in a dense ``A``.
 
     Returns:

@@ -13,12 +13,14 @@ from ._base import Solver, SolverError
 from .auto import Auto
 from .dense_svd import DenseSVD
 from .gram_eigen import GramEigen
+from .irlba import IRLBA
 from .lanczos import Lanczos
 from .lobpcg import LOBPCG
 from .randomized import RandomizedSVD
 from .scipy_svds import ScipySVDS
 
 __all__ = [
+    "IRLBA",
     "LOBPCG",
     "SOLVERS",
     "Auto",
@@ -41,6 +43,7 @@ SOLVERS: dict[str, type[Solver]] = {
     "randomized": RandomizedSVD,
     "lobpcg": LOBPCG,
     "lanczos": Lanczos,
+    "irlba": IRLBA,
     "svds": ScipySVDS,
 }
 
