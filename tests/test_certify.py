@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -137,3 +138,16 @@ def test_accurate_extras_next_to_the_cut_are_deflated_at_a_loose_tol(shape: tupl
     cert = tp.certify(A, U[:, :20], S[:20], V[:, :20], tp.Tolerance(rank=5, rtol=1e-8, atol=0.0), rtol_res=1e-6)
     assert cert.certified, cert
     assert cert.deflated_norm <= float(S[20]) * (1 + 1e-12)  # the extras were deflated: what is left is sigma_21
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_matrix_fails_the_certificate_instead_of_crashing_in_lapack(bad):
+    # check_finite=False lets NaN/Inf reach the missed-value check; its Lanczos coefficients are then not finite
+    # and LAPACK's tridiagonal bisection refuses them. The certificate must say "not certified", not raise.
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    A[5, 7] = bad
+    cert = tp.certify(A, U[:, :4], S[:4], Vh[:4].T, _TOL, rtol_res=1e-12)
+    assert not cert.certified
+    assert not math.isfinite(cert.deflated_norm) or not math.isfinite(cert.residual)

@@ -79,6 +79,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._operator import LinearOperator
@@ -287,6 +288,9 @@ def certify(
         if q % CHECK_EVERY and q != steps_max and not bool(broken.all()):
             continue
         delta = math.sqrt(_largest_ritz(alpha[:, :q], beta[:, : q - 1]))
+        if not math.isfinite(delta):  # NaN/Inf reached the check (non-finite A under check_finite=False): no proof
+            prob = 1.0
+            break
         if delta >= tau and delta > 0:  # a missed singular value is proven
             prob = 1.0
             break
@@ -315,10 +319,13 @@ def certify(
 
 def _largest_ritz(alpha: torch.Tensor, beta: torch.Tensor) -> float:
     """The largest eigenvalue (clamped at 0) over the ``B`` symmetric tridiagonal matrices with diagonals
-    ``alpha`` and off-diagonals ``beta`` (rows): LAPACK bisection for that one eigenvalue, ``O(q)`` each."""
+    ``alpha`` and off-diagonals ``beta`` (rows): LAPACK bisection for that one eigenvalue, ``O(q)`` each;
+    NaN when an entry is not finite (LAPACK's bisection would refuse it)."""
     from scipy.linalg import eigvalsh_tridiagonal
 
     a, b = alpha.cpu().numpy(), beta.cpu().numpy()
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
     q = a.shape[1]
     best = 0.0
     for i in range(a.shape[0]):
