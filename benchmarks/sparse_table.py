@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --hidden   # the 20000 x 3000 case only
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py            # every matrix, ranks 10/50/150
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --matrix random --ranks 10 50   # a subset
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --torch    # torch operator input: ours only
 
 Matrices: ``scipy.sparse.random`` (uniform entries), the same with power-law
 column norms (column ``j`` scaled by ``(j + 1)^{-1/2}``), and the signed
@@ -17,6 +18,12 @@ interleaved round by round (best of ``--repeats``):
 * ``arpack``, ``propack``: ``scipy.sparse.linalg.svds(A, k, tol=t, solver=...)``;
 * ``sklearn-rsvd``: ``sklearn.utils.extmath.randomized_svd(A, k)`` (no tolerance: its defaults);
 * ``primme``: ``primme.svds(A, k, tol=t)`` when ``primme`` is importable (not a dependency).
+
+With ``--torch`` the matrices reach truncpinv as torch operators
+(:class:`truncpinv.CallableOperator` over ``torch.sparse_csr_tensor`` copies of
+``A`` and ``A^T``, float64), the input on which ``auto`` runs ``tp.Lanczos``; only
+``tp-svds``, ``tp-lanczos`` and ``tp-irlba`` run (SciPy's own solvers take no torch input, and
+``auto`` would repeat ``tp-lanczos``).
 
 Columns: time and its ratios to ``arpack`` and to ``tp-lanczos`` in the same run, products (columns
 multiplied by ``A`` or ``A^T``, counted in an untimed first round for the
@@ -75,6 +82,20 @@ def incidence(nodes: int, edges: int, seed: int = 2) -> sp.csr_matrix:
     cols = np.stack([i, j], 1).ravel()
     vals = np.tile([1.0, -1.0], edges)
     return sp.csr_matrix((vals, (rows, cols)), shape=(edges, nodes))
+
+
+def torch_operator(A: sp.csr_matrix) -> tp.CallableOperator:
+    """``A`` as a float64 torch operator: sparse CSR products with ``A`` and with a CSR copy of ``A^T``."""
+
+    def csr(M: sp.csr_matrix) -> torch.Tensor:
+        M = M.tocsr().astype(np.float64)
+        t = (torch.from_numpy(M.indptr.astype(np.int64)), torch.from_numpy(M.indices.astype(np.int64)))
+        return torch.sparse_csr_tensor(*t, torch.from_numpy(M.data), M.shape)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR tensor support is in beta state"
+        At, AtT = csr(A), csr(A.T)
+    return tp.CallableOperator(A.shape, lambda X: At @ X, lambda Y: AtT @ Y, dtype=torch.float64)
 
 
 def reference(A: sp.csr_matrix) -> tuple[np.ndarray, str]:
@@ -185,14 +206,18 @@ def _certify(A: Any, trip: Triplet, k: int, t: float) -> bool:
     return tp.certify(tp.aslinearoperator(A), U, S, V, tol, rtol_res=t, runs=1, max_steps=400).certified
 
 
-def measure(A: Any, s_ref: np.ndarray, k: int, t: float, repeats: int) -> dict[str, Result]:
-    """Every method on ``A`` at rank ``k`` and tolerance ``t``, interleaved round by round."""
-    names = [*OURS, *PEERS]
+def measure(A: Any, s_ref: np.ndarray, k: int, t: float, repeats: int, torch_input: bool = False) -> dict[str, Result]:
+    """Every method on ``A`` at rank ``k`` and tolerance ``t``, interleaved round by round.
+
+    ``torch_input``: ``A`` is a torch operator; no SciPy peers, and no ``auto`` (it runs ``tp-lanczos`` there).
+    """
+    PEERS_ = {} if torch_input else PEERS
+    names = [name for name in OURS if not (torch_input and name == "auto")] + list(PEERS_)
     best = dict.fromkeys(names, math.inf)
     out: dict[str, Any] = {}
     products: dict[str, int] = {}
     certified: dict[str, bool | None] = {}
-    for name, fn in PEERS.items():  # untimed round: products and certificate of the peers
+    for name, fn in PEERS_.items():  # untimed round: products and certificate of the peers
         C = Counted(A)
         try:  # randomized_svd needs the matrix itself: its products are not counted
             out[name] = _sorted(fn(A, k, t) if name == "sklearn-rsvd" else fn(C, k, t))
@@ -203,13 +228,13 @@ def measure(A: Any, s_ref: np.ndarray, k: int, t: float, repeats: int) -> dict[s
             out[name], products[name], certified[name] = None, 0, None
     for _ in range(repeats):
         for name in names:
-            if name in PEERS and out[name] is None:
+            if name in PEERS_ and out[name] is None:
                 continue
             t0 = time.perf_counter()
             if name in OURS:
                 trip, products[name], certified[name] = _ours(OURS[name])(A, k, t)
             else:
-                trip = PEERS[name](A, k, t)
+                trip = PEERS_[name](A, k, t)
             best[name] = min(best[name], time.perf_counter() - t0)
             out[name] = _sorted(trip)
     res = {}
@@ -247,6 +272,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 1 quick, 3 otherwise)")
     p.add_argument("--matrix", default=None, help="only the matrices whose title starts with this (e.g. 'random')")
     p.add_argument("--ranks", type=int, nargs="+", default=None, help="only these ranks")
+    p.add_argument("--torch", action="store_true", help="torch operator input; only tp-svds, tp-lanczos, tp-irlba")
     args = p.parse_args()
     torch.set_num_threads(1)
     try:
@@ -278,7 +304,7 @@ def main() -> None:
         for k in ranks:
             for t in tols:
                 print(f"{title}, rank {k}, t={t:g} ...", file=sys.stderr, flush=True)
-                res = measure(A, s_ref, k, t, repeats)
+                res = measure(torch_operator(A) if args.torch else A, s_ref, k, t, repeats, args.torch)
                 print(table(f"{title}, rank {k}, tol {t:g} (reference: {how})", res), flush=True)
 
 
