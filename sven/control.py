@@ -67,6 +67,7 @@ __all__ = [
     "VariableK",
     "evaluator",
     "make_policy",
+    "stall_cosine",
     "step_context",
     "warn_stall",
 ]
@@ -77,6 +78,18 @@ ADAPTIVE_DAMPING_START = 1e-3
 #: exceeds this: far above the round-off of the gradient (``~ sqrt(eps)`` in float64) yet a stationary point's
 #: angle can never reach it.
 STALL_COSINE = 1e-4
+
+
+def stall_cosine(dtype: torch.dtype) -> float:
+    r"""The angle :math:`\|M^\top R\| / (\sigma_{max}\|R\|)` above which a point is not stationary in ``dtype``.
+
+    :data:`STALL_COSINE`, or :math:`10\sqrt{\epsilon}` of ``dtype`` when that is larger. Along the gradient the
+    linear model promises to cut :math:`\|R\|^2` by the fraction :math:`\cos^2` at most; residuals rounded to
+    :math:`\epsilon` give :math:`\|R\|^2` to a relative :math:`\epsilon` or worse, so every try is rejected once
+    :math:`\cos \lesssim \sqrt{\epsilon}`: that angle is round-off, not a stall. float64 keeps ``1e-4``;
+    float32 gets ``3.5e-3`` (converged float32 fits end at angles up to ``4e-4``).
+    """
+    return max(STALL_COSINE, 10.0 * math.sqrt(torch.finfo(dtype).eps))
 
 
 @dataclass
@@ -133,6 +146,8 @@ class Policy:
 
     #: The policy re-evaluates the loss (the closure, or the batch in the seed API).
     needs_evaluate: bool = False
+    #: The policy's steps may carry heavy-ball momentum (``False``: :class:`sven.Sven` refuses ``momentum > 0``).
+    takes_momentum: bool = True
 
     @property
     def damping(self) -> float:
@@ -159,7 +174,7 @@ def warn_stall(ctx: StepContext, out: Outcome, loss: float, peak: float, where: 
     if not out.stalled or loss <= roundoff:
         return
     cos = float(SF.gradient_cosine(ctx.F, ctx.R))
-    if cos > STALL_COSINE:
+    if cos > stall_cosine(ctx.R.dtype):
         warnings.warn(
             f"Sven stalled: every try was rejected with {where}, but the point is not stationary "
             f"(|M^T R| / (sigma_max |R|) = {cos:.3g}). The Jacobian does not predict the closure's change: check "
@@ -217,7 +232,7 @@ class AdaptiveDamping(Policy):
     at its ceiling (:data:`sven.functional.DAMPING_MAX`), no step along the
     linear model reduces the loss; ``Outcome.stalled`` is set, and if the point
     is not stationary (:func:`sven.functional.gradient_cosine` above
-    :data:`STALL_COSINE`) a ``RuntimeWarning`` says so: the Jacobian does not
+    :func:`stall_cosine`) a ``RuntimeWarning`` says so: the Jacobian does not
     describe the closure (a detached or non-differentiable computation, a
     closure that changes between calls, noise). Residuals already at the
     round-off level of the largest :math:`\|R\|^2` seen (``(1e3 eps)^2`` of it: an
@@ -239,11 +254,13 @@ class AdaptiveDamping(Policy):
         return self.state.lam
 
     def state_dict(self) -> dict[str, float]:
-        return {"damping": self.state.lam, "nu": self.state.nu}
+        return {"damping": self.state.lam, "nu": self.state.nu, "peak": self.peak}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "damping" in state:
             self.state = SF.DampingState(lam=float(state["damping"]), nu=float(state.get("nu", 2.0)))
+        if "peak" in state:
+            self.peak = float(state["peak"])
 
     def run(self, ctx: StepContext) -> Outcome:
         evaluate = evaluator(ctx)

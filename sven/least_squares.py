@@ -30,6 +30,12 @@ Stopping rules (``status`` as in :func:`scipy.optimize.least_squares`):
 With the trust region the ``ftol`` and ``xtol`` tests run after every try, kept or not, inside the Sven
 step (as in MINPACK's ``lmder``); with another policy after every accepted step. A run that ends without
 convergence while the gradient is still large warns (``RuntimeWarning``): never a silent stall.
+
+**Round-off.** A positive ``ftol``, ``xtol`` or ``gtol`` below the machine epsilon of the parameters' or the
+residuals' dtype (the coarser) is raised to it: no relative test below round-off can hold (float32: scipy's
+default ``1e-8`` becomes ``1.19e-7``). ``0`` keeps a test off. The angle that counts as "not stationary" grows
+to :math:`10\sqrt{\epsilon}` where that is larger (:func:`sven.control.stall_cosine`: float32 ``3.5e-3``),
+so a converged float32 fit reports convergence, not a stall.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import truncpinv
 
 from ._validation import check_nonneg_float, check_positive_int
 from .config import LM_RETRIES
-from .control import STALL_COSINE
+from .control import stall_cosine
 from .info import StepInfo
 from .linearize.dense import autograd_jacobian
 from .optim import Sven
@@ -147,6 +153,11 @@ def _tolerances(ftol: Any, xtol: Any, gtol: Any, max_nfev: Any, n: int) -> tuple
     return tols[0], tols[1], tols[2], nfev
 
 
+def _roundoff(tensors: Iterable[torch.Tensor]) -> float:
+    """The machine epsilon of the coarsest floating dtype among ``tensors`` (the parameters and the residuals)."""
+    return max(float(torch.finfo(t.dtype).eps) for t in tensors if t.is_floating_point())
+
+
 def least_squares(
     fun: Callable[..., torch.Tensor],
     params: Any,
@@ -172,7 +183,8 @@ def least_squares(
         fun: the residual function, differentiable by autograd.
         params: the start ``x0`` or the parameters (see above).
         args, kwargs: extra arguments of ``fun``.
-        ftol, xtol, gtol: the stopping rules of the module docstring (scipy's defaults, ``1e-8``).
+        ftol, xtol, gtol: the stopping rules of the module docstring (scipy's defaults, ``1e-8``; a positive one
+            below the dtype's machine epsilon is raised to it, ``0`` turns a test off).
         max_nfev: the most residual evaluations (default ``100 * (n + 1)``, as scipy's ``lm``).
         **options: further :class:`sven.Sven` options: ``control`` (default
             :class:`~sven.trust_region.TrustRegion` with ``ftol``/``xtol``), ``damping`` (the multiplicative
@@ -223,6 +235,9 @@ def least_squares(
     if not bool(torch.isfinite(r0).all()):
         raise ValueError("`fun` returned NaN or Inf residuals at the start `params`")
     cost0 = 0.5 * float(r0.double().pow(2).sum())
+    # a relative test below the round-off of the parameters or residuals cannot hold: raised to it (float32: 1.19e-7)
+    eps = _roundoff([*ps, r0])
+    ftol, xtol, gtol = (max(t, eps) if t > 0 else 0.0 for t in (ftol, xtol, gtol))
     if options.get("adaptive_damping", True) is False:
         raise ValueError(
             "`adaptive_damping=False` does not apply to least_squares: its steps are accepted by the gain ratio "
@@ -271,14 +286,19 @@ def least_squares(
     r = out.detach()
     grad = J.T @ r.to(J.dtype)
     cost = 0.5 * float(r.double().pow(2).sum())
-    if status == 0 and cos > STALL_COSINE:
+    if status == 0 and cos > stall_cosine(r.dtype):
         warnings.warn(
             f"least_squares stopped after max_nfev={max_nfev} evaluations without converging: the point is not "
             f"stationary (|J^T r| / (sigma_max |r|) = {cos:.3g}); raise `max_nfev` or check the residual function",
             RuntimeWarning,
             stacklevel=2,
         )
-    elif status in (2, 3, 4) and not stalled and cos > _NOT_STATIONARY and cost > _ROUNDOFF * cost0:
+    elif (
+        status in (2, 3, 4)
+        and not stalled
+        and cos > max(_NOT_STATIONARY, stall_cosine(r.dtype))
+        and cost > max(_ROUNDOFF, (1e3 * eps) ** 2) * cost0
+    ):
         warnings.warn(
             f"least_squares stopped ({_MESSAGES[status]}) at a point that is not stationary: "
             f"|J^T r| / (sigma_max |r|) = {cos:.3g} with the cost {cost:.3g} (from {cost0:.3g}); the tolerances "
@@ -337,7 +357,9 @@ def curve_fit(
     the covariance cannot be estimated: it is all ``inf``, with a warning, as in scipy.
 
     Args:
-        f: ``f(xdata, *p)`` returns the model at ``xdata``, shaped like ``ydata``; each ``p[i]`` is a 0-dim tensor.
+        f: ``f(xdata, *p)`` returns the model at ``xdata``; each ``p[i]`` is a 0-dim tensor. Its output and
+            ``ydata`` are compared flattened, as scipy's: they must have the same number of entries (any shapes),
+            or the output a single value (a constant model, broadcast).
         xdata: the independent variable (anything ``f`` accepts; arrays become tensors).
         ydata: the data, a tensor or array of ``m`` values (on the device the fit runs on).
         p0: the start, ``n`` values; ``None``: ones, with ``n`` from ``f``'s signature.
@@ -349,8 +371,9 @@ def curve_fit(
         ``(popt, pcov)``: ``(n,)`` and ``(n, n)`` tensors, on ``ydata``'s device.
 
     Raises:
-        ValueError: ``p0`` cannot be inferred, ``sigma`` has the wrong size or is not positive, the data are
-            empty or not finite.
+        ValueError: ``p0`` cannot be inferred, ``ydata`` and ``f(xdata, *p0)`` differ in size, ``sigma`` has the
+            wrong size (a scalar or one per ``ydata`` entry; scipy's ``(m, m)`` covariance is not accepted) or is
+            not positive, the data are empty or not finite.
     """
     if not callable(f):
         raise TypeError(f"`f` must be callable, got {type(f).__name__}")
@@ -371,7 +394,10 @@ def curve_fit(
     else:
         s = _as_tensor("sigma", sigma, like=y).to(y.dtype)
         if s.numel() not in (1, y.numel()):
-            raise ValueError(f"`sigma` must be a scalar or have {y.numel()} entries like `ydata`, got {s.numel()}")
+            raise ValueError(
+                f"`sigma` must be a scalar or have as many entries as `ydata` (shape {tuple(y.shape)}, {y.numel()} "
+                f"entries), got shape {tuple(s.shape)} ({s.numel()} entries); a covariance matrix is not accepted"
+            )
         if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
             raise ValueError("`sigma` must be positive and finite")
         weight = 1.0 / s.reshape(-1)
@@ -379,6 +405,12 @@ def curve_fit(
 
     def residuals(p: torch.Tensor) -> torch.Tensor:
         model = torch.as_tensor(f(xd, *p.unbind()))
+        if model.numel() not in (1, yf.numel()):
+            raise ValueError(
+                f"`ydata` must have as many entries as the model f(xdata, *p0): `ydata` has shape {tuple(y.shape)} "
+                f"({y.numel()} entries), f(xdata, *p0) has shape {tuple(model.shape)} ({model.numel()} entries); "
+                f"both are compared flattened, as scipy's curve_fit does"
+            )
         r = model.reshape(-1) - yf
         return r if weight is None else r * weight
 

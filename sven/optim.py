@@ -111,7 +111,7 @@ class Sven(Optimizer):
         nesterov: Nesterov momentum (per group): the step is :math:`d + \mu b`.
         control: a :class:`sven.control.Policy`, instead of the options
             ``damping``, ``adaptive_damping``, ``max_retries``, ``variable_k``,
-            ``check_step`` and ``trust_radius`` (passing any of them with it is an error).
+            ``check_step`` and ``trust_radius`` (an error with it, as ``momentum > 0`` with ``TrustRegion``).
         route: a route name (as ``jacobian``) or a :class:`sven.linearize.Route` object.
         process_group: data-parallel Sven on :mod:`torch.distributed`: each
             rank's closure covers its shard of the batch (``None``: the default
@@ -214,7 +214,7 @@ class Sven(Optimizer):
                 f"pseudoinverse for all parameters, so only {', '.join(f'`{k}`' for k in GROUP_OPTIONS)} are per "
                 f"group; pass it to the constructor"
             )
-        super().add_param_group(check_group(param_group))
+        super().add_param_group(_check_momentum(self, check_group(param_group)))
 
     def state_dict(self) -> dict[str, Any]:
         """The ``torch.optim`` state dict plus ``"sven"``: the counters and the step control's state.
@@ -270,7 +270,7 @@ class Sven(Optimizer):
                 "Sven.step needs a closure that re-evaluates the model and returns the per-sample losses, "
                 "e.g. `opt.step(lambda: ((model(x) - y) ** 2).sum(dim=-1))`"
             )
-        blocks = blocks_of_groups(self.param_groups)
+        blocks = blocks_of_groups([_check_momentum(self, g) for g in self.param_groups])  # a scheduler may set it
         if not blocks:
             raise ValueError("Sven has no parameter that requires grad to optimise")
         group = dist_.resolve_group(self.process_group)
@@ -341,6 +341,22 @@ class Sven(Optimizer):
 
     def _fault(self, info: StepInfo, losses: torch.Tensor, fault: StepFault) -> None:
         _skip(self.config, self._counters, info, losses, fault)
+
+
+def _check_momentum(opt: Sven, group: dict[str, Any]) -> dict[str, Any]:
+    """``group``, unless its momentum (or ``opt``'s default) is positive and ``opt.control`` cannot carry momentum
+    (``takes_momentum = False``: :class:`sven.trust_region.TrustRegion`): then a ValueError naming both. The
+    group is named by its index in ``opt.param_groups``, or the index it would get there."""
+    mu = float(group.get("momentum", opt.defaults.get("momentum", 0.0)))
+    if mu > 0 and not getattr(opt.control, "takes_momentum", True):
+        i = next((j for j, g in enumerate(opt.param_groups) if g is group), len(opt.param_groups))
+        raise ValueError(
+            f"`momentum` must be 0 with `control={type(opt.control).__name__}()`, got {mu:g} (parameter group {i}): "
+            f"a trust-region step is the damped step whose length is the radius, and momentum adds the previous "
+            f"steps to every try, so no try is bounded by the radius or predicted by the model; use momentum=0 "
+            f"with this `control`, or leave out `control` (momentum turns the adaptive damping off)"
+        )
+    return group
 
 
 def _check_arguments(args: tuple[Any, ...], control: Policy | None, options: dict[str, Any]) -> None:

@@ -45,7 +45,7 @@ import torch
 
 from . import functional as SF
 from ._validation import check_nonneg_float, check_nonneg_int, check_positive_float
-from .control import STALL_COSINE, Outcome, Policy, StepContext, evaluator, warn_stall
+from .control import Outcome, Policy, StepContext, evaluator, stall_cosine, warn_stall
 
 __all__ = ["TrustRegion", "lm_parameter"]
 
@@ -127,6 +127,12 @@ class TrustRegion(Policy):
     ``Outcome.converged`` names the tests that held; :func:`sven.least_squares` stops there. Without
     these tests a step whose tries all change the cost at round-off retries until ``max_retries``.
 
+    **No momentum.** Each try must be the step of the damped problem, of length the radius, so that the gain
+    ratio judges the model the radius bounds. Heavy-ball momentum adds the previous steps to every try: the
+    step is then neither bounded by the radius nor predicted by the model, and every try is rejected.
+    :class:`sven.Sven` refuses ``momentum > 0`` (the constructor's, a parameter group's, or one a scheduler
+    sets before a step) together with this policy (``takes_momentum = False``).
+
     Args:
         max_retries: retries after a rejected try within one step (each on the cached factorisation, with
             the radius cut by 2 to 10).
@@ -146,6 +152,7 @@ class TrustRegion(Policy):
     """
 
     needs_evaluate = True
+    takes_momentum = False
 
     def __init__(self, max_retries: int = 10, *, factor: float = FACTOR, ftol: float = 0.0, xtol: float = 0.0) -> None:
         self.max_retries = int(check_nonneg_int("max_retries", max_retries))
@@ -161,7 +168,9 @@ class TrustRegion(Policy):
         return self.lam
 
     def state_dict(self) -> dict[str, float]:
-        return {"damping": self.lam, "nu": 2.0, "radius": math.nan if self.radius is None else self.radius}
+        """The damping, the radius (``nan`` before the first step) and ``peak``, the largest :math:`\\|R\\|^2` seen."""
+        return {"damping": self.lam, "nu": 2.0, "radius": math.nan if self.radius is None else self.radius,
+                "peak": self.peak}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "radius" in state:
@@ -169,6 +178,8 @@ class TrustRegion(Policy):
             self.radius = r if math.isfinite(r) and r > 0 else None
         if "damping" in state:
             self.lam = float(state["damping"])
+        if "peak" in state:
+            self.peak = float(state["peak"])
 
     def run(self, ctx: StepContext) -> Outcome:
         evaluate = evaluator(ctx)
@@ -222,7 +233,7 @@ class TrustRegion(Policy):
                     out.rejected, out.direction = True, None
                     # the radius fell to xtol because every try went uphill: a stall unless the point is stationary
                     cos = float(SF.gradient_cosine(F, ctx.R)) if "xtol" in out.converged else 0.0
-                    out.stalled = cos > STALL_COSINE
+                    out.stalled = cos > stall_cosine(ctx.R.dtype)
                     warn_stall(ctx, out, fnorm2, self.peak, f"the trust radius at `xtol` ({self.radius:.3g})")
                 return out
             restore()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 import sven
 from benchmarks.mgh import PROBLEMS, solved
+from sven.trust_region import TrustRegion
 
 F64 = torch.float64
 BY_NUMBER = {p.number: p for p in PROBLEMS}
@@ -193,7 +195,8 @@ def test_bad_inputs_name_the_argument() -> None:
         sven.least_squares(lambda x: 1.0, [0.0])  # type: ignore[arg-type, return-value]
     with pytest.raises(ValueError, match="`fun` returned NaN or Inf residuals at the start"):
         sven.least_squares(lambda x: torch.log(x - 1.0), [0.0])
-    with pytest.raises(ValueError, match="`sigma` must be a scalar or have 3 entries"):
+    with pytest.raises(ValueError, match=r"`sigma` must be a scalar or have as many entries as `ydata` \(shape \(3,\)"
+                       r", 3 entries\), got shape \(2,\)"):  # fmt: skip
         sven.curve_fit(lambda x, a: a * x, [1.0, 2.0, 3.0], [1.0, 2.0, 3.0], p0=[1.0], sigma=[1.0, 1.0])
     with pytest.raises(ValueError, match="`p0` is required"):
         sven.curve_fit(lambda *a: a[0], [1.0, 2.0], [1.0, 2.0])
@@ -264,3 +267,54 @@ def test_no_route_warning_when_the_user_chose_no_route() -> None:
             opt.step(lambda: x[0] * torch.exp(-x[1] * t) - torch.exp(-2.0 * t))
         res = sven.least_squares(lambda p: p[0] * torch.exp(-p[1] * t) - torch.exp(-2.0 * t), [1.0, 1.0])
     assert res.success
+
+
+def test_curve_fit_refuses_ydata_of_another_size_naming_both_shapes() -> None:
+    # the old code raised torch's broadcasting error ("The size of tensor a (20) must match ...")
+    t = torch.linspace(0, 1, 20, dtype=F64)
+    y = 2.0 * torch.exp(-3.0 * t)
+    model = lambda x, a, b: a * torch.exp(-b * x)  # noqa: E731
+    with pytest.raises(ValueError, match=r"`ydata` must have as many entries as the model f\(xdata, \*p0\): `ydata` "
+                       r"has shape \(10,\) \(10 entries\), f\(xdata, \*p0\) has shape \(20,\)"):  # fmt: skip
+        sven.curve_fit(model, t, y[:10], p0=[1.0, 1.0])
+    with pytest.raises(ValueError, match=r"`ydata` .* has shape \(20, 1\) .* has shape \(10,\)"):
+        sven.curve_fit(model, t[:10], y[:, None], p0=[1.0, 1.0])
+    # as scipy: compared flattened, so any shape with the model's number of entries fits ...
+    popt, _ = sven.curve_fit(model, t, y.reshape(4, 5), p0=[1.0, 1.0])
+    ref, _ = so.curve_fit(lambda x, a, b: a * np.exp(-b * x), t.numpy(), y.numpy(), p0=[1.0, 1.0])
+    np.testing.assert_allclose(popt.numpy(), ref, rtol=1e-6)
+    # ... and a constant model (one value) is broadcast to the data: its fit is the mean
+    c, _ = sven.curve_fit(lambda x, a: a, t, y, p0=[0.0])
+    assert math.isclose(float(c[0]), float(y.mean()), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_a_converged_float32_fit_reports_convergence_not_a_stall(seed: int) -> None:
+    # with scipy's default tolerances (1e-8, below float32's eps) the old code ended these fits with "Sven
+    # stalled ... not stationary" at the float64 solution: float32 round-off caps the angle at ~sqrt(eps)
+    t = torch.linspace(0, 1, 20, dtype=F64)
+    y = 2.0 * torch.exp(-3.0 * t) + 0.01 * torch.randn(20, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    exact = sven.least_squares(lambda p: p[0] * torch.exp(-p[1] * t) - y, [1.0, 1.0])
+    t32, y32 = t.float(), y.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = sven.least_squares(lambda p: p[0] * torch.exp(-p[1] * t32) - y32, torch.ones(2))
+    assert res.success and res.status in (2, 3, 4) and not res.message.startswith("No step")
+    assert res.x.dtype == torch.float32
+    np.testing.assert_allclose(res.x.double().numpy(), exact.x.numpy(), rtol=1e-4)
+
+
+def test_tolerances_below_the_dtype_round_off_are_raised_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = sys.modules["sven.least_squares"]
+    made: list[TrustRegion] = []
+
+    class Spy(TrustRegion):  # records the policy least_squares builds
+        def __init__(self, *args: object, **kwargs: float) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    monkeypatch.setattr(module, "TrustRegion", Spy)
+    sven.least_squares(_lin, torch.zeros(3), ftol=1e-10, xtol=0.0)
+    assert made[-1].ftol == float(torch.finfo(torch.float32).eps) and made[-1].xtol == 0.0  # 0 keeps a test off
+    sven.least_squares(_lin, torch.zeros(3, dtype=F64), ftol=1e-10, xtol=1e-20)
+    assert made[-1].ftol == 1e-10 and made[-1].xtol == float(torch.finfo(F64).eps)

@@ -153,15 +153,48 @@ def test_lm_parameter_reaches_radii_down_to_the_end_of_the_float64_range(radius:
     assert math.isfinite(lam) and math.isclose(ratio, 1.0, rel_tol=1e-5)
 
 
-def test_momentum_that_pushes_every_try_uphill_stalls_with_warnings_but_never_crashes() -> None:
-    torch.manual_seed(0)
-    X = torch.linspace(-2, 2, 32, dtype=F64)[:, None]
+def test_momentum_with_the_trust_region_is_refused_naming_momentum_and_control() -> None:
+    # the old code took it and stalled every step with warnings: a step with momentum is no trust-region step
     model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
-    opt = sven.Sven(model.parameters(), residuals=True, momentum=0.9, control=TrustRegion())
-    with pytest.warns(RuntimeWarning, match="Sven stalled.*momentum=0 with a `control` object such as TrustRegion"):
-        for _ in range(12):
-            opt.step(lambda: (model(X) - torch.sin(2 * X)).reshape(-1))
-    assert opt.control.radius is not None and opt.control.radius > 0 and math.isfinite(opt.control.lam)
+    match = r"`momentum` must be 0 with `control=TrustRegion\(\)`, got 0.9 \(parameter group {}\)"
+    with pytest.raises(ValueError, match=match.format(0)):
+        sven.Sven(model.parameters(), residuals=True, momentum=np.float64(0.9), control=TrustRegion())
+    with pytest.raises(ValueError, match=match.format(1)):
+        sven.Sven([{"params": model[0].parameters()}, {"params": model[2].parameters(), "momentum": 0.9}],
+                  residuals=True, control=TrustRegion())  # fmt: skip
+    opt = sven.Sven(model[0].parameters(), residuals=True, control=TrustRegion())
+    with pytest.raises(ValueError, match=match.format(1)):
+        opt.add_param_group({"params": model[2].parameters(), "momentum": 0.9})
+    assert len(opt.param_groups) == 1  # the refused group is not added
+    # a scheduler (or the user) that sets it later is refused at the step, before anything moves
+    X = torch.linspace(-2, 2, 16, dtype=F64)[:, None]
+    opt.param_groups[0]["momentum"] = 0.9
+    before = [p.detach().clone() for p in model[0].parameters()]
+    with pytest.raises(ValueError, match=match.format(0)):
+        opt.step(lambda: (model(X) - torch.sin(2 * X)).reshape(-1))
+    assert all(torch.equal(a, b) for a, b in zip(before, model[0].parameters(), strict=True))
+    # momentum stays allowed with the adaptive damping
+    sven.Sven(model.parameters(), residuals=True, momentum=0.9, adaptive_damping=True)
+
+
+def test_the_peak_is_saved_and_restored_with_the_policy_state() -> None:
+    p = BY_NUMBER[3]
+    x = torch.nn.Parameter(p.start())
+    opt = sven.Sven([x], residuals=True, control=TrustRegion())
+    for _ in range(3):
+        opt.step(lambda: p.fun(x))
+    peak = float(p.fun(p.start()).pow(2).sum())  # the cost only falls: the start's is the largest seen
+    assert opt.state_dict()["sven"]["peak"] == opt.control.peak and math.isclose(opt.control.peak, peak, rel_tol=1e-12)
+    fresh = sven.Sven([torch.nn.Parameter(p.start())], residuals=True, control=TrustRegion())
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.control.peak == opt.control.peak and fresh.control.radius == opt.control.radius
+    # the adaptive damping keeps its peak the same way
+    y = torch.nn.Parameter(p.start())
+    ad = sven.Sven([y], residuals=True, adaptive_damping=True)
+    ad.step(lambda: p.fun(y))
+    again = sven.Sven([torch.nn.Parameter(p.start())], residuals=True, adaptive_damping=True)
+    again.load_state_dict(ad.state_dict())
+    assert again.control.peak == ad.control.peak > 0
 
 
 @pytest.mark.parametrize("option", [{"damping": 0.1}, {"adaptive_damping": True}, {"max_retries": 3},
