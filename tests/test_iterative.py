@@ -181,3 +181,23 @@ def test_lanczos_returns_explicit_sorted_triplets_in_input_dtype() -> None:
 def test_validation(make: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tp.LOBPCG(max_iters=np.int64(200), guard=np.int32(8), tol=np.float32(1e-6), seed=np.int64(1)),
+        lambda: tp.Lanczos(krylov_dim=np.int64(40), block_size=np.int32(4), max_restarts=np.int64(50), seed=np.int8(2)),
+        lambda: tp.IRLBA(work=np.int64(30), max_restarts=np.int64(100), tol=np.float64(1e-10), seed=np.uint8(3)),
+        lambda: tp.ScipySVDS(check_steps=np.int64(64), guard=np.int64(3), seed=np.int64(4)),
+    ],
+)
+def test_numpy_scalar_fields_are_accepted_as_python_numbers(make: object) -> None:
+    solver = make()  # type: ignore[operator]
+    ints = [f for f in ("max_iters", "guard", "krylov_dim", "block_size", "max_restarts", "work", "check_steps")
+            if isinstance(getattr(solver, f, None), (int, np.integer))]  # fmt: skip
+    assert ints and all(type(getattr(solver, f)) is int for f in ints)  # stored as Python ints
+    A = torch.from_numpy(np.random.default_rng(0).standard_normal((120, 40)))
+    F = solver.factorize(A, rank=3)
+    ref = np.linalg.svd(A.numpy(), compute_uv=False)[:3]
+    np.testing.assert_allclose(F.S.numpy(), ref, rtol=1e-6)

@@ -83,7 +83,7 @@ import numpy as np
 import torch
 
 from ._operator import LinearOperator
-from ._tolerance import Tolerance
+from ._tolerance import Tolerance, is_real_scalar
 
 __all__ = ["Certificate", "UncertifiedResultWarning", "certify", "default_tol"]
 
@@ -122,7 +122,7 @@ def check_tol(tol: Any) -> None:
     """Validate a solver's ``tol`` field (``None`` or a float in ``(0, 1)``)."""
     if tol is None:
         return
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < float(tol) < 1:
+    if not is_real_scalar(tol) or not 0 < float(tol) < 1:
         raise ValueError(f"`tol` must be a float in (0, 1) or None, got {tol!r}")
 
 

@@ -20,7 +20,7 @@ import torch
 from .._certify import Certificate, certify, warn_from_caller, warn_uncertified
 from .._factorization import Triplets, TruncatedPinv, no_tf32
 from .._operator import LinearOperator
-from .._tolerance import Tolerance, make_tolerance
+from .._tolerance import Tolerance, is_int_scalar, make_tolerance
 from .._validation import prepare_matrix
 
 __all__ = ["Solver", "SolverError", "certify_triplets", "check_seed", "make_generator"]
@@ -213,11 +213,23 @@ def certify_triplets(
 
 
 def check_seed(seed: Any) -> None:
-    """Validate a ``seed`` field: ``None``, a non-negative int, or a ``torch.Generator``."""
+    """Validate a ``seed`` field: ``None``, a non-negative (Python or NumPy) int, or a ``torch.Generator``."""
     if seed is None or isinstance(seed, torch.Generator):
         return
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_int_scalar(seed) or seed < 0:
         raise ValueError(f"`seed` must be a non-negative integer, a torch.Generator or None, got {seed!r}")
+
+
+def int_field(solver: Any, name: str, minimum: int, *, optional: bool = False) -> None:
+    """Validate the integer field ``name`` of a (frozen dataclass) solver: a Python or NumPy integer
+    ``>= minimum`` (or ``None`` if ``optional``), stored back as a Python ``int``."""
+    value = getattr(solver, name)
+    if optional and value is None:
+        return
+    if not is_int_scalar(value) or value < minimum:
+        rule = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"`{name}` must be {rule}{' or None' if optional else ''}, got {value!r}")
+    object.__setattr__(solver, name, int(value))
 
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:

@@ -12,7 +12,7 @@ from .._certify import Certificate, check_tol, default_tol
 from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
-from ._base import Solver, certify_triplets, check_seed, make_generator
+from ._base import Solver, certify_triplets, check_seed, int_field, make_generator
 from .lanczos import Lanczos, _converged_prefix, _fresh_rows
 from .lobpcg import Product, short_side_products
 
@@ -156,10 +156,8 @@ class IRLBA(Solver):
     matrix_free: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.work is not None and (isinstance(self.work, bool) or not isinstance(self.work, int) or self.work < 2):
-            raise ValueError(f"`work` must be an integer >= 2 or None, got {self.work!r}")
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise ValueError(f"`max_restarts` must be a non-negative integer, got {self.max_restarts!r}")
+        int_field(self, "work", 2, optional=True)
+        int_field(self, "max_restarts", 0)
         check_tol(self.tol)
         check_seed(self.seed)
 

@@ -12,7 +12,7 @@ from .._certify import Certificate, check_tol, default_tol
 from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
-from ._base import Solver, certify_triplets, check_seed, make_generator
+from ._base import Solver, certify_triplets, check_seed, int_field, make_generator
 from .lobpcg import short_side_products
 
 __all__ = ["Lanczos"]
@@ -156,14 +156,9 @@ class Lanczos(Solver):
     matrix_free: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.krylov_dim is not None and (
-            isinstance(self.krylov_dim, bool) or not isinstance(self.krylov_dim, int) or self.krylov_dim < 2
-        ):
-            raise ValueError(f"`krylov_dim` must be an integer >= 2 or None, got {self.krylov_dim!r}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"`block_size` must be a positive integer, got {self.block_size!r}")
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise ValueError(f"`max_restarts` must be a non-negative integer, got {self.max_restarts!r}")
+        int_field(self, "krylov_dim", 2, optional=True)
+        int_field(self, "block_size", 1)
+        int_field(self, "max_restarts", 0)
         check_tol(self.tol)
         check_seed(self.seed)
 

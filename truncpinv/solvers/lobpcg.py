@@ -10,11 +10,11 @@ from typing import ClassVar
 
 import torch
 
-from .._certify import default_tol
+from .._certify import check_tol, default_tol
 from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
-from ._base import Solver, certify_triplets, check_seed, make_generator, sort_desc
+from ._base import Solver, certify_triplets, check_seed, int_field, make_generator, sort_desc
 from .dense_svd import DenseSVD
 from .gram_eigen import GramEigen
 
@@ -130,14 +130,9 @@ class LOBPCG(Solver):
     randomized: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, int) or self.max_iters < 1:
-            raise ValueError(f"`max_iters` must be a positive integer, got {self.max_iters!r}")
-        if self.tol is not None and (
-            isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 < self.tol < 1
-        ):
-            raise ValueError(f"`tol` must be a float in (0, 1) or None, got {self.tol!r}")
-        if isinstance(self.guard, bool) or not isinstance(self.guard, int) or self.guard < 1:
-            raise ValueError(f"`guard` must be a positive integer, got {self.guard!r}")
+        int_field(self, "max_iters", 1)
+        check_tol(self.tol)
+        int_field(self, "guard", 1)
         check_seed(self.seed)
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:

@@ -14,7 +14,7 @@ from .._factorization import Triplets
 from .._operator import LinearOperator, ScipyOperator
 from .._tolerance import Tolerance
 from .._validation import FiniteCheckedOperator
-from ._base import Solver, SolverError, certify_triplets, check_seed
+from ._base import Solver, SolverError, certify_triplets, check_seed, int_field
 from .lobpcg import _exact
 
 __all__ = ["ScipySVDS", "scipy_backed", "scipy_view"]
@@ -130,12 +130,8 @@ class ScipySVDS(Solver):
             raise ValueError(f"`method` must be one of {list(METHODS)}, got {self.method!r}")
         check_tol(self.tol)
         check_seed(self.seed)
-        if isinstance(self.check_steps, bool) or not isinstance(self.check_steps, int) or self.check_steps < 1:
-            raise ValueError(f"`check_steps` must be a positive integer, got {self.check_steps!r}")
-        if self.guard is not None and (
-            isinstance(self.guard, bool) or not isinstance(self.guard, int) or self.guard < 0
-        ):
-            raise ValueError(f"`guard` must be a non-negative integer or None, got {self.guard!r}")
+        int_field(self, "check_steps", 1)
+        int_field(self, "guard", 0, optional=True)
 
     def _seed(self) -> int:
         if isinstance(self.seed, torch.Generator):
