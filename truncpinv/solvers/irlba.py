@@ -13,7 +13,7 @@ from .._factorization import Triplets
 from .._operator import LinearOperator
 from .._tolerance import Tolerance
 from ._base import Solver, certify_triplets, check_seed, int_field, make_generator
-from .lanczos import Lanczos, _converged_prefix, _fresh_rows
+from .lanczos import Lanczos, _converged_prefix, _fresh_rows, one_sided_first
 from .lobpcg import Product, short_side_products
 
 __all__ = ["IRLBA", "irlba_cycle"]
@@ -162,14 +162,8 @@ class IRLBA(Solver):
         check_seed(self.seed)
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
-        trip = self._run(A, tol, one_sided=True)
+        trip = one_sided_first(self._run, A, tol)
         cert = trip.stats.get("_certificate")
-        if isinstance(cert, Certificate) and not cert.certified and cert.residual > cert.tol:
-            # the long-side basis lost orthogonality (ill-conditioned A): again, fully reorthogonalised
-            spent = int(trip.stats["matvecs"])
-            trip = self._run(A, tol, one_sided=False)
-            trip.stats.update(matvecs=int(trip.stats["matvecs"]) + spent, reorthogonalisation="full")
-            cert = trip.stats.get("_certificate")
         if trip.stats.get("exact") or (isinstance(cert, Certificate) and cert.certified):
             return trip
         spent = int(trip.stats["matvecs"])  # a missed (repeated) value or no convergence: the block recurrence

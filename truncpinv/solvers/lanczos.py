@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -71,6 +72,19 @@ def _orth_rows(
         Zt[bad] = _fresh_rows(torch.cat([Bt, Zt[~bad]]), int(bad.sum()), gen)
         R[:, bad] = 0
     return Zt, C, R
+
+
+def one_sided_first(run: Callable[..., Triplets], A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
+    """``run(A, tol, one_sided=True)`` (the long side kept orthogonal by the recurrence alone); if the
+    certificate's residual check then fails, the long-side basis lost orthogonality (ill-conditioned ``A``),
+    so ``run`` again with both sides fully reorthogonalised, counting the products of both runs."""
+    trip = run(A, tol, one_sided=True)
+    cert = trip.stats.get("_certificate")
+    if isinstance(cert, Certificate) and not cert.certified and cert.residual > cert.tol:
+        spent = int(trip.stats["matvecs"])
+        trip = run(A, tol, one_sided=False)
+        trip.stats.update(matvecs=int(trip.stats["matvecs"]) + spent, reorthogonalisation="full")
+    return trip
 
 
 @dataclass(frozen=True)
@@ -163,14 +177,7 @@ class Lanczos(Solver):
         check_seed(self.seed)
 
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
-        trip = self._run(A, tol, one_sided=True)
-        cert = trip.stats.get("_certificate")
-        if isinstance(cert, Certificate) and not cert.certified and cert.residual > cert.tol:
-            # the long-side basis lost orthogonality (ill-conditioned A): again, fully reorthogonalised
-            spent = int(trip.stats["matvecs"])
-            trip = self._run(A, tol, one_sided=False)
-            trip.stats.update(matvecs=int(trip.stats["matvecs"]) + spent, reorthogonalisation="full")
-        return trip
+        return one_sided_first(self._run, A, tol)
 
     def _run(self, A: torch.Tensor | LinearOperator, tol: Tolerance, *, one_sided: bool) -> Triplets:
         m, n = A.shape
