@@ -22,7 +22,8 @@ returns:
   builds them from the logits.
 * **Not recognised** (anything else: squared errors, label smoothing,
   probability targets, a loss reduced over positions inside the sample, a loss
-  plus a penalty): Sven's behaviour is unchanged.
+  plus a penalty): Sven's behaviour is unchanged, except for a per-sequence
+  token cross-entropy, which :mod:`sven.sequence_rule` recognises.
 
 **When the rule acts** (``ggn=None``, the default): only when the user left
 the options that choose the rows and the step control at their defaults:

@@ -31,6 +31,7 @@ from .info import StepFault, StepInfo
 from .linearize import DataParallel, Unsupported
 from .loss_rule import CrossEntropyRows, decided, with_ggn_rule
 from .params import ParamBlock, blocks_of_groups, closure_mode
+from .sequence_rule import apply_sequence_rule, recognise_sequence
 
 __all__ = ["GLOBAL_OPTIONS", "StepInfo", "Sven"]
 
@@ -70,6 +71,10 @@ class Sven(Optimizer):
     uses the generalised Gauss--Newton rows of :func:`sven.losses.cross_entropy`
     with :data:`sven.losses.PRESET` (``opt.config.ggn`` and ``last_step.ggn``
     say so). ``ggn=False`` keeps the per-sample losses; ``ggn=True`` asks for the rows.
+    A closure that returns per-sequence token cross-entropy (a language model's
+    ``F.cross_entropy(z.transpose(1, 2), y, reduction="none").mean(-1)``) gets,
+    under the same conditions, the plain step with ``lr=0.02`` and Nesterov
+    momentum 0.9 (:mod:`sven.sequence_rule`).
 
     **A step is a pipeline** of parts that can be passed in directly:
 
@@ -281,14 +286,26 @@ class Sven(Optimizer):
         # the loss rule's first step: cross-entropy losses become GGN rows (sven/loss_rule.py)
         probe = CrossEntropyRows(fallback=self.rows) if self.config.ggn is None else None
         spec = probe or self.rows
+        seen: dict[str, bool] = {}
+
+        def probed() -> Any:  # the first step also asks whether the output is per-sequence cross-entropy
+            out = closure()
+            seen["sequence"] = recognise_sequence(out)
+            return out
+
         # works inside the caller's torch.no_grad(); compiled models run eagerly (sven/_compile.py says why)
         with torch.enable_grad(), closure_errors(params), eager():
-            lin = route(closure, params, spec)
+            lin = route(probed if probe is not None else closure, params, spec)
         if isinstance(lin, Unsupported):
             raise ValueError(f"the route does not apply to this model: {lin.reason}")
         if probe is not None:
-            self.config = cfg = SvenConfig(**decided(self._options, probe.found))
-            if cfg.ggn:
+            options = decided(self._options, probe.found)
+            if not probe.found and seen.get("sequence"):  # sven/sequence_rule.py
+                options = apply_sequence_rule(self._options, self.param_groups, self.config.default_lr)
+                blocks = blocks_of_groups(self.param_groups)
+            before, self.config = self.config, SvenConfig(**options)
+            cfg = self.config
+            if cfg.ggn or cfg.adaptive_damping != before.adaptive_damping:
                 self.rows, self.control = cfg.rows(), cfg.policy()
         R, M = self.rows.residualize(lin.rows, lin.jacobian)
 
