@@ -71,10 +71,7 @@ class Sven(Optimizer):
     uses the generalised Gauss--Newton rows of :func:`sven.losses.cross_entropy`
     with :data:`sven.losses.PRESET` (``opt.config.ggn`` and ``last_step.ggn``
     say so). ``ggn=False`` keeps the per-sample losses; ``ggn=True`` asks for the rows.
-    A closure that returns per-sequence token cross-entropy (a language model's
-    ``F.cross_entropy(z.transpose(1, 2), y, reduction="none").mean(-1)``) gets,
-    under the same conditions, the plain step with ``lr=0.02`` and Nesterov
-    momentum 0.9 (:mod:`sven.sequence_rule`).
+    Per-sequence token cross-entropy (language models) gets :mod:`sven.sequence_rule`.
 
     **A step is a pipeline** of parts that can be passed in directly:
 
@@ -287,26 +284,13 @@ class Sven(Optimizer):
         probe = CrossEntropyRows(fallback=self.rows) if self.config.ggn is None else None
         spec = probe or self.rows
         seen: dict[str, bool] = {}
-
-        def probed() -> Any:  # the first step also asks whether the output is per-sequence cross-entropy
-            out = closure()
-            seen["sequence"] = recognise_sequence(out)
-            return out
-
         # works inside the caller's torch.no_grad(); compiled models run eagerly (sven/_compile.py says why)
         with torch.enable_grad(), closure_errors(params), eager():
-            lin = route(probed if probe is not None else closure, params, spec)
+            lin = route(_probed(closure, seen) if probe is not None else closure, params, spec)
         if isinstance(lin, Unsupported):
             raise ValueError(f"the route does not apply to this model: {lin.reason}")
         if probe is not None:
-            options = decided(self._options, probe.found)
-            if not probe.found and seen.get("sequence"):  # sven/sequence_rule.py
-                options = apply_sequence_rule(self._options, self.param_groups, self.config.default_lr)
-                blocks = blocks_of_groups(self.param_groups)
-            before, self.config = self.config, SvenConfig(**options)
-            cfg = self.config
-            if cfg.ggn or cfg.adaptive_damping != before.adaptive_damping:
-                self.rows, self.control = cfg.rows(), cfg.policy()
+            blocks = _decide(self, probe.found, seen.get("sequence", False)) or blocks
         R, M = self.rows.residualize(lin.rows, lin.jacobian)
 
         def rows_after() -> torch.Tensor:
@@ -358,6 +342,31 @@ class Sven(Optimizer):
 
     def _fault(self, info: StepInfo, losses: torch.Tensor, fault: StepFault) -> None:
         _skip(self.config, self._counters, info, losses, fault)
+
+
+def _probed(closure: Callable[[], torch.Tensor], seen: dict[str, bool]) -> Callable[[], torch.Tensor]:
+    """``closure``, also noting in ``seen["sequence"]`` whether its output is per-sequence token cross-entropy."""
+
+    def probed() -> torch.Tensor:
+        out = closure()
+        seen["sequence"] = recognise_sequence(out)
+        return out
+
+    return probed
+
+
+def _decide(opt: Sven, found: bool, sequence: bool) -> list[ParamBlock] | None:
+    """The first step's decision of the loss rule and the sequence rule (``sven/loss_rule.py``,
+    ``sven/sequence_rule.py``): set ``opt.config`` (and its rows and control); the new blocks if groups changed."""
+    options, blocks = decided(opt._options, found), None
+    if not found and sequence:
+        options = apply_sequence_rule(opt._options, opt.param_groups, opt.config.default_lr)
+        blocks = blocks_of_groups(opt.param_groups)
+    before, opt.config = opt.config, SvenConfig(**options)
+    cfg = opt.config
+    if cfg.ggn or cfg.adaptive_damping != before.adaptive_damping:
+        opt.rows, opt.control = cfg.rows(), cfg.policy()
+    return blocks
 
 
 def _check_momentum(opt: Sven, group: dict[str, Any]) -> dict[str, Any]:
