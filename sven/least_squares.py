@@ -247,6 +247,8 @@ def least_squares(
         options["control"] = TrustRegion(options.pop("max_retries", LM_RETRIES), ftol=ftol, xtol=xtol)
     elif "control" not in options:  # the multiplicative damping update, started at `damping` (alone: fixed)
         options["adaptive_damping"] = True
+    if takes_x and "jacobian" not in options and "route" not in options:
+        options["jacobian"] = "autograd"  # a bare tensor belongs to no layer: no hooks to record
     opt = Sven(ps, residuals=True, on_nonfinite="raise", **options)
     if not getattr(opt.control, "needs_evaluate", False):
         raise ValueError("`control` must re-evaluate the residuals after each try (e.g. sven.control.AdaptiveDamping)")

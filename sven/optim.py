@@ -317,9 +317,11 @@ class Sven(Optimizer):
             if not SF.all_finite(M if isinstance(M, torch.Tensor) else M.gram):
                 raise StepFault("the Jacobian")
             pre = self.precondition.jacobian(M, blocks, self.state) if self.precondition is not None else M
-            F = factorize(pre, self._solver_for_step(), rank=cfg.rank_cap(R.numel()), rtol=cfg.rtol, atol=cfg.atol)
+            rank, seed = cfg.rank_cap(R.numel()), (cfg.seed, self._counters["steps"])
+            hint = self.control.expected_damping() if isinstance(self.control, Policy) else None
+            F = factorize(pre, self.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, damping=hint, seed=seed)
             info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
-            info._gradient_cosine = SF.gradient_cosine(F, R)
+            info._gradient_cosine = cos = SF.gradient_cosine(F, R)
             ctx = step_context(
                 F, R, M, blocks,
                 state=self.state,
@@ -327,6 +329,8 @@ class Sven(Optimizer):
                 loss=lambda: self.rows.mean_loss(losses),
                 evaluate=evaluate,
                 reject=lambda: self._counters.__setitem__("rejected_steps", self._counters["rejected_steps"] + 1),
+                exact=lambda: factorize(pre, self.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, seed=seed),
+                cosine=cos,
             )  # fmt: skip
             out = self.control.run(ctx)
         except StepFault as fault:

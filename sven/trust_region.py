@@ -138,6 +138,9 @@ class TrustRegion(Policy):
             the radius cut by 2 to 10).
         factor: the first radius, relative to :math:`\|D\theta\|` (MINPACK's ``factor``, 100).
         ftol, xtol: the convergence tests above (``0``: off, the default for :class:`sven.Sven`).
+        normal_equations: a tall Jacobian (at least 16 columns, 8 times as many rows) may be factorised from
+            :math:`M^\top M` when that resolves the try's :math:`\lambda` (:mod:`sven.normal_equations`); a try
+            whose :math:`\lambda` it cannot resolve takes the SVD. ``False``: always the SVD.
 
     Example:
         >>> import torch, sven
@@ -154,8 +157,17 @@ class TrustRegion(Policy):
     needs_evaluate = True
     takes_momentum = False
 
-    def __init__(self, max_retries: int = 10, *, factor: float = FACTOR, ftol: float = 0.0, xtol: float = 0.0) -> None:
+    def __init__(
+        self,
+        max_retries: int = 10,
+        *,
+        factor: float = FACTOR,
+        ftol: float = 0.0,
+        xtol: float = 0.0,
+        normal_equations: bool = True,
+    ) -> None:
         self.max_retries = int(check_nonneg_int("max_retries", max_retries))
+        self.normal_equations = bool(normal_equations)
         self.factor = check_positive_float("factor", factor)
         self.ftol = check_nonneg_float("ftol", ftol)
         self.xtol = check_nonneg_float("xtol", xtol)
@@ -166,6 +178,10 @@ class TrustRegion(Policy):
     @property
     def damping(self) -> float:
         return self.lam
+
+    def expected_damping(self) -> float | None:
+        """The last step's :math:`\\lambda` (a hint only: each try's own is checked, ``StepContext.resolve``)."""
+        return self.lam if self.normal_equations else None
 
     def state_dict(self) -> dict[str, float]:
         """The damping, the radius (``nan`` before the first step) and ``peak``, the largest :math:`\\|R\\|^2` seen."""
@@ -185,10 +201,8 @@ class TrustRegion(Policy):
         evaluate = evaluator(ctx)
         restore = ctx.save()
         F = ctx.F
-        R = ctx.R.to(F.dtype)
-        S = F.S.detach().double().cpu().numpy()
-        c = (F.U.T @ R).detach().double().cpu().numpy() if F.rank else S
-        fnorm2 = float(ctx.R.double().pow(2).sum())
+        S, c = _spectrum(F, ctx.R)
+        fnorm2 = SF.squared_norm(ctx.R)
         self.peak = max(self.peak, fnorm2) if math.isfinite(fnorm2) else self.peak
         xnorm = ctx.xnorm()
         first = self.radius is None
@@ -198,6 +212,11 @@ class TrustRegion(Policy):
         out = Outcome(damping=self.lam)
         for attempt in range(1 + self.max_retries):
             lam = lm_parameter(S, c, self.radius)
+            if ctx.resolve is not None and ctx.resolve(lam / sigma2) is not F:  # normal equations: the SVD instead
+                F = ctx.F
+                S, c = _spectrum(F, ctx.R)
+                sigma2 = float(S[0] ** 2) if S.size else 1.0
+                lam = lm_parameter(S, c, self.radius)
             den = S * S + lam
             q = S * c / np.where(den > 0, den, 1.0)  # (a zero singular value gives a zero component)
             pnorm = float(np.linalg.norm(q))
@@ -220,8 +239,8 @@ class TrustRegion(Policy):
                 out.stalled = not out.converged
                 warn_stall(ctx, out, fnorm2, self.peak, f"the step lost in round-off (radius {self.radius:.3g})")
                 return out
-            rho = out.gain_ratio = SF.gain_ratio(ctx.R, R_new, R_pred)
-            fnew2 = float(R_new.double().pow(2).sum())
+            fnew2 = SF.squared_norm(R_new)
+            rho = out.gain_ratio = SF.gain_ratio_of(fnorm2, fnew2, SF.squared_norm(R_pred))
             self._update(rho, lam, pnorm, jnorm, fnorm2, fnew2)
             kept = rho >= ACCEPT
             out.converged = self._converged(rho, lam, pnorm, jnorm, fnorm2, fnew2, ctx.xnorm() if kept else xnorm)
@@ -232,7 +251,7 @@ class TrustRegion(Policy):
                     ctx.reject()
                     out.rejected, out.direction = True, None
                     # the radius fell to xtol because every try went uphill: a stall unless the point is stationary
-                    cos = float(SF.gradient_cosine(F, ctx.R)) if "xtol" in out.converged else 0.0
+                    cos = _cosine(ctx) if "xtol" in out.converged else 0.0
                     out.stalled = cos > stall_cosine(ctx.R.dtype)
                     warn_stall(ctx, out, fnorm2, self.peak, f"the trust radius at `xtol` ({self.radius:.3g})")
                 return out
@@ -274,3 +293,15 @@ class TrustRegion(Policy):
             self.radius = max(mu * min(self.radius or math.inf, pnorm / 0.1), _TINY)
         elif lam == 0.0 or rho >= 0.75:
             self.radius = pnorm / 0.5
+
+
+def _cosine(ctx: Any) -> float:
+    """:func:`sven.functional.gradient_cosine` of the step (cached by the context when it offers it)."""
+    return ctx.cosine() if ctx.cosine is not None else float(SF.gradient_cosine(ctx.F, ctx.R))
+
+
+def _spectrum(F: Any, R: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The kept singular values of ``F`` and :math:`c = U^\\top R`, as float64 arrays (``c = S`` at rank 0)."""
+    S = F.S.detach().double().cpu().numpy()
+    c = (F.U.T @ R.to(F.dtype)).detach().double().cpu().numpy() if F.rank else S
+    return S, c
