@@ -9,8 +9,10 @@ Run (one thread, as every benchmark here)::
   Jacobian from :func:`torch.func.jacrev`, so ``nfev`` counts residual evaluations only, as for Sven).
   Solved: ``f = sum r^2`` within 1e-6 relative of a published minimum (``<= 1e-10`` for a zero minimum).
 * ``--sinc``: a 1-20-1 tanh MLP fitted to ``sinc(10 x)`` at 20,000 points of ``[-1, 1]`` (full batch,
-  float64), the example of torch-levenberg-marquardt: Sven in residual mode against torch-levenberg-marquardt
-  (when installed, the ``bench`` extra) and Adam, each for ``--sinc-seconds`` of wall time.
+  float64), the example of torch-levenberg-marquardt: Sven in residual mode (the default step control, the
+  trust region with and without the normal equations of :mod:`sven.normal_equations`, the default control
+  with them) against torch-levenberg-marquardt (when installed, the ``bench`` extra) and Adam, each for
+  ``--sinc-seconds`` of wall time.
 * ``--overhead``: the time of one Sven step on a 3-parameter, 100-residual problem (with each step
   control), against one evaluation of the residuals with their exact Jacobian (``torch.func.jacrev``) in
   the same process; and the whole :func:`sven.least_squares` against scipy's ``lm`` on that problem
@@ -33,6 +35,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import sven
+from sven.config import LM_RETRIES
+from sven.control import ADAPTIVE_DAMPING_START, AdaptiveDamping
 from sven.linearize.dense import autograd_jacobian
 from sven.trust_region import TrustRegion
 
@@ -89,6 +93,12 @@ def _mlp(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1)).double()
 
 
+def _adaptive_normal() -> AdaptiveDamping:
+    """Residual mode's default step control (Moré's scaling: no damping floor, :data:`LM_RETRIES` tries), with the
+    normal equations (:mod:`sven.normal_equations`)."""
+    return AdaptiveDamping(ADAPTIVE_DAMPING_START, LM_RETRIES, floor=0.0, normal_equations=True)
+
+
 def sinc(seconds: float) -> None:
     x = torch.linspace(-1, 1, 20_000, dtype=torch.float64)[:, None]
     y = torch.sinc(10 * x)
@@ -97,6 +107,8 @@ def sinc(seconds: float) -> None:
     for name, control in (
         ("Sven (residuals=True)", None),
         ("Sven (residuals=True, control=TrustRegion())", TrustRegion()),
+        ("Sven (residuals=True, control=TrustRegion(normal_equations=False))", TrustRegion(normal_equations=False)),
+        ("Sven (residuals=True, control=AdaptiveDamping(normal_equations=True, ...))", _adaptive_normal()),
     ):
         model = _mlp(0)
         opt = sven.Sven(model.parameters(), residuals=True, control=control)
