@@ -486,9 +486,10 @@ def step_context(
         return current[0]
 
     def cosine_of_f() -> float:
-        if angle[0] is None:
-            angle[0] = SF.gradient_cosine(current[0], R)
-        return float(angle[0])
+        cos = angle[0]
+        if cos is None:
+            cos = angle[0] = SF.gradient_cosine(current[0], R)
+        return float(cos)
 
     def direction(lam: float) -> torch.Tensor:
         d = SF.filtered_direction(resolve(lam), R, damping=lam)

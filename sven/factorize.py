@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 import truncpinv
-
 from truncpinv._tolerance import make_tolerance
 
 from . import functional as SF
@@ -118,4 +117,5 @@ def _direct_svd(M: torch.Tensor, *, rank: int | None, rtol: float, atol: float) 
     if dt != torch.float64:
         U, S, Vh = U.to(dt), S.to(dt), Vh.to(dt)
     tol = make_tolerance((m, n), dt, rank=rank, rtol=rtol, atol=atol)
-    return truncpinv.TruncatedPinv(U, S, Vh.mT, tol=tol, shape=(m, n), stats={"solver": "svd", "direct": True}, operator=M)
+    stats = {"solver": "svd", "direct": True}
+    return truncpinv.TruncatedPinv(U, S, Vh.mT, tol=tol, shape=(m, n), stats=stats, operator=M)

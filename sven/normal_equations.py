@@ -38,6 +38,8 @@ directly for this factorisation). A step that asks for a damping the test refuse
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from truncpinv import TruncatedPinv
@@ -45,7 +47,16 @@ from truncpinv._factorization import reciprocal_or_zero
 from truncpinv._tolerance import make_tolerance
 from truncpinv.solvers.gram_eigen import gram
 
-__all__ = ["ACCURACY", "MIN_ASPECT", "MIN_COLUMNS", "NAME", "applies", "explicit_factors", "factorize_normal", "resolves"]
+__all__ = [
+    "ACCURACY",
+    "MIN_ASPECT",
+    "MIN_COLUMNS",
+    "NAME",
+    "applies",
+    "explicit_factors",
+    "factorize_normal",
+    "resolves",
+]
 
 #: ``stats["solver"]`` of a factorisation from the normal equations.
 NAME = "normal_equations"
@@ -60,7 +71,8 @@ MIN_COLUMNS = 16
 
 
 def applies(M: torch.Tensor) -> bool:
-    """Whether ``M`` is tall and wide enough for the normal equations to pay (:data:`MIN_ASPECT`, :data:`MIN_COLUMNS`)."""
+    """Whether ``M`` is tall and wide enough for the normal equations to pay (:data:`MIN_ASPECT`,
+    :data:`MIN_COLUMNS`)."""
     m, n = M.shape
     return n >= MIN_COLUMNS and m >= MIN_ASPECT * n and M.dtype in (torch.float32, torch.float64)
 
@@ -100,10 +112,10 @@ def factorize_normal(
     return TruncatedPinv(U, S.to(M.dtype), V, tol=tol, shape=(m, n), stats=stats, operator=M)
 
 
-def _accurate(stats: dict[str, float], damping: float) -> bool:
-    lam = damping * stats["lambda_max"]
-    delta = stats["gram_error"]
-    return delta <= ACCURACY * (stats["lambda_min"] + lam - delta)
+def _accurate(stats: dict[str, Any], damping: float) -> bool:
+    lam = damping * float(stats["lambda_max"])
+    delta = float(stats["gram_error"])
+    return delta <= ACCURACY * (float(stats["lambda_min"]) + lam - delta)
 
 
 def explicit_factors(F: TruncatedPinv) -> bool:

@@ -1,4 +1,4 @@
-"""``sven.normal_equations``: the damped steps of a tall Jacobian from ``M^T M``, certified, with the SVD as fallback."""
+"""``sven.normal_equations``: a tall Jacobian's damped steps from ``M^T M``, certified, with the SVD as fallback."""
 
 from __future__ import annotations
 
@@ -132,8 +132,6 @@ def _mlp_problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("control", ["trust_region", "adaptive"])
 def test_a_sven_step_with_the_normal_equations_is_the_svd_step(control: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 1-8-1 MLP at 400 points (25 parameters): the steps agree with the SVD's to the certified accuracy."""
-    import sven.optim
-
     used: list[str] = []
 
     def spy(*args: object, **kwargs: object) -> truncpinv.TruncatedPinv:
@@ -141,7 +139,7 @@ def test_a_sven_step_with_the_normal_equations_is_the_svd_step(control: str, mon
         used.append(F.stats["solver"])
         return F
 
-    monkeypatch.setattr(sven.optim, "factorize", spy)
+    monkeypatch.setattr("sven.optim.factorize", spy)
     thetas = []
     for normal in (True, False):
         model, x, y = _mlp_problem()
