@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 import truncpinv
-from truncpinv._tolerance import make_tolerance
 
 from . import functional as SF
 from . import normal_equations as NE
@@ -116,6 +115,7 @@ def _direct_svd(M: torch.Tensor, *, rank: int | None, rtol: float, atol: float) 
         return None
     if dt != torch.float64:
         U, S, Vh = U.to(dt), S.to(dt), Vh.to(dt)
-    tol = make_tolerance((m, n), dt, rank=rank, rtol=rtol, atol=atol)
+    # the options were validated by SvenConfig and rtol resolved above: the truncation of every solver
+    tol = truncpinv.Tolerance(rank=min(m, n) if rank is None else min(int(rank), m, n), rtol=rtol, atol=atol)
     stats = {"solver": "svd", "direct": True}
     return truncpinv.TruncatedPinv(U, S, Vh.mT, tol=tol, shape=(m, n), stats=stats, operator=M)

@@ -98,15 +98,16 @@ def lm_parameter(S: np.ndarray, c: np.ndarray, radius: float, *, rtol: float = 1
     for _ in range(max_iter):
         den = s2 + lam
         q = sc / den
-        top = float(np.max(q)) if q.size else 0.0
+        top = float(q.max()) if q.size else 0.0
         if top == 0.0:
             break
         u = q / top  # the squares of q itself would overflow or lose digits to underflow at extreme radii
-        norm = top * math.sqrt(float(np.sum(u * u)))
+        uu = float(u.dot(u))
+        norm = top * math.sqrt(uu)
         if norm - radius <= rtol * radius:
             break
         # ||q||^2 / sum(q_i^2 / den_i), with q scaled by its largest entry
-        lam += (norm / radius - 1.0) * float(np.sum(u * u)) / float(np.sum(u * u / den))
+        lam += (norm / radius - 1.0) * uu / float(u.dot(u / den))
     return lam
 
 
