@@ -501,7 +501,10 @@ def step_context(
 
     def predict(d: torch.Tensor) -> torch.Tensor:
         u = update.scaled(blocks, d)
-        x = lr_scaled(blocks, u if carry is None else u + carry.to(u.dtype)).to(M.dtype)
+        x = u if carry is None else u + carry.to(u.dtype)
+        if any(b.lr != 1.0 for b in blocks):
+            x = lr_scaled(blocks, x)
+        x = x if x.dtype == M.dtype else x.to(M.dtype)
         return M @ x if isinstance(M, torch.Tensor) else M.matmat(x[:, None])[:, 0]
 
     def save() -> Callable[[], None]:

@@ -293,12 +293,13 @@ class Sven(Optimizer):
         R, M = self.rows.residualize(lin.rows, lin.jacobian)
 
         def rows_after() -> torch.Tensor:
-            with closure_mode(params), eager():  # derivatives the closure takes itself work; none for the params
+            with closure_mode(params):  # derivatives the closure takes itself work; none for the params
                 rows = self.rows(closure()).detach()
             return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
 
         losses = spec.output(lin.rows)  # the cross-entropy losses, not their rows
-        self._descend(losses, R, M, blocks, evaluate=Evaluator(rows_after, self.rows), method=lin.method)
+        with eager():  # the step control's re-evaluations of the closure, once for all of them
+            self._descend(losses, R, M, blocks, evaluate=Evaluator(rows_after, self.rows), method=lin.method)
         return spec.output(lin.local)
 
     @torch.no_grad()
