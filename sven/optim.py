@@ -310,7 +310,6 @@ class Sven(Optimizer):
         self._counters["steps"] += 1
         info = StepInfo(losses=losses, jacobian_method=method, damping=self.control.damping, ggn=bool(self.config.ggn))
         self.last_step = info
-        cfg = self.config
         try:
             # both checks come first: a pass over M costs about 1/B of its factorisation
             if not SF.all_finite(R):
@@ -318,20 +317,15 @@ class Sven(Optimizer):
             if not SF.all_finite(M if isinstance(M, torch.Tensor) else M.gram):
                 raise StepFault("the Jacobian")
             pre = self.precondition.jacobian(M, blocks, self.state) if self.precondition is not None else M
-            rank, seed = cfg.rank_cap(R.numel()), (cfg.seed, self._counters["steps"])
-            hint = self.control.expected_damping() if isinstance(self.control, Policy) else None
-            F = factorize(pre, self.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, damping=hint, seed=seed)
+            F, exact = _factorize(self, pre, R.numel())
             info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
             info._gradient_cosine = cos = SF.gradient_cosine(F, R)
             ctx = step_context(
                 F, R, M, blocks,
-                state=self.state,
-                precondition=self.precondition,
+                state=self.state, precondition=self.precondition,
                 loss=lambda: self.rows.mean_loss(losses),
-                evaluate=evaluate,
+                evaluate=evaluate, exact=exact, cosine=cos,
                 reject=lambda: self._counters.__setitem__("rejected_steps", self._counters["rejected_steps"] + 1),
-                exact=lambda: factorize(pre, self.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, seed=seed),
-                cosine=cos,
             )  # fmt: skip
             out = self.control.run(ctx)
         except StepFault as fault:
@@ -346,6 +340,16 @@ class Sven(Optimizer):
 
     def _fault(self, info: StepInfo, losses: torch.Tensor, fault: StepFault) -> None:
         _skip(self.config, self._counters, info, losses, fault)
+
+
+def _factorize(opt: Sven, pre: Any, rows: int) -> tuple[Any, Callable[[], Any]]:
+    """The step's factorisation of ``pre`` (the normal equations where the policy's expected damping allows,
+    :func:`sven.factorize.factorize`), and the SVD of ``pre`` for a damping they cannot resolve."""
+    cfg = opt.config
+    rank, seed = cfg.rank_cap(rows), (cfg.seed, opt._counters["steps"])
+    hint = opt.control.expected_damping() if isinstance(opt.control, Policy) else None
+    F = factorize(pre, opt.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, damping=hint, seed=seed)
+    return F, lambda: factorize(pre, opt.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, seed=seed)
 
 
 def _check_momentum(opt: Sven, group: dict[str, Any]) -> dict[str, Any]:
