@@ -34,6 +34,10 @@ the condition number *squared*, of the damped system. :func:`resolves` is this t
 orthonormal where :math:`\lambda_i` is at round-off (:func:`sven.functional.filtered_direction` applies ``V``
 directly for this factorisation). A step that asks for a damping the test refuses gets the SVD instead
 (:class:`sven.control.StepContext`'s ``resolve``): the fallback is certified, never silent.
+
+The singular values it reports (``opt.last_step.singular_values``) are :math:`\sqrt{\max(\lambda_i, 0)}`:
+those below :math:`\sqrt{\delta}` are round-off of :math:`K`, where an SVD would resolve them down to
+:math:`\epsilon\,\sigma_1`.
 """
 
 from __future__ import annotations
