@@ -53,7 +53,8 @@ __all__ = ["TrustRegion", "lm_parameter"]
 #: MINPACK's ``factor``: the first radius is this times ``||D theta||``. MINPACK suggests 100; 1 solves all 35
 #: problems of the Moré--Garbow--Hillstrom set (``benchmarks/bench_least_squares.py --mgh``), each within 2x the
 #: evaluations of scipy's ``lm``, where 100 leaves Gulf research at 400 evaluations (scipy's ``lm`` fails it at 300;
-#: 1: 225) and needs 100 rather than 33 for Penalty II; elsewhere the two differ by at most 7 evaluations.
+#: 1: 225), and needs 100 rather than 33 for Penalty II and 49 rather than 13 for Biggs EXP6; elsewhere the two
+#: differ by at most 7 evaluations.
 FACTOR = 1.0
 #: A try is kept when its gain ratio is at least this (MINPACK: ``ratio >= 1e-4``).
 ACCEPT = 1e-4
