@@ -112,7 +112,7 @@ def factorize_normal(
     S = lam.clamp_min(0.0).sqrt()
     tol = make_tolerance((m, n), M.dtype, rank=rank, rtol=rtol, atol=atol)
     V = Q.to(M.dtype)
-    U = (M @ V) * reciprocal_or_zero(S).to(M.dtype)
+    U = M @ (V * reciprocal_or_zero(S).to(M.dtype))  # (the scaling on the small side)
     return TruncatedPinv(U, S.to(M.dtype), V, tol=tol, shape=(m, n), stats=stats, operator=M)
 
 
