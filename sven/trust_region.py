@@ -218,8 +218,9 @@ class TrustRegion(Policy):
         out = Outcome(damping=self.lam)
         for attempt in range(1 + self.max_retries):
             lam = lm_parameter(S, c, self.radius)
-            if ctx.resolve is not None and ctx.resolve(lam / sigma2) is not F:  # normal equations: the SVD instead
-                F = ctx.F
+            resolved = F if ctx.resolve is None else ctx.resolve(lam / sigma2)
+            if resolved is not F:  # normal equations that cannot resolve lam: the SVD instead
+                F = resolved
                 S, c = _spectrum(F, ctx.R)
                 sigma2 = float(S[0] ** 2) if S.size else 1.0
                 lam = lm_parameter(S, c, self.radius)

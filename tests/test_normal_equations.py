@@ -155,3 +155,31 @@ def test_a_sven_step_with_the_normal_equations_is_the_svd_step(control: str, mon
     assert NE.NAME in used[:4] and NE.NAME not in used[4:]  # the first run used them, the second never
     scale = float(thetas[1].norm())
     assert float((thetas[0] - thetas[1]).norm()) <= 1e-3 * scale
+
+
+def test_the_trust_region_takes_the_svd_for_a_step_the_normal_equations_cannot_resolve() -> None:
+    """A linear fit with kappa = 1e8: factorised from the normal equations at the hint 1e-2, but the radius asks
+    for the Gauss-Newton step (lambda = 0), which they cannot give: the try is the SVD's step, exactly."""
+    from sven.control import Evaluator
+    from sven.linearize.base import RowSpec
+
+    A = _tall(400, 20, 1e8, seed=11)
+    b = torch.randn(400, generator=torch.Generator().manual_seed(2), dtype=F64)
+    w = torch.zeros(20, dtype=F64, requires_grad=True)
+    R = (A @ w.detach() - b).detach()
+    F = NE.factorize_normal(A, rank=None, rtol=None, atol=0.0, damping=1e-2)
+    assert F is not None
+    blocks = blocks_of_groups([{"params": [w], "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False}])
+    ctx = step_context(
+        F, R, A, blocks, state={w: {}}, precondition=None, loss=lambda: 0.0, reject=lambda: None,
+        evaluate=Evaluator(lambda: (A @ w.detach() - b), RowSpec(residuals=True)), exact=lambda: _svd(A),
+    )  # fmt: skip
+    tr = TrustRegion()
+    tr.radius = 1e30  # the Gauss-Newton step fits
+    with torch.no_grad():  # as in Sven's step
+        out = tr.run(ctx)
+    assert not out.rejected and out.damping == 0.0
+    assert ctx.F.stats["solver"] != NE.NAME
+    exact = SF.filtered_direction(_svd(A), R, damping=0.0)
+    assert torch.allclose(out.direction, exact, rtol=1e-9, atol=0.0)
+    assert torch.allclose(w.detach(), -exact, rtol=1e-9, atol=0.0)
