@@ -18,7 +18,8 @@ A step is a pipeline of small parts, each in its own module:
 
 * :mod:`sven.linearize`: routes that linearise the closure (Gram, dense, matrix-free, data-parallel);
 * :mod:`sven.precondition`: RMSProp scaling;
-* :mod:`sven.factorize`: the truncated pseudoinverse from :mod:`truncpinv`;
+* :mod:`sven.factorize`: the truncated pseudoinverse from :mod:`truncpinv` (:mod:`sven.normal_equations`:
+  from :math:`M^\top M`, certified for the damping, for a tall ``M``);
 * :mod:`sven.control`: step-control policies (damping, trust radius, variable-k, ...);
 * :mod:`sven.params`: applying a direction to the parameter groups;
 * :mod:`sven.update`: momentum and decoupled weight decay;

@@ -46,6 +46,7 @@ import torch
 from truncpinv import TruncatedPinv
 
 from . import functional as SF
+from . import normal_equations as NE
 from . import update
 from .info import StepFault
 from .linearize.base import RowSpec
@@ -122,6 +123,12 @@ class StepContext:
     evaluate: Evaluator | None
     #: :math:`\|D\theta\|`: the parameters' norm in the preconditioner's column scaling (plain without one)
     xnorm: Callable[[], float] = lambda: 0.0
+    #: ``resolve(lam)``: the factorisation whose damped step at ``lam`` (relative to :math:`\sigma_1^2`) is
+    #: accurate: ``F``, or the SVD in its place when ``F`` came from normal equations that cannot resolve ``lam``
+    #: (:mod:`sven.normal_equations`; ``F`` and ``direction`` use it from then on)
+    resolve: Callable[[float], TruncatedPinv] | None = None
+    #: :func:`sven.functional.gradient_cosine` of ``F`` and ``R`` (computed once, on first use)
+    cosine: Callable[[], float] | None = None
 
 
 @dataclass
@@ -148,10 +155,22 @@ class Policy:
     needs_evaluate: bool = False
     #: The policy's steps may carry heavy-ball momentum (``False``: :class:`sven.Sven` refuses ``momentum > 0``).
     takes_momentum: bool = True
+    #: A tall Jacobian may be factorised from its normal equations, certified for each damping the policy asks
+    #: for (:mod:`sven.normal_equations`; the SVD where they cannot resolve it). Off by default: the steps then
+    #: differ from the SVD's by up to :data:`sven.normal_equations.ACCURACY`, not by round-off.
+    normal_equations: bool = False
 
     @property
     def damping(self) -> float:
         return 0.0
+
+    def expected_damping(self) -> float | None:
+        """The damping the next step is expected to start from when it may use the normal equations, else ``None``.
+
+        :class:`sven.Sven` factorises from the normal equations only when they resolve it (a hint: the step
+        checks each damping it uses, ``StepContext.resolve``).
+        """
+        return self.damping if self.normal_equations else None
 
     def run(self, ctx: StepContext) -> Outcome:
         raise NotImplementedError
@@ -173,7 +192,7 @@ def warn_stall(ctx: StepContext, out: Outcome, loss: float, peak: float, where: 
     roundoff = (1e3 * torch.finfo(ctx.R.dtype).eps) ** 2 * peak
     if not out.stalled or loss <= roundoff:
         return
-    cos = float(SF.gradient_cosine(ctx.F, ctx.R))
+    cos = ctx.cosine() if ctx.cosine is not None else float(SF.gradient_cosine(ctx.F, ctx.R))
     if cos > stall_cosine(ctx.R.dtype):
         warnings.warn(
             f"Sven stalled: every try was rejected with {where}, but the point is not stationary "
@@ -227,6 +246,8 @@ class AdaptiveDamping(Policy):
     :math:`\lambda` on the *cached* factorisation, at most ``max_retries``
     times. When every try is rejected the parameters stay unchanged.
     ``floor`` is the smallest damping (``0``: pure Gauss--Newton steps are allowed).
+    ``normal_equations=True`` lets a tall Jacobian be factorised from its normal equations
+    (:mod:`sven.normal_equations`: :math:`M^\top M` instead of a QR of :math:`M`, certified for each damping).
 
     **Stalls are not silent.** When every try is rejected with :math:`\lambda`
     at its ceiling (:data:`sven.functional.DAMPING_MAX`), no step along the
@@ -242,11 +263,17 @@ class AdaptiveDamping(Policy):
     needs_evaluate = True
 
     def __init__(
-        self, start: float = ADAPTIVE_DAMPING_START, max_retries: int = 3, *, floor: float = SF.DAMPING_MIN
+        self,
+        start: float = ADAPTIVE_DAMPING_START,
+        max_retries: int = 3,
+        *,
+        floor: float = SF.DAMPING_MIN,
+        normal_equations: bool = False,
     ) -> None:
         self.state = SF.DampingState(lam=start)
         self.max_retries = max_retries
         self.floor = floor
+        self.normal_equations = bool(normal_equations)
         self.peak = 0.0  # the largest ||R||^2 seen: a stall at round-off below it is convergence, not a stall
 
     @property
@@ -266,7 +293,7 @@ class AdaptiveDamping(Policy):
         evaluate = evaluator(ctx)
         restore = ctx.save()
         tries = 1 + self.max_retries
-        loss = float(ctx.R.double().pow(2).sum())
+        loss = SF.squared_norm(ctx.R)
         self.peak = max(self.peak, loss) if math.isfinite(loss) else self.peak
         out = Outcome(damping=self.state.lam)
         for attempt in range(tries):
@@ -277,7 +304,7 @@ class AdaptiveDamping(Policy):
             ctx.apply(d, 1.0)
             out.direction = d
             R_new = evaluate.residuals()
-            out.gain_ratio = SF.gain_ratio(ctx.R, R_new, R_pred)
+            out.gain_ratio = SF.gain_ratio_of(loss, SF.squared_norm(R_new), SF.squared_norm(R_pred))
             if SF.madsen_nielsen_update(self.state, out.gain_ratio, floor=self.floor):
                 out.retries = attempt
                 return out
@@ -419,6 +446,8 @@ def step_context(
     loss: Callable[[], float],
     evaluate: Evaluator | None,
     reject: Callable[[], None],
+    exact: Callable[[], TruncatedPinv] | None = None,
+    cosine: torch.Tensor | None = None,
 ) -> StepContext:
     """Wire a factorisation to the parameters: the :class:`StepContext` an optimizer hands its policy.
 
@@ -426,7 +455,10 @@ def step_context(
     ``state`` holds the preconditioner's and the update stage's per-parameter
     buffers. Every ``apply`` goes through the update stage (:mod:`sven.update`:
     momentum and weight decay); its carry is added on the first ``apply`` and
-    taken back by ``save()``'s restore; ``predict`` includes it.
+    taken back by ``save()``'s restore; ``predict`` includes it. ``exact()``
+    factorises ``M`` by the SVD, for a damping that ``F`` from the normal equations
+    cannot resolve (``resolve``). ``cosine``: :func:`sven.functional.gradient_cosine` of
+    ``F`` and ``R`` when the caller has it.
     """
     n = blocks[-1].stop if blocks else 0
     # the matrix-free route differentiates through the graph of the closure, recorded at these parameters:
@@ -442,15 +474,37 @@ def step_context(
             u, sign = u * sign + carry.to(u.dtype), 1.0
         apply_direction(blocks, u, sign, untracked=untracked)
 
+    current = [F]
+    angle = [cosine]
+    # Moré's D is fixed within a step (a new Jacobian updates it): read once, for every direction and xnorm
+    scale = precondition.weights(blocks, state) if isinstance(precondition, ColumnScaling) else None
+
+    def resolve(lam: float) -> TruncatedPinv:
+        if exact is not None and not NE.resolves(current[0], lam):
+            current[0] = ctx.F = exact()
+            angle[0] = None
+        return current[0]
+
+    def cosine_of_f() -> float:
+        cos = angle[0]
+        if cos is None:
+            cos = angle[0] = SF.gradient_cosine(current[0], R)
+        return float(cos)
+
     def direction(lam: float) -> torch.Tensor:
-        d = SF.filtered_direction(F, R, damping=lam)
+        d = SF.filtered_direction(resolve(lam), R, damping=lam)
         if not SF.all_finite(d):
             raise StepFault("the Sven direction")
+        if scale is not None:
+            return d / scale.to(d.dtype)
         return precondition.direction(d, blocks, state) if precondition is not None else d
 
     def predict(d: torch.Tensor) -> torch.Tensor:
         u = update.scaled(blocks, d)
-        x = lr_scaled(blocks, u if carry is None else u + carry.to(u.dtype)).to(M.dtype)
+        x = u if carry is None else u + carry.to(u.dtype)
+        if any(b.lr != 1.0 for b in blocks):
+            x = lr_scaled(blocks, x)
+        x = x if x.dtype == M.dtype else x.to(M.dtype)
         return M @ x if isinstance(M, torch.Tensor) else M.matmat(x[:, None])[:, 0]
 
     def save() -> Callable[[], None]:
@@ -469,11 +523,11 @@ def step_context(
     def xnorm() -> float:
         x = torch.cat([b.param.detach().reshape(-1) if b.index is None else b.param.detach().reshape(-1)[b.index]
                        for b in blocks]).double()  # fmt: skip
-        if isinstance(precondition, ColumnScaling):
-            x = x * precondition.weights(blocks, state).to(x.dtype)
+        if scale is not None:
+            x = x * scale.to(x.dtype)
         return float(x.norm())
 
-    return StepContext(
+    ctx = StepContext(
         F=F,
         R=R,
         loss=loss,
@@ -485,4 +539,7 @@ def step_context(
         reject=reject,
         evaluate=evaluate,
         xnorm=xnorm,
+        resolve=resolve,
+        cosine=cosine_of_f,
     )
+    return ctx

@@ -36,6 +36,8 @@ import torch
 
 from truncpinv import Solver, TruncatedPinv
 
+from .normal_equations import explicit_factors
+
 __all__ = [
     "DAMPING_MAX",
     "DAMPING_MIN",
@@ -282,6 +284,8 @@ def filtered_direction(F: TruncatedPinv, R: torch.Tensor, *, damping: float) -> 
     With ``damping == 0`` this is ``F @ R``.
     """
     Rf = R.to(F.dtype)
+    if explicit_factors(F) and F.rank > 0:  # V itself (the normal equations' U need not be orthonormal)
+        return F.V @ ((F.U.T @ Rf) * filter_factors(F.S, damping=damping))  # type: ignore[no-any-return]
     if damping == 0.0 or F.rank == 0:
         return F.solve(Rf, check_finite=False)  # type: ignore[no-any-return]
     U, S = F.U, F.S
@@ -317,9 +321,16 @@ def gain_ratio(R_old: torch.Tensor, R_new: torch.Tensor, R_pred: torch.Tensor) -
     directions), :math:`\rho = 1` if the loss did not grow and
     :math:`-\infty` if it did.
     """
-    old = float(R_old.double().pow(2).sum())
-    new = float(R_new.double().pow(2).sum())
-    pred = float(R_pred.double().pow(2).sum())
+    return gain_ratio_of(squared_norm(R_old), squared_norm(R_new), squared_norm(R_pred))
+
+
+def squared_norm(R: torch.Tensor) -> float:
+    r""":math:`\|R\|^2`, accumulated in float64."""
+    return float(R.double().pow(2).sum())
+
+
+def gain_ratio_of(old: float, new: float, pred: float) -> float:
+    r""":func:`gain_ratio` from :math:`\|R\|^2`, :math:`\|R_{new}\|^2` and :math:`\|R + M\delta\|^2`."""
     if not (new == new and abs(new) != float("inf")):
         return float("-inf")
     predicted = old - pred
@@ -338,12 +349,13 @@ def gradient_cosine(F: TruncatedPinv, R: torch.Tensor) -> torch.Tensor:
     :math:`\|R\|^2` (MINPACK's ``gtol`` test uses the same angle, column by column). ``R = 0`` gives 0.
     Returns a 0-dim tensor (no host synchronisation).
     """
-    Rf = R.to(F.dtype)
+    Rf = R if R.dtype == F.dtype else R.to(F.dtype)
     if F.rank == 0:
         return Rf.new_zeros(())
-    g = torch.linalg.vector_norm(F.S * (F.U.T @ Rf))
-    scale = F.S[0] * torch.linalg.vector_norm(Rf)
-    return torch.where(scale > 0, g / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(g))
+    S = F.S
+    g = torch.linalg.vector_norm(S * (F.U.T @ Rf))
+    scale = S[0] * torch.linalg.vector_norm(Rf)
+    return torch.where(scale > 0, g / scale, torch.zeros_like(g))  # (0/0 where it is not used)
 
 
 #: Bounds of the adaptive damping :math:`\lambda / \sigma_{max}^2` (:func:`madsen_nielsen_update`).

@@ -10,7 +10,9 @@ cached factorisation of :math:`J D^{-1}`, :math:`\lambda` chosen so that
 :math:`\|D\delta\|` is the trust radius, until one reduces :math:`F`. Passing
 ``damping`` (or ``adaptive_damping=True``) uses Sven's multiplicative damping
 update instead (:class:`sven.control.AdaptiveDamping`, started at ``damping``),
-and ``control`` any policy that re-evaluates the residuals. This module only
+and ``control`` any policy that re-evaluates the residuals. A Jacobian of at most 10 columns is factorised
+by one small SVD (:mod:`sven.factorize`); a tall one with at least 16 from its normal equations where they
+resolve the step's damping (:mod:`sven.normal_equations`), by the SVD otherwise. This module only
 adds scipy's stopping rules, evaluation counts and the result object;
 everything runs in torch, on the device of the parameters.
 
@@ -247,6 +249,8 @@ def least_squares(
         options["control"] = TrustRegion(options.pop("max_retries", LM_RETRIES), ftol=ftol, xtol=xtol)
     elif "control" not in options:  # the multiplicative damping update, started at `damping` (alone: fixed)
         options["adaptive_damping"] = True
+    if takes_x and "jacobian" not in options and "route" not in options:
+        options["jacobian"] = "autograd"  # a bare tensor belongs to no layer: no hooks to record
     opt = Sven(ps, residuals=True, on_nonfinite="raise", **options)
     if not getattr(opt.control, "needs_evaluate", False):
         raise ValueError("`control` must re-evaluate the residuals after each try (e.g. sven.control.AdaptiveDamping)")

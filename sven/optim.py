@@ -294,12 +294,13 @@ class Sven(Optimizer):
         R, M = self.rows.residualize(lin.rows, lin.jacobian)
 
         def rows_after() -> torch.Tensor:
-            with closure_mode(params), eager():  # derivatives the closure takes itself work; none for the params
+            with closure_mode(params):  # derivatives the closure takes itself work; none for the params
                 rows = self.rows(closure()).detach()
             return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
 
         losses = spec.output(lin.rows)  # the cross-entropy losses, not their rows
-        self._descend(losses, R, M, blocks, evaluate=Evaluator(rows_after, self.rows), method=lin.method)
+        with eager():  # the step control's re-evaluations of the closure, once for all of them
+            self._descend(losses, R, M, blocks, evaluate=Evaluator(rows_after, self.rows), method=lin.method)
         return spec.output(lin.local)
 
     @torch.no_grad()
@@ -310,7 +311,6 @@ class Sven(Optimizer):
         self._counters["steps"] += 1
         info = StepInfo(losses=losses, jacobian_method=method, damping=self.control.damping, ggn=bool(self.config.ggn))
         self.last_step = info
-        cfg = self.config
         try:
             # both checks come first: a pass over M costs about 1/B of its factorisation
             if not SF.all_finite(R):
@@ -318,15 +318,14 @@ class Sven(Optimizer):
             if not SF.all_finite(M if isinstance(M, torch.Tensor) else M.gram):
                 raise StepFault("the Jacobian")
             pre = self.precondition.jacobian(M, blocks, self.state) if self.precondition is not None else M
-            F = factorize(pre, self._solver_for_step(), rank=cfg.rank_cap(R.numel()), rtol=cfg.rtol, atol=cfg.atol)
+            F, exact = _factorize(self, pre, R.numel())
             info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
-            info._gradient_cosine = SF.gradient_cosine(F, R)
+            info._gradient_cosine = cos = SF.gradient_cosine(F, R)
             ctx = step_context(
                 F, R, M, blocks,
-                state=self.state,
-                precondition=self.precondition,
+                state=self.state, precondition=self.precondition,
                 loss=lambda: self.rows.mean_loss(losses),
-                evaluate=evaluate,
+                evaluate=evaluate, exact=exact, cosine=cos,
                 reject=lambda: self._counters.__setitem__("rejected_steps", self._counters["rejected_steps"] + 1),
             )  # fmt: skip
             out = self.control.run(ctx)
@@ -367,6 +366,16 @@ def _decide(opt: Sven, found: bool, sequence: bool) -> list[ParamBlock] | None:
     if cfg.ggn or cfg.adaptive_damping != before.adaptive_damping:
         opt.rows, opt.control = cfg.rows(), cfg.policy()
     return blocks
+
+
+def _factorize(opt: Sven, pre: Any, rows: int) -> tuple[Any, Callable[[], Any]]:
+    """The step's factorisation of ``pre`` (the normal equations where the policy's expected damping allows,
+    :func:`sven.factorize.factorize`), and the SVD of ``pre`` for a damping they cannot resolve."""
+    cfg = opt.config
+    rank, seed = cfg.rank_cap(rows), (cfg.seed, opt._counters["steps"])
+    hint = opt.control.expected_damping() if isinstance(opt.control, Policy) else None
+    F = factorize(pre, opt.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, damping=hint, seed=seed)
+    return F, lambda: factorize(pre, opt.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, seed=seed)
 
 
 def _check_momentum(opt: Sven, group: dict[str, Any]) -> dict[str, Any]:

@@ -75,6 +75,14 @@ def test_least_squares_needs_at_most_twice_scipys_evaluations(number: int) -> No
     assert res.success and res.nfev <= 2 * ref.nfev
 
 
+def test_gulf_research_is_solved_from_its_standard_start() -> None:
+    """With MINPACK's suggested first radius (100 ||D x||) the trust region, like scipy's lm, drifts towards
+    x1 -> 0 and stops at the 400-evaluation cap; from ||D x|| it solves Gulf research (225 evaluations)."""
+    p = BY_NUMBER[11]
+    res = sven.least_squares(p.fun, p.start())
+    assert res.success and solved(2 * res.cost, p.fstar, rtol=p.rtol) and res.nfev < 400
+
+
 def test_sven_with_the_trust_region_solves_powell_badly_scaled() -> None:
     p = BY_NUMBER[3]
     x = torch.nn.Parameter(p.start())

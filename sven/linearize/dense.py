@@ -42,6 +42,7 @@ Three ways to compute it are provided; :class:`PerSampleJacobian` picks one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,10 +106,25 @@ def agrees_with_a_vjp(out: torch.Tensor, params: Sequence[torch.Tensor], J: torc
 
 
 def probe_vector(out: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
-    """The Gaussian probe ``u`` (shaped like ``out``) of :func:`agrees_with_a_vjp`, from ``seed``."""
-    gen = torch.Generator(device=out.device)
+    """The Gaussian probe ``u`` (shaped like ``out``) of :func:`agrees_with_a_vjp`, from ``seed``.
+
+    The same arguments always give the same vector; a 1-D probe is kept (a few per process, never modified:
+    callers wrap it in a new leaf), since a generator and its draw cost more than a small Jacobian's products.
+    """
+    if out.dim() == 1:
+        return _probe_1d(int(out.shape[0]), out.dtype, out.device, seed)
+    return _draw(tuple(out.shape), out.dtype, out.device, seed)
+
+
+def _draw(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    return torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+    return torch.randn(shape, generator=gen, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_1d(n: int, dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
+    return _draw((n,), dtype, device, seed)
 
 
 def vjp_agrees(J: torch.Tensor, u: torch.Tensor, exact: torch.Tensor) -> bool:
@@ -116,9 +132,10 @@ def vjp_agrees(J: torch.Tensor, u: torch.Tensor, exact: torch.Tensor) -> bool:
 
     Non-finite values never agree.
     """
-    mine = J.T @ u.to(J.dtype)
-    scale = (J.abs().T @ u.abs().to(J.dtype)).norm()
-    return bool((mine - exact.to(J.dtype)).norm() <= 1e3 * torch.finfo(J.dtype).eps * scale)
+    u = u if u.dtype == J.dtype else u.to(J.dtype)
+    exact = exact if exact.dtype == J.dtype else exact.to(J.dtype)
+    scale = (J.abs().T @ u.abs()).norm()
+    return bool((J.T @ u - exact).norm() <= 1e3 * torch.finfo(J.dtype).eps * scale)
 
 
 #: Columns per batched double-backward product of :func:`autograd_jacobian` for a tall Jacobian.
@@ -149,9 +166,13 @@ def autograd_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor]) -> torc
         try:
             # the double graph is recorded at the probe u, so its value is the exact J^T u: the check is free
             u = probe_vector(out)
-            op = ClosureJacobian(out, params, chunk_size=COLUMN_CHUNK, batching="batched", probe=u)
-            J = op.matmat(torch.eye(p_total, dtype=op.dtype, device=out.device))
-            if vjp_agrees(J, u, op.probe_vjp()):
+            if p_total <= COLUMN_CHUNK:
+                J, vjp = _columns(out, params, u)
+            else:
+                op = ClosureJacobian(out, params, chunk_size=COLUMN_CHUNK, batching="batched", probe=u)
+                J = op.matmat(torch.eye(p_total, dtype=op.dtype, device=out.device))
+                vjp = op.probe_vjp()
+            if vjp_agrees(J, u, vjp):
                 return J
         except RuntimeError:
             pass  # an operation without a double backward: the rows
@@ -162,6 +183,37 @@ def autograd_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor]) -> torc
         for p, g in zip(params, grads)
     ]
     return torch.cat(cols, dim=1)
+
+
+def _columns(out: torch.Tensor, params: Sequence[torch.Tensor], u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""All ``P`` columns :math:`J e_j` in one batched pass of the double-backward trick, and :math:`J^\top u`.
+
+    :math:`g(u) = J^\top u` is recorded with ``create_graph`` at the probe ``u``; one backward pass of
+    :math:`g` batched over the ``P x P`` identity gives :math:`J^\top` (the products of
+    :class:`~sven.linearize.matfree.ClosureJacobian`, without its chunking, for ``P <= COLUMN_CHUNK``).
+    Raises ``RuntimeError`` when a backward step does not record its own derivative.
+    """
+    leaf = u.detach().requires_grad_(True)
+    gs = torch.autograd.grad(out, list(params), grad_outputs=leaf, create_graph=True, allow_unused=True)
+    numels = [p.numel() for p in params]
+    p_total = sum(numels)
+    eye = torch.eye(p_total, dtype=out.dtype, device=out.device)
+    pieces = torch.split(eye, numels, dim=1)
+    used = [(g, piece.reshape(p_total, *g.shape).to(g.dtype)) for g, piece in zip(gs, pieces) if g is not None]
+    if not used or any(not g.requires_grad for g, _ in used):
+        raise RuntimeError("a backward step without a derivative")  # a once_differentiable step: the rows
+    (Jt,) = torch.autograd.grad(
+        [g for g, _ in used], leaf, grad_outputs=[x for _, x in used], is_grads_batched=True, allow_unused=True
+    )
+    if Jt is None:
+        raise RuntimeError("a backward step without a derivative")
+    vjp = torch.cat(
+        [
+            torch.zeros(k, dtype=out.dtype, device=out.device) if g is None else g.detach().reshape(-1).to(out.dtype)
+            for g, k in zip(gs, numels)
+        ]
+    )
+    return Jt.T, vjp
 
 
 def func_jacobian(
