@@ -68,7 +68,7 @@ class Sven(Optimizer):
     ``F.cross_entropy(logits, y, reduction="none")`` at the first step and no
     option that chooses the rows, the step control or ``lr`` was given, Sven
     uses the generalised Gauss--Newton rows of :func:`sven.losses.cross_entropy`
-    with :data:`sven.losses.PRESET` (``opt.config.ggn`` and ``last_step.ggn``
+    with :data:`sven.loss_rows.RULE_PRESET` (``opt.config.ggn`` and ``last_step.ggn``
     say so). ``ggn=False`` keeps the per-sample losses; ``ggn=True`` asks for the rows.
 
     **A step is a pipeline** of parts that can be passed in directly:
@@ -290,11 +290,17 @@ class Sven(Optimizer):
             self.config = cfg = SvenConfig(**decided(self._options, probe.found))
             if cfg.ggn:
                 self.rows, self.control = cfg.rows(), cfg.policy()
+                self.defaults["lr"] = cfg.default_lr  # the rule acts only when no `lr` was given (sven/loss_rule.py)
+                for g in self.param_groups:
+                    g["lr"] = cfg.default_lr
         R, M = self.rows.residualize(lin.rows, lin.jacobian)
 
         def rows_after() -> torch.Tensor:
             with closure_mode(params), eager():  # derivatives the closure takes itself work; none for the params
-                rows = self.rows(closure()).detach()
+                out = closure()
+                # under the loss rule the step control judges the cross-entropy (sven.control.CrossEntropyDamping)
+                ce = isinstance(self.rows, CrossEntropyRows)
+                rows = (self.rows.evaluated(out) if ce else self.rows(out)).detach()
             return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
 
         losses = spec.output(lin.rows)  # the cross-entropy losses, not their rows

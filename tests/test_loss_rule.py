@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import sven
-from sven.control import Plain
+from sven.control import CrossEntropyDamping, Plain
 from sven.loss_rule import recognise
 
 DT = torch.float64
+RULE = sven.loss_rows.RULE_PRESET
 
 
 def _model(n_out: int = 3, seed: int = 0) -> nn.Sequential:
@@ -99,8 +100,9 @@ def test_default_sven_takes_the_ggn_rows_for_cross_entropy(loss: str, caplog: py
             if _ == 0:
                 torch.testing.assert_close(out, expected)  # step returns the losses, not the rows
     assert opt.config.ggn is True and opt.last_step is not None and opt.last_step.ggn
-    assert opt.config.residuals and opt.config.damping == sven.losses.PRESET["damping"]
-    assert not opt.config.adaptive_damping
+    assert opt.config.residuals and opt.config.damping == RULE["damping"] and opt.config.adaptive_damping
+    assert isinstance(opt.control, CrossEntropyDamping) and opt.control.floor == RULE["damping"]
+    assert opt.param_groups[0]["lr"] == RULE["lr"] and not opt.config.scale
     assert out.shape == (x.shape[0],) and opt.last_step.losses.shape == (x.shape[0],)
     said = [r for r in caplog.records if r.name == "sven" and "cross-entropy" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.INFO
@@ -156,9 +158,14 @@ def test_the_seed_api_never_takes_the_rows() -> None:
 
 
 # ----------------------------------------------------------------------------- the step
-def test_the_preset_lr_is_the_default_lr() -> None:
-    """The rule switches at the first step and leaves the groups' ``lr`` alone: the preset's must be the default."""
-    assert sven.losses.PRESET["lr"] == sven.config.DEFAULT_LR
+def test_the_rule_sets_its_lr_on_the_groups() -> None:
+    """The rule switches at the first step; no ``lr`` was given, so every group (and a later one) gets the rule's."""
+    m, extra = _model(), nn.Linear(2, 2).to(DT)
+    x, y = _data()
+    opt = sven.Sven([{"params": list(m.parameters())}])
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    opt.add_param_group({"params": list(extra.parameters())})
+    assert [g["lr"] for g in opt.param_groups] == [RULE["lr"], RULE["lr"]]
 
 
 @pytest.mark.parametrize("jacobian", ["auto", "gram", "autograd"])
@@ -166,8 +173,8 @@ def test_the_preset_lr_is_the_default_lr() -> None:
 def test_the_step_is_the_explicit_preset_step(jacobian: str, extra: dict) -> None:
     a, b = _model(), _model()
     x, y = _data()
-    oa = sven.Sven(a.parameters(), jacobian=jacobian)
-    ob = sven.losses.optimizer(b.parameters(), jacobian=jacobian)
+    oa = sven.Sven(a.parameters(), ggn=True, adaptive_damping=False, jacobian=jacobian)  # a fixed damping
+    ob = sven.losses.optimizer(b.parameters(), jacobian=jacobian, damping=RULE["damping"], lr=RULE["lr"])
     for _ in range(3):
         oa.step(lambda: F.cross_entropy(a(x), y, reduction="none", **extra))
         ob.step(lambda: sven.losses.cross_entropy(b(x), y, **extra))
@@ -195,10 +202,12 @@ def test_the_step_is_the_damped_ggn_step() -> None:
     H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     G = torch.einsum("bcp,bcd,bdq->pq", J, H, J)
     g = torch.einsum("bcp,bc->p", J, p - F.one_hot(y, 2).to(DT))
-    lam = sven.losses.PRESET["damping"] * float(torch.linalg.eigvalsh(G)[-1])
-    want = flat - sven.losses.PRESET["lr"] * torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=DT), g)
+    lam = RULE["damping"] * float(torch.linalg.eigvalsh(G)[-1])
+    want = flat - RULE["lr"] * torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=DT), g)
     opt = sven.Sven(m.parameters())
     opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    # the first try is at the floor of the damping; it lowered the batch loss, so it was kept
+    assert opt.last_step is not None and opt.last_step.retries == 0 and not opt.last_step.rejected
     torch.testing.assert_close(_params(m), want, rtol=1e-8, atol=1e-10)
 
 
@@ -231,7 +240,7 @@ def test_ggn_true_takes_the_rows_from_the_start_and_refuses_other_losses() -> No
     m = _model()
     x, y = _data()
     opt = sven.Sven(m.parameters(), ggn=True)
-    assert opt.config.ggn is True and opt.param_groups[0]["lr"] == sven.losses.PRESET["lr"]
+    assert opt.config.ggn is True and opt.param_groups[0]["lr"] == RULE["lr"]
     opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
     with pytest.raises(ValueError, match=r"ggn=False for other losses"):
         opt.step(lambda: (m(x) ** 2).sum(-1))
@@ -250,8 +259,9 @@ def test_after_the_rule_another_loss_is_an_error() -> None:
     ("options", "match"),
     [
         ({"ggn": "yes"}, r"`ggn` must be True or False"),
-        ({"ggn": True, "adaptive_damping": True}, r"`ggn=True` cannot be combined with adaptive_damping"),
-        ({"ggn": True, "variable_k": True}, r"`ggn=True` cannot be combined"),
+        ({"ggn": True, "variable_k": True}, r"`ggn=True` cannot be combined with variable_k, check_step or scale"),
+        ({"ggn": True, "check_step": True}, r"`ggn=True` cannot be combined"),
+        ({"ggn": True, "scale": True}, r"`ggn=True` cannot be combined"),
         ({"ggn": True, "residuals": False}, r"`ggn=True` makes the closure's cross-entropy losses"),
     ],
 )

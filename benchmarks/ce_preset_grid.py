@@ -1,0 +1,164 @@
+"""The grid behind the loss rule's classifier preset (``sven.losses.PRESET``, ``GGN_CLASSES``): one seed, four tasks.
+
+Every point is ``sven.Sven(params, ggn=True, lr=..., damping=...)`` with the GGN rows of ``classes`` kept
+classes per sample (the rule's ``GGN_CLASSES``), trained with the sven-bench tasks' data, batches and epochs
+on the four cross-entropy tasks (mnist1d, mnist-subset, mnist-subset-cnn, digits-ce), model seed 0, one
+thread. Adam at lr 1e-3 and 1e-2 runs beside it (the best-tuned Adam on these tasks is one of the two). Each
+point is ranked like ``sven.bench.defaults`` ranks defaults: the regret on a task is
+``log10(loss / best Sven point's loss)``, the mean over the tasks first, the worst beside it; the ratio to the
+better Adam and the training time relative to Adam's are printed too.
+
+    OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --out runs/ce_grid.json
+    python benchmarks/ce_preset_grid.py --from-json runs/ce_grid.json     # print the ranking again
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+import sven
+import sven.loss_rule
+from sven.bench.optimizers import OptimizerFactory, Stepper
+from sven.bench.runner import run_one
+from sven.bench.tasks import TASKS
+from sven.bench.tasks.base import Task
+from sven.control import CrossEntropyDamping
+
+TASK_NAMES = ("mnist1d", "mnist-subset", "mnist-subset-cnn", "digits-ce")
+ADAM_LRS = (1e-3, 1e-2)
+#: the grid: classes x lr x damping (relative to sigma_max^2)
+CLASSES = (0, 1)
+LRS = (0.5, 1.0)
+DAMPINGS = (0.03, 0.1, 0.3)
+#: the damping floors of the control that judges each try on the cross-entropy (``--judge``)
+JUDGE_FLOORS = (0.01, 0.03, 0.1, 0.3)
+FLOORS_0 = (0.03, 0.1)  # and those of one row per sample (classes=0)
+
+
+class _Adam(OptimizerFactory):
+    name = "adam"
+    description = "torch.optim.Adam"
+
+    def grid(self, task: Any, *, quick: bool = False, sven_grid: bool = False) -> list[dict[str, Any]]:
+        return []
+
+    def make(self, model: nn.Module, task: Task, hparams: dict[str, Any]) -> Stepper:
+        opt = torch.optim.Adam(model.parameters(), lr=hparams["lr"])
+
+        class _S:
+            def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                opt.zero_grad(set_to_none=True)
+                loss = task.per_sample_loss(model(x), y)
+                loss.mean().backward()
+                opt.step()
+                return loss.detach()
+
+        return _S()
+
+
+class _Ggn(OptimizerFactory):
+    name = "sven-ggn"
+    description = "sven.Sven(ggn=True) with the grid point's lr, damping and classes"
+
+    def grid(self, task: Any, *, quick: bool = False, sven_grid: bool = False) -> list[dict[str, Any]]:
+        return []
+
+    def make(self, model: nn.Module, task: Task, hparams: dict[str, Any]) -> Stepper:
+        opts = {k: v for k, v in hparams.items() if k not in ("classes", "judge")}
+        if hparams.get("judge"):  # the damping is the floor of the control that judges the cross-entropy
+            opts["control"] = CrossEntropyDamping(opts.pop("damping"))
+        opt = sven.Sven(model.parameters(), ggn=True, **opts)
+        classes = hparams["classes"]
+
+        class _S:
+            def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                sven.loss_rule.GGN_CLASSES = classes  # the rows the rule builds
+                return opt.step(lambda: task.per_sample_loss(model(x), y))
+
+        return _S()
+
+
+def _points(judge: bool) -> list[dict[str, Any]]:
+    if not judge:
+        return [{"classes": c, "lr": lr, "damping": d} for c, lr, d in itertools.product(CLASSES, LRS, DAMPINGS)]
+    pts = [{"classes": 1, "lr": lr, "damping": d, "judge": True} for lr, d in itertools.product(LRS, JUDGE_FLOORS)]
+    return pts + [{"classes": 0, "lr": lr, "damping": d, "judge": True} for lr, d in itertools.product(LRS, FLOORS_0)]
+
+
+def run(tasks: tuple[str, ...], points: list[dict[str, Any]], *, adam: bool = True) -> list[dict[str, Any]]:
+    torch.set_num_threads(1)
+    out = []
+    for name in tasks:
+        task = TASKS[name]()
+        data = task.data()
+        jobs = [(_Adam(), {"lr": lr}) for lr in ADAM_LRS] if adam else []
+        jobs += [(_Ggn(), p) for p in points]
+        for factory, hp in jobs:
+            r = run_one(task, factory, hp, 0, data=data, epochs=task.epochs)
+            acc = r.metrics.get("accuracy", [float("nan")])[-1]
+            row = {"task": name, "optimizer": factory.name, "hparams": hp, "loss": r.final_val_loss,
+                   "accuracy": acc, "time": r.total_train_time, "diverged": r.diverged}  # fmt: skip
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            out.append(row)
+    return out
+
+
+def ranking(rows: list[dict[str, Any]]) -> str:
+    tasks = sorted({r["task"] for r in rows}, key=lambda t: TASK_NAMES.index(t) if t in TASK_NAMES else 99)
+    adam = {t: min((r for r in rows if r["task"] == t and r["optimizer"] == "adam"), key=lambda r: r["loss"])
+            for t in tasks}  # fmt: skip
+    sv = [r for r in rows if r["optimizer"] == "sven-ggn"]
+    keys = sorted({json.dumps(r["hparams"], sort_keys=True) for r in sv})
+    best = {t: min(r["loss"] for r in sv if r["task"] == t and math.isfinite(r["loss"])) for t in tasks}
+    table = []
+    for k in keys:
+        by = {r["task"]: r for r in sv if json.dumps(r["hparams"], sort_keys=True) == k}
+        if set(by) != set(tasks):
+            continue
+        ok = all(math.isfinite(by[t]["loss"]) and not by[t]["diverged"] for t in tasks)
+        reg = [math.log10(by[t]["loss"] / best[t]) if ok else math.inf for t in tasks]
+        table.append((statistics.mean(reg), max(reg), k, by))
+    table.sort(key=lambda x: (x[0], x[1]))
+    head = "| # | point | " + " | ".join(f"{t}: loss (/ Adam), time / Adam" for t in tasks) + " | mean regret | worst |"
+    lines = [head, "|" + "---|" * (len(tasks) + 4)]
+    lines.append("| | best Adam | " + " | ".join(f"{adam[t]['loss']:.3f} (lr {adam[t]['hparams']['lr']:g})"
+                                                  for t in tasks) + " | | |")  # fmt: skip
+    for i, (mean, worst, k, by) in enumerate(table, 1):
+        cells = [f"{by[t]['loss']:.3f} ({by[t]['loss'] / adam[t]['loss']:.2f}x), {by[t]['time'] / adam[t]['time']:.1f}x"
+                 for t in tasks]  # fmt: skip
+        p = json.loads(k)
+        what = "floor" if p.get("judge") else "damping"
+        lines.append(f"| {i} | classes={p['classes']} lr={p['lr']:g} {what}={p['damping']:g} | "
+                     + " | ".join(cells) + f" | {mean:.3f} | {worst:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", nargs="+", default=list(TASK_NAMES))
+    ap.add_argument("--out", help="write the runs here (JSON)")
+    ap.add_argument("--judge", action="store_true", help="the grid of the control that judges the cross-entropy")
+    ap.add_argument("--no-adam", action="store_true", help="skip the Adam runs (take them from another file)")
+    ap.add_argument("--from-json", nargs="+", help="print the ranking of earlier runs, run nothing")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        rows = [r for f in args.from_json for r in json.load(open(f))]
+    else:
+        rows = run(tuple(args.task), _points(args.judge), adam=not args.no_adam)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(rows, fh, indent=1)
+    print(ranking(rows))
+
+
+if __name__ == "__main__":
+    main()
