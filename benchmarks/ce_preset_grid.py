@@ -94,7 +94,9 @@ def _points(judge: bool) -> list[dict[str, Any]]:
     return pts + [{"classes": 0, "lr": lr, "damping": d, "judge": True} for lr, d in itertools.product(LRS, FLOORS_0)]
 
 
-def run(tasks: tuple[str, ...], points: list[dict[str, Any]], *, adam: bool = True) -> list[dict[str, Any]]:
+def run(
+    tasks: tuple[str, ...], points: list[dict[str, Any]], *, adam: bool = True, seeds: list[int] | None = None
+) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     out = []
     for name in tasks:
@@ -102,10 +104,10 @@ def run(tasks: tuple[str, ...], points: list[dict[str, Any]], *, adam: bool = Tr
         data = task.data()
         jobs = [(_Adam(), {"lr": lr}) for lr in ADAM_LRS] if adam else []
         jobs += [(_Ggn(), p) for p in points]
-        for factory, hp in jobs:
-            r = run_one(task, factory, hp, 0, data=data, epochs=task.epochs)
+        for (factory, hp), seed in itertools.product(jobs, seeds or [0]):
+            r = run_one(task, factory, hp, seed, data=data, epochs=task.epochs)
             acc = r.metrics.get("accuracy", [float("nan")])[-1]
-            row = {"task": name, "optimizer": factory.name, "hparams": hp, "loss": r.final_val_loss,
+            row = {"task": name, "optimizer": factory.name, "hparams": hp, "seed": seed, "loss": r.final_val_loss,
                    "accuracy": acc, "time": r.total_train_time, "diverged": r.diverged}  # fmt: skip
             print(json.dumps(row), file=sys.stderr, flush=True)
             out.append(row)
@@ -148,12 +150,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="write the runs here (JSON)")
     ap.add_argument("--judge", action="store_true", help="the grid of the control that judges the cross-entropy")
     ap.add_argument("--no-adam", action="store_true", help="skip the Adam runs (take them from another file)")
+    ap.add_argument("--point", nargs="+", metavar="CLASSES,LR,FLOOR", help="run only these points of the --judge grid")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="model seeds (default 0)")
     ap.add_argument("--from-json", nargs="+", help="print the ranking of earlier runs, run nothing")
     args = ap.parse_args(argv)
     if args.from_json:
         rows = [r for f in args.from_json for r in json.load(open(f))]
     else:
-        rows = run(tuple(args.task), _points(args.judge), adam=not args.no_adam)
+        points = _points(args.judge)
+        if args.point:
+            points = [{"classes": int(c), "lr": float(lr), "damping": float(d), "judge": True}
+                      for c, lr, d in (p.split(",") for p in args.point)]  # fmt: skip
+        rows = run(tuple(args.task), points, adam=not args.no_adam, seeds=args.seeds)
         if args.out:
             with open(args.out, "w") as fh:
                 json.dump(rows, fh, indent=1)

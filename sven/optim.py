@@ -299,8 +299,8 @@ class Sven(Optimizer):
             with closure_mode(params), eager():  # derivatives the closure takes itself work; none for the params
                 out = closure()
                 # under the loss rule the step control judges the cross-entropy (sven.control.CrossEntropyDamping)
-                ce = isinstance(self.rows, CrossEntropyRows)
-                rows = (self.rows.evaluated(out) if ce else self.rows(out)).detach()
+                spec_now = self.rows
+                rows = (spec_now.evaluated(out) if isinstance(spec_now, CrossEntropyRows) else spec_now(out)).detach()
             return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
 
         losses = spec.output(lin.rows)  # the cross-entropy losses, not their rows

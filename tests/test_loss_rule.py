@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sven
-from sven.control import CrossEntropyDamping, Plain
+from sven.control import CrossEntropyDamping, Plain, Tikhonov, TrustRadius
 from sven.loss_rule import recognise
 
 DT = torch.float64
@@ -285,3 +285,67 @@ def test_a_checkpoint_resumes_in_a_fresh_default_optimizer() -> None:
         ob.step(lambda: F.cross_entropy(b(x), y, reduction="none"))
     assert ob.config.ggn is True
     torch.testing.assert_close(_params(b), _params(a), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the step control: CrossEntropyDamping
+def _softmax_regression(seed: int = 0, classes: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    m = nn.Linear(6, classes).to(DT)
+    x, y = _data(n=32, classes=classes, seed=seed + 1)
+    return m, x, y
+
+
+def _batch_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(F.cross_entropy(m(x), y, reduction="sum"))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_gain_ratio_is_one_for_a_short_step_of_softmax_regression(seed: int) -> None:
+    r"""Logits linear in the parameters: the GGN is the Hessian, and with two classes the rows keep all of it, so
+    the rows' model ``1/2 ||R + M d||^2 - 1/2 ||R||^2`` is the second-order Taylor model of the summed cross-entropy
+    and actual / predicted decrease is ``1 + O(lr^2)``. (A wrong factor 1/2 would give 0.5 or 2, a wrong sign -1.)"""
+    m, x, y = _softmax_regression(seed, classes=2)
+    opt = sven.Sven(m.parameters(), ggn=True, lr=1e-2)
+    before = _batch_loss(m, x, y)
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    info = opt.last_step
+    assert info is not None and info.gain_ratio is not None and not info.rejected
+    assert abs(info.gain_ratio - 1.0) < 1e-3
+    assert _batch_loss(m, x, y) < before
+
+
+def test_a_try_that_raises_the_cross_entropy_is_undone_and_retried_more_damped() -> None:
+    """No floor and lr 4: the first try (the undamped GGN step, four times over) raises the batch loss, so it is
+    undone; the kept try is damped more and lowers the loss, and the damping never falls below the floor."""
+    m, x, y = _softmax_regression()
+    opt = sven.Sven(m.parameters(), ggn=True, lr=4.0, damping=0.0, max_retries=20)
+    assert isinstance(opt.control, CrossEntropyDamping) and opt.control.floor == 0.0
+    before = _batch_loss(m, x, y)
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    info = opt.last_step
+    assert info is not None and info.retries >= 1 and opt.rejected_steps == info.retries and not info.rejected
+    assert info.damping > 0 and _batch_loss(m, x, y) < before
+
+
+def test_the_damping_stays_at_its_floor_while_the_model_predicts_the_loss() -> None:
+    """Short steps are all kept (rho near 1): the damping is the floor, and the steps are the fixed-damping steps."""
+    a, x, y = _softmax_regression()
+    b, _, _ = _softmax_regression()
+    oa = sven.Sven(a.parameters(), ggn=True, lr=0.05, damping=0.2)
+    ob = sven.Sven(b.parameters(), ggn=True, lr=0.05, damping=0.2, adaptive_damping=False)
+    assert isinstance(ob.control, Tikhonov)
+    for _ in range(5):
+        oa.step(lambda: F.cross_entropy(a(x), y, reduction="none"))
+        ob.step(lambda: F.cross_entropy(b(x), y, reduction="none"))
+        assert oa.last_step is not None and oa.last_step.damping == 0.2 and oa.last_step.retries == 0
+    torch.testing.assert_close(_params(a), _params(b), rtol=1e-10, atol=1e-12)
+
+
+def test_ggn_with_a_trust_radius_caps_the_judged_step() -> None:
+    m, x, y = _softmax_regression()
+    opt = sven.Sven(m.parameters(), ggn=True, trust_radius=1e-3)
+    assert isinstance(opt.control, TrustRadius) and isinstance(opt.control.inner, CrossEntropyDamping)
+    start = _params(m)
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    assert float((_params(m) - start).norm()) <= 1e-3 * (1 + 1e-9)
