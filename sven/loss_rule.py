@@ -5,7 +5,7 @@ towards zero in the linear model. That suits squared errors, but not
 cross-entropy: it inflates the logits, and on the classifiers of
 ``docs/sven.md`` ("Classifiers") the default lost to the best-tuned Adam by
 1.9--2.5x at equal epochs, while the GGN rows of :mod:`sven.losses` with
-their preset (:data:`sven.losses.PRESET`) came within 1.1x on the MLPs. One
+a fixed damping (:data:`sven.losses.PRESET`) came within 1.1x on the MLPs. One
 default cannot serve both, so the choice is made from the loss the closure
 returns:
 
@@ -32,9 +32,11 @@ no ``lr`` (in the constructor or a parameter group), ``control``, ``residuals``,
 them turns the rule off (``ggn=False``), so an explicit configuration means
 what it says. The closure's output at the first step decides for the whole
 run: recognised, the optimizer switches to the rows and the settings of
-:data:`sven.losses.PRESET` (``residuals=True``, damping ``0.1``, no adaptive
-damping, ``lr=0.5``, which is already the default ``lr``); it records the
-choice in ``opt.config.ggn`` and ``opt.last_step.ggn`` and logs it once
+:data:`sven.loss_rows.RULE_PRESET` (``residuals=True``, ``lr=0.5``, set on
+every parameter group, and :class:`sven.control.CrossEntropyDamping`: the
+damping judged on the cross-entropy the closure returns after each try, never
+below ``0.03``; :meth:`CrossEntropyRows.evaluated` hands it those losses); it
+records the choice in ``opt.config.ggn`` and ``opt.last_step.ggn`` and logs it once
 (``logging`` at level INFO, logger ``"sven"``). ``step`` still returns the
 closure's per-sample losses. ``ggn=True`` asks for the rows from the start
 (an unrecognised output is then an error), ``ggn=False`` never uses them.
