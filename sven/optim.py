@@ -287,23 +287,17 @@ class Sven(Optimizer):
         if isinstance(lin, Unsupported):
             raise ValueError(f"the route does not apply to this model: {lin.reason}")
         if probe is not None:
-            self.config = cfg = SvenConfig(**decided(self._options, probe.found))
-            if cfg.ggn:
-                self.rows, self.control = cfg.rows(), cfg.policy()
-                self.defaults["lr"] = cfg.default_lr  # the rule acts only when no `lr` was given (sven/loss_rule.py)
-                for g in self.param_groups:
-                    g["lr"] = cfg.default_lr
+            _decide_rule(self, probe.found)
         R, M = self.rows.residualize(lin.rows, lin.jacobian)
 
         def rows_after() -> torch.Tensor:
             with closure_mode(params), eager():  # derivatives the closure takes itself work; none for the params
-                out = closure()
-                # under the loss rule the step control judges the cross-entropy (sven.control.CrossEntropyDamping)
-                spec_now = self.rows
-                rows = (spec_now.evaluated(out) if isinstance(spec_now, CrossEntropyRows) else spec_now(out)).detach()
+                rows = self.rows.evaluated(closure()).detach()  # the rule's: the losses (CrossEntropyDamping)
             return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
 
-        losses = spec.output(lin.rows)  # the cross-entropy losses, not their rows
+        losses = spec.output(lin.rows)  # the cross-entropy losses (this rank's), not their rows
+        if group is not None and losses is not lin.rows:
+            losses = dist_.all_gather_rows(losses.contiguous(), group)
         self._descend(losses, R, M, blocks, evaluate=Evaluator(rows_after, self.rows), method=lin.method)
         return spec.output(lin.local)
 
@@ -347,6 +341,16 @@ class Sven(Optimizer):
 
     def _fault(self, info: StepInfo, losses: torch.Tensor, fault: StepFault) -> None:
         _skip(self.config, self._counters, info, losses, fault)
+
+
+def _decide_rule(opt: Sven, found: bool) -> None:
+    """The loss rule's decision at the first step (sven/loss_rule.py): with recognised cross-entropy losses, the
+    GGN rows, their step control and their ``lr`` on every group (the rule acts only when no ``lr`` was given)."""
+    opt.config = cfg = SvenConfig(**decided(opt._options, found))
+    if cfg.ggn:
+        opt.rows, opt.control = cfg.rows(), cfg.policy()
+        for g in [opt.defaults, *opt.param_groups]:
+            g["lr"] = cfg.default_lr
 
 
 def _check_momentum(opt: Sven, group: dict[str, Any]) -> dict[str, Any]:
