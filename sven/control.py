@@ -15,18 +15,19 @@ preconditioned), ``apply(d, sign)``, ``predict(d)`` (the linear model's change o
 the step) and ``xnorm()`` (:math:`\|D\theta\|` in the column scaling). The
 policy returns the applied direction and its diagnostics.
 
-==========================  ===================================================================
-policy                      rule
-==========================  ===================================================================
-:class:`Plain`              apply :math:`d_0` (hard truncation only)
-:class:`Tikhonov`           apply :math:`d_\lambda` for a fixed damping :math:`\lambda`
-:class:`AdaptiveDamping`    Levenberg--Marquardt: gain ratio, Madsen--Nielsen update, rejection
-:class:`VariableK`          greedy rank: rank-one components while the loss does not increase
-:class:`CheckStep`          wraps a policy: undo a step that makes the loss non-finite
-:class:`TrustRadius`        wraps a policy: cap :math:`\|\eta d\|` at a radius
-``TrustRegion``             MINPACK's trust-region LM: the radius steers :math:`\lambda`
-                            (:mod:`sven.trust_region`, its own file)
-==========================  ===================================================================
+==============================  ===================================================================
+policy                          rule
+==============================  ===================================================================
+:class:`Plain`                  apply :math:`d_0` (hard truncation only)
+:class:`Tikhonov`               apply :math:`d_\lambda` for a fixed damping :math:`\lambda`
+:class:`AdaptiveDamping`        Levenberg--Marquardt: gain ratio, Madsen--Nielsen update, rejection
+:class:`CrossEntropyDamping`    the same, judged on the cross-entropy, never below a floor (the loss rule's)
+:class:`VariableK`              greedy rank: rank-one components while the loss does not increase
+:class:`CheckStep`              wraps a policy: undo a step that makes the loss non-finite
+:class:`TrustRadius`            wraps a policy: cap :math:`\|\eta d\|` at a radius
+``TrustRegion``                 MINPACK's trust-region LM: the radius steers :math:`\lambda`
+                                (:mod:`sven.trust_region`, its own file)
+==============================  ===================================================================
 
 A new step-control feature is a new class here with ``run``; it composes with
 the wrappers. Pass it as ``sven.Sven(..., control=...)``.
