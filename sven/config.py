@@ -28,10 +28,10 @@ from ._validation import (
     check_unit_interval,
     rank_for,
 )
-from .control import Policy, make_policy
+from .control import CrossEntropyDamping, Policy, TrustRadius, make_policy
 from .functional import DAMPING_MIN
 from .linearize import ROUTES, Linearizer, RowSpec
-from .loss_rows import PRESET
+from .loss_rows import RULE_PRESET
 from .loss_rule import CrossEntropyRows
 from .precondition import ColumnScaling, RMSProp
 
@@ -105,7 +105,7 @@ class SvenConfig:
         seed: seed of the randomized solvers (step ``t`` uses ``seed + t``) and of the verification probes.
         chunk_size: columns per batched autograd call of the matrix-free route.
         ggn: the loss rule (:mod:`sven.loss_rule`): ``True``, the closure returns softmax cross-entropy losses
-            and Sven uses their generalised Gauss--Newton rows with the settings of :data:`sven.losses.PRESET`;
+            and Sven uses their generalised Gauss--Newton rows with the settings of :data:`sven.loss_rows.RULE_PRESET`;
             ``False``, never; ``None`` (default), decided at the first step from the closure's output.
     """
 
@@ -183,8 +183,9 @@ class SvenConfig:
         if self.rtol is None:  # numerically zero (truncpinv's default) where damping regularises residuals
             put("rtol", None if self.residuals and (self.adaptive_damping or self.damping > 0) else DEFAULT_RTOL)
         materialised = self.jacobian in ("auto", "hooks", "autograd")  # the routes that can give M's columns
-        if self.scale is None:
-            put("scale", bool(self.residuals and self.adaptive_damping and not self.rmsprop and materialised))
+        if self.scale is None:  # not with ggn: its adaptive damping judges the cross-entropy, not the rows
+            put("scale", bool(self.residuals and self.adaptive_damping and not self.rmsprop and materialised
+                              and not self.ggn))  # fmt: skip
         put("scale", check_bool("scale", self.scale))
         if self.scale and not materialised:
             raise ValueError(
@@ -210,10 +211,11 @@ class SvenConfig:
                 "`ggn=True` makes the closure's cross-entropy losses into residual rows, so it needs residuals=True "
                 "(the default with ggn=True); leave `residuals` unset"
             )
-        if self.ggn and (self.adaptive_damping or self.variable_k or self.check_step):
+        if self.ggn and (self.variable_k or self.check_step or self.scale):
             raise ValueError(
-                "`ggn=True` cannot be combined with adaptive_damping, variable_k or check_step: they re-evaluate the "
-                "rows without their graph, from which the cross-entropy rows are built; use a fixed `damping`"
+                "`ggn=True` cannot be combined with variable_k, check_step or scale: they re-evaluate the rows "
+                "without their graph, from which the cross-entropy rows are built, or rescale them; use `damping` "
+                "(with adaptive_damping=True, the floor of the damping that judges the cross-entropy)"
             )
         if self.adaptive_damping and self.variable_k:
             raise ValueError(
@@ -226,7 +228,7 @@ class SvenConfig:
         """The ``lr`` when none is given: the preset's with ``ggn``, :data:`RESIDUAL_LR` in residual mode with damping,
         else ``DEFAULT_LR``."""
         if self.ggn:
-            return float(PRESET["lr"])
+            return float(RULE_PRESET["lr"])
         return RESIDUAL_LR if self.residuals and (self.adaptive_damping or self.damping > 0) else DEFAULT_LR
 
     def rank_cap(self, rows: int) -> int | None:
@@ -258,7 +260,14 @@ class SvenConfig:
         return RMSProp(self.rmsprop_alpha, self.rmsprop_eps, self.rmsprop_momentum, self.rmsprop_post)
 
     def policy(self) -> Policy:
-        """The step-control policy of the damping, variable-k, check-step and trust-radius options."""
+        """The step-control policy of the damping, variable-k, check-step and trust-radius options.
+
+        With ``ggn`` and ``adaptive_damping``: :class:`sven.control.CrossEntropyDamping`, the damping never below
+        ``damping``, which judges each try on the cross-entropy (wrapped in a trust radius if one is set).
+        """
+        if self.ggn and self.adaptive_damping:
+            policy: Policy = CrossEntropyDamping(self.damping, int(self.max_retries or 0))
+            return policy if self.trust_radius is None else TrustRadius(policy, self.trust_radius)
         return make_policy(
             damping=self.damping,
             adaptive_damping=bool(self.adaptive_damping),  # resolved from None in __post_init__

@@ -15,18 +15,19 @@ preconditioned), ``apply(d, sign)``, ``predict(d)`` (the linear model's change o
 the step) and ``xnorm()`` (:math:`\|D\theta\|` in the column scaling). The
 policy returns the applied direction and its diagnostics.
 
-==========================  ===================================================================
-policy                      rule
-==========================  ===================================================================
-:class:`Plain`              apply :math:`d_0` (hard truncation only)
-:class:`Tikhonov`           apply :math:`d_\lambda` for a fixed damping :math:`\lambda`
-:class:`AdaptiveDamping`    Levenberg--Marquardt: gain ratio, Madsen--Nielsen update, rejection
-:class:`VariableK`          greedy rank: rank-one components while the loss does not increase
-:class:`CheckStep`          wraps a policy: undo a step that makes the loss non-finite
-:class:`TrustRadius`        wraps a policy: cap :math:`\|\eta d\|` at a radius
-``TrustRegion``             MINPACK's trust-region LM: the radius steers :math:`\lambda`
-                            (:mod:`sven.trust_region`, its own file)
-==========================  ===================================================================
+==============================  ===================================================================
+policy                          rule
+==============================  ===================================================================
+:class:`Plain`                  apply :math:`d_0` (hard truncation only)
+:class:`Tikhonov`               apply :math:`d_\lambda` for a fixed damping :math:`\lambda`
+:class:`AdaptiveDamping`        Levenberg--Marquardt: gain ratio, Madsen--Nielsen update, rejection
+:class:`CrossEntropyDamping`    the same, judged on the cross-entropy, never below a floor (the loss rule's)
+:class:`VariableK`              greedy rank: rank-one components while the loss does not increase
+:class:`CheckStep`              wraps a policy: undo a step that makes the loss non-finite
+:class:`TrustRadius`            wraps a policy: cap :math:`\|\eta d\|` at a radius
+``TrustRegion``                 MINPACK's trust-region LM: the radius steers :math:`\lambda`
+                                (:mod:`sven.trust_region`, its own file)
+==============================  ===================================================================
 
 A new step-control feature is a new class here with ``run``; it composes with
 the wrappers. Pass it as ``sven.Sven(..., control=...)``.
@@ -58,6 +59,7 @@ __all__ = [
     "STALL_COSINE",
     "AdaptiveDamping",
     "CheckStep",
+    "CrossEntropyDamping",
     "Evaluator",
     "Outcome",
     "Plain",
@@ -313,6 +315,59 @@ class AdaptiveDamping(Policy):
         out.rejected, out.retries, out.direction = True, tries, None
         out.stalled = self.state.lam >= SF.DAMPING_MAX
         warn_stall(ctx, out, loss, self.peak, f"the damping at its ceiling ({SF.DAMPING_MAX:g} sigma_max^2)")
+        return out
+
+
+class CrossEntropyDamping(AdaptiveDamping):
+    r"""Levenberg--Marquardt judged on the true cross-entropy, the damping never below ``floor``: the loss rule's step.
+
+    The GGN rows :math:`R` of softmax cross-entropy (:mod:`sven.loss_rule`) are built so that
+    :math:`M^\top R` is the gradient :math:`g` and :math:`M^\top M` the GGN :math:`G` of the summed
+    loss :math:`L`. Their quadratic model of a step :math:`\delta` is therefore the GGN model of :math:`L`,
+
+    .. math::
+
+        L(\theta + \delta) - L(\theta) \approx g^\top\delta + \tfrac12 \delta^\top G \delta
+        = \tfrac12\|R + M\delta\|^2 - \tfrac12\|R\|^2,
+
+    and each try is judged by the cross-entropy the closure returns after it (one forward pass), not by the
+    rows' :math:`\chi^2`: :math:`\rho = (L_{old} - L_{new}) / (\tfrac12\|R\|^2 - \tfrac12\|R + M\delta\|^2)`.
+    The damping follows the Madsen--Nielsen rule of :class:`AdaptiveDamping` but stays at or above
+    ``floor`` (relative to :math:`\sigma_{max}^2`); a try with :math:`\rho \le 0` (the batch loss rose) is
+    undone and retried with a larger damping, at most ``max_retries`` times. So the step is the fixed-damping
+    GGN step at ``floor`` while the model predicts the loss, and is damped further where it does not (the
+    first steps from a random start, where the undamped-enough step overshoots and the logits blow up).
+    ``evaluate.rows()`` must return the closure's per-sample cross-entropy losses after the step (as
+    :class:`sven.Sven` does under the loss rule); ``ctx.loss()`` is their mean before it.
+    """
+
+    def __init__(self, floor: float, max_retries: int = 3) -> None:
+        super().__init__(floor, max_retries, floor=floor)
+
+    def run(self, ctx: StepContext) -> Outcome:
+        evaluate = evaluator(ctx)
+        restore = ctx.save()
+        tries = 1 + self.max_retries
+        R = ctx.R.double()
+        mean_before = ctx.loss()
+        out = Outcome(damping=self.state.lam)
+        for attempt in range(tries):
+            lam = out.damping = self.state.lam
+            d = ctx.direction(lam)
+            R_pred = R - ctx.predict(d).double()
+            ctx.apply(d, 1.0)
+            out.direction = d
+            after = evaluate.rows().double()  # the per-sample losses
+            predicted = 0.5 * float(R.pow(2).sum() - R_pred.pow(2).sum())
+            actual = after.numel() * mean_before - float(after.sum())
+            out.gain_ratio = actual / predicted if predicted > 0 and math.isfinite(actual) else -math.inf
+            if SF.madsen_nielsen_update(self.state, out.gain_ratio, floor=self.floor):
+                out.retries = attempt
+                return out
+            restore()
+            ctx.reject()
+        out.rejected, out.retries, out.direction = True, tries, None
+        out.stalled = self.state.lam >= SF.DAMPING_MAX
         return out
 
 

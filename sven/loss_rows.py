@@ -19,7 +19,7 @@ import torch
 
 from ._validation import check_unit_interval
 
-__all__ = ["GGN_CLASSES", "PRESET", "check_logits", "cross_entropy_targets", "ggn_rows"]
+__all__ = ["GGN_CLASSES", "PRESET", "RULE_PRESET", "check_logits", "cross_entropy_targets", "ggn_rows"]
 
 #: The :class:`sven.Sven` options of :func:`sven.losses.optimizer`, for a closure that returns
 #: :func:`sven.losses.cross_entropy` rows (and of the loss rule, :mod:`sven.loss_rule`):
@@ -34,6 +34,14 @@ __all__ = ["GGN_CLASSES", "PRESET", "check_logits", "cross_entropy_targets", "gg
 #:   rescaled to make that judgement exact it let the damping fall and overfitted (MNIST-5000 test loss
 #:   0.99 against Adam's 0.27). docs/sven.md ("Classifiers") has the measurements.
 PRESET: dict[str, Any] = {"lr": 0.5, "residuals": True, "damping": 0.1, "adaptive_damping": False}
+
+#: The :class:`sven.Sven` options of the loss rule (:mod:`sven.loss_rule`) and of ``ggn=True``: the rows of
+#: :data:`GGN_CLASSES` classes as residuals, ``lr=0.5``, and the damping that judges each try on the
+#: cross-entropy the closure returns (:class:`sven.control.CrossEntropyDamping`), never below ``damping``
+#: (relative to :math:`\sigma_{max}^2`). That control needs the closure's losses, so :func:`sven.losses.optimizer`,
+#: whose closure returns rows, keeps :data:`PRESET`'s fixed damping. Chosen by the grid of
+#: ``benchmarks/ce_preset_grid.py`` over four classifiers (docs/results_notes.md, "The classifier preset").
+RULE_PRESET: dict[str, Any] = {"lr": 0.5, "residuals": True, "damping": 0.03, "adaptive_damping": True}
 
 
 def check_logits(logits: Any) -> torch.Tensor:

@@ -5,7 +5,7 @@ towards zero in the linear model. That suits squared errors, but not
 cross-entropy: it inflates the logits, and on the classifiers of
 ``docs/sven.md`` ("Classifiers") the default lost to the best-tuned Adam by
 1.9--2.5x at equal epochs, while the GGN rows of :mod:`sven.losses` with
-their preset (:data:`sven.losses.PRESET`) came within 1.1x on the MLPs. One
+a fixed damping (:data:`sven.losses.PRESET`) came within 1.1x on the MLPs. One
 default cannot serve both, so the choice is made from the loss the closure
 returns:
 
@@ -33,9 +33,11 @@ no ``lr`` (in the constructor or a parameter group), ``control``, ``residuals``,
 them turns the rule off (``ggn=False``), so an explicit configuration means
 what it says. The closure's output at the first step decides for the whole
 run: recognised, the optimizer switches to the rows and the settings of
-:data:`sven.losses.PRESET` (``residuals=True``, damping ``0.1``, no adaptive
-damping, ``lr=0.5``, which is already the default ``lr``); it records the
-choice in ``opt.config.ggn`` and ``opt.last_step.ggn`` and logs it once
+:data:`sven.loss_rows.RULE_PRESET` (``residuals=True``, ``lr=0.5``, set on
+every parameter group, and :class:`sven.control.CrossEntropyDamping`: the
+damping judged on the cross-entropy the closure returns after each try, never
+below ``0.03``; :meth:`CrossEntropyRows.evaluated` hands it those losses); it
+records the choice in ``opt.config.ggn`` and ``opt.last_step.ggn`` and logs it once
 (``logging`` at level INFO, logger ``"sven"``). ``step`` still returns the
 closure's per-sample losses. ``ggn=True`` asks for the rows from the start
 (an unrecognised output is then an error), ``ggn=False`` never uses them.
@@ -51,14 +53,15 @@ import torch
 
 from ._validation import check_bool
 from .linearize import RowSpec
-from .loss_rows import GGN_CLASSES, PRESET, cross_entropy_targets, ggn_rows
+from .loss_rows import GGN_CLASSES, RULE_PRESET, cross_entropy_targets, ggn_rows
 
 __all__ = ["GGN_SETTINGS", "RULE_OPTIONS", "CrossEntropyLosses", "CrossEntropyRows", "recognise", "with_ggn_rule"]
 
 log = logging.getLogger("sven")
 
-#: The options with which Sven takes the GGN rows: :data:`sven.losses.PRESET` (its ``lr`` equals the default).
-GGN_SETTINGS: dict[str, Any] = {**{k: v for k, v in PRESET.items() if k != "lr"}, "ggn": True}
+#: The options with which Sven takes the GGN rows: :data:`sven.loss_rows.RULE_PRESET` (its ``lr`` is set on the
+#: parameter groups when the rule switches, :meth:`sven.Sven.step`).
+GGN_SETTINGS: dict[str, Any] = {**{k: v for k, v in RULE_PRESET.items() if k != "lr"}, "ggn": True}
 #: Options that choose the rows or the step control: setting any of them (or ``lr``, or ``control``) keeps the
 #: per-sample losses unless ``ggn=True`` is asked for.
 RULE_OPTIONS = (
@@ -92,6 +95,10 @@ class CrossEntropyLosses:
         """The ``(B, GGN_CLASSES + 1)`` GGN rows of these losses, flattened (sample-major)."""
         q, s = cross_entropy_targets(self.logp, self.target, weight=self.weight, ignore_index=self.ignore_index)
         return ggn_rows(self.logp, q, s, GGN_CLASSES).reshape(-1)
+
+
+def _shape(out: Any) -> str:
+    return f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
 
 
 def recognise(out: Any) -> CrossEntropyLosses | None:
@@ -152,6 +159,20 @@ class CrossEntropyRows(RowSpec):
         """The last output was recognised as softmax cross-entropy losses."""
         return bool(self._seen.get("found", False))
 
+    def mean_loss(self, rows: torch.Tensor) -> float:
+        """The mean of per-sample cross-entropy losses (what :meth:`output` and :meth:`evaluated` give)."""
+        return float(rows.mean())
+
+    def evaluated(self, out: Any) -> torch.Tensor:
+        """The closure's per-sample losses ``out`` after a step, detached: re-evaluated without the parameters'
+        graph, they cannot give rows, and the step control judges the cross-entropy itself."""
+        if not isinstance(out, torch.Tensor) or out.dim() != 1:
+            raise ValueError(
+                "under the loss rule the closure must keep returning the per-sample cross-entropy losses "
+                f"F.cross_entropy(logits, y, reduction='none') of shape (B,), got {_shape(out)}"
+            )
+        return out.detach()
+
     def output(self, local: torch.Tensor) -> torch.Tensor:
         """The closure's per-sample losses (detached), not the rows, once they were recognised."""
         return self._seen["losses"] if self.found else local
@@ -178,7 +199,8 @@ def decided(options: dict[str, Any], found: bool) -> dict[str, Any]:
     if found:
         log.info(
             "sven.Sven: the closure returns softmax cross-entropy losses, so Sven uses their Gauss-Newton rows "
-            "with the settings of sven.losses.PRESET (residuals=True, damping=0.1, lr=0.5); ggn=False turns this off"
+            "with the settings of sven.loss_rows.RULE_PRESET (%s); ggn=False turns this off",
+            ", ".join(f"{k}={v}" for k, v in RULE_PRESET.items()),
         )
         return {**options, **GGN_SETTINGS}
     return {**options, "ggn": False}

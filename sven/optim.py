@@ -69,7 +69,7 @@ class Sven(Optimizer):
     ``F.cross_entropy(logits, y, reduction="none")`` at the first step and no
     option that chooses the rows, the step control or ``lr`` was given, Sven
     uses the generalised Gauss--Newton rows of :func:`sven.losses.cross_entropy`
-    with :data:`sven.losses.PRESET` (``opt.config.ggn`` and ``last_step.ggn``
+    with :data:`sven.loss_rows.RULE_PRESET` (``opt.config.ggn`` and ``last_step.ggn``
     say so). ``ggn=False`` keeps the per-sample losses; ``ggn=True`` asks for the rows.
     Per-sequence token cross-entropy (language models) gets :mod:`sven.sequence_rule`.
 
@@ -295,10 +295,12 @@ class Sven(Optimizer):
 
         def rows_after() -> torch.Tensor:
             with closure_mode(params):  # derivatives the closure takes itself work; none for the params
-                rows = self.rows(closure()).detach()
+                rows = self.rows.evaluated(closure()).detach()  # the rule's: the losses (CrossEntropyDamping)
             return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
 
-        losses = spec.output(lin.rows)  # the cross-entropy losses, not their rows
+        losses = spec.output(lin.rows)  # the cross-entropy losses (this rank's), not their rows
+        if group is not None and losses is not lin.rows:
+            losses = dist_.all_gather_rows(losses.contiguous(), group)
         with eager():  # the step control's re-evaluations of the closure, once for all of them
             self._descend(losses, R, M, blocks, evaluate=Evaluator(rows_after, self.rows), method=lin.method)
         return spec.output(lin.local)
@@ -365,6 +367,10 @@ def _decide(opt: Sven, found: bool, sequence: bool) -> list[ParamBlock] | None:
     cfg = opt.config
     if cfg.ggn or cfg.adaptive_damping != before.adaptive_damping:
         opt.rows, opt.control = cfg.rows(), cfg.policy()
+    if cfg.ggn:  # the rule acts only when no ``lr`` was given: its ``lr`` on every group
+        for g in [opt.defaults, *opt.param_groups]:
+            g["lr"] = cfg.default_lr
+        blocks = blocks_of_groups(opt.param_groups)
     return blocks
 
 

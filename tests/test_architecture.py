@@ -96,5 +96,13 @@ def test_every_route_and_policy_is_in_its_package() -> None:
 
     for name in ("GramRoute", "DenseRoute", "MatfreeRoute", "DataParallel", "Linearizer"):
         assert getattr(linearize, name).__module__.startswith("sven.linearize.")
-    for name in ("Plain", "Tikhonov", "AdaptiveDamping", "VariableK", "CheckStep", "TrustRadius"):
+    for name in (
+        "Plain",
+        "Tikhonov",
+        "AdaptiveDamping",
+        "CrossEntropyDamping",
+        "VariableK",
+        "CheckStep",
+        "TrustRadius",
+    ):
         assert issubclass(getattr(control, name), control.Policy)

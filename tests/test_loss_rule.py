@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import sven
-from sven.control import Plain
+from sven.control import CrossEntropyDamping, Plain, Tikhonov, TrustRadius
 from sven.loss_rule import recognise
 
 DT = torch.float64
+RULE = sven.loss_rows.RULE_PRESET
 
 
 def _model(n_out: int = 3, seed: int = 0) -> nn.Sequential:
@@ -99,8 +100,9 @@ def test_default_sven_takes_the_ggn_rows_for_cross_entropy(loss: str, caplog: py
             if _ == 0:
                 torch.testing.assert_close(out, expected)  # step returns the losses, not the rows
     assert opt.config.ggn is True and opt.last_step is not None and opt.last_step.ggn
-    assert opt.config.residuals and opt.config.damping == sven.losses.PRESET["damping"]
-    assert not opt.config.adaptive_damping
+    assert opt.config.residuals and opt.config.damping == RULE["damping"] and opt.config.adaptive_damping
+    assert isinstance(opt.control, CrossEntropyDamping) and opt.control.floor == RULE["damping"]
+    assert opt.param_groups[0]["lr"] == RULE["lr"] and not opt.config.scale
     assert out.shape == (x.shape[0],) and opt.last_step.losses.shape == (x.shape[0],)
     said = [r for r in caplog.records if r.name == "sven" and "cross-entropy" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.INFO
@@ -156,9 +158,14 @@ def test_the_seed_api_never_takes_the_rows() -> None:
 
 
 # ----------------------------------------------------------------------------- the step
-def test_the_preset_lr_is_the_default_lr() -> None:
-    """The rule switches at the first step and leaves the groups' ``lr`` alone: the preset's must be the default."""
-    assert sven.losses.PRESET["lr"] == sven.config.DEFAULT_LR
+def test_the_rule_sets_its_lr_on_the_groups() -> None:
+    """The rule switches at the first step; no ``lr`` was given, so every group (and a later one) gets the rule's."""
+    m, extra = _model(), nn.Linear(2, 2).to(DT)
+    x, y = _data()
+    opt = sven.Sven([{"params": list(m.parameters())}])
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    opt.add_param_group({"params": list(extra.parameters())})
+    assert [g["lr"] for g in opt.param_groups] == [RULE["lr"], RULE["lr"]]
 
 
 @pytest.mark.parametrize("jacobian", ["auto", "gram", "autograd"])
@@ -166,8 +173,8 @@ def test_the_preset_lr_is_the_default_lr() -> None:
 def test_the_step_is_the_explicit_preset_step(jacobian: str, extra: dict) -> None:
     a, b = _model(), _model()
     x, y = _data()
-    oa = sven.Sven(a.parameters(), jacobian=jacobian)
-    ob = sven.losses.optimizer(b.parameters(), jacobian=jacobian)
+    oa = sven.Sven(a.parameters(), ggn=True, adaptive_damping=False, jacobian=jacobian)  # a fixed damping
+    ob = sven.losses.optimizer(b.parameters(), jacobian=jacobian, damping=RULE["damping"], lr=RULE["lr"])
     for _ in range(3):
         oa.step(lambda: F.cross_entropy(a(x), y, reduction="none", **extra))
         ob.step(lambda: sven.losses.cross_entropy(b(x), y, **extra))
@@ -195,10 +202,12 @@ def test_the_step_is_the_damped_ggn_step() -> None:
     H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     G = torch.einsum("bcp,bcd,bdq->pq", J, H, J)
     g = torch.einsum("bcp,bc->p", J, p - F.one_hot(y, 2).to(DT))
-    lam = sven.losses.PRESET["damping"] * float(torch.linalg.eigvalsh(G)[-1])
-    want = flat - sven.losses.PRESET["lr"] * torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=DT), g)
+    lam = RULE["damping"] * float(torch.linalg.eigvalsh(G)[-1])
+    want = flat - RULE["lr"] * torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=DT), g)
     opt = sven.Sven(m.parameters())
     opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    # the first try is at the floor of the damping; it lowered the batch loss, so it was kept
+    assert opt.last_step is not None and opt.last_step.retries == 0 and not opt.last_step.rejected
     torch.testing.assert_close(_params(m), want, rtol=1e-8, atol=1e-10)
 
 
@@ -231,7 +240,7 @@ def test_ggn_true_takes_the_rows_from_the_start_and_refuses_other_losses() -> No
     m = _model()
     x, y = _data()
     opt = sven.Sven(m.parameters(), ggn=True)
-    assert opt.config.ggn is True and opt.param_groups[0]["lr"] == sven.losses.PRESET["lr"]
+    assert opt.config.ggn is True and opt.param_groups[0]["lr"] == RULE["lr"]
     opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
     with pytest.raises(ValueError, match=r"ggn=False for other losses"):
         opt.step(lambda: (m(x) ** 2).sum(-1))
@@ -250,8 +259,9 @@ def test_after_the_rule_another_loss_is_an_error() -> None:
     ("options", "match"),
     [
         ({"ggn": "yes"}, r"`ggn` must be True or False"),
-        ({"ggn": True, "adaptive_damping": True}, r"`ggn=True` cannot be combined with adaptive_damping"),
-        ({"ggn": True, "variable_k": True}, r"`ggn=True` cannot be combined"),
+        ({"ggn": True, "variable_k": True}, r"`ggn=True` cannot be combined with variable_k, check_step or scale"),
+        ({"ggn": True, "check_step": True}, r"`ggn=True` cannot be combined"),
+        ({"ggn": True, "scale": True}, r"`ggn=True` cannot be combined"),
         ({"ggn": True, "residuals": False}, r"`ggn=True` makes the closure's cross-entropy losses"),
     ],
 )
@@ -275,3 +285,67 @@ def test_a_checkpoint_resumes_in_a_fresh_default_optimizer() -> None:
         ob.step(lambda: F.cross_entropy(b(x), y, reduction="none"))
     assert ob.config.ggn is True
     torch.testing.assert_close(_params(b), _params(a), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the step control: CrossEntropyDamping
+def _softmax_regression(seed: int = 0, classes: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    m = nn.Linear(6, classes).to(DT)
+    x, y = _data(n=32, classes=classes, seed=seed + 1)
+    return m, x, y
+
+
+def _batch_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(F.cross_entropy(m(x), y, reduction="sum"))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_gain_ratio_is_one_for_a_short_step_of_softmax_regression(seed: int) -> None:
+    r"""Logits linear in the parameters: the GGN is the Hessian, and with two classes the rows keep all of it, so
+    the rows' model ``1/2 ||R + M d||^2 - 1/2 ||R||^2`` is the second-order Taylor model of the summed cross-entropy
+    and actual / predicted decrease is ``1 + O(lr^2)``. (A wrong factor 1/2 would give 0.5 or 2, a wrong sign -1.)"""
+    m, x, y = _softmax_regression(seed, classes=2)
+    opt = sven.Sven(m.parameters(), ggn=True, lr=1e-2)
+    before = _batch_loss(m, x, y)
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    info = opt.last_step
+    assert info is not None and info.gain_ratio is not None and not info.rejected
+    assert abs(info.gain_ratio - 1.0) < 1e-3
+    assert _batch_loss(m, x, y) < before
+
+
+def test_a_try_that_raises_the_cross_entropy_is_undone_and_retried_more_damped() -> None:
+    """No floor and lr 4: the first try (the undamped GGN step, four times over) raises the batch loss, so it is
+    undone; the kept try is damped more and lowers the loss, and the damping never falls below the floor."""
+    m, x, y = _softmax_regression()
+    opt = sven.Sven(m.parameters(), ggn=True, lr=4.0, damping=0.0, max_retries=20)
+    assert isinstance(opt.control, CrossEntropyDamping) and opt.control.floor == 0.0
+    before = _batch_loss(m, x, y)
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    info = opt.last_step
+    assert info is not None and info.retries >= 1 and opt.rejected_steps == info.retries and not info.rejected
+    assert info.damping > 0 and _batch_loss(m, x, y) < before
+
+
+def test_the_damping_stays_at_its_floor_while_the_model_predicts_the_loss() -> None:
+    """Short steps are all kept (rho near 1): the damping is the floor, and the steps are the fixed-damping steps."""
+    a, x, y = _softmax_regression()
+    b, _, _ = _softmax_regression()
+    oa = sven.Sven(a.parameters(), ggn=True, lr=0.05, damping=0.2)
+    ob = sven.Sven(b.parameters(), ggn=True, lr=0.05, damping=0.2, adaptive_damping=False)
+    assert isinstance(ob.control, Tikhonov)
+    for _ in range(5):
+        oa.step(lambda: F.cross_entropy(a(x), y, reduction="none"))
+        ob.step(lambda: F.cross_entropy(b(x), y, reduction="none"))
+        assert oa.last_step is not None and oa.last_step.damping == 0.2 and oa.last_step.retries == 0
+    torch.testing.assert_close(_params(a), _params(b), rtol=1e-10, atol=1e-12)
+
+
+def test_ggn_with_a_trust_radius_caps_the_judged_step() -> None:
+    m, x, y = _softmax_regression()
+    opt = sven.Sven(m.parameters(), ggn=True, trust_radius=1e-3)
+    assert isinstance(opt.control, TrustRadius) and isinstance(opt.control.inner, CrossEntropyDamping)
+    start = _params(m)
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    assert float((_params(m) - start).norm()) <= 1e-3 * (1 + 1e-9)

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 import sven
@@ -58,6 +59,13 @@ SCENARIOS: dict[str, tuple[str, tuple[int, int], dict[str, Any], str]] = {
     "auto_fallback": ("scaled", (20, 12), {"jacobian": "auto"}, "autograd"),
     # a process group of its own (broadcast source and collectives on a non-default group)
     "explicit_group": ("mlp", (16, 16), {"jacobian": "gram", "group": "new"}, "gram"),
+    # the GGN rows of cross-entropy, judged on the cross-entropy of every rank (no floor, lr 4: tries are rejected)
+    "ggn": (
+        "mlp_ce",
+        (20, 12),
+        {"jacobian": "gram", "ggn": True, "damping": 0.0, "lr": 4.0, "max_retries": 20},
+        "gram",
+    ),
 }
 
 
@@ -90,8 +98,9 @@ class _Tokens(nn.Module):
 def _model(kind: str, seed: int) -> nn.Module:
     """A float64 model of ``kind``, initialised from ``seed``."""
     torch.manual_seed(seed)
-    if kind == "mlp":
-        model: nn.Module = nn.Sequential(nn.Linear(3, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 1))
+    if kind in ("mlp", "mlp_ce"):
+        out = 3 if kind == "mlp_ce" else 1
+        model: nn.Module = nn.Sequential(nn.Linear(3, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, out))
     elif kind == "conv1d":
         model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(4 * 6, 1))
     elif kind == "embedding":
@@ -113,6 +122,8 @@ def _batch(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         x = torch.randn(BATCH, 3, generator=g, dtype=torch.float64)
     y = torch.randn(BATCH, 1, generator=g, dtype=torch.float64)
+    if kind == "mlp_ce":
+        y = torch.randint(0, 3, (BATCH,), generator=g)
     return x, y
 
 
@@ -137,7 +148,11 @@ def _train(name: str, rank: int | None) -> dict[str, Any]:
         warnings.simplefilter("always")
         opt = sven.Sven(model.parameters(), **_options(opts))
         start_params = [p.detach().clone() for p in model.parameters()]
-        closure: Callable[[], torch.Tensor] = lambda: per_sample_mse(model(x), y)  # noqa: E731
+        closure: Callable[[], torch.Tensor] = (
+            (lambda: F.cross_entropy(model(x), y, reduction="none"))
+            if kind == "mlp_ce"
+            else (lambda: per_sample_mse(model(x), y))
+        )
         local_rows = []
         for _ in range(STEPS):
             local_rows.append(opt.step(closure).shape[0])
@@ -229,7 +244,7 @@ def test_two_ranks_match_one_process(name: str, distributed_runs: list[dict[str,
         assert res["method"] == ref["method"] == method
         assert (res["rejected"], res["skipped"], res["k_used"]) == (ref["rejected"], ref["skipped"], ref["k_used"])
         assert res["damping"] == pytest.approx(ref["damping"], rel=1e-9)
-    if name.startswith("adaptive_damping"):
+    if name.startswith("adaptive_damping") or name == "ggn":
         assert ref["rejected"] > 0, "the scenario should exercise a rejected try"
     if name == "variable_k":
         assert ref["k_used"] is not None

@@ -145,6 +145,10 @@ class RowSpec:
             )
         return out
 
+    def evaluated(self, out: Any) -> torch.Tensor:
+        """The rows of the closure's output ``out`` re-evaluated after a step (for the step control)."""
+        return self(out)
+
     def output(self, local: torch.Tensor) -> torch.Tensor:
         """What ``step`` returns for this rank's detached rows ``local``: the rows themselves."""
         return local
