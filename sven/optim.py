@@ -280,8 +280,7 @@ class Sven(Optimizer):
         route = self.route if group is None else DataParallel(self.route, group)
         params = [b.param for b in blocks]
         warn_ignored_grads(params)
-        # the loss rule's first step: cross-entropy losses become GGN rows (sven/loss_rule.py)
-        probe = CrossEntropyRows(fallback=self.rows) if self.config.ggn is None else None
+        probe = CrossEntropyRows(fallback=self.rows) if self.config.ggn is None else None  # sven/loss_rule.py
         spec = probe or self.rows
         seen: dict[str, bool] = {}
         # works inside the caller's torch.no_grad(); compiled models run eagerly (sven/_compile.py says why)
