@@ -97,25 +97,26 @@ def test_auto_takes_svds_for_scipy_input_at_low_rank(shape: tuple[int, int]) -> 
     assert tp.pinv(A, rank=q // 8).stats["chosen"] != "svds"
 
 
-def _broken_svds(drop: int) -> object:
-    """``svds`` that leaves out the ``drop``-th largest triplet (exact triplets otherwise): a missed value."""
-    real = spla.svds
+def _broken_eigsh(drop: int) -> object:
+    """ARPACK's ``eigsh`` leaving out the ``drop``-th largest eigenpair of the Gram operator (exact pairs
+    otherwise): a missed value, which the Rayleigh–Ritz step and the residuals cannot see."""
+    real = spla.eigsh
 
-    def svds(A: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        U, S, Vh = real(A, k=k + 1, **kw)  # type: ignore[arg-type]
-        order = np.argsort(-S)
-        keep = np.delete(order, drop)
-        return U[:, keep], S[keep], Vh[keep]
+    def eigsh(G: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray]:
+        w, E = real(G, k=k + 1, **kw)  # type: ignore[arg-type]
+        keep = np.delete(np.argsort(-w), drop)
+        return w[keep], E[:, keep]
 
-    return svds
+    return eigsh
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_a_missed_value_from_svds_is_caught_and_auto_falls_back(shape: tuple[int, int], monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """An ``svds`` that skips sigma_3: every residual is at round-off, but the one-run check of the projected
-    operator finds sigma_3 above the smallest kept value. ``ScipySVDS`` warns; ``auto`` runs ``Lanczos``."""
+def test_a_missed_value_from_arpack_is_caught_and_auto_falls_back(shape: tuple[int, int], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An ARPACK that skips sigma_3: every residual is at round-off (the reused Rayleigh–Ritz product on one
+    side, a fresh product on the other), but the one-run check of the projected operator finds sigma_3 above
+    the smallest kept value. ``ScipySVDS`` warns; ``auto`` runs ``Lanczos``."""
     A, _, s, _ = make_matrix(*shape, "geometric", seed=1)
-    monkeypatch.setattr(spla, "svds", _broken_svds(2))
+    monkeypatch.setattr(spla, "eigsh", _broken_eigsh(2))
     with pytest.warns(tp.UncertifiedResultWarning, match="missed a singular value"):
         F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=5, rtol=1e-10)
     assert F.stats["certified"] is False and F.stats["residual"] < 1e-13
@@ -128,20 +129,42 @@ def test_a_missed_value_from_svds_is_caught_and_auto_falls_back(shape: tuple[int
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_a_perturbed_svds_answer_fails_the_residual(shape: tuple[int, int], monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Right vectors rotated by 1e-6: ``||A^T u - s v||`` exposes them in either orientation."""
+@pytest.mark.parametrize("inp", ["csr", "operator"])
+def test_perturbed_arpack_vectors_fail_the_residual(shape: tuple[int, int], inp: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """ARPACK's eigenvectors rotated by 1e-6 out of the invariant subspace: the Rayleigh–Ritz step makes
+    ``A v - s u`` vanish on one side by construction, and the freshly multiplied other side
+    (``A^T u - s v`` tall, ``A v - s u`` wide) exposes them in either orientation."""
     A, _, _, _ = make_matrix(*shape, "gap", seed=2)
-    real = spla.svds
+    real = spla.eigsh
 
-    def svds(M: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        U, S, Vh = real(M, k=k, **kw)  # type: ignore[arg-type]
-        noise = np.random.default_rng(0).standard_normal(Vh.shape)
-        return U, S, np.linalg.qr((Vh + 1e-6 * noise).T)[0].T
+    def eigsh(G: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray]:
+        w, E = real(G, k=k, **kw)  # type: ignore[arg-type]
+        return w, E + 1e-6 * np.random.default_rng(0).standard_normal(E.shape)
 
-    monkeypatch.setattr(spla, "svds", svds)
+    monkeypatch.setattr(spla, "eigsh", eigsh)
     with pytest.warns(tp.UncertifiedResultWarning, match="residual"):
-        F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=4)
+        F = tp.ScipySVDS().factorize(_inputs(A)[inp], rank=4)
     assert F.stats["residual"] > 1e-8
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    m=st.integers(40, 160), n=st.integers(40, 160), seed=st.integers(0, 2**16), kind=st.sampled_from(["flat", "gap"])
+)
+def test_the_reused_rayleigh_ritz_product_is_the_product(m: int, n: int, seed: int, kind: str) -> None:
+    """``arpack_triplets`` returns ``C V`` for reuse by the certificate: it equals a fresh product
+    ``C V`` to round-off, and ``C V = U diag(S)`` (the Rayleigh–Ritz identity), ``U`` and ``V`` orthonormal,
+    ``S`` the top singular values of the dense SVD."""
+    from truncpinv.solvers.scipy_svds import arpack_triplets
+
+    A, _, s, _ = make_matrix(max(m, n), min(m, n), kind, seed=seed)
+    k = min(m, n) // 8 + 1
+    U, S, V, CV = arpack_triplets(spla.aslinearoperator(A), k, 1e-14, seed)
+    scale = s[0] * np.finfo(np.float64).eps * 100
+    assert np.abs(CV - A @ V).max() <= scale
+    assert np.abs(CV - U * S).max() <= scale
+    assert np.abs(U.T @ U - np.eye(k)).max() <= 1e-12 and np.abs(V.T @ V - np.eye(k)).max() <= 1e-12
+    assert np.all(np.diff(S) <= 0) and np.abs(S - s[:k]).max() <= 1e-10 * s[0]
 
 
 def test_zero_matrix_and_bad_arguments() -> None:

@@ -158,37 +158,48 @@ class ScipySVDS(Solver):
             t_svds, maxiter = max(rtol_res / 10, 1e-7), 20 * k + 200
         M = scipy_view(A)
         count = _Counter(M)
+        wide = m < n
         try:
-            U, S, Vh = self._svds(count.op, k, t_svds, maxiter, seed)
+            U, S, V, CV = self._triplets(count.op, k, t_svds, maxiter, seed, wide)
         except SolverError:
             if k == tol.rank:
                 raise
             # guard triplets below ARPACK's resolution (sqrt(eps) sigma_1 on the Gram operator) need not
             # converge: without them
-            U, S, Vh = self._svds(count.op, tol.rank, t_svds, maxiter, seed)
-        order = np.argsort(-S, kind="stable")
+            U, S, V, CV = self._triplets(count.op, tol.rank, t_svds, maxiter, seed, wide)
         dev, dt = A.device, A.dtype
-        U_t, S_t, V_t = (
-            torch.from_numpy(np.ascontiguousarray(X)).to(device=dev, dtype=dt)
-            for X in (U[:, order], S[order], Vh[order].T)
-        )
+        U_t, S_t, V_t = (torch.from_numpy(np.ascontiguousarray(X)).to(device=dev, dtype=dt) for X in (U, S, V))
         stats = {"matvecs": count.columns, "method": self.method}
         trip = Triplets(U_t, S_t.clamp_min(0), V_t, stats=stats)
         # the certificate multiplies the sparse matrix itself when svds did (no per-product finite check:
-        # its entries were scanned); anything else through A
+        # its entries were scanned); anything else through A. The Rayleigh-Ritz product C V of the ARPACK
+        # route is that side's residual product (A V tall, A^T U wide): one block product remains.
         A_cert = _SparseProducts(M, A.dtype) if sp.issparse(M) else A
-        certify_triplets(A_cert, trip, tol, rtol_res=rtol_res, seed=seed, runs=1, max_steps=self.check_steps)
+        own: dict[str, Any] = {}
+        if CV is not None:
+            own["AtU" if wide else "AV"] = torch.from_numpy(np.ascontiguousarray(CV)).to(device=dev, dtype=dt)
+        certify_triplets(A_cert, trip, tol, rtol_res=rtol_res, seed=seed, runs=1, max_steps=self.check_steps, **own)
         trip.stats["converged"] = True
         return trip
 
-    def _svds(self, op: Any, k: int, t: float, maxiter: int | None, seed: int) -> tuple[Any, Any, Any]:
-        """``svds``'s triplets; zero ones when ARPACK's start vector maps to zero (``A = 0`` almost surely:
-        the certificate then checks it), a :class:`SolverError` when it does not converge."""
+    def _triplets(
+        self, op: Any, k: int, t: float, maxiter: int | None, seed: int, wide: bool
+    ) -> tuple[Any, Any, Any, Any]:
+        """``(U, S, V, C V)``, ``S`` descending: ARPACK through :func:`arpack_triplets` (``C V`` its
+        Rayleigh–Ritz product, ``C = A``, or ``A^T`` for wide ``A``), PROPACK through ``svds`` (``C V = None``).
+        Zero triplets when ARPACK's start vector maps to zero (``A = 0`` almost surely: the certificate then
+        checks it), a :class:`SolverError` when it does not converge."""
         from scipy.sparse.linalg import ArpackError, svds
 
         m, n = op.shape
         try:
-            return svds(op, k=k, tol=t, solver=self.method, maxiter=maxiter, random_state=np.random.default_rng(seed))
+            if self.method == "propack":
+                rng = np.random.default_rng(seed)
+                U, S, Vh = svds(op, k=k, tol=t, solver="propack", maxiter=maxiter, random_state=rng)
+                order = np.argsort(-S, kind="stable")
+                return U[:, order], S[order], Vh[order].T, None
+            Uc, S, Vc, CV = arpack_triplets(op.T if wide else op, k, t * t, seed)
+            return (Vc, S, Uc, CV) if wide else (Uc, S, Vc, CV)
         except (ArpackError, np.linalg.LinAlgError) as e:
             if not str(e).startswith(f"ARPACK error {_ZERO_START}:"):  # ArpackError keeps no code
                 raise SolverError(
@@ -196,7 +207,54 @@ class ScipySVDS(Solver):
                     f"use solver='lanczos' or solver='auto'"
                 ) from e
         np_dt = op.dtype
-        return np.eye(m, k, dtype=np_dt), np.zeros(k, dtype=np_dt), np.eye(k, n, dtype=np_dt)
+        return np.eye(m, k, dtype=np_dt), np.zeros(k, dtype=np_dt), np.eye(n, k, dtype=np_dt), None
+
+
+#: The Rayleigh–Ritz rotation comes from the ``k x k`` Gram matrix of ``C V`` while ``eps kappa^2`` (the
+#: orthonormality error of ``U = C V W / sigma``) stays below this; else from a QR of ``C V``.
+_GRAM_RR = 1e-10
+
+
+def arpack_triplets(C: Any, k: int, tol: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    r"""The ``k`` largest singular triplets of a tall SciPy operator ``C`` (``m >= n``) by ARPACK.
+
+    ``eigsh`` (implicitly restarted Lanczos, Lehoucq & Sorensen 1996) finds the
+    ``k`` largest eigenpairs of ``G = C^T C`` to ``||G e - \theta e|| \le tol\,\theta``
+    from a Gaussian start (``seed``); then a Rayleigh–Ritz step through ``C``:
+    with ``E`` the eigenvectors (orthonormalised) and ``Y = C E`` (one block
+    product),
+
+    .. math::
+        Y^\top Y = W \Lambda W^\top, \qquad
+        \sigma = \Lambda^{1/2}, \quad V = E W, \quad U = Y W \Sigma^{-1},
+
+    so that ``C V = Y W = U \Sigma``. This is what :func:`scipy.sparse.linalg.svds`
+    computes, with a ``k x k`` eigendecomposition in place of the SVD of the
+    ``m x k`` matrix ``Y`` (``U``'s orthonormality then carries
+    ``eps (\sigma_1 / \sigma_i)^2``, within :data:`_GRAM_RR`; else ``Y = Q R`` and
+    the SVD of ``R``). Returns ``(U, S, V, C V)`` with ``S`` descending: ``C V``
+    is the product that the residual ``C v - \sigma u`` needs, already computed.
+    """
+    from scipy.linalg import eigh, qr, svd
+    from scipy.sparse.linalg import LinearOperator as SpLinOp
+    from scipy.sparse.linalg import eigsh
+
+    n = int(C.shape[1])
+    G = SpLinOp((n, n), matvec=lambda x: C.rmatvec(C.matvec(x)), dtype=C.dtype)
+    v0 = np.random.default_rng(seed).standard_normal(n).astype(C.dtype)
+    _, E = eigsh(G, k=k, tol=tol, v0=v0)
+    E = np.linalg.qr(E)[0]  # ARPACK's eigenvectors of clustered values need not be orthonormal (as svds)
+    Y = np.asarray(C.matmat(E))
+    lam, W = eigh(Y.T @ Y)
+    lam, W = lam[::-1].clip(min=0.0), W[:, ::-1]
+    eps = float(np.finfo(Y.dtype).eps)
+    if lam[-1] > 0 and eps * lam[0] / lam[-1] <= _GRAM_RR:
+        S = np.sqrt(lam)
+        CV = Y @ W
+        return CV / S, S, E @ W, CV
+    Q, R = qr(Y, mode="economic")
+    Ur, S, Wt = svd(R)
+    return Q @ Ur, S, E @ Wt.T, Y @ Wt.T
 
 
 class _SparseProducts:
