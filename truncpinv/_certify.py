@@ -94,6 +94,8 @@ FAILURE_PROBABILITY = 1e-6
 RUNS = 4
 #: Memory of the check's Krylov bases (float64 numbers, all runs together) that caps ``max_steps`` above 64.
 BASIS_BUDGET = 1 << 25
+#: One Gram-Schmidt pass suffices when it keeps at least this fraction of the vector's norm (DGKS).
+REORTH_KEEP = 1 / math.sqrt(2)
 #: Steps between two convergence tests of the deflation check.
 CHECK_EVERY = 4
 #: Singular values below ``RESOLUTION sqrt(c + 1) tol sigma_1`` are not resolved by the check: the
@@ -255,14 +257,18 @@ def certify(
     B = runs
     # P = I - Q Q^T on the short side, Q an orthonormal basis of the deflated short-side vectors
     Qd = torch.linalg.qr((U64 if wide else V64)[:, sel]).Q
+    QdT = Qd.T.contiguous()
 
     def proj(X: torch.Tensor) -> torch.Tensor:
-        return X - Qd @ (Qd.T @ X)
+        return X - Qd @ (QdT @ X)
 
-    def gram(X: torch.Tensor) -> torch.Tensor:  # P C^T C P X on the short side, C = A (tall) or A^T (wide)
+    def gram(X: torch.Tensor) -> torch.Tensor:
+        # P C^T C P X on the short side, C = A (tall) or A^T (wide), for X in the range of P: the Lanczos
+        # vectors are (the start projected, each new one P-projected and orthogonalised against the earlier
+        # ones), so the inner P would remove only rounding, below that of the product itself (eps ||C||^2)
         nonlocal matvecs
         matvecs += 2 * X.shape[1]
-        Y = proj(X).to(dt)
+        Y = X.to(dt)
         return proj((mm(rmm(Y)) if wide else rmm(mm(Y))).to(_F64))
 
     gen = torch.Generator(device=dev)
@@ -279,14 +285,26 @@ def certify(
     scale = max(smax, tau, 1e-300)
     for j in range(steps_max):
         W = gram(Qb[:, j].T).T  # (B, s)
-        # full reorthogonalisation, classical Gram-Schmidt twice ("twice is enough"; BLAS-2/3 over the runs);
-        # the first pass's coefficient of q_j is alpha_j = q_j^T M q_j
+        # the three-term step (alpha_j = q_j^T M q_j, beta_{j-1}), then full reorthogonalisation by classical
+        # Gram-Schmidt (BLAS-2/3 over the runs): a second pass only where the first removed more than
+        # 1 - REORTH_KEEP of the norm (Daniel-Gragg-Kaufman-Stewart: otherwise one pass is orthogonal to
+        # working precision; "twice is enough" when it is not). After the three-term step the full pass
+        # removes only rounding, so the second pass is rare.
+        a = (Qb[:, j] * W).sum(dim=1)
+        W = W - a[:, None] * Qb[:, j]
+        if j > 0:
+            W = W - beta[:, j - 1, None] * Qb[:, j - 1]
+        wn = W.norm(dim=1)
         Qj = Qb[:, : j + 1]
-        h = torch.bmm(Qj, W[:, :, None])
-        alpha[:, j] = h[:, j, 0]
-        W = W - torch.bmm(Qj.transpose(1, 2), h)[:, :, 0]
-        W = W - torch.bmm(Qj.transpose(1, 2), torch.bmm(Qj, W[:, :, None]))[:, :, 0]
-        bn = W.norm(dim=1)
+        for _ in range(2):
+            h = torch.bmm(Qj, W[:, :, None])
+            a = a + h[:, j, 0]
+            W = W - torch.bmm(Qj.transpose(1, 2), h)[:, :, 0]
+            bn = W.norm(dim=1)
+            if not bool((bn < REORTH_KEEP * wn).any()):
+                break
+            wn = bn
+        alpha[:, j] = a
         broken |= bn <= 1e-13 * scale * scale
         beta[:, j] = torch.where(broken, torch.zeros_like(bn), bn)
         Qb[:, j + 1] = torch.where(broken[:, None], torch.zeros_like(W), W / bn.clamp_min(1e-300)[:, None])
