@@ -93,8 +93,67 @@ def test_auto_takes_svds_for_scipy_input_at_low_rank(shape: tuple[int, int]) -> 
         assert F.stats["chosen"] == "svds", name
         np.testing.assert_allclose(np.asarray(F.S), s[: q // 8], rtol=0, atol=1e-11 * s[0])
     assert tp.pinv(sp.csr_matrix(A), rank=q // 8 + 1).stats["chosen"] == "lanczos"
-    assert tp.pinv(tp.TensorOperator(torch.from_numpy(A)), rank=q // 8).stats["chosen"] == "lanczos"
+    assert tp.pinv(tp.TensorOperator(torch.from_numpy(A)), rank=q // 8 + 1).stats["chosen"] == "lanczos"
     assert tp.pinv(A, rank=q // 8).stats["chosen"] != "svds"
+
+
+def _torch_inputs(A: np.ndarray, dtype: torch.dtype) -> dict[str, object]:
+    """The torch matrix-free kinds of one matrix: sparse CSR/COO/CSC tensors and a dense tensor in a
+    ``TensorOperator``, and a ``CallableOperator`` whose products run in torch."""
+    T = torch.from_numpy(A).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR tensor support is in beta state"
+        kinds: dict[str, object] = {
+            "csr": tp.TensorOperator(T.to_sparse_csr()),
+            "coo": tp.TensorOperator(T.to_sparse_coo()),
+            "csc": tp.TensorOperator(T.to_sparse_csc()),
+            "dense": tp.TensorOperator(T),
+            "callable": tp.CallableOperator(A.shape, lambda X: T @ X, lambda Y: T.T @ Y, dtype=dtype),
+        }
+    return kinds
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_auto_takes_svds_for_cpu_torch_operators(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """Torch operators on the CPU at low rank run ``svds`` too (docs/solvers.md): the values agree with the
+    dense float64 SVD to the certified tolerance, and U, S, V come back as torch tensors of the input's
+    dtype and device, with residuals in both orientations within ``tol sigma_1``."""
+    A, _, s, _ = make_matrix(*shape, "gap", seed=4)
+    q = min(shape)
+    for name, inp in _torch_inputs(A, dtype).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", tp.UncertifiedResultWarning)
+            F = tp.pinv(inp, rank=q // 8)
+        assert F.stats["chosen"] == "svds" and F.stats["certified"], name
+        assert all(isinstance(X, torch.Tensor) and X.dtype == dtype and X.device.type == "cpu" for X in (F.U, F.S, F.V))
+        tol = F.stats["residual_tol"]
+        err = np.abs(np.asarray(F.S, dtype=np.float64) - s[: q // 8]).max()
+        assert err <= 2 * tol * s[0] + 8 * float(torch.finfo(dtype).eps) * s[0], name
+        U, S, V = (X.double().numpy() for X in (F.U, F.S, F.V))
+        res = max(np.abs(A @ V - U * S).max(), np.abs(A.T @ U - V * S).max())
+        assert res <= 4 * tol * s[0] + 8 * float(torch.finfo(dtype).eps) * s[0] * np.sqrt(max(shape)), name
+
+
+def test_choose_solver_keeps_lanczos_for_cuda_and_high_rank_operators() -> None:
+    """The rule itself: a CPU operator at low rank is ``svds``'s; one on CUDA (``cpu_operator=False``) and
+    one at a high rank are ``Lanczos``'s."""
+    from truncpinv.solvers.auto import choose_solver
+
+    assert isinstance(choose_solver((3000, 500), 50, dense=False, cpu_operator=True), tp.ScipySVDS)
+    assert isinstance(choose_solver((3000, 500), 50, dense=False, cpu_operator=False), tp.Lanczos)
+    assert isinstance(choose_solver((3000, 500), 63, dense=False, cpu_operator=True), tp.Lanczos)
+
+
+def test_a_nan_in_a_torch_operator_is_named() -> None:
+    """A torch sparse or dense tensor is handed to SciPy only when its entries are finite; otherwise the
+    products go through the checked operator, whose first product names the NaN."""
+    A, _, _, _ = make_matrix(240, 90, "gap", seed=5)
+    A[3, 7] = np.nan
+    for name, inp in _torch_inputs(A, torch.float64).items():
+        with pytest.raises(ValueError, match=r"`A` must be finite"):
+            tp.pinv(inp, rank=10)
+        assert name
 
 
 def _broken_eigsh(drop: int) -> object:
@@ -201,3 +260,16 @@ def test_one_run_check_still_catches_a_missed_value(runs: int, shape: tuple[int,
     assert cert.threshold <= cert.deflated_norm <= s[4] * (1 + 1e-12)
     good = [torch.from_numpy(np.ascontiguousarray(X)) for X in (U[:, :5], s[:5], V[:, :5])]
     assert tp.certify(tp.aslinearoperator(sp.csr_matrix(A)), *good, tol, rtol_res=1e-12, runs=runs).certified
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "irlba", "randomized"])
+def test_operator_solvers_take_torch_sparse_tensors(solver: str) -> None:
+    """``TensorOperator`` over sparse CSR/CSC/COO tensors serves every matrix-free solver (its ``rmatmat``
+    transposes with ``.t()``: ``.T`` of a sparse CSR tensor is refused by torch); Auto's fallback from
+    ``svds`` is ``Lanczos``, so this is its path too."""
+    A, _, s, _ = make_matrix(240, 90, "gap", seed=6)
+    for name, inp in _torch_inputs(A, torch.float64).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", tp.UncertifiedResultWarning)
+            F = tp.pinv(inp, rank=8, solver=solver)
+        np.testing.assert_allclose(F.S.numpy(), s[:8], rtol=0, atol=1e-6 * s[0], err_msg=name)

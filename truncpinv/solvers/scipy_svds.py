@@ -11,13 +11,13 @@ import torch
 
 from .._certify import check_tol, default_tol
 from .._factorization import Triplets
-from .._operator import LinearOperator, ScipyOperator
+from .._operator import LinearOperator, ScipyOperator, TensorOperator
 from .._tolerance import Tolerance
 from .._validation import FiniteCheckedOperator
 from ._base import Solver, SolverError, certify_triplets, check_seed, int_field
 from .lobpcg import _exact
 
-__all__ = ["ScipySVDS", "scipy_backed", "scipy_view"]
+__all__ = ["ScipySVDS", "scipy_view", "svds_serves"]
 
 #: ``svds`` back ends.
 METHODS = ("arpack", "propack")
@@ -26,9 +26,10 @@ _ZERO_START = -9
 
 
 def scipy_view(A: torch.Tensor | LinearOperator) -> Any:
-    """What ``svds`` multiplies: the SciPy sparse matrix (with finite entries where ``check_finite``) or the
-    CPU array that ``A`` holds, else a :class:`scipy.sparse.linalg.LinearOperator` whose products go
-    through ``A`` (with its finite checks, which name a NaN), on ``A``'s device."""
+    """What ``svds`` multiplies: the SciPy sparse matrix, the CPU array that ``A`` holds, or the SciPy CSR
+    matrix sharing the storage of a CPU torch sparse tensor that ``A`` holds (``TensorOperator``; with
+    finite entries where ``check_finite``), else a :class:`scipy.sparse.linalg.LinearOperator` whose
+    products go through ``A`` (with its finite checks, which name a NaN), on ``A``'s device."""
     import scipy.sparse as sp
     from scipy.sparse.linalg import LinearOperator as SpLinOp
 
@@ -37,8 +38,12 @@ def scipy_view(A: torch.Tensor | LinearOperator) -> Any:
     checked = isinstance(A, FiniteCheckedOperator)
     inner = A.op if isinstance(A, FiniteCheckedOperator) else A
     M = getattr(inner.op, "A", None) if isinstance(inner, ScipyOperator) else None
-    if sp.issparse(M) and (not checked or bool(np.isfinite(M.data).all())):  # type: ignore[union-attr]
-        return M
+    if isinstance(inner, TensorOperator):
+        M = _as_scipy(inner.A)
+    if sp.issparse(M) or isinstance(M, np.ndarray):  # entries scanned once instead of every product checked
+        entries = M.data if sp.issparse(M) else M  # type: ignore[union-attr]
+        if not checked or bool(np.isfinite(entries).all()):
+            return M
     dt, dev = A.dtype, A.device
     fwd, back = (A.__matmul__, A.T.__matmul__) if isinstance(A, torch.Tensor) else (A.matmat, A.rmatmat)
 
@@ -55,6 +60,30 @@ def scipy_view(A: torch.Tensor | LinearOperator) -> Any:
         rmatmat=lambda Y: call(back, Y),
         dtype=np_dt,
     )
+
+
+def _as_scipy(T: torch.Tensor) -> Any:
+    """A CPU torch matrix as SciPy sees it: a dense one as its NumPy view, a sparse one (COO, CSR or CSC) as
+    a SciPy CSR matrix (sharing the CSR storage; COO and CSC converted once); ``None`` on other devices."""
+    import scipy.sparse as sp
+
+    if T.device.type != "cpu" or T.requires_grad:
+        return None
+    if T.layout == torch.strided:
+        return T.numpy()
+    if T.layout == torch.sparse_coo:
+        T = T.coalesce()
+        i = T.indices().numpy()
+        return sp.csr_matrix((T.values().numpy(), (i[0], i[1])), shape=tuple(T.shape))
+    if T.layout == torch.sparse_csc:
+        return sp.csc_matrix(
+            (T.values().numpy(), T.row_indices().numpy(), T.ccol_indices().numpy()), shape=tuple(T.shape)
+        ).tocsr()
+    if T.layout == torch.sparse_csr:
+        return sp.csr_matrix(
+            (T.values().numpy(), T.col_indices().numpy(), T.crow_indices().numpy()), shape=tuple(T.shape)
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -299,7 +328,13 @@ class _Counter:
         )
 
 
-def scipy_backed(A: torch.Tensor | LinearOperator) -> bool:
-    """Whether ``A`` is a SciPy sparse matrix or SciPy ``LinearOperator`` (as prepared by ``factorize``)."""
+def svds_serves(A: torch.Tensor | LinearOperator) -> bool:
+    """Whether ``svds`` serves ``A`` (as prepared by ``factorize``) on the CPU: a SciPy sparse matrix or
+    ``LinearOperator``, or a matrix-free torch operator on the CPU (a ``TensorOperator`` over a sparse or
+    dense tensor, a ``CallableOperator``, any protocol object), whose products ``svds`` calls
+    one vector at a time. A dense tensor is not (the dense solvers serve it), nor a CUDA operator (each
+    of ARPACK's products would cross to the CPU and back)."""
+    if isinstance(A, torch.Tensor):
+        return False
     inner = A.op if isinstance(A, FiniteCheckedOperator) else A
-    return isinstance(inner, ScipyOperator)
+    return isinstance(inner, ScipyOperator) or A.device.type == "cpu"
