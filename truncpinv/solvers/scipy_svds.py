@@ -186,19 +186,19 @@ class ScipySVDS(Solver):
             # r^2 / gap: ask t ~ tol; below t^2 = 1e-14 it stops converging
             t_svds, maxiter = max(rtol_res / 10, 1e-7), 20 * k + 200
         M = scipy_view(A)
-        count = _Counter(M)
+        count = _Counted(M)
         wide = m < n
         try:
-            U, S, V, CV = self._triplets(count.op, k, t_svds, maxiter, seed, wide)
+            U, S, V, CV = self._triplets(count, k, t_svds, maxiter, seed, wide)
         except SolverError:
             if k == tol.rank:
                 raise
             # guard triplets below ARPACK's resolution (sqrt(eps) sigma_1 on the Gram operator) need not
             # converge: without them
-            U, S, V, CV = self._triplets(count.op, tol.rank, t_svds, maxiter, seed, wide)
+            U, S, V, CV = self._triplets(count, tol.rank, t_svds, maxiter, seed, wide)
         dev, dt = A.device, A.dtype
         U_t, S_t, V_t = (torch.from_numpy(np.ascontiguousarray(X)).to(device=dev, dtype=dt) for X in (U, S, V))
-        stats = {"matvecs": count.columns, "method": self.method}
+        stats = {"matvecs": count.columns[0], "method": self.method}
         trip = Triplets(U_t, S_t.clamp_min(0), V_t, stats=stats)
         # the certificate multiplies the sparse matrix itself when svds did (no per-product finite check:
         # its entries were scanned); anything else through A. The Rayleigh-Ritz product C V of the ARPACK
@@ -212,7 +212,7 @@ class ScipySVDS(Solver):
         return trip
 
     def _triplets(
-        self, op: Any, k: int, t: float, maxiter: int | None, seed: int, wide: bool
+        self, op: _Counted, k: int, t: float, maxiter: int | None, seed: int, wide: bool
     ) -> tuple[Any, Any, Any, Any]:
         """``(U, S, V, C V)``, ``S`` descending: ARPACK through :func:`arpack_triplets` (``C V`` its
         Rayleigh–Ritz product, ``C = A``, or ``A^T`` for wide ``A``), PROPACK through ``svds`` (``C V = None``).
@@ -224,7 +224,7 @@ class ScipySVDS(Solver):
         try:
             if self.method == "propack":
                 rng = np.random.default_rng(seed)
-                U, S, Vh = svds(op, k=k, tol=t, solver="propack", maxiter=maxiter, random_state=rng)
+                U, S, Vh = svds(op.linear_operator(), k=k, tol=t, solver="propack", maxiter=maxiter, random_state=rng)
                 order = np.argsort(-S, kind="stable")
                 return U[:, order], S[order], Vh[order].T, None
             Uc, S, Vc, CV = arpack_triplets(op.T if wide else op, k, t * t, seed)
@@ -245,7 +245,8 @@ _GRAM_RR = 1e-10
 
 
 def arpack_triplets(C: Any, k: int, tol: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    r"""The ``k`` largest singular triplets of a tall SciPy operator ``C`` (``m >= n``) by ARPACK.
+    r"""The ``k`` largest singular triplets of a tall ``C`` (``m >= n``; anything with ``@`` and ``.T``: a
+    SciPy sparse matrix or ``LinearOperator``, a NumPy array) by ARPACK.
 
     ``eigsh`` (implicitly restarted Lanczos, Lehoucq & Sorensen 1996) finds the
     ``k`` largest eigenpairs of ``G = C^T C`` to ``||G e - \theta e|| \le tol\,\theta``
@@ -268,12 +269,12 @@ def arpack_triplets(C: Any, k: int, tol: float, seed: int) -> tuple[np.ndarray, 
     from scipy.sparse.linalg import LinearOperator as SpLinOp
     from scipy.sparse.linalg import eigsh
 
-    n = int(C.shape[1])
-    G = SpLinOp((n, n), matvec=lambda x: C.rmatvec(C.matvec(x)), dtype=C.dtype)
+    n, CT = int(C.shape[1]), C.T
+    G = SpLinOp((n, n), matvec=lambda x: CT @ (C @ x), dtype=C.dtype)
     v0 = np.random.default_rng(seed).standard_normal(n).astype(C.dtype)
     _, E = eigsh(G, k=k, tol=tol, v0=v0)
     E = np.linalg.qr(E)[0]  # ARPACK's eigenvectors of clustered values need not be orthonormal (as svds)
-    Y = np.asarray(C.matmat(E))
+    Y = np.asarray(C @ E)
     lam, W = eigh(Y.T @ Y)
     lam, W = lam[::-1].clip(min=0.0), W[:, ::-1]
     eps = float(np.finfo(Y.dtype).eps)
@@ -301,31 +302,30 @@ class _SparseProducts:
         return torch.from_numpy(np.asarray(self.MT @ Y.numpy()))
 
 
-class _Counter:
-    """Counts the columns that ``svds`` multiplies by ``A`` or ``A^T`` (``stats["matvecs"]``)."""
+class _Counted:
+    """``M`` (SciPy sparse matrix, NumPy array or SciPy ``LinearOperator``) with ``@`` and ``.T``, counting
+    the columns multiplied by ``M`` or ``M^T`` (``stats["matvecs"]``) in a counter that ``.T`` shares; no
+    ``LinearOperator`` layers between ARPACK and a sparse kernel."""
 
-    def __init__(self, M: Any) -> None:
+    def __init__(self, M: Any, MT: Any = None, columns: list[int] | None = None) -> None:
+        self.M, self.MT = M, (M.T if MT is None else MT)
+        self.shape, self.dtype = (int(M.shape[0]), int(M.shape[1])), M.dtype
+        self.columns = [0] if columns is None else columns
+
+    @property
+    def T(self) -> _Counted:
+        return _Counted(self.MT, self.M, self.columns)
+
+    def __matmul__(self, X: np.ndarray) -> np.ndarray:
+        self.columns[0] += 1 if X.ndim == 1 else int(X.shape[1])
+        return np.asarray(self.M @ X)
+
+    def linear_operator(self) -> Any:
+        """The same products as a SciPy ``LinearOperator`` (for ``svds``)."""
         from scipy.sparse.linalg import LinearOperator as SpLinOp
-        from scipy.sparse.linalg import aslinearoperator
 
-        inner = aslinearoperator(M)
-        self.columns = 0
-
-        def counted(f: Any) -> Any:
-            def g(X: np.ndarray) -> np.ndarray:
-                self.columns += 1 if X.ndim == 1 else int(X.shape[1])
-                return f(X)
-
-            return g
-
-        self.op = SpLinOp(
-            inner.shape,
-            matvec=counted(inner.matvec),
-            matmat=counted(inner.matmat),
-            rmatvec=counted(inner.rmatvec),
-            rmatmat=counted(inner.rmatmat),
-            dtype=inner.dtype,
-        )
+        mm, rmm = self.__matmul__, self.T.__matmul__
+        return SpLinOp(self.shape, matvec=mm, matmat=mm, rmatvec=rmm, rmatmat=rmm, dtype=self.dtype)
 
 
 def svds_serves(A: torch.Tensor | LinearOperator) -> bool:
