@@ -273,3 +273,29 @@ def test_operator_solvers_take_torch_sparse_tensors(solver: str) -> None:
             warnings.simplefilter("ignore", tp.UncertifiedResultWarning)
             F = tp.pinv(inp, rank=8, solver=solver)
         np.testing.assert_allclose(F.S.numpy(), s[:8], rtol=0, atol=1e-6 * s[0], err_msg=name)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    wide=st.booleans(),
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["gap", "geometric"]),
+    drop=st.sampled_from([None, 2]),
+)
+def test_a_reused_product_certifies_as_a_fresh_one(wide: bool, seed: int, kind: str, drop: int | None) -> None:
+    """``certify(AV=A V)`` or ``certify(AtU=A^T U)`` (the solver's own product) reaches the same residual and
+    the same verdict as multiplying afresh, for exact triplets and for triplets missing sigma_3 (uncertified
+    either way: the reused product does not hide a missed value)."""
+    shape = (60, 200) if wide else (200, 60)
+    A, U, s, V = make_matrix(*shape, kind, seed=seed)
+    idx = [i for i in range(6) if i != drop][:5]
+    T = [torch.from_numpy(np.ascontiguousarray(X)) for X in (U[:, idx], s[idx], V[:, idx])]
+    tol = tp.Tolerance(rank=5, rtol=1e-8, atol=0.0)
+    op = tp.aslinearoperator(sp.csr_matrix(A))
+    At = torch.from_numpy(A)
+    fresh = tp.certify(op, *T, tol, rtol_res=1e-12, runs=1)
+    for own in ({"AV": At @ T[2]}, {"AtU": At.T @ T[0]}):
+        reused = tp.certify(op, *T, tol, rtol_res=1e-12, runs=1, **own)
+        assert reused.certified == fresh.certified == (drop is None)
+        assert abs(reused.residual - fresh.residual) <= 1e-14
+        assert reused.matvecs == fresh.matvecs - 5

@@ -268,8 +268,9 @@ def certify(
         # ones), so the inner P would remove only rounding, below that of the product itself (eps ||C||^2)
         nonlocal matvecs
         matvecs += 2 * X.shape[1]
-        Y = X.to(dt)
-        return proj((mm(rmm(Y)) if wide else rmm(mm(Y))).to(_F64))
+        Y = X if dt == _F64 else X.to(dt)
+        Z = mm(rmm(Y)) if wide else rmm(mm(Y))
+        return proj(Z if Z.dtype == _F64 else Z.to(_F64))
 
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed + 0x5EED)
@@ -281,8 +282,9 @@ def certify(
     alpha = torch.zeros(B, steps_max, dtype=_F64, device=dev)
     beta = torch.zeros(B, steps_max, dtype=_F64, device=dev)
     broken = torch.zeros(B, dtype=torch.bool, device=dev)
+    all_broken = False
+    floor = 1e-13 * max(smax, tau, 1e-300) ** 2  # a run whose new vector is below this has broken down
     delta, prob, q, next_test = 0.0, 1.0, 0, CHECK_EVERY
-    scale = max(smax, tau, 1e-300)
     for j in range(steps_max):
         W = gram(Qb[:, j].T).T  # (B, s)
         # the three-term step (alpha_j = q_j^T M q_j, beta_{j-1}), then full reorthogonalisation by classical
@@ -294,22 +296,27 @@ def certify(
         W = W - a[:, None] * Qb[:, j]
         if j > 0:
             W = W - beta[:, j - 1, None] * Qb[:, j - 1]
-        wn = W.norm(dim=1)
+        wn = torch.linalg.vector_norm(W, dim=1)
         Qj = Qb[:, : j + 1]
         for _ in range(2):
             h = torch.bmm(Qj, W[:, :, None])
             a = a + h[:, j, 0]
             W = W - torch.bmm(Qj.transpose(1, 2), h)[:, :, 0]
-            bn = W.norm(dim=1)
+            bn = torch.linalg.vector_norm(W, dim=1)
             if not bool((bn < REORTH_KEEP * wn).any()):
                 break
             wn = bn
         alpha[:, j] = a
-        broken |= bn <= 1e-13 * scale * scale
-        beta[:, j] = torch.where(broken, torch.zeros_like(bn), bn)
-        Qb[:, j + 1] = torch.where(broken[:, None], torch.zeros_like(W), W / bn.clamp_min(1e-300)[:, None])
+        if float(bn.min()) > floor:  # no run has broken down (the common case: fewer small operations)
+            beta[:, j] = bn
+            Qb[:, j + 1] = W / bn[:, None]
+        else:  # a broken run keeps zero coefficients and a zero vector (its products are zero from now on)
+            broken |= bn <= floor
+            beta[:, j] = torch.where(broken, torch.zeros_like(bn), bn)
+            Qb[:, j + 1] = torch.where(broken[:, None], torch.zeros_like(W), W / bn.clamp_min(1e-300)[:, None])
+            all_broken = bool(broken.all())
         q = j + 1
-        if q < next_test and q != steps_max and not bool(broken.all()):
+        if q < next_test and q != steps_max and not all_broken:
             continue
         delta = math.sqrt(_largest_ritz(alpha[:, :q], beta[:, : q - 1]))
         if not math.isfinite(delta):  # NaN/Inf reached the check (non-finite A under check_finite=False): no proof
@@ -318,7 +325,7 @@ def certify(
         if delta >= tau and delta > 0:  # a missed singular value is proven
             prob = 1.0
             break
-        if bool(broken.all()) or q >= s:  # invariant subspaces or the whole space: exact
+        if all_broken or q >= s:  # invariant subspaces or the whole space: exact
             prob = 0.0
             break
         if tau > 0:

@@ -88,35 +88,38 @@ def _as_scipy(T: torch.Tensor) -> Any:
 
 @dataclass(frozen=True)
 class ScipySVDS(Solver):
-    r"""Truncated pseudoinverse from :func:`scipy.sparse.linalg.svds`, certified like every iterative solver.
+    r"""Truncated pseudoinverse from SciPy's ARPACK (or PROPACK), certified like every iterative solver.
 
     ``method="arpack"`` runs ARPACK's implicitly restarted Lanczos method
-    (Lehoucq & Sorensen 1996) on the short-side Gram operator
-    ``G = A^T A`` (``A A^T`` for wide ``A``) and then a Rayleigh–Ritz step
-    ``A V = U \Sigma W^T`` through ``A`` itself. ARPACK stops when its Ritz
-    estimate satisfies ``||G v - \theta v|| \le t^2 \theta`` with ``t`` the
-    ``svds`` tolerance; for a triplet this means
-    ``||A^T u - \sigma v|| \approx ||G v - \sigma^2 v|| / \sigma \le t^2 \sigma``,
-    so ``t = \sqrt{tol / 10}`` asks for a tenth of the certified residual
+    (Lehoucq & Sorensen 1996, :func:`scipy.sparse.linalg.eigsh`) on the short-side
+    Gram operator ``G = A^T A`` (``A A^T`` for wide ``A``) and then a Rayleigh–Ritz
+    step through ``A`` itself (:func:`arpack_triplets`), as
+    :func:`scipy.sparse.linalg.svds` does, with a ``k x k`` eigendecomposition
+    in place of the SVD of an ``m x k`` matrix. ARPACK stops when
+    ``||G v - \theta v|| \le t^2 \theta``; for a triplet this means
+    ``||A^T u - \sigma v|| = ||G v - \sigma^2 v|| / \sigma \le t^2 \sigma``,
+    so ``t^2 = tol / 10`` asks for a tenth of the certified residual
     ``tol \sigma_1``. ``method="propack"`` runs PROPACK's Lanczos
-    bidiagonalisation of ``A`` itself (Larsen 1998), which does not square ``A``;
+    bidiagonalisation of ``A`` itself through ``svds`` (Larsen 1998), which does not square ``A``;
     its stopping rule bounds the error of ``sigma`` rather than the residual, and
     below an internal tolerance of ``1e-14`` it stops converging, so its
     residuals stall between ``2e-11`` and ``7e-9 sigma_1`` (measured): it is
     certified for a loose ``tol`` (``1e-6``), not at the float64 default ``1e-12``.
 
     The answer is then certified (:mod:`truncpinv._certify`): explicit residuals
-    in both orientations within ``tol * sigma_1``, and no missed singular value
-    above the kept ones, checked by **one** Lanczos run on the deflated operator
-    (``runs=1``: SciPy products cost per column, and one run needs the fewest
-    of them for the same bound) of at most ``check_steps`` steps. ``svds``
+    in both orientations within ``tol * sigma_1`` (the Rayleigh–Ritz step's block
+    product ``A V``, ``A^T U`` for wide ``A``, is that side's residual product; the
+    other side is one more block product), and no missed singular value above
+    the kept ones, checked by **one** Lanczos run on the deflated operator
+    (``runs=1``: SciPy's sparse kernels cost per column, and one run needs the fewest
+    of them for the same bound) of at most ``check_steps`` steps. ARPACK
     computes ``guard`` triplets beyond the rank: those that are accurate and
     clearly below the kept ones are deflated too, which widens the gap the
     check has to resolve (on a flat spectrum its length goes like
     ``1 / sqrt(1 - (sigma_{k+g+1} / sigma_k)^2)``; on the 20000 x 3000 matrix
     of ``benchmarks/sparse_table.py`` at rank 50, 5 more triplets cost ARPACK 87
     products and save the check 248; guard triplets below ARPACK's resolution,
-    ``sqrt(eps) sigma_1`` on the Gram operator, may not converge: then ``svds`` runs
+    ``sqrt(eps) sigma_1`` on the Gram operator, may not converge: then ARPACK runs
     again without them). An
     uncertified result raises one :class:`~truncpinv.UncertifiedResultWarning`
     (``solver="auto"`` falls back instead). ARPACK squares ``A``: its residuals carry
@@ -127,8 +130,12 @@ class ScipySVDS(Solver):
     short side ``s``, the short side is materialised (``s`` products) and
     decomposed exactly instead (``stats["fallback"] = "rank"``).
 
-    Runs on the CPU: a CUDA tensor or operator is multiplied on its device and
-    each product crosses to the CPU; use ``Lanczos`` there.
+    Runs on the CPU. A SciPy sparse matrix, and a ``TensorOperator`` over a CPU
+    torch sparse (CSR shared without a copy; COO and CSC converted once) or dense
+    tensor, are multiplied by SciPy's own kernels; any other operator through its
+    products, one vector at a time (a CUDA operator would cross to the CPU at every
+    product: use ``Lanczos`` there, as ``auto`` does). Results are tensors of ``A``'s
+    dtype and device (NumPy for SciPy input, as everywhere).
 
     Args:
         method: ``"arpack"`` (default) or ``"propack"``.
