@@ -41,7 +41,7 @@ def scipy_view(A: torch.Tensor | LinearOperator) -> Any:
     if isinstance(inner, TensorOperator):
         M = _as_scipy(inner.A)
     if sp.issparse(M) or isinstance(M, np.ndarray):  # entries scanned once instead of every product checked
-        entries = M.data if sp.issparse(M) else M  # type: ignore[union-attr]
+        entries: Any = M.data if sp.issparse(M) else M  # type: ignore[union-attr]
         if not checked or bool(np.isfinite(entries).all()):
             return M
     dt, dev = A.dtype, A.device
