@@ -52,7 +52,7 @@ def choose_solver(
       (``rank <= min(m, n) / 8``): ``ScipySVDS`` (ARPACK), certified by truncpinv.
       ARPACK's implicit restarts need fewer products than our ``Lanczos`` on the
       flat spectra of sparse data (``benchmarks/sparse_table.py``: on SciPy input
-      ARPACK plus the certificate took 0.1x to 0.9x ``Lanczos``'s time, on torch operators
+      ARPACK plus the certificate took 0.1x to 0.6x ``Lanczos``'s time, on torch operators
       see docs/solvers.md). A torch sparse tensor reaches SciPy's kernels without a copy (CSR).
     * **Other matrix-free operators** (CUDA, where each of ARPACK's single-vector
       products would cross to the CPU; any operator at a high rank): ``Lanczos``
