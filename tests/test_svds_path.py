@@ -299,3 +299,23 @@ def test_a_reused_product_certifies_as_a_fresh_one(wide: bool, seed: int, kind: 
         assert reused.certified == fresh.certified == (drop is None)
         assert abs(reused.residual - fresh.residual) <= 1e-14
         assert reused.matvecs == fresh.matvecs - 5
+
+
+@pytest.mark.parametrize("shape", [(300, 60), (60, 300)], ids=["tall", "wide"])
+def test_ill_conditioned_rayleigh_ritz_keeps_u_orthonormal(shape: tuple[int, int]) -> None:
+    """sigma_1 / sigma_6 ~ 1.2e3, so the k x k Gram rotation would leave U orthonormal only to
+    eps kappa^2 ~ 3e-10: ``arpack_triplets`` takes the QR of ``C V`` there, and U stays orthonormal to
+    working precision, with ``C V`` still the fresh product and ``C V = U diag(S)``."""
+    from truncpinv.solvers.scipy_svds import arpack_triplets
+
+    rng = np.random.default_rng(7)
+    q = min(shape)
+    s = np.concatenate([[1.0], 1e-3 * 0.95 ** np.arange(q - 1)])
+    U0 = np.linalg.qr(rng.standard_normal((shape[0], q)))[0]
+    V0 = np.linalg.qr(rng.standard_normal((shape[1], q)))[0]
+    A = (U0 * s) @ V0.T
+    C = A if shape[0] >= shape[1] else A.T
+    U, S, V, CV = arpack_triplets(spla.aslinearoperator(C), 6, 1e-10, 0)
+    assert np.abs(U.T @ U - np.eye(6)).max() <= 1e-13
+    assert np.abs(CV - C @ V).max() <= 1e-14 and np.abs(CV - U * S).max() <= 1e-14
+    assert np.abs(S - s[:6]).max() <= 1e-9
