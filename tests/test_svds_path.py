@@ -93,29 +93,89 @@ def test_auto_takes_svds_for_scipy_input_at_low_rank(shape: tuple[int, int]) -> 
         assert F.stats["chosen"] == "svds", name
         np.testing.assert_allclose(np.asarray(F.S), s[: q // 8], rtol=0, atol=1e-11 * s[0])
     assert tp.pinv(sp.csr_matrix(A), rank=q // 8 + 1).stats["chosen"] == "lanczos"
-    assert tp.pinv(tp.TensorOperator(torch.from_numpy(A)), rank=q // 8).stats["chosen"] == "lanczos"
+    assert tp.pinv(tp.TensorOperator(torch.from_numpy(A)), rank=q // 8 + 1).stats["chosen"] == "lanczos"
     assert tp.pinv(A, rank=q // 8).stats["chosen"] != "svds"
 
 
-def _broken_svds(drop: int) -> object:
-    """``svds`` that leaves out the ``drop``-th largest triplet (exact triplets otherwise): a missed value."""
-    real = spla.svds
-
-    def svds(A: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        U, S, Vh = real(A, k=k + 1, **kw)  # type: ignore[arg-type]
-        order = np.argsort(-S)
-        keep = np.delete(order, drop)
-        return U[:, keep], S[keep], Vh[keep]
-
-    return svds
+def _torch_inputs(A: np.ndarray, dtype: torch.dtype) -> dict[str, object]:
+    """The torch matrix-free kinds of one matrix: sparse CSR/COO/CSC tensors and a dense tensor in a
+    ``TensorOperator``, and a ``CallableOperator`` whose products run in torch."""
+    T = torch.from_numpy(A).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR tensor support is in beta state"
+        kinds: dict[str, object] = {
+            "csr": tp.TensorOperator(T.to_sparse_csr()),
+            "coo": tp.TensorOperator(T.to_sparse_coo()),
+            "csc": tp.TensorOperator(T.to_sparse_csc()),
+            "dense": tp.TensorOperator(T),
+            "callable": tp.CallableOperator(A.shape, lambda X: T @ X, lambda Y: T.T @ Y, dtype=dtype),
+        }
+    return kinds
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_a_missed_value_from_svds_is_caught_and_auto_falls_back(shape: tuple[int, int], monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """An ``svds`` that skips sigma_3: every residual is at round-off, but the one-run check of the projected
-    operator finds sigma_3 above the smallest kept value. ``ScipySVDS`` warns; ``auto`` runs ``Lanczos``."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_auto_takes_svds_for_cpu_torch_operators(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """Torch operators on the CPU at low rank run ``svds`` too (docs/solvers.md): the values agree with the
+    dense float64 SVD to the certified tolerance, and U, S, V come back as torch tensors of the input's
+    dtype and device, with residuals in both orientations within ``tol sigma_1``."""
+    A, _, s, _ = make_matrix(*shape, "gap", seed=4)
+    q = min(shape)
+    for name, inp in _torch_inputs(A, dtype).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", tp.UncertifiedResultWarning)
+            F = tp.pinv(inp, rank=q // 8)
+        assert F.stats["chosen"] == "svds" and F.stats["certified"], name
+        assert all(isinstance(X, torch.Tensor) and X.dtype == dtype and X.device.type == "cpu" for X in (F.U, F.S, F.V))
+        tol = F.stats["residual_tol"]
+        err = np.abs(np.asarray(F.S, dtype=np.float64) - s[: q // 8]).max()
+        assert err <= 2 * tol * s[0] + 8 * float(torch.finfo(dtype).eps) * s[0], name
+        U, S, V = (X.double().numpy() for X in (F.U, F.S, F.V))
+        res = max(np.abs(A @ V - U * S).max(), np.abs(A.T @ U - V * S).max())
+        assert res <= 4 * tol * s[0] + 8 * float(torch.finfo(dtype).eps) * s[0] * np.sqrt(max(shape)), name
+
+
+def test_choose_solver_keeps_lanczos_for_cuda_and_high_rank_operators() -> None:
+    """The rule itself: a CPU operator at low rank is ``svds``'s; one on CUDA (``cpu_operator=False``) and
+    one at a high rank are ``Lanczos``'s."""
+    from truncpinv.solvers.auto import choose_solver
+
+    assert isinstance(choose_solver((3000, 500), 50, dense=False, cpu_operator=True), tp.ScipySVDS)
+    assert isinstance(choose_solver((3000, 500), 50, dense=False, cpu_operator=False), tp.Lanczos)
+    assert isinstance(choose_solver((3000, 500), 63, dense=False, cpu_operator=True), tp.Lanczos)
+
+
+def test_a_nan_in_a_torch_operator_is_named() -> None:
+    """A torch sparse or dense tensor is handed to SciPy only when its entries are finite; otherwise the
+    products go through the checked operator, whose first product names the NaN."""
+    A, _, _, _ = make_matrix(240, 90, "gap", seed=5)
+    A[3, 7] = np.nan
+    for name, inp in _torch_inputs(A, torch.float64).items():
+        with pytest.raises(ValueError, match=r"`A` must be finite"):
+            tp.pinv(inp, rank=10)
+        assert name
+
+
+def _broken_eigsh(drop: int) -> object:
+    """ARPACK's ``eigsh`` leaving out the ``drop``-th largest eigenpair of the Gram operator (exact pairs
+    otherwise): a missed value, which the Rayleigh–Ritz step and the residuals cannot see."""
+    real = spla.eigsh
+
+    def eigsh(G: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray]:
+        w, E = real(G, k=k + 1, **kw)  # type: ignore[arg-type]
+        keep = np.delete(np.argsort(-w), drop)
+        return w[keep], E[:, keep]
+
+    return eigsh
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_a_missed_value_from_arpack_is_caught_and_auto_falls_back(shape: tuple[int, int], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An ARPACK that skips sigma_3: every residual is at round-off (the reused Rayleigh–Ritz product on one
+    side, a fresh product on the other), but the one-run check of the projected operator finds sigma_3 above
+    the smallest kept value. ``ScipySVDS`` warns; ``auto`` runs ``Lanczos``."""
     A, _, s, _ = make_matrix(*shape, "geometric", seed=1)
-    monkeypatch.setattr(spla, "svds", _broken_svds(2))
+    monkeypatch.setattr(spla, "eigsh", _broken_eigsh(2))
     with pytest.warns(tp.UncertifiedResultWarning, match="missed a singular value"):
         F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=5, rtol=1e-10)
     assert F.stats["certified"] is False and F.stats["residual"] < 1e-13
@@ -128,20 +188,42 @@ def test_a_missed_value_from_svds_is_caught_and_auto_falls_back(shape: tuple[int
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_a_perturbed_svds_answer_fails_the_residual(shape: tuple[int, int], monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Right vectors rotated by 1e-6: ``||A^T u - s v||`` exposes them in either orientation."""
+@pytest.mark.parametrize("inp", ["csr", "operator"])
+def test_perturbed_arpack_vectors_fail_the_residual(shape: tuple[int, int], inp: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """ARPACK's eigenvectors rotated by 1e-6 out of the invariant subspace: the Rayleigh–Ritz step makes
+    ``A v - s u`` vanish on one side by construction, and the freshly multiplied other side
+    (``A^T u - s v`` tall, ``A v - s u`` wide) exposes them in either orientation."""
     A, _, _, _ = make_matrix(*shape, "gap", seed=2)
-    real = spla.svds
+    real = spla.eigsh
 
-    def svds(M: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        U, S, Vh = real(M, k=k, **kw)  # type: ignore[arg-type]
-        noise = np.random.default_rng(0).standard_normal(Vh.shape)
-        return U, S, np.linalg.qr((Vh + 1e-6 * noise).T)[0].T
+    def eigsh(G: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray]:
+        w, E = real(G, k=k, **kw)  # type: ignore[arg-type]
+        return w, E + 1e-6 * np.random.default_rng(0).standard_normal(E.shape)
 
-    monkeypatch.setattr(spla, "svds", svds)
+    monkeypatch.setattr(spla, "eigsh", eigsh)
     with pytest.warns(tp.UncertifiedResultWarning, match="residual"):
-        F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=4)
+        F = tp.ScipySVDS().factorize(_inputs(A)[inp], rank=4)
     assert F.stats["residual"] > 1e-8
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    m=st.integers(40, 160), n=st.integers(40, 160), seed=st.integers(0, 2**16), kind=st.sampled_from(["flat", "gap"])
+)
+def test_the_reused_rayleigh_ritz_product_is_the_product(m: int, n: int, seed: int, kind: str) -> None:
+    """``arpack_triplets`` returns ``C V`` for reuse by the certificate: it equals a fresh product
+    ``C V`` to round-off, and ``C V = U diag(S)`` (the Rayleigh–Ritz identity), ``U`` and ``V`` orthonormal,
+    ``S`` the top singular values of the dense SVD."""
+    from truncpinv.solvers.scipy_svds import arpack_triplets
+
+    A, _, s, _ = make_matrix(max(m, n), min(m, n), kind, seed=seed)
+    k = min(m, n) // 8 + 1
+    U, S, V, CV = arpack_triplets(spla.aslinearoperator(A), k, 1e-14, seed)
+    scale = s[0] * np.finfo(np.float64).eps * 100
+    assert np.abs(CV - A @ V).max() <= scale
+    assert np.abs(CV - U * S).max() <= scale
+    assert np.abs(U.T @ U - np.eye(k)).max() <= 1e-12 and np.abs(V.T @ V - np.eye(k)).max() <= 1e-12
+    assert np.all(np.diff(S) <= 0) and np.abs(S - s[:k]).max() <= 1e-10 * s[0]
 
 
 def test_zero_matrix_and_bad_arguments() -> None:
@@ -178,3 +260,62 @@ def test_one_run_check_still_catches_a_missed_value(runs: int, shape: tuple[int,
     assert cert.threshold <= cert.deflated_norm <= s[4] * (1 + 1e-12)
     good = [torch.from_numpy(np.ascontiguousarray(X)) for X in (U[:, :5], s[:5], V[:, :5])]
     assert tp.certify(tp.aslinearoperator(sp.csr_matrix(A)), *good, tol, rtol_res=1e-12, runs=runs).certified
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "irlba", "randomized"])
+def test_operator_solvers_take_torch_sparse_tensors(solver: str) -> None:
+    """``TensorOperator`` over sparse CSR/CSC/COO tensors serves every matrix-free solver (its ``rmatmat``
+    transposes with ``.t()``: ``.T`` of a sparse CSR tensor is refused by torch); Auto's fallback from
+    ``svds`` is ``Lanczos``, so this is its path too."""
+    A, _, s, _ = make_matrix(240, 90, "gap", seed=6)
+    for name, inp in _torch_inputs(A, torch.float64).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", tp.UncertifiedResultWarning)
+            F = tp.pinv(inp, rank=8, solver=solver)
+        np.testing.assert_allclose(F.S.numpy(), s[:8], rtol=0, atol=1e-6 * s[0], err_msg=name)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    wide=st.booleans(),
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["gap", "geometric"]),
+    drop=st.sampled_from([None, 2]),
+)
+def test_a_reused_product_certifies_as_a_fresh_one(wide: bool, seed: int, kind: str, drop: int | None) -> None:
+    """``certify(AV=A V)`` or ``certify(AtU=A^T U)`` (the solver's own product) reaches the same residual and
+    the same verdict as multiplying afresh, for exact triplets and for triplets missing sigma_3 (uncertified
+    either way: the reused product does not hide a missed value)."""
+    shape = (60, 200) if wide else (200, 60)
+    A, U, s, V = make_matrix(*shape, kind, seed=seed)
+    idx = [i for i in range(6) if i != drop][:5]
+    T = [torch.from_numpy(np.ascontiguousarray(X)) for X in (U[:, idx], s[idx], V[:, idx])]
+    tol = tp.Tolerance(rank=5, rtol=1e-8, atol=0.0)
+    op = tp.aslinearoperator(sp.csr_matrix(A))
+    At = torch.from_numpy(A)
+    fresh = tp.certify(op, *T, tol, rtol_res=1e-12, runs=1)
+    for own in ({"AV": At @ T[2]}, {"AtU": At.T @ T[0]}):
+        reused = tp.certify(op, *T, tol, rtol_res=1e-12, runs=1, **own)
+        assert reused.certified == fresh.certified == (drop is None)
+        assert abs(reused.residual - fresh.residual) <= 1e-14
+        assert reused.matvecs == fresh.matvecs - 5
+
+
+@pytest.mark.parametrize("shape", [(300, 60), (60, 300)], ids=["tall", "wide"])
+def test_ill_conditioned_rayleigh_ritz_keeps_u_orthonormal(shape: tuple[int, int]) -> None:
+    """sigma_1 / sigma_6 ~ 1.2e3, so the k x k Gram rotation would leave U orthonormal only to
+    eps kappa^2 ~ 3e-10: ``arpack_triplets`` takes the QR of ``C V`` there, and U stays orthonormal to
+    working precision, with ``C V`` still the fresh product and ``C V = U diag(S)``."""
+    from truncpinv.solvers.scipy_svds import arpack_triplets
+
+    rng = np.random.default_rng(7)
+    q = min(shape)
+    s = np.concatenate([[1.0], 1e-3 * 0.95 ** np.arange(q - 1)])
+    U0 = np.linalg.qr(rng.standard_normal((shape[0], q)))[0]
+    V0 = np.linalg.qr(rng.standard_normal((shape[1], q)))[0]
+    A = (U0 * s) @ V0.T
+    C = A if shape[0] >= shape[1] else A.T
+    U, S, V, CV = arpack_triplets(spla.aslinearoperator(C), 6, 1e-10, 0)
+    assert np.abs(U.T @ U - np.eye(6)).max() <= 1e-13
+    assert np.abs(CV - C @ V).max() <= 1e-14 and np.abs(CV - U * S).max() <= 1e-14
+    assert np.abs(S - s[:6]).max() <= 1e-9

@@ -178,4 +178,3 @@ def lstsq(
             return res.x
     F = get_solver(solver).factorize(A, rank=rank, rtol=rtol, atol=atol, check_finite=check_finite)
     return F.solve(b, check_finite=check_finite)
-

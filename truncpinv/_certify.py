@@ -94,7 +94,9 @@ FAILURE_PROBABILITY = 1e-6
 RUNS = 4
 #: Memory of the check's Krylov bases (float64 numbers, all runs together) that caps ``max_steps`` above 64.
 BASIS_BUDGET = 1 << 25
-#: Steps between two convergence tests of the deflation check.
+#: One Gram-Schmidt pass suffices when it keeps at least this fraction of the vector's norm (DGKS).
+REORTH_KEEP = 1 / math.sqrt(2)
+#: Steps between two convergence tests of the deflation check (at least; see ``certify``).
 CHECK_EVERY = 4
 #: Singular values below ``RESOLUTION sqrt(c + 1) tol sigma_1`` are not resolved by the check: the
 #: deflated operator of a correct answer carries the triplets' own errors, up to ``sqrt(c) tol sigma_1``.
@@ -203,12 +205,18 @@ def certify(
     seed: int = 0,
     max_steps: int = 64,
     runs: int = RUNS,
+    AV: torch.Tensor | None = None,
+    AtU: torch.Tensor | None = None,
 ) -> Certificate:
     """Certify the triplets ``(U, S, V)`` of ``A`` (descending ``S``) for the truncation ``tol``.
 
     Only the triplets that ``tol`` keeps are checked; see the module docstring.
     ``max_steps`` bounds the Lanczos steps of the missed-value check (and
     :data:`BASIS_BUDGET` its memory), ``runs`` is the number ``B`` of independent runs.
+    ``AV`` (``A V``) or ``AtU`` (``A^T U``), when given, are products the solver itself
+    computed with ``A`` and these very vectors (a Rayleigh–Ritz step's): they are reused for
+    that side's residual instead of being multiplied again. The other side is always multiplied
+    here, and the two together are the residual test.
     """
     m, n = int(A.shape[0]), int(A.shape[1])
     dt, dev = A.dtype, A.device
@@ -220,11 +228,11 @@ def certify(
     matvecs = 0
     residual, res_all = 0.0, torch.zeros(t, dtype=_F64, device=dev)
     if t > 0 and smax > 0:
-        R1 = mm(V64.to(dt)).to(_F64) - U64 * S64
-        R2 = rmm(U64.to(dt)).to(_F64) - V64 * S64
+        R1 = (mm(V64.to(dt)) if AV is None else AV).to(_F64) - U64 * S64
+        R2 = (rmm(U64.to(dt)) if AtU is None else AtU).to(_F64) - V64 * S64
         res_all = torch.maximum(R1.norm(dim=0), R2.norm(dim=0)) / smax
         residual = float(res_all[:c].max()) if c > 0 else 0.0
-        matvecs += 2 * t
+        matvecs += t * ((AV is None) + (AtU is None))
     # tau: the smallest kept value when the rank is full, else the cut-off
     tau = float(S64[c - 1]) if c == tol.rank and c > 0 else cut
     if residual > rtol_res:  # no point in the deflation check
@@ -249,15 +257,20 @@ def certify(
     B = runs
     # P = I - Q Q^T on the short side, Q an orthonormal basis of the deflated short-side vectors
     Qd = torch.linalg.qr((U64 if wide else V64)[:, sel]).Q
+    QdT = Qd.T.contiguous()
 
     def proj(X: torch.Tensor) -> torch.Tensor:
-        return X - Qd @ (Qd.T @ X)
+        return X - Qd @ (QdT @ X)
 
-    def gram(X: torch.Tensor) -> torch.Tensor:  # P C^T C P X on the short side, C = A (tall) or A^T (wide)
+    def gram(X: torch.Tensor) -> torch.Tensor:
+        # P C^T C P X on the short side, C = A (tall) or A^T (wide), for X in the range of P: the Lanczos
+        # vectors are (the start projected, each new one P-projected and orthogonalised against the earlier
+        # ones), so the inner P would remove only rounding, below that of the product itself (eps ||C||^2)
         nonlocal matvecs
         matvecs += 2 * X.shape[1]
-        Y = proj(X).to(dt)
-        return proj((mm(rmm(Y)) if wide else rmm(mm(Y))).to(_F64))
+        Y = X if dt == _F64 else X.to(dt)
+        Z = mm(rmm(Y)) if wide else rmm(mm(Y))
+        return proj(Z if Z.dtype == _F64 else Z.to(_F64))
 
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed + 0x5EED)
@@ -269,23 +282,41 @@ def certify(
     alpha = torch.zeros(B, steps_max, dtype=_F64, device=dev)
     beta = torch.zeros(B, steps_max, dtype=_F64, device=dev)
     broken = torch.zeros(B, dtype=torch.bool, device=dev)
-    delta, prob, q = 0.0, 1.0, 0
-    scale = max(smax, tau, 1e-300)
+    all_broken = False
+    floor = 1e-13 * max(smax, tau, 1e-300) ** 2  # a run whose new vector is below this has broken down
+    delta, prob, q, next_test = 0.0, 1.0, 0, CHECK_EVERY
     for j in range(steps_max):
         W = gram(Qb[:, j].T).T  # (B, s)
-        # full reorthogonalisation, classical Gram-Schmidt twice ("twice is enough"; BLAS-2/3 over the runs);
-        # the first pass's coefficient of q_j is alpha_j = q_j^T M q_j
+        # the three-term step (alpha_j = q_j^T M q_j, beta_{j-1}), then full reorthogonalisation by classical
+        # Gram-Schmidt (BLAS-2/3 over the runs): a second pass only where the first removed more than
+        # 1 - REORTH_KEEP of the norm (Daniel-Gragg-Kaufman-Stewart: otherwise one pass is orthogonal to
+        # working precision; "twice is enough" when it is not). After the three-term step the full pass
+        # removes only rounding, so the second pass is rare.
+        a = (Qb[:, j] * W).sum(dim=1)
+        W = W - a[:, None] * Qb[:, j]
+        if j > 0:
+            W = W - beta[:, j - 1, None] * Qb[:, j - 1]
+        wn = torch.linalg.vector_norm(W, dim=1)
         Qj = Qb[:, : j + 1]
-        h = torch.bmm(Qj, W[:, :, None])
-        alpha[:, j] = h[:, j, 0]
-        W = W - torch.bmm(Qj.transpose(1, 2), h)[:, :, 0]
-        W = W - torch.bmm(Qj.transpose(1, 2), torch.bmm(Qj, W[:, :, None]))[:, :, 0]
-        bn = W.norm(dim=1)
-        broken |= bn <= 1e-13 * scale * scale
-        beta[:, j] = torch.where(broken, torch.zeros_like(bn), bn)
-        Qb[:, j + 1] = torch.where(broken[:, None], torch.zeros_like(W), W / bn.clamp_min(1e-300)[:, None])
+        for _ in range(2):
+            h = torch.bmm(Qj, W[:, :, None])
+            a = a + h[:, j, 0]
+            W = W - torch.bmm(Qj.transpose(1, 2), h)[:, :, 0]
+            bn = torch.linalg.vector_norm(W, dim=1)
+            if not bool((bn < REORTH_KEEP * wn).any()):
+                break
+            wn = bn
+        alpha[:, j] = a
+        if float(bn.min()) > floor:  # no run has broken down (the common case: fewer small operations)
+            beta[:, j] = bn
+            Qb[:, j + 1] = W / bn[:, None]
+        else:  # a broken run keeps zero coefficients and a zero vector (its products are zero from now on)
+            broken |= bn <= floor
+            beta[:, j] = torch.where(broken, torch.zeros_like(bn), bn)
+            Qb[:, j + 1] = torch.where(broken[:, None], torch.zeros_like(W), W / bn.clamp_min(1e-300)[:, None])
+            all_broken = bool(broken.all())
         q = j + 1
-        if q % CHECK_EVERY and q != steps_max and not bool(broken.all()):
+        if q < next_test and q != steps_max and not all_broken:
             continue
         delta = math.sqrt(_largest_ritz(alpha[:, :q], beta[:, : q - 1]))
         if not math.isfinite(delta):  # NaN/Inf reached the check (non-finite A under check_finite=False): no proof
@@ -294,15 +325,21 @@ def certify(
         if delta >= tau and delta > 0:  # a missed singular value is proven
             prob = 1.0
             break
-        if bool(broken.all()) or q >= s:  # invariant subspaces or the whole space: exact
+        if all_broken or q >= s:  # invariant subspaces or the whole space: exact
             prob = 0.0
             break
         if tau > 0:
             eps = 1.0 - (delta / tau) ** 2
             single = min(1.0, 1.648 * math.sqrt(s) * math.exp(-math.sqrt(eps) * (2 * q - 1)))
-            prob = single ** int((~broken).sum())
+            active = int((~broken).sum())
+            prob = single**active
             if prob <= FAILURE_PROBABILITY:
                 break
+            # the Ritz values of nested Krylov spaces only grow, so eps only shrinks: the bound cannot reach
+            # FAILURE_PROBABILITY before step q_min with sqrt(eps) (2 q_min - 1) = log(1.648 sqrt(s) / p^(1/B)),
+            # and the next test waits for it (a proven miss is then seen some steps late, never missed)
+            need = (math.log(1.648 * math.sqrt(s)) - math.log(FAILURE_PROBABILITY) / max(active, 1)) / math.sqrt(eps)
+            next_test = max(q + CHECK_EVERY, math.ceil((need + 1) / 2))
     ok_res = residual <= rtol_res
     ok_defl = (delta < tau or delta == 0.0) and prob <= FAILURE_PROBABILITY
     return Certificate(

@@ -103,7 +103,7 @@ class TensorOperator:
         return self.A @ X
 
     def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
-        return self.A.T @ Y
+        return self.A.t() @ Y  # ``.T`` of a sparse CSR/CSC tensor is refused ("as_strided"); ``.t()`` is not
 
 
 class CallableOperator:

@@ -190,11 +190,12 @@ def certify_triplets(
     *,
     rtol_res: float,
     seed: Any,
-    **check: int,
+    **check: Any,
 ) -> Certificate:
     """Certify ``trip`` (see :mod:`truncpinv._certify`) and record the outcome in ``trip.stats``.
 
-    ``check`` passes ``max_steps``/``runs`` on to :func:`~truncpinv.certify`.
+    ``check`` passes ``max_steps``/``runs`` (and a solver's own products ``AV``/``AtU``) on to
+    :func:`~truncpinv.certify`.
     ``factorize`` warns once (:class:`~truncpinv.UncertifiedResultWarning`) when a
     directly called solver returns an uncertified result; ``Auto`` falls back instead.
     """

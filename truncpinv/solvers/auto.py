@@ -17,7 +17,7 @@ from .gram_eigen import GramEigen
 from .lanczos import Lanczos
 from .lobpcg import _exact
 from .randomized import RandomizedSVD
-from .scipy_svds import ScipySVDS, scipy_backed
+from .scipy_svds import ScipySVDS, svds_serves
 
 __all__ = ["Auto", "choose_solver"]
 
@@ -41,20 +41,24 @@ def choose_solver(
     dense: bool,
     dtype: torch.dtype = torch.float32,
     seed: int | torch.Generator | None = 0,
-    scipy: bool = False,
+    cpu_operator: bool = False,
 ) -> Solver:
     """The rule behind ``solver="auto"`` (measured in ``benchmarks/bench_solvers.py`` and
     ``benchmarks/sparse_table.py``).
 
-    * **SciPy sparse matrix or SciPy ``LinearOperator``** (``scipy=True``, on the
-      CPU), low rank (``rank <= min(m, n) / 8``): ``ScipySVDS`` (ARPACK), certified by
-      truncpinv. ARPACK's implicit restarts need fewer products than our
-      ``Lanczos`` on the flat spectra of sparse data (ARPACK plus the certificate
-      measured 1.2x to 7x faster on the 18 cases of ``benchmarks/sparse_table.py``).
-    * **Other matrix-free operators** (torch operators, CUDA; SciPy input at a high
-      rank): ``Lanczos`` (certified, and faster than a randomized sketch on the flat
-      spectra of sparse data); exact Gram route when the short side is at most 64
-      (64 products build it exactly).
+    * **Matrix-free input on the CPU** (``cpu_operator=True``: a SciPy sparse matrix or
+      ``LinearOperator``, a ``TensorOperator`` over a CPU torch sparse or dense tensor, a
+      ``CallableOperator`` or any protocol object on the CPU), low rank
+      (``rank <= min(m, n) / 8``): ``ScipySVDS`` (ARPACK), certified by truncpinv.
+      ARPACK's implicit restarts need fewer products than our ``Lanczos`` on the
+      flat spectra of sparse data (``benchmarks/sparse_table.py``: on SciPy input
+      ARPACK plus the certificate took 0.1x to 0.6x ``Lanczos``'s time, on torch operators
+      see docs/solvers.md). A torch sparse tensor reaches SciPy's kernels without a copy (CSR).
+    * **Other matrix-free operators** (CUDA, where each of ARPACK's single-vector
+      products would cross to the CPU; any operator at a high rank): ``Lanczos``
+      (certified, and faster than a randomized sketch on the flat spectra of sparse
+      data); exact Gram route when the short side is at most 64 (64 products build it
+      exactly).
     * **Dense, low rank** (``rank <= min(m, n) / 8`` and ``min(m, n) > 64``):
       ``RandomizedSVD`` (a few passes over ``A`` with ``rank + p`` columns).
     * **Dense float32, rectangular** (aspect ratio >= 2): ``GramEigen``: one
@@ -73,7 +77,7 @@ def choose_solver(
     if not dense:
         if short <= SMALL_SIDE:
             return GramEigen()
-        if scipy and low_rank:
+        if cpu_operator and low_rank:
             return ScipySVDS(seed=seed if isinstance(seed, int) else 0)
         return Lanczos(seed=seed if isinstance(seed, int) else 0)
     if low_rank:
@@ -125,7 +129,9 @@ class Auto(Solver):
     def _compute(self, A: torch.Tensor | LinearOperator, tol: Tolerance) -> Triplets:
         m, n = int(A.shape[0]), int(A.shape[1])
         dense = isinstance(A, torch.Tensor)
-        chosen = choose_solver((m, n), tol.rank, dense=dense, dtype=A.dtype, seed=self.seed, scipy=scipy_backed(A))
+        chosen = choose_solver(
+            (m, n), tol.rank, dense=dense, dtype=A.dtype, seed=self.seed, cpu_operator=svds_serves(A)
+        )
         extra: dict[str, object] = {}
         trip = _attempt(chosen, A, tol)
         if isinstance(chosen, ScipySVDS) and not _certified(trip):  # uncertified or not converged: our Lanczos

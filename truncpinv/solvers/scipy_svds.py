@@ -11,13 +11,13 @@ import torch
 
 from .._certify import check_tol, default_tol
 from .._factorization import Triplets
-from .._operator import LinearOperator, ScipyOperator
+from .._operator import LinearOperator, ScipyOperator, TensorOperator
 from .._tolerance import Tolerance
 from .._validation import FiniteCheckedOperator
 from ._base import Solver, SolverError, certify_triplets, check_seed, int_field
 from .lobpcg import _exact
 
-__all__ = ["ScipySVDS", "scipy_backed", "scipy_view"]
+__all__ = ["ScipySVDS", "scipy_view", "svds_serves"]
 
 #: ``svds`` back ends.
 METHODS = ("arpack", "propack")
@@ -26,9 +26,10 @@ _ZERO_START = -9
 
 
 def scipy_view(A: torch.Tensor | LinearOperator) -> Any:
-    """What ``svds`` multiplies: the SciPy sparse matrix (with finite entries where ``check_finite``) or the
-    CPU array that ``A`` holds, else a :class:`scipy.sparse.linalg.LinearOperator` whose products go
-    through ``A`` (with its finite checks, which name a NaN), on ``A``'s device."""
+    """What ``svds`` multiplies: the SciPy sparse matrix, the CPU array that ``A`` holds, or the SciPy CSR
+    matrix sharing the storage of a CPU torch sparse tensor that ``A`` holds (``TensorOperator``; with
+    finite entries where ``check_finite``), else a :class:`scipy.sparse.linalg.LinearOperator` whose
+    products go through ``A`` (with its finite checks, which name a NaN), on ``A``'s device."""
     import scipy.sparse as sp
     from scipy.sparse.linalg import LinearOperator as SpLinOp
 
@@ -37,8 +38,12 @@ def scipy_view(A: torch.Tensor | LinearOperator) -> Any:
     checked = isinstance(A, FiniteCheckedOperator)
     inner = A.op if isinstance(A, FiniteCheckedOperator) else A
     M = getattr(inner.op, "A", None) if isinstance(inner, ScipyOperator) else None
-    if sp.issparse(M) and (not checked or bool(np.isfinite(M.data).all())):  # type: ignore[union-attr]
-        return M
+    if isinstance(inner, TensorOperator):
+        M = _as_scipy(inner.A)
+    if sp.issparse(M) or isinstance(M, np.ndarray):  # entries scanned once instead of every product checked
+        entries: Any = M.data if sp.issparse(M) else M  # type: ignore[union-attr]
+        if not checked or bool(np.isfinite(entries).all()):
+            return M
     dt, dev = A.dtype, A.device
     fwd, back = (A.__matmul__, A.T.__matmul__) if isinstance(A, torch.Tensor) else (A.matmat, A.rmatmat)
 
@@ -57,37 +62,64 @@ def scipy_view(A: torch.Tensor | LinearOperator) -> Any:
     )
 
 
+def _as_scipy(T: torch.Tensor) -> Any:
+    """A CPU torch matrix as SciPy sees it: a dense one as its NumPy view, a sparse one (COO, CSR or CSC) as
+    a SciPy CSR matrix (sharing the CSR storage; COO and CSC converted once); ``None`` on other devices."""
+    import scipy.sparse as sp
+
+    if T.device.type != "cpu" or T.requires_grad:
+        return None
+    if T.layout == torch.strided:
+        return T.numpy()
+    if T.layout == torch.sparse_coo:
+        T = T.coalesce()
+        i = T.indices().numpy()
+        return sp.csr_matrix((T.values().numpy(), (i[0], i[1])), shape=tuple(T.shape))
+    if T.layout == torch.sparse_csc:
+        return sp.csc_matrix(
+            (T.values().numpy(), T.row_indices().numpy(), T.ccol_indices().numpy()), shape=tuple(T.shape)
+        ).tocsr()
+    if T.layout == torch.sparse_csr:
+        return sp.csr_matrix(
+            (T.values().numpy(), T.col_indices().numpy(), T.crow_indices().numpy()), shape=tuple(T.shape)
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class ScipySVDS(Solver):
-    r"""Truncated pseudoinverse from :func:`scipy.sparse.linalg.svds`, certified like every iterative solver.
+    r"""Truncated pseudoinverse from SciPy's ARPACK (or PROPACK), certified like every iterative solver.
 
     ``method="arpack"`` runs ARPACK's implicitly restarted Lanczos method
-    (Lehoucq & Sorensen 1996) on the short-side Gram operator
-    ``G = A^T A`` (``A A^T`` for wide ``A``) and then a Rayleigh–Ritz step
-    ``A V = U \Sigma W^T`` through ``A`` itself. ARPACK stops when its Ritz
-    estimate satisfies ``||G v - \theta v|| \le t^2 \theta`` with ``t`` the
-    ``svds`` tolerance; for a triplet this means
-    ``||A^T u - \sigma v|| \approx ||G v - \sigma^2 v|| / \sigma \le t^2 \sigma``,
-    so ``t = \sqrt{tol / 10}`` asks for a tenth of the certified residual
+    (Lehoucq & Sorensen 1996, :func:`scipy.sparse.linalg.eigsh`) on the short-side
+    Gram operator ``G = A^T A`` (``A A^T`` for wide ``A``) and then a Rayleigh–Ritz
+    step through ``A`` itself (:func:`arpack_triplets`), as
+    :func:`scipy.sparse.linalg.svds` does, with a ``k x k`` eigendecomposition
+    in place of the SVD of an ``m x k`` matrix. ARPACK stops when
+    ``||G v - \theta v|| \le t^2 \theta``; for a triplet this means
+    ``||A^T u - \sigma v|| = ||G v - \sigma^2 v|| / \sigma \le t^2 \sigma``,
+    so ``t^2 = tol / 10`` asks for a tenth of the certified residual
     ``tol \sigma_1``. ``method="propack"`` runs PROPACK's Lanczos
-    bidiagonalisation of ``A`` itself (Larsen 1998), which does not square ``A``;
+    bidiagonalisation of ``A`` itself through ``svds`` (Larsen 1998), which does not square ``A``;
     its stopping rule bounds the error of ``sigma`` rather than the residual, and
     below an internal tolerance of ``1e-14`` it stops converging, so its
     residuals stall between ``2e-11`` and ``7e-9 sigma_1`` (measured): it is
     certified for a loose ``tol`` (``1e-6``), not at the float64 default ``1e-12``.
 
     The answer is then certified (:mod:`truncpinv._certify`): explicit residuals
-    in both orientations within ``tol * sigma_1``, and no missed singular value
-    above the kept ones, checked by **one** Lanczos run on the deflated operator
-    (``runs=1``: SciPy products cost per column, and one run needs the fewest
-    of them for the same bound) of at most ``check_steps`` steps. ``svds``
+    in both orientations within ``tol * sigma_1`` (the Rayleigh–Ritz step's block
+    product ``A V``, ``A^T U`` for wide ``A``, is that side's residual product; the
+    other side is one more block product), and no missed singular value above
+    the kept ones, checked by **one** Lanczos run on the deflated operator
+    (``runs=1``: SciPy's sparse kernels cost per column, and one run needs the fewest
+    of them for the same bound) of at most ``check_steps`` steps. ARPACK
     computes ``guard`` triplets beyond the rank: those that are accurate and
     clearly below the kept ones are deflated too, which widens the gap the
     check has to resolve (on a flat spectrum its length goes like
     ``1 / sqrt(1 - (sigma_{k+g+1} / sigma_k)^2)``; on the 20000 x 3000 matrix
     of ``benchmarks/sparse_table.py`` at rank 50, 5 more triplets cost ARPACK 87
     products and save the check 248; guard triplets below ARPACK's resolution,
-    ``sqrt(eps) sigma_1`` on the Gram operator, may not converge: then ``svds`` runs
+    ``sqrt(eps) sigma_1`` on the Gram operator, may not converge: then ARPACK runs
     again without them). An
     uncertified result raises one :class:`~truncpinv.UncertifiedResultWarning`
     (``solver="auto"`` falls back instead). ARPACK squares ``A``: its residuals carry
@@ -98,8 +130,12 @@ class ScipySVDS(Solver):
     short side ``s``, the short side is materialised (``s`` products) and
     decomposed exactly instead (``stats["fallback"] = "rank"``).
 
-    Runs on the CPU: a CUDA tensor or operator is multiplied on its device and
-    each product crosses to the CPU; use ``Lanczos`` there.
+    Runs on the CPU. A SciPy sparse matrix, and a ``TensorOperator`` over a CPU
+    torch sparse (CSR shared without a copy; COO and CSC converted once) or dense
+    tensor, are multiplied by SciPy's own kernels; any other operator through its
+    products, one vector at a time (a CUDA operator would cross to the CPU at every
+    product: use ``Lanczos`` there, as ``auto`` does). Results are tensors of ``A``'s
+    dtype and device (NumPy for SciPy input, as everywhere).
 
     Args:
         method: ``"arpack"`` (default) or ``"propack"``.
@@ -157,38 +193,49 @@ class ScipySVDS(Solver):
             # r^2 / gap: ask t ~ tol; below t^2 = 1e-14 it stops converging
             t_svds, maxiter = max(rtol_res / 10, 1e-7), 20 * k + 200
         M = scipy_view(A)
-        count = _Counter(M)
+        count = _Counted(M)
+        wide = m < n
         try:
-            U, S, Vh = self._svds(count.op, k, t_svds, maxiter, seed)
+            U, S, V, CV = self._triplets(count, k, t_svds, maxiter, seed, wide)
         except SolverError:
             if k == tol.rank:
                 raise
             # guard triplets below ARPACK's resolution (sqrt(eps) sigma_1 on the Gram operator) need not
             # converge: without them
-            U, S, Vh = self._svds(count.op, tol.rank, t_svds, maxiter, seed)
-        order = np.argsort(-S, kind="stable")
+            U, S, V, CV = self._triplets(count, tol.rank, t_svds, maxiter, seed, wide)
         dev, dt = A.device, A.dtype
-        U_t, S_t, V_t = (
-            torch.from_numpy(np.ascontiguousarray(X)).to(device=dev, dtype=dt)
-            for X in (U[:, order], S[order], Vh[order].T)
-        )
-        stats = {"matvecs": count.columns, "method": self.method}
+        U_t, S_t, V_t = (torch.from_numpy(np.ascontiguousarray(X)).to(device=dev, dtype=dt) for X in (U, S, V))
+        stats = {"matvecs": count.columns[0], "method": self.method}
         trip = Triplets(U_t, S_t.clamp_min(0), V_t, stats=stats)
         # the certificate multiplies the sparse matrix itself when svds did (no per-product finite check:
-        # its entries were scanned); anything else through A
+        # its entries were scanned); anything else through A. The Rayleigh-Ritz product C V of the ARPACK
+        # route is that side's residual product (A V tall, A^T U wide): one block product remains.
         A_cert = _SparseProducts(M, A.dtype) if sp.issparse(M) else A
-        certify_triplets(A_cert, trip, tol, rtol_res=rtol_res, seed=seed, runs=1, max_steps=self.check_steps)
+        own: dict[str, Any] = {}
+        if CV is not None:
+            own["AtU" if wide else "AV"] = torch.from_numpy(np.ascontiguousarray(CV)).to(device=dev, dtype=dt)
+        certify_triplets(A_cert, trip, tol, rtol_res=rtol_res, seed=seed, runs=1, max_steps=self.check_steps, **own)
         trip.stats["converged"] = True
         return trip
 
-    def _svds(self, op: Any, k: int, t: float, maxiter: int | None, seed: int) -> tuple[Any, Any, Any]:
-        """``svds``'s triplets; zero ones when ARPACK's start vector maps to zero (``A = 0`` almost surely:
-        the certificate then checks it), a :class:`SolverError` when it does not converge."""
+    def _triplets(
+        self, op: _Counted, k: int, t: float, maxiter: int | None, seed: int, wide: bool
+    ) -> tuple[Any, Any, Any, Any]:
+        """``(U, S, V, C V)``, ``S`` descending: ARPACK through :func:`arpack_triplets` (``C V`` its
+        Rayleigh–Ritz product, ``C = A``, or ``A^T`` for wide ``A``), PROPACK through ``svds`` (``C V = None``).
+        Zero triplets when ARPACK's start vector maps to zero (``A = 0`` almost surely: the certificate then
+        checks it), a :class:`SolverError` when it does not converge."""
         from scipy.sparse.linalg import ArpackError, svds
 
         m, n = op.shape
         try:
-            return svds(op, k=k, tol=t, solver=self.method, maxiter=maxiter, random_state=np.random.default_rng(seed))
+            if self.method == "propack":
+                rng = np.random.default_rng(seed)
+                U, S, Vh = svds(op.linear_operator(), k=k, tol=t, solver="propack", maxiter=maxiter, random_state=rng)
+                order = np.argsort(-S, kind="stable")
+                return U[:, order], S[order], Vh[order].T, None
+            Uc, S, Vc, CV = arpack_triplets(op.T if wide else op, k, t * t, seed)
+            return (Vc, S, Uc, CV) if wide else (Uc, S, Vc, CV)
         except (ArpackError, np.linalg.LinAlgError) as e:
             if not str(e).startswith(f"ARPACK error {_ZERO_START}:"):  # ArpackError keeps no code
                 raise SolverError(
@@ -196,7 +243,55 @@ class ScipySVDS(Solver):
                     f"use solver='lanczos' or solver='auto'"
                 ) from e
         np_dt = op.dtype
-        return np.eye(m, k, dtype=np_dt), np.zeros(k, dtype=np_dt), np.eye(k, n, dtype=np_dt)
+        return np.eye(m, k, dtype=np_dt), np.zeros(k, dtype=np_dt), np.eye(n, k, dtype=np_dt), None
+
+
+#: The Rayleigh–Ritz rotation comes from the ``k x k`` Gram matrix of ``C V`` while ``eps kappa^2`` (the
+#: orthonormality error of ``U = C V W / sigma``) stays below this; else from a QR of ``C V``.
+_GRAM_RR = 1e-10
+
+
+def arpack_triplets(C: Any, k: int, tol: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    r"""The ``k`` largest singular triplets of a tall ``C`` (``m >= n``; anything with ``@`` and ``.T``: a
+    SciPy sparse matrix or ``LinearOperator``, a NumPy array) by ARPACK.
+
+    ``eigsh`` (implicitly restarted Lanczos, Lehoucq & Sorensen 1996) finds the
+    ``k`` largest eigenpairs of ``G = C^T C`` to ``||G e - \theta e|| \le tol\,\theta``
+    from a Gaussian start (``seed``); then a Rayleigh–Ritz step through ``C``:
+    with ``E`` the eigenvectors (orthonormalised) and ``Y = C E`` (one block
+    product),
+
+    .. math::
+        Y^\top Y = W \Lambda W^\top, \qquad
+        \sigma = \Lambda^{1/2}, \quad V = E W, \quad U = Y W \Sigma^{-1},
+
+    so that ``C V = Y W = U \Sigma``. This is what :func:`scipy.sparse.linalg.svds`
+    computes, with a ``k x k`` eigendecomposition in place of the SVD of the
+    ``m x k`` matrix ``Y`` (``U``'s orthonormality then carries
+    ``eps (\sigma_1 / \sigma_i)^2``, within :data:`_GRAM_RR`; else ``Y = Q R`` and
+    the SVD of ``R``). Returns ``(U, S, V, C V)`` with ``S`` descending: ``C V``
+    is the product that the residual ``C v - \sigma u`` needs, already computed.
+    """
+    from scipy.linalg import eigh, qr, svd
+    from scipy.sparse.linalg import LinearOperator as SpLinOp
+    from scipy.sparse.linalg import eigsh
+
+    n, CT = int(C.shape[1]), C.T
+    G = SpLinOp((n, n), matvec=lambda x: CT @ (C @ x), dtype=C.dtype)
+    v0 = np.random.default_rng(seed).standard_normal(n).astype(C.dtype)
+    _, E = eigsh(G, k=k, tol=tol, v0=v0)
+    E = np.linalg.qr(E)[0]  # ARPACK's eigenvectors of clustered values need not be orthonormal (as svds)
+    Y = np.asarray(C @ E)
+    lam, W = eigh(Y.T @ Y)
+    lam, W = lam[::-1].clip(min=0.0), W[:, ::-1]
+    eps = float(np.finfo(Y.dtype).eps)
+    if lam[-1] > 0 and eps * lam[0] / lam[-1] <= _GRAM_RR:
+        S = np.sqrt(lam)
+        CV = Y @ W
+        return CV / S, S, E @ W, CV
+    Q, R = qr(Y, mode="economic")
+    Ur, S, Wt = svd(R)
+    return Q @ Ur, S, E @ Wt.T, Y @ Wt.T
 
 
 class _SparseProducts:
@@ -214,34 +309,39 @@ class _SparseProducts:
         return torch.from_numpy(np.asarray(self.MT @ Y.numpy()))
 
 
-class _Counter:
-    """Counts the columns that ``svds`` multiplies by ``A`` or ``A^T`` (``stats["matvecs"]``)."""
+class _Counted:
+    """``M`` (SciPy sparse matrix, NumPy array or SciPy ``LinearOperator``) with ``@`` and ``.T``, counting
+    the columns multiplied by ``M`` or ``M^T`` (``stats["matvecs"]``) in a counter that ``.T`` shares; no
+    ``LinearOperator`` layers between ARPACK and a sparse kernel."""
 
-    def __init__(self, M: Any) -> None:
+    def __init__(self, M: Any, MT: Any = None, columns: list[int] | None = None) -> None:
+        self.M, self.MT = M, (M.T if MT is None else MT)
+        self.shape, self.dtype = (int(M.shape[0]), int(M.shape[1])), M.dtype
+        self.columns = [0] if columns is None else columns
+
+    @property
+    def T(self) -> _Counted:
+        return _Counted(self.MT, self.M, self.columns)
+
+    def __matmul__(self, X: np.ndarray) -> np.ndarray:
+        self.columns[0] += 1 if X.ndim == 1 else int(X.shape[1])
+        return np.asarray(self.M @ X)
+
+    def linear_operator(self) -> Any:
+        """The same products as a SciPy ``LinearOperator`` (for ``svds``)."""
         from scipy.sparse.linalg import LinearOperator as SpLinOp
-        from scipy.sparse.linalg import aslinearoperator
 
-        inner = aslinearoperator(M)
-        self.columns = 0
-
-        def counted(f: Any) -> Any:
-            def g(X: np.ndarray) -> np.ndarray:
-                self.columns += 1 if X.ndim == 1 else int(X.shape[1])
-                return f(X)
-
-            return g
-
-        self.op = SpLinOp(
-            inner.shape,
-            matvec=counted(inner.matvec),
-            matmat=counted(inner.matmat),
-            rmatvec=counted(inner.rmatvec),
-            rmatmat=counted(inner.rmatmat),
-            dtype=inner.dtype,
-        )
+        mm, rmm = self.__matmul__, self.T.__matmul__
+        return SpLinOp(self.shape, matvec=mm, matmat=mm, rmatvec=rmm, rmatmat=rmm, dtype=self.dtype)
 
 
-def scipy_backed(A: torch.Tensor | LinearOperator) -> bool:
-    """Whether ``A`` is a SciPy sparse matrix or SciPy ``LinearOperator`` (as prepared by ``factorize``)."""
+def svds_serves(A: torch.Tensor | LinearOperator) -> bool:
+    """Whether ``svds`` serves ``A`` (as prepared by ``factorize``) on the CPU: a SciPy sparse matrix or
+    ``LinearOperator``, or a matrix-free torch operator on the CPU (a ``TensorOperator`` over a sparse or
+    dense tensor, a ``CallableOperator``, any protocol object), whose products ``svds`` calls
+    one vector at a time. A dense tensor is not (the dense solvers serve it), nor a CUDA operator (each
+    of ARPACK's products would cross to the CPU and back)."""
+    if isinstance(A, torch.Tensor):
+        return False
     inner = A.op if isinstance(A, FiniteCheckedOperator) else A
-    return isinstance(inner, ScipyOperator)
+    return isinstance(inner, ScipyOperator) or A.device.type == "cpu"
