@@ -199,7 +199,7 @@ def warn_stall(ctx: StepContext, out: Outcome, loss: float, peak: float, where: 
         warnings.warn(
             f"Sven stalled: every try was rejected with {where}, but the point is not stationary "
             f"(|M^T R| / (sigma_max |R|) = {cos:.3g}). The Jacobian does not predict the closure's change: check "
-            f"that the closure is differentiable in the parameters, deterministic, and not detached (or, with "
+            f"that the closure is differentiable in the parameters, deterministic (no dropout in training mode), and not detached (or, with "
             f"momentum, that the carried steps do not push every try uphill: adaptive_damping=False, or momentum=0 "
             f"with a `control` object such as TrustRegion).",
             RuntimeWarning,
@@ -338,7 +338,10 @@ class CrossEntropyDamping(AdaptiveDamping):
     GGN step at ``floor`` while the model predicts the loss, and is damped further where it does not (the
     first steps from a random start, where the undamped-enough step overshoots and the logits blow up).
     ``evaluate.rows()`` must return the closure's per-sample cross-entropy losses after the step (as
-    :class:`sven.Sven` does under the loss rule); ``ctx.loss()`` is their mean before it.
+    :class:`sven.Sven` does under the loss rule); ``ctx.loss()`` is their mean before it. A stall (every try
+    rejected with the damping at its ceiling) warns as :class:`AdaptiveDamping`'s does (:func:`warn_stall`):
+    a closure that is random from call to call (dropout in training mode) drives the damping there once its
+    noise outweighs the predicted decrease.
     """
 
     def __init__(self, floor: float, max_retries: int = 3) -> None:
@@ -350,6 +353,8 @@ class CrossEntropyDamping(AdaptiveDamping):
         tries = 1 + self.max_retries
         R = ctx.R.double()
         mean_before = ctx.loss()
+        chi2 = SF.squared_norm(ctx.R)  # for the stall warning: rows at round-off of the largest seen are a fit
+        self.peak = max(self.peak, chi2) if math.isfinite(chi2) else self.peak
         out = Outcome(damping=self.state.lam)
         for attempt in range(tries):
             lam = out.damping = self.state.lam
@@ -368,6 +373,7 @@ class CrossEntropyDamping(AdaptiveDamping):
             ctx.reject()
         out.rejected, out.retries, out.direction = True, tries, None
         out.stalled = self.state.lam >= SF.DAMPING_MAX
+        warn_stall(ctx, out, chi2, self.peak, f"the damping at its ceiling ({SF.DAMPING_MAX:g} sigma_max^2)")
         return out
 
 
