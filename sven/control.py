@@ -199,7 +199,8 @@ def warn_stall(ctx: StepContext, out: Outcome, loss: float, peak: float, where: 
         warnings.warn(
             f"Sven stalled: every try was rejected with {where}, but the point is not stationary "
             f"(|M^T R| / (sigma_max |R|) = {cos:.3g}). The Jacobian does not predict the closure's change: check "
-            f"that the closure is differentiable in the parameters, deterministic (no dropout in training mode), and not detached (or, with "
+            f"that the closure is differentiable in the parameters, deterministic (no dropout in training mode), "
+            f"and not detached (or, with "
             f"momentum, that the carried steps do not push every try uphill: adaptive_damping=False, or momentum=0 "
             f"with a `control` object such as TrustRegion).",
             RuntimeWarning,

@@ -20,7 +20,8 @@ AdamW's loss there (docs/results_notes.md has the runs):
   ``NllLossBackward0`` or ``NllLoss2DBackward0`` with ``reduction="none"``,
   whose input is (through views only) the output of ``LogSoftmaxBackward0``
   over its class dimension (dimension 1 of that input, negative or not, or the
-  last dimension of ``(B, T, C)`` logits viewed as ``(B T, C)``): ``F.cross_entropy(z.transpose(1, 2), y, reduction="none")``
+  last dimension of ``(B, T, C)`` logits viewed as ``(B T, C)``):
+  ``F.cross_entropy(z.transpose(1, 2), y, reduction="none")``
   or ``F.cross_entropy(z.reshape(-1, C), y.reshape(-1), reduction="none").view(B, T)``,
   and ``F.nll_loss(F.log_softmax(...), ...)`` written the same ways.
 * **What changes**: the step control becomes the plain step (no adaptive
