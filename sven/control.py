@@ -198,10 +198,10 @@ def warn_stall(ctx: StepContext, out: Outcome, loss: float, peak: float, where: 
     if cos > stall_cosine(ctx.R.dtype):
         warnings.warn(
             f"Sven stalled: every try was rejected with {where}, but the point is not stationary "
-            f"(|M^T R| / (sigma_max |R|) = {cos:.3g}). The Jacobian does not predict the closure's change: check "
-            f"that the closure is differentiable in the parameters, deterministic, and not detached (or, with "
-            f"momentum, that the carried steps do not push every try uphill: adaptive_damping=False, or momentum=0 "
-            f"with a `control` object such as TrustRegion).",
+            f"(|M^T R| / (sigma_max |R|) = {cos:.3g}). The Jacobian does not predict the closure's change: check that "
+            f"the closure is differentiable in the parameters, deterministic (no dropout in training mode), and not "
+            f"detached (or, with momentum, that the carried steps do not push every try uphill: "
+            f"adaptive_damping=False, or momentum=0 with a `control` object such as TrustRegion).",
             RuntimeWarning,
             stacklevel=6,
         )
@@ -334,9 +334,9 @@ class CrossEntropyDamping(AdaptiveDamping):
     rows' :math:`\chi^2`: :math:`\rho = (L_{old} - L_{new}) / (\tfrac12\|R\|^2 - \tfrac12\|R + M\delta\|^2)`.
     The damping follows the Madsen--Nielsen rule of :class:`AdaptiveDamping` but stays at or above
     ``floor`` (relative to :math:`\sigma_{max}^2`); a try with :math:`\rho \le 0` (the batch loss rose) is
-    undone and retried with a larger damping, at most ``max_retries`` times. So the step is the fixed-damping
-    GGN step at ``floor`` while the model predicts the loss, and is damped further where it does not (the
-    first steps from a random start, where the undamped-enough step overshoots and the logits blow up).
+    undone and retried with a larger damping, at most ``max_retries`` times; a stall warns, as there. So the
+    step is the fixed-damping GGN step at ``floor`` while the model predicts the loss, and is damped further
+    where it does not (the first steps from a random start, where the step overshoots and the logits blow up).
     ``evaluate.rows()`` must return the closure's per-sample cross-entropy losses after the step (as
     :class:`sven.Sven` does under the loss rule); ``ctx.loss()`` is their mean before it.
     """
@@ -348,8 +348,8 @@ class CrossEntropyDamping(AdaptiveDamping):
         evaluate = evaluator(ctx)
         restore = ctx.save()
         tries = 1 + self.max_retries
-        R = ctx.R.double()
-        mean_before = ctx.loss()
+        R, mean_before = ctx.R.double(), ctx.loss()
+        self.peak = max(self.peak, chi2 := SF.squared_norm(ctx.R))  # for warn_stall (R is finite: checked before)
         out = Outcome(damping=self.state.lam)
         for attempt in range(tries):
             lam = out.damping = self.state.lam
@@ -366,8 +366,8 @@ class CrossEntropyDamping(AdaptiveDamping):
                 return out
             restore()
             ctx.reject()
-        out.rejected, out.retries, out.direction = True, tries, None
-        out.stalled = self.state.lam >= SF.DAMPING_MAX
+        out.rejected, out.retries, out.direction, out.stalled = True, tries, None, self.state.lam >= SF.DAMPING_MAX
+        warn_stall(ctx, out, chi2, self.peak, f"the damping at its ceiling ({SF.DAMPING_MAX:g} sigma_max^2)")
         return out
 
 

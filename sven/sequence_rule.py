@@ -19,7 +19,9 @@ AdamW's loss there (docs/results_notes.md has the runs):
   ``(B, T)`` tensor, ``T >= 2``, that is (through views only) the output of
   ``NllLossBackward0`` or ``NllLoss2DBackward0`` with ``reduction="none"``,
   whose input is (through views only) the output of ``LogSoftmaxBackward0``
-  over dimension 1: ``F.cross_entropy(z.transpose(1, 2), y, reduction="none")``
+  over its class dimension (dimension 1 of that input, negative or not, or the
+  last dimension of ``(B, T, C)`` logits viewed as ``(B T, C)``):
+  ``F.cross_entropy(z.transpose(1, 2), y, reduction="none")``
   or ``F.cross_entropy(z.reshape(-1, C), y.reshape(-1), reduction="none").view(B, T)``,
   and ``F.nll_loss(F.log_softmax(...), ...)`` written the same ways.
 * **What changes**: the step control becomes the plain step (no adaptive
@@ -76,6 +78,16 @@ def _through_views(fn: Any) -> Any:
     return fn
 
 
+def _over_classes(source: tuple[int, ...], dim: int, seen: tuple[int, ...]) -> bool:
+    """Whether a log-softmax over ``dim`` of a ``source``-shaped tensor is over the class dimension (1) of the
+    ``seen``-shaped tensor that the views between them hand to ``nll_loss``. A view keeps the row-major order,
+    so it maps dimension 1 to dimension 1 when both shapes start with the same two sizes (``(B, C, T)`` seen
+    as ``(B, C, 1, T)`` by ``NllLoss2d``), and the fibres of the last dimension to the rows of a ``(N, C)``
+    view (``(B, T, C)`` seen as ``(B T, C)``). ``dim`` may be negative."""
+    d = dim % len(source) if source else -1
+    return (d == 1 and source[:2] == seen[:2]) or (len(seen) == 2 and d == len(source) - 1 and seen[1] == source[-1])
+
+
 def recognise_sequence(out: Any) -> bool:
     """Whether ``out`` is, as autograd recorded it, per-sequence token cross-entropy (the module docstring's form)."""
     fn = getattr(out, "grad_fn", None)
@@ -94,7 +106,9 @@ def recognise_sequence(out: Any) -> bool:
         if type(nll).__name__ not in ("NllLossBackward0", "NllLoss2DBackward0") or _signed(nll._saved_reduction):
             return False
         src = _through_views(nll._saved_self.grad_fn)
-        return type(src).__name__ == "LogSoftmaxBackward0" and _signed(src._saved_dim) == 1
+        if type(src).__name__ != "LogSoftmaxBackward0":
+            return False
+        return _over_classes(tuple(src._saved_result.shape), _signed(src._saved_dim), tuple(nll._saved_self.shape))
     except (AttributeError, RuntimeError, TypeError, IndexError):  # another torch's node layout, or a freed graph
         return False
 

@@ -349,3 +349,22 @@ def test_ggn_with_a_trust_radius_caps_the_judged_step() -> None:
     start = _params(m)
     opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
     assert float((_params(m) - start).norm()) <= 1e-3 * (1 + 1e-9)
+
+
+def test_a_stall_of_the_judged_step_warns() -> None:
+    """Logits whose recorded derivative has the wrong sign: every try raises the cross-entropy, the damping climbs
+    to its ceiling within the retries, and the stall warns (as the adaptive damping's does) instead of freezing
+    the run in silence; every rejected try is undone."""
+    m, x, y = _softmax_regression()
+    start = _params(m)
+
+    def closure() -> torch.Tensor:
+        z = m(x)
+        return F.cross_entropy((2 * z).detach() - z, y, reduction="none")  # the value of z, the derivative of -z
+
+    opt = sven.Sven(m.parameters(), ggn=True, max_retries=40)
+    with pytest.warns(RuntimeWarning, match="Sven stalled: every try was rejected"):
+        opt.step(closure)
+    info = opt.last_step
+    assert info is not None and info.stalled and info.rejected
+    assert torch.equal(_params(m), start)

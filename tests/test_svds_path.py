@@ -156,6 +156,36 @@ def test_a_nan_in_a_torch_operator_is_named() -> None:
         assert name
 
 
+@pytest.mark.parametrize("solver", ["auto", "svds", "lanczos"])
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_product_of_the_wrong_shape_or_type_is_named(solver: str, wide: bool) -> None:
+    """A ``CallableOperator`` whose products break the protocol (one row too few, or a NumPy array) raises an error
+    naming the product, instead of SciPy's "cannot reshape array" or torch's shape error inside a solver."""
+    A = torch.from_numpy(make_matrix(90, 240, "gap", seed=2)[0] if wide else make_matrix(240, 90, "gap", seed=2)[0])
+    m, n = A.shape
+    short = tp.CallableOperator((m, n), lambda X: (A @ X)[:-1], lambda Y: A.T @ Y, dtype=A.dtype)
+    msg = rf"`A`'s `matmat` must map a block of shape \({n}, k\) to one of shape \({m}, k\)"
+    with pytest.raises(ValueError, match=msg):
+        tp.pinv(short, rank=5, solver=solver)
+    short_t = tp.CallableOperator((m, n), lambda X: A @ X, lambda Y: (A.T @ Y)[:-1], dtype=A.dtype)
+    with pytest.raises(ValueError, match=r"`A`'s `rmatmat` must map"):
+        tp.pinv(short_t, rank=5, solver=solver)
+    arrays = tp.CallableOperator((m, n), lambda X: (A @ X).numpy(), lambda Y: (A.T @ Y).numpy(), dtype=A.dtype)
+    with pytest.raises(TypeError, match=r"`A`'s `(r?)matmat` must return a torch.Tensor, got ndarray"):
+        tp.pinv(arrays, rank=5, solver=solver)
+
+
+def test_a_block_sparse_cpu_tensor_is_refused_with_the_conversion() -> None:
+    """torch has no CPU product for the transpose of a BSR (or BSC) tensor, which every solver needs: the
+    operator refuses it at once, naming the layout and the conversion, and the converted one is solved."""
+    A = torch.from_numpy(make_matrix(240, 90, "gap", seed=3)[0])
+    for bsr in (A.to_sparse_bsr((2, 2)), A.to_sparse_bsc((2, 2))):
+        with pytest.raises(ValueError, match=r"layout torch.sparse_bs[rc].*A.to_sparse_coo\(\).to_sparse_csr\(\)"):
+            tp.pinv(tp.TensorOperator(bsr), rank=5)
+        F = tp.pinv(tp.TensorOperator(bsr.to_sparse_coo().to_sparse_csr()), rank=5)
+        torch.testing.assert_close(F.S, torch.linalg.svdvals(A)[:5], rtol=1e-10, atol=0.0)
+
+
 def _broken_eigsh(drop: int) -> object:
     """ARPACK's ``eigsh`` leaving out the ``drop``-th largest eigenpair of the Gram operator (exact pairs
     otherwise): a missed value, which the Rayleigh–Ritz step and the residuals cannot see."""

@@ -85,6 +85,11 @@ class TensorOperator:
                 f"a matrix-free operator has no batch dimension: `A` must be 2-D, got shape {tuple(A.shape)}; "
                 f"pass a dense batch (..., m, n) to tp.pinv / tp.lstsq directly, or loop over it"
             )
+        if isinstance(A, torch.Tensor) and A.layout in (torch.sparse_bsr, torch.sparse_bsc) and A.device.type == "cpu":
+            raise ValueError(
+                f"`A` has layout {A.layout}, whose transposed product torch does not implement on the CPU (every "
+                f"solver needs A^T Y); convert it with `A.to_sparse_coo().to_sparse_csr()`"
+            )
         self.A = A
 
     @property

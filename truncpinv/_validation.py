@@ -61,11 +61,27 @@ class FiniteCheckedOperator(OperatorView):
     non-finite value raises the same ``ValueError`` as a dense ``A`` with NaN
     would, instead of a misleading breakdown deeper in a solver. The check is
     one reduction per product (a sum: NaN and Inf propagate through it; an
-    overflowing sum of finite values falls through to an exact scan).
+    overflowing sum of finite values falls through to an exact scan). Each
+    product is also checked to be a tensor with as many rows as the operator's
+    shape says (and, for a 2-D block, as many columns as the input): a wrong
+    one raises an error naming the product instead of a shape error deep in a
+    solver or in SciPy.
     """
 
-    @staticmethod
-    def _checked(Y: torch.Tensor, X: torch.Tensor, what: str) -> torch.Tensor:
+    def _checked(self, Y: Any, X: torch.Tensor, what: str) -> torch.Tensor:
+        m, n = self.shape
+        rows = m if what == "matmat" else n
+        if not isinstance(Y, torch.Tensor):
+            raise TypeError(
+                f"`A`'s `{what}` must return a torch.Tensor, got {type(Y).__name__}; convert its result with "
+                f"torch.as_tensor"
+            )
+        if Y.ndim == 0 or Y.shape[0] != rows or (Y.ndim == 2 and X.ndim == 2 and Y.shape[1] != X.shape[1]):
+            raise ValueError(
+                f"`A`'s `{what}` must map a block of shape ({n if what == 'matmat' else m}, k) to one of shape "
+                f"({rows}, k) (the operator's shape is ({m}, {n})), but it returned shape {tuple(Y.shape)} for an "
+                f"input of shape {tuple(X.shape)}"
+            )
         if not bool(torch.isfinite(Y.sum())) and not bool(torch.isfinite(Y).all()) and bool(torch.isfinite(X).all()):
             raise ValueError(
                 f"`A` must be finite, but the operator's `{what}` returned NaN or Inf for a finite input; "
