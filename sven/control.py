@@ -302,7 +302,8 @@ class AdaptiveDamping(Policy):
             lam = out.damping = self.state.lam
             d = ctx.direction(lam)
             # predict first: a matrix-free M differentiates through the parameters as they were
-            R_pred = ctx.R - ctx.predict(d).to(ctx.R.dtype)
+            pred = ctx.predict(d)
+            R_pred = ctx.R - (pred if pred.dtype == ctx.R.dtype else pred.to(ctx.R.dtype))
             ctx.apply(d, 1.0)
             out.direction = d
             R_new = evaluate.residuals()
@@ -551,7 +552,7 @@ def step_context(
         if not SF.all_finite(d):
             raise StepFault("the Sven direction")
         if scale is not None:
-            return d / scale.to(d.dtype)
+            return d / (scale if scale.dtype == d.dtype else scale.to(d.dtype))
         return precondition.direction(d, blocks, state) if precondition is not None else d
 
     def predict(d: torch.Tensor) -> torch.Tensor:
