@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from truncpinv import TruncatedPinv
@@ -579,6 +580,9 @@ def step_context(
     def xnorm() -> float:
         x = torch.cat([b.param.detach().reshape(-1) if b.index is None else b.param.detach().reshape(-1)[b.index]
                        for b in blocks]).double()  # fmt: skip
+        a, w = SF.host(x), None if scale is None else SF.host(scale)
+        if a is not None and (scale is None or w is not None):  # a few parameters: in NumPy
+            return float(np.linalg.norm(a if w is None else a * w))
         if scale is not None:
             x = x * scale.to(x.dtype)
         return float(x.norm())
