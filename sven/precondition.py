@@ -164,11 +164,18 @@ class ColumnScaling:
         for b in blocks:
             st = state[b.param]
             d = state_slice(st, b, "col_scale")  # zeros at first
-            torch.maximum(d, norms[b.start : b.stop].to(d.dtype), out=d)
+            new = norms[b.start : b.stop]
+            dn, nn = SF.host(d), SF.host(new)
+            if dn is not None and nn is not None and dn.dtype == nn.dtype:  # (a view of the state: in place)
+                np.maximum(dn, nn, out=dn)
+            else:
+                torch.maximum(d, new.to(d.dtype), out=d)
             store_slice(st, b, "col_scale", d)
             parts.append(d)
         D = _ones_for_zeros(parts[0] if len(parts) == 1 else torch.cat(parts))
-        return M / (D if D.dtype == M.dtype else D.to(M.dtype))
+        D = D if D.dtype == M.dtype else D.to(M.dtype)
+        a, w = SF.host(M), SF.host(D)
+        return torch.from_numpy(a / w) if a is not None and w is not None else M / D
 
     def weights(self, blocks: Sequence[ParamBlock], state: _State) -> torch.Tensor:
         """``D`` as a vector (a column that has always been zero, or not seen yet, counts 1)."""
