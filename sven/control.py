@@ -42,7 +42,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from truncpinv import TruncatedPinv
@@ -303,8 +302,7 @@ class AdaptiveDamping(Policy):
             lam = out.damping = self.state.lam
             d = ctx.direction(lam)
             # predict first: a matrix-free M differentiates through the parameters as they were
-            pred = ctx.predict(d)
-            R_pred = ctx.R - (pred if pred.dtype == ctx.R.dtype else pred.to(ctx.R.dtype))
+            R_pred = ctx.R - ctx.predict(d).to(ctx.R.dtype)
             ctx.apply(d, 1.0)
             out.direction = d
             R_new = evaluate.residuals()
@@ -580,12 +578,7 @@ def step_context(
     def xnorm() -> float:
         x = torch.cat([b.param.detach().reshape(-1) if b.index is None else b.param.detach().reshape(-1)[b.index]
                        for b in blocks]).double()  # fmt: skip
-        a, w = SF.host(x), None if scale is None else SF.host(scale)
-        if a is not None and (scale is None or w is not None):  # a few parameters: in NumPy
-            return float(np.linalg.norm(a if w is None else a * w))
-        if scale is not None:
-            x = x * scale.to(x.dtype)
-        return float(x.norm())
+        return SF.weighted_norm(x, scale)
 
     ctx = StepContext(
         F=F,

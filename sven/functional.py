@@ -62,6 +62,7 @@ __all__ = [
     "sven_direction",
     "sven_update",
     "variable_k_search",
+    "weighted_norm",
 ]
 
 
@@ -165,11 +166,15 @@ _HOST_DTYPES = (torch.float64, torch.float32)
 def host(t: torch.Tensor) -> np.ndarray | None:
     """A NumPy view of ``t`` when it is a small real CPU tensor (:data:`HOST_SMALL`), else ``None``.
 
-    The view shares ``t``'s memory (no copy). Tensors that need autograd, live on an accelerator or are
-    larger keep torch's path: there a kernel launch or a pass over the data, not the call, is the cost.
+    The view shares ``t``'s memory (no copy). Tensors that need autograd, live on an accelerator, are
+    larger or have no storage of their own (inside :mod:`torch.func` transforms) keep torch's path: there a
+    kernel launch or a pass over the data, not the call, is the cost.
     """
     if t.is_cpu and not t.requires_grad and t.dtype in _HOST_DTYPES and t.numel() <= HOST_SMALL:
-        return t.numpy()
+        try:
+            return t.numpy()
+        except RuntimeError:  # no storage of its own: a tensor inside a torch.func transform (grad, vmap)
+            return None
     return None
 
 
@@ -369,6 +374,17 @@ def squared_norm(R: torch.Tensor) -> float:
         a = a.reshape(-1).astype(np.float64, copy=False)
         return float(a @ a)
     return float(R.double().pow(2).sum())
+
+
+def weighted_norm(x: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    r""":math:`\|D x\|` with :math:`D = \mathrm{diag}(\text{weights})` (``None``: :math:`\|x\|`), in ``x``'s dtype
+    (in NumPy for small CPU tensors, :func:`host`)."""
+    a, w = host(x), None if weights is None else host(weights)
+    if a is not None and (weights is None or w is not None):
+        return float(np.linalg.norm(a if w is None else a * w))
+    if weights is not None:
+        x = x * weights.to(x.dtype)
+    return float(x.norm())
 
 
 def gain_ratio_of(old: float, new: float, pred: float) -> float:

@@ -283,9 +283,7 @@ class Sven(Optimizer):
         probe = CrossEntropyRows(fallback=self.rows) if self.config.ggn is None else None  # sven/loss_rule.py
         spec = probe or self.rows
         seen: dict[str, bool] = {}
-        # compiled models run eagerly (sven/_compile.py says why): the linearisation and the step control's
-        # re-evaluations of the closure, under one switch
-        with eager():
+        with eager():  # compiled models run eagerly (sven/_compile.py): the closure and its re-evaluations alike
             with torch.enable_grad(), closure_errors(params):  # works inside the caller's torch.no_grad()
                 lin = route(_probed(closure, seen) if probe is not None else closure, params, spec)
             if isinstance(lin, Unsupported):

@@ -242,3 +242,16 @@ def test_column_norms_survive_squares_that_overflow(scale: float) -> None:
         # 1e200: the squares overflow, the norms do not; 1e-150: the squares are near the smallest normal number
         assert torch.allclose(norms, exact, rtol=1e-13, atol=0.0)
         assert torch.equal(column_norms(torch.zeros(5, 3, dtype=F64)), torch.zeros(3, dtype=F64))
+
+
+def test_tensors_inside_torch_func_keep_torchs_path() -> None:
+    seen: list[object] = []
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        seen.append(SF.host(x.detach()))  # a wrapper without storage of its own: no NumPy view
+        assert tolerance.select_rank(x.detach(), cutoff=1.5, rank=3) == 2
+        return (x**2).sum()
+
+    g = torch.func.grad(f)(torch.tensor([3.0, 2.0, 1.0], dtype=F64))
+    assert seen == [None] and torch.equal(g, torch.tensor([6.0, 4.0, 2.0], dtype=F64))
+    assert SF.host(torch.ones(3, dtype=F64)) is not None

@@ -94,11 +94,16 @@ def select_rank(S: torch.Tensor, *, cutoff: float, rank: int) -> int:
     """
     if S.numel() == 0:
         return 0
+    return min(_count_above(S, cutoff), int(rank))
+
+
+def _count_above(S: torch.Tensor, cutoff: float) -> int:
     if S.is_cpu and not S.requires_grad and S.dtype in (torch.float64, torch.float32) and S.numel() <= _HOST_SMALL:
-        n_above = int(np.count_nonzero(S.numpy() > cutoff))
-    else:
-        n_above = int((S > cutoff).sum())
-    return min(n_above, int(rank))
+        try:
+            return int(np.count_nonzero(S.numpy() > cutoff))
+        except RuntimeError:  # no storage of its own: inside a torch.func transform
+            pass
+    return int((S > cutoff).sum())
 
 
 def is_int_scalar(v: Any) -> bool:
