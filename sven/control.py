@@ -551,7 +551,7 @@ def step_context(
         if not SF.all_finite(d):
             raise StepFault("the Sven direction")
         if scale is not None:
-            return d / scale.to(d.dtype)
+            return d / (scale if scale.dtype == d.dtype else scale.to(d.dtype))
         return precondition.direction(d, blocks, state) if precondition is not None else d
 
     def predict(d: torch.Tensor) -> torch.Tensor:
@@ -578,9 +578,7 @@ def step_context(
     def xnorm() -> float:
         x = torch.cat([b.param.detach().reshape(-1) if b.index is None else b.param.detach().reshape(-1)[b.index]
                        for b in blocks]).double()  # fmt: skip
-        if scale is not None:
-            x = x * scale.to(x.dtype)
-        return float(x.norm())
+        return SF.weighted_norm(x, scale)
 
     ctx = StepContext(
         F=F,

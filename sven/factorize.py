@@ -111,7 +111,7 @@ def _direct_svd(M: torch.Tensor, *, rank: int | None, rtol: float, atol: float) 
     m, n = M.shape
     dt = M.dtype
     U, S, Vh = torch.linalg.svd(M if dt == torch.float64 else M.double(), full_matrices=False)
-    if not bool(torch.isfinite(S.sum() + U.sum() + Vh.sum())):  # (a sum that overflows takes the long way)
+    if not SF.all_finite(S, U, Vh):
         return None
     if dt != torch.float64:
         U, S, Vh = U.to(dt), S.to(dt), Vh.to(dt)

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from truncpinv import Solver, TruncatedPinv
@@ -50,6 +51,7 @@ __all__ = [
     "gain_ratio",
     "gradient_cosine",
     "group_rows",
+    "host",
     "madsen_nielsen_update",
     "rank_one_components",
     "residual_jacobian",
@@ -60,6 +62,7 @@ __all__ = [
     "sven_direction",
     "sven_update",
     "variable_k_search",
+    "weighted_norm",
 ]
 
 
@@ -153,6 +156,27 @@ def group_rows(x: torch.Tensor, *, size: int) -> torch.Tensor:
 #: Up to this many entries, ``isfinite(t).all()`` is cheaper than a sum and its check.
 _SMALL = 1 << 16
 
+#: Up to this many entries a CPU tensor's small arithmetic (the control's vectors, the factors of a curve fit's
+#: Jacobian) runs in NumPy on a view of its memory (:func:`host`): the same operations in the same dtype, at
+#: about 1 us each against 3-10 us for a torch call, which is what a step on a few parameters is made of.
+HOST_SMALL = 4096
+_HOST_DTYPES = (torch.float64, torch.float32)
+
+
+def host(t: torch.Tensor) -> np.ndarray | None:
+    """A NumPy view of ``t`` when it is a small real CPU tensor (:data:`HOST_SMALL`), else ``None``.
+
+    The view shares ``t``'s memory (no copy). Tensors that need autograd, live on an accelerator, are
+    larger or have no storage of their own (inside :mod:`torch.func` transforms) keep torch's path: there a
+    kernel launch or a pass over the data, not the call, is the cost.
+    """
+    if t.is_cpu and not t.requires_grad and t.dtype in _HOST_DTYPES and t.numel() <= HOST_SMALL:
+        try:
+            return t.numpy()
+        except RuntimeError:  # no storage of its own: a tensor inside a torch.func transform (grad, vmap)
+            return None
+    return None
+
 
 def all_finite(*tensors: torch.Tensor) -> bool:
     """Whether every entry of every tensor is finite (one host sync per tensor).
@@ -160,10 +184,13 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     A large tensor is summed first: NaN and +-Inf propagate through a sum, so
     one reduction replaces an element-wise mask. Only when that sum is not
     finite (which huge finite entries can also produce, by overflow) is the
-    exact element-wise test run.
+    exact element-wise test run. A small CPU tensor is tested in NumPy (:func:`host`).
     """
     for t in tensors:
-        if t.numel() <= _SMALL:
+        a = host(t)
+        if a is not None:
+            ok = bool(np.isfinite(a).all())
+        elif t.numel() <= _SMALL:
             ok = bool(torch.isfinite(t).all())
         else:
             ok = bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
@@ -275,17 +302,33 @@ def filter_factors(S: torch.Tensor, *, damping: float) -> torch.Tensor:
     return S / (S * S + lam)
 
 
+def _host_filter(S: np.ndarray, damping: float) -> np.ndarray:
+    """:func:`filter_factors` on a NumPy ``S`` (the same formulas)."""
+    if S.size == 0:
+        return S
+    if damping == 0.0:
+        pos = S > 0
+        return np.where(pos, 1.0 / np.where(pos, S, 1.0), 0.0).astype(S.dtype, copy=False)
+    lam = damping * S[0] ** 2
+    return S / (S * S + lam)  # type: ignore[no-any-return]
+
+
 def filtered_direction(F: TruncatedPinv, R: torch.Tensor, *, damping: float) -> torch.Tensor:
     r"""The damped direction :math:`d = V_r\, \phi(\Sigma_r)\, U_r^\top R` from a cached factorisation.
 
     Re-filtering costs one application of ``V`` (through ``F.solve``), never a
     new factorisation: ``F.solve(U_r (\Sigma_r \phi(\Sigma_r) \circ U_r^\top R))`` equals
     :math:`V_r \phi(\Sigma_r) U_r^\top R` because ``U_r`` has orthonormal columns.
-    With ``damping == 0`` this is ``F @ R``.
+    With ``damping == 0`` this is ``F @ R``. Small explicit factors on the CPU are applied in NumPy
+    (:func:`host`; the same products).
     """
-    Rf = R.to(F.dtype)
+    Rf = R if R.dtype == F.dtype else R.to(F.dtype)
     if explicit_factors(F) and F.rank > 0:  # V itself (the normal equations' U need not be orthonormal)
-        return F.V @ ((F.U.T @ Rf) * filter_factors(F.S, damping=damping))  # type: ignore[no-any-return]
+        U, S, V = F.U, F.S, F.V
+        u, s, v, r = host(U), host(S), host(V), host(Rf)
+        if u is not None and s is not None and v is not None and r is not None:
+            return torch.from_numpy(v @ ((r @ u) * _host_filter(s, damping)))
+        return V @ ((U.T @ Rf) * filter_factors(S, damping=damping))  # type: ignore[no-any-return]
     if damping == 0.0 or F.rank == 0:
         return F.solve(Rf, check_finite=False)  # type: ignore[no-any-return]
     U, S = F.U, F.S
@@ -325,8 +368,23 @@ def gain_ratio(R_old: torch.Tensor, R_new: torch.Tensor, R_pred: torch.Tensor) -
 
 
 def squared_norm(R: torch.Tensor) -> float:
-    r""":math:`\|R\|^2`, accumulated in float64."""
+    r""":math:`\|R\|^2`, accumulated in float64 (in NumPy for a small CPU tensor, :func:`host`)."""
+    a = host(R)
+    if a is not None:
+        a = a.reshape(-1).astype(np.float64, copy=False)
+        return float(a @ a)
     return float(R.double().pow(2).sum())
+
+
+def weighted_norm(x: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    r""":math:`\|D x\|` with :math:`D = \mathrm{diag}(\text{weights})` (``None``: :math:`\|x\|`), in ``x``'s dtype
+    (in NumPy for small CPU tensors, :func:`host`)."""
+    a, w = host(x), None if weights is None else host(weights)
+    if a is not None and (weights is None or w is not None):
+        return float(np.linalg.norm(a if w is None else a * w))
+    if weights is not None:
+        x = x * weights.to(x.dtype)
+    return float(x.norm())
 
 
 def gain_ratio_of(old: float, new: float, pred: float) -> float:
@@ -347,12 +405,18 @@ def gradient_cosine(F: TruncatedPinv, R: torch.Tensor) -> torch.Tensor:
     because :math:`V` has orthonormal columns; dropped values below the cut-off add at most
     ``cutoff * ||R||``. The ratio is scale-free and lies in ``[0, 1]``: 0 at a stationary point of
     :math:`\|R\|^2` (MINPACK's ``gtol`` test uses the same angle, column by column). ``R = 0`` gives 0.
-    Returns a 0-dim tensor (no host synchronisation).
+    Returns a 0-dim tensor (no host synchronisation; small CPU factors are reduced in NumPy, :func:`host`).
     """
     Rf = R if R.dtype == F.dtype else R.to(F.dtype)
     if F.rank == 0:
         return Rf.new_zeros(())
     S = F.S
+    if explicit_factors(F):
+        U = F.U
+        u, s, r = host(U), host(S), host(Rf)
+        if u is not None and s is not None and r is not None:
+            g, scale = float(np.linalg.norm(s * (r @ u))), float(s[0]) * float(np.linalg.norm(r))
+            return torch.tensor(g / scale if scale > 0 else 0.0, dtype=Rf.dtype)
     g = torch.linalg.vector_norm(S * (F.U.T @ Rf))
     scale = S[0] * torch.linalg.vector_norm(Rf)
     return torch.where(scale > 0, g / scale, torch.zeros_like(g))  # (0/0 where it is not used)

@@ -283,24 +283,23 @@ class Sven(Optimizer):
         probe = CrossEntropyRows(fallback=self.rows) if self.config.ggn is None else None  # sven/loss_rule.py
         spec = probe or self.rows
         seen: dict[str, bool] = {}
-        # works inside the caller's torch.no_grad(); compiled models run eagerly (sven/_compile.py says why)
-        with torch.enable_grad(), closure_errors(params), eager():
-            lin = route(_probed(closure, seen) if probe is not None else closure, params, spec)
-        if isinstance(lin, Unsupported):
-            raise ValueError(f"the route does not apply to this model: {lin.reason}")
-        if probe is not None:
-            blocks = _decide(self, probe.found, seen.get("sequence", False)) or blocks
-        R, M = self.rows.residualize(lin.rows, lin.jacobian)
+        with eager():  # compiled models run eagerly (sven/_compile.py): the closure and its re-evaluations alike
+            with torch.enable_grad(), closure_errors(params):  # works inside the caller's torch.no_grad()
+                lin = route(_probed(closure, seen) if probe is not None else closure, params, spec)
+            if isinstance(lin, Unsupported):
+                raise ValueError(f"the route does not apply to this model: {lin.reason}")
+            if probe is not None:
+                blocks = _decide(self, probe.found, seen.get("sequence", False)) or blocks
+            R, M = self.rows.residualize(lin.rows, lin.jacobian)
 
-        def rows_after() -> torch.Tensor:
-            with closure_mode(params):  # derivatives the closure takes itself work; none for the params
-                rows = self.rows.evaluated(closure()).detach()  # the rule's: the losses (CrossEntropyDamping)
-            return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
+            def rows_after() -> torch.Tensor:
+                with closure_mode(params):  # derivatives the closure takes itself work; none for the params
+                    rows = self.rows.evaluated(closure()).detach()  # the rule's: the losses (CrossEntropyDamping)
+                return rows if group is None else dist_.all_gather_rows(rows.contiguous(), group)
 
-        losses = spec.output(lin.rows)  # the cross-entropy losses (this rank's), not their rows
-        if group is not None and losses is not lin.rows:
-            losses = dist_.all_gather_rows(losses.contiguous(), group)
-        with eager():  # the step control's re-evaluations of the closure, once for all of them
+            losses = spec.output(lin.rows)  # the cross-entropy losses (this rank's), not their rows
+            if group is not None and losses is not lin.rows:
+                losses = dist_.all_gather_rows(losses.contiguous(), group)
             self._descend(losses, R, M, blocks, evaluate=Evaluator(rows_after, self.rows), method=lin.method)
         return spec.output(lin.local)
 

@@ -30,12 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import functional as SF
 from .params import ParamBlock, state_slice, store_slice
 
-__all__ = ["ColumnScaling", "RMSProp"]
+__all__ = ["ColumnScaling", "RMSProp", "column_norms"]
 
 _State = dict[Any, dict[str, torch.Tensor]]
 
@@ -158,21 +159,28 @@ class ColumnScaling:
         """``M D^{-1}`` after updating ``D`` with the column norms of ``M``."""
         if not isinstance(M, torch.Tensor):
             raise TypeError("column scaling needs the materialised M")  # the route choice ensures it
-        norms = torch.linalg.vector_norm(M, dim=0)
+        norms = column_norms(M)
         parts = []
         for b in blocks:
             st = state[b.param]
             d = state_slice(st, b, "col_scale")  # zeros at first
-            torch.maximum(d, norms[b.start : b.stop].to(d.dtype), out=d)
+            new = norms[b.start : b.stop]
+            dn, nn = SF.host(d), SF.host(new)
+            if dn is not None and nn is not None and dn.dtype == nn.dtype:  # (a view of the state: in place)
+                np.maximum(dn, nn, out=dn)
+            else:
+                torch.maximum(d, new.to(d.dtype), out=d)
             store_slice(st, b, "col_scale", d)
             parts.append(d)
-        D = torch.cat(parts).to(M.dtype)
-        return M / torch.where(D > 0, D, torch.ones_like(D))
+        D = _ones_for_zeros(parts[0] if len(parts) == 1 else torch.cat(parts))
+        D = D if D.dtype == M.dtype else D.to(M.dtype)
+        a, w = SF.host(M), SF.host(D)
+        return torch.from_numpy(a / w) if a is not None and w is not None else M / D
 
     def weights(self, blocks: Sequence[ParamBlock], state: _State) -> torch.Tensor:
         """``D`` as a vector (a column that has always been zero, or not seen yet, counts 1)."""
-        D = torch.cat([state_slice(state[b.param], b, "col_scale") for b in blocks])
-        return torch.where(D > 0, D, torch.ones_like(D))
+        parts = [state_slice(state[b.param], b, "col_scale") for b in blocks]
+        return _ones_for_zeros(parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def direction(self, d: torch.Tensor, blocks: Sequence[ParamBlock], state: _State) -> torch.Tensor:
         """``D^{-1} d``: the direction in the original parameters."""
@@ -181,3 +189,39 @@ class ColumnScaling:
     def save(self, blocks: Sequence[ParamBlock], state: _State) -> Callable[[], None]:
         """Nothing to restore: ``D`` changes only with a new Jacobian, never during the tries of one step."""
         return lambda: None
+
+
+def column_norms(M: torch.Tensor) -> torch.Tensor:
+    r"""The 2-norms of the columns of ``M``, :math:`\sqrt{\sum_i M_{ij}^2}`.
+
+    One product and one sum over the rows (2-3x faster than ``torch.linalg.vector_norm(M, dim=0)`` on a
+    tall CPU Jacobian, the same to round-off). Where a square overflows (entries above ``sqrt(max)`` of the
+    dtype, ``1e154`` in float64), the columns are divided by their largest magnitude first:
+    :math:`c_j \sqrt{\sum_i (M_{ij}/c_j)^2}`, which is finite wherever the norm is. Squares below the smallest
+    normal number (entries under ``1e-154`` in float64) underflow as in ``vector_norm``: a column of such
+    entries counts as zero, as one that has never been seen (``D`` keeps 1 for it). An accelerator or complex
+    ``M`` keeps ``vector_norm`` (no host synchronisation for the overflow test).
+    """
+    if not M.is_cpu or M.is_complex():
+        return torch.linalg.vector_norm(M, dim=0)
+    a = SF.host(M)
+    if a is not None:
+        with np.errstate(over="ignore"):
+            sq = np.einsum("ij,ij->j", a, a)
+        if np.isfinite(sq).all():
+            return torch.from_numpy(np.sqrt(sq))
+    else:
+        norms = (M * M).sum(0).sqrt()
+        if SF.all_finite(norms):
+            return norms
+    c = M.abs().amax(0)
+    c = _ones_for_zeros(c)
+    return c * ((M / c) ** 2).sum(0).sqrt()
+
+
+def _ones_for_zeros(D: torch.Tensor) -> torch.Tensor:
+    """``D`` with its zero (never seen) entries replaced by 1."""
+    a = SF.host(D)
+    if a is not None:
+        return torch.from_numpy(np.where(a > 0, a, a.dtype.type(1)))
+    return torch.where(D > 0, D, torch.ones_like(D))

@@ -232,7 +232,8 @@ class TrustRegion(Policy):
                 first = False
             self.lam = out.damping = lam / sigma2
             d = ctx.direction(self.lam)
-            R_pred = ctx.R - ctx.predict(d).to(ctx.R.dtype)  # before the step: a matrix-free M needs the old graph
+            pred = ctx.predict(d)  # before the step: a matrix-free M needs the old graph
+            R_pred = ctx.R - (pred if pred.dtype == ctx.R.dtype else pred.to(ctx.R.dtype))
             ctx.apply(d, 1.0)
             out.direction = d
             R_new = evaluate.residuals()
@@ -309,6 +310,11 @@ def _cosine(ctx: Any) -> float:
 
 def _spectrum(F: Any, R: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The kept singular values of ``F`` and :math:`c = U^\\top R`, as float64 arrays (``c = S`` at rank 0)."""
-    S = F.S.detach().double().cpu().numpy()
-    c = (F.U.T @ R.to(F.dtype)).detach().double().cpu().numpy() if F.rank else S
+    S_, Rf = F.S, R if R.dtype == F.dtype else R.to(F.dtype)
+    s, r = SF.host(S_), SF.host(Rf)
+    if s is not None and r is not None and (u := SF.host(F.U)) is not None:  # small CPU factors: in NumPy
+        S = s.astype(np.float64)
+        return S, (r @ u).astype(np.float64) if F.rank else S
+    S = S_.detach().double().cpu().numpy()
+    c = (F.U.T @ Rf).detach().double().cpu().numpy() if F.rank else S
     return S, c
