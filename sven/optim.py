@@ -26,6 +26,7 @@ from .config import (
     with_scale_rule,
 )
 from .control import Evaluator, Policy, step_context
+from .factored_model import with_factored_model
 from .factorize import factorize, solver_for_step
 from .info import StepFault, StepInfo
 from .linearize import DataParallel, Unsupported
@@ -329,6 +330,8 @@ class Sven(Optimizer):
                 evaluate=evaluate, exact=exact, cosine=cos,
                 reject=lambda: self._counters.__setitem__("rejected_steps", self._counters["rejected_steps"] + 1),
             )  # fmt: skip
+            if self.config.ggn:  # the GGN model of each try from the factors, not a product with M
+                ctx = with_factored_model(ctx, blocks, self.precondition)
             out = self.control.run(ctx)
         except StepFault as fault:
             self._fault(info, losses, fault)
