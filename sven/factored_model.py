@@ -69,7 +69,8 @@ def with_factored_model(ctx: StepContext, blocks: Sequence[ParamBlock], precondi
     unchanged. Each ``direction(lam)`` remembers the direction it returned and the factorisation it came
     from; ``predict`` of that very tensor, if the factorisation is exact (:func:`exact_model`), is
     :math:`\eta\, M d_\lambda` from the factors, and of any other tensor (a wrapper's rescaled direction)
-    the context's own product with :math:`M`.
+    the context's own product with :math:`M`. :class:`sven.Sven` applies it to every step that takes the GGN
+    rows (the loss rule, or ``ggn=True``): their :class:`sven.control.CrossEntropyDamping` predicts each try.
     """
     lrs = {b.lr for b in blocks}
     if precondition is not None or update.active(blocks) or len(lrs) != 1:

@@ -330,9 +330,7 @@ class Sven(Optimizer):
                 evaluate=evaluate, exact=exact, cosine=cos,
                 reject=lambda: self._counters.__setitem__("rejected_steps", self._counters["rejected_steps"] + 1),
             )  # fmt: skip
-            if self.config.ggn:  # the GGN model of each try from the factors, not a product with M
-                ctx = with_factored_model(ctx, blocks, self.precondition)
-            out = self.control.run(ctx)
+            out = self.control.run(with_factored_model(ctx, blocks, self.precondition) if self.config.ggn else ctx)
         except StepFault as fault:
             self._fault(info, losses, fault)
             return info
