@@ -11,6 +11,11 @@ the ratio of ``sven-native`` (the defaults) to the best baseline, seed by seed:
   validation is outside the clock), Sven's / the baseline's;
 * **step**: the ratio of the median step times.
 
+``--step-ratio TASK=R`` replaces a task's measured times (which other jobs on the machine distort) by a step
+cost ratio ``R`` measured apart (``benchmarks/bench_ce_step.py``): the baseline's ``E`` epochs then buy Sven
+``floor(E / R)`` whole epochs, and the equal-wall-time ratio is Sven's validation loss after them over the
+baseline's final one.
+
 Ratios are medians over the seeds (each seed's pair from the same run).
 
     sven-bench --threads 1 --seeds 3 --task mnist1d mnist-subset --optimizers sven-native adam adamw --out runs/ce
@@ -40,8 +45,12 @@ def _key(run: dict[str, Any]) -> str:
     return json.dumps(run["hparams"], sort_keys=True)
 
 
-def compare(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
-    """Sven's defaults against the selected baseline on ``task``: per-seed ratios and their medians."""
+def compare(runs: list[dict[str, Any]], task: str, step_ratio: float | None = None) -> dict[str, Any]:
+    """Sven's defaults against the selected baseline on ``task``: per-seed ratios and their medians.
+
+    ``step_ratio``: Sven's step cost over the baseline's, measured apart, for the equal-wall-time ratio
+    (module docstring); ``None``: the runs' own training times.
+    """
     ok = [r for r in runs if r["task"] == task and not r.get("error")]
     choices = [
         (r["final_val_loss"], r["optimizer"], _key(r)) for r in ok if r["optimizer"] in BASELINES and r["seed"] == 0
@@ -56,6 +65,11 @@ def compare(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
         if b is None:
             continue
         T = min(s["total_train_time"], b["total_train_time"])
+        if step_ratio is None:
+            at_time = loss_at(s, T) / loss_at(b, T)
+        else:
+            epochs = min(int((len(b["val_loss"]) - 1) / step_ratio), len(s["val_loss"]) - 1)
+            at_time = s["val_loss"][epochs] / b["final_val_loss"]
         acc = s["metrics"].get("accuracy"), b["metrics"].get("accuracy")
         rows.append(
             {
@@ -63,7 +77,7 @@ def compare(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
                 "sven": s["final_val_loss"],
                 "base": b["final_val_loss"],
                 "epochs": s["final_val_loss"] / b["final_val_loss"],
-                "time": loss_at(s, T) / loss_at(b, T),
+                "time": at_time,
                 "step": s["step_time_median"] / b["step_time_median"],
                 "accuracy": None if acc[0] is None else (acc[0][-1], acc[1][-1]),
             }
@@ -80,7 +94,19 @@ def compare(runs: list[dict[str, Any]], task: str) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="results.json files of sven-bench runs (merged)")
+    ap.add_argument(
+        "--step-ratio", nargs="*", default=[], metavar="TASK=R", help="a step cost ratio measured apart, per task"
+    )
     args = ap.parse_args()
+    ratios = {}
+    for item in args.step_ratio:
+        task, _, value = item.partition("=")
+        try:
+            ratios[task] = float(value)
+        except ValueError:
+            ap.error(f"--step-ratio takes TASK=RATIO with a positive number, got {item!r}")
+        if not ratios[task] > 0:
+            ap.error(f"--step-ratio takes TASK=RATIO with a positive number, got {item!r}")
     runs: list[dict[str, Any]] = []
     for path in args.results:
         with open(path) as f:
@@ -88,7 +114,7 @@ def main() -> None:
     print("| task | best baseline | Sven / baseline loss, median | equal epochs | equal wall time | step | accuracy |")
     print("|---|---|---|---|---|---|---|")
     for task in sorted({r["task"] for r in runs}):
-        c = compare(runs, task)
+        c = compare(runs, task, ratios.get(task))
         accs = [r["accuracy"] for r in c["seeds"] if r["accuracy"] is not None]
         acc = ", ".join(f"{a:.1%} / {b:.1%}" for a, b in accs) or "-"
         per_seed = {k: ", ".join(format(r[k], ".2f") for r in c["seeds"]) for k in ("epochs", "time")}

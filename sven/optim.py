@@ -26,6 +26,7 @@ from .config import (
     with_scale_rule,
 )
 from .control import Evaluator, Policy, step_context
+from .factored_model import with_factored_model
 from .factorize import factorize, solver_for_step
 from .info import StepFault, StepInfo
 from .linearize import DataParallel, Unsupported
@@ -328,7 +329,7 @@ class Sven(Optimizer):
                 evaluate=evaluate, exact=exact, cosine=cos,
                 reject=lambda: self._counters.__setitem__("rejected_steps", self._counters["rejected_steps"] + 1),
             )  # fmt: skip
-            out = self.control.run(ctx)
+            out = self.control.run(with_factored_model(ctx, blocks, self.precondition) if self.config.ggn else ctx)
         except StepFault as fault:
             self._fault(info, losses, fault)
             return info
