@@ -27,7 +27,7 @@ returns:
 
 **When the rule acts** (``ggn=None``, the default): only when the user left
 the options that choose the rows and the step control at their defaults:
-no ``lr`` (in the constructor or a parameter group), ``control``, ``residuals``,
+no ``lr``, ``momentum`` or ``nesterov`` (in the constructor or a parameter group), ``control``, ``residuals``,
 ``kappa``, ``damping``, ``adaptive_damping``, ``max_retries``, ``scale``,
 ``variable_k``, ``check_step`` or ``rmsprop`` (:data:`RULE_OPTIONS`). Any of
 them turns the rule off (``ggn=False``), so an explicit configuration means
@@ -181,14 +181,15 @@ class CrossEntropyRows(RowSpec):
 def with_ggn_rule(options: dict[str, Any], params: Any, *, explicit: bool) -> dict[str, Any]:
     """The options with ``ggn`` resolved as far as the constructor can: ``True`` with the GGN settings, or ``False``.
 
-    ``ggn=None`` stays ``None`` (decided at the first step) only if neither ``explicit`` (``lr`` or ``control``
-    was given) nor any of :data:`RULE_OPTIONS` nor a parameter group's ``lr`` was set.
+    ``ggn=None`` stays ``None`` (decided at the first step) only if neither ``explicit`` (``lr``, ``control``,
+    ``momentum`` or ``nesterov`` was given) nor any of :data:`RULE_OPTIONS` nor a parameter group's ``lr``,
+    ``momentum`` or ``nesterov`` was set.
     """
     ggn = options.get("ggn")
     if ggn is not None and check_bool("ggn", ggn):
         return {**GGN_SETTINGS, **options, "ggn": True}
     groups = params if isinstance(params, list) else []
-    group_lr = any(isinstance(g, dict) and "lr" in g for g in groups)
+    group_lr = any(isinstance(g, dict) and any(k in g for k in ("lr", "momentum", "nesterov")) for g in groups)
     if ggn is None and (explicit or group_lr or any(k in options for k in RULE_OPTIONS)):
         return {**options, "ggn": False}
     return options

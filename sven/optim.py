@@ -107,7 +107,8 @@ class Sven(Optimizer):
     Args:
         params: parameters or parameter groups.
         lr: learning rate :math:`\eta` (per group; default 0.5, or 1 in residual mode with damping).
-        momentum: heavy-ball momentum :math:`\mu \in [0, 1)` on the Sven direction (per group,
+        momentum: heavy-ball momentum :math:`\mu \in [0, 1)` on the Sven direction (per group; default 0,
+            and giving it, like ``nesterov``, turns the loss and sequence rules off;
             :mod:`sven.update`): :math:`b \leftarrow \mu b + d`, :math:`\theta \leftarrow \theta - \eta b`.
         weight_decay: decoupled weight decay :math:`w` (per group, as AdamW):
             :math:`\theta \leftarrow \theta - \eta w \theta`.
@@ -156,9 +157,9 @@ class Sven(Optimizer):
         params: Any,
         lr: float | None = None,
         *args: Any,
-        momentum: float = 0.0,
+        momentum: float | None = None,
         weight_decay: float = 0.0,
-        nesterov: bool = False,
+        nesterov: bool | None = None,
         control: Policy | None = None,
         route: Any = None,
         process_group: Any = None,
@@ -172,7 +173,7 @@ class Sven(Optimizer):
             options["jacobian"] = route
             route = None
         params = listed_params(params)  # groups' iterators listed once, in copies: the rules below count them
-        options = with_ggn_rule(options, params, explicit=lr is not None or control is not None)
+        options = with_ggn_rule(options, params, explicit=any(v is not None for v in (lr, control, momentum, nesterov)))
         self._options = options = with_scale_rule(with_momentum_rule(options, params, momentum), params)
         self.config = cfg = SvenConfig(**options)
         self.solver = cfg.solver
@@ -189,8 +190,8 @@ class Sven(Optimizer):
                 "or the materialised Jacobian gathered across ranks)"
             )
         lr = cfg.default_lr if lr is None else lr
-        super().__init__(params, check_group({"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                                              "nesterov": nesterov}))  # fmt: skip
+        super().__init__(params, check_group({"lr": lr, "momentum": momentum or 0.0, "weight_decay": weight_decay,
+                                              "nesterov": nesterov or False}))  # fmt: skip
         group = dist_.resolve_group(process_group)
         if group is not None and dist_.world_size(group) > 1:
             dist_.broadcast_parameters_([p for g in self.param_groups for p in g["params"]], src=0, group=group)

@@ -33,7 +33,7 @@ AdamW's loss there (docs/results_notes.md has the runs):
   matter, since :math:`M^+ R` is unchanged when both are multiplied by a
   constant (so a sum over the positions gets the same step as the mean).
 * **When it acts**: where the loss rule acts (``ggn=None`` and none of the
-  options of :data:`sven.loss_rule.RULE_OPTIONS`, ``lr`` or ``control`` given),
+  options of :data:`sven.loss_rule.RULE_OPTIONS`, ``lr``, ``momentum``, ``nesterov`` or ``control`` given),
   at the first step, from the closure's output. A group that a learning-rate
   scheduler was attached to before the first step (it holds ``initial_lr``) keeps
   today's settings, and the optimizer warns: the scheduler would scale the

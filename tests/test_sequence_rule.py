@@ -185,3 +185,26 @@ def test_a_checkpoint_resumes_in_a_fresh_default_optimizer() -> None:
         ob.step(lambda: _seq_ce(b(x), y))
     assert ob.param_groups[0]["lr"] == 0.01 and not ob.config.adaptive_damping
     torch.testing.assert_close(_params(b), _params(a), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- an explicit momentum means what it says
+@pytest.mark.parametrize("kw", [{"momentum": 0.0}, {"nesterov": False}, {"momentum": 0.5}])
+def test_an_explicit_momentum_or_nesterov_turns_the_rule_off(kw: dict[str, object]) -> None:
+    """``Sven(params, momentum=0.0)`` asked for no momentum: the rule must not give it Nesterov momentum 0.9."""
+    m = _TinyLM()
+    x, y = _data()
+    opt = sven.Sven(m.parameters(), **kw)  # type: ignore[arg-type]
+    opt.step(lambda: _seq_ce(m(x), y))
+    g = opt.param_groups[0]
+    assert opt.config.ggn is False
+    assert g["lr"] == pytest.approx(0.5) and g["momentum"] == pytest.approx(float(kw.get("momentum", 0.0)))
+    assert g["nesterov"] is False
+
+
+def test_a_group_with_its_own_momentum_turns_the_rule_off() -> None:
+    m = _TinyLM()
+    x, y = _data()
+    opt = sven.Sven([{"params": list(m.tok.parameters()), "momentum": 0.0}, {"params": list(m.mlp.parameters())}])
+    opt.step(lambda: _seq_ce(m(x), y))
+    assert opt.config.ggn is False
+    assert all(g["momentum"] == 0.0 and g["nesterov"] is False for g in opt.param_groups)
