@@ -190,8 +190,8 @@ class Sven(Optimizer):
                 "or the materialised Jacobian gathered across ranks)"
             )
         lr = cfg.default_lr if lr is None else lr
-        super().__init__(params, check_group({"lr": lr, "momentum": momentum or 0.0, "weight_decay": weight_decay,
-                                              "nesterov": nesterov or False}))  # fmt: skip
+        defaults = {"lr": lr, "momentum": 0.0 if momentum is None else momentum, "weight_decay": weight_decay}
+        super().__init__(params, check_group({**defaults, "nesterov": False if nesterov is None else nesterov}))
         group = dist_.resolve_group(process_group)
         if group is not None and dist_.world_size(group) > 1:
             dist_.broadcast_parameters_([p for g in self.param_groups for p in g["params"]], src=0, group=group)
