@@ -168,7 +168,7 @@ def test_momentum_with_cross_entropy_keeps_a_working_step() -> None:
         start = float(F.cross_entropy(m(X), y))
     for i in range(30):
         xb, yb = X[(i * 32) % 256 :][:32], y[(i * 32) % 256 :][:32]
-        opt.step(lambda: F.cross_entropy(m(xb), yb, reduction="none"))
+        opt.step(lambda xb=xb, yb=yb: F.cross_entropy(m(xb), yb, reduction="none"))
     assert opt.config.ggn is False
     with torch.no_grad():
         assert float(F.cross_entropy(m(X), y)) < 0.5 * start
