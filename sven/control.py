@@ -297,16 +297,15 @@ class AdaptiveDamping(Policy):
         tries = 1 + self.max_retries
         loss = SF.squared_norm(ctx.R)
         self.peak = max(self.peak, loss) if math.isfinite(loss) else self.peak
+        gain = self.judge(ctx, evaluate, loss)
         out = Outcome(damping=self.state.lam)
         for attempt in range(tries):
             lam = out.damping = self.state.lam
             d = ctx.direction(lam)
-            # predict first: a matrix-free M differentiates through the parameters as they were
-            R_pred = ctx.R - ctx.predict(d).to(ctx.R.dtype)
+            change = ctx.predict(d)  # first: a matrix-free M differentiates through the parameters as they were
             ctx.apply(d, 1.0)
             out.direction = d
-            R_new = evaluate.residuals()
-            out.gain_ratio = SF.gain_ratio_of(loss, SF.squared_norm(R_new), SF.squared_norm(R_pred))
+            out.gain_ratio = gain(change)
             if SF.madsen_nielsen_update(self.state, out.gain_ratio, floor=self.floor):
                 out.retries = attempt
                 return out
@@ -316,6 +315,15 @@ class AdaptiveDamping(Policy):
         out.stalled = self.state.lam >= SF.DAMPING_MAX
         warn_stall(ctx, out, loss, self.peak, f"the damping at its ceiling ({SF.DAMPING_MAX:g} sigma_max^2)")
         return out
+
+    def judge(self, ctx: StepContext, evaluate: Evaluator, loss: float) -> Callable[[torch.Tensor], float]:
+        r"""The gain ratio of the applied try, from the model's change ``M d`` (``loss`` = :math:`\|R\|^2`)."""
+
+        def gain(change: torch.Tensor) -> float:
+            R_pred = ctx.R - change.to(ctx.R.dtype)
+            return SF.gain_ratio_of(loss, SF.squared_norm(evaluate.residuals()), SF.squared_norm(R_pred))
+
+        return gain
 
 
 class CrossEntropyDamping(AdaptiveDamping):
@@ -344,31 +352,17 @@ class CrossEntropyDamping(AdaptiveDamping):
     def __init__(self, floor: float, max_retries: int = 3) -> None:
         super().__init__(floor, max_retries, floor=floor)
 
-    def run(self, ctx: StepContext) -> Outcome:
-        evaluate = evaluator(ctx)
-        restore = ctx.save()
-        tries = 1 + self.max_retries
+    def judge(self, ctx: StepContext, evaluate: Evaluator, loss: float) -> Callable[[torch.Tensor], float]:
+        """The gain ratio on the cross-entropy: its fall over the GGN model's predicted fall."""
         R, mean_before = ctx.R.double(), ctx.loss()
-        self.peak = max(self.peak, chi2 := SF.squared_norm(ctx.R))  # for warn_stall (R is finite: checked before)
-        out = Outcome(damping=self.state.lam)
-        for attempt in range(tries):
-            lam = out.damping = self.state.lam
-            d = ctx.direction(lam)
-            R_pred = R - ctx.predict(d).double()
-            ctx.apply(d, 1.0)
-            out.direction = d
+
+        def gain(change: torch.Tensor) -> float:
+            predicted = 0.5 * (loss - SF.squared_norm(R - change.double()))
             after = evaluate.rows().double()  # the per-sample losses
-            predicted = 0.5 * float(R.pow(2).sum() - R_pred.pow(2).sum())
             actual = after.numel() * mean_before - float(after.sum())
-            out.gain_ratio = actual / predicted if predicted > 0 and math.isfinite(actual) else -math.inf
-            if SF.madsen_nielsen_update(self.state, out.gain_ratio, floor=self.floor):
-                out.retries = attempt
-                return out
-            restore()
-            ctx.reject()
-        out.rejected, out.retries, out.direction, out.stalled = True, tries, None, self.state.lam >= SF.DAMPING_MAX
-        warn_stall(ctx, out, chi2, self.peak, f"the damping at its ceiling ({SF.DAMPING_MAX:g} sigma_max^2)")
-        return out
+            return actual / predicted if predicted > 0 and math.isfinite(actual) else -math.inf
+
+        return gain
 
 
 @dataclass
