@@ -42,8 +42,8 @@ def _matrix(m: int, n: int, log_kappa: float, seed: int, dtype: torch.dtype) -> 
     return ((U * s) @ V.T).to(dtype)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+#: Small damped problems: M (m x n, condition up to 1e5), a damping, a dtype and a seed.
+_SMALL_PROBLEMS = given(
     m=st.integers(1, 60),
     n=st.integers(1, DIRECT_SIDE),
     log_kappa=st.floats(0.0, 5.0),
@@ -51,6 +51,10 @@ def _matrix(m: int, n: int, log_kappa: float, seed: int, dtype: torch.dtype) -> 
     dtype=st.sampled_from([torch.float32, F64]),
     seed=st.integers(0, 2**31 - 1),
 )
+
+
+@settings(max_examples=40, deadline=None)
+@_SMALL_PROBLEMS
 def test_the_direct_svd_gives_the_solvers_directions(
     m: int, n: int, log_kappa: float, damping: float, dtype: torch.dtype, seed: int
 ) -> None:
@@ -191,14 +195,7 @@ def test_random_fits_take_the_long_paths_steps(p: int, seed: int, control: str) 
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    m=st.integers(1, 60),
-    n=st.integers(1, DIRECT_SIDE),
-    log_kappa=st.floats(0.0, 5.0),
-    damping=st.sampled_from([0.0, 1e-6, 1e-2, 1.0]),
-    dtype=st.sampled_from([torch.float32, F64]),
-    seed=st.integers(0, 2**31 - 1),
-)
+@_SMALL_PROBLEMS
 def test_numpy_arithmetic_of_small_tensors_is_torchs(
     m: int, n: int, log_kappa: float, damping: float, dtype: torch.dtype, seed: int
 ) -> None:
