@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from .loss_rule import _signed  # an int64 argument as autograd saves it
+
 __all__ = ["SEQUENCE_GROUP", "SEQUENCE_OPTIONS", "apply_sequence_rule", "recognise_sequence"]
 
 log = logging.getLogger("sven")
@@ -63,12 +65,6 @@ SEQUENCE_GROUP: dict[str, Any] = {"lr": 0.02, "momentum": 0.9, "nesterov": True}
 
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward1",
                     "UnsqueezeBackward0"})  # fmt: skip
-
-
-def _signed(value: Any) -> int:
-    """An ``int64`` argument as autograd saves it (negative values read back as unsigned 64-bit integers)."""
-    v = int(value)
-    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def _through_views(fn: Any) -> Any:
