@@ -77,10 +77,16 @@ def _host_view(M: torch.Tensor) -> np.ndarray | None:
 
 
 def _expand_rows(K: torch.Tensor, D: int, dims: tuple[int, int]) -> torch.Tensor:
-    """Repeat each sample's entries ``D`` times along ``dims`` (sample -> its ``D`` rows)."""
+    """Repeat each sample's entries ``D`` times along ``dims`` (sample -> its ``D`` rows), in one copy."""
     if D == 1:
         return K
-    return K.repeat_interleave(D, dim=dims[0]).repeat_interleave(D, dim=dims[1])
+    i, j = dims
+    shape = list(K.shape)
+    E = K.unsqueeze(j + 1).unsqueeze(i + 1)  # (..., B, 1, ..., B, 1, ...): a new axis after each sample axis
+    sizes = list(E.shape)
+    sizes[i + 1], sizes[j + 2] = D, D
+    shape[i], shape[j] = shape[i] * D, shape[j] * D
+    return E.expand(sizes).reshape(shape)
 
 
 @dataclass
@@ -348,8 +354,9 @@ class _OuterBlock:
         a, g = self.a, self.g
         B, T, di = a.shape
         N = g.shape[0]
-        if T == 1:
-            return _expand_rows(_gram64(a[:, 0]), self.D, (0, 1)) * _gram64(g[:, 0])
+        if T == 1:  # (K_a with each sample's entries repeated for its D rows, by broadcasting)
+            D = self.D
+            return (_gram64(g[:, 0]).reshape(B, D, B, D) * _gram64(a[:, 0])[:, None, :, None]).reshape(N, N)
         Ka = _expand_rows(_gram64(a.reshape(B * T, di)).reshape(B, T, B, T), self.D, (0, 2))
         Kg = _gram64(g.reshape(N * T, -1)).reshape(N, T, N, T)
         return (Ka * Kg).sum((1, 3))
@@ -369,6 +376,8 @@ class _OuterBlock:
         do = self.d_out
         if self.D == 1:
             gC = self.g[..., None] * C[:, None, None, :]
+        elif T == 1:  # (B, do, D) @ (B, D, r): each sample's rows combined
+            gC = torch.bmm(self.g.reshape(B, self.D, do).transpose(1, 2), C.reshape(B, self.D, r))
         else:
             gC = torch.einsum("bdto,bdr->btor", self.g.reshape(B, self.D, T, do), C.reshape(B, self.D, r))
         # one GEMM over (sample, position): (do r, B T) @ (B T, di)
