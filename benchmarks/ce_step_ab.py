@@ -11,8 +11,11 @@ both workers. A worker's Sven step cost is the median of its Sven blocks over th
 so that each ratio comes from one process and load on the machine hits both workers alike.
 
 Both workers take the same steps: the script also reports the largest relative difference between the two
-workers' batch losses over the whole run (``--rounds x --steps`` steps after ``--warmup``): a change that keeps
-the mathematics to round-off keeps it near float32 round-off, far below ``1e-6``.
+workers' batch losses over the whole run (``--warmup + --rounds x --steps`` steps). Training amplifies
+round-off, so that difference is set against a yardstick: a third worker runs "after" with each input of the
+float64 Gram products perturbed by float32 round-off (relative noise ``--noise``, 6e-8: half a float32 ulp),
+and its largest relative difference from "after" is reported too. A change that keeps the mathematics to
+round-off stays within about that envelope.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = 64
 
 
-def worker(src: str) -> None:
-    """Serve the driver's requests on stdin/stdout with ``sven`` imported from ``src`` (one JSON line each)."""
+def worker(src: str, noise: float) -> None:
+    """Serve the driver's requests on stdin/stdout with ``sven`` imported from ``src`` (one JSON line each).
+
+    ``noise > 0``: each input ``X`` of the Gram products ``X X^T`` is multiplied by ``1 + noise * N(0, 1)``.
+    """
     sys.path.insert(0, src)
     import time
 
@@ -44,6 +50,15 @@ def worker(src: str) -> None:
     from sven.bench.tasks import get_task
 
     torch.set_num_threads(1)
+    if noise > 0:
+        from sven.linearize import gram_factors
+
+        plain, gen = gram_factors._gram64, torch.Generator().manual_seed(1)
+
+        def perturbed(X: torch.Tensor) -> torch.Tensor:
+            return plain(X * (1 + noise * torch.randn(X.shape, generator=gen, dtype=X.dtype)))
+
+        gram_factors._gram64 = perturbed
     state: dict[str, object] = {}
     for line in sys.stdin:
         req = json.loads(line)
@@ -80,10 +95,10 @@ def worker(src: str) -> None:
 class Worker:
     """A worker process importing ``sven`` from ``src``."""
 
-    def __init__(self, src: Path) -> None:
+    def __init__(self, src: Path, noise: float = 0.0) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(src)],
+            [sys.executable, __file__, "--worker", str(src), repr(noise)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
 
@@ -110,9 +125,14 @@ def extract(ref: str, into: Path) -> Path:
     return into
 
 
-def measure(task: str, before: Path, *, rounds: int, steps: int, warmup: int) -> dict[str, float]:
-    """Both workers' Sven/Adam step ratios (medians of blocks) and their largest relative loss difference."""
-    workers = {"before": Worker(before), "after": Worker(ROOT)}
+def _largest_difference(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+def measure(task: str, before: Path, *, rounds: int, steps: int, warmup: int, noise: float) -> dict[str, float]:
+    """Both workers' Sven/Adam step ratios (medians of blocks), the largest relative difference of their batch
+    losses, and that of "after" with float32 noise in the Gram products (the module docstring)."""
+    workers = {"before": Worker(before), "after": Worker(ROOT), "perturbed": Worker(ROOT, noise)}
     try:
         for w in workers.values():
             w.ask(op="setup", task=task)
@@ -124,18 +144,19 @@ def measure(task: str, before: Path, *, rounds: int, steps: int, warmup: int) ->
             for name in order:
                 r = workers[name].ask(op="block", seed=k + 1, steps=n, adam_first=bool(k % 2))
                 losses[name] += r["losses"]  # type: ignore[arg-type, operator]
-                if k >= 0:
+                if k >= 0 and name != "perturbed":
                     for opt in ("adam", "sven"):
                         times[name][opt].append(r["times"][opt])  # type: ignore[index]
     finally:
         for w in workers.values():
             w.close()
     out = {}
-    for name in workers:
+    for name in ("before", "after"):
         adam = statistics.median(times[name]["adam"])
         out[name] = statistics.median(times[name]["sven"]) / adam
         out[f"{name}_adam_ms"] = 1e3 * adam / steps
-    out["loss_difference"] = max(abs(a - b) / abs(b) for a, b in zip(losses["after"], losses["before"], strict=True))
+    out["loss_difference"] = _largest_difference(losses["after"], losses["before"])
+    out["noise_difference"] = _largest_difference(losses["perturbed"], losses["after"])
     return out
 
 
@@ -146,21 +167,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--noise", type=float, default=6e-8, help="relative noise of the yardstick run")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         before = extract(a.against, Path(tmp))
         print(f"before: {a.against}; after: this checkout; {a.rounds} rounds of {a.steps} steps, one thread")
         print("| task | Adam step, ms | Sven step / Adam's, before | after | saved | batch losses, largest relative "
-              "difference |")  # fmt: skip
-        print("|---|---|---|---|---|---|")
+              "difference: before/after | after/after with float32 noise |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|")
         for task in a.tasks:
-            r = measure(task, before, rounds=a.rounds, steps=a.steps, warmup=a.warmup)
+            r = measure(task, before, rounds=a.rounds, steps=a.steps, warmup=a.warmup, noise=a.noise)
             print(f"| {task} | {r['after_adam_ms']:.2f} | {r['before']:.2f}x | {r['after']:.2f}x | "
-                  f"{1 - r['after'] / r['before']:.0%} | {r['loss_difference']:.1e} |", flush=True)  # fmt: skip
+                  f"{1 - r['after'] / r['before']:.0%} | {r['loss_difference']:.1e} | {r['noise_difference']:.1e} |",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        worker(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], float(sys.argv[3]))
     else:
         main()
