@@ -38,7 +38,8 @@ def _gram64(M: torch.Tensor) -> torch.Tensor:
     rank-k update (BLAS ``dsyrk``), half the multiplications of the general product that torch calls,
     and the result is exactly symmetric. The same sums in another order: equal to round-off
     (``tests/test_gram_fast.py``). Other devices, and tensors without storage of their own (inside
-    :mod:`torch.func` transforms), keep torch's product.
+    :mod:`torch.func` transforms), keep torch's product. NumPy's BLAS has its own thread pool
+    (``OMP_NUM_THREADS``, ``threadpoolctl``), which ``torch.set_num_threads`` does not set.
     """
     x = _host_view(M)
     if x is not None:
