@@ -253,6 +253,21 @@ def test_auto_threads_is_one_thread_for_the_small_task_models(monkeypatch: pytes
     assert auto_threads(["toy1d"]) == torch.get_num_threads()  # the user's setting is respected
 
 
+def test_blas_threads_limits_numpys_blas_as_torch() -> None:
+    """sven-bench's ``--threads`` also holds NumPy's BLAS (Sven's Gram products), and lets it go afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import numpy as np
+
+    from sven.bench.cli import blas_threads
+
+    np.ones((2, 2)) @ np.ones((2, 2))  # (BLAS loaded)
+    before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    with blas_threads(1):
+        inside = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert inside and all(n == 1 for n in inside)
+    assert [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"] == before
+
+
 def test_sven_native_is_one_configuration_with_the_rank_as_a_fraction_of_the_batch() -> None:
     from sven.bench.optimizers import SVEN_NATIVE, SVEN_NATIVE_GRID
 

@@ -16,6 +16,7 @@ See ``docs/sven-bench.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 from collections.abc import Sequence
@@ -50,6 +51,21 @@ def auto_threads(tasks: Sequence[str]) -> int:
         return torch.get_num_threads()
     largest = max(sum(p.numel() for p in TASKS[t]().model(0).parameters()) for t in tasks)
     return 1 if largest < SMALL_MODEL_PARAMS else max(1, min(4, os.cpu_count() or 1))
+
+
+def blas_threads(n: int) -> contextlib.AbstractContextManager[object]:
+    """NumPy's and SciPy's BLAS limited to ``n`` threads, as torch is, while the benchmark runs.
+
+    Sven forms the Gram matrix with NumPy's ``dsyrk`` on the CPU (:mod:`sven.linearize.gram_factors`), and
+    NumPy's BLAS keeps its own thread pool (all cores, unless ``OMP_NUM_THREADS`` says otherwise): a
+    one-thread comparison must limit it too. Uses ``threadpoolctl`` (installed with scikit-learn, in the
+    ``bench`` extra); without it, nothing is limited.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")  # type: ignore[no-any-return]
 
 
 def _threads(text: str) -> int | str:
@@ -222,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        results = run_benchmark(config, on_run=save, command=command)
+        with blas_threads(config.threads):
+            results = run_benchmark(config, on_run=save, command=command)
     finally:
         torch.set_num_threads(threads_before)
     paths = write_all(results, out)

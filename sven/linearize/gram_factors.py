@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +32,18 @@ _CHUNK = 2048
 
 # --------------------------------------------------------------------------- factors of one call
 def _gram64(M: torch.Tensor) -> torch.Tensor:
-    """``M M^T`` in float64 for ``(N, q)`` ``M``, converting at most ``_CHUNK`` columns at a time."""
+    """``M M^T`` in float64 for ``(N, q)`` ``M``, converting at most ``_CHUNK`` columns at a time.
+
+    On the CPU the product is NumPy's, on a view of ``M``: NumPy computes ``X X^T`` by the symmetric
+    rank-k update (BLAS ``dsyrk``), half the multiplications of the general product that torch calls,
+    and the result is exactly symmetric. The same sums in another order: equal to round-off
+    (``tests/test_gram_fast.py``). Other devices, and tensors without storage of their own (inside
+    :mod:`torch.func` transforms), keep torch's product. NumPy's BLAS has its own thread pool
+    (``OMP_NUM_THREADS``, ``threadpoolctl``), which ``torch.set_num_threads`` does not set.
+    """
+    x = _host_view(M)
+    if x is not None:
+        return torch.from_numpy(_host_gram64(x))
     if M.dtype == torch.float64:
         return M @ M.T
     K = torch.zeros(M.shape[0], M.shape[0], dtype=torch.float64, device=M.device)
@@ -42,23 +54,69 @@ def _gram64(M: torch.Tensor) -> torch.Tensor:
     return K
 
 
+def _host_gram64(x: np.ndarray) -> np.ndarray:
+    """``x x^T`` in float64 by NumPy's ``dsyrk``, at most ``_CHUNK`` columns converted at a time."""
+    if x.dtype == np.float64:
+        xc = np.ascontiguousarray(x)
+        return xc @ xc.T  # type: ignore[no-any-return]
+    K = np.zeros((x.shape[0], x.shape[0]))
+    for j in range(0, x.shape[1], _CHUNK):
+        xc = np.ascontiguousarray(x[:, j : j + _CHUNK], dtype=np.float64)
+        K += xc @ xc.T
+        del xc  # one converted chunk alive at a time
+    return K
+
+
+def _host_view(M: torch.Tensor) -> np.ndarray | None:
+    """A NumPy view of a real float32/float64 CPU tensor ``M`` (detached), or ``None`` (torch's path)."""
+    if M.device.type != "cpu" or M.dtype not in (torch.float32, torch.float64):
+        return None
+    try:
+        return M.detach().numpy()
+    except RuntimeError:  # no storage of its own: a tensor inside a torch.func transform (grad, vmap)
+        return None
+
+
 def _expand_rows(K: torch.Tensor, D: int, dims: tuple[int, int]) -> torch.Tensor:
-    """Repeat each sample's entries ``D`` times along ``dims`` (sample -> its ``D`` rows)."""
+    """Repeat each sample's entries ``D`` times along ``dims`` (sample -> its ``D`` rows), in one copy."""
     if D == 1:
         return K
-    return K.repeat_interleave(D, dim=dims[0]).repeat_interleave(D, dim=dims[1])
+    i, j = dims
+    shape = list(K.shape)
+    E = K.unsqueeze(j + 1).unsqueeze(i + 1)  # (..., B, 1, ..., B, 1, ...): a new axis after each sample axis
+    sizes = list(E.shape)
+    sizes[i + 1], sizes[j + 2] = D, D
+    shape[i], shape[j] = shape[i] * D, shape[j] * D
+    return E.expand(sizes).reshape(shape)
 
 
 @dataclass
 class _Outer:
-    """Row ``n``'s gradient of a ``(d_out, d_in)`` matrix is ``sum_t g[n, t] a[b(n), t]^T``."""
+    """Row ``n``'s gradient of a ``(d_out, d_in)`` matrix is ``sum_t g[n, t] a[b(n), t]^T``.
+
+    ``ones``: ``a`` is all ones (a bias, ``d_in = 1``): the gradient is ``sum_t g[n, t]``.
+    """
 
     a: torch.Tensor  # (B, T, d_in)
     g: torch.Tensor  # (N, T, d_out)
+    ones: bool = False
 
     def rows(self, D: int) -> torch.Tensor:
-        a = self.a.repeat_interleave(D, 0) if D > 1 else self.a
-        return torch.bmm(self.g.transpose(1, 2), a.to(self.g.dtype)).reshape(self.g.shape[0], -1)
+        """The formed ``(N, d_out d_in)`` per-row gradients (row-major ``(d_out, d_in)``).
+
+        The ``D`` rows of a sample share its ``a``: one ``(D d_out, T) @ (T, d_in)`` product per sample
+        instead of a copy of ``a`` for each row (the same sums).
+        """
+        g = self.g
+        N, T, do = g.shape
+        if self.ones:
+            return g.sum(1)
+        a = self.a.to(g.dtype)
+        if D == 1:
+            return torch.bmm(g.transpose(1, 2), a).reshape(N, -1)
+        B = a.shape[0]
+        gb = g.reshape(B, D, T, do).transpose(2, 3).reshape(B, D * do, T)
+        return torch.bmm(gb, a).reshape(N, -1)
 
 
 @dataclass
@@ -102,7 +160,12 @@ def bn_xhat(module: Any, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tenso
 
 
 def layer_input(module: Any, kind: type[nn.Module], x: torch.Tensor, B: int) -> torch.Tensor:
-    """The input factor ``a`` ``(B, T, d_in)`` of a Linear or Conv call: its input, or the unfolded patches."""
+    """The input factor ``a`` ``(B, T, d_in)`` of a Linear or Conv call: its input, or the unfolded patches.
+
+    The patches are those of :func:`torch.nn.functional.unfold` (``(B, C_in k, L)``, channel, then kernel
+    offsets, then positions, each row-major), gathered by one copy of a strided view of the padded input
+    (:func:`_patches`): the same values, several times faster than ``unfold`` for few channels.
+    """
     if kind is nn.Linear:
         return x.reshape(B, -1, module.in_features)
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -113,7 +176,22 @@ def layer_input(module: Any, kind: type[nn.Module], x: torch.Tensor, B: int) -> 
         ks, dil, st = (module.kernel_size[0], 1), (module.dilation[0], 1), (module.stride[0], 1)
     else:
         ks, dil, st = module.kernel_size, module.dilation, module.stride
-    return F.unfold(xp, ks, dilation=dil, stride=st).transpose(1, 2)  # (B, L, C_in k)
+    if xp.dim() != 4:  # (an unbatched input: unfold's own path)
+        return F.unfold(xp, ks, dilation=dil, stride=st).transpose(-2, -1)
+    return _patches(xp, ks, dil, st).transpose(1, 2)  # (B, L, C_in k)
+
+
+def _patches(xp: torch.Tensor, ks: tuple[int, int], dil: tuple[int, int], st: tuple[int, int]) -> torch.Tensor:
+    """``F.unfold(xp, ks, dilation=dil, stride=st)`` of a padded ``(B, C, H, W)`` input, ``(B, C kh kw, L)``.
+
+    ``Tensor.unfold`` windows each spatial dimension (a view: ``(B, C, H', W', kh, kw)``, every ``dil``-th
+    entry of a window of ``dil (k - 1) + 1``); one reshape of its permutation copies the patches out.
+    """
+    B, C = xp.shape[:2]
+    v = xp.unfold(2, dil[0] * (ks[0] - 1) + 1, st[0]).unfold(3, dil[1] * (ks[1] - 1) + 1, st[1])
+    v = v[..., :: dil[0], :: dil[1]]  # (B, C, H', W', kh, kw)
+    L = v.shape[2] * v.shape[3]
+    return v.permute(0, 1, 4, 5, 2, 3).reshape(B, C * ks[0] * ks[1], L)
 
 
 def call_pieces(
@@ -149,7 +227,7 @@ def call_pieces(
         if b is not None and linear.bias is not None:
             same = linear.b0 == linear.w0 and linear.bias.shape[0] == linear.weight.shape[0]
             gb = gw if same else _in_rows(gg, linear.b0, linear.bias.shape[0])
-            out.append((b, _Outer(torch.ones(B, a.shape[1], 1, dtype=a.dtype, device=a.device), gb)))
+            out.append((b, _Outer(torch.ones(B, a.shape[1], 1, dtype=a.dtype, device=a.device), gb, ones=True)))
         return out
     w, b = owned(module.weight), owned(getattr(module, "bias", None))
     if kind in (nn.Linear, nn.Conv1d, nn.Conv2d):
@@ -161,7 +239,7 @@ def call_pieces(
         if w is not None:
             out.append((w, _Outer(a, gg)))
         if b is not None:
-            out.append((b, _Outer(torch.ones(B, a.shape[1], 1, dtype=a.dtype, device=a.device), gg)))
+            out.append((b, _Outer(torch.ones(B, a.shape[1], 1, dtype=a.dtype, device=a.device), gg, ones=True)))
     elif kind is nn.Embedding:
         idx = x.reshape(B, -1)
         gg = g.reshape(N, idx.shape[1], module.embedding_dim)
@@ -208,10 +286,11 @@ def _combine(pieces: list[Piece], D: int, dtype: torch.dtype) -> Piece:
     """One piece for one parameter from its calls: concatenated over calls, or formed and summed."""
     if len(pieces) == 1 and not isinstance(pieces[0], _Index):
         p = pieces[0]
-        return _Outer(p.a.to(dtype), p.g.to(dtype)) if isinstance(p, _Outer) else _Rows(p.m.to(dtype))
+        return _Outer(p.a.to(dtype), p.g.to(dtype), p.ones) if isinstance(p, _Outer) else _Rows(p.m.to(dtype))
     if all(isinstance(p, _Outer) for p in pieces):
         outer = [p for p in pieces if isinstance(p, _Outer)]
-        return _Outer(torch.cat([p.a.to(dtype) for p in outer], 1), torch.cat([p.g.to(dtype) for p in outer], 1))
+        a, g = torch.cat([p.a.to(dtype) for p in outer], 1), torch.cat([p.g.to(dtype) for p in outer], 1)
+        return _Outer(a, g, all(p.ones for p in outer))
     if all(isinstance(p, _Index) for p in pieces):
         index = [p for p in pieces if isinstance(p, _Index)]
         return _Index(torch.cat([p.idx for p in index], 1), torch.cat([p.g.to(dtype) for p in index], 1), index[0].num)
@@ -219,6 +298,14 @@ def _combine(pieces: list[Piece], D: int, dtype: torch.dtype) -> Piece:
 
 
 # --------------------------------------------------------------------------- blocks of K
+def _formed_cheaper(B: int, T: int, di: int, N: int, do: int) -> bool:
+    """Whether forming the ``(N, d_out d_in)`` per-row gradients costs less than the pair sum over positions
+    (the multiplications of each way to ``K``; module docstring of :mod:`sven.linearize.gram`)."""
+    pairs = (B * T) ** 2 * di + (N * T) ** 2 * (do + 1)
+    formed = N * T * di * do + N * N * di * do
+    return pairs > formed
+
+
 class _Block(Protocol):
     params: list[int]
 
@@ -257,10 +344,7 @@ class _OuterBlock:
         B, T, di = a.shape
         N, do = g.shape[0], g.shape[2]
         self.d_out = do
-        pairs = (B * T) ** 2 * di + (N * T) ** 2 * (do + 1)
-        formed = N * T * di * do + N * N * di * do
-        # the cheaper of the pair sum over positions and the formed per-row gradients (module docstring)
-        if pairs > formed:
+        if _formed_cheaper(B, T, di, N, do):
             self.m = _Outer(a, g).rows(D)
             self.a = self.g = None  # the rows are all the block needs (and here smaller than a and g)
 
@@ -268,13 +352,14 @@ class _OuterBlock:
         if self.m is not None:
             return _gram64(self.m)
         assert self.a is not None and self.g is not None
-        a, g = self.a.double(), self.g.double()
+        a, g = self.a, self.g
         B, T, di = a.shape
         N = g.shape[0]
-        if T == 1:
-            return _expand_rows(a[:, 0] @ a[:, 0].T, self.D, (0, 1)) * (g[:, 0] @ g[:, 0].T)
-        Ka = _expand_rows((a.reshape(B * T, di) @ a.reshape(B * T, di).T).reshape(B, T, B, T), self.D, (0, 2))
-        Kg = (g.reshape(N * T, -1) @ g.reshape(N * T, -1).T).reshape(N, T, N, T)
+        if T == 1:  # (K_a with each sample's entries repeated for its D rows, by broadcasting)
+            D = self.D
+            return (_gram64(g[:, 0]).reshape(B, D, B, D) * _gram64(a[:, 0])[:, None, :, None]).reshape(N, N)
+        Ka = _expand_rows(_gram64(a.reshape(B * T, di)).reshape(B, T, B, T), self.D, (0, 2))
+        Kg = _gram64(g.reshape(N * T, -1)).reshape(N, T, N, T)
         return (Ka * Kg).sum((1, 3))
 
     def _split(self, R: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -292,6 +377,8 @@ class _OuterBlock:
         do = self.d_out
         if self.D == 1:
             gC = self.g[..., None] * C[:, None, None, :]
+        elif T == 1:  # (B, do, D) @ (B, D, r): each sample's rows combined
+            gC = torch.bmm(self.g.reshape(B, self.D, do).transpose(1, 2), C.reshape(B, self.D, r))
         else:
             gC = torch.einsum("bdto,bdr->btor", self.g.reshape(B, self.D, T, do), C.reshape(B, self.D, r))
         # one GEMM over (sample, position): (do r, B T) @ (B T, di)
@@ -387,9 +474,17 @@ def make_blocks(pieces: dict[int, list[tuple[int, Piece]]], D: int, dtype: torch
             rows.append((i, piece.m.to(dtype)))
     for key in list(outer):
         group = outer.pop(key)
-        a = torch.cat([p.a for _, p in group], dim=2)
-        blocks.append(_OuterBlock([i for i, _ in group], [p.a.shape[2] for _, p in group], a, group[0][1].g, D))
-        del group, a
+        params, widths, g = [i for i, _ in group], [p.a.shape[2] for _, p in group], group[0][1].g
+        B, T = group[0][1].a.shape[:2]
+        N, do = g.shape[0], g.shape[2]
+        if _formed_cheaper(B, T, sum(widths), N, do):  # each piece's rows, side by side: no concatenated a
+            parts = [p.rows(D).reshape(N, do, w) for (_, p), w in zip(group, widths)]
+            m = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+            blocks.append(_OuterBlock(params, widths, None, None, D, m=m.reshape(N, -1), d_out=do))
+        else:
+            a = group[0][1].a if len(group) == 1 else torch.cat([p.a for _, p in group], dim=2)
+            blocks.append(_OuterBlock(params, widths, a, g, D))
+        del group
     if rows:
         blocks.append(_RowsBlock([i for i, _ in rows], [m for _, m in rows]))
     return blocks
