@@ -396,3 +396,28 @@ def test_harvested_ritz_pairs_widen_the_gap_of_the_check(monkeypatch) -> None:  
         G = tp.ScipySVDS().factorize(A, rank=10, rtol=1e-8)
     assert G.stats["triplets"] == 10
     assert F.stats["matvecs"] < G.stats["matvecs"]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_a_wrong_free_bound_does_not_deflate_a_bad_ritz_pair(shape: tuple[int, int], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The further Ritz pairs join on their free bound, but the certificate deflates only those whose explicit
+    residual is small: pairs rotated by 1e-3 out of their eigenvectors and claimed exact (bound 0) join the
+    Rayleigh–Ritz step, come out with residuals far above ``sqrt(tol)``, and are not deflated; the answer is
+    still the dense SVD's, certified by the check alone (the spectrum has a gap after the rank)."""
+    A, _, s, _ = make_matrix(*shape, "gap", seed=5)
+    real = SS.arpack_ritz
+    k = 5
+
+    def lying(G: object, kk: int, tol: float, v0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        w, E, est = real(G, kk, tol, v0)
+        E, est = E.copy(), est.copy()
+        E[:, kk:] += 1e-3 * np.random.default_rng(1).standard_normal(E[:, kk:].shape)
+        est[kk:] = 0.0
+        return w, E, est
+
+    monkeypatch.setattr(SS, "arpack_ritz", lying)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tp.UncertifiedResultWarning)
+        F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=k, rtol=1e-10)
+    assert F.stats["certified"] and F.stats["triplets"] > k
+    np.testing.assert_allclose(np.asarray(F.S), s[:k], rtol=0, atol=1e-11 * s[0])

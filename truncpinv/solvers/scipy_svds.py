@@ -126,8 +126,8 @@ class ScipySVDS(Solver):
     the certificate asks of them (:data:`EXTRA_FRACTION`, at most ``k`` of them) join the
     Rayleigh–Ritz step (:func:`arpack_ritz`, :func:`arpack_triplets`). On the 20000 x 3000
     matrix of ``benchmarks/sparse_table.py`` at rank 50 these are 10 pairs, and the check
-    shrinks from 125 steps (5 guard triplets that ARPACK converged fully, 80 products) to
-    97 with none asked of ARPACK. ``guard`` triplets (default 0) are still
+    shrinks from 125 steps (5 guard triplets that ARPACK converged fully, 82 products) to
+    95 with none asked of ARPACK. ``guard`` triplets (default 0) are still
     computed to full accuracy when asked for; guard triplets below ARPACK's resolution,
     ``sqrt(eps) sigma_1`` on the Gram operator, may not converge: then ARPACK runs
     again without them. An
