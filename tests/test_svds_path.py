@@ -421,3 +421,17 @@ def test_a_wrong_free_bound_does_not_deflate_a_bad_ritz_pair(shape: tuple[int, i
         F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=k, rtol=1e-10)
     assert F.stats["certified"] and F.stats["triplets"] > k
     np.testing.assert_allclose(np.asarray(F.S), s[:k], rtol=0, atol=1e-11 * s[0])
+
+
+def test_without_scipys_arpack_driver_eigsh_serves_alone(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Where SciPy's ARPACK driver cannot be imported (a SciPy that moved it), ``arpack_ritz`` returns
+    ``eigsh``'s ``k`` pairs alone (no further pairs to deflate) and the answer is still certified."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.sparse.linalg._eigen.arpack.arpack", None)
+    A, _, s, _ = make_matrix(240, 90, "gap", seed=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tp.UncertifiedResultWarning)
+        F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=5, rtol=1e-10)
+    assert F.stats["certified"] and F.stats["triplets"] == 5
+    np.testing.assert_allclose(np.asarray(F.S), s[:5], rtol=0, atol=1e-11 * s[0])

@@ -337,27 +337,29 @@ def arpack_ritz(G: Any, k: int, tol: float, v0: np.ndarray) -> tuple[np.ndarray,
     n = int(G.shape[0])
     try:
         from scipy.sparse.linalg._eigen.arpack.arpack import _SymmetricArpackParams
-    except ImportError:  # pragma: no cover - SciPy reorganised its ARPACK driver
-        _SymmetricArpackParams = None
-    if _SymmetricArpackParams is not None:
-        p = _SymmetricArpackParams(n, k, np.dtype(G.dtype).char, G.matvec, tol=tol, v0=v0)
-        while not p.converged:
-            p.iterate()
-        m = int(p.ncv)
-        # dsaupd's arrays in Fortran order: V is column-major with leading dimension n (SciPy allocates
-        # it C-ordered), T's off-diagonal in workl[1:m], its diagonal in workl[m:2m]
-        V = p.v if p.v.flags.f_contiguous else p.v.reshape(-1)[: n * m].reshape(m, n).T
-        off, diag = p.workl[1:m], p.workl[m : 2 * m]
-        ok = np.abs(V[:, :2].T @ V[:, :2] - np.eye(2)).max() <= 1e-8 and np.isfinite(p.workl[: 2 * m]).all()
-        if ok:
-            theta, Y = eigh_tridiagonal(diag, off)
-            theta, Y = theta[::-1], Y[:, ::-1]
-            return theta, V @ Y, float(np.linalg.norm(p.resid)) * np.abs(Y[-1])
-        lam, E = p.extract(True)  # pragma: no cover - a SciPy whose layout differs: its own extraction
-    else:  # pragma: no cover
+    except ImportError:  # SciPy moved its ARPACK driver: eigsh's k wanted pairs alone
         lam, E = eigsh(G, k=k, tol=tol, v0=v0)
-    order = np.argsort(-lam, kind="stable")  # pragma: no cover
-    return lam[order], E[:, order], tol * np.abs(lam[order])  # pragma: no cover
+        return _descending(lam, E, tol)
+    p = _SymmetricArpackParams(n, k, np.dtype(G.dtype).char, G.matvec, tol=tol, v0=v0)
+    while not p.converged:
+        p.iterate()
+    m = int(p.ncv)
+    # dsaupd's arrays in Fortran order: V is column-major with leading dimension n (SciPy allocates it
+    # C-ordered), T's off-diagonal in workl[1:m], its diagonal in workl[m:2m]
+    V = p.v[:, :m] if p.v.flags.f_contiguous else p.v.reshape(-1)[: n * m].reshape(m, n).T
+    off, diag = p.workl[1:m], p.workl[m : 2 * m]
+    if np.abs(V[:, :2].T @ V[:, :2] - np.eye(2)).max() > 1e-8 or not np.isfinite(p.workl[: 2 * m]).all():
+        lam, E = p.extract(True)  # pragma: no cover - a SciPy whose layout differs: its own extraction
+        return _descending(lam, E, tol)  # pragma: no cover
+    theta, Y = eigh_tridiagonal(diag, off)
+    theta, Y = theta[::-1], Y[:, ::-1]
+    return theta, V @ Y, float(np.linalg.norm(p.resid)) * np.abs(Y[-1])
+
+
+def _descending(lam: np.ndarray, E: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``eigsh``'s pairs in descending order, with its stopping rule ``tol * theta`` as their bound."""
+    order = np.argsort(-lam, kind="stable")
+    return lam[order], E[:, order], tol * np.abs(lam[order])
 
 
 class _SparseProducts:
