@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import truncpinv as tp
+import truncpinv.solvers.scipy_svds as SS
 
 from .spectra import make_matrix
 
@@ -186,17 +187,18 @@ def test_a_block_sparse_cpu_tensor_is_refused_with_the_conversion() -> None:
         torch.testing.assert_close(F.S, torch.linalg.svdvals(A)[:5], rtol=1e-10, atol=0.0)
 
 
-def _broken_eigsh(drop: int) -> object:
-    """ARPACK's ``eigsh`` leaving out the ``drop``-th largest eigenpair of the Gram operator (exact pairs
-    otherwise): a missed value, which the Rayleigh–Ritz step and the residuals cannot see."""
-    real = spla.eigsh
+def _broken_ritz(drop: int) -> object:
+    """ARPACK's Ritz pairs of the Gram operator (``arpack_ritz``) leaving out the ``drop``-th largest one
+    (exact pairs otherwise, the further ones included): a missed value, which the Rayleigh–Ritz step and the
+    residuals cannot see."""
+    real = SS.arpack_ritz
 
-    def eigsh(G: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray]:
-        w, E = real(G, k=k + 1, **kw)  # type: ignore[arg-type]
-        keep = np.delete(np.argsort(-w), drop)
-        return w[keep], E[:, keep]
+    def ritz(G: object, k: int, tol: float, v0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        w, E, est = real(G, k + 1, tol, v0)
+        keep = np.delete(np.arange(w.size), drop)
+        return w[keep], E[:, keep], est[keep]
 
-    return eigsh
+    return ritz
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
@@ -205,7 +207,7 @@ def test_a_missed_value_from_arpack_is_caught_and_auto_falls_back(shape: tuple[i
     side, a fresh product on the other), but the one-run check of the projected operator finds sigma_3 above
     the smallest kept value. ``ScipySVDS`` warns; ``auto`` runs ``Lanczos``."""
     A, _, s, _ = make_matrix(*shape, "geometric", seed=1)
-    monkeypatch.setattr(spla, "eigsh", _broken_eigsh(2))
+    monkeypatch.setattr(SS, "arpack_ritz", _broken_ritz(2))
     with pytest.warns(tp.UncertifiedResultWarning, match="missed a singular value"):
         F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=5, rtol=1e-10)
     assert F.stats["certified"] is False and F.stats["residual"] < 1e-13
@@ -224,13 +226,13 @@ def test_perturbed_arpack_vectors_fail_the_residual(shape: tuple[int, int], inp:
     ``A v - s u`` vanish on one side by construction, and the freshly multiplied other side
     (``A^T u - s v`` tall, ``A v - s u`` wide) exposes them in either orientation."""
     A, _, _, _ = make_matrix(*shape, "gap", seed=2)
-    real = spla.eigsh
+    real = SS.arpack_ritz
 
-    def eigsh(G: object, k: int, **kw: object) -> tuple[np.ndarray, np.ndarray]:
-        w, E = real(G, k=k, **kw)  # type: ignore[arg-type]
-        return w, E + 1e-6 * np.random.default_rng(0).standard_normal(E.shape)
+    def ritz(G: object, k: int, tol: float, v0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        w, E, est = real(G, k, tol, v0)
+        return w, E + 1e-6 * np.random.default_rng(0).standard_normal(E.shape), est
 
-    monkeypatch.setattr(spla, "eigsh", eigsh)
+    monkeypatch.setattr(SS, "arpack_ritz", ritz)
     with pytest.warns(tp.UncertifiedResultWarning, match="residual"):
         F = tp.ScipySVDS().factorize(_inputs(A)[inp], rank=4)
     assert F.stats["residual"] > 1e-8
@@ -349,3 +351,87 @@ def test_ill_conditioned_rayleigh_ritz_keeps_u_orthonormal(shape: tuple[int, int
     assert np.abs(U.T @ U - np.eye(6)).max() <= 1e-13
     assert np.abs(CV - C @ V).max() <= 1e-14 and np.abs(CV - U * S).max() <= 1e-14
     assert np.abs(S - s[:6]).max() <= 1e-9
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    m=st.integers(60, 200), n=st.integers(60, 200), seed=st.integers(0, 2**16), kind=st.sampled_from(["flat", "gap"])
+)
+def test_arpack_ritz_pairs_satisfy_the_lanczos_relation(m: int, n: int, seed: int, kind: str) -> None:
+    """``arpack_ritz`` reads ARPACK's final factorisation ``G V = V T + f e^T``: it returns all ``ncv`` Ritz
+    pairs (more than the ``k`` wanted), descending, with orthonormal vectors; the wanted ones are the top
+    eigenvalues of ``G = A^T A``; and each free bound ``||f|| |y_m|`` is the explicit residual
+    ``||G e - theta e||`` up to round-off (the relation holds, so the harvest reads the right memory)."""
+    A, _, s, _ = make_matrix(max(m, n), min(m, n), kind, seed=seed)
+    q, k = min(m, n), min(m, n) // 8 + 1
+    G = spla.LinearOperator((q, q), matvec=lambda x: A.T @ (A @ x), dtype=np.float64)
+    v0 = np.random.default_rng(seed).standard_normal(q)
+    theta, E, est = SS.arpack_ritz(G, k, 1e-14, v0)
+    assert theta.size > k and E.shape == (q, theta.size) and np.all(np.diff(theta) <= 0)
+    assert np.abs(E.T @ E - np.eye(theta.size)).max() <= 1e-10
+    assert np.abs(theta[:k] - s[:k] ** 2).max() <= 1e-10 * s[0] ** 2
+    explicit = np.linalg.norm(A.T @ (A @ E) - E * theta, axis=0)
+    assert np.abs(explicit - est).max() <= 1e-10 * s[0] ** 2
+
+
+def test_harvested_ritz_pairs_widen_the_gap_of_the_check(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On a flat sparse spectrum ARPACK's last basis resolves further pairs (``stats["triplets"]`` above the
+    rank, with no guard asked for): they are deflated, and the check then needs fewer products than with
+    ARPACK's ``k`` pairs alone; the answer is certified and agrees with the dense SVD."""
+    A = sp.random(1500, 300, density=0.05, random_state=4, format="csr")
+    s = np.linalg.svd(A.toarray(), compute_uv=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tp.UncertifiedResultWarning)
+        F = tp.ScipySVDS().factorize(A, rank=10, rtol=1e-8)
+    assert F.stats["certified"] and F.stats["triplets"] > 10
+    np.testing.assert_allclose(np.asarray(F.S), s[:10], rtol=1e-12)
+    real = SS.arpack_triplets
+
+    def k_only(C: object, k: int, tol: float, seed: int, extra_tol: float = 0.0) -> object:
+        return real(C, k, tol, seed, 0.0)
+
+    monkeypatch.setattr(SS, "arpack_triplets", k_only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tp.UncertifiedResultWarning)
+        G = tp.ScipySVDS().factorize(A, rank=10, rtol=1e-8)
+    assert G.stats["triplets"] == 10
+    assert F.stats["matvecs"] < G.stats["matvecs"]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_a_wrong_free_bound_does_not_deflate_a_bad_ritz_pair(shape: tuple[int, int], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The further Ritz pairs join on their free bound, but the certificate deflates only those whose explicit
+    residual is small: pairs rotated by 1e-3 out of their eigenvectors and claimed exact (bound 0) join the
+    Rayleigh–Ritz step, come out with residuals far above ``sqrt(tol)``, and are not deflated; the answer is
+    still the dense SVD's, certified by the check alone (the spectrum has a gap after the rank)."""
+    A, _, s, _ = make_matrix(*shape, "gap", seed=5)
+    real = SS.arpack_ritz
+    k = 5
+
+    def lying(G: object, kk: int, tol: float, v0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        w, E, est = real(G, kk, tol, v0)
+        E, est = E.copy(), est.copy()
+        E[:, kk:] += 1e-3 * np.random.default_rng(1).standard_normal(E[:, kk:].shape)
+        est[kk:] = 0.0
+        return w, E, est
+
+    monkeypatch.setattr(SS, "arpack_ritz", lying)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tp.UncertifiedResultWarning)
+        F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=k, rtol=1e-10)
+    assert F.stats["certified"] and F.stats["triplets"] > k
+    np.testing.assert_allclose(np.asarray(F.S), s[:k], rtol=0, atol=1e-11 * s[0])
+
+
+def test_without_scipys_arpack_driver_eigsh_serves_alone(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Where SciPy's ARPACK driver cannot be imported (a SciPy that moved it), ``arpack_ritz`` returns
+    ``eigsh``'s ``k`` pairs alone (no further pairs to deflate) and the answer is still certified."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.sparse.linalg._eigen.arpack.arpack", None)
+    A, _, s, _ = make_matrix(240, 90, "gap", seed=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tp.UncertifiedResultWarning)
+        F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=5, rtol=1e-10)
+    assert F.stats["certified"] and F.stats["triplets"] == 5
+    np.testing.assert_allclose(np.asarray(F.S), s[:5], rtol=0, atol=1e-11 * s[0])

@@ -276,7 +276,9 @@ def certify(
     gen.manual_seed(seed + 0x5EED)
     # more than the default 64 steps only while the bases fit the memory budget
     steps_max = min(max_steps, s, max(64, BASIS_BUDGET // (B * s) - 1))
-    Qb = torch.zeros(B, steps_max + 1, s, dtype=_F64, device=dev)  # the runs' Lanczos bases, as rows
+    # the runs' Lanczos bases, as rows; uninitialised: row j + 1 is written at step j before any read (zeroing
+    # the memory budget of a long check cost as much as several of its steps)
+    Qb = torch.empty(B, steps_max + 1, s, dtype=_F64, device=dev)
     x0 = proj(torch.randn(s, B, dtype=_F64, device=dev, generator=gen))
     Qb[:, 0] = (x0 / x0.norm(dim=0).clamp_min(1e-300)).T
     alpha = torch.zeros(B, steps_max, dtype=_F64, device=dev)
