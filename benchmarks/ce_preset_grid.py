@@ -16,6 +16,21 @@ are not compared here: the grid ran on a shared machine (sven-bench's 3-seed run
     OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --no-adam --seeds 1 2 --point 1,0.5,0.03 0,0.5,0.03 \\
         1,0.5,0.01 --out runs/seeds.json
     python benchmarks/ce_preset_grid.py --from-json docs/data/ce_preset_grid.json          # the stored runs
+
+**Default candidates** (``--candidate``, :data:`CANDIDATES`: whole ``sven.Sven`` configurations, ``today`` the
+loss rule itself) run on five tasks, the four above and ``heldout``, the classifier no default was chosen on
+(:class:`benchmarks.ce_heldout.HeldOutTask`). ``--vs-adam`` ranks them by the log-ratio to the best Adam
+instead of the best point; ``--adam-from`` runs Adam on other seeds at each task's best seed-0 lr, and a table
+of the per-seed ratios to it (same seed), their medians, the best epoch's ratio and the accuracies follows;
+``--step-cost`` times blocks of steps of each candidate against Adam's, interleaved in one process::
+
+    OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --candidate today seq-ce ... --adam-lrs 1e-3 3e-3 1e-2 \
+        --vs-adam --out s0.json
+    OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --candidate today lr1-floor0.3 --seeds 1 2 \
+        --adam-from s0.json --out s12.json
+    OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --step-cost --candidate today lr1-floor0.3 \
+        --task mnist1d mnist-subset mnist-subset-cnn digits-ce heldout
+    python benchmarks/ce_preset_grid.py --vs-adam --from-json docs/data/ce_candidates.json  # the stored screen
 """
 
 from __future__ import annotations
@@ -121,7 +136,9 @@ class AbsoluteFloor(CrossEntropyDamping):
     :math:`f \max(\sigma_{max}^2, \sigma_0^2)` with :math:`\sigma_0` that of the first step, i.e. relative
     :math:`f \max(1, \sigma_0^2 / \sigma_{max}^2)`: the proximal term :math:`\tfrac\lambda2\|\delta\|^2`
     never falls below the first step's, and the step anneals towards a gradient step of length
-    :math:`\|g\| / (f \sigma_0^2)` as the batch is fitted.
+    :math:`\|g\| / (f \sigma_0^2)` as the batch is fitted. On the five tasks of the screen it changed nothing
+    (the losses of ``today`` to every printed digit): the floor stayed at ``0.1``, so the GGN's :math:`\sigma_{max}`
+    did not fall below the first step's.
     """
 
     def __init__(self, floor: float) -> None:
@@ -137,9 +154,32 @@ class AbsoluteFloor(CrossEntropyDamping):
         return super().run(ctx)
 
 
+class LossFloor(CrossEntropyDamping):
+    r""":class:`~sven.control.CrossEntropyDamping` whose floor grows as the batch loss falls.
+
+    The floor is :math:`f \max(1, L_1 / \bar L)`, :math:`L_1` the first batch's mean cross-entropy and
+    :math:`\bar L` an exponential average (factor 0.9) of the batches' losses before each step: a
+    step that anneals as the batches are fitted, where the logits would otherwise keep growing.
+    """
+
+    def __init__(self, floor: float) -> None:
+        super().__init__(floor)
+        self.base, self.first, self.avg = floor, 0.0, 0.0
+
+    def run(self, ctx: Any) -> Any:
+        loss = ctx.loss()
+        if loss > 0 and math.isfinite(loss):
+            self.first = self.first or loss
+            self.avg = 0.9 * self.avg + 0.1 * loss if self.avg else loss
+            self.floor = self.base * max(1.0, self.first / self.avg)
+            self.state.lam = max(self.state.lam, self.floor)
+        return super().run(ctx)
+
+
 #: New default candidates for cross-entropy classifiers (issue #20), ``sven.Sven`` options: ``today`` is the
 #: loss rule (``sven.Sven(params)``); ``classes`` sets the rule's ``GGN_CLASSES`` (``None``: all ``C``);
-#: ``control="absolute-floor"`` is :class:`AbsoluteFloor` at the rule's floor ``0.1``.
+#: ``control="absolute-floor"`` / ``"loss-floor"`` is :class:`AbsoluteFloor` / :class:`LossFloor` at the rule's
+#: floor ``0.1``.
 CANDIDATES: dict[str, dict[str, Any]] = {
     "today": {},
     "seq-ce": {"ggn": False, "lr": 0.02, "momentum": 0.9, "nesterov": True, "adaptive_damping": False},
@@ -150,6 +190,17 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "wd-1e-3": {"weight_decay": 1e-3},
     "abs-floor": {"ggn": True, "control": "absolute-floor"},
     "all-classes": {"ggn": True, "classes": None},
+    "one-row": {"ggn": True, "classes": 0},
+    "lr1-floor0.3": {"ggn": True, "lr": 1.0, "damping": 0.3},
+    "lr1-floor0.2": {"ggn": True, "lr": 1.0, "damping": 0.2},
+    "ggn-nesterov-0.02": {"ggn": True, "lr": 0.02, "momentum": 0.9, "nesterov": True, "adaptive_damping": False,
+                          "damping": 0.1},
+    "wd-3e-3": {"weight_decay": 3e-3},
+    "wd-3e-4": {"weight_decay": 3e-4},
+    "lr1-floor0.3-wd5e-4": {"ggn": True, "lr": 1.0, "damping": 0.3, "weight_decay": 5e-4},
+    "lr1-floor0.3-wd2e-4": {"ggn": True, "lr": 1.0, "damping": 0.3, "weight_decay": 2e-4},
+    "lr1-floor0.3-wd1e-4": {"ggn": True, "lr": 1.0, "damping": 0.3, "weight_decay": 1e-4},
+    "loss-floor": {"ggn": True, "control": "loss-floor"},
 }  # fmt: skip
 
 
@@ -163,8 +214,8 @@ class _Candidate(OptimizerFactory):
     def make(self, model: nn.Module, task: Task, hparams: dict[str, Any]) -> Stepper:
         opts = dict(CANDIDATES[hparams["candidate"]])
         classes = opts.pop("classes", 1)
-        if opts.get("control") == "absolute-floor":
-            opts["control"] = AbsoluteFloor(0.1)
+        if opts.get("control") in ("absolute-floor", "loss-floor"):
+            opts["control"] = (AbsoluteFloor if opts["control"] == "absolute-floor" else LossFloor)(0.1)
         opt = sven.Sven(model.parameters(), **opts)
 
         class _S:
@@ -360,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--point", nargs="+", metavar="CLASSES,LR,FLOOR", help="run only these points of the --judge grid")
     ap.add_argument("--candidate", nargs="+", choices=list(CANDIDATES), help="run these default candidates instead")
     ap.add_argument("--adam-lrs", nargs="+", type=float, default=list(ADAM_LRS), help="Adam's lrs (default 1e-3 1e-2)")
-    ap.add_argument("--adam-from", help="run Adam only at each task's best seed-0 lr in this JSON file")
+    ap.add_argument("--adam-from", nargs="+", help="run Adam only at each task's best seed-0 lr in these JSON files")
     ap.add_argument("--vs-adam", action="store_true", help="rank by the log-ratio to the best Adam, not the best point")
     ap.add_argument("--step-cost", action="store_true", help="time the candidates' steps against Adam's instead")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="model seeds (default 0)")
@@ -381,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
                       for c, lr, d in (p.split(",") for p in args.point)]  # fmt: skip
         adam: bool | dict[str, float] = not args.no_adam
         if args.adam_from:
-            adam = {t: r["hparams"]["lr"] for t, r in best_adam(json.load(open(args.adam_from))).items()}
+            seed0 = [r for f in args.adam_from for r in json.load(open(f))]
+            adam = {t: r["hparams"]["lr"] for t, r in best_adam(seed0).items()}
         rows = run(tasks, points, adam=adam, seeds=args.seeds, adam_lrs=tuple(args.adam_lrs))
         if args.out:
             with open(args.out, "w") as fh:
