@@ -390,7 +390,7 @@ def seeds_table(rows: list[dict[str, Any]]) -> str:
     sv = [r for r in rows if r["optimizer"] == "sven-ggn"]
     keys = sorted(k for k in {_key(r) for r in sv} if len({r.get("seed", 0) for r in sv if _key(r) == k}) > 1)
     tasks = _tasks_of(sv)
-    lines = ["| point | " + " | ".join(f"{t}: median [seeds 0, 1, 2]" for t in tasks) + " |",
+    lines = ["| point | " + " | ".join(f"{t}: median [by seed]" for t in tasks) + " |",
              "|" + "---|" * (len(tasks) + 1)]  # fmt: skip
     for k in keys:
         cells = []
