@@ -6,61 +6,90 @@ with ``--floor X`` the loss rule's settings at damping floor ``X``. Prints, per 
 epochs and at equal wall time (Sven's last epoch end within Adam's training time), all from the same run::
 
     OMP_NUM_THREADS=1 python benchmarks/ce_heldout.py [--floor 0.03]
+
+The task is also :class:`HeldOutTask` (a sven-bench :class:`~sven.bench.tasks.base.Task`: the same data,
+model, batches and epochs), which ``benchmarks/ce_preset_grid.py`` runs beside the four sven-bench
+classifiers (its task ``heldout``).
 """
 
+from __future__ import annotations
+
 import argparse
+import sys
 import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import ClassVar
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.datasets import make_classification
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sven
+from sven.bench.tasks.base import ClassifierTask, TaskData, mlp
 
-torch.set_num_threads(1)
-X, y = make_classification(
-    n_samples=5000,
-    n_features=40,
-    n_informative=20,
-    n_redundant=10,
-    n_classes=8,
-    n_clusters_per_class=2,
-    class_sep=1.0,
-    random_state=0,
-)
-X = torch.tensor(X, dtype=torch.float32)
-y = torch.tensor(y)
-Xtr, ytr, Xte, yte = X[:4000], y[:4000], X[4000:], y[4000:]
-EPOCHS, B = 10, 64
-_parser = argparse.ArgumentParser(description="held-out check of Sven's cross-entropy defaults")
-_parser.add_argument("--floor", type=float, default=None, help="run the loss rule with this damping floor")
-FLOOR = _parser.parse_args().floor
+N_TRAIN, EPOCHS, B = 4000, 10, 64
 
 
-def model(seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(40, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 8))
+class HeldOutTask(ClassifierTask):
+    """``heldout``: the 8-class MLP on ``make_classification`` (``random_state=0``), batch 64, 10 epochs.
 
+    The batches are those of the script: one ``randperm`` of the 4,000 training samples per epoch from a
+    generator seeded 0 (``loader_seed``); the model is ``nn.Sequential`` of ``Linear(40, 128)``, GELU,
+    ``Linear(128, 128)``, GELU, ``Linear(128, 8)``, initialised after ``torch.manual_seed(seed)``.
+    """
 
-def run(kind, lr, seed):
-    m = model(seed)
-    opt = (
-        (
-            sven.Sven(m.parameters())
-            if FLOOR is None
-            else sven.Sven(m.parameters(), ggn=True, adaptive_damping=True, damping=FLOOR)
+    name = "heldout"
+    summary = "8-class MLP 40-128-128-8 on make_classification (4,000 / 1,000), batch 64, 10 epochs"
+    batch_size = B
+    loader_seed = 0
+    target = 0.7
+    sven_defaults: ClassVar[Mapping[str, float | int]] = {}
+    epochs = EPOCHS
+    sven_reference = False
+
+    def build_data(self) -> TaskData:
+        from sklearn.datasets import make_classification
+
+        X, y = make_classification(
+            n_samples=5000,
+            n_features=40,
+            n_informative=20,
+            n_redundant=10,
+            n_classes=8,
+            n_clusters_per_class=2,
+            class_sep=1.0,
+            random_state=0,
         )
-        if kind == "sven"
-        else torch.optim.Adam(m.parameters(), lr=lr)
-    )
-    g = torch.Generator().manual_seed(0)
+        x, t = torch.tensor(X, dtype=torch.float32), torch.tensor(y)
+        return TaskData(x[:N_TRAIN], t[:N_TRAIN], x[N_TRAIN:], t[N_TRAIN:], {"n_train": N_TRAIN})
+
+    def model(self, seed: int) -> nn.Module:
+        return mlp(128, 2, seed=seed, n_in=40, n_out=8)  # the layers and the seeding of the script's model
+
+    def batches(self, data: TaskData, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = torch.randperm(data.n_train, generator=generator)
+        for i in range(0, data.n_train, self.batch_size):
+            idx = perm[i : i + self.batch_size]
+            yield data.x_train[idx], data.y_train[idx]
+
+
+def run(task: HeldOutTask, kind: str, lr: float | None, seed: int, floor: float | None) -> list[tuple[float, ...]]:
+    """``(training time, test loss, test accuracy)`` after each epoch of Adam (``lr``) or Sven."""
+    data, m = task.data(), task.model(seed)
+    if kind == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(m.parameters(), lr=lr)
+    elif floor is None:
+        opt = sven.Sven(m.parameters())
+    else:
+        opt = sven.Sven(m.parameters(), ggn=True, adaptive_damping=True, damping=floor)
+    g = torch.Generator().manual_seed(task.loader_seed)
     curve, t = [], 0.0
-    for _ in range(EPOCHS):
-        perm = torch.randperm(4000, generator=g)
+    for _ in range(task.epochs):
         t0 = time.perf_counter()
-        for i in range(0, 4000, B):
-            xb, yb = Xtr[perm[i : i + B]], ytr[perm[i : i + B]]
+        for xb, yb in task.batches(data, g):
             if kind == "sven":
                 opt.step(lambda xb=xb, yb=yb: F.cross_entropy(m(xb), yb, reduction="none"))
             else:
@@ -69,21 +98,31 @@ def run(kind, lr, seed):
                 opt.step()
         t += time.perf_counter() - t0
         with torch.no_grad():
-            z = m(Xte)
-            curve.append((t, float(F.cross_entropy(z, yte)), float((z.argmax(1) == yte).float().mean())))
+            z = m(data.x_val)
+            curve.append((t, float(F.cross_entropy(z, data.y_val)), float((z.argmax(1) == data.y_val).float().mean())))
     return curve
 
 
-best = min((run("adam", lr, 0)[-1][1], lr) for lr in (1e-3, 3e-3, 1e-2))[1]
-print("best Adam lr (seed 0):", best)
-for seed in (0, 1, 2):
-    a, s = run("adam", best, seed), run("sven", None, seed)
-    ta = a[-1][0]
-    within = [c for c in s if c[0] <= ta]
-    eqt = within[-1][1] if within else float("nan")
-    print(
-        f"seed {seed}: Adam {a[-1][1]:.4f} ({100 * a[-1][2]:.1f}%), Sven {s[-1][1]:.4f} ({100 * s[-1][2]:.1f}%), "
-        f"equal epochs {s[-1][1] / a[-1][1]:.3f}x, Sven best epoch {min(c[1] for c in s):.4f}, "
-        f"time Sven/Adam {s[-1][0] / ta:.2f}, equal time: epoch {len(within)} {eqt / a[-1][1]:.3f}x",
-        flush=True,
-    )
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="held-out check of Sven's cross-entropy defaults")
+    ap.add_argument("--floor", type=float, default=None, help="run the loss rule with this damping floor")
+    floor = ap.parse_args(argv).floor
+    torch.set_num_threads(1)
+    task = HeldOutTask()
+    best = min((run(task, "adam", lr, 0, floor)[-1][1], lr) for lr in (1e-3, 3e-3, 1e-2))[1]
+    print("best Adam lr (seed 0):", best)
+    for seed in (0, 1, 2):
+        a, s = run(task, "adam", best, seed, floor), run(task, "sven", None, seed, floor)
+        ta = a[-1][0]
+        within = [c for c in s if c[0] <= ta]
+        eqt = within[-1][1] if within else float("nan")
+        print(
+            f"seed {seed}: Adam {a[-1][1]:.4f} ({100 * a[-1][2]:.1f}%), Sven {s[-1][1]:.4f} ({100 * s[-1][2]:.1f}%), "
+            f"equal epochs {s[-1][1] / a[-1][1]:.3f}x, Sven best epoch {min(c[1] for c in s):.4f}, "
+            f"time Sven/Adam {s[-1][0] / ta:.2f}, equal time: epoch {len(within)} {eqt / a[-1][1]:.3f}x",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

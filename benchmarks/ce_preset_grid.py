@@ -16,6 +16,21 @@ are not compared here: the grid ran on a shared machine (sven-bench's 3-seed run
     OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --no-adam --seeds 1 2 --point 1,0.5,0.03 0,0.5,0.03 \\
         1,0.5,0.01 --out runs/seeds.json
     python benchmarks/ce_preset_grid.py --from-json docs/data/ce_preset_grid.json          # the stored runs
+
+**Default candidates** (``--candidate``, :data:`CANDIDATES`: whole ``sven.Sven`` configurations, ``today`` the
+loss rule itself) run on five tasks, the four above and ``heldout``, the classifier no default was chosen on
+(:class:`benchmarks.ce_heldout.HeldOutTask`). ``--vs-adam`` ranks them by the log-ratio to the best Adam
+instead of the best point; ``--adam-from`` runs Adam on other seeds at each task's best seed-0 lr, and a table
+of the per-seed ratios to it (same seed), their medians, the best epoch's ratio and the accuracies follows;
+``--step-cost`` times blocks of steps of each candidate against Adam's, interleaved in one process::
+
+    OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --candidate today seq-ce ... --adam-lrs 1e-3 3e-3 1e-2 \
+        --vs-adam --out s0.json
+    OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --candidate today lr1-floor0.3 --seeds 1 2 \
+        --adam-from s0.json --out s12.json
+    OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --step-cost --candidate today lr1-floor0.3 \
+        --task mnist1d mnist-subset mnist-subset-cnn digits-ce heldout
+    python benchmarks/ce_preset_grid.py --vs-adam --from-json docs/data/ce_candidates.json  # the stored screen
 """
 
 from __future__ import annotations
@@ -26,10 +41,14 @@ import json
 import math
 import statistics
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sven
 import sven.loss_rule
@@ -93,6 +112,155 @@ class _Ggn(OptimizerFactory):
         return _S()
 
 
+#: The five tasks of the default candidates' screen (``--candidate``): the four above and ``heldout``, the
+#: classifier no default was chosen on (:class:`benchmarks.ce_heldout.HeldOutTask`).
+ALL_TASKS = (*TASK_NAMES, "heldout")
+
+
+def _task(name: str) -> Task:
+    if name == "heldout":
+        from benchmarks.ce_heldout import HeldOutTask
+
+        return HeldOutTask()
+    task = TASKS[name]()
+    assert isinstance(task, Task)
+    return task
+
+
+class AbsoluteFloor(CrossEntropyDamping):
+    r""":class:`~sven.control.CrossEntropyDamping` whose floor is the first step's damping in absolute units.
+
+    The loss rule's floor is relative, :math:`\lambda \ge f\,\sigma_{max}^2`. As the predictions turn
+    confident the GGN :math:`\sum p(1-p)`-weighted rows shrink, and :math:`\sigma_{max}^2` with them, so the
+    same relative floor lets the step in parameter space grow: the logits inflate. Here the floor is
+    :math:`f \max(\sigma_{max}^2, \sigma_0^2)` with :math:`\sigma_0` that of the first step, i.e. relative
+    :math:`f \max(1, \sigma_0^2 / \sigma_{max}^2)`: the proximal term :math:`\tfrac\lambda2\|\delta\|^2`
+    never falls below the first step's, and the step anneals towards a gradient step of length
+    :math:`\|g\| / (f \sigma_0^2)` as the batch is fitted. On the five tasks of the screen it changed nothing
+    (the losses of ``today`` to every printed digit): the floor stayed at ``0.1``, so the GGN's :math:`\sigma_{max}`
+    did not fall below the first step's.
+    """
+
+    def __init__(self, floor: float) -> None:
+        super().__init__(floor)
+        self.base, self.ref = floor, 0.0
+
+    def run(self, ctx: Any) -> Any:
+        top = float(ctx.F.S[0]) ** 2 if ctx.F.S.numel() else 0.0
+        if top > 0 and math.isfinite(top):
+            self.ref = self.ref or top
+            self.floor = self.base * max(1.0, self.ref / top)
+            self.state.lam = max(self.state.lam, self.floor)
+        return super().run(ctx)
+
+
+class LossFloor(CrossEntropyDamping):
+    r""":class:`~sven.control.CrossEntropyDamping` whose floor grows as the batch loss falls.
+
+    The floor is :math:`f \max(1, L_1 / \bar L)`, :math:`L_1` the first batch's mean cross-entropy and
+    :math:`\bar L` an exponential average (factor 0.9) of the batches' losses before each step: a
+    step that anneals as the batches are fitted, where the logits would otherwise keep growing.
+    """
+
+    def __init__(self, floor: float) -> None:
+        super().__init__(floor)
+        self.base, self.first, self.avg = floor, 0.0, 0.0
+
+    def run(self, ctx: Any) -> Any:
+        loss = ctx.loss()
+        if loss > 0 and math.isfinite(loss):
+            self.first = self.first or loss
+            self.avg = 0.9 * self.avg + 0.1 * loss if self.avg else loss
+            self.floor = self.base * max(1.0, self.first / self.avg)
+            self.state.lam = max(self.state.lam, self.floor)
+        return super().run(ctx)
+
+
+#: New default candidates for cross-entropy classifiers (issue #20), ``sven.Sven`` options: ``today`` is the
+#: loss rule (``sven.Sven(params)``); ``classes`` sets the rule's ``GGN_CLASSES`` (``None``: all ``C``);
+#: ``control="absolute-floor"`` / ``"loss-floor"`` is :class:`AbsoluteFloor` / :class:`LossFloor` at the rule's
+#: floor ``0.1``.
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "today": {},
+    "seq-ce": {"ggn": False, "lr": 0.02, "momentum": 0.9, "nesterov": True, "adaptive_damping": False},
+    "seq-ggn": {"ggn": True, "lr": 0.02, "momentum": 0.9, "nesterov": True, "adaptive_damping": False,
+                "damping": 0.0},
+    "ggn-nesterov": {"ggn": True, "lr": 0.05, "momentum": 0.9, "nesterov": True, "adaptive_damping": False,
+                     "damping": 0.1},
+    "wd-1e-3": {"weight_decay": 1e-3},
+    "abs-floor": {"ggn": True, "control": "absolute-floor"},
+    "all-classes": {"ggn": True, "classes": None},
+    "one-row": {"ggn": True, "classes": 0},
+    "lr1-floor0.3": {"ggn": True, "lr": 1.0, "damping": 0.3},
+    "lr1-floor0.2": {"ggn": True, "lr": 1.0, "damping": 0.2},
+    "ggn-nesterov-0.02": {"ggn": True, "lr": 0.02, "momentum": 0.9, "nesterov": True, "adaptive_damping": False,
+                          "damping": 0.1},
+    "wd-3e-3": {"weight_decay": 3e-3},
+    "wd-3e-4": {"weight_decay": 3e-4},
+    "lr1-floor0.3-wd5e-4": {"ggn": True, "lr": 1.0, "damping": 0.3, "weight_decay": 5e-4},
+    "lr1-floor0.3-wd2e-4": {"ggn": True, "lr": 1.0, "damping": 0.3, "weight_decay": 2e-4},
+    "lr1-floor0.3-wd1e-4": {"ggn": True, "lr": 1.0, "damping": 0.3, "weight_decay": 1e-4},
+    "loss-floor": {"ggn": True, "control": "loss-floor"},
+}  # fmt: skip
+
+
+class _Candidate(OptimizerFactory):
+    name = "sven-ggn"  # ranked with the grid's points
+    description = "sven.Sven with the options of a default candidate (CANDIDATES)"
+
+    def grid(self, task: Any, *, quick: bool = False, sven_grid: bool = False) -> list[dict[str, Any]]:
+        return []
+
+    def make(self, model: nn.Module, task: Task, hparams: dict[str, Any]) -> Stepper:
+        opts = dict(CANDIDATES[hparams["candidate"]])
+        classes = opts.pop("classes", 1)
+        if opts.get("control") in ("absolute-floor", "loss-floor"):
+            opts["control"] = (AbsoluteFloor if opts["control"] == "absolute-floor" else LossFloor)(0.1)
+        opt = sven.Sven(model.parameters(), **opts)
+
+        class _S:
+            def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                sven.loss_rule.GGN_CLASSES = classes  # the rows the rule builds
+                return opt.step(lambda: task.per_sample_loss(model(x), y))
+
+        return _S()
+
+
+def step_cost(task_name: str, names: list[str], *, rounds: int = 10, steps: int = 10, warmup: int = 20) -> dict:
+    """Median time of a block of ``steps`` steps of each candidate over Adam's (lr 1e-3), interleaved.
+
+    Model seed 0, the task's batch size, one thread; every optimizer first takes ``warmup`` steps (the loss rule
+    decides at the first), then the blocks run in turn, the order rotated each round.
+    """
+    torch.set_num_threads(1)
+    task = _task(task_name)
+    data, b = task.data(), task.batch_size
+    steppers = {"adam": _Adam().make(m := task.model(0), task, {"lr": 1e-3})}
+    for n in names:
+        steppers[n] = _Candidate().make(task.model(0), task, {"candidate": n})
+    del m
+    gen = torch.Generator().manual_seed(0)
+
+    def block(st: Stepper, idx: torch.Tensor) -> None:
+        for i in range(idx.shape[0] // b):
+            j = idx[i * b : (i + 1) * b]
+            st.step(data.x_train[j], data.y_train[j])
+
+    warm = torch.randperm(data.n_train, generator=gen)[: warmup * b]
+    for st in steppers.values():
+        block(st, warm)
+    times: dict[str, list[float]] = {n: [] for n in steppers}
+    order = list(steppers)
+    for k in range(rounds):
+        idx = torch.randperm(data.n_train, generator=gen)[: steps * b]
+        for n in order[k % len(order) :] + order[: k % len(order)]:
+            t0 = time.perf_counter()
+            block(steppers[n], idx)
+            times[n].append(time.perf_counter() - t0)
+    adam = statistics.median(times["adam"])
+    return {n: statistics.median(times[n]) / adam for n in names}
+
+
 def _points(judge: bool) -> list[dict[str, Any]]:
     if not judge:
         return [{"classes": c, "lr": lr, "damping": d} for c, lr, d in itertools.product(CLASSES, LRS, DAMPINGS)]
@@ -101,20 +269,31 @@ def _points(judge: bool) -> list[dict[str, Any]]:
 
 
 def run(
-    tasks: tuple[str, ...], points: list[dict[str, Any]], *, adam: bool = True, seeds: list[int] | None = None
+    tasks: tuple[str, ...],
+    points: list[dict[str, Any]],
+    *,
+    adam: bool | dict[str, float] = True,
+    seeds: list[int] | None = None,
+    adam_lrs: tuple[float, ...] = ADAM_LRS,
 ) -> list[dict[str, Any]]:
+    """Run every point (a grid point, or ``{"candidate": name}``) and Adam on ``tasks`` and ``seeds``.
+
+    ``adam``: ``True`` runs Adam at each of ``adam_lrs``; a ``{task: lr}`` mapping runs it at that lr only.
+    """
     torch.set_num_threads(1)
     out = []
     for name in tasks:
-        task = TASKS[name]()
+        task = _task(name)
         data = task.data()
-        jobs = [(_Adam(), {"lr": lr}) for lr in ADAM_LRS] if adam else []
-        jobs += [(_Ggn(), p) for p in points]
+        lrs = [adam[name]] if isinstance(adam, dict) else list(adam_lrs) if adam else []
+        jobs: list[tuple[OptimizerFactory, dict[str, Any]]] = [(_Adam(), {"lr": lr}) for lr in lrs]
+        jobs += [(_Candidate() if "candidate" in p else _Ggn(), p) for p in points]
         for (factory, hp), seed in itertools.product(jobs, seeds or [0]):
             r = run_one(task, factory, hp, seed, data=data, epochs=task.epochs)
             acc = r.metrics.get("accuracy", [float("nan")])[-1]
             row = {"task": name, "optimizer": factory.name, "hparams": hp, "seed": seed, "loss": r.final_val_loss,
-                   "accuracy": acc, "time": r.total_train_time, "diverged": r.diverged}  # fmt: skip
+                   "accuracy": acc, "time": r.total_train_time, "diverged": r.diverged,
+                   "best_loss": min(r.val_loss[1:], default=math.nan), "step_time": r.step_time_median}  # fmt: skip
             print(json.dumps(row), file=sys.stderr, flush=True)
             out.append(row)
     return out
@@ -126,28 +305,48 @@ def _key(row: dict[str, Any]) -> str:
 
 def _label(key: str) -> str:
     p = json.loads(key)
+    if "candidate" in p:
+        return str(p["candidate"])
     what = "floor" if p.get("judge") else "damping"
     return f"classes={p['classes']} lr={p['lr']:g} {what}={p['damping']:g}"
 
 
-def ranking(rows: list[dict[str, Any]]) -> str:
-    """The seed-0 grid as a Markdown table, best mean regret first (a diverged point last)."""
+def _tasks_of(rows: list[dict[str, Any]]) -> list[str]:
+    return sorted({r["task"] for r in rows}, key=lambda t: ALL_TASKS.index(t) if t in ALL_TASKS else 99)
+
+
+def best_adam(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each task's seed-0 Adam run of the lowest loss (its lr is the one the other seeds run)."""
+    adam = [r for r in rows if r["optimizer"] == "adam" and r.get("seed", 0) == 0]
+    return {t: min((r for r in adam if r["task"] == t), key=lambda r: r["loss"]) for t in _tasks_of(adam)}
+
+
+def ranking(rows: list[dict[str, Any]], *, vs_adam: bool = False) -> str:
+    """The seed-0 grid as a Markdown table, best mean regret first (a diverged point last).
+
+    The regret on a task is ``log10(loss / reference)``, the reference the best point's loss, or with
+    ``vs_adam`` the best Adam's (the mean and worst log-ratio to Adam); a point more than 10x above the
+    reference on a task is a blow-up.
+    """
     rows = [r for r in rows if r.get("seed", 0) == 0]
-    tasks = sorted({r["task"] for r in rows}, key=lambda t: TASK_NAMES.index(t) if t in TASK_NAMES else 99)
-    adam = {t: min((r for r in rows if r["task"] == t and r["optimizer"] == "adam"), key=lambda r: r["loss"])
-            for t in tasks}  # fmt: skip
+    tasks = _tasks_of(rows)
+    adam = best_adam(rows)
     sv = [r for r in rows if r["optimizer"] == "sven-ggn"]
-    best = {t: min(r["loss"] for r in sv if r["task"] == t and math.isfinite(r["loss"])) for t in tasks}
+    if vs_adam:
+        ref = {t: adam[t]["loss"] for t in tasks}
+    else:
+        ref = {t: min(r["loss"] for r in sv if r["task"] == t and math.isfinite(r["loss"])) for t in tasks}
     table = []
     for k in sorted({_key(r) for r in sv}):
         by = {r["task"]: r for r in sv if _key(r) == k}
         if set(by) != set(tasks):
             continue
-        ok = all(math.isfinite(by[t]["loss"]) and by[t]["loss"] < 10 * best[t] for t in tasks)
-        reg = [math.log10(by[t]["loss"] / best[t]) if ok else math.inf for t in tasks]
+        ok = all(math.isfinite(by[t]["loss"]) and by[t]["loss"] < 10 * ref[t] for t in tasks)
+        reg = [math.log10(by[t]["loss"] / ref[t]) if ok else math.inf for t in tasks]
         table.append((statistics.mean(reg), max(reg), k, by))
     table.sort(key=lambda x: (x[0], x[1]))
-    lines = ["| # | point | " + " | ".join(f"{t} (/ Adam)" for t in tasks) + " | mean regret | worst regret |",
+    what = "log10 ratio to Adam" if vs_adam else "regret"
+    lines = ["| # | point | " + " | ".join(f"{t} (/ Adam)" for t in tasks) + f" | mean {what} | worst {what} |",
              "|" + "---|" * (len(tasks) + 4),
              "| | best Adam | " + " | ".join(f"{adam[t]['loss']:.3f} (lr {adam[t]['hparams']['lr']:g})"
                                             for t in tasks) + " | | |"]  # fmt: skip
@@ -157,12 +356,41 @@ def ranking(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def ratio_table(rows: list[dict[str, Any]]) -> str:
+    """Points run on several seeds against Adam at its seed-0 lr on the same seed: per task the median ratio of
+    the final losses (the ratio per seed), the median ratio of the best epochs' losses, and the accuracies."""
+    sv = [r for r in rows if r["optimizer"] == "sven-ggn"]
+    keys = sorted(k for k in {_key(r) for r in sv} if len({r.get("seed", 0) for r in sv if _key(r) == k}) > 1)
+    tasks = _tasks_of(sv)
+    lr = {t: r["hparams"]["lr"] for t, r in best_adam(rows).items()}
+    adam = {
+        (r["task"], r.get("seed", 0)): r
+        for r in rows
+        if r["optimizer"] == "adam" and r["hparams"]["lr"] == lr.get(r["task"])
+    }
+    lines = ["| point | " + " | ".join(f"{t}: median [per seed], best epoch, accuracy / Adam's" for t in tasks) + " |",
+             "|" + "---|" * (len(tasks) + 1)]  # fmt: skip
+    for k in keys:
+        cells = []
+        for t in tasks:
+            mine = [r for r in sv if _key(r) == k and r["task"] == t and (t, r.get("seed", 0)) in adam]
+            got = sorted(((r.get("seed", 0), r) for r in mine), key=lambda sr: sr[0])
+            ratios = [r["loss"] / adam[t, s]["loss"] for s, r in got]
+            best = [r.get("best_loss", math.nan) / adam[t, s]["loss"] for s, r in got]
+            acc = statistics.median(r["accuracy"] for _, r in got)
+            acc_adam = statistics.median(adam[t, s]["accuracy"] for s, _ in got)
+            cells.append(f"{statistics.median(ratios):.2f}x [{', '.join(f'{v:.2f}' for v in ratios)}], "
+                         f"{statistics.median(best):.2f}x, {100 * acc:.1f}/{100 * acc_adam:.1f} %")  # fmt: skip
+        lines.append(f"| {_label(k)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def seeds_table(rows: list[dict[str, Any]]) -> str:
     """Points run on several seeds: each task's losses by seed and their median."""
     sv = [r for r in rows if r["optimizer"] == "sven-ggn"]
     keys = sorted(k for k in {_key(r) for r in sv} if len({r.get("seed", 0) for r in sv if _key(r) == k}) > 1)
-    tasks = sorted({r["task"] for r in sv}, key=lambda t: TASK_NAMES.index(t) if t in TASK_NAMES else 99)
-    lines = ["| point | " + " | ".join(f"{t}: median [seeds 0, 1, 2]" for t in tasks) + " |",
+    tasks = _tasks_of(sv)
+    lines = ["| point | " + " | ".join(f"{t}: median [by seed]" for t in tasks) + " |",
              "|" + "---|" * (len(tasks) + 1)]  # fmt: skip
     for k in keys:
         cells = []
@@ -176,29 +404,48 @@ def seeds_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", nargs="+", default=list(TASK_NAMES))
+    ap.add_argument("--task", nargs="+", default=None, help="default: the four classifiers (all five with --candidate)")
     ap.add_argument("--out", help="write the runs here (JSON)")
     ap.add_argument("--judge", action="store_true", help="the grid of the control that judges the cross-entropy")
     ap.add_argument("--no-adam", action="store_true", help="skip the Adam runs (take them from another file)")
     ap.add_argument("--point", nargs="+", metavar="CLASSES,LR,FLOOR", help="run only these points of the --judge grid")
+    ap.add_argument("--candidate", nargs="+", choices=list(CANDIDATES), help="run these default candidates instead")
+    ap.add_argument("--adam-lrs", nargs="+", type=float, default=list(ADAM_LRS), help="Adam's lrs (default 1e-3 1e-2)")
+    ap.add_argument("--adam-from", nargs="+", help="run Adam only at each task's best seed-0 lr in these JSON files")
+    ap.add_argument("--vs-adam", action="store_true", help="rank by the log-ratio to the best Adam, not the best point")
+    ap.add_argument("--step-cost", action="store_true", help="time the candidates' steps against Adam's instead")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="model seeds (default 0)")
     ap.add_argument("--from-json", nargs="+", help="print the ranking of earlier runs, run nothing")
     args = ap.parse_args(argv)
+    tasks = tuple(args.task or (ALL_TASKS if args.candidate else TASK_NAMES))
+    if args.step_cost:
+        for t in tasks:
+            got = step_cost(t, args.candidate or list(CANDIDATES))
+            print(t, ", ".join(f"{n} {v:.2f}x" for n, v in got.items()), "Adam's step", flush=True)
+        return
     if args.from_json:
         rows = [r for f in args.from_json for r in json.load(open(f))]
     else:
-        points = _points(args.judge)
+        points = [{"candidate": c} for c in args.candidate] if args.candidate else _points(args.judge)
         if args.point:
             points = [{"classes": int(c), "lr": float(lr), "damping": float(d), "judge": True}
                       for c, lr, d in (p.split(",") for p in args.point)]  # fmt: skip
-        rows = run(tuple(args.task), points, adam=not args.no_adam, seeds=args.seeds)
+        adam: bool | dict[str, float] = not args.no_adam
+        if args.adam_from:
+            seed0 = [r for f in args.adam_from for r in json.load(open(f))]
+            adam = {t: r["hparams"]["lr"] for t, r in best_adam(seed0).items()}
+        rows = run(tasks, points, adam=adam, seeds=args.seeds, adam_lrs=tuple(args.adam_lrs))
         if args.out:
             with open(args.out, "w") as fh:
                 json.dump(rows, fh, indent=1)
-    print(ranking(rows))
+    if any(r.get("seed", 0) == 0 for r in rows) and any(r["optimizer"] == "adam" for r in rows):
+        print(ranking(rows, vs_adam=args.vs_adam))
     if any(r.get("seed", 0) != 0 for r in rows):
         print()
         print(seeds_table(rows))
+        if any(r["optimizer"] == "adam" and r.get("seed", 0) != 0 for r in rows):
+            print()
+            print(ratio_table(rows))
 
 
 if __name__ == "__main__":
