@@ -7,7 +7,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench results clean
+.PHONY: setup demo test lint bench results results-issue20 clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench: setup
 # docs/results.md: the goals run of sven-bench (about 45 minutes on 2 cores; see the script).
 results: setup
 	PATH=$(abspath $(BIN)):$$PATH bash benchmarks/results.sh
+
+# docs/results_issue20.md: Sven's defaults against Adam/AdamW on the tasks of issue #20 (about 20 minutes on 2 cores).
+results-issue20: setup
+	PATH=$(abspath $(BIN)):$$PATH bash benchmarks/results.sh --issue20
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

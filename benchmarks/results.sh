@@ -9,12 +9,41 @@
 # the second (300 steps x 5 seeds per optimizer; Sven's Gram step there costs about twice AdamW's). RESULTS (default results/goals) holds the
 # raw runs; SEEDS (default 5) the number of model seeds. The merge alone, from existing runs:
 #   bash benchmarks/results.sh --merge-only
+# The goals of issue #20 alone, Sven's defaults against Adam and AdamW (about 20 minutes; docs/results_issue20.md):
+#   bash benchmarks/results.sh --issue20
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH=(python -m sven.bench --threads 1 --no-progress --seeds "${SEEDS:-5}")
 OUT=${RESULTS:-results/goals}
 MINI=(sven-native sven adam adamw sgd rmsprop lbfgs)
 PINN=(sven sven-native adam lbfgs)
+if [[ "${1:-}" == "--issue20" ]]; then
+    # The goals of issue #20 alone (about 20 minutes on 2 cores): Sven's defaults against the best-tuned Adam and
+    # AdamW (lr grid on seed 0, then every seed) on the seven classifier, language-model and GRU tasks, two
+    # processes of one thread; then the tool's page and the equal-epochs / equal-wall-time table
+    # (benchmarks/equal_time.py) go to docs/results_issue20.md.
+    mkdir -p "$OUT"
+    "${BENCH[@]}" --task mnist-subset mnist-subset-mse mnist-subset-cnn digits-ce --optimizers sven-native adam adamw \
+        --out "$OUT/issue20-a" > "$OUT/issue20-a.log" 2>&1 &
+    first=$!
+    "${BENCH[@]}" --task mnist1d gru charlm --optimizers sven-native adam adamw \
+        --out "$OUT/issue20-b" > "$OUT/issue20-b.log" 2>&1 &
+    second=$!
+    wait "$first" "$second"
+    python -m sven.bench --from-json "$OUT/issue20-a/results.json" "$OUT/issue20-b/results.json" \
+        --out docs/img/results_issue20 --report docs/results_issue20.md
+    {
+        echo
+        echo "## Equal epochs and equal wall time"
+        echo
+        echo "Written by \`python benchmarks/equal_time.py\` from the same runs: Sven's defaults over the best of"
+        echo "Adam and AdamW (chosen on seed 0), per seed and their median; at equal wall time each run's validation"
+        echo "loss at its last epoch end within the shorter run's training time."
+        echo
+        python benchmarks/equal_time.py "$OUT/issue20-a/results.json" "$OUT/issue20-b/results.json"
+    } >> docs/results_issue20.md
+    exit 0
+fi
 if [[ "${1:-}" != "--merge-only" ]]; then
     mkdir -p "$OUT"
     (
