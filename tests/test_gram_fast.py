@@ -40,15 +40,34 @@ def test_gram64_is_the_float64_product(seed: int, n: int, q: int, dtype: torch.d
     M = torch.randn(q, n, generator=gen, dtype=dtype).T if transposed else torch.randn(n, q, generator=gen, dtype=dtype)
     M = M * torch.logspace(-3, 3, q, dtype=dtype)  # columns of very different scales
     old, GF._CHUNK = GF._CHUNK, chunk
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the NumPy path (dsyrk) is taken on one torch thread only
     try:
+        assert GF._host_view(M) is not None
         K = GF._gram64(M)
     finally:
         GF._CHUNK = old
+        torch.set_num_threads(threads)
     ref = _reference_gram(M)
     norms = M.double().norm(dim=1)
     assert K.dtype == torch.float64 and K.shape == (n, n)
     assert bool(((K - ref).abs() <= 4 * q * EPS64 * norms[:, None] * norms[None, :]).all())
     assert torch.equal(K, K.T)
+
+
+def test_gram64_keeps_torch_beside_more_torch_threads():
+    """With torch on two threads the product is torch's (NumPy's BLAS pool would compete with them), and equal."""
+    M = torch.randn(6, 50, dtype=torch.float32) * torch.logspace(-2, 2, 50)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert GF._host_view(M) is None
+        K2 = GF._gram64(M)
+    finally:
+        torch.set_num_threads(threads)
+    ref = _reference_gram(M)
+    norms = M.double().norm(dim=1)
+    assert bool(((K2 - ref).abs() <= 4 * 50 * EPS64 * norms[:, None] * norms[None, :]).all())
 
 
 def test_gram64_keeps_torch_for_tensors_without_storage():

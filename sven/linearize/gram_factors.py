@@ -38,8 +38,13 @@ def _gram64(M: torch.Tensor) -> torch.Tensor:
     rank-k update (BLAS ``dsyrk``), half the multiplications of the general product that torch calls,
     and the result is exactly symmetric. The same sums in another order: equal to round-off
     (``tests/test_gram_fast.py``). Other devices, and tensors without storage of their own (inside
-    :mod:`torch.func` transforms), keep torch's product. NumPy's BLAS has its own thread pool
-    (``OMP_NUM_THREADS``, ``threadpoolctl``), which ``torch.set_num_threads`` does not set.
+    :mod:`torch.func` transforms), keep torch's product.
+
+    Only while torch runs on one intra-op thread: NumPy's BLAS has its own thread pool
+    (``OMP_NUM_THREADS``, ``threadpoolctl``), which ``torch.set_num_threads`` does not set, and its
+    threads wait spinning after a call. Beside torch's own threads on the same cores that made a
+    product-heavy loop 1.4-1.7x slower (2 cores, both pools at 2 threads); with torch on one thread the
+    NumPy path was 0.72-0.76x the torch path's time. So with more torch threads the product is torch's.
     """
     x = _host_view(M)
     if x is not None:
@@ -68,8 +73,9 @@ def _host_gram64(x: np.ndarray) -> np.ndarray:
 
 
 def _host_view(M: torch.Tensor) -> np.ndarray | None:
-    """A NumPy view of a real float32/float64 CPU tensor ``M`` (detached), or ``None`` (torch's path)."""
-    if M.device.type != "cpu" or M.dtype not in (torch.float32, torch.float64):
+    """A NumPy view of a real float32/float64 CPU tensor ``M`` (detached) while torch runs on one thread (see
+    :func:`_gram64`), or ``None`` (torch's path)."""
+    if M.device.type != "cpu" or M.dtype not in (torch.float32, torch.float64) or torch.get_num_threads() != 1:
         return None
     try:
         return M.detach().numpy()
