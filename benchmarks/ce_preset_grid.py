@@ -118,10 +118,10 @@ ALL_TASKS = (*TASK_NAMES, "heldout")
 
 
 def _task(name: str) -> Task:
-    if name == "heldout":
-        from benchmarks.ce_heldout import HeldOutTask
+    from benchmarks.ce_heldout import HELD_OUT
 
-        return HeldOutTask()
+    if name in HELD_OUT:
+        return HELD_OUT[name]()
     task = TASKS[name]()
     assert isinstance(task, Task)
     return task
