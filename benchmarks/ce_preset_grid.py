@@ -303,6 +303,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "lr1-floor0.3-wd2e-4": {"ggn": True, "lr": 1.0, "damping": 0.3, "weight_decay": 2e-4},
     "lr1-floor0.3-wd1e-4": {"ggn": True, "lr": 1.0, "damping": 0.3, "weight_decay": 1e-4},
     "loss-floor": {"ggn": True, "control": "loss-floor"},
+    "lr0.5-floor0.1": {"ggn": True, "lr": 0.5, "damping": 0.1},  # the loss rule's preset before lr1-floor0.3
     # the floor's reference scale (ScaledFloor: c, ref, q, cap), lr 1 as the rule's
     "mean-3": {"ggn": True, "control": (3.0, "mean", 0.5, 1.0)},
     "mean-3-cap0.3": {"ggn": True, "control": (3.0, "mean", 0.5, 0.3)},
