@@ -194,9 +194,9 @@ class ScaledFloor(CrossEntropyDamping):
     direction :math:`i` by :math:`\lambda_i / (\lambda_i + \lambda)`, so when :math:`\lambda_{max}` stands far
     above the rest every other direction is shrunk. Here the floor's reference is scale-free but not the top
     eigenvalue: ``ref="mean"``: :math:`c\,\mathrm{tr}(K) / n` (the mean eigenvalue); ``ref="quantile"``:
-    :math:`c\,\lambda_{(q)}`, the eigenvalue at quantile ``q`` of the :math:`n` (missing ones are 0);
-    ``ref="rank"``: :math:`f \lambda_{max} \min(1, (r_0 / r_{eff})^{1/2})` with the effective rank
-    :math:`r_{eff} = \mathrm{tr}(K) / \lambda_{max}` (``c = f``, ``q = r_0``). Each is turned into the damping
+    :math:`c\,\lambda_{(q)}`, the eigenvalue at quantile ``q`` of the :math:`n` (missing ones are 0). (A floor
+    :math:`f \lambda_{max} \min(1, r_{eff} / r_0)` from the effective rank :math:`r_{eff} = \mathrm{tr}(K) /
+    \lambda_{max}` is ``ref="mean"`` with ``c = f n / r_0`` and ``cap = f``.) Each is turned into the damping
     relative to :math:`\lambda_{max}` at every step, and the Levenberg--Marquardt damping is kept as a multiple
     of the floor (the floor moving from step to step moves it with it); ``cap`` bounds the relative floor
     from above.
@@ -204,9 +204,12 @@ class ScaledFloor(CrossEntropyDamping):
 
     def __init__(self, c: float, ref: str = "mean", q: float = 0.5, cap: float = 1.0) -> None:
         super().__init__(0.3)
+        if ref not in ("mean", "quantile"):
+            raise ValueError(f"`ref` must be 'mean' or 'quantile', got {ref!r}")
         self.c, self.ref, self.q, self.cap = c, ref, q, cap
 
     def relative_floor(self, ctx: Any) -> float | None:
+        r"""The floor relative to :math:`\lambda_{max}` from the step's singular values (``None``: no spectrum)."""
         lam = ctx.F.S.double() ** 2
         n = ctx.R.numel()
         if lam.numel() == 0 or not float(lam[0]) > 0 or not math.isfinite(float(lam[0])):
@@ -214,10 +217,8 @@ class ScaledFloor(CrossEntropyDamping):
         top = float(lam[0])
         if self.ref == "mean":
             return self.c * float(lam.sum()) / (n * top)
-        if self.ref == "quantile":
-            full = torch.cat([lam, lam.new_zeros(max(0, n - lam.numel()))])
-            return self.c * float(torch.quantile(full, self.q)) / top
-        return self.c * min(1.0, math.sqrt(self.q * top / float(lam.sum())))
+        full = torch.cat([lam, lam.new_zeros(max(0, n - lam.numel()))])
+        return self.c * float(torch.quantile(full, self.q)) / top
 
     def run(self, ctx: Any) -> Any:
         rel = self.relative_floor(ctx)
