@@ -31,6 +31,16 @@ of the per-seed ratios to it (same seed), their medians, the best epoch's ratio 
     OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --step-cost --candidate today lr1-floor0.3 \
         --task mnist1d mnist-subset mnist-subset-cnn digits-ce heldout
     python benchmarks/ce_preset_grid.py --vs-adam --from-json docs/data/ce_candidates.json  # the stored screen
+
+``--task`` also takes the other held-out classifiers of ``benchmarks/ce_heldout.py`` (``heldout-cnn``,
+``heldout-quantiles``, ``heldout-shapes``). The screen of the damping floor's reference scale (candidates
+``mean-*``, ``q0.95*``: :class:`ScaledFloor`) and the Gram spectra behind it (``--spectra EPOCHS``: the loss
+rule's steps over a task's first epochs, :func:`spectra`)::
+
+    OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --spectra 1 --task mnist1d mnist-subset mnist-subset-cnn
+    OMP_NUM_THREADS=1 python benchmarks/ce_preset_grid.py --candidate today mean-3-cap0.3 mean-1-cap0.3 \\
+        q0.95-cap0.3 --task digits-ce heldout-cnn heldout-quantiles heldout --adam-lrs 1e-3 3e-3 1e-2 --out s1.json
+    python benchmarks/ce_preset_grid.py --vs-adam --from-json docs/data/ce_floor_screen.json   # the stored screen
 """
 
 from __future__ import annotations
@@ -118,10 +128,10 @@ ALL_TASKS = (*TASK_NAMES, "heldout")
 
 
 def _task(name: str) -> Task:
-    if name == "heldout":
-        from benchmarks.ce_heldout import HeldOutTask
+    from benchmarks.ce_heldout import HELD_OUT
 
-        return HeldOutTask()
+    if name in HELD_OUT:
+        return HELD_OUT[name]()
     task = TASKS[name]()
     assert isinstance(task, Task)
     return task
@@ -176,6 +186,99 @@ class LossFloor(CrossEntropyDamping):
         return super().run(ctx)
 
 
+class ScaledFloor(CrossEntropyDamping):
+    r""":class:`~sven.control.CrossEntropyDamping` whose floor is ``c`` times another scale of the Gram spectrum.
+
+    The loss rule's floor is :math:`\lambda \ge f \lambda_{max}` with :math:`\lambda_i = \sigma_i^2` the
+    eigenvalues of the batch's Gram matrix :math:`K = M M^\top` (:math:`n` rows). A step filters the
+    direction :math:`i` by :math:`\lambda_i / (\lambda_i + \lambda)`, so when :math:`\lambda_{max}` stands far
+    above the rest every other direction is shrunk. Here the floor's reference is scale-free but not the top
+    eigenvalue: ``ref="mean"``: :math:`c\,\mathrm{tr}(K) / n` (the mean eigenvalue); ``ref="quantile"``:
+    :math:`c\,\lambda_{(q)}`, the eigenvalue at quantile ``q`` of the :math:`n` (missing ones are 0). (A floor
+    :math:`f \lambda_{max} \min(1, r_{eff} / r_0)` from the effective rank :math:`r_{eff} = \mathrm{tr}(K) /
+    \lambda_{max}` is ``ref="mean"`` with ``c = f n / r_0`` and ``cap = f``.) Each is turned into the damping
+    relative to :math:`\lambda_{max}` at every step, and the Levenberg--Marquardt damping is kept as a multiple
+    of the floor (the floor moving from step to step moves it with it); ``cap`` bounds the relative floor
+    from above.
+    """
+
+    def __init__(self, c: float, ref: str = "mean", q: float = 0.5, cap: float = 1.0) -> None:
+        super().__init__(0.3)
+        if ref not in ("mean", "quantile"):
+            raise ValueError(f"`ref` must be 'mean' or 'quantile', got {ref!r}")
+        self.c, self.ref, self.q, self.cap = c, ref, q, cap
+
+    def relative_floor(self, ctx: Any) -> float | None:
+        r"""The floor relative to :math:`\lambda_{max}` from the step's singular values (``None``: no spectrum)."""
+        lam = ctx.F.S.double() ** 2
+        n = ctx.R.numel()
+        if lam.numel() == 0 or not float(lam[0]) > 0 or not math.isfinite(float(lam[0])):
+            return None
+        top = float(lam[0])
+        if self.ref == "mean":
+            return self.c * float(lam.sum()) / (n * top)
+        full = torch.cat([lam, lam.new_zeros(max(0, n - lam.numel()))])
+        return self.c * float(torch.quantile(full, self.q)) / top
+
+    def run(self, ctx: Any) -> Any:
+        rel = self.relative_floor(ctx)
+        if rel is not None:
+            rel = min(max(rel, 1e-8), self.cap)
+            self.state.lam = rel * max(1.0, self.state.lam / self.floor)
+            self.floor = rel
+        return super().run(ctx)
+
+
+class Spectra(CrossEntropyDamping):
+    r"""The loss rule's control that also records each step's Gram spectrum :math:`\lambda_i / \lambda_{max}`."""
+
+    def __init__(self, floor: float, n_rows: list[int], spectra: list[torch.Tensor]) -> None:
+        super().__init__(floor)
+        self.n_rows, self.spectra = n_rows, spectra
+
+    def run(self, ctx: Any) -> Any:
+        lam = ctx.F.S.double() ** 2
+        if lam.numel() and float(lam[0]) > 0:
+            self.n_rows.append(ctx.R.numel())
+            self.spectra.append(lam / lam[0])
+        return super().run(ctx)
+
+
+def spectra(task_name: str, *, epochs: int = 1, seed: int = 0) -> dict[str, float]:
+    r"""Gram spectra of the loss rule's steps (``today``) over the first ``epochs`` epochs of a task.
+
+    Per step: the effective rank :math:`\mathrm{tr}(K) / \lambda_{max}`, the mean eigenvalue over the
+    :math:`n` rows relative to :math:`\lambda_{max}`, the count of eigenvalues above ``0.3`` :math:`\lambda_{max}`,
+    the median :math:`\lambda_i / \lambda_{max}`, and the mean shrink factor :math:`\lambda_i / (\lambda_i +
+    0.3\lambda_{max})` over the eigenvalues (the loss rule's floor); medians over the first ten steps
+    (``early``) and the last ten (``late``).
+    """
+    torch.set_num_threads(1)
+    task = _task(task_name)
+    data, model = task.data(), task.model(seed)
+    n_rows: list[int] = []
+    spec: list[torch.Tensor] = []
+    opt = sven.Sven(model.parameters(), ggn=True, lr=1.0, control=Spectra(0.3, n_rows, spec))
+    gen = torch.Generator().manual_seed(task.loader_seed)
+    for _ in range(epochs):
+        for x, y in task.batches(data, gen):
+            opt.step(lambda x=x, y=y: task.per_sample_loss(model(x), y))
+    stats: dict[str, float] = {"params": sum(p.numel() for p in model.parameters()), "rows": n_rows[0],
+                               "kept": spec[0].numel()}  # fmt: skip
+
+    def per_step(i: int) -> dict[str, float]:
+        r, n = spec[i], n_rows[i]
+        return {"eff_rank": float(r.sum()), "mean/max": float(r.sum()) / n, "above_0.3": float((r > 0.3).sum()),
+                "median/max": float(torch.quantile(torch.cat([r, r.new_zeros(n - r.numel())]), 0.5)),
+                "shrink_0.3": float((r / (r + 0.3)).mean())}  # fmt: skip
+
+    for part, idx in (("early", range(min(10, len(spec)))), ("late", range(max(0, len(spec) - 10), len(spec)))):
+        rows = [per_step(i) for i in idx]
+        for k in rows[0]:
+            stats[f"{part} {k}"] = statistics.median(r[k] for r in rows)
+    return stats
+
+
 #: New default candidates for cross-entropy classifiers (issue #20), ``sven.Sven`` options: ``today`` is the
 #: loss rule (``sven.Sven(params)``); ``classes`` sets the rule's ``GGN_CLASSES`` (``None``: all ``C``);
 #: ``control="absolute-floor"`` / ``"loss-floor"`` is :class:`AbsoluteFloor` / :class:`LossFloor` at the rule's
@@ -201,6 +304,15 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "lr1-floor0.3-wd2e-4": {"ggn": True, "lr": 1.0, "damping": 0.3, "weight_decay": 2e-4},
     "lr1-floor0.3-wd1e-4": {"ggn": True, "lr": 1.0, "damping": 0.3, "weight_decay": 1e-4},
     "loss-floor": {"ggn": True, "control": "loss-floor"},
+    "lr0.5-floor0.1": {"ggn": True, "lr": 0.5, "damping": 0.1},  # the loss rule's preset before lr1-floor0.3
+    # the floor's reference scale (ScaledFloor: c, ref, q, cap), lr 1 as the rule's
+    "mean-3": {"ggn": True, "control": (3.0, "mean", 0.5, 1.0)},
+    "mean-3-cap0.3": {"ggn": True, "control": (3.0, "mean", 0.5, 0.3)},
+    "mean-1-cap0.3": {"ggn": True, "control": (1.0, "mean", 0.5, 0.3)},
+    "mean-10-cap0.3": {"ggn": True, "control": (10.0, "mean", 0.5, 0.3)},
+    "mean-5-cap0.3": {"ggn": True, "control": (5.0, "mean", 0.5, 0.3)},
+    "q0.95": {"ggn": True, "control": (1.0, "quantile", 0.95, 1.0)},
+    "q0.95-cap0.3": {"ggn": True, "control": (1.0, "quantile", 0.95, 0.3)},
 }  # fmt: skip
 
 
@@ -216,6 +328,9 @@ class _Candidate(OptimizerFactory):
         classes = opts.pop("classes", 1)
         if opts.get("control") in ("absolute-floor", "loss-floor"):
             opts["control"] = (AbsoluteFloor if opts["control"] == "absolute-floor" else LossFloor)(0.1)
+        elif isinstance(opts.get("control"), tuple):
+            opts["control"] = ScaledFloor(*opts["control"])
+            opts.setdefault("lr", 1.0)
         opt = sven.Sven(model.parameters(), **opts)
 
         class _S:
@@ -375,6 +490,9 @@ def ratio_table(rows: list[dict[str, Any]]) -> str:
         for t in tasks:
             mine = [r for r in sv if _key(r) == k and r["task"] == t and (t, r.get("seed", 0)) in adam]
             got = sorted(((r.get("seed", 0), r) for r in mine), key=lambda sr: sr[0])
+            if not got:  # no run of this point, or no Adam beside it, on this task
+                cells.append("-")
+                continue
             ratios = [r["loss"] / adam[t, s]["loss"] for s, r in got]
             best = [r.get("best_loss", math.nan) / adam[t, s]["loss"] for s, r in got]
             acc = statistics.median(r["accuracy"] for _, r in got)
@@ -414,10 +532,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--adam-from", nargs="+", help="run Adam only at each task's best seed-0 lr in these JSON files")
     ap.add_argument("--vs-adam", action="store_true", help="rank by the log-ratio to the best Adam, not the best point")
     ap.add_argument("--step-cost", action="store_true", help="time the candidates' steps against Adam's instead")
+    ap.add_argument("--spectra", type=int, metavar="EPOCHS", help="the Gram spectra of today's steps instead")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="model seeds (default 0)")
     ap.add_argument("--from-json", nargs="+", help="print the ranking of earlier runs, run nothing")
     args = ap.parse_args(argv)
     tasks = tuple(args.task or (ALL_TASKS if args.candidate else TASK_NAMES))
+    if args.spectra:
+        for t in tasks:
+            print(t, json.dumps({k: round(v, 4) for k, v in spectra(t, epochs=args.spectra).items()}), flush=True)
+        return
     if args.step_cost:
         for t in tasks:
             got = step_cost(t, args.candidate or list(CANDIDATES))

@@ -391,3 +391,37 @@ def test_a_stall_of_the_judged_step_warns() -> None:
     info = opt.last_step
     assert info is not None and info.stalled and info.rejected
     assert torch.equal(_params(m), start)
+
+
+def test_the_held_out_shapes_are_balanced_bounded_and_seeded() -> None:
+    """``benchmarks.ce_heldout.shapes``: four balanced classes; noise-free pixels lie in [b, b + a] within
+    [-0.2, 1.2] (background b in [-0.2, 0.2], brightness a in [0.5, 1]); the seed fixes the draw."""
+    from benchmarks.ce_heldout import shapes
+
+    x, y = shapes(64, seed=3, noise=0.0)
+    assert x.shape == (64, 1, 16, 16) and y.shape == (64,)
+    assert torch.bincount(y, minlength=4).tolist() == [16] * 4
+    assert float(x.min()) >= -0.2 and float(x.max()) <= 1.2
+    x2, y2 = shapes(64, seed=3, noise=0.0)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(shapes(64, seed=4, noise=0.0)[0], x)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 7e2])
+def test_the_screened_floors_are_scale_free_and_match_their_definitions(scale: float) -> None:
+    """``benchmarks.ce_preset_grid.ScaledFloor``: relative to lambda_max, the mean floor is c tr(K) / (n lambda_max)
+    and the quantile floor c lambda_(q) / lambda_max (the missing eigenvalues are zeros); multiplying every
+    singular value by ``scale`` changes neither."""
+    from types import SimpleNamespace
+
+    from benchmarks.ce_preset_grid import ScaledFloor
+
+    s = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=DT) * scale
+    ctx = SimpleNamespace(F=SimpleNamespace(S=s), R=torch.zeros(8, dtype=DT))
+    lam = (s / s[0]) ** 2  # 1, 1/4, 1/16, 1/64
+    mean = ScaledFloor(3.0, "mean").relative_floor(ctx)
+    assert mean == pytest.approx(3.0 * float(lam.sum()) / 8, rel=1e-12)
+    # eight eigenvalues 0, 0, 0, 0, 1/64, 1/16, 1/4, 1: the 0.75-quantile lies between 1/16 and 1/4
+    q = ScaledFloor(1.0, "quantile", q=0.75).relative_floor(ctx)
+    assert 1 / 16 < q < 1 / 4
+    assert q == pytest.approx(float(torch.quantile(torch.cat([lam, torch.zeros(4, dtype=DT)]), 0.75)), rel=1e-12)
