@@ -413,14 +413,14 @@ def gradient_cosine(F: TruncatedPinv, R: torch.Tensor) -> torch.Tensor:
     Rf = R if R.dtype == F.dtype else R.to(F.dtype)
     if F.rank == 0:
         return Rf.new_zeros(())
-    S = F.S
-    if explicit_factors(F):
-        U = F.U
-        u, s, r = host(U), host(S), host(Rf)
-        if u is not None and s is not None and r is not None:
-            g, scale = float(np.linalg.norm(s * (r @ u))), float(s[0]) * float(np.linalg.norm(r))
-            return torch.tensor(g / scale if scale > 0 else 0.0, dtype=Rf.dtype)
-    g = torch.linalg.vector_norm(S * (F.U.T @ Rf))
+    S, U = F.S, F.U
+    # (small CPU factors in NumPy, :func:`host`; the Gram route's U of a batch of 64 with two rows a sample is
+    # 128 x r, larger than HOST_SMALL: a diagnostic, computed at every step)
+    u, s, r = host(U, limit=_SMALL), host(S), host(Rf)
+    if u is not None and s is not None and r is not None:
+        g, scale = float(np.linalg.norm(s * (r @ u))), float(s[0]) * float(np.linalg.norm(r))
+        return torch.tensor(g / scale if scale > 0 else 0.0, dtype=Rf.dtype)
+    g = torch.linalg.vector_norm(S * (U.T @ Rf))
     scale = S[0] * torch.linalg.vector_norm(Rf)
     return torch.where(scale > 0, g / scale, torch.zeros_like(g))  # (0/0 where it is not used)
 
