@@ -7,6 +7,7 @@ same checker as every solver's verifies the result.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -137,3 +138,54 @@ def test_nan_passes_when_check_finite_is_off_but_not_silently() -> None:
     K = torch.full((3, 3), float("nan"), dtype=torch.float64)
     with pytest.raises(ValueError, match="`K`"):
         tp.pinv_from_gram(K, _A, check_finite=False)
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (40, 6), (12, 12)], ids=["wide", "tall", "square"])
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 3))
+def test_right_is_v_times_c_and_filters_the_pseudoinverse(shape: tuple[int, int], seed: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.from_numpy(make_matrix(*shape, "geometric", seed)[0])
+    b = torch.randn(shape[0], k, generator=gen, dtype=torch.float64)
+    for F in (_from_gram(A, rtol=1e-8), tp.pinv(A, rtol=1e-8, solver=tp.DenseSVD())):  # implicit V, explicit V
+        c = torch.randn(F.rank, k, generator=gen, dtype=torch.float64)
+        V = F.V  # (formed from A^T U S^-1 when implicit)
+        assert torch.allclose(F.right(c), V @ c, rtol=1e-10, atol=1e-10 * float(c.abs().max() / F.S[-1]))
+        assert torch.allclose(F.right(c[:, 0]), (V @ c)[:, 0], rtol=1e-10, atol=1e-10 * float(c.abs().max() / F.S[-1]))
+        x = F @ b
+        assert torch.allclose(F.right((F.U.T @ b) / F.S[:, None]), x, rtol=1e-9, atol=1e-9 * float(x.abs().max()))
+
+
+def test_right_checks_c_and_keeps_its_kind() -> None:
+    A = torch.from_numpy(make_matrix(5, 30, "geometric", 0)[0])
+    F = _from_gram(A)
+    out = F.right(np.ones(F.rank))
+    assert isinstance(out, np.ndarray) and out.shape == (30,)
+    with pytest.raises(ValueError, match=rf"`c` must have shape \({F.rank},\) or \({F.rank}, k\).*got \(2,\)"):
+        F.right(torch.ones(2, dtype=torch.float64))
+    G = tp.pinv(A.clone().requires_grad_(True))
+    with pytest.raises(NotImplementedError, match=r"`F.right\(c\)` is not differentiable"):
+        G.right(torch.ones(G.rank, dtype=torch.float64))
+
+
+@given(seed=st.integers(0, 2**16), q=st.integers(1, 20), side=st.integers(20, 400))
+def test_singular_values_from_eigenvalues_in_numpy_match_torch(seed: int, q: int, side: int) -> None:
+    from truncpinv._gram import _singular_values
+
+    gen = torch.Generator().manual_seed(seed)
+    # descending eigenvalues of a PSD K with round-off: some tiny, some slightly negative
+    lam = torch.cat([torch.rand(q, generator=gen, dtype=torch.float64).sort(descending=True).values,
+                     torch.tensor([1e-20, 0.0, -1e-18], dtype=torch.float64)])  # fmt: skip
+    eps = torch.finfo(torch.float64).eps
+    floor = math.sqrt(eps * side) * math.sqrt(float(lam[0]))
+    expected = torch.tensor(
+        [math.sqrt(max(v, 0.0)) if math.sqrt(max(v, 0.0)) > floor else 0.0 for v in lam[: q + 2].tolist()],
+        dtype=torch.float64,
+    )
+    S = _singular_values(lam, q + 2, eps_k=eps, side=side, exact=True)  # float64 on the CPU: NumPy, correctly rounded
+    assert torch.equal(S, expected)
+    S = _singular_values(lam.float(), q + 2, eps_k=eps, side=side, exact=True)  # otherwise torch's path
+    assert torch.allclose(S.double(), expected, rtol=4 * float(torch.finfo(torch.float32).eps), atol=0.0)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        _singular_values(torch.tensor([1.0, -1e-3], dtype=torch.float64), 2, eps_k=eps, side=side, exact=True)
+    with pytest.raises(ValueError, match="not finite"):
+        _singular_values(torch.tensor([float("nan"), 0.0], dtype=torch.float64), 2, eps_k=eps, side=side, exact=True)

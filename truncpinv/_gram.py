@@ -228,8 +228,8 @@ def _singular_values(lam: torch.Tensor, q: int, *, eps_k: float, side: int, exac
     the largest (positive semi-definite up to round-off). Values at or below the noise floor
     ``sqrt(eps_K side) sigma_max`` of a ``K`` accumulated with machine epsilon ``eps_K`` are set to zero, as in
     :class:`~truncpinv.GramEigen`. A CPU ``lam`` is post-processed in NumPy on a view of its memory: the same
-    operations (square roots are correctly rounded in both), without a dozen small torch calls and their
-    host synchronisations.
+    operations without a dozen small torch calls and their host synchronisations (NumPy's square roots are
+    correctly rounded; torch's float64 ``sqrt`` on the CPU was seen one ulp off).
     """
     a = lam.numpy() if lam.device.type == "cpu" and lam.dtype == torch.float64 else None
     finite = bool(np.isfinite(a).all()) if a is not None else bool(torch.isfinite(lam).all())
