@@ -323,9 +323,11 @@ def _host_filter(S: np.ndarray, damping: float) -> np.ndarray:
 def filtered_direction(F: TruncatedPinv, R: torch.Tensor, *, damping: float) -> torch.Tensor:
     r"""The damped direction :math:`d = V_r\, \phi(\Sigma_r)\, U_r^\top R` from a cached factorisation.
 
-    Re-filtering costs one application of ``V`` (``F.right``: for the Gram route's implicit ``V`` one
-    product with ``M^T``), never a new factorisation. With ``damping == 0`` this is ``F @ R``. Small
-    explicit factors on the CPU are applied in NumPy (:func:`host`; the same products).
+    Re-filtering costs one application of ``V`` (through ``F.solve``), never a
+    new factorisation: ``F.solve(U_r (\Sigma_r \phi(\Sigma_r) \circ U_r^\top R))`` equals
+    :math:`V_r \phi(\Sigma_r) U_r^\top R` because ``U_r`` has orthonormal columns.
+    With ``damping == 0`` this is ``F @ R``. Small explicit factors on the CPU are applied in NumPy
+    (:func:`host`; the same products).
     """
     Rf = R if R.dtype == F.dtype else R.to(F.dtype)
     if explicit_factors(F) and F.rank > 0:  # V itself (the normal equations' U need not be orthonormal)
@@ -336,7 +338,9 @@ def filtered_direction(F: TruncatedPinv, R: torch.Tensor, *, damping: float) -> 
         return V @ ((U.T @ Rf) * filter_factors(S, damping=damping))  # type: ignore[no-any-return]
     if damping == 0.0 or F.rank == 0:
         return F.solve(Rf, check_finite=False)  # type: ignore[no-any-return]
-    return F.right((F.U.T @ Rf) * filter_factors(F.S, damping=damping))  # type: ignore[no-any-return]
+    U, S = F.U, F.S
+    coeff = (U.T @ Rf) * filter_factors(S, damping=damping) * S
+    return F.solve(U @ coeff, check_finite=False)  # type: ignore[no-any-return]
 
 
 def cap_norm(d: torch.Tensor, *, radius: float | None, norm: float) -> tuple[torch.Tensor, bool]:

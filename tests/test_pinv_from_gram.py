@@ -140,33 +140,6 @@ def test_nan_passes_when_check_finite_is_off_but_not_silently() -> None:
         tp.pinv_from_gram(K, _A, check_finite=False)
 
 
-@pytest.mark.parametrize("shape", [(6, 40), (40, 6), (12, 12)], ids=["wide", "tall", "square"])
-@given(seed=st.integers(0, 2**16), k=st.integers(1, 3))
-def test_right_is_v_times_c_and_filters_the_pseudoinverse(shape: tuple[int, int], seed: int, k: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    A = torch.from_numpy(make_matrix(*shape, "geometric", seed)[0])
-    b = torch.randn(shape[0], k, generator=gen, dtype=torch.float64)
-    for F in (_from_gram(A, rtol=1e-8), tp.pinv(A, rtol=1e-8, solver=tp.DenseSVD())):  # implicit V, explicit V
-        c = torch.randn(F.rank, k, generator=gen, dtype=torch.float64)
-        V = F.V  # (formed from A^T U S^-1 when implicit)
-        assert torch.allclose(F.right(c), V @ c, rtol=1e-10, atol=1e-10 * float(c.abs().max() / F.S[-1]))
-        assert torch.allclose(F.right(c[:, 0]), (V @ c)[:, 0], rtol=1e-10, atol=1e-10 * float(c.abs().max() / F.S[-1]))
-        x = F @ b
-        assert torch.allclose(F.right((F.U.T @ b) / F.S[:, None]), x, rtol=1e-9, atol=1e-9 * float(x.abs().max()))
-
-
-def test_right_checks_c_and_keeps_its_kind() -> None:
-    A = torch.from_numpy(make_matrix(5, 30, "geometric", 0)[0])
-    F = _from_gram(A)
-    out = F.right(np.ones(F.rank))
-    assert isinstance(out, np.ndarray) and out.shape == (30,)
-    with pytest.raises(ValueError, match=rf"`c` must have shape \({F.rank},\) or \({F.rank}, k\).*got \(2,\)"):
-        F.right(torch.ones(2, dtype=torch.float64))
-    G = tp.pinv(A.clone().requires_grad_(True))
-    with pytest.raises(NotImplementedError, match=r"`F.right\(c\)` is not differentiable"):
-        G.right(torch.ones(G.rank, dtype=torch.float64))
-
-
 @given(seed=st.integers(0, 2**16), q=st.integers(1, 20), side=st.integers(20, 400))
 def test_singular_values_from_eigenvalues_in_numpy_match_torch(seed: int, q: int, side: int) -> None:
     from truncpinv._gram import _singular_values

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._autograd import differentiable_singular_values, differentiable_solve
@@ -309,40 +308,6 @@ class TruncatedPinv:
                 else:  # V orthonormal, y / S of the order of x: no intermediate over- or underflows
                     x = self._full_V()[:, :r].to(dt) @ (y / S)
         return x
-
-    def right(self, c: Any) -> Any:
-        r"""``V_r c`` for ``c`` of shape ``(r,)`` or ``(r, k)``: a combination of the right singular vectors in use.
-
-        An implicit ``V`` (:func:`~truncpinv.pinv_from_gram`: :math:`V = A^\top U \Sigma^{-1}`) is not formed:
-        :math:`V_r c = A^\top (U_r\, \Sigma_r^{-1} c)` costs one product with :math:`A^\top` (the kept
-        values are above the cut-off, so positive). A spectral filter :math:`\phi` of the pseudoinverse
-        is one call, :math:`V_r\, \phi(\Sigma_r)\, U_r^\top b` = ``F.right(phi * (F.U.T @ b))``
-        (``phi = 1 / S`` gives ``F @ b`` up to round-off). The result is in ``c``'s kind (tensor or array).
-
-        Example:
-            >>> import torch, truncpinv as tp
-            >>> A = torch.randn(6, 40, dtype=torch.float64)
-            >>> F = tp.pinv_from_gram(A @ A.T, tp.TensorOperator(A))
-            >>> b = torch.randn(6, dtype=torch.float64)
-            >>> bool(torch.allclose(F.right((F.U.T @ b) / F.S), F @ b))
-            True
-        """
-        self._refuse_vectors("right(c)")
-        t, was_numpy = (torch.from_numpy(c), True) if isinstance(c, np.ndarray) else (c, False)
-        if not isinstance(t, torch.Tensor) or t.ndim not in (1, 2) or t.shape[0] != self.rank:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(c).__name__
-            raise ValueError(
-                f"`c` must have shape ({self.rank},) or ({self.rank}, k), one row per value in use, got {got}"
-            )
-        c2 = (t[:, None] if t.ndim == 1 else t).to(device=self.device, dtype=self.dtype)
-        r = self.rank
-        with no_tf32():
-            if self._V is not None:
-                x = self._V[:, :r] @ c2
-            else:
-                x = self._rmatmat(self._U[:, :r] @ (c2 / self._S[:r, None]))
-        x = x[:, 0] if t.ndim == 1 else x
-        return x.detach().cpu().numpy() if was_numpy or self.numpy_out else x
 
     def __matmul__(self, b: Any) -> Any:
         return self.solve(b)
