@@ -44,13 +44,15 @@ _KNOBS = _precision_knobs()
 
 def _get_precision(knob: Any) -> str:
     if isinstance(knob, tuple):
-        return torch._C._get_fp32_precision_getter(*knob)  # type: ignore[no-any-return]
+        backend, op = knob
+        return torch._C._get_fp32_precision_getter(backend, op)
     return knob.fp32_precision  # type: ignore[no-any-return]
 
 
 def _set_precision(knob: Any, value: str) -> None:
     if isinstance(knob, tuple):
-        torch._C._set_fp32_precision_setter(*knob, value)
+        backend, op = knob
+        torch._C._set_fp32_precision_setter(backend, op, value)
     else:
         knob.fp32_precision = value
 
