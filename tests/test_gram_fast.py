@@ -136,3 +136,25 @@ def test_loss_rule_run_is_the_same_with_the_plain_formulas(monkeypatch: pytest.M
     plain = _classifier_losses()
     assert fast == pytest.approx(plain, rel=1e-5)
     assert fast[-1] < fast[0]
+
+
+@given(seed=seeds(), B=st.integers(1, 6), D=st.integers(1, 3), r=st.sampled_from([1, 3]))
+def test_jt_c_of_every_block_kind_is_the_jacobians(seed: int, B: int, D: int, r: int):
+    """``J^T C`` from the factors (one right-hand side: each sample's rows combined by a product and a sum; the
+    parts written into place) against the autograd Jacobian, for Linear, LayerNorm and Embedding blocks."""
+    from sven.linearize import LayerGram
+    from sven.linearize.dense import autograd_jacobian
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    emb, net = nn.Embedding(5, 3).double(), nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(),
+                                                          nn.Linear(4, D)).double()  # fmt: skip
+    idx = torch.randint(0, 5, (B,), generator=gen)
+    params = [*emb.parameters(), *net.parameters()]
+    G = LayerGram()(lambda: net(emb(idx)), params, rows=lambda t: t.reshape(-1))
+    assert isinstance(G, GF.GramJacobian)
+    out = net(emb(idx)).reshape(-1)
+    J = autograd_jacobian(out, params)
+    C = torch.randn(B * D, r, generator=gen, dtype=torch.float64)
+    assert torch.allclose(G.rmatmat(C), J.T @ C, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(G.rmatmat(C[:, 0]), J.T @ C[:, 0], rtol=1e-12, atol=1e-12)

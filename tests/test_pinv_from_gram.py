@@ -7,6 +7,7 @@ same checker as every solver's verifies the result.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -137,3 +138,27 @@ def test_nan_passes_when_check_finite_is_off_but_not_silently() -> None:
     K = torch.full((3, 3), float("nan"), dtype=torch.float64)
     with pytest.raises(ValueError, match="`K`"):
         tp.pinv_from_gram(K, _A, check_finite=False)
+
+
+@given(seed=st.integers(0, 2**16), q=st.integers(1, 20), side=st.integers(20, 400))
+def test_singular_values_from_eigenvalues_in_numpy_match_torch(seed: int, q: int, side: int) -> None:
+    from truncpinv._gram import _singular_values
+
+    gen = torch.Generator().manual_seed(seed)
+    # descending eigenvalues of a PSD K with round-off: some tiny, some slightly negative
+    lam = torch.cat([torch.rand(q, generator=gen, dtype=torch.float64).sort(descending=True).values,
+                     torch.tensor([1e-20, 0.0, -1e-18], dtype=torch.float64)])  # fmt: skip
+    eps = torch.finfo(torch.float64).eps
+    floor = math.sqrt(eps * side) * math.sqrt(float(lam[0]))
+    expected = torch.tensor(
+        [math.sqrt(max(v, 0.0)) if math.sqrt(max(v, 0.0)) > floor else 0.0 for v in lam[: q + 2].tolist()],
+        dtype=torch.float64,
+    )
+    S = _singular_values(lam, q + 2, eps_k=eps, side=side, exact=True)  # float64 on the CPU: NumPy, correctly rounded
+    assert torch.equal(S, expected)
+    S = _singular_values(lam.float(), q + 2, eps_k=eps, side=side, exact=True)  # otherwise torch's path
+    assert torch.allclose(S.double(), expected, rtol=4 * float(torch.finfo(torch.float32).eps), atol=0.0)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        _singular_values(torch.tensor([1.0, -1e-3], dtype=torch.float64), 2, eps_k=eps, side=side, exact=True)
+    with pytest.raises(ValueError, match="not finite"):
+        _singular_values(torch.tensor([float("nan"), 0.0], dtype=torch.float64), 2, eps_k=eps, side=side, exact=True)

@@ -33,11 +33,28 @@ def _precision_knobs() -> list[Any]:
         for part in path.split("."):
             obj = getattr(obj, part, None)
         if obj is not None and hasattr(obj, "fp32_precision"):
-            knobs.append(obj)
+            # (backend, op): the pair torch.backends' ``_FP32Precision`` object passes to the C getter and setter,
+            # which :func:`no_tf32` calls directly (the object's ``__getattr__`` doubled the cost of each access)
+            knobs.append((obj.backend, obj.op) if isinstance(getattr(obj, "op", None), str) else obj)
     return knobs
 
 
 _KNOBS = _precision_knobs()
+
+
+def _get_precision(knob: Any) -> str:
+    if isinstance(knob, tuple):
+        backend, op = knob
+        return torch._C._get_fp32_precision_getter(backend, op)
+    return knob.fp32_precision  # type: ignore[no-any-return]
+
+
+def _set_precision(knob: Any, value: str) -> None:
+    if isinstance(knob, tuple):
+        backend, op = knob
+        torch._C._set_fp32_precision_setter(backend, op, value)
+    else:
+        knob.fp32_precision = value
 
 
 @contextlib.contextmanager
@@ -52,14 +69,14 @@ def no_tf32() -> Iterator[None]:
     knobs = _KNOBS
     if knobs:
         # only touch the settings that differ (this runs twice per Sven step)
-        changed = [(k, v) for k in knobs if (v := k.fp32_precision) != "ieee"]
+        changed = [(k, v) for k in knobs if (v := _get_precision(k)) != "ieee"]
         try:
             for k, _ in changed:
-                k.fp32_precision = "ieee"
+                _set_precision(k, "ieee")
             yield
         finally:
             for k, v in changed:
-                k.fp32_precision = v
+                _set_precision(k, v)
         return
     prev_prec = torch.get_float32_matmul_precision()  # pragma: no cover - torch < 2.9
     prev_cuda = torch.backends.cuda.matmul.allow_tf32

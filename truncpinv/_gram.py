@@ -211,24 +211,45 @@ def pinv_from_gram(
     want = min(tol.rank, q)
     with no_tf32(), torch.no_grad():
         lam, Q, method, extra = _factorize_gram(K64, solver, want)
-        if not bool(torch.isfinite(lam).all()):
-            raise ValueError("the eigenvalues of `K` are not finite: `K` contains NaN or Inf")
-        lam, Q = lam[:q], Q[:, :q]
-        lam_max = max(float(lam[0]), 0.0)
-        # same noise floor as GramEigen, for the precision K was accumulated in
-        eps_k = torch.finfo(k_dtype).eps
-        if method == "eigh" and float(lam[-1]) < -100 * eps_k * max(m, n) * lam_max:
-            raise ValueError(
-                f"`K` must be positive semi-definite (the Gram matrix A A^T), but it has the eigenvalue "
-                f"{float(lam[-1]):.3g} for the largest {lam_max:.3g}"
-            )
-        S = lam.clamp_min(0).sqrt()
-        S = _zero_below(S, math.sqrt(eps_k * max(m, n)) * float(S[0]))
+        S = _singular_values(lam, q, eps_k=torch.finfo(k_dtype).eps, side=max(m, n), exact=method == "eigh")
+        Q = Q[:, :q]
     stats = {"solver": NAME, "method": method, "matvecs": 0, "iterations": 1, "time": time.perf_counter() - t0}
     stats.update(extra)
     return TruncatedPinv(
         Q.to(dtype), S.to(dtype), None, tol=tol, shape=(m, n), stats=stats, operator=op, numpy_out=numpy_out
     )
+
+
+def _singular_values(lam: torch.Tensor, q: int, *, eps_k: float, side: int, exact: bool) -> torch.Tensor:
+    r"""The first ``q`` singular values :math:`\sigma_i = \sqrt{\max(\lambda_i, 0)}` from the descending eigenvalues
+    ``lam`` of ``K`` (float64), with the checks of :func:`pinv_from_gram`.
+
+    ``lam`` must be finite and, from the exact decomposition (``exact``), not below ``-100 eps_K side`` of
+    the largest (positive semi-definite up to round-off). Values at or below the noise floor
+    ``sqrt(eps_K side) sigma_max`` of a ``K`` accumulated with machine epsilon ``eps_K`` are set to zero, as in
+    :class:`~truncpinv.GramEigen`. A CPU ``lam`` is post-processed in NumPy on a view of its memory: the same
+    operations without a dozen small torch calls and their host synchronisations (NumPy's square roots are
+    correctly rounded; torch's float64 ``sqrt`` on the CPU was seen one ulp off).
+    """
+    a = lam.numpy() if lam.device.type == "cpu" and lam.dtype == torch.float64 else None
+    finite = bool(np.isfinite(a).all()) if a is not None else bool(torch.isfinite(lam).all())
+    if not finite:
+        raise ValueError("the eigenvalues of `K` are not finite: `K` contains NaN or Inf")
+    lam = lam[:q]
+    a = None if a is None else a[:q]
+    first, last = (float(a[0]), float(a[-1])) if a is not None else (float(lam[0]), float(lam[-1]))
+    lam_max = max(first, 0.0)
+    if exact and last < -100 * eps_k * side * lam_max:
+        raise ValueError(
+            f"`K` must be positive semi-definite (the Gram matrix A A^T), but it has the eigenvalue "
+            f"{last:.3g} for the largest {lam_max:.3g}"
+        )
+    floor = math.sqrt(eps_k * side) * math.sqrt(lam_max)
+    if a is not None:
+        s = np.sqrt(np.maximum(a, 0.0))
+        s[s <= floor] = 0.0  # (all finite: checked above)
+        return torch.from_numpy(s)
+    return _zero_below(lam.clamp_min(0).sqrt(), floor)
 
 
 def _factorize_gram(

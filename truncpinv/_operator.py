@@ -214,20 +214,29 @@ def wide_products(A: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], Calla
     return (A.rmatmat, A.matmat) if m <= n else (A.matmat, A.rmatmat)
 
 
+#: SciPy's ``LinearOperator`` class and ``issparse``, imported on first use (once: an import statement costs
+#: microseconds even when the module is loaded, and every factorisation asks).
+_SCIPY: tuple[type, Callable[[Any], bool]] | None = None
+
+
 def _is_scipy(A: Any) -> bool:
-    try:
-        import scipy.sparse as sp
-        from scipy.sparse.linalg import LinearOperator as SpLinOp
-    except ImportError:  # pragma: no cover - scipy is a dependency
-        return False
-    return isinstance(A, SpLinOp) or bool(sp.issparse(A))
+    global _SCIPY
+    if _SCIPY is None:
+        try:
+            import scipy.sparse as sp
+            from scipy.sparse.linalg import LinearOperator as SpLinOp
+        except ImportError:  # pragma: no cover - scipy is a dependency
+            return False
+        _SCIPY = (SpLinOp, sp.issparse)
+    linop, issparse = _SCIPY
+    return isinstance(A, linop) or bool(issparse(A))
 
 
 def is_operator(A: Any) -> bool:
     """Whether ``A`` is a matrix-free operator (rather than a dense array)."""
     if isinstance(A, (torch.Tensor, np.ndarray)):
         return False
-    return _is_scipy(A) or all(hasattr(A, a) for a in ("shape", "matmat", "rmatmat"))
+    return all(hasattr(A, a) for a in ("shape", "matmat", "rmatmat")) or _is_scipy(A)
 
 
 def aslinearoperator(A: Any) -> LinearOperator:

@@ -82,8 +82,9 @@ def resolve_cutoff(sigma_max: float, *, rtol: float, atol: float) -> float:
     return max(float(atol), float(rtol) * float(sigma_max))
 
 
-#: Up to this many singular values on the CPU, :func:`select_rank` counts them in NumPy (a fifth of torch's call).
-_HOST_SMALL = 64
+#: Up to this many singular values on the CPU, :func:`select_rank` counts them in NumPy (a fifth of torch's call;
+#: a batch of 64 samples with two GGN rows each gives 128).
+_HOST_SMALL = 4096
 
 
 def select_rank(S: torch.Tensor, *, cutoff: float, rank: int) -> int:

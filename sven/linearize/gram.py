@@ -303,9 +303,7 @@ class LayerGram:
                 gs = []
             blocks = make_blocks(pieces, D, dtype)
             del pieces
-            K = torch.zeros(n, n, dtype=torch.float64, device=out.device)
-            for blk in blocks:
-                K += blk.gram()
+            K = _sum_of_blocks(blocks, n, out.device)
         G = GramJacobian(out.detach(), K, blocks, [p.numel() for p in params], dtype=dtype, rows_per_sample=D)
         if coupled and self.batchnorm == "exact":
             term = coupling(rec.calls, gs, params, B, D, rec.switch)
@@ -363,6 +361,19 @@ class LayerGram:
             f"the samples of the batch (BatchNorm in training mode, a loss normalised over the batch, ...) or the "
             f"parameter is also used outside a supported layer"
         )
+
+
+def _sum_of_blocks(blocks: Sequence[Any], n: int, device: torch.device) -> torch.Tensor:
+    """``K``: the sum of the blocks' ``n x n`` float64 Gram matrices, in block order (the first one is the start of
+    the sum, as ``0 + K_0`` is ``K_0``: no zero matrix and no extra pass)."""
+    K: torch.Tensor | None = None
+    for blk in blocks:
+        part = blk.gram()
+        if K is None:
+            K = part if part.dtype == torch.float64 and part.is_contiguous() else part.to(torch.float64).contiguous()
+        else:
+            K += part
+    return torch.zeros(n, n, dtype=torch.float64, device=device) if K is None else K
 
 
 def _backward(

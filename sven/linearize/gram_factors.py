@@ -369,10 +369,13 @@ class _OuterBlock:
         return (Ka * Kg).sum((1, 3))
 
     def _split(self, R: torch.Tensor) -> dict[int, torch.Tensor]:
-        """``(d_out, d_in, r)`` -> each parameter's ``(d_out * width, r)`` rows."""
-        r = R.shape[-1]
-        parts = torch.split(R, self.widths, dim=1)
-        return {i: p.reshape(-1, r) for i, p in zip(self.params, parts)}
+        """``(d_out, d_in, r)`` -> each parameter's ``(d_out, width, r)`` part (its ``d_out * width`` rows,
+        row-major; a view: :meth:`GramJacobian.rmatmat` copies it into place once)."""
+        parts, start = {}, 0
+        for i, w in zip(self.params, self.widths):
+            parts[i] = R[:, start : start + w]
+            start += w
+        return parts
 
     def rmatmat(self, C: torch.Tensor) -> dict[int, torch.Tensor]:
         r = C.shape[1]
@@ -383,6 +386,8 @@ class _OuterBlock:
         do = self.d_out
         if self.D == 1:
             gC = self.g[..., None] * C[:, None, None, :]
+        elif T == 1 and r == 1:  # each sample's D rows combined: sum_d g[b, d, :] C[b, d] (a product, one sum)
+            gC = (self.g.reshape(B, self.D, do) * C.reshape(B, self.D, 1)).sum(1)  # (4x faster than bmm's)
         elif T == 1:  # (B, do, D) @ (B, D, r): each sample's rows combined
             gC = torch.bmm(self.g.reshape(B, self.D, do).transpose(1, 2), C.reshape(B, self.D, r))
         else:
@@ -555,12 +560,17 @@ class GramJacobian:
         for blk in self._blocks:
             parts.update(blk.rmatmat(C2))
         r = C2.shape[1]
-        out = torch.cat(
-            [
-                parts[i] if i in parts else torch.zeros(n, r, dtype=self._dtype, device=self.device)
-                for i, n in enumerate(self._numels)
-            ]
-        )
+        # each parameter's part copied into its rows once (a block's part may be a strided view)
+        out = torch.empty(sum(self._numels), r, dtype=self._dtype, device=self.device)
+        start = 0
+        for i, n in enumerate(self._numels):
+            rows = out[start : start + n]
+            part = parts.get(i)
+            if part is None:
+                rows.zero_()
+            else:
+                rows.view(part.shape).copy_(part)
+            start += n
         if self.low_rank is not None:
             Cl, W = self.low_rank
             out += W @ (Cl.T @ C2)
