@@ -228,9 +228,9 @@ def certify(
     matvecs = 0
     residual, res_all = 0.0, torch.zeros(t, dtype=_F64, device=dev)
     if t > 0 and smax > 0:
-        R1 = (mm(V64.to(dt)) if AV is None else AV).to(_F64) - U64 * S64
-        R2 = (rmm(U64.to(dt)) if AtU is None else AtU).to(_F64) - V64 * S64
-        res_all = torch.maximum(R1.norm(dim=0), R2.norm(dim=0)) / smax
+        R1 = _column_norms((mm(V64.to(dt)) if AV is None else AV).to(_F64), U64, S64)
+        R2 = _column_norms((rmm(U64.to(dt)) if AtU is None else AtU).to(_F64), V64, S64)
+        res_all = torch.maximum(R1, R2) / smax
         residual = float(res_all[:c].max()) if c > 0 else 0.0
         matvecs += t * ((AV is None) + (AtU is None))
     # tau: the smallest kept value when the rank is full, else the cut-off
@@ -255,23 +255,8 @@ def certify(
     s = min(m, n)
     wide = m <= n
     B = runs
-    # P = I - Q Q^T on the short side, Q an orthonormal basis of the deflated short-side vectors
-    Qd = torch.linalg.qr((U64 if wide else V64)[:, sel]).Q
-    QdT = Qd.T.contiguous()
-
-    def proj(X: torch.Tensor) -> torch.Tensor:
-        return X - Qd @ (QdT @ X)
-
-    def gram(X: torch.Tensor) -> torch.Tensor:
-        # P C^T C P X on the short side, C = A (tall) or A^T (wide), for X in the range of P: the Lanczos
-        # vectors are (the start projected, each new one P-projected and orthogonalised against the earlier
-        # ones), so the inner P would remove only rounding, below that of the product itself (eps ||C||^2)
-        nonlocal matvecs
-        matvecs += 2 * X.shape[1]
-        Y = X if dt == _F64 else X.to(dt)
-        Z = mm(rmm(Y)) if wide else rmm(mm(Y))
-        return proj(Z if Z.dtype == _F64 else Z.to(_F64))
-
+    # P = I - Q Q^T on the short side, Q an orthonormal basis of the deflated short-side vectors (as rows)
+    QdT = torch.linalg.qr((U64 if wide else V64)[:, sel]).Q.T.contiguous()
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed + 0x5EED)
     # more than the default 64 steps only while the bases fit the memory budget
@@ -279,43 +264,42 @@ def certify(
     # the runs' Lanczos bases, as rows; uninitialised: row j + 1 is written at step j before any read (zeroing
     # the memory budget of a long check cost as much as several of its steps)
     Qb = torch.empty(B, steps_max + 1, s, dtype=_F64, device=dev)
-    x0 = proj(torch.randn(s, B, dtype=_F64, device=dev, generator=gen))
-    Qb[:, 0] = (x0 / x0.norm(dim=0).clamp_min(1e-300)).T
-    alpha = torch.zeros(B, steps_max, dtype=_F64, device=dev)
-    beta = torch.zeros(B, steps_max, dtype=_F64, device=dev)
-    broken = torch.zeros(B, dtype=torch.bool, device=dev)
+    x0 = torch.randn(B, s, dtype=_F64, device=dev, generator=gen)
+    x0 = x0 - (x0 @ QdT.T) @ QdT
+    Qb[:, 0] = x0 / x0.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    # on the CPU the loop runs on NumPy views of the same memory: a step is a dozen small operations around
+    # the product, and NumPy's per-call cost is a fraction of torch's (0.14 against 0.25 ms a step, s = 3000)
+    cpu = dev.type == "cpu"
+    Kd, Kb = (QdT.numpy(), Qb.numpy()) if cpu else (QdT, Qb)
+
+    def gram(X: Any) -> Any:
+        # C^T C X on the short side (rows of X), C = A (tall) or A^T (wide), float64; the projections P on
+        # either side are in the orthogonalisation (_check_step)
+        nonlocal matvecs
+        matvecs += 2 * X.shape[0]
+        Y = torch.from_numpy(X.T) if cpu else X.T
+        Y = Y if dt == _F64 else Y.to(dt)
+        Z = mm(rmm(Y)) if wide else rmm(mm(Y))
+        Z = Z if Z.dtype == _F64 else Z.to(_F64)
+        return Z.numpy().T if cpu else Z.T
+
+    alpha = np.zeros((B, steps_max))
+    beta = np.zeros((B, steps_max))
+    broken = np.zeros(B, dtype=bool)
     all_broken = False
     floor = 1e-13 * max(smax, tau, 1e-300) ** 2  # a run whose new vector is below this has broken down
     delta, prob, q, next_test = 0.0, 1.0, 0, CHECK_EVERY
     for j in range(steps_max):
-        W = gram(Qb[:, j].T).T  # (B, s)
-        # the three-term step (alpha_j = q_j^T M q_j, beta_{j-1}), then full reorthogonalisation by classical
-        # Gram-Schmidt (BLAS-2/3 over the runs): a second pass only where the first removed more than
-        # 1 - REORTH_KEEP of the norm (Daniel-Gragg-Kaufman-Stewart: otherwise one pass is orthogonal to
-        # working precision; "twice is enough" when it is not). After the three-term step the full pass
-        # removes only rounding, so the second pass is rare.
-        a = (Qb[:, j] * W).sum(dim=1)
-        W = W - a[:, None] * Qb[:, j]
-        if j > 0:
-            W = W - beta[:, j - 1, None] * Qb[:, j - 1]
-        wn = torch.linalg.vector_norm(W, dim=1)
-        Qj = Qb[:, : j + 1]
-        for _ in range(2):
-            h = torch.bmm(Qj, W[:, :, None])
-            a = a + h[:, j, 0]
-            W = W - torch.bmm(Qj.transpose(1, 2), h)[:, :, 0]
-            bn = torch.linalg.vector_norm(W, dim=1)
-            if not bool((bn < REORTH_KEEP * wn).any()):
-                break
-            wn = bn
+        W, a, bn = _check_step(gram(Kb[:, j]), Kd, Kb, j, beta[:, j - 1] if j > 0 else None)
         alpha[:, j] = a
-        if float(bn.min()) > floor:  # no run has broken down (the common case: fewer small operations)
+        if bn.min() > floor:  # no run has broken down (the common case)
             beta[:, j] = bn
-            Qb[:, j + 1] = W / bn[:, None]
+            Kb[:, j + 1] = W / (bn[:, None] if cpu else torch.from_numpy(bn).to(dev)[:, None])
         else:  # a broken run keeps zero coefficients and a zero vector (its products are zero from now on)
             broken |= bn <= floor
-            beta[:, j] = torch.where(broken, torch.zeros_like(bn), bn)
-            Qb[:, j + 1] = torch.where(broken[:, None], torch.zeros_like(W), W / bn.clamp_min(1e-300)[:, None])
+            beta[:, j] = np.where(broken, 0.0, bn)
+            scale = np.where(broken, 0.0, 1.0 / np.maximum(bn, 1e-300))[:, None]
+            Kb[:, j + 1] = W * (scale if cpu else torch.from_numpy(scale).to(dev))
             all_broken = bool(broken.all())
         q = j + 1
         if q < next_test and q != steps_max and not all_broken:
@@ -356,13 +340,19 @@ def certify(
     )
 
 
-def _largest_ritz(alpha: torch.Tensor, beta: torch.Tensor) -> float:
+def _column_norms(Y: torch.Tensor, X: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``||y_i - s_i x_i||`` for every column ``i`` (float64): one temporary, and a column sum of squares
+    (torch's ``norm(dim=0)`` over the rows of a tall matrix took three times as long)."""
+    R = torch.addcmul(Y, X, S, value=-1.0)
+    return R.mul_(R).sum(dim=0).sqrt_()
+
+
+def _largest_ritz(a: np.ndarray, b: np.ndarray) -> float:
     """The largest eigenvalue (clamped at 0) over the ``B`` symmetric tridiagonal matrices with diagonals
     ``alpha`` and off-diagonals ``beta`` (rows): LAPACK bisection for that one eigenvalue, ``O(q)`` each;
     NaN when an entry is not finite (LAPACK's bisection would refuse it)."""
     from scipy.linalg import eigvalsh_tridiagonal
 
-    a, b = alpha.cpu().numpy(), beta.cpu().numpy()
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return float("nan")
     q = a.shape[1]
@@ -371,6 +361,51 @@ def _largest_ritz(alpha: torch.Tensor, beta: torch.Tensor) -> float:
         top = a[i, 0] if q == 1 else eigvalsh_tridiagonal(a[i], b[i], select="i", select_range=(q - 1, q - 1))[0]
         best = max(best, float(top))
     return best
+
+
+def _check_step(W: Any, Kd: Any, Kb: Any, j: int, beta_prev: np.ndarray | None) -> tuple[Any, np.ndarray, np.ndarray]:
+    r"""One Lanczos step of the missed-value check, for ``B`` runs at once, on NumPy arrays or torch tensors.
+
+    ``W`` (``B x s``) holds ``M q_j`` for each run's current vector ``q_j = Kb[:, j]`` (``M = C^T C``),
+    ``Kd`` (``d x s``) the deflated vectors ``Q^T`` as rows and ``Kb[:, :j + 1]`` each run's basis.
+    The three-term step ``w = M q_j - \alpha_j q_j - \beta_{j-1} q_{j-1}`` is followed by full
+    reorthogonalisation by classical Gram–Schmidt against ``[Q, q_0, ..., q_j]``, which applies the
+    projector ``P = I - Q Q^\top`` too (the basis lies in the range of ``P``, so this is the step of
+    Lanczos on ``P M P``; ARPACK's ``dsaitr`` orthogonalises the same way). A second pass runs only
+    where the first removed more than ``1 - REORTH_KEEP`` of the norm (Daniel–Gragg–Kaufman–Stewart:
+    otherwise one pass is orthogonal to working precision; "twice is enough" when it is not). After
+    the three-term step a full pass removes only rounding, so the second pass is rare.
+
+    Returns the new residual vectors ``W``, ``\alpha_j`` and ``\|W\|`` per run (host NumPy arrays).
+    """
+    host = _host
+    q = Kb[:, j]
+    a = (q * W).sum(-1)
+    W = W - a[:, None] * q
+    if beta_prev is not None:
+        W = (
+            W
+            - (beta_prev if isinstance(W, np.ndarray) else torch.from_numpy(beta_prev).to(W.device))[:, None]
+            * Kb[:, j - 1]
+        )
+    a = host(a)
+    wn = host((W * W).sum(-1)) ** 0.5
+    Kj = Kb[:, : j + 1]
+    for _ in range(2):
+        hd = W @ Kd.T
+        hb = (Kj @ W[:, :, None])[:, :, 0]
+        W = W - hd @ Kd - (hb[:, None, :] @ Kj)[:, 0]
+        a = a + host(hb[:, j])
+        bn = host((W * W).sum(-1)) ** 0.5
+        if not (bn < REORTH_KEEP * wn).any():
+            break
+        wn = bn
+    return W, a, bn
+
+
+def _host(x: Any) -> np.ndarray:
+    """A NumPy array from a NumPy array or a torch tensor (copied to the host)."""
+    return x if isinstance(x, np.ndarray) else x.cpu().numpy()
 
 
 def warn_uncertified(cert: Certificate, solver: str) -> None:
