@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import truncpinv as tp
 
@@ -151,3 +154,54 @@ def test_a_non_finite_matrix_fails_the_certificate_instead_of_crashing_in_lapack
     cert = tp.certify(A, U[:, :4], S[:4], Vh[:4].T, _TOL, rtol_res=1e-12)
     assert not cert.certified
     assert not math.isfinite(cert.deflated_norm) or not math.isfinite(cert.residual)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    s=st.integers(12, 40),
+    d=st.integers(0, 5),
+    runs=st.integers(1, 3),
+    steps=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_check_step_is_lanczos_on_the_deflated_operator(s: int, d: int, runs: int, steps: int, seed: int) -> None:
+    """The missed-value check's step, on NumPy arrays (the CPU) and on torch tensors (other devices) alike, is
+    a Lanczos step of ``P M P`` (``P = I - Q Q^T``): each run's basis stays orthonormal and orthogonal to ``Q``,
+    and ``alpha``, ``beta`` are the entries of the projected tridiagonal ``K P M P K^T``."""
+    from truncpinv._certify import _check_step
+
+    rng = np.random.default_rng(seed)
+    C = rng.standard_normal((s + 5, s))
+    M = C.T @ C
+    Q = np.linalg.qr(rng.standard_normal((s, d)))[0]
+    x = rng.standard_normal((runs, s))
+    x -= (x @ Q) @ Q.T
+    bases = {}
+    for kind in ("numpy", "torch"):
+        Kb = np.zeros((runs, steps + 1, s))
+        Kb[:, 0] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        Kd: Any = np.ascontiguousarray(Q.T)
+        K: Any = Kb
+        if kind == "torch":
+            Kd, K = torch.from_numpy(Kd), torch.from_numpy(Kb)
+        alpha, beta = np.zeros((runs, steps)), np.zeros((runs, steps))
+        for j in range(steps):
+            W, a, bn = _check_step(
+                K[:, j] @ (M if kind == "numpy" else torch.from_numpy(M)), Kd, K, j, beta[:, j - 1] if j else None
+            )
+            K[:, j + 1] = W / (bn[:, None] if kind == "numpy" else torch.from_numpy(bn)[:, None])
+            alpha[:, j], beta[:, j] = a, bn
+        bases[kind] = (Kb, alpha, beta)
+    Kb, alpha, beta = bases["numpy"]
+    scale = float(np.linalg.norm(M, 2))
+    for got, want in zip(bases["torch"], bases["numpy"]):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * max(scale, 1.0))
+    P = np.eye(s) - Q @ Q.T
+    for r in range(runs):
+        K = Kb[r]
+        assert np.abs(K @ K.T - np.eye(steps + 1)).max() < 1e-12
+        if d:
+            assert np.abs(K @ Q).max() < 1e-12
+        T = K[:steps] @ P @ M @ P @ K[:steps].T
+        T_ref = np.diag(alpha[r]) + np.diag(beta[r, : steps - 1], 1) + np.diag(beta[r, : steps - 1], -1)
+        assert np.abs(T - T_ref).max() <= 1e-10 * scale
