@@ -435,3 +435,26 @@ def test_without_scipys_arpack_driver_eigsh_serves_alone(monkeypatch) -> None:  
         F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=5, rtol=1e-10)
     assert F.stats["certified"] and F.stats["triplets"] == 5
     np.testing.assert_allclose(np.asarray(F.S), s[:5], rtol=0, atol=1e-11 * s[0])
+
+
+def test_sparse_table_times_a_baseline_checkout_beside_this_one(tmp_path) -> None:
+    """``benchmarks/sparse_table.py --baseline DIR`` loads the truncpinv of ``DIR`` beside this one (here a copy of
+    this one) and times its ``auto`` in the same rounds; ``truncpinv`` still names this checkout's package."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from benchmarks.sparse_table import load_baseline, measure, random_sparse, reference
+
+    here = Path(tp.__file__).parent
+    shutil.copytree(here, tmp_path / "truncpinv", ignore=shutil.ignore_patterns("__pycache__"))
+    base = load_baseline(str(tmp_path))
+    assert Path(base.__file__).parent == tmp_path / "truncpinv"
+    assert sys.modules["truncpinv"] is tp and base.Auto is not tp.Auto
+    A = random_sparse(300, 120, 0.05)
+    s_ref, _ = reference(A)
+    res = measure(A, s_ref, 5, 1e-10, repeats=1, baseline=base)
+    assert res["auto@base"].certified and res["auto@base"].err <= 1e-9, res["auto@base"]
+    with pytest.raises(ValueError, match="`--baseline`"):
+        load_baseline(str(here.parent))
+    assert sys.modules["truncpinv"] is tp
