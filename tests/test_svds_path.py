@@ -458,3 +458,28 @@ def test_sparse_table_times_a_baseline_checkout_beside_this_one(tmp_path) -> Non
     with pytest.raises(ValueError, match="`--baseline`"):
         load_baseline(str(here.parent))
     assert sys.modules["truncpinv"] is tp
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(1, 30),
+    n=st.integers(1, 30),
+    density=st.floats(0.0, 1.0),
+    fmt=st.sampled_from(["csr", "csc", "coo", "dense"]),
+    dtype=st.sampled_from([np.float64, np.float32]),
+    index=st.sampled_from([np.int32, np.int64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_vector_product_is_the_matrix_product(m, n, density, fmt, dtype, index, seed) -> None:
+    """``vector_product(M)(x)`` (SciPy's kernel called directly for CSR/CSC float64) is ``M @ x`` for every
+    format, dtype and index type, and for a float32 or 2-D ``x`` too (they go through ``M @ x``)."""
+    rng = np.random.default_rng(seed)
+    M = sp.random(m, n, density=density, random_state=seed, format="csr", dtype=dtype)
+    M.indptr, M.indices = M.indptr.astype(index), M.indices.astype(index)
+    M = M.toarray() if fmt == "dense" else M.asformat(fmt)
+    mv = SS.vector_product(M)
+    for x in (rng.standard_normal(n), rng.standard_normal(n).astype(np.float32), rng.standard_normal((n, 2))):
+        want = np.asarray(M @ x)
+        got = mv(x)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-12 if want.dtype == np.float64 else 1e-5, atol=1e-12)
