@@ -205,3 +205,39 @@ def test_check_step_is_lanczos_on_the_deflated_operator(s: int, d: int, runs: in
         T = K[:steps] @ P @ M @ P @ K[:steps].T
         T_ref = np.diag(alpha[r]) + np.diag(beta[r, : steps - 1], 1) + np.diag(beta[r, : steps - 1], -1)
         assert np.abs(T - T_ref).max() <= 1e-10 * scale
+
+
+def test_loose_extras_are_deflated_when_their_margin_costs_less_than_the_gap_they_open() -> None:
+    """Further triplets whose residual (1e-5 sigma_1) exceeds sqrt(tol) = 1e-6 but that lie clearly below sigma_5
+    are deflated when that widens the predicted gap: all but the last (whose value predicts the gap, the next
+    value not being known), and the check then resolves sigma_20 / sigma_5 = 0.981 in about 20 steps instead of
+    sigma_6 / sigma_5 = 0.995 (about 86 steps at s = 300, more than its 64). Their Weyl margin sqrt(2 d) r sigma_1
+    is subtracted from the threshold, so the certificate stays sound."""
+    g = torch.Generator().manual_seed(7)
+    m, n = 600, 300
+    U = torch.linalg.qr(torch.randn(m, n, dtype=torch.float64, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g)).Q
+    i = torch.arange(n, dtype=torch.float64)
+    S = torch.where(i < 5, 2.0 - 0.25 * i, torch.where(i < 20, 0.995 - 1e-3 * (i - 5), 0.5 * 0.9 ** (i - 20)))
+    A = (U * S) @ V.T
+    V_ret = V[:, :20].clone()
+    V_ret[:, 5:] += 1e-5 * V[:, 20:35]  # residual ||A^T u - s v|| = 1e-5 s per further triplet
+    V_ret[:, 5:] /= V_ret[:, 5:].norm(dim=0)
+    cert = tp.certify(A, U[:, :20], S[:20], V_ret, tp.Tolerance(rank=5, rtol=1e-8, atol=0.0), rtol_res=1e-12)
+    assert cert.certified, cert
+    assert cert.deflated_norm <= float(S[19]) * (1 + 1e-9)  # what is left is sigma_20
+    assert cert.threshold < float(S[4])  # their margin was subtracted
+    assert cert.steps < 64
+
+
+def test_extra_pairs_takes_loose_ritz_pairs_only_where_they_pay() -> None:
+    """ARPACK's further Ritz pairs join the Rayleigh-Ritz step when the check they shorten costs more than their
+    two block columns each; the next pair is returned too, as the certificate's predictor of the gap."""
+    import truncpinv.solvers.scipy_svds as SS
+
+    sv = np.concatenate([2.0 - 0.25 * np.arange(5), 0.995 - 1e-3 * np.arange(15), 0.5 * 0.9 ** np.arange(11)])
+    res = np.concatenate([np.full(5, 1e-14), np.full(15, 1e-5), np.full(11, 1e-1)])
+    # the close pairs, as many as allowed (EXTRA_PER_RANK k = 5), and the next one to predict the gap from
+    assert SS.extra_pairs(sv, res, 5, 1e-12, 3000) == 5 + int(SS.EXTRA_PER_RANK * 5) + 1
+    wide = np.concatenate([2.0 - 0.25 * np.arange(5), 0.5 * 0.9 ** np.arange(26)])  # sigma_6 / sigma_5 = 0.5
+    assert SS.extra_pairs(wide, res, 5, 1e-12, 3000) == 5  # a wide gap already: none pays
