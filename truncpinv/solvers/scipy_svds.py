@@ -127,8 +127,10 @@ class ScipySVDS(Solver):
     each plus the check's predicted length (:func:`extra_pairs`, :func:`arpack_ritz`,
     :func:`arpack_triplets`). On the 20000 x 3000 matrix of ``benchmarks/sparse_table.py`` at
     rank 50 the check shrinks from 125 steps (5 guard triplets that ARPACK converged fully) to
-    95 with the 10 pairs resolved to ``2.5e-7 sigma_1`` and to 83 with 16 more loosely resolved
-    ones (``1.1e-5 sigma_1``; their larger Weyl margin costs less than the gap they open).
+    95 with the 10 pairs resolved to ``2.5e-7 sigma_1``, and to 84 with 6 more resolved only to
+    about ``1e-5 sigma_1`` (their larger Weyl margin costs less than the gap they open). At rank
+    10 the prediction can be optimistic (an unconverged Ritz value underestimates the next
+    singular value): there the products grew by up to 3.3% (``benchmarks/sparse_table.py``).
     ``guard`` triplets (default 0) are still computed to full accuracy when asked for; guard
     triplets below ARPACK's resolution, ``sqrt(eps) sigma_1`` on the Gram operator, may not
     converge: then ARPACK runs again without them. An
