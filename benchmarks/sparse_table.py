@@ -5,19 +5,24 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py            # every matrix, ranks 10/50/150
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --matrix random --ranks 10 50   # a subset
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --torch    # torch operator input: ours only
+    git archive 7cc3dbf truncpinv | tar -x -C /tmp/base    # an older truncpinv, to time beside this one:
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sparse_table.py --hidden --baseline /tmp/base --stat median
 
 Matrices: ``scipy.sparse.random`` (uniform entries), the same with power-law
 column norms (column ``j`` scaled by ``(j + 1)^{-1/2}``), and the signed
 edge-node incidence matrix of a random graph. For each matrix, rank and
 tolerance ``t`` every method runs in the same process on one thread,
-interleaved round by round (best of ``--repeats``):
+interleaved round by round (best of ``--repeats``, or their median with ``--stat median``):
 
 * ``auto``: ``tp.pinv(A, rank=k, rtol=1e-8)`` at its default certified tolerance (``1e-12``);
 * ``tp-svds``, ``tp-lanczos``, ``tp-irlba``: ``tp.ScipySVDS(tol=t)``, ``tp.Lanczos(tol=t)`` and ``tp.IRLBA(tol=t)``
   (``t = 0``, the ``--hidden`` case: every method at its defaults);
 * ``arpack``, ``propack``: ``scipy.sparse.linalg.svds(A, k, tol=t, solver=...)``;
 * ``sklearn-rsvd``: ``sklearn.utils.extmath.randomized_svd(A, k)`` (no tolerance: its defaults);
-* ``primme``: ``primme.svds(A, k, tol=t)`` when ``primme`` is importable (not a dependency).
+* ``primme``: ``primme.svds(A, k, tol=t)`` when ``primme`` is importable (not a dependency);
+* ``auto@base``: with ``--baseline DIR``, ``auto`` of the ``truncpinv`` package in ``DIR`` (for instance an
+  older revision exported by ``git archive``), loaded beside this one in the same process, so that a change
+  is timed against its baseline in one run.
 
 With ``--torch`` (or ``--torch operator``) the matrices reach truncpinv as torch operators
 (:class:`truncpinv.CallableOperator` over ``torch.sparse_csr_tensor`` copies of
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -206,6 +212,29 @@ def _sorted(trip: Triplet) -> Triplet:
     return U[:, o], S[o], V[:, o]
 
 
+def load_baseline(root: str) -> Any:
+    """The ``truncpinv`` package under ``root``, imported beside the one already loaded (``tp``).
+
+    Its modules are imported eagerly by its ``__init__`` (truncpinv imports nothing lazily), bound to
+    each other by their own globals; they are then removed from ``sys.modules``, so that the names
+    ``truncpinv.*`` go on meaning this checkout's package.
+    """
+    saved = {k: v for k, v in sys.modules.items() if k == "truncpinv" or k.startswith("truncpinv.")}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(Path(root).resolve()))
+    try:
+        import truncpinv as base
+    finally:
+        sys.path.pop(0)
+        for k in [k for k in sys.modules if k == "truncpinv" or k.startswith("truncpinv.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    if Path(base.__file__).resolve() == Path(tp.__file__).resolve():
+        raise ValueError(f"`--baseline` {root!r} holds no truncpinv package of its own")
+    return base
+
+
 def _certify(A: Any, trip: Triplet, k: int, t: float) -> bool:
     U, S, V = (torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64)) for X in trip)
     tol = tp.Tolerance(rank=k, rtol=RTOL, atol=0.0)
@@ -221,14 +250,21 @@ def measure(
     repeats: int,
     torch_input: bool = False,
     clock: Callable[[], float] = time.perf_counter,
+    stat: Callable[[list[float]], float] = min,
+    baseline: Any = None,
 ) -> dict[str, Result]:
-    """Every method on ``A`` at rank ``k`` and tolerance ``t``, interleaved round by round.
+    """Every method on ``A`` at rank ``k`` and tolerance ``t``, interleaved round by round; each time is
+    ``stat`` (``min`` or ``statistics.median``) of its rounds.
 
-    ``torch_input``: ``A`` is a torch operator; no SciPy peers.
+    ``torch_input``: ``A`` is a torch operator; no SciPy peers. ``baseline``: a second ``truncpinv``
+    package (:func:`load_baseline`) whose ``auto`` runs as ``auto@base``.
     """
     PEERS_ = {} if torch_input else PEERS
-    names = list(OURS) + list(PEERS_)
-    best = dict.fromkeys(names, math.inf)
+    ours = dict(OURS)
+    if baseline is not None:
+        ours["auto@base"] = lambda t: baseline.Auto()
+    names = list(ours) + list(PEERS_)
+    times: dict[str, list[float]] = {name: [] for name in names}
     out: dict[str, Any] = {}
     products: dict[str, int] = {}
     certified: dict[str, bool | None] = {}
@@ -246,11 +282,11 @@ def measure(
             if name in PEERS_ and out[name] is None:
                 continue
             t0 = clock()
-            if name in OURS:
-                trip, products[name], certified[name] = _ours(OURS[name])(A, k, t)
+            if name in ours:
+                trip, products[name], certified[name] = _ours(ours[name])(A, k, t)
             else:
                 trip = PEERS_[name](A, k, t)
-            best[name] = min(best[name], clock() - t0)
+            times[name].append(clock() - t0)
             out[name] = _sorted(trip)
     res = {}
     for name in names:
@@ -258,7 +294,7 @@ def measure(
             continue
         S = out[name][1][:k]
         err = float(np.max(np.abs(S - s_ref[: S.size]) / s_ref[: S.size]))
-        res[name] = Result(best[name], products[name], err, certified[name])
+        res[name] = Result(stat(times[name]), products[name], err, certified[name])
     return res
 
 
@@ -292,6 +328,16 @@ def main() -> None:
         help="wall-clock time (default) or this process's CPU time (time.process_time: steadier on a shared "
         "machine; one thread, so the two agree on an idle one)",
     )
+    p.add_argument(
+        "--stat", choices=["best", "median"], default="best", help="time of a method: best (default) or median"
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="DIR",
+        help="also time `auto` of the truncpinv package in DIR (e.g. an older revision from git archive) as "
+        "auto@base, in the same process",
+    )
     p.add_argument("--matrix", default=None, help="only the matrices whose title starts with this (e.g. 'random')")
     p.add_argument("--ranks", type=int, nargs="+", default=None, help="only these ranks")
     p.add_argument(
@@ -312,8 +358,11 @@ def main() -> None:
         pass
     repeats = args.repeats or (1 if args.quick else 3)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
+    stat = min if args.stat == "best" else statistics.median
+    baseline = None if args.baseline is None else load_baseline(args.baseline)
     print(
-        f"truncpinv {tp.__version__}, torch {torch.__version__}, 1 thread, best of {repeats}, {args.clock} time",
+        f"truncpinv {tp.__version__}, torch {torch.__version__}, 1 thread, {args.stat} of {repeats}, "
+        f"{args.clock} time" + ("" if baseline is None else f", auto@base from {args.baseline}"),
         flush=True,
     )
     if args.hidden:
@@ -338,7 +387,9 @@ def main() -> None:
             for t in tols:
                 print(f"{title}, rank {k}, t={t:g} ...", file=sys.stderr, flush=True)
                 wrap = {"operator": torch_operator, "sparse": torch_sparse}.get(args.torch)
-                res = measure(A if wrap is None else wrap(A), s_ref, k, t, repeats, wrap is not None, clock)
+                res = measure(
+                    A if wrap is None else wrap(A), s_ref, k, t, repeats, wrap is not None, clock, stat, baseline
+                )
                 print(table(f"{title}, rank {k}, tol {t:g} (reference: {how})", res), flush=True)
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import truncpinv as tp
 
@@ -151,3 +154,90 @@ def test_a_non_finite_matrix_fails_the_certificate_instead_of_crashing_in_lapack
     cert = tp.certify(A, U[:, :4], S[:4], Vh[:4].T, _TOL, rtol_res=1e-12)
     assert not cert.certified
     assert not math.isfinite(cert.deflated_norm) or not math.isfinite(cert.residual)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    s=st.integers(12, 40),
+    d=st.integers(0, 5),
+    runs=st.integers(1, 3),
+    steps=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_check_step_is_lanczos_on_the_deflated_operator(s: int, d: int, runs: int, steps: int, seed: int) -> None:
+    """The missed-value check's step, on NumPy arrays (the CPU) and on torch tensors (other devices) alike, is
+    a Lanczos step of ``P M P`` (``P = I - Q Q^T``): each run's basis stays orthonormal and orthogonal to ``Q``,
+    and ``alpha``, ``beta`` are the entries of the projected tridiagonal ``K P M P K^T``."""
+    from truncpinv._certify import _check_step
+
+    rng = np.random.default_rng(seed)
+    C = rng.standard_normal((s + 5, s))
+    M = C.T @ C
+    Q = np.linalg.qr(rng.standard_normal((s, d)))[0]
+    x = rng.standard_normal((runs, s))
+    x -= (x @ Q) @ Q.T
+    bases = {}
+    for kind in ("numpy", "torch"):
+        Kb = np.zeros((runs, steps + 1, s))
+        Kb[:, 0] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        Kd: Any = np.ascontiguousarray(Q.T)
+        K: Any = Kb
+        if kind == "torch":
+            Kd, K = torch.from_numpy(Kd), torch.from_numpy(Kb)
+        alpha, beta = np.zeros((runs, steps)), np.zeros((runs, steps))
+        for j in range(steps):
+            W, a, bn = _check_step(
+                K[:, j] @ (M if kind == "numpy" else torch.from_numpy(M)), Kd, K, j, beta[:, j - 1] if j else None
+            )
+            K[:, j + 1] = W / (bn[:, None] if kind == "numpy" else torch.from_numpy(bn)[:, None])
+            alpha[:, j], beta[:, j] = a, bn
+        bases[kind] = (Kb, alpha, beta)
+    Kb, alpha, beta = bases["numpy"]
+    scale = float(np.linalg.norm(M, 2))
+    for got, want in zip(bases["torch"], bases["numpy"]):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * max(scale, 1.0))
+    P = np.eye(s) - Q @ Q.T
+    for r in range(runs):
+        K = Kb[r]
+        assert np.abs(K @ K.T - np.eye(steps + 1)).max() < 1e-12
+        if d:
+            assert np.abs(K @ Q).max() < 1e-12
+        T = K[:steps] @ P @ M @ P @ K[:steps].T
+        T_ref = np.diag(alpha[r]) + np.diag(beta[r, : steps - 1], 1) + np.diag(beta[r, : steps - 1], -1)
+        assert np.abs(T - T_ref).max() <= 1e-10 * scale
+
+
+def test_loose_extras_are_deflated_when_their_margin_costs_less_than_the_gap_they_open() -> None:
+    """Further triplets whose residual (1e-5 sigma_1) exceeds sqrt(tol) = 1e-6 but that lie clearly below sigma_5
+    are deflated when that widens the predicted gap: all but the last (whose value predicts the gap, the next
+    value not being known), and the check then resolves sigma_20 / sigma_5 = 0.981 in about 20 steps instead of
+    sigma_6 / sigma_5 = 0.995 (about 86 steps at s = 300, more than its 64). Their Weyl margin sqrt(2 d) r sigma_1
+    is subtracted from the threshold, so the certificate stays sound."""
+    g = torch.Generator().manual_seed(7)
+    m, n = 600, 300
+    U = torch.linalg.qr(torch.randn(m, n, dtype=torch.float64, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g)).Q
+    i = torch.arange(n, dtype=torch.float64)
+    S = torch.where(i < 5, 2.0 - 0.25 * i, torch.where(i < 20, 0.995 - 1e-3 * (i - 5), 0.5 * 0.9 ** (i - 20)))
+    A = (U * S) @ V.T
+    V_ret = V[:, :20].clone()
+    V_ret[:, 5:] += 1e-5 * V[:, 20:35]  # residual ||A^T u - s v|| = 1e-5 s per further triplet
+    V_ret[:, 5:] /= V_ret[:, 5:].norm(dim=0)
+    cert = tp.certify(A, U[:, :20], S[:20], V_ret, tp.Tolerance(rank=5, rtol=1e-8, atol=0.0), rtol_res=1e-12)
+    assert cert.certified, cert
+    assert cert.deflated_norm <= float(S[19]) * (1 + 1e-9)  # what is left is sigma_20
+    assert cert.threshold < float(S[4])  # their margin was subtracted
+    assert cert.steps < 64
+
+
+def test_extra_pairs_takes_loose_ritz_pairs_only_where_they_pay() -> None:
+    """ARPACK's further Ritz pairs join the Rayleigh-Ritz step when the check they shorten costs more than their
+    two block columns each; the next pair is returned too, as the certificate's predictor of the gap."""
+    import truncpinv.solvers.scipy_svds as SS
+
+    sv = np.concatenate([2.0 - 0.25 * np.arange(5), 0.995 - 1e-3 * np.arange(15), 0.5 * 0.9 ** np.arange(11)])
+    res = np.concatenate([np.full(5, 1e-14), np.full(15, 1e-5), np.full(11, 1e-1)])
+    # the close pairs, as many as allowed (EXTRA_PER_RANK k = 5), and the next one to predict the gap from
+    assert SS.extra_pairs(sv, res, 5, 1e-12, 3000) == 5 + int(SS.EXTRA_PER_RANK * 5) + 1
+    wide = np.concatenate([2.0 - 0.25 * np.arange(5), 0.5 * 0.9 ** np.arange(26)])  # sigma_6 / sigma_5 = 0.5
+    assert SS.extra_pairs(wide, res, 5, 1e-12, 3000) == 5  # a wide gap already: none pays

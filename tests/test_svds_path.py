@@ -387,7 +387,7 @@ def test_harvested_ritz_pairs_widen_the_gap_of_the_check(monkeypatch) -> None:  
     np.testing.assert_allclose(np.asarray(F.S), s[:10], rtol=1e-12)
     real = SS.arpack_triplets
 
-    def k_only(C: object, k: int, tol: float, seed: int, extra_tol: float = 0.0) -> object:
+    def k_only(C: object, k: int, tol: float, seed: int, rtol_res: float = 0.0) -> object:
         return real(C, k, tol, seed, 0.0)
 
     monkeypatch.setattr(SS, "arpack_triplets", k_only)
@@ -435,3 +435,51 @@ def test_without_scipys_arpack_driver_eigsh_serves_alone(monkeypatch) -> None:  
         F = tp.ScipySVDS().factorize(sp.csr_matrix(A), rank=5, rtol=1e-10)
     assert F.stats["certified"] and F.stats["triplets"] == 5
     np.testing.assert_allclose(np.asarray(F.S), s[:5], rtol=0, atol=1e-11 * s[0])
+
+
+def test_sparse_table_times_a_baseline_checkout_beside_this_one(tmp_path) -> None:
+    """``benchmarks/sparse_table.py --baseline DIR`` loads the truncpinv of ``DIR`` beside this one (here a copy of
+    this one) and times its ``auto`` in the same rounds; ``truncpinv`` still names this checkout's package."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from benchmarks.sparse_table import load_baseline, measure, random_sparse, reference
+
+    here = Path(tp.__file__).parent
+    shutil.copytree(here, tmp_path / "truncpinv", ignore=shutil.ignore_patterns("__pycache__"))
+    base = load_baseline(str(tmp_path))
+    assert Path(base.__file__).parent == tmp_path / "truncpinv"
+    assert sys.modules["truncpinv"] is tp and base.Auto is not tp.Auto
+    A = random_sparse(300, 120, 0.05)
+    s_ref, _ = reference(A)
+    res = measure(A, s_ref, 5, 1e-10, repeats=1, baseline=base)
+    assert res["auto@base"].certified and res["auto@base"].err <= 1e-9, res["auto@base"]
+    with pytest.raises(ValueError, match="`--baseline`"):
+        load_baseline(str(here.parent))
+    assert sys.modules["truncpinv"] is tp
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(1, 30),
+    n=st.integers(1, 30),
+    density=st.floats(0.0, 1.0),
+    fmt=st.sampled_from(["csr", "csc", "coo", "dense"]),
+    dtype=st.sampled_from([np.float64, np.float32]),
+    index=st.sampled_from([np.int32, np.int64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_vector_product_is_the_matrix_product(m, n, density, fmt, dtype, index, seed) -> None:
+    """``vector_product(M)(x)`` (SciPy's kernel called directly for CSR/CSC float64) is ``M @ x`` for every
+    format, dtype and index type, and for a float32 or 2-D ``x`` too (they go through ``M @ x``)."""
+    rng = np.random.default_rng(seed)
+    M = sp.random(m, n, density=density, random_state=seed, format="csr", dtype=dtype)
+    M.indptr, M.indices = M.indptr.astype(index), M.indices.astype(index)
+    M = M.toarray() if fmt == "dense" else M.asformat(fmt)
+    mv = SS.vector_product(M)
+    for x in (rng.standard_normal(n), rng.standard_normal(n).astype(np.float32), rng.standard_normal((n, 2))):
+        want = np.asarray(M @ x)
+        got = mv(x)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-12 if want.dtype == np.float64 else 1e-5, atol=1e-12)

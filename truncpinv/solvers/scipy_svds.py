@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._certify import check_tol, default_tol
+from .._certify import check_steps, check_tol, default_tol, predicted_gap
 from .._factorization import Triplets
 from .._operator import LinearOperator, ScipyOperator, TensorOperator
 from .._tolerance import Tolerance
@@ -21,11 +21,11 @@ __all__ = ["ScipySVDS", "scipy_view", "svds_serves"]
 
 #: ``svds`` back ends.
 METHODS = ("arpack", "propack")
-#: Further Ritz pairs of ARPACK's last basis go to the certificate while their free residual bound is within
-#: this fraction of ``sqrt(tol)`` (the explicit residual that the certificate deflates them by)...
-EXTRA_FRACTION = 0.25
-#: ...and at most this many per requested triplet (each costs two product columns, Rayleigh-Ritz and residual).
+#: At most this many further Ritz pairs of ARPACK's last basis per requested triplet go to the certificate...
 EXTRA_PER_RANK = 1.0
+#: ...each costing about this many single-vector product columns: two block columns (Rayleigh-Ritz and
+#: residual), at about 0.6 of a single column's time each with SciPy's sparse kernels (measured, 20000 x 3000).
+EXTRA_COST = 1.2
 #: ARPACK's ``info`` when the operator maps its start vector to zero.
 _ZERO_START = -9
 
@@ -121,16 +121,19 @@ class ScipySVDS(Solver):
     are accurate and clearly below the kept ones are deflated too, which widens the gap the
     check has to resolve (on a flat spectrum its length goes like
     ``1 / sqrt(1 - (sigma_{d+1} / sigma_k)^2)`` for ``d`` deflated triplets). They come
-    free: ARPACK's final Lanczos factorisation holds ``2k + 1`` Ritz pairs, and those after
-    the ``k`` converged ones whose free residual bound is within a quarter of the ``sqrt(tol)``
-    the certificate asks of them (:data:`EXTRA_FRACTION`, at most ``k`` of them) join the
-    Rayleigh–Ritz step (:func:`arpack_ritz`, :func:`arpack_triplets`). On the 20000 x 3000
-    matrix of ``benchmarks/sparse_table.py`` at rank 50 these are 10 pairs, and the check
-    shrinks from 125 steps (5 guard triplets that ARPACK converged fully, 82 products) to
-    95 with none asked of ARPACK. ``guard`` triplets (default 0) are still
-    computed to full accuracy when asked for; guard triplets below ARPACK's resolution,
-    ``sqrt(eps) sigma_1`` on the Gram operator, may not converge: then ARPACK runs
-    again without them. An
+    nearly free: ARPACK's final Lanczos factorisation holds ``2k + 1`` Ritz pairs with free
+    residual bounds, and the first ``e`` after the ``k`` converged ones join the Rayleigh–Ritz
+    step, for the ``e`` (at most ``k``) that minimises the predicted cost, two block columns
+    each plus the check's predicted length (:func:`extra_pairs`, :func:`arpack_ritz`,
+    :func:`arpack_triplets`). On the 20000 x 3000 matrix of ``benchmarks/sparse_table.py`` at
+    rank 50 the check shrinks from 125 steps (5 guard triplets that ARPACK converged fully) to
+    95 with the 10 pairs resolved to ``2.5e-7 sigma_1``, and to 84 with 6 more resolved only to
+    about ``1e-5 sigma_1`` (their larger Weyl margin costs less than the gap they open). At rank
+    10 the prediction can be optimistic (an unconverged Ritz value underestimates the next
+    singular value): there the products grew by up to 3.3% (``benchmarks/sparse_table.py``).
+    ``guard`` triplets (default 0) are still computed to full accuracy when asked for; guard
+    triplets below ARPACK's resolution, ``sqrt(eps) sigma_1`` on the Gram operator, may not
+    converge: then ARPACK runs again without them. An
     uncertified result raises one :class:`~truncpinv.UncertifiedResultWarning`
     (``solver="auto"`` falls back instead). ARPACK squares ``A``: its residuals carry
     ``eps sigma_1^2 / sigma_i``, so kept parts with ``sigma_1 / sigma_k``
@@ -203,20 +206,17 @@ class ScipySVDS(Solver):
         else:  # PROPACK's tolerance t^2 bounds the error of sigma, and a residual r moves sigma by only
             # r^2 / gap: ask t ~ tol; below t^2 = 1e-14 it stops converging
             t_svds, maxiter = max(rtol_res / 10, 1e-7), 20 * k + 200
-        # further Ritz pairs of ARPACK's last basis that the certificate may deflate (it takes those within
-        # sqrt(tol), by the explicit residual): a fraction of that by their free bound
-        x_tol = EXTRA_FRACTION * math.sqrt(rtol_res)
         M = scipy_view(A)
         count = _Counted(M)
         wide = m < n
         try:
-            U, S, V, CV = self._triplets(count, k, t_svds, maxiter, seed, wide, x_tol)
+            U, S, V, CV = self._triplets(count, k, t_svds, maxiter, seed, wide, rtol_res)
         except SolverError:
             if k == tol.rank:
                 raise
             # guard triplets below ARPACK's resolution (sqrt(eps) sigma_1 on the Gram operator) need not
             # converge: without them
-            U, S, V, CV = self._triplets(count, tol.rank, t_svds, maxiter, seed, wide, x_tol)
+            U, S, V, CV = self._triplets(count, tol.rank, t_svds, maxiter, seed, wide, rtol_res)
         dev, dt = A.device, A.dtype
         U_t, S_t, V_t = (torch.from_numpy(np.ascontiguousarray(X)).to(device=dev, dtype=dt) for X in (U, S, V))
         stats = {"matvecs": count.columns[0], "method": self.method, "triplets": int(S.size)}
@@ -233,7 +233,7 @@ class ScipySVDS(Solver):
         return trip
 
     def _triplets(
-        self, op: _Counted, k: int, t: float, maxiter: int | None, seed: int, wide: bool, x_tol: float
+        self, op: _Counted, k: int, t: float, maxiter: int | None, seed: int, wide: bool, rtol_res: float
     ) -> tuple[Any, Any, Any, Any]:
         """``(U, S, V, C V)``, ``S`` descending: ARPACK through :func:`arpack_triplets` (``C V`` its
         Rayleigh–Ritz product, ``C = A``, or ``A^T`` for wide ``A``), PROPACK through ``svds`` (``C V = None``).
@@ -248,7 +248,7 @@ class ScipySVDS(Solver):
                 U, S, Vh = svds(op.linear_operator(), k=k, tol=t, solver="propack", maxiter=maxiter, random_state=rng)
                 order = np.argsort(-S, kind="stable")
                 return U[:, order], S[order], Vh[order].T, None
-            Uc, S, Vc, CV = arpack_triplets(op.T if wide else op, k, t * t, seed, x_tol)
+            Uc, S, Vc, CV = arpack_triplets(op.T if wide else op, k, t * t, seed, rtol_res)
             return (Vc, S, Uc, CV) if wide else (Uc, S, Vc, CV)
         except (ArpackError, np.linalg.LinAlgError) as e:
             if not str(e).startswith(f"ARPACK error {_ZERO_START}:"):  # ArpackError keeps no code
@@ -266,17 +266,18 @@ _GRAM_RR = 1e-10
 
 
 def arpack_triplets(
-    C: Any, k: int, tol: float, seed: int, extra_tol: float = 0.0
+    C: Any, k: int, tol: float, seed: int, rtol_res: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     r"""The ``k`` largest singular triplets of a tall ``C`` (``m >= n``; anything with ``@`` and ``.T``: a
-    SciPy sparse matrix or ``LinearOperator``, a NumPy array) by ARPACK, plus the further triplets that
-    ARPACK's last Lanczos basis already resolves to ``extra_tol``.
+    SciPy sparse matrix or ``LinearOperator``, a NumPy array) by ARPACK, plus the further triplets of
+    ARPACK's last Lanczos basis that shorten the certificate's check at residual tolerance ``rtol_res``
+    (:func:`extra_pairs`; none for ``rtol_res = 0``).
 
     ARPACK (implicitly restarted Lanczos, Lehoucq & Sorensen 1996, :func:`arpack_ritz`)
     finds the ``k`` largest eigenpairs of ``G = C^T C`` to ``||G e - \theta e|| \le tol\,\theta``
-    from a Gaussian start (``seed``); its final factorisation yields further Ritz pairs whose free
-    residual bound, as a triplet residual, is ``||G e - \theta e|| / \sqrt{\theta \theta_1} \le``
-    ``extra_tol`` (the certificate deflates them: a wider gap for its check, no product spent).
+    from a Gaussian start (``seed``); its final factorisation yields further Ritz pairs with a free
+    residual bound, as a triplet residual ``||G e - \theta e|| / \sqrt{\theta \theta_1}`` (the
+    certificate deflates them: a wider gap for its check, no product spent on them but two block columns).
     Then a Rayleigh–Ritz step through ``C``: with ``E`` all these Ritz vectors (orthonormalised)
     and ``Y = C E`` (one block product),
 
@@ -299,11 +300,10 @@ def arpack_triplets(
     v0 = np.random.default_rng(seed).standard_normal(n).astype(C.dtype)
     theta, E, est = arpack_ritz(G, k, tol, v0)
     t = k
-    if extra_tol > 0 and theta[0] > 0:
+    if rtol_res > 0 and theta[0] > 0:
         # triplet residual of a Ritz pair: ||A^T u - s v|| / s_1 = ||G e - theta e|| / sqrt(theta theta_1)
         res = est / np.sqrt(np.maximum(theta, np.finfo(theta.dtype).tiny) * theta[0])
-        while t < min(k + int(EXTRA_PER_RANK * k), theta.size) and theta[t] > 0 and res[t] <= extra_tol:
-            t += 1
+        t = extra_pairs(np.sqrt(np.maximum(theta, 0.0)), res, k, rtol_res, n)
     E = np.linalg.qr(E[:, :t])[0]  # ARPACK's vectors of clustered values need not be orthonormal (as svds)
     Y = np.asarray(C @ E)
     lam, W = eigh(Y.T @ Y)
@@ -316,6 +316,33 @@ def arpack_triplets(
     Q, R = qr(Y, mode="economic")
     Ur, S, Wt = svd(R)
     return Q @ Ur, S, E @ Wt.T, Y @ Wt.T
+
+
+def extra_pairs(sv: np.ndarray, res: np.ndarray, k: int, rtol_res: float, s: int) -> int:
+    r"""How many of the Ritz pairs (values ``sv``, descending, free residual bounds ``res`` relative to
+    ``sv[0]``) go to the Rayleigh–Ritz step and the certificate: ``k`` plus the ``e`` further ones that
+    minimise the predicted cost ``2 q(e) + EXTRA_COST e`` in single-vector product columns, ``q(e)`` the
+    check's length (:func:`truncpinv._certify.check_steps`) for the gap
+    :func:`truncpinv._certify.predicted_gap` after deflating them, the next Ritz value standing in for the
+    largest value left out. Each further pair must lie below ``sv[k - 1]`` by more than four times its
+    residual, as the certificate asks; at most ``EXTRA_PER_RANK k`` of them. When ``e > 0``, one more pair
+    is returned: the certificate predicts the gap from the largest value left out in its own turn
+    (:func:`truncpinv._certify._deflated`).
+    """
+    top = min(k + int(EXTRA_PER_RANK * k), sv.size - 1)
+    best, best_cost = k, math.inf
+    sel = np.zeros(sv.size, dtype=bool)
+    sel[:k] = True
+    for t in range(k, top + 1):
+        if t > k:
+            if not (sv[t - 1] > 0 and sv[t - 1] + 4 * res[t - 1] * sv[0] < sv[k - 1]):
+                break
+            sel[t - 1] = True
+        gap = predicted_gap(sv[: t + 1], res[: t + 1], sel[: t + 1], k, float(sv[k - 1]), float(sv[0]), rtol_res)
+        cost = 2 * check_steps(gap, s) + EXTRA_COST * (t - k)
+        if cost < best_cost:
+            best, best_cost = t, cost
+    return best + 1 if best > k else k
 
 
 def arpack_ritz(G: Any, k: int, tol: float, v0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -362,19 +389,57 @@ def _descending(lam: np.ndarray, E: np.ndarray, tol: float) -> tuple[np.ndarray,
     return lam[order], E[:, order], tol * np.abs(lam[order])
 
 
+def vector_product(M: Any) -> Any:
+    """``x -> M @ x`` for a 1-D float64 ``x``: for a SciPy CSR or CSC float64 matrix its own kernel
+    (``csr_matvec`` / ``csc_matvec``, what ``M @ x`` runs) called directly, without the dispatch around it;
+    that dispatch cost about 8 microseconds a product, 1.5% of a product pair ``A^T (A x)`` on the
+    20000 x 3000 matrix of issue #22 and of ARPACK's and the certificate's hundreds of them. Anything else
+    (another format or dtype, a SciPy without that module) goes through ``M @ x``."""
+    import scipy.sparse as sp
+
+    try:
+        from scipy.sparse import _sparsetools
+    except ImportError:  # pragma: no cover - SciPy moved its kernels
+        _sparsetools = None
+    fmt = getattr(M, "format", None)
+    kernel = getattr(_sparsetools, f"{fmt}_matvec", None) if fmt in ("csr", "csc") else None
+    if kernel is None or not sp.issparse(M) or M.dtype != np.float64 or M.indptr.dtype != M.indices.dtype:
+        return lambda x: np.asarray(M @ x)
+    rows, cols = int(M.shape[0]), int(M.shape[1])
+    indptr, indices, data = M.indptr, M.indices, M.data
+
+    def product(x: np.ndarray) -> np.ndarray:
+        if x.dtype != np.float64 or x.shape != (cols,):
+            return np.asarray(M @ x)
+        y = np.zeros(rows)  # the kernels accumulate into y
+        kernel(rows, cols, indptr, indices, data, np.ascontiguousarray(x), y)
+        return y
+
+    return product
+
+
 class _SparseProducts:
-    """A SciPy sparse matrix under the :class:`~truncpinv.LinearOperator` protocol, with no adapter layers."""
+    """A SciPy sparse matrix under the :class:`~truncpinv.LinearOperator` protocol, with no adapter layers
+    (one column at a time through :func:`vector_product`)."""
 
     def __init__(self, M: Any, dtype: torch.dtype) -> None:
         self.M, self.MT, self.dtype = M, M.T, dtype
         self.shape = (int(M.shape[0]), int(M.shape[1]))
         self.device = torch.device("cpu")
+        self._mv, self._rmv = vector_product(self.M), vector_product(self.MT)
 
     def matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.M @ X.numpy()))
+        return self._product(self.M, self._mv, X)
 
     def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.MT @ Y.numpy()))
+        return self._product(self.MT, self._rmv, Y)
+
+    @staticmethod
+    def _product(M: Any, mv: Any, X: torch.Tensor) -> torch.Tensor:
+        x = X.numpy()
+        if x.shape[1] == 1:
+            return torch.from_numpy(mv(x[:, 0])[:, None])
+        return torch.from_numpy(np.asarray(M @ x))
 
 
 class _Counted:
@@ -386,13 +451,17 @@ class _Counted:
         self.M, self.MT = M, (M.T if MT is None else MT)
         self.shape, self.dtype = (int(M.shape[0]), int(M.shape[1])), M.dtype
         self.columns = [0] if columns is None else columns
+        self._mv = vector_product(M)
 
     @property
     def T(self) -> _Counted:
         return _Counted(self.MT, self.M, self.columns)
 
     def __matmul__(self, X: np.ndarray) -> np.ndarray:
-        self.columns[0] += 1 if X.ndim == 1 else int(X.shape[1])
+        if X.ndim == 1:
+            self.columns[0] += 1
+            return self._mv(X)
+        self.columns[0] += int(X.shape[1])
         return np.asarray(self.M @ X)
 
     def linear_operator(self) -> Any:
