@@ -1,27 +1,34 @@
-"""The loss rule's step cost before and after a change, both timed in one run, and the same training run checked.
+"""A Sven step's cost before and after a change, both timed in one run, and the same training run checked.
 
     OMP_NUM_THREADS=1 python benchmarks/ce_step_ab.py --against 0a41637 [--tasks mnist-subset ...] [--rounds 40]
+    OMP_NUM_THREADS=1 python benchmarks/ce_step_ab.py --against 0a41637 --tasks mnist-subset-mse charlm --noise 0 \
+        --rounds 20 --warmup 10
 
 ``--against REF`` extracts the project at the git revision ``REF`` (``git archive``) into a temporary folder.
 Two worker processes then import ``sven`` from each tree, "before" (``REF``) and "after" (this checkout), and
 build the same task (sven-bench's data, model seed 0, batch 64, one thread). Each round, the driver asks each
 worker (in alternating order) to time one block of ``--steps`` Adam steps and one block of ``--steps`` Sven steps
-(``sven.Sven`` defaults on ``F.cross_entropy(..., reduction="none")``: the loss rule), from the same batches in
-both workers. A worker's Sven step cost is the median of its Sven blocks over the median of its own Adam blocks,
-so that each ratio comes from one process and load on the machine hits both workers alike.
+(``sven.Sven`` defaults on the task's own per-sample loss, ``task.per_sample_loss(net(x), y)``; Adam, lr 1e-3,
+on its mean), from the same batches in both workers. On the default tasks, the classifiers, that loss is
+``F.cross_entropy(..., reduction="none")``, so the step is the loss rule's; ``mnist-subset-mse`` (per-sample
+squared error) takes the regression default (:class:`sven.control.AdaptiveDamping`) and ``charlm`` (per-sequence
+token cross-entropy) the sequence rule. A worker's Sven step cost is the median of its Sven blocks over the
+median of its own Adam blocks, so that each ratio comes from one process and load on the machine hits both
+workers alike.
 
 Both workers take the same steps: the script also reports the largest relative difference between the two
 workers' batch losses over the whole run (``--warmup + --rounds x --steps`` steps). Training amplifies
 round-off, so that difference is set against a yardstick: a third worker runs "after" with each input of the
 float64 Gram products perturbed by float32 round-off (relative noise ``--noise``, 6e-8: half a float32 ulp),
-and its largest relative difference from "after" is reported too. A change that keeps the mathematics to
-round-off stays within about that envelope.
+and its largest relative difference from "after" is reported too (``--noise 0``: no third worker). A change
+that keeps the mathematics to round-off stays within about that envelope.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -44,7 +51,6 @@ def worker(src: str, noise: float) -> None:
     import time
 
     import torch
-    import torch.nn.functional as F
 
     import sven
     from sven.bench.tasks import get_task
@@ -65,12 +71,12 @@ def worker(src: str, noise: float) -> None:
         if req["op"] == "setup":
             task = get_task(req["task"])
             data = task.build_data()
-            state.update(x=data.x_train, y=data.y_train, adam_net=task.model(0), sven_net=task.model(0))
+            state.update(task=task, x=data.x_train, y=data.y_train, adam_net=task.model(0), sven_net=task.model(0))
             state["adam"] = torch.optim.Adam(state["adam_net"].parameters(), lr=1e-3)  # type: ignore[attr-defined]
             state["sven"] = sven.Sven(state["sven_net"].parameters())  # type: ignore[attr-defined]
             reply: dict[str, object] = {"ok": True, "sven": str(Path(sven.__file__).parent)}
         else:  # "block": time the Adam and the Sven block of this round's batches
-            x, y = state["x"], state["y"]
+            task, x, y = state["task"], state["x"], state["y"]
             gen = torch.Generator().manual_seed(int(req["seed"]))
             idx = torch.randperm(x.shape[0], generator=gen)[: req["steps"] * BATCH]  # type: ignore[attr-defined]
             batches = [(x[idx[i : i + BATCH]], y[idx[i : i + BATCH]]) for i in range(0, len(idx), BATCH)]  # type: ignore[index]
@@ -81,10 +87,10 @@ def worker(src: str, noise: float) -> None:
                 for xb, yb in batches:
                     if name == "adam":
                         opt.zero_grad()  # type: ignore[attr-defined]
-                        F.cross_entropy(net(xb), yb).backward()  # type: ignore[operator]
+                        task.per_sample_loss(net(xb), yb).mean().backward()  # type: ignore[attr-defined,operator]
                         opt.step()  # type: ignore[attr-defined]
                     else:
-                        out = opt.step(lambda: F.cross_entropy(net(xb), yb, reduction="none"))  # type: ignore[attr-defined,misc,operator]  # noqa: B023
+                        out = opt.step(lambda: task.per_sample_loss(net(xb), yb))  # type: ignore[attr-defined,operator]  # noqa: B023
                         losses.append(float(out.double().mean()))
                 times[name] = time.perf_counter() - t0
             reply = {"times": times, "losses": losses}
@@ -131,8 +137,10 @@ def _largest_difference(a: list[float], b: list[float]) -> float:
 
 def measure(task: str, before: Path, *, rounds: int, steps: int, warmup: int, noise: float) -> dict[str, float]:
     """Both workers' Sven/Adam step ratios (medians of blocks), the largest relative difference of their batch
-    losses, and that of "after" with float32 noise in the Gram products (the module docstring)."""
-    workers = {"before": Worker(before), "after": Worker(ROOT), "perturbed": Worker(ROOT, noise)}
+    losses, and (``noise > 0``) that of "after" with float32 noise in the Gram products (the module docstring)."""
+    workers = {"before": Worker(before), "after": Worker(ROOT)}
+    if noise > 0:
+        workers["perturbed"] = Worker(ROOT, noise)
     try:
         for w in workers.values():
             w.ask(op="setup", task=task)
@@ -156,7 +164,7 @@ def measure(task: str, before: Path, *, rounds: int, steps: int, warmup: int, no
         out[name] = statistics.median(times[name]["sven"]) / adam
         out[f"{name}_adam_ms"] = 1e3 * adam / steps
     out["loss_difference"] = _largest_difference(losses["after"], losses["before"])
-    out["noise_difference"] = _largest_difference(losses["perturbed"], losses["after"])
+    out["noise_difference"] = _largest_difference(losses["perturbed"], losses["after"]) if noise > 0 else math.nan
     return out
 
 
@@ -167,7 +175,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--noise", type=float, default=6e-8, help="relative noise of the yardstick run")
+    ap.add_argument("--noise", type=float, default=6e-8, help="relative noise of the yardstick run (0: none)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         before = extract(a.against, Path(tmp))
@@ -177,8 +185,9 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         for task in a.tasks:
             r = measure(task, before, rounds=a.rounds, steps=a.steps, warmup=a.warmup, noise=a.noise)
+            noisy = "-" if math.isnan(r["noise_difference"]) else format(r["noise_difference"], ".1e")
             print(f"| {task} | {r['after_adam_ms']:.2f} | {r['before']:.2f}x | {r['after']:.2f}x | "
-                  f"{1 - r['after'] / r['before']:.0%} | {r['loss_difference']:.1e} | {r['noise_difference']:.1e} |",
+                  f"{1 - r['after'] / r['before']:.0%} | {r['loss_difference']:.1e} | {noisy} |",
                   flush=True)  # fmt: skip
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..functional import host
 from .attention import LinearSlice
 
 __all__ = ["GramJacobian", "Piece", "bn_xhat", "call_pieces", "layer_input", "make_blocks"]
@@ -73,14 +74,9 @@ def _host_gram64(x: np.ndarray) -> np.ndarray:
 
 
 def _host_view(M: torch.Tensor) -> np.ndarray | None:
-    """A NumPy view of a real float32/float64 CPU tensor ``M`` (detached) while torch runs on one thread (see
-    :func:`_gram64`), or ``None`` (torch's path)."""
-    if M.device.type != "cpu" or M.dtype not in (torch.float32, torch.float64) or torch.get_num_threads() != 1:
-        return None
-    try:
-        return M.detach().numpy()
-    except RuntimeError:  # no storage of its own: a tensor inside a torch.func transform (grad, vmap)
-        return None
+    """A NumPy view of a real float32/float64 CPU tensor ``M`` (detached, any size: :func:`sven.functional.host`)
+    while torch runs on one thread (see :func:`_gram64`), or ``None`` (torch's path)."""
+    return host(M.detach(), limit=M.numel()) if torch.get_num_threads() == 1 else None
 
 
 def _expand_rows(K: torch.Tensor, D: int, dims: tuple[int, int]) -> torch.Tensor:
