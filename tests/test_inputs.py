@@ -146,3 +146,64 @@ def test_default_rtol_warning_for_very_wide_float32() -> None:
     A[0, 0] = A[1, 1] = 1.0
     with pytest.warns(RuntimeWarning, match=r"the default `rtol` = max\(m, n\) \* eps = 0.0119"):
         tp.pinv(A)
+
+
+@pytest.mark.parametrize("solver", ["auto", "lanczos", "randomized", "lobpcg", "svds"])
+def test_an_operator_whose_products_lose_its_declared_precision_is_refused(solver: str) -> None:
+    """A ``CallableOperator`` declared float64 whose products come back in float32 would cap every solver at
+    float32 accuracy without a word: the first product raises, naming it and both dtypes. Products more precise
+    than declared are accepted, and the operator declared float32 is solved."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(50, 30, dtype=torch.float64, generator=g)
+    lossy = tp.CallableOperator((50, 30), lambda X: (A @ X).float(), lambda Y: (A.T @ Y).float(), dtype=A.dtype)
+    with pytest.raises(TypeError, match=r"`A`'s `r?matmat` returned dtype float32, but the operator declares "
+                                        r"dtype float64"):  # fmt: skip
+        tp.pinv(lossy, rank=5, solver=solver)
+    declared32 = tp.CallableOperator((50, 30), lambda X: A @ X.double(), lambda Y: A.T @ Y.double(),
+                                     dtype=torch.float32)  # fmt: skip
+    F = tp.pinv(declared32, rank=5, solver=solver)
+    S = torch.linalg.svdvals(A)[:5]
+    assert float((F.S.double() - S).abs().max()) <= 1e-4 * float(S[0])
+
+
+def test_an_operator_product_must_keep_the_block_shape() -> None:
+    """A product that returns a vector for a block of several columns is named; for a one-column block the
+    vector is unambiguous and taken as that column."""
+    from truncpinv._validation import FiniteCheckedOperator
+
+    A = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    flat = tp.CallableOperator((6, 4), lambda X: (A @ X)[:, 0], lambda Y: (A.T @ Y)[:, 0], dtype=A.dtype)
+    with pytest.raises(ValueError, match=r"`A`'s `matmat` must map a block of shape \(4, k\) to one of shape "
+                                         r"\(6, k\).*returned shape \(6,\)"):  # fmt: skip
+        tp.pinv(flat, rank=2, solver="lanczos")
+    x = torch.randn(4, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = FiniteCheckedOperator(flat).matmat(x)
+    assert y.shape == (6, 1)
+    torch.testing.assert_close(y, A @ x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"shape": (-1, 3)}, r"`shape` must be a pair \(m, n\) of non-negative integers, got \(-1, 3\)"),
+        ({"shape": (2.5, 3)}, r"`shape` must be a pair .* got \(2.5, 3\)"),
+        ({"shape": ("a", 3)}, r"`shape` must be a pair"),
+        ({"shape": (3,)}, r"`shape` must be a pair"),
+        ({"shape": 3}, r"`shape` must be a pair"),
+        ({"shape": (True, 3)}, r"`shape` must be a pair"),
+        ({"matmat": None}, r"`matmat` must be a callable that takes a tensor block, got NoneType"),
+        ({"rmatmat": 3}, r"`rmatmat` must be a callable"),
+        ({"dtype": torch.int64}, r"`dtype` must be the torch dtype of the operator's products"),
+        ({"dtype": np.float64}, r"`dtype` must be the torch dtype"),
+    ],
+)
+def test_callable_operator_arguments_are_checked(kwargs: dict, match: str) -> None:
+    args = {"shape": (3, 2), "matmat": lambda X: X, "rmatmat": lambda Y: Y, "dtype": torch.float64, **kwargs}
+    shape = args.pop("shape")
+    with pytest.raises((ValueError, TypeError), match=match):
+        tp.CallableOperator(shape, args["matmat"], args["rmatmat"], dtype=args["dtype"])
+
+
+def test_callable_operator_takes_numpy_integer_shapes() -> None:
+    op = tp.CallableOperator((np.int64(3), np.int32(2)), lambda X: X, lambda Y: Y, dtype=torch.float64)
+    assert op.shape == (3, 2) and all(type(d) is int for d in op.shape)

@@ -111,6 +111,20 @@ class TensorOperator:
         return self.A.t() @ Y  # ``.T`` of a sparse CSR/CSC tensor is refused ("as_strided"); ``.t()`` is not
 
 
+def _check_shape(shape: Any) -> tuple[int, int]:
+    """``shape`` as two non-negative Python integers (NumPy integers accepted), or a ValueError naming it."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = ()
+    ok = len(dims) == 2 and all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_)) and d >= 0 for d in dims
+    )
+    if not ok:
+        raise ValueError(f"`shape` must be a pair (m, n) of non-negative integers, got {shape!r}")
+    return (int(dims[0]), int(dims[1]))
+
+
 class CallableOperator:
     """An operator built from two functions.
 
@@ -130,7 +144,15 @@ class CallableOperator:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        self._shape = (int(shape[0]), int(shape[1]))
+        self._shape = _check_shape(shape)
+        for name, f in (("matmat", matmat), ("rmatmat", rmatmat)):
+            if not callable(f):
+                raise TypeError(f"`{name}` must be a callable that takes a tensor block, got {type(f).__name__}")
+        if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
+            raise TypeError(
+                f"`dtype` must be the torch dtype of the operator's products (torch.float32 or torch.float64), "
+                f"got {dtype!r}"
+            )
         self._matmat = matmat
         self._rmatmat = rmatmat
         self._dtype = dtype
