@@ -91,8 +91,8 @@ def factorize_damped(
     M: Any, solver: truncpinv.Solver, *, rank: int | None, rtol: float | None, atol: float
 ) -> DampedGram | None:
     r"""The eigenvalues of ``K = M.gram`` and a :class:`DampedGram` for Cholesky directions; ``None`` if ``K`` or its
-    spectrum is not finite (the exact path then reports why), or if no direction can be certified: the rank is a
-    tie, or a dropped eigenvalue exceeds :math:`(\text{accuracy})^2 \lambda_1`, where the bound fails for any
+    spectrum is not finite (the exact path then reports why), or if no direction can be certified: nothing is
+    kept, or a dropped eigenvalue exceeds :math:`(\text{accuracy})^2 \lambda_1`, where the bound fails for any
     ``R`` (:math:`\|d\| \le \sigma_1 \|y\|`)."""
     K = M.gram.to(torch.float64)
     try:
@@ -170,26 +170,23 @@ class DampedGram(TruncatedPinv):
         return self._exact
 
     def _dropped(self) -> float | None:
-        r"""The largest eigenvalue the truncation drops, raised by the eigensolver's accuracy; ``None`` when the
-        rank is a tie (left to the exact path).
+        r"""A bound on every eigenvalue the exact path may drop (``None``: it keeps none, ``rank == 0``).
 
         The exact path keeps :math:`\lambda_i > t^2`, :math:`t = \max(\text{cutoff}, \text{floor})` (the Gram
-        route's zero floor :math:`\sqrt{m' \epsilon_{64}}\,\sigma_1`, :math:`m' = \max(m, n)`), from its own
-        eigenvalues, backward stable to :math:`\delta = m\,\epsilon_{64}\lambda_1`, with :math:`\sigma_i` rounded
-        to ``M``'s dtype. Both paths keep the same values when the smallest kept and the largest dropped eigenvalue
-        lie more than :math:`\delta` and four roundings of the dtype away from :math:`t^2`.
+        route's zero floor :math:`\sqrt{m' \epsilon_{64}}\,\sigma_1`, :math:`m' = \max(m, n)`), judged on its own
+        eigenvalues, which are backward stable to :math:`\delta = m\,\epsilon_{64}\lambda_1`, with
+        :math:`\sigma_i` rounded to ``M``'s dtype. So it may drop any :math:`\lambda_i \le t^2(1 + 4\epsilon)^2 +
+        \delta`, besides those below the rank; their largest, plus :math:`\delta`, bounds them (a value in that
+        tie band is often round-off at the floor, whose damped component is round-off too).
         """
         lam, (m, n), r = self._lam, self.shape, self.rank
         lam1 = float(lam[0])
         if r == 0 or not lam1 > 0:
             return None
         delta = m * _EPS64 * lam1
-        t = max(self.cutoff, math.sqrt(_EPS64 * max(m, n) * lam1))
-        slack = 4.0 * float(torch.finfo(self.dtype).eps)
-        kept = float(lam[r - 1])
-        drop = max(float(lam[r]), 0.0) if r < m else 0.0
-        if kept - delta <= (t * (1.0 + slack)) ** 2 or drop + delta >= (t * (1.0 - slack)) ** 2:
-            return None
+        t = max(self.cutoff, math.sqrt(_EPS64 * max(m, n) * lam1)) * (1.0 + 4.0 * float(torch.finfo(self.dtype).eps))
+        tied = lam[:r][lam[:r] <= t * t + delta]
+        drop = max(float(lam[r]) if r < m else 0.0, float(tied[0]) if tied.numel() else 0.0, 0.0)
         return drop + delta
 
     def _solve(self, R: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
