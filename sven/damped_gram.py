@@ -46,6 +46,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+import scipy.linalg
 import torch
 
 import truncpinv
@@ -53,11 +55,14 @@ from truncpinv import TruncatedPinv
 from truncpinv._gram import PARTIAL_MIN_ROWS, _singular_values
 from truncpinv._tolerance import make_tolerance
 
-__all__ = ["MIN_DAMPING", "NAME", "DampedGram", "accuracy", "applies", "factorize_damped"]
+__all__ = ["BAND_MAX", "MIN_DAMPING", "NAME", "DampedGram", "accuracy", "applies", "factorize_damped"]
 
 #: ``stats["method"]`` of a :class:`DampedGram` (``stats["solver"]`` is ``"from_gram"``, as the exact path's).
 NAME = "eigvalsh+cholesky"
 _EPS64 = float(torch.finfo(torch.float64).eps)
+#: At most this many dropped eigenvalues above round-off are deflated (their eigenvectors computed); more: the
+#: exact path.
+BAND_MAX = 16
 #: The smallest damping floor (relative to :math:`\sigma_1^2`) served. A residual's weight outside the kept values
 #: enters :math:`\|y\|` as :math:`1/\lambda`, so below this floor the bound rarely holds and the eigenvalues and
 #: the Cholesky factorisation would be computed for nothing (Levenberg--Marquardt's floor ``1e-12`` keeps the
@@ -91,9 +96,10 @@ def factorize_damped(
     M: Any, solver: truncpinv.Solver, *, rank: int | None, rtol: float | None, atol: float
 ) -> DampedGram | None:
     r"""The eigenvalues of ``K = M.gram`` and a :class:`DampedGram` for Cholesky directions; ``None`` if ``K`` or its
-    spectrum is not finite (the exact path then reports why), or if no direction can be certified: nothing is
-    kept, or a dropped eigenvalue exceeds :math:`(\text{accuracy})^2 \lambda_1`, where the bound fails for any
-    ``R`` (:math:`\|d\| \le \sigma_1 \|y\|`)."""
+    spectrum is not finite (the exact path then reports why), or if no direction can be certified
+    (:meth:`DampedGram.certifiable`: nothing kept, a value at the cut-off, too many dropped values above round-off,
+    or a remaining dropped eigenvalue above :math:`(\text{accuracy})^2 \lambda_1`, where the bound fails for any
+    ``R`` because :math:`\|d\| \le \sigma_1 \|y\|`)."""
     K = M.gram.to(torch.float64)
     try:
         lam = torch.linalg.eigvalsh(K).flip(0)
@@ -106,9 +112,7 @@ def factorize_damped(
         return None
     tol = make_tolerance((m, n), M.dtype, rank=rank, rtol=rtol, atol=atol)
     D = DampedGram(K, lam, S.to(M.dtype), M, tol=tol, solver=solver, rank=rank, rtol=rtol, atol=atol)
-    if D._drop is None or D._drop > accuracy(m, M.dtype) ** 2 * float(lam[0]):
-        return None
-    return D
+    return D if D.certifiable() else None
 
 
 class DampedGram(TruncatedPinv):
@@ -119,6 +123,15 @@ class DampedGram(TruncatedPinv):
     alone). :meth:`damped_direction` and :meth:`model_change` are the Cholesky path; the factors (``U``, ``V``,
     ``F @ b`` and everything built on them) come from :func:`truncpinv.pinv_from_gram` on first access, which
     then also supplies ``S``, ``rank`` and ``cutoff`` (equal to round-off).
+
+    **The dropped values above round-off** (a residual's weight on them can make the Cholesky direction differ
+    from the exact one by more than the step itself: seen on the MNIST MLP) are deflated: their eigenvectors
+    :math:`W` alone (LAPACK's ``syevr`` for the values in an interval, at most :data:`BAND_MAX` of them) and
+    :math:`y \leftarrow y - W W^\top y`. The bound then holds the remaining dropped values (round-off) and the
+    angle :math:`\theta` between :math:`W` and the exact eigenvectors, by Davis--Kahan
+    :math:`\sin\theta \le \|K W - W \mathrm{M}\|_F / \text{gap}` (:math:`\mathrm{M}` the computed values, gap
+    their distance from the other eigenvalues) plus the loss of orthonormality :math:`\|W^\top W - I\|_F`:
+    :math:`\|d - d^\star\| \le (2\sigma_1\theta + \sqrt{\lambda_{rest}} + \text{rounding})\,\|y\|`.
     """
 
     _LAZY = frozenset({"_U", "_V", "_op", "_squares_safe"})
@@ -138,13 +151,16 @@ class DampedGram(TruncatedPinv):
     ) -> None:
         # (no TruncatedPinv.__init__: the factors it stores are the exact path's, formed on demand by __getattr__)
         self._K, self._lam, self._S, self._M = K, lam, S, M
+        self._Kn, self._lamn = K.numpy(), lam.numpy()
         self._rank, self._rtol, self._atol, self._solver = rank, rtol, atol, solver
         self._exact: TruncatedPinv | None = None
-        self._cache: dict[float, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        self._cache: tuple[float, torch.Tensor, torch.Tensor | None, np.ndarray] | None = None
         self.tol, self.shape, self.numpy_out, self._source = tol, (int(M.shape[0]), int(M.shape[1])), False, None
         self.rank, self.cutoff = tol.keep(S)
         self.stats: dict[str, Any] = {"solver": "from_gram", "method": NAME, "matvecs": 0, "iterations": 1}
-        self._drop = self._dropped()
+        self._W: np.ndarray | None = None
+        self._rest, self._theta = math.inf, math.inf
+        self._plan()
 
     def __getattr__(self, name: str) -> Any:
         if name in DampedGram._LAZY:  # the factors: the exact path's
@@ -169,75 +185,100 @@ class DampedGram(TruncatedPinv):
             self.stats = dict(F.stats)
         return self._exact
 
-    def _dropped(self) -> float | None:
-        r"""A bound on every eigenvalue the exact path may drop (``None``: it keeps none, ``rank == 0``).
+    def certifiable(self) -> bool:
+        """Whether some ``R`` can get a certified direction (the static part of the bound)."""
+        lam1 = float(self._lamn[0])
+        return self._rest + 4.0 * lam1 * self._theta**2 <= accuracy(self.shape[0], self.dtype) ** 2 * lam1
+
+    def _plan(self) -> None:
+        r"""Which dropped eigenvalues to deflate, their eigenvectors, and the terms of the bound (class docstring).
 
         The exact path keeps :math:`\lambda_i > t^2`, :math:`t = \max(\text{cutoff}, \text{floor})` (the Gram
         route's zero floor :math:`\sqrt{m' \epsilon_{64}}\,\sigma_1`, :math:`m' = \max(m, n)`), judged on its own
         eigenvalues, which are backward stable to :math:`\delta = m\,\epsilon_{64}\lambda_1`, with
-        :math:`\sigma_i` rounded to ``M``'s dtype. So it may drop any :math:`\lambda_i \le t^2(1 + 4\epsilon)^2 +
-        \delta`, besides those below the rank; their largest, plus :math:`\delta`, bounds them (a value in that
-        tie band is often round-off at the floor, whose damped component is round-off too).
+        :math:`\sigma_i` rounded to ``M``'s dtype: a value within that of :math:`t^2` is a tie, left to the exact
+        path. Dropped values above :math:`\tau = \max(4\delta, (\text{accuracy}/64)^2\lambda_1)` are deflated;
+        the largest of the rest, plus :math:`\delta`, is :math:`\lambda_{rest}`.
         """
-        lam, (m, n), r = self._lam, self.shape, self.rank
+        lam, (m, n), r = self._lamn, self.shape, self.rank
         lam1 = float(lam[0])
         if r == 0 or not lam1 > 0:
-            return None
+            return
         delta = m * _EPS64 * lam1
-        t = max(self.cutoff, math.sqrt(_EPS64 * max(m, n) * lam1)) * (1.0 + 4.0 * float(torch.finfo(self.dtype).eps))
-        tied = lam[:r][lam[:r] <= t * t + delta]
-        drop = max(float(lam[r]) if r < m else 0.0, float(tied[0]) if tied.numel() else 0.0, 0.0)
-        return drop + delta
+        t = max(self.cutoff, math.sqrt(_EPS64 * max(m, n) * lam1))
+        e = 4.0 * float(torch.finfo(self.dtype).eps)
+        if bool(np.any((lam >= (t * (1 - e)) ** 2 - delta) & (lam <= (t * (1 + e)) ** 2 + delta))):
+            return
+        tau = max(4.0 * delta, (accuracy(m, self.dtype) / 64.0) ** 2 * lam1)
+        k = int(np.count_nonzero(lam[r:] > tau))
+        if k > BAND_MAX:
+            return
+        below = float(lam[r + k]) if r + k < m else 0.0
+        self._rest = max(below, 0.0) + delta
+        if k == 0:
+            self._theta = 0.0
+            return
+        band = lam[r : r + k]
+        vu, vl = 0.5 * (float(lam[r - 1]) + float(band[0])), 0.5 * (float(band[-1]) + below)
+        mu, W = scipy.linalg.eigh(self._Kn, subset_by_value=(vl, vu), driver="evr", check_finite=False)
+        if mu.shape[0] != k:
+            return
+        gap = min(float(lam[r - 1]) - float(mu.max()), float(mu.min()) - below)
+        rho = float(np.linalg.norm(self._Kn @ W - W * mu))
+        ortho = float(np.linalg.norm(W.T @ W - np.eye(k)))
+        self._W, self._theta = W, (rho / gap if gap > 0 else math.inf) + ortho
 
-    def _solve(self, R: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """``(R, d, y)`` for :math:`(K + \\lambda I) y = R` (``d``: ``None`` when not certified), cached by damping."""
-        hit = self._cache.get(damping)
-        if hit is not None and hit[0] is R:
-            return hit
-        K, lam1 = self._K, float(self._lam[0])
+    def _solve(self, R: torch.Tensor, damping: float) -> tuple[torch.Tensor | None, np.ndarray]:
+        """``(d, y)``: :math:`(K + \\lambda I) y = R`, deflated; ``d = M^T y`` or ``None`` when not certified.
+        The last one is cached (the direction and then its prediction)."""
+        c = self._cache
+        if c is not None and c[0] == damping and (c[1] is R or torch.equal(c[1], R)):
+            return c[2], c[3]
+        lam1 = float(self._lamn[0])
         lam_abs = damping * lam1
-        R64 = R.to(torch.float64)
-        L, info = torch.linalg.cholesky_ex(K + lam_abs * torch.eye(K.shape[0], dtype=K.dtype, device=K.device))
+        m = self.shape[0]
+        A = self._Kn + lam_abs * np.eye(m)
+        L, info = scipy.linalg.lapack.dpotrf(A, lower=1, clean=0, overwrite_a=1)
         d: torch.Tensor | None = None
-        y = R64.new_zeros(R64.shape)
-        if int(info) == 0:
-            y = torch.cholesky_solve(R64[:, None], L)[:, 0]
-            if self._certified(y, R64, lam_abs):
-                M = self._M
-                d = M.rmatmat(y.to(M.dtype)[:, None])[:, 0]
-        self._cache = {damping: (R, d, y)}
-        return R, d, y
+        y = np.zeros(m)
+        if info == 0:
+            y, info = scipy.linalg.lapack.dpotrs(L, R.detach().cpu().numpy().astype(np.float64), lower=1)
+            W = self._W
+            if W is not None:
+                y = y - W @ (W.T @ y)
+            if info == 0 and self._certified(y, lam_abs):
+                Mop = self._M
+                d = Mop.rmatmat(torch.from_numpy(y).to(Mop.dtype)[:, None])[:, 0]
+        self._cache = (damping, R, d, y)
+        return d, y
 
-    def _certified(self, y: torch.Tensor, R64: torch.Tensor, lam_abs: float) -> bool:
-        """The bound of the module docstring: the dropped components and the rounding within :func:`accuracy`."""
-        drop = self._drop
-        if drop is None or not lam_abs > 0:
-            return False
-        m, lam1 = self.shape[0], float(self._lam[0])
-        ynorm = float(torch.linalg.vector_norm(y))
-        dnorm2 = float(y @ (self._K @ y))  # ||M^T y||^2 = y^T K y
-        if not (math.isfinite(ynorm) and math.isfinite(dnorm2)):
+    def _certified(self, y: np.ndarray, lam_abs: float) -> bool:
+        """The bound of the class docstring within :func:`accuracy` of :math:`\\|d\\| = \\sqrt{y^\\top K y}`."""
+        m, lam1 = self.shape[0], float(self._lamn[0])
+        ynorm, dnorm2 = float(np.linalg.norm(y)), float(y @ (self._Kn @ y))
+        if not (math.isfinite(ynorm) and math.isfinite(dnorm2)) or not lam_abs > 0:
             return False
         rounding = m * _EPS64 * (lam1 + lam_abs) / (2.0 * math.sqrt(lam_abs))
-        return (math.sqrt(drop) + rounding) * ynorm <= accuracy(m, self.dtype) * math.sqrt(max(dnorm2, 0.0))
+        bound = 2.0 * math.sqrt(lam1) * self._theta + math.sqrt(self._rest) + rounding
+        return bound * ynorm <= accuracy(m, self.dtype) * math.sqrt(max(dnorm2, 0.0))
 
     def damped_direction(self, R: torch.Tensor, damping: float) -> torch.Tensor | None:
         r""":math:`d_\lambda = M^\top (K + \lambda I)^{-1} R` with :math:`\lambda = \text{damping}\cdot\lambda_1`, in
-        ``M``'s dtype; ``None`` where the exact path must give it (not certified, or already formed)."""
+        ``M``'s dtype, deflated; ``None`` where the exact path must give it (not certified, or already formed)."""
         if self._exact is not None or not damping > 0:
             return None
-        return self._solve(R, damping)[1]
+        return self._solve(R, damping)[0]
 
     def model_change(self, R: torch.Tensor, damping: float) -> torch.Tensor | None:
         r""":math:`M d_\lambda = K y` of :meth:`damped_direction`'s direction (``None`` where it gave none)."""
         if self._exact is not None or not damping > 0:
             return None
-        _, d, y = self._solve(R, damping)
-        return None if d is None else (self._K @ y).to(self.dtype)
+        d, y = self._solve(R, damping)
+        return None if d is None else torch.from_numpy(self._Kn @ y).to(self.dtype)
 
     def gradient_cosine(self, R: torch.Tensor) -> torch.Tensor:
         r""":math:`\|M^\top R\| / (\sigma_{max}\|R\|)` with :math:`\|M^\top R\|^2 = R^\top K R` (no eigenvectors)."""
-        R64 = R.to(torch.float64)
-        g2, r = float(R64 @ (self._K @ R64)), float(torch.linalg.vector_norm(R64))
-        s1 = math.sqrt(max(float(self._lam[0]), 0.0))
-        return torch.tensor(math.sqrt(max(g2, 0.0)) / (s1 * r) if s1 * r > 0 else 0.0, dtype=R.dtype)
+        r = R.detach().cpu().numpy().astype(np.float64)
+        g2, rn = float(r @ (self._Kn @ r)), float(np.linalg.norm(r))
+        s1 = math.sqrt(max(float(self._lamn[0]), 0.0))
+        return torch.tensor(math.sqrt(max(g2, 0.0)) / (s1 * rn) if s1 * rn > 0 else 0.0, dtype=R.dtype)

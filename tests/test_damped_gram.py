@@ -60,9 +60,10 @@ def _rtol(op: GramOperator) -> float:
     return truncpinv.default_rtol(op.shape, op.dtype)
 
 
-def _exact(op: GramOperator) -> truncpinv.TruncatedPinv:
+def _exact(op: GramOperator, rtol: float | None = None) -> truncpinv.TruncatedPinv:
     """The exact path: what :func:`sven.factorize.factorize` computed before (the full eigendecomposition)."""
-    return truncpinv.pinv_from_gram(op.gram, op, rtol=_rtol(op), atol=0.0, check_finite=False, solver=truncpinv.Auto())
+    rtol = rtol or _rtol(op)
+    return truncpinv.pinv_from_gram(op.gram, op, rtol=rtol, atol=0.0, check_finite=False, solver=truncpinv.Auto())
 
 
 def _reference(op: GramOperator, R: torch.Tensor, damping: float, rank: int) -> torch.Tensor:
@@ -83,21 +84,26 @@ def _tolerance(op: GramOperator, R: torch.Tensor, damping: float) -> float:
     return DG.accuracy(m, F32) * d + 2 * m * EPS32 * float(op.M.double().norm()) * float(y.norm())
 
 
-def _damped(op: GramOperator) -> DG.DampedGram | None:
-    return DG.factorize_damped(op, truncpinv.Auto(), rank=None, rtol=_rtol(op), atol=0.0)
+def _damped(op: GramOperator, rtol: float | None = None) -> DG.DampedGram | None:
+    return DG.factorize_damped(op, truncpinv.Auto(), rank=None, rtol=rtol or _rtol(op), atol=0.0)
 
 
 @given(
     kind=st.sampled_from(KINDS),
     shape=st.sampled_from([(24, 60), (40, 16), (32, 32)]),
     dampings=st.lists(st.sampled_from([1e-3, 1e-2, 0.1, 0.3, 1.0, 4.0]), min_size=1, max_size=3),
+    rtol=st.sampled_from([None, 3e-3]),
     seed=st.integers(0, 2**16),
 )
-def test_certified_direction_is_the_exact_one(kind: str, shape: tuple[int, int], dampings: list[float], seed: int):
-    """Each certified direction (retries at other dampings on one factorisation included) is the exact path's."""
+def test_certified_direction_is_the_exact_one(
+    kind: str, shape: tuple[int, int], dampings: list[float], rtol: float | None, seed: int
+):
+    """Each certified direction (retries at other dampings on one factorisation included) is the exact path's,
+    with the default cut-off (the dropped values are round-off) and with ``rtol=3e-3``, which drops values far
+    above round-off on the ``gap`` and ``geometric`` spectra (deflated)."""
     op, R = _problem(*shape, kind, seed)
-    D, F = _damped(op), _exact(op)
-    if D is None:  # declined: a dropped eigenvalue above round-off (every rtol-cut spectrum here is round-off)
+    D, F = _damped(op, rtol), _exact(op, rtol)
+    if D is None:  # declined (a value at the cut-off, or more than BAND_MAX dropped above round-off)
         return
     for damping in dampings:
         d = D.damped_direction(R, damping)
@@ -155,9 +161,10 @@ def test_factors_are_formed_on_demand_and_then_used():
     assert D.stats["method"] == "eigh"
 
 
-def test_a_residual_on_a_value_below_the_cutoff_gets_the_exact_path():
-    """A singular value below the cut-off but far above round-off, with the residual on it: the Cholesky step would
-    differ (the truncation drops it); the factorisation declines and the exact path runs."""
+def test_a_residual_on_a_value_below_the_cutoff_is_deflated(monkeypatch: pytest.MonkeyPatch):
+    """A singular value below the cut-off but far above round-off, with the residual on it: the plain Cholesky
+    step would keep it (a direction of size ~``1/lambda``); its eigenvector is deflated, and the direction is the
+    exact path's (zero: nothing of ``R`` is kept). Without deflation the factorisation declines."""
     gen = np.random.default_rng(0)
     m, n = 20, 50
     U, _ = np.linalg.qr(gen.standard_normal((m, m)))
@@ -165,13 +172,19 @@ def test_a_residual_on_a_value_below_the_cutoff_gets_the_exact_path():
     s = np.ones(m)
     s[-1] = 1e-3
     op = GramOperator(torch.from_numpy((U * s) @ V.T).to(F32))
-    R = torch.from_numpy(U[:, -1]).to(F32)
-    assert _damped(op) is not None  # the default cut-off (m eps32) keeps it: both paths include it; cut it:
-    D = DG.factorize_damped(op, truncpinv.Auto(), rank=None, rtol=1e-2, atol=0.0)
-    assert D is None
+    R = torch.from_numpy(U[:, -1] + 1e-3 * U[:, 0]).to(F32)
+    D = _damped(op, 1e-2)
+    assert D is not None and D.rank == m - 1
+    d = D.damped_direction(R, 0.1)
+    assert d is not None
+    ref = _reference(op, R, 0.1, m - 1)
+    assert float((d.double() - ref).norm()) <= _tolerance(op, R, 0.1)
+    plain = op.M.double().T @ torch.linalg.solve(op.gram + 0.1 * torch.eye(m, dtype=F64), R.double())
+    assert float((plain - ref).norm()) > 10 * float(ref.norm())  # (what deflation removes)
+    monkeypatch.setattr(DG, "BAND_MAX", 0)
+    assert _damped(op, 1e-2) is None
     F = factorize(op, truncpinv.Auto(), rank=None, rtol=1e-2, atol=0.0, floor=0.1)
     assert not isinstance(F, DG.DampedGram) and F.rank == m - 1
-    assert float(SF.filtered_direction(F, R, damping=0.1).norm()) <= 1e-3  # nothing of R is kept
 
 
 def test_cholesky_failure_falls_back_to_the_factors():
@@ -185,7 +198,7 @@ def test_cholesky_failure_falls_back_to_the_factors():
     bad = GramOperator(op.M, gram=(K + K.T) / 2)
     D = _damped(bad)
     assert D is not None
-    assert D._solve(R, 1e-17)[1] is None
+    assert D._solve(R, 1e-17)[0] is None
     assert D.damped_direction(R, 0.1) is not None  # a damping it resolves is served again
 
 
