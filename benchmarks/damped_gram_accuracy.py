@@ -94,14 +94,18 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["mnist-subset", "mnist1d", "digits-ce", "mnist-subset-cnn"])
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args()
-    print("| task | steps on the path | certified first tries | steps deflating | Cholesky error, median / max "
-          "| exact path's float32 error, median / max |")
+    print(
+        "| task | steps on the path | certified first tries | steps deflating | Cholesky error, median / max "
+        "| exact path's float32 error, median / max |"
+    )
     print("|---|---|---|---|---|---|")
     for name in args.tasks:
         r = measure(name, args.steps)
         new, old = r["new"] or [math.nan], r["old"] or [math.nan]
-        print(f"| {name} | {r['steps']} of {args.steps} | {r['certified']} | {r['deflated']} "
-              f"| {statistics.median(new):.1e} / {max(new):.1e} | {statistics.median(old):.1e} / {max(old):.1e} |")
+        print(
+            f"| {name} | {r['steps']} of {args.steps} | {r['certified']} | {r['deflated']} "
+            f"| {statistics.median(new):.1e} / {max(new):.1e} | {statistics.median(old):.1e} / {max(old):.1e} |"
+        )
 
 
 if __name__ == "__main__":
