@@ -418,7 +418,9 @@ def gradient_cosine(F: TruncatedPinv, R: torch.Tensor) -> torch.Tensor:
     because :math:`V` has orthonormal columns; dropped values below the cut-off add at most
     ``cutoff * ||R||``. The ratio is scale-free and lies in ``[0, 1]``: 0 at a stationary point of
     :math:`\|R\|^2` (MINPACK's ``gtol`` test uses the same angle, column by column). ``R = 0`` gives 0.
-    Returns a 0-dim tensor (no host synchronisation; small CPU factors are reduced in NumPy, :func:`host`).
+    A :class:`sven.damped_gram.DampedGram` (no eigenvectors) gives :math:`\|M^\top R\|^2 = R^\top K R` exactly,
+    the values below the cut-off included. Returns a 0-dim tensor (no host synchronisation; small CPU factors
+    are reduced in NumPy, :func:`host`).
     """
     Rf = R if R.dtype == F.dtype else R.to(F.dtype)
     if F.rank == 0:
