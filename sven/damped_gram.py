@@ -76,10 +76,10 @@ def accuracy(m: int, dtype: torch.dtype) -> float:
 
 
 def applies(M: Any, solver: truncpinv.Solver, *, rank: int | None, damping: float | None) -> bool:
-    """Whether :func:`factorize_damped` may serve ``M``: a Gram operator (``M.gram``) of a float32 Jacobian, an
-    exact solver (``Auto``, ``DenseSVD``, ``GramEigen``) whose path is the full eigendecomposition, no rank cap
-    below ``min(m, n)``, and a damping floor ``damping`` (the smallest the step control will try) of at least
-    :data:`MIN_DAMPING`."""
+    """Whether :func:`factorize_damped` may serve ``M``: a Gram operator (``M.gram``, on the CPU) of a float32
+    Jacobian, an exact solver (``Auto``, ``DenseSVD``, ``GramEigen``) whose path is the full eigendecomposition,
+    no rank cap below ``min(m, n)``, and a damping floor ``damping`` (the smallest the step control will try) of
+    at least :data:`MIN_DAMPING`."""
     if isinstance(M, torch.Tensor) or not hasattr(M, "gram") or damping is None or not damping >= MIN_DAMPING:
         return False
     if getattr(M, "dtype", None) != torch.float32 or not isinstance(solver, (truncpinv.Auto, truncpinv.DenseSVD,
