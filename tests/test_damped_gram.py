@@ -236,7 +236,7 @@ def test_other_steps_keep_the_exact_path(kwargs: dict[str, Any]):
     assert not isinstance(factorize(op.M, truncpinv.Auto(), rank=None, rtol=None, atol=0.0, floor=0.1), DG.DampedGram)
 
 
-def _train(monkeypatch: pytest.MonkeyPatch, *, cholesky: bool, steps: int = 5) -> tuple[torch.Tensor, int]:
+def _train(monkeypatch: pytest.MonkeyPatch, *, cholesky: bool, steps: int = 5) -> tuple[torch.Tensor, int, Any]:
     """A few steps of the loss rule on a small MLP classifier: the parameters and the Cholesky directions used."""
     monkeypatch.setattr(DG, "MIN_DAMPING", DG.MIN_DAMPING if cholesky else math.inf)
     used = [0]
@@ -256,19 +256,25 @@ def _train(monkeypatch: pytest.MonkeyPatch, *, cholesky: bool, steps: int = 5) -
     for _ in range(steps):
         opt.step(lambda: torch.nn.functional.cross_entropy(net(x), y, reduction="none"))
     assert opt.config.ggn and opt.last_step is not None and opt.last_step.jacobian_method == "gram"
-    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]), used[0]
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]), used[0], opt.last_step
 
 
 def test_loss_rule_trajectory_is_unchanged(monkeypatch: pytest.MonkeyPatch):
-    """Five steps of the loss rule with the Cholesky directions against the eigendecomposition's.
+    """Five steps of the loss rule with the Cholesky directions against the eigendecomposition's, and what
+    ``last_step`` reports after them (the parameters differ by round-off, so its values to ``1e-3``).
 
     Each certified direction is the exact one to ``accuracy(64) = 64 eps32`` plus float32 products of the same size;
     over five steps the relative difference of the parameters stays below ``5 * 2 * 64 eps32 < 1e-4``.
     """
-    new, used = _train(monkeypatch, cholesky=True)
-    old, unused = _train(monkeypatch, cholesky=False)
+    new, used, info = _train(monkeypatch, cholesky=True)
+    old, unused, info_old = _train(monkeypatch, cholesky=False)
     assert used >= 3 and unused == 0
     assert float((new - old).norm()) <= 1e-4 * float(old.norm())
+    # what last_step reports: the same spectrum, rank and cut-off; the angle from every value, within rtol
+    s, s_old = info.singular_values.double(), info_old.singular_values.double()
+    assert info.rank == info_old.rank and float((s - s_old).abs().max()) <= 1e-3 * float(s_old[0])
+    assert info.cutoff == pytest.approx(info_old.cutoff, rel=1e-3)
+    assert abs(info.gradient_cosine - info_old.gradient_cosine) <= 1e-3 + truncpinv.default_rtol((64, new.numel()), F32)
 
 
 def test_a_residual_in_the_null_space_is_not_certified():
