@@ -23,22 +23,24 @@ direction is one Cholesky solve, with no eigenvectors:
 exact path, for ``opt.last_step``) and solves by Cholesky; each retry with a larger damping is one more
 Cholesky. The two directions differ by the components the truncation drops,
 :math:`d^{c}_\lambda - d_\lambda = M^\top P_{drop}\, y`, whose norm is at most
-:math:`\sqrt{\lambda_{drop}}\,\|y\|` (:math:`\lambda_{drop}`: the largest dropped eigenvalue). A direction is
-taken from the Cholesky solve only when that bound, plus the solve's own rounding
-(:math:`m\,\epsilon_{64}(\lambda_1+\lambda)/(2\sqrt\lambda)\,\|y\|`, from its backward error), is at most
-:data:`ACCURACY` :math:`= m\,\epsilon` of ``M``'s dtype times :math:`\|d\| = \sqrt{y^\top K y}`: the rounding
-of the exact path's own products of length ``m`` in that dtype. So the step is the exact path's to its
-round-off, or it *is* the exact path's: any other try (the bound fails, the Cholesky factorisation fails,
-a kept eigenvalue lies within the eigensolver's accuracy of the cut-off) computes the eigenvectors then, as
-before, and so does every use of the factors (``F.U``, ``F.V``, ``F @ b``).
+:math:`\sqrt{\lambda_{drop}}\,\|y\|` (:math:`\lambda_{drop}`: the largest dropped eigenvalue). Dropped values
+that are round-off (:math:`\lambda \lesssim m\,\epsilon_{64}\lambda_1`: most of them, ``K``'s null space)
+enter that bound; the few above round-off (values between it and the cut-off, where a residual's weight can
+make the two directions differ by more than the step itself: seen on the MNIST MLP) are deflated, their
+eigenvectors alone computed (:class:`DampedGram`). A direction is taken from the Cholesky solve only when the
+bound, plus the solve's own rounding (:math:`m\,\epsilon_{64}(\lambda_1+\lambda)/(2\sqrt\lambda)\,\|y\|`, from
+its backward error), is at most :func:`accuracy` :math:`= m\,\epsilon` of ``M``'s dtype times
+:math:`\|d\| = \sqrt{y^\top K y}`: the rounding of the exact path's own products of length ``m`` in that dtype.
+So the step is the exact path's to its round-off, or it *is* the exact path's: any other try (the bound
+fails, the Cholesky factorisation fails, an eigenvalue lies within the eigensolver's accuracy of the cut-off,
+more than :data:`BAND_MAX` values to deflate) computes the eigenvectors then, as before, and so does every
+use of the factors (``F.U``, ``F.V``, ``F @ b``).
 
-Where it pays and where it does not: the dropped eigenvalues of float32 Jacobians are round-off
-(:math:`\lambda_{drop} \lesssim m\,\epsilon_{64}\lambda_1`), so the bound holds while the damping is a fair
-fraction of :math:`\lambda_1` (the loss rule's floor ``0.1``). A float64 ``M`` asks for
-:math:`m\,\epsilon_{64}` accuracy, which round-off eigenvalues of size :math:`\epsilon_{64}\lambda_1`
-(contributing :math:`\sqrt{\epsilon_{64}}`) never meet: float64 keeps the exact path.
-And a residual whose weight lies on an eigenvalue between round-off and the cut-off (seen on the MNIST MLP:
-the two directions then differ by more than the step itself) fails the bound and gets the exact path.
+Where it pays and where it does not: with float32 Jacobians the round-off eigenvalues contribute about
+:math:`\sqrt{m\,\epsilon_{64}}\,\sigma_1\|y\|`, below :math:`m\,\epsilon_{32}\|d\|` while the damping is a
+fair fraction of :math:`\lambda_1` (the loss rule's floor ``0.1``). A float64 ``M`` asks for
+:math:`m\,\epsilon_{64}` accuracy, which those contributions of :math:`\sqrt{\epsilon_{64}}` never meet:
+float64 keeps the exact path.
 """
 
 from __future__ import annotations
@@ -63,10 +65,10 @@ _EPS64 = float(torch.finfo(torch.float64).eps)
 #: At most this many dropped eigenvalues above round-off are deflated (their eigenvectors computed); more: the
 #: exact path.
 BAND_MAX = 16
-#: The smallest damping floor (relative to :math:`\sigma_1^2`) served. A residual's weight outside the kept values
-#: enters :math:`\|y\|` as :math:`1/\lambda`, so below this floor the bound rarely holds and the eigenvalues and
-#: the Cholesky factorisation would be computed for nothing (Levenberg--Marquardt's floor ``1e-12`` keeps the
-#: exact path; the loss rule's ``0.1`` is served).
+#: The smallest damping floor (relative to :math:`\sigma_1^2`) served. A residual's weight on the round-off
+#: eigenvalues enters :math:`\|y\|` as :math:`1/\lambda`, so at small dampings the bound fails unless ``R`` is
+#: nearly orthogonal to them, and the eigenvalues would be computed for nothing. Not tuned: the loss rule's floor
+#: ``0.1`` is served, Levenberg--Marquardt's ``1e-12`` (residual mode's default) is not.
 MIN_DAMPING = 1e-3
 
 
