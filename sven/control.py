@@ -55,25 +55,10 @@ from .params import ParamBlock, apply_direction, lr_scaled, save_parameters
 from .precondition import ColumnScaling, RMSProp
 
 __all__ = [
-    "ADAPTIVE_DAMPING_START",
-    "STALL_COSINE",
-    "AdaptiveDamping",
-    "CheckStep",
-    "CrossEntropyDamping",
-    "Evaluator",
-    "Outcome",
-    "Plain",
-    "Policy",
-    "StepContext",
-    "Tikhonov",
-    "TrustRadius",
-    "VariableK",
-    "evaluator",
-    "make_policy",
-    "stall_cosine",
-    "step_context",
-    "warn_stall",
-]
+    "ADAPTIVE_DAMPING_START", "STALL_COSINE", "AdaptiveDamping", "CheckStep", "CrossEntropyDamping", "Evaluator",
+    "Outcome", "Plain", "Policy", "StepContext", "Tikhonov", "TrustRadius", "VariableK", "evaluator", "make_policy",
+    "stall_cosine", "step_context", "warn_stall",
+]  # fmt: skip
 
 #: Starting damping of :class:`AdaptiveDamping` when none is given.
 ADAPTIVE_DAMPING_START = 1e-3
@@ -174,6 +159,11 @@ class Policy:
         """
         return self.damping if self.normal_equations else None
 
+    def smallest_damping(self) -> float:
+        """The smallest damping of the next step's directions if the policy uses only ``ctx.direction``, ``predict``
+        and ``cosine``, else ``0``: a positive one lets the Gram route solve by Cholesky (:mod:`sven.damped_gram`)."""
+        return 0.0
+
     def run(self, ctx: StepContext) -> Outcome:
         raise NotImplementedError
 
@@ -222,6 +212,9 @@ class Tikhonov(Policy):
 
     @property
     def damping(self) -> float:
+        return self.lam
+
+    def smallest_damping(self) -> float:
         return self.lam
 
     def run(self, ctx: StepContext) -> Outcome:
@@ -281,6 +274,9 @@ class AdaptiveDamping(Policy):
     @property
     def damping(self) -> float:
         return self.state.lam
+
+    def smallest_damping(self) -> float:
+        return min(self.state.lam, self.floor)  # (it starts at ``lam``, never falls below ``floor``)
 
     def state_dict(self) -> dict[str, float]:
         return {"damping": self.state.lam, "nu": self.state.nu, "peak": self.peak}
@@ -401,6 +397,9 @@ class _Wrapper(Policy):
     @property
     def damping(self) -> float:
         return self.inner.damping
+
+    def smallest_damping(self) -> float:
+        return self.inner.smallest_damping()
 
     def state_dict(self) -> dict[str, float]:
         return self.inner.state_dict()

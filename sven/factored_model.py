@@ -18,6 +18,9 @@ with :math:`\phi(\sigma) = \sigma / (\sigma^2 + \lambda\sigma_1^2)` (:func:`sven
 not in :math:`d_\lambda`, so they are not in :math:`M d_\lambda` either. That is an ``(m, r)`` product
 instead of one with the ``m x n`` Jacobian; the two agree to round-off (the factors' dtype).
 
+A :class:`sven.damped_gram.DampedGram` gives :math:`M d_\lambda = K y` of its Cholesky direction
+(:math:`y = (K + \lambda I)^{-1} R`), and the product above where the direction came from its factors.
+
 Only an exact eigendecomposition qualifies: a randomized or Lanczos factorisation gives :math:`M V_r`
 only to its own accuracy, and the normal equations' :math:`U` need not be orthonormal. The direction must
 also be the plain filtered one applied at one learning rate :math:`\eta`: no preconditioner (it rescales
@@ -38,14 +41,16 @@ from truncpinv import TruncatedPinv
 from . import functional as SF
 from . import update
 from .control import StepContext
+from .damped_gram import DampedGram
 from .params import ParamBlock
 
 __all__ = ["exact_model", "model_change", "with_factored_model"]
 
 
 def exact_model(F: TruncatedPinv) -> bool:
-    """Whether ``M V_r = U_r S_r`` holds to round-off for ``F``: the exact eigendecomposition of the Gram matrix."""
-    return F.stats.get("solver") == "from_gram" and F.stats.get("method") == "eigh"
+    """Whether ``M V_r = U_r S_r`` holds to round-off for ``F``: the exact eigendecomposition of the Gram matrix
+    (or a :class:`sven.damped_gram.DampedGram`, whose factors are that decomposition)."""
+    return isinstance(F, DampedGram) or (F.stats.get("solver") == "from_gram" and F.stats.get("method") == "eigh")
 
 
 def model_change(F: TruncatedPinv, R: torch.Tensor, *, damping: float) -> torch.Tensor:
@@ -57,6 +62,10 @@ def model_change(F: TruncatedPinv, R: torch.Tensor, *, damping: float) -> torch.
     Rf = R.to(F.dtype)
     if F.rank == 0:
         return torch.zeros_like(Rf)
+    if isinstance(F, DampedGram):
+        change = F.model_change(Rf, damping)
+        if change is not None:
+            return change
     U, S = F.U, F.S
     return U @ ((U.T @ Rf) * SF.filter_factors(S, damping=damping) * S)  # type: ignore[no-any-return]
 

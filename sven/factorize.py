@@ -20,6 +20,11 @@ Two shortcuts for a materialised ``M`` under the default ``Auto`` solver, the sa
   equilibration that cost more than the SVD of a 100 x 3 matrix;
 * a tall ``M`` (:func:`sven.normal_equations.applies`) is factorised from its normal equations when
   they resolve the step's damping (:mod:`sven.normal_equations`), with the SVD as the fallback.
+
+And one for the Gram route, when every direction of the step is damped (``floor > 0``: the loss rule's
+step control): the eigenvalues of ``K`` alone and a Cholesky solve for each damping
+(:mod:`sven.damped_gram`), each direction certified equal to the exact path's to round-off, the
+eigenvectors formed where it is not.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 
 import truncpinv
 
+from . import damped_gram as DG
 from . import functional as SF
 from . import normal_equations as NE
 from .info import StepFault
@@ -58,6 +64,7 @@ def factorize(
     atol: float,
     damping: float | None = None,
     seed: tuple[int, int] | None = None,
+    floor: float | None = None,
 ) -> truncpinv.TruncatedPinv:
     """``M_k^+``: keep at most ``rank`` singular values above ``max(atol, rtol * sigma_max)``.
 
@@ -66,6 +73,9 @@ def factorize(
     expects one: a tall ``M`` is then factorised from its normal equations if they resolve it
     (:mod:`sven.normal_equations`); ``None`` keeps the SVD.
     ``seed``: ``(seed, step)`` for a randomized ``solver`` (:func:`solver_for_step`), applied where it is used.
+    ``floor``: the smallest damping every direction of the step uses (:meth:`sven.control.Policy.smallest_damping`),
+    when it is positive: a float32 Gram operator then gets a :class:`sven.damped_gram.DampedGram` (Cholesky
+    directions; :func:`sven.damped_gram.applies`).
 
     Raises:
         StepFault: the solver failed, or ``M`` or its spectrum is not finite.
@@ -77,6 +87,10 @@ def factorize(
             F = _shortcut(M, rank=rank, rtol=rtol, atol=atol, damping=damping)
         if F is not None:
             return F
+    if DG.applies(M, solver, rank=rank, damping=floor):
+        D = DG.factorize_damped(M, solver, rank=rank, rtol=rtol, atol=atol)
+        if D is not None:
+            return D
     if seed is not None:
         solver = solver_for_step(solver, *seed)
     try:

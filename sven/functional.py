@@ -37,6 +37,7 @@ import torch
 
 from truncpinv import Solver, TruncatedPinv
 
+from .damped_gram import DampedGram
 from .normal_equations import explicit_factors
 
 __all__ = [
@@ -327,9 +328,14 @@ def filtered_direction(F: TruncatedPinv, R: torch.Tensor, *, damping: float) -> 
     new factorisation: ``F.solve(U_r (\Sigma_r \phi(\Sigma_r) \circ U_r^\top R))`` equals
     :math:`V_r \phi(\Sigma_r) U_r^\top R` because ``U_r`` has orthonormal columns.
     With ``damping == 0`` this is ``F @ R``. Small explicit factors on the CPU are applied in NumPy
-    (:func:`host`; the same products).
+    (:func:`host`; the same products). A :class:`sven.damped_gram.DampedGram` gives
+    :math:`M^\top (K + \lambda I)^{-1} R` by Cholesky where it certifies it equal to round-off (else its factors).
     """
     Rf = R if R.dtype == F.dtype else R.to(F.dtype)
+    if isinstance(F, DampedGram):
+        d = F.damped_direction(Rf, damping)
+        if d is not None:
+            return d
     if explicit_factors(F) and F.rank > 0:  # V itself (the normal equations' U need not be orthonormal)
         U, S, V = F.U, F.S, F.V
         u, s, v, r = host(U), host(S), host(V), host(Rf)
@@ -412,11 +418,15 @@ def gradient_cosine(F: TruncatedPinv, R: torch.Tensor) -> torch.Tensor:
     because :math:`V` has orthonormal columns; dropped values below the cut-off add at most
     ``cutoff * ||R||``. The ratio is scale-free and lies in ``[0, 1]``: 0 at a stationary point of
     :math:`\|R\|^2` (MINPACK's ``gtol`` test uses the same angle, column by column). ``R = 0`` gives 0.
-    Returns a 0-dim tensor (no host synchronisation; small CPU factors are reduced in NumPy, :func:`host`).
+    A :class:`sven.damped_gram.DampedGram` (no eigenvectors) gives :math:`\|M^\top R\|^2 = R^\top K R` exactly,
+    the values below the cut-off included. Returns a 0-dim tensor (no host synchronisation; small CPU factors
+    are reduced in NumPy, :func:`host`).
     """
     Rf = R if R.dtype == F.dtype else R.to(F.dtype)
     if F.rank == 0:
         return Rf.new_zeros(())
+    if isinstance(F, DampedGram):  # :math:`\|M^\top R\|^2 = R^\top K R`, every value included (no eigenvectors)
+        return F.gradient_cosine(Rf)
     S, U = F.S, F.U
     # (small CPU factors in NumPy, :func:`host`; the Gram route's U of a batch of 64 with two rows a sample is
     # 128 x r, larger than HOST_SMALL: a diagnostic, computed at every step)

@@ -85,7 +85,9 @@ class StepInfo:
     @property
     def gradient_cosine(self) -> float:
         r"""Stationarity before the step, :math:`\|M^\top R\| / (\sigma_{max}\|R\|)` in ``[0, 1]``
-        (:func:`sven.functional.gradient_cosine`; of the preconditioned ``M``); NaN if the step was skipped."""
+        (:func:`sven.functional.gradient_cosine`; of the preconditioned ``M``; from the kept values, or all of them
+        where the step solved by Cholesky, :mod:`sven.damped_gram`: the two differ by at most ``rtol``); NaN if the
+        step was skipped."""
         return float("nan") if self._gradient_cosine is None else float(self._gradient_cosine)
 
     @property

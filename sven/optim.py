@@ -375,12 +375,14 @@ def _decide(opt: Sven, found: bool, sequence: bool) -> list[ParamBlock] | None:
 
 
 def _factorize(opt: Sven, pre: Any, rows: int) -> tuple[Any, Callable[[], Any]]:
-    """The step's factorisation of ``pre`` (the normal equations where the policy's expected damping allows,
-    :func:`sven.factorize.factorize`), and the SVD of ``pre`` for a damping they cannot resolve."""
+    """The step's factorisation of ``pre`` (the normal equations where the policy's expected damping allows, the
+    Cholesky directions where all its directions are damped: :func:`sven.factorize.factorize`), and the SVD of
+    ``pre`` for a damping the normal equations cannot resolve."""
     cfg = opt.config
     rank, seed = cfg.rank_cap(rows), (cfg.seed, opt._counters["steps"])
     hint = opt.control.expected_damping() if isinstance(opt.control, Policy) else None
-    F = factorize(pre, opt.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, damping=hint, seed=seed)
+    floor = opt.control.smallest_damping() if isinstance(opt.control, Policy) else None
+    F = factorize(pre, opt.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, damping=hint, seed=seed, floor=floor)
     return F, lambda: factorize(pre, opt.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, seed=seed)
 
 

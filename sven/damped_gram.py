@@ -1,0 +1,286 @@
+r"""The damped step through the Gram route by a Cholesky factorisation, certified against the exact eigensolution.
+
+A damped step control (:class:`sven.control.Tikhonov`, :class:`sven.control.AdaptiveDamping`,
+:class:`sven.control.CrossEntropyDamping`: the loss rule's) applies, for each damping
+:math:`\lambda = \text{damping}\cdot\lambda_1` it tries, the filtered direction of the kept part
+:math:`M_r = U_r \Sigma_r V_r^\top` of :math:`M` (``m x n``, Gram matrix :math:`K = M M^\top = U \Lambda U^\top`),
+
+.. math::
+
+    d_\lambda = V_r \frac{\Sigma_r}{\Sigma_r^2 + \lambda} U_r^\top R
+    = M^\top U_r (\Lambda_r + \lambda)^{-1} U_r^\top R .
+
+The exact path (:func:`truncpinv.pinv_from_gram`) finds :math:`U` by the full eigendecomposition of
+:math:`K` (LAPACK's divide and conquer, :math:`O(m^3)` with the vectors). Without truncation the same
+direction is one Cholesky solve, with no eigenvectors:
+
+.. math::
+
+    d^{c}_\lambda = M^\top y, \qquad (K + \lambda I)\, y = R, \qquad
+    M d^{c}_\lambda = K y \quad\text{(the control's prediction, no product with } M\text{)} .
+
+:class:`DampedGram` takes the eigenvalues only (``eigvalsh``: the same spectrum, rank and cut-off as the
+exact path, for ``opt.last_step``) and solves by Cholesky; each retry with a larger damping is one more
+Cholesky. The two directions differ by the components the truncation drops,
+:math:`d^{c}_\lambda - d_\lambda = M^\top P_{drop}\, y`, whose norm is at most
+:math:`\sqrt{\lambda_{drop}}\,\|y\|` (:math:`\lambda_{drop}`: the largest dropped eigenvalue). Dropped values
+that are round-off (:math:`\lambda \lesssim m\,\epsilon_{64}\lambda_1`: most of them, ``K``'s null space)
+enter that bound; the few above round-off (values between it and the cut-off, where a residual's weight can
+make the two directions differ by more than the step itself: seen on the MNIST MLP) are deflated, their
+eigenvectors alone computed (:class:`DampedGram`). A direction is taken from the Cholesky solve only when the
+bound, plus the solve's own rounding (:math:`m\,\epsilon_{64}(\lambda_1+\lambda)/(2\sqrt\lambda)\,\|y\|`, from
+its backward error), is at most :func:`accuracy` :math:`= m\,\epsilon` of ``M``'s dtype times
+:math:`\|d\| = \sqrt{y^\top K y}`: the rounding of the exact path's own products of length ``m`` in that dtype.
+So the step is the exact path's to its round-off, or it *is* the exact path's: any other try (the bound
+fails, the Cholesky factorisation fails, an eigenvalue lies within the eigensolver's accuracy of the cut-off,
+more than :data:`BAND_MAX` values to deflate) computes the eigenvectors then, as before, and so does every
+use of the factors (``F.U``, ``F.V``, ``F @ b``).
+
+Where it pays and where it does not: with float32 Jacobians the round-off eigenvalues contribute about
+:math:`\sqrt{m\,\epsilon_{64}}\,\sigma_1\|y\|`, below :math:`m\,\epsilon_{32}\|d\|` while the damping is a
+fair fraction of :math:`\lambda_1` (the loss rule's floor ``0.1``). A float64 ``M`` asks for
+:math:`m\,\epsilon_{64}` accuracy, which those contributions of :math:`\sqrt{\epsilon_{64}}` never meet:
+float64 keeps the exact path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+
+import truncpinv
+from truncpinv import TruncatedPinv
+from truncpinv._gram import PARTIAL_MIN_ROWS, _singular_values
+from truncpinv._tolerance import make_tolerance
+
+__all__ = ["BAND_MAX", "MIN_DAMPING", "NAME", "DampedGram", "accuracy", "applies", "factorize_damped"]
+
+#: ``stats["method"]`` of a :class:`DampedGram` (``stats["solver"]`` is ``"from_gram"``, as the exact path's).
+NAME = "eigvalsh+cholesky"
+_EPS64 = float(torch.finfo(torch.float64).eps)
+#: At most this many dropped eigenvalues above round-off are deflated (their eigenvectors computed); more: the
+#: exact path.
+BAND_MAX = 16
+#: The smallest damping floor (relative to :math:`\sigma_1^2`) served. A residual's weight on the round-off
+#: eigenvalues enters :math:`\|y\|` as :math:`1/\lambda`, so at small dampings the bound fails unless ``R`` is
+#: nearly orthogonal to them, and the eigenvalues would be computed for nothing. Not tuned: the loss rule's floor
+#: ``0.1`` is served, Levenberg--Marquardt's ``1e-12`` (residual mode's default) is not.
+MIN_DAMPING = 1e-3
+
+
+def accuracy(m: int, dtype: torch.dtype) -> float:
+    """The relative accuracy a Cholesky direction must certify: ``m * eps(dtype)`` (the module docstring)."""
+    return m * float(torch.finfo(dtype).eps)
+
+
+def applies(M: Any, solver: truncpinv.Solver, *, rank: int | None, damping: float | None) -> bool:
+    """Whether :func:`factorize_damped` may serve ``M``: a Gram operator (``M.gram``, on the CPU) of a float32
+    Jacobian, an exact solver (``Auto``, ``DenseSVD``, ``GramEigen``) whose path is the full eigendecomposition,
+    no rank cap below ``min(m, n)``, and a damping floor ``damping`` (the smallest the step control will try) of
+    at least :data:`MIN_DAMPING`."""
+    if isinstance(M, torch.Tensor) or not hasattr(M, "gram") or damping is None or not damping >= MIN_DAMPING:
+        return False
+    if getattr(M, "dtype", None) != torch.float32 or not isinstance(solver, (truncpinv.Auto, truncpinv.DenseSVD,
+                                                                              truncpinv.GramEigen)):  # fmt: skip
+        return False
+    m, n = int(M.shape[0]), int(M.shape[1])
+    if rank is not None and rank < min(m, n):
+        return False
+    partial = isinstance(solver, truncpinv.Auto) and m >= PARTIAL_MIN_ROWS  # (its Lanczos path)
+    return not partial and M.gram.device.type == "cpu"
+
+
+def factorize_damped(
+    M: Any, solver: truncpinv.Solver, *, rank: int | None, rtol: float | None, atol: float
+) -> DampedGram | None:
+    r"""The eigenvalues of ``K = M.gram`` and a :class:`DampedGram` for Cholesky directions; ``None`` if ``K`` or its
+    spectrum is not finite (the exact path then reports why), or if no direction can be certified
+    (:meth:`DampedGram.certifiable`: nothing kept, a value at the cut-off, too many dropped values above round-off,
+    or a remaining dropped eigenvalue above :math:`(\text{accuracy})^2 \lambda_1`, where the bound fails for any
+    ``R`` because :math:`\|d\| \le \sigma_1 \|y\|`)."""
+    K = M.gram.to(torch.float64)
+    try:
+        lam = torch.linalg.eigvalsh(K).flip(0)
+    except torch.linalg.LinAlgError:
+        return None
+    m, n = int(M.shape[0]), int(M.shape[1])
+    try:
+        S = _singular_values(lam, min(m, n), eps_k=_EPS64, side=max(m, n), exact=True)
+    except ValueError:
+        return None
+    tol = make_tolerance((m, n), M.dtype, rank=rank, rtol=rtol, atol=atol)
+    D = DampedGram(K, lam, S.to(M.dtype), M, tol=tol, solver=solver, rank=rank, rtol=rtol, atol=atol)
+    return D if D.certifiable() else None
+
+
+class DampedGram(TruncatedPinv):
+    r"""The exact Gram factorisation of ``M`` with its eigenvectors formed on first use, and certified Cholesky
+    directions (module docstring).
+
+    ``S``, ``singular_values``, ``rank`` and ``cutoff`` are the exact path's (the eigenvalues of ``K``, computed
+    alone). :meth:`damped_direction` and :meth:`model_change` are the Cholesky path; the factors (``U``, ``V``,
+    ``F @ b`` and everything built on them) come from :func:`truncpinv.pinv_from_gram` on first access, which
+    then also supplies ``S``, ``rank`` and ``cutoff`` (equal to round-off).
+
+    **The dropped values above round-off** (a residual's weight on them can make the Cholesky direction differ
+    from the exact one by more than the step itself: seen on the MNIST MLP) are deflated: their eigenvectors
+    :math:`W` alone (LAPACK's ``syevr`` for the values in an interval, at most :data:`BAND_MAX` of them) and
+    :math:`y \leftarrow y - W W^\top y`. The bound then holds the remaining dropped values (round-off) and the
+    angle :math:`\theta` between :math:`W` and the exact eigenvectors, by Davis--Kahan
+    :math:`\sin\theta \le \|K W - W \mathrm{M}\|_F / \text{gap}` (:math:`\mathrm{M}` the computed values, gap
+    their distance from the other eigenvalues) plus the loss of orthonormality :math:`\|W^\top W - I\|_F`:
+    :math:`\|d - d^\star\| \le (2\sigma_1\theta + \sqrt{\lambda_{rest}} + \text{rounding})\,\|y\|`.
+    """
+
+    _LAZY = frozenset({"_U", "_V", "_op", "_squares_safe"})
+
+    def __init__(
+        self,
+        K: torch.Tensor,
+        lam: torch.Tensor,
+        S: torch.Tensor,
+        M: Any,
+        *,
+        tol: Any,
+        solver: truncpinv.Solver,
+        rank: int | None,
+        rtol: float | None,
+        atol: float,
+    ) -> None:
+        # (no TruncatedPinv.__init__: the factors it stores are the exact path's, formed on demand by __getattr__)
+        self._K, self._lam, self._S, self._M = K, lam, S, M
+        self._Kn, self._lamn = K.numpy(), lam.numpy()
+        self._rank, self._rtol, self._atol, self._solver = rank, rtol, atol, solver
+        self._exact: TruncatedPinv | None = None
+        self._cache: tuple[float, torch.Tensor, torch.Tensor | None, np.ndarray] | None = None
+        self.tol, self.shape, self.numpy_out, self._source = tol, (int(M.shape[0]), int(M.shape[1])), False, None
+        self.rank, self.cutoff = tol.keep(S)
+        self.stats: dict[str, Any] = {"solver": "from_gram", "method": NAME, "matvecs": 0, "iterations": 1}
+        self._W: np.ndarray | None = None
+        self._rest, self._theta = math.inf, math.inf
+        self._plan()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in DampedGram._LAZY:  # the factors: the exact path's
+            return getattr(self.exact(), name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._S.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._S.device
+
+    def exact(self) -> TruncatedPinv:
+        """The exact path's factorisation (:func:`truncpinv.pinv_from_gram`), computed once; it also replaces
+        ``S``, ``rank`` and ``cutoff`` (and the directions are its own from then on)."""
+        if self._exact is None:
+            F = truncpinv.pinv_from_gram(self._K, self._M, rank=self._rank, rtol=self._rtol, atol=self._atol,
+                                         check_finite=False, solver=self._solver)  # fmt: skip
+            self._exact, self._S, self.rank, self.cutoff = F, F._S, F.rank, F.cutoff
+            self.stats = dict(F.stats)
+        return self._exact
+
+    def certifiable(self) -> bool:
+        """Whether some ``R`` can get a certified direction (the static part of the bound)."""
+        lam1 = float(self._lamn[0])
+        return self._rest + 4.0 * lam1 * self._theta**2 <= accuracy(self.shape[0], self.dtype) ** 2 * lam1
+
+    def _plan(self) -> None:
+        r"""Which dropped eigenvalues to deflate, their eigenvectors, and the terms of the bound (class docstring).
+
+        The exact path keeps :math:`\lambda_i > t^2`, :math:`t = \max(\text{cutoff}, \text{floor})` (the Gram
+        route's zero floor :math:`\sqrt{m' \epsilon_{64}}\,\sigma_1`, :math:`m' = \max(m, n)`), judged on its own
+        eigenvalues, which are backward stable to :math:`\delta = m\,\epsilon_{64}\lambda_1`, with
+        :math:`\sigma_i` rounded to ``M``'s dtype: a value within that of :math:`t^2` is a tie, left to the exact
+        path. Dropped values above :math:`\tau = \max(4\delta, (\text{accuracy}/64)^2\lambda_1)` are deflated;
+        the largest of the rest, plus :math:`\delta`, is :math:`\lambda_{rest}`.
+        """
+        lam, (m, n), r = self._lamn, self.shape, self.rank
+        lam1 = float(lam[0])
+        if r == 0 or not lam1 > 0:
+            return
+        delta = m * _EPS64 * lam1
+        t = max(self.cutoff, math.sqrt(_EPS64 * max(m, n) * lam1))
+        e = 4.0 * float(torch.finfo(self.dtype).eps)
+        if bool(np.any((lam >= (t * (1 - e)) ** 2 - delta) & (lam <= (t * (1 + e)) ** 2 + delta))):
+            return
+        tau = max(4.0 * delta, (accuracy(m, self.dtype) / 64.0) ** 2 * lam1)
+        k = int(np.count_nonzero(lam[r:] > tau))
+        if k > BAND_MAX:
+            return
+        below = float(lam[r + k]) if r + k < m else 0.0
+        self._rest = max(below, 0.0) + delta
+        if k == 0:
+            self._theta = 0.0
+            return
+        band = lam[r : r + k]
+        vu, vl = 0.5 * (float(lam[r - 1]) + float(band[0])), 0.5 * (float(band[-1]) + below)
+        mu, W = scipy.linalg.eigh(self._Kn, subset_by_value=(vl, vu), driver="evr", check_finite=False)
+        if mu.shape[0] != k:
+            return
+        gap = min(float(lam[r - 1]) - float(mu.max()), float(mu.min()) - below)
+        rho = float(np.linalg.norm(self._Kn @ W - W * mu))
+        ortho = float(np.linalg.norm(W.T @ W - np.eye(k)))
+        self._W, self._theta = W, (rho / gap if gap > 0 else math.inf) + ortho
+
+    def _solve(self, R: torch.Tensor, damping: float) -> tuple[torch.Tensor | None, np.ndarray]:
+        """``(d, y)``: :math:`(K + \\lambda I) y = R`, deflated; ``d = M^T y`` or ``None`` when not certified.
+        The last one is cached (the direction and then its prediction)."""
+        c = self._cache
+        if c is not None and c[0] == damping and (c[1] is R or torch.equal(c[1], R)):
+            return c[2], c[3]
+        lam1 = float(self._lamn[0])
+        lam_abs = damping * lam1
+        m = self.shape[0]
+        A = self._Kn + lam_abs * np.eye(m)
+        L, info = scipy.linalg.lapack.dpotrf(A, lower=1, clean=0, overwrite_a=1)
+        d: torch.Tensor | None = None
+        y = np.zeros(m)
+        if info == 0:
+            y, info = scipy.linalg.lapack.dpotrs(L, R.detach().cpu().numpy().astype(np.float64), lower=1)
+            W = self._W
+            if W is not None:
+                y = y - W @ (W.T @ y)
+            if info == 0 and self._certified(y, lam_abs):
+                Mop = self._M
+                d = Mop.rmatmat(torch.from_numpy(y).to(Mop.dtype)[:, None])[:, 0]
+        self._cache = (damping, R, d, y)
+        return d, y
+
+    def _certified(self, y: np.ndarray, lam_abs: float) -> bool:
+        """The bound of the class docstring within :func:`accuracy` of :math:`\\|d\\| = \\sqrt{y^\\top K y}`."""
+        m, lam1 = self.shape[0], float(self._lamn[0])
+        ynorm, dnorm2 = float(np.linalg.norm(y)), float(y @ (self._Kn @ y))
+        if not (math.isfinite(ynorm) and math.isfinite(dnorm2)) or not lam_abs > 0:
+            return False
+        rounding = m * _EPS64 * (lam1 + lam_abs) / (2.0 * math.sqrt(lam_abs))
+        bound = 2.0 * math.sqrt(lam1) * self._theta + math.sqrt(self._rest) + rounding
+        return bound * ynorm <= accuracy(m, self.dtype) * math.sqrt(max(dnorm2, 0.0))
+
+    def damped_direction(self, R: torch.Tensor, damping: float) -> torch.Tensor | None:
+        r""":math:`d_\lambda = M^\top (K + \lambda I)^{-1} R` with :math:`\lambda = \text{damping}\cdot\lambda_1`, in
+        ``M``'s dtype, deflated; ``None`` where the exact path must give it (not certified, or already formed)."""
+        if self._exact is not None or not damping > 0:
+            return None
+        return self._solve(R, damping)[0]
+
+    def model_change(self, R: torch.Tensor, damping: float) -> torch.Tensor | None:
+        r""":math:`M d_\lambda = K y` of :meth:`damped_direction`'s direction (``None`` where it gave none)."""
+        if self._exact is not None or not damping > 0:
+            return None
+        d, y = self._solve(R, damping)
+        return None if d is None else torch.from_numpy(self._Kn @ y).to(self.dtype)
+
+    def gradient_cosine(self, R: torch.Tensor) -> torch.Tensor:
+        r""":math:`\|M^\top R\| / (\sigma_{max}\|R\|)` with :math:`\|M^\top R\|^2 = R^\top K R` (no eigenvectors)."""
+        r = R.detach().cpu().numpy().astype(np.float64)
+        g2, rn = float(r @ (self._Kn @ r)), float(np.linalg.norm(r))
+        s1 = math.sqrt(max(float(self._lamn[0]), 0.0))
+        return torch.tensor(math.sqrt(max(g2, 0.0)) / (s1 * rn) if s1 * rn > 0 else 0.0, dtype=R.dtype)

@@ -1,0 +1,289 @@
+r"""The Cholesky directions of the Gram route (:mod:`sven.damped_gram`) against the exact eigendecomposition.
+
+Every tolerance comes from round-off: a direction certified by :class:`~sven.damped_gram.DampedGram` differs
+from the exact path's step in exact arithmetic (the kept eigenpairs of ``K``, filtered, here in float64) by at
+most ``accuracy(m) * ||d||`` (the bound it checks), and its float32 product with ``M^T`` adds at most
+``m eps32 ||M||_F ||y||`` (a dot product of length ``m`` per entry), where ``y`` solves ``(K + lambda I) y = R``.
+The exact path's own float32 re-filtering (``F.solve(U @ coeff)``) divides the round-off of ``U^T U coeff``
+by :math:`\sigma_i^2`: on a spectrum of condition ``4e3`` it is ``1e-4`` off, the Cholesky direction ``1e-7``;
+so the reference is the float64 filtered step, and the float32 one is compared at its own accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import sven
+import sven.damped_gram as DG
+import truncpinv
+from sven import functional as SF
+from sven.factored_model import model_change
+from sven.factorize import factorize
+from sven.info import StepFault
+
+from .spectra import KINDS, make_matrix
+
+F32, F64 = torch.float32, torch.float64
+EPS32 = float(torch.finfo(F32).eps)
+
+
+class GramOperator:
+    """A float32 ``M`` as the Gram route hands it over: ``gram`` (float64 ``M M^T``), ``rmatmat`` and ``matmat``."""
+
+    def __init__(self, M: torch.Tensor, gram: torch.Tensor | None = None) -> None:
+        self.M = M
+        self.gram = M.double() @ M.double().T if gram is None else gram
+        self.shape, self.dtype, self.device = tuple(M.shape), M.dtype, M.device
+
+    def matmat(self, X: torch.Tensor) -> torch.Tensor:
+        return self.M @ X
+
+    def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.M.T @ Y
+
+
+def _problem(m: int, n: int, kind: str, seed: int) -> tuple[GramOperator, torch.Tensor]:
+    A, *_ = make_matrix(m, n, kind, seed)
+    R = np.random.default_rng(seed + 1).standard_normal(m)
+    return GramOperator(torch.from_numpy(A).to(F32)), torch.from_numpy(R).to(F32)
+
+
+def _rtol(op: GramOperator) -> float:
+    """The numerically-zero cut-off that :func:`sven.factorize.factorize` resolves ``rtol=None`` to."""
+    return truncpinv.default_rtol(op.shape, op.dtype)
+
+
+def _exact(op: GramOperator, rtol: float | None = None) -> truncpinv.TruncatedPinv:
+    """The exact path: what :func:`sven.factorize.factorize` computed before (the full eigendecomposition)."""
+    rtol = rtol or _rtol(op)
+    return truncpinv.pinv_from_gram(op.gram, op, rtol=rtol, atol=0.0, check_finite=False, solver=truncpinv.Auto())
+
+
+def _reference(op: GramOperator, R: torch.Tensor, damping: float, rank: int) -> torch.Tensor:
+    r"""The exact path's step in float64: :math:`M^\top U_r (\Lambda_r + \lambda)^{-1} U_r^\top R`."""
+    lam, Q = torch.linalg.eigh(op.gram)
+    lam, Q = lam.flip(0)[:rank], Q.flip(1)[:, :rank]
+    coeff = (Q.T @ R.double()) / (lam + damping * float(lam[0]))
+    return op.M.double().T @ (Q @ coeff)
+
+
+def _tolerance(op: GramOperator, R: torch.Tensor, damping: float) -> float:
+    """The bound of the module docstring for ``||d_cholesky - d_reference||``."""
+    K = op.gram
+    lam = damping * float(torch.linalg.eigvalsh(K)[-1])
+    y = torch.linalg.solve(K + lam * torch.eye(K.shape[0], dtype=F64), R.double())
+    d = math.sqrt(float(y @ (K @ y)))
+    m = op.shape[0]
+    return DG.accuracy(m, F32) * d + 2 * m * EPS32 * float(op.M.double().norm()) * float(y.norm())
+
+
+def _damped(op: GramOperator, rtol: float | None = None) -> DG.DampedGram | None:
+    return DG.factorize_damped(op, truncpinv.Auto(), rank=None, rtol=rtol or _rtol(op), atol=0.0)
+
+
+@given(
+    kind=st.sampled_from(KINDS),
+    shape=st.sampled_from([(24, 60), (40, 16), (32, 32)]),
+    dampings=st.lists(st.sampled_from([1e-3, 1e-2, 0.1, 0.3, 1.0, 4.0]), min_size=1, max_size=3),
+    rtol=st.sampled_from([None, 3e-3]),
+    seed=st.integers(0, 2**16),
+)
+def test_certified_direction_is_the_exact_one(
+    kind: str, shape: tuple[int, int], dampings: list[float], rtol: float | None, seed: int
+):
+    """Each certified direction (retries at other dampings on one factorisation included) is the exact path's,
+    with the default cut-off (the dropped values are round-off) and with ``rtol=3e-3``, which drops values far
+    above round-off on the ``gap`` and ``geometric`` spectra (deflated)."""
+    op, R = _problem(*shape, kind, seed)
+    D, F = _damped(op, rtol), _exact(op, rtol)
+    if D is None:  # declined (a value at the cut-off, or more than BAND_MAX dropped above round-off)
+        return
+    for damping in dampings:
+        d = D.damped_direction(R, damping)
+        if d is None:
+            continue
+        ref = _reference(op, R, damping, F.rank)
+        assert float((d.double() - ref).norm()) <= _tolerance(op, R, damping)
+        # the exact path's float32 direction, at its own accuracy (module docstring)
+        de = SF.filtered_direction(F, R, damping=damping).double()
+        kappa2 = float(F.S[0] / F.S[-1]) ** 2
+        own = 4 * shape[0] * EPS32 * kappa2 * float(ref.norm())
+        assert float((de - ref).norm()) <= _tolerance(op, R, damping) + own
+        # the model change of the very direction (the control's prediction) is K y = M d
+        change = model_change(D, R, damping=damping).double()
+        direct = op.M.double() @ d.double()
+        slack = 2 * shape[0] * EPS32 * float(op.M.double().norm()) * float(d.double().norm()) + 1e-12
+        assert float((change - direct).norm()) <= slack * max(1.0, float(op.M.double().norm()))
+
+
+@pytest.mark.parametrize("kind", ["flat", "gap", "deficient"])
+@pytest.mark.parametrize("shape", [(24, 60), (40, 16)])
+def test_cholesky_path_is_taken(kind: str, shape: tuple[int, int]):
+    """Not vacuous: on these spectra (kept values well above the cut-off, the rest round-off) every damping of the
+    step control is certified, so the property test above compares the two paths."""
+    op, R = _problem(*shape, kind, 3)
+    D = _damped(op)
+    assert D is not None
+    for damping in (0.1, 0.2, 0.8):
+        assert D.damped_direction(R, damping) is not None
+
+
+def test_spectrum_rank_cutoff_and_angle_are_the_exact_paths():
+    """``opt.last_step`` reads ``singular_values``, ``rank``, ``cutoff`` and the stationarity angle: the same values
+    (the eigenvalues alone are the full decomposition's to round-off; the angle is ``||M^T R|| / (s1 ||R||)``)."""
+    op, R = _problem(40, 90, "gap", 5)
+    D, F = _damped(op), _exact(op)
+    assert D is not None
+    assert (D.rank, D.cutoff) == (F.rank, F.cutoff)
+    s, se = D.singular_values.double(), F.singular_values.double()
+    assert float((s - se).abs().max()) <= 4 * EPS32 * float(se[0])
+    cos = float(SF.gradient_cosine(D, R))
+    direct = float((op.M.double().T @ R.double()).norm()) / (float(se[0]) * float(R.double().norm()))
+    assert cos == pytest.approx(direct, rel=100 * EPS32)
+
+
+def test_factors_are_formed_on_demand_and_then_used():
+    """Reading the factors forms the exact decomposition: ``F @ b`` is the exact path's, and so is every later
+    direction."""
+    op, R = _problem(24, 60, "flat", 7)
+    D, F = _damped(op), _exact(op)
+    assert D is not None and D.damped_direction(R, 0.1) is not None
+    x, xe = D @ R, F @ R
+    assert float((x - xe).norm()) <= 10 * 24 * EPS32 * float(xe.norm())
+    assert D.damped_direction(R, 0.1) is None  # the eigenvectors exist now: the exact path's own directions
+    assert D.stats["method"] == "eigh"
+
+
+def test_a_residual_on_a_value_below_the_cutoff_is_deflated(monkeypatch: pytest.MonkeyPatch):
+    """A singular value below the cut-off but far above round-off, with the residual on it: the plain Cholesky
+    step would keep it (a direction of size ~``1/lambda``); its eigenvector is deflated, and the direction is the
+    exact path's (zero: nothing of ``R`` is kept). Without deflation the factorisation declines."""
+    gen = np.random.default_rng(0)
+    m, n = 20, 50
+    U, _ = np.linalg.qr(gen.standard_normal((m, m)))
+    V, _ = np.linalg.qr(gen.standard_normal((n, m)))
+    s = np.ones(m)
+    s[-1] = 1e-3
+    op = GramOperator(torch.from_numpy((U * s) @ V.T).to(F32))
+    R = torch.from_numpy(U[:, -1] + 1e-3 * U[:, 0]).to(F32)
+    D = _damped(op, 1e-2)
+    assert D is not None and D.rank == m - 1
+    d = D.damped_direction(R, 0.1)
+    assert d is not None
+    ref = _reference(op, R, 0.1, m - 1)
+    assert float((d.double() - ref).norm()) <= _tolerance(op, R, 0.1)
+    plain = op.M.double().T @ torch.linalg.solve(op.gram + 0.1 * torch.eye(m, dtype=F64), R.double())
+    assert float((plain - ref).norm()) > 10 * float(ref.norm())  # (what deflation removes)
+    monkeypatch.setattr(DG, "BAND_MAX", 0)
+    assert _damped(op, 1e-2) is None
+    F = factorize(op, truncpinv.Auto(), rank=None, rtol=1e-2, atol=0.0, floor=0.1)
+    assert not isinstance(F, DG.DampedGram) and F.rank == m - 1
+
+
+def test_cholesky_failure_falls_back_to_the_factors():
+    """A ``K`` that is positive semi-definite only to round-off (an eigenvalue of ``-1e-15 lambda_1``) and a damping
+    below it: the Cholesky factorisation fails and the direction comes from the exact factors."""
+    op, R = _problem(24, 60, "deficient", 2)
+    lam, Q = torch.linalg.eigh(op.gram)
+    lam = lam.clone()
+    lam[0] = -1e-15 * float(lam[-1])
+    K = (Q * lam) @ Q.T
+    bad = GramOperator(op.M, gram=(K + K.T) / 2)
+    D = _damped(bad)
+    assert D is not None
+    assert D._solve(R, 1e-17)[0] is None
+    assert D.damped_direction(R, 0.1) is not None  # a damping it resolves is served again
+
+
+@pytest.mark.parametrize("what", ["nan", "inf", "indefinite"])
+def test_bad_gram_matrix_is_reported_as_before(what: str):
+    """NaN, Inf or a clearly indefinite ``K``: no Cholesky direction; the exact path reports it, as it did without
+    a floor (:class:`sven.Sven` checks ``K`` for NaN and Inf before, and skips the step)."""
+    op, _ = _problem(16, 30, "flat", 1)
+    K = op.gram.clone()
+    if what == "indefinite":
+        K -= 0.5 * float(torch.linalg.eigvalsh(K)[-1]) * torch.eye(16, dtype=F64)
+    else:
+        K[3, 5] = K[5, 3] = float(what)
+    bad = GramOperator(op.M, gram=K)
+    assert _damped(bad) is None
+    errors = []
+    for floor in (None, 0.1):
+        with pytest.raises((StepFault, ValueError)) as err:
+            factorize(bad, truncpinv.Auto(), rank=None, rtol=None, atol=0.0, floor=floor)
+        errors.append((err.type, str(err.value)))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"floor": None}, {"floor": 0.0}, {"floor": 1e-12}, {"floor": 0.1, "rank": 5}],
+    ids=["no-floor", "undamped", "below-min", "rank-cap"],
+)
+def test_other_steps_keep_the_exact_path(kwargs: dict[str, Any]):
+    """Undamped steps, a floor below :data:`~sven.damped_gram.MIN_DAMPING` and a rank cap keep the exact path."""
+    op, _ = _problem(24, 60, "flat", 4)
+    F = factorize(op, truncpinv.Auto(), rank=kwargs.get("rank"), rtol=None, atol=0.0, floor=kwargs["floor"])
+    assert not isinstance(F, DG.DampedGram) and F.stats["method"] == "eigh"
+    assert isinstance(factorize(op, truncpinv.Auto(), rank=None, rtol=None, atol=0.0, floor=0.1), DG.DampedGram)
+    assert not isinstance(factorize(op.M, truncpinv.Auto(), rank=None, rtol=None, atol=0.0, floor=0.1), DG.DampedGram)
+
+
+def _train(monkeypatch: pytest.MonkeyPatch, *, cholesky: bool, steps: int = 5) -> tuple[torch.Tensor, int, Any]:
+    """A few steps of the loss rule on a small MLP classifier: the parameters and the Cholesky directions used."""
+    monkeypatch.setattr(DG, "MIN_DAMPING", DG.MIN_DAMPING if cholesky else math.inf)
+    used = [0]
+    original = DG.DampedGram.damped_direction
+
+    def counted(self: DG.DampedGram, R: torch.Tensor, damping: float) -> torch.Tensor | None:
+        d = original(self, R, damping)
+        used[0] += d is not None
+        return d
+
+    monkeypatch.setattr(DG.DampedGram, "damped_direction", counted)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 10, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    opt = sven.Sven(net.parameters(), route="gram")  # (the route of the larger classifiers; this one would be autograd)
+    for _ in range(steps):
+        opt.step(lambda: torch.nn.functional.cross_entropy(net(x), y, reduction="none"))
+    assert opt.config.ggn and opt.last_step is not None and opt.last_step.jacobian_method == "gram"
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()]), used[0], opt.last_step
+
+
+def test_loss_rule_trajectory_is_unchanged(monkeypatch: pytest.MonkeyPatch):
+    """Five steps of the loss rule with the Cholesky directions against the eigendecomposition's, and what
+    ``last_step`` reports after them (the parameters differ by round-off, so its values to ``1e-3``).
+
+    Each certified direction is the exact one to ``accuracy(64) = 64 eps32`` plus float32 products of the same size;
+    over five steps the relative difference of the parameters stays below ``5 * 2 * 64 eps32 < 1e-4``.
+    """
+    new, used, info = _train(monkeypatch, cholesky=True)
+    old, unused, info_old = _train(monkeypatch, cholesky=False)
+    assert used >= 3 and unused == 0
+    assert float((new - old).norm()) <= 1e-4 * float(old.norm())
+    # what last_step reports: the same spectrum, rank and cut-off; the angle from every value, within rtol
+    s, s_old = info.singular_values.double(), info_old.singular_values.double()
+    assert info.rank == info_old.rank and float((s - s_old).abs().max()) <= 1e-3 * float(s_old[0])
+    assert info.cutoff == pytest.approx(info_old.cutoff, rel=1e-3)
+    assert abs(info.gradient_cosine - info_old.gradient_cosine) <= 1e-3 + truncpinv.default_rtol((64, new.numel()), F32)
+
+
+def test_a_residual_in_the_null_space_is_not_certified():
+    """A tall ``M`` and a residual orthogonal to its columns' span: both directions are round-off (``M^T R = 0``),
+    so no relative accuracy can be certified; the direction comes from the factors. A residual in the span is
+    certified on the same factorisation (the bound depends on ``R``, not only on the spectrum)."""
+    op, _ = _problem(40, 16, "flat", 6)
+    Q = torch.linalg.qr(op.M.double(), mode="complete").Q
+    D = _damped(op)
+    assert D is not None
+    assert D.damped_direction(Q[:, 16:].sum(dim=1).to(F32), 0.1) is None
+    assert D.damped_direction(Q[:, :16].sum(dim=1).to(F32), 0.1) is not None
