@@ -111,6 +111,37 @@ def test_parameters_outside_linear_layers_fall_back() -> None:
     torch.testing.assert_close(res.jacobian, _reference(closure, params))
 
 
+@pytest.mark.parametrize("layer", ["conv", "embedding"])
+def test_hooks_without_verification_still_cover_every_parameter(layer: str) -> None:
+    """``"hooks"`` skips the coupling check, not the coverage test: a parameter that a layer other than
+    ``nn.Linear`` uses (here a convolution or an embedding, samples independent) must not get a zero column."""
+    torch.manual_seed(8)
+    if layer == "conv":
+        first: nn.Module = nn.Conv1d(2, 3, 3)
+        x = torch.randn(6, 2, 5, dtype=torch.float64)
+    else:
+        first = nn.Embedding(7, 3)
+        x = torch.randint(0, 7, (6, 3))
+    model = nn.Sequential(first, nn.Tanh(), nn.Flatten(), nn.Linear(9, 1)).double()
+    y = torch.randn(6, 1, dtype=torch.float64)
+    params = list(model.parameters())
+
+    def closure() -> torch.Tensor:
+        return per_sample_mse(model(x), y)
+
+    res = PerSampleJacobian("hooks")(closure, params, rows=lambda t: t)
+    assert res.method == "autograd"
+    torch.testing.assert_close(res.jacobian, _reference(closure, params))
+    # and through the optimizer: the same step as the autograd route, the first layer moved
+    steps = []
+    for jacobian in ("hooks", "autograd"):
+        m = __import__("copy").deepcopy(model)
+        sven.Sven(m.parameters(), jacobian=jacobian).step(lambda m=m: per_sample_mse(m(x), y))
+        steps.append(torch.cat([(q - p).detach().reshape(-1) for q, p in zip(m.parameters(), params)]))
+    assert float(steps[0][: params[0].numel()].norm()) > 0
+    torch.testing.assert_close(steps[0], steps[1])
+
+
 def test_optimizer_paths_give_the_same_step() -> None:
     x = torch.rand(16, 1, dtype=torch.float64) * 2 - 1
     y = torch.sin(3 * x)

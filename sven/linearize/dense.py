@@ -282,8 +282,9 @@ class PerSampleJacobian:
     Args:
         method: ``"auto"`` (hook fast path, verified once per forward
             structure, exact fallback otherwise), ``"hooks"`` (fast path
-            without verification: only for models known to treat samples
-            independently), or ``"autograd"`` (always the batched backward).
+            without the coupling check: only for models known to treat samples
+            independently; a parameter used outside ``nn.Linear`` still gets the
+            exact fallback), or ``"autograd"`` (always the batched backward).
         seed: seed of the random probe vector used for verification.
 
     The instance keeps the verification outcomes, so keep one per optimizer.
@@ -299,6 +300,11 @@ class PerSampleJacobian:
     def __getstate__(self) -> dict[str, Any]:
         # verification outcomes are keyed by object ids: not meaningful elsewhere
         return {"method": self.method, "seed": self.seed, "_verified": {}}
+
+    def _remember(self, key: tuple[Any, ...], ok: bool) -> None:
+        if len(self._verified) >= _MAX_CACHED:
+            self._verified.clear()
+        self._verified[key] = ok
 
     def __call__(
         self,
@@ -349,7 +355,16 @@ class PerSampleJacobian:
         verify = known is None and self.method == "auto"
 
         outs = [c.out for c in calls]
-        gs = torch.autograd.grad(out.sum(), outs, retain_graph=verify, allow_unused=True)
+        # the coverage test (also under "hooks", which skips only the coupling check): an optimised parameter
+        # that no recorded Linear call owns but the rows reach (a convolution's, an embedding's) has no hook
+        # formula; a zero column would freeze it and bend the step of the others. Structurally reachable: used.
+        uncovered = [p for p in params if id(p) not in rec.covered] if known is None else []
+        gs = torch.autograd.grad(
+            out.sum(), outs + uncovered, retain_graph=verify or bool(uncovered), allow_unused=True
+        )
+        if any(g is not None for g in gs[len(outs) :]):
+            self._remember(key, False)
+            return JacobianResult(out.detach(), exact(out), exact_name)
         pieces: dict[int, torch.Tensor] = {}
         for c, g in zip(calls, gs):
             if g is None:
@@ -368,9 +383,7 @@ class PerSampleJacobian:
 
         if verify:
             ok = agrees_with_a_vjp(out, params, J, seed=self.seed)
-            if len(self._verified) >= _MAX_CACHED:
-                self._verified.clear()
-            self._verified[key] = ok
+            self._remember(key, ok)
             if not ok:
                 return JacobianResult(out.detach(), exact(out), exact_name)
         return JacobianResult(out.detach(), J, "hooks")
