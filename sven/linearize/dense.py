@@ -359,9 +359,7 @@ class PerSampleJacobian:
         # that no recorded Linear call owns but the rows reach (a convolution's, an embedding's) has no hook
         # formula; a zero column would freeze it and bend the step of the others. Structurally reachable: used.
         uncovered = [p for p in params if id(p) not in rec.covered] if known is None else []
-        gs = torch.autograd.grad(
-            out.sum(), outs + uncovered, retain_graph=verify or bool(uncovered), allow_unused=True
-        )
+        gs = torch.autograd.grad(out.sum(), outs + uncovered, retain_graph=verify or bool(uncovered), allow_unused=True)
         if any(g is not None for g in gs[len(outs) :]):
             self._remember(key, False)
             return JacobianResult(out.detach(), exact(out), exact_name)
