@@ -30,7 +30,14 @@ __all__ = [
     "Unsupported",
     "WithGram",
     "row_transform",
+    "strided",
 ]
+
+
+def strided(g: torch.Tensor) -> torch.Tensor:
+    """A gradient as a dense (strided) tensor: autograd hands ``nn.Embedding(sparse=True)``'s weight a sparse
+    COO gradient, which has no ``reshape``, ``isfinite`` or batching rule."""
+    return g.to_dense() if g.layout != torch.strided else g
 
 
 class GramOperator(LinearOperator, Protocol):

@@ -53,7 +53,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from ..functional import host
-from .base import Linearization, RowSpec
+from .base import Linearization, RowSpec, strided
 from .matfree import ClosureJacobian
 from .recorder import Call, Labels, Recorder, recording
 
@@ -100,7 +100,7 @@ def agrees_with_a_vjp(out: torch.Tensor, params: Sequence[torch.Tensor], J: torc
     exact = torch.autograd.grad(out, list(params), grad_outputs=u, retain_graph=True, allow_unused=True)
     ref = torch.cat(
         [
-            torch.zeros(p.numel(), dtype=J.dtype, device=J.device) if g is None else g.reshape(-1).to(J.dtype)
+            torch.zeros(p.numel(), dtype=J.dtype, device=J.device) if g is None else strided(g).reshape(-1).to(J.dtype)
             for p, g in zip(params, exact)
         ]
     )
@@ -183,7 +183,17 @@ def autograd_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor]) -> torc
         except RuntimeError:
             pass  # an operation without a double backward: the rows
     eye = torch.eye(n, dtype=out.dtype, device=out.device)
-    grads = torch.autograd.grad(out, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+    grads: Sequence[torch.Tensor | None]
+    try:
+        grads = torch.autograd.grad(
+            out, params, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
+        )
+    except RuntimeError:  # a backward without a batching rule that raises (a sparse gradient): row by row
+        rows = [torch.autograd.grad(out, params, grad_outputs=e, retain_graph=True, allow_unused=True) for e in eye]
+        grads = [
+            None if r[0] is None else torch.stack([torch.zeros_like(p) if g is None else strided(g) for g in r])
+            for p, r in zip(params, zip(*rows))
+        ]
     cols = [
         torch.zeros(n, p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(n, -1)
         for p, g in zip(params, grads)
@@ -233,13 +243,21 @@ def func_jacobian(
     """Jacobian of ``rows_fn(module(*inputs))`` w.r.t. the named parameters by ``torch.func.jacrev``.
 
     Buffers are passed as (non-differentiated) inputs of the transform so that
-    modules that update them in place (BatchNorm running statistics) work.
+    modules that update them in place (BatchNorm running statistics) work. A module with a
+    sparse gradient (``nn.Embedding(sparse=True)``, which ``torch.func`` cannot batch) is run
+    once as it is and differentiated through its graph (:func:`autograd_jacobian`).
 
     Returns:
         ``(rows, J, pred)``: the ``(N,)`` rows, the ``(N, P_active)`` Jacobian in
         the order of ``active``, and the module output.
     """
     named = dict(module.named_parameters())
+    if any(getattr(m, "sparse", False) is True for m in module.modules()):
+        # nn.Embedding(sparse=True): its sparse gradient has no batching rule in torch.func; the graph's rows
+        with torch.enable_grad():
+            pred = module(*inputs)
+            rows = rows_fn(pred)
+        return rows.detach(), autograd_jacobian(rows, [named[n] for n in active]), pred.detach()
     act = {n: named[n].detach() for n in active}
     frozen = {n: p.detach() for n, p in named.items() if n not in act}
     buffers = dict(module.named_buffers())
