@@ -359,7 +359,8 @@ class PerSampleJacobian:
         if not out.requires_grad:
             raise ValueError(
                 "the closure's output does not depend on the optimised parameters (it has no autograd graph); "
-                "do not compute it under torch.no_grad() or from detached tensors"
+                "do not compute it under torch.no_grad() or from detached tensors, "
+                "nor call the step inside torch.inference_mode()"
             )
         calls = rec.calls
         if not calls or any(c.inp.dim() < 2 or c.inp.shape[0] != n for c in calls):

@@ -241,7 +241,8 @@ class LayerGram:
         if not out.requires_grad:
             raise ValueError(
                 "the closure's output does not depend on the optimised parameters (it has no autograd graph); "
-                "do not compute it under torch.no_grad() or from detached tensors"
+                "do not compute it under torch.no_grad() or from detached tensors, "
+                "nor call the step inside torch.inference_mode()"
             )
         n = int(out.shape[0])
         if max_rows is not None and n > max_rows:
