@@ -367,6 +367,29 @@ def test_coupling_found_by_verification_is_remembered() -> None:
     assert isinstance(trusted, GramJacobian)
 
 
+def test_a_closure_that_starts_coupling_the_samples_later_is_verified_again() -> None:
+    """The verification is keyed by the forward structure *and* the closure's own arithmetic after the model
+    (the head of its graph): a per-sample loss verified at the first step does not vouch for a loss normalised
+    over the batch that the same modules feed later (a curriculum, a changed objective)."""
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(8, 1, dtype=F64)
+    params = list(model.parameters())
+
+    def per_sample() -> torch.Tensor:
+        return model(x).squeeze(-1) ** 2
+
+    def centred() -> torch.Tensor:
+        out = model(x).squeeze(-1)
+        return (out - out.mean()) ** 2
+
+    lg = LayerGram()
+    _agree(per_sample, params, lg=lg)
+    later = lg(centred, params, rows=_flat)
+    assert isinstance(later, Unsupported) and "disagrees with autograd" in later.reason
+    _agree(per_sample, params, lg=lg)  # and the per-sample loss is still served
+
+
 def test_bad_closures_and_the_global_hook() -> None:
     from torch.nn.modules import module as module_mod
 

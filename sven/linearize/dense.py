@@ -23,7 +23,9 @@ Three ways to compute it are provided; :class:`PerSampleJacobian` picks one.
     The independence assumption fails for layers that mix samples (BatchNorm
     in training mode, a loss normalised over the batch, ...). It is therefore
     *verified*: the first time a forward structure is seen (the sequence of
-    modules called and their ``training`` flags), one extra
+    modules called and their ``training`` flags, and the types of the first
+    autograd nodes behind the closure's output, :func:`~sven.linearize.base.graph_head`:
+    the loss's own arithmetic), one extra
     backward pass computes the exact :math:`J^\top u` for a random ``u`` and
     compares it with the hook result. If they disagree, or if some optimised
     parameter is used outside a ``Linear`` module, the exact fallback is used
@@ -53,7 +55,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from ..functional import host
-from .base import Linearization, RowSpec, strided
+from .base import Linearization, RowSpec, graph_head, strided
 from .matfree import ClosureJacobian
 from .recorder import Call, Labels, Recorder, recording
 
@@ -365,9 +367,14 @@ class PerSampleJacobian:
         calls = rec.calls
         if not calls or any(c.inp.dim() < 2 or c.inp.shape[0] != n for c in calls):
             return JacobianResult(out.detach(), exact(out), exact_name)
-        # the forward structure: which modules ran, in which mode, on which parameters
-        # (not the shapes: a shorter last batch or another sequence length couples nothing new)
-        key = (tuple(rec.structure), tuple(id(p) for p in params))
+        # the forward structure: which modules ran, in which mode, on which parameters, and the closure's own
+        # arithmetic after them (graph_head); not the shapes: a shorter last batch or another sequence length
+        # couples nothing new
+        key = (
+            tuple(rec.structure),
+            tuple(id(p) for p in params),
+            graph_head(raw if isinstance(raw, torch.Tensor) else out),
+        )
         known = self._verified.get(key)
         if known is False:
             return JacobianResult(out.detach(), exact(out), exact_name)

@@ -91,7 +91,8 @@ What is *unsupported* (:class:`Unsupported`, with a reason naming the layer or p
 
 Verification
     As in :mod:`sven.linearize.dense`, the first time a forward structure is seen
-    (the modules called, their ``training`` flags, the parameters and ``D``),
+    (the modules called, their ``training`` flags, the parameters, ``D`` and the closure's own
+    arithmetic after the model, :func:`~sven.linearize.base.graph_head`),
     :math:`J^\top u` from the factors is compared with the exact
     vector-Jacobian product for a random ``u`` (seeded); a mismatch marks the
     structure unsupported from then on.
@@ -113,7 +114,7 @@ import torch
 from torch import nn
 
 from .._validation import _is_real
-from .base import Declined, Linearization, RowSpec, Unsupported, strided
+from .base import Declined, Linearization, RowSpec, Unsupported, graph_head, strided
 from .gram_bn import BATCHNORM_MODES, add_coupling, coupling
 from .gram_factors import GramJacobian, Piece, call_pieces, make_blocks
 from .recorder import Labels, Recorder, recording, supported_modules
@@ -260,7 +261,7 @@ class LayerGram:
         if isinstance(B, str):
             return Unsupported(B, out)
         D = n // B
-        key = (tuple(rec.structure), tuple(index), D)
+        key = (tuple(rec.structure), tuple(index), D, graph_head(raw if isinstance(raw, torch.Tensor) else out))
         seen = key in self._verified
         known = self._verified.get(key)
         if known is not None:
