@@ -14,7 +14,7 @@ from . import distributed as dist_
 from . import functional as SF
 from . import update
 from ._compile import eager
-from ._validation import check_option_names, closure_errors, warn_ignored_grads
+from ._validation import check_not_inference_mode, check_option_names, closure_errors, warn_ignored_grads
 from .config import (
     GLOBAL_OPTIONS,
     GROUP_OPTIONS,
@@ -274,12 +274,7 @@ class Sven(Optimizer):
                 "Sven.step needs a closure that re-evaluates the model and returns the per-sample losses, "
                 "e.g. `opt.step(lambda: ((model(x) - y) ** 2).sum(dim=-1))`"
             )
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "Sven.step was called inside torch.inference_mode(), where autograd is off even under "
-                "torch.enable_grad(), so the closure's rows have no Jacobian; call step outside it "
-                "(torch.no_grad() around the step is fine)"
-            )
+        check_not_inference_mode()
         blocks = blocks_of_groups([_check_momentum(self, g) for g in self.param_groups])  # a scheduler may set it
         if not blocks:
             raise ValueError("Sven has no parameter that requires grad to optimise")
