@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -327,6 +328,17 @@ def test_raw_parameter_usage_is_unsupported() -> None:
     model = Scaled().double()
     reason = r"^Scaled \(parameters #0 of shape \(1,\)\) has optimised"
     _unsupported(lambda: model(x).squeeze(-1) ** 2, list(model.parameters()), reason)
+    # parameters a supported layer owns but its factors do not use: the hook-based weight_norm's g and v
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        normed = nn.utils.weight_norm(nn.Linear(3, 2).double())
+    names = [n for n, _ in normed.named_parameters()]
+    _unsupported(
+        lambda: normed(x).pow(2).sum(-1),
+        list(normed.parameters()),
+        r"parameter\(s\) 'weight_g', 'weight_v' are used outside",
+        names=names,
+    )
 
 
 def test_unsupported_layer_configurations_name_the_module() -> None:
