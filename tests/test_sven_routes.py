@@ -198,6 +198,15 @@ def test_gram_route_rejects_rmsprop_on_the_jacobian() -> None:
         opt.step(lambda: ((model(x) - y) ** 2).sum(dim=-1))
 
 
+def test_matrix_free_route_rejects_rmsprop_on_the_jacobian_when_built() -> None:
+    """The matrix-free route forms no columns to rescale: a ValueError naming the options when the optimizer is
+    built (was a TypeError from inside the first step)."""
+    model, _, _ = _case("mlp")
+    with pytest.raises(ValueError, match=r"`rmsprop=True`.*`jacobian='matfree'`.*rmsprop_post=True"):
+        sven.Sven(model.parameters(), jacobian="matfree", rmsprop=True)
+    sven.Sven(model.parameters(), jacobian="matfree", rmsprop=True, rmsprop_post=True, adaptive_damping=False)
+
+
 def test_auto_uses_the_gram_route_for_large_models_and_the_solver_when_one_is_chosen() -> None:
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
