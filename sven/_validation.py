@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = [
     "check_bool",
@@ -23,6 +24,7 @@ __all__ = [
     "check_fraction",
     "check_nonneg_float",
     "check_nonneg_int",
+    "check_not_inference_mode",
     "check_option_names",
     "check_positive_float",
     "check_positive_int",
@@ -224,3 +226,14 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def check_not_inference_mode() -> None:
+    """Raise if called inside ``torch.inference_mode()``: autograd is off there even under ``torch.enable_grad()``,
+    so a closure's rows have no Jacobian (``torch.no_grad()`` around a step is fine: the step turns grad on)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "Sven.step was called inside torch.inference_mode(), where autograd is off even under "
+            "torch.enable_grad(), so the closure's rows have no Jacobian; call step outside it "
+            "(torch.no_grad() around the step is fine)"
+        )

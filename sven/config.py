@@ -192,6 +192,12 @@ class SvenConfig:
                 f"`scale=True` needs the materialised Jacobian (its column norms), which `jacobian={self.jacobian!r}` "
                 f"does not form; use jacobian='auto', 'hooks' or 'autograd', or scale=False"
             )
+        if self.rmsprop and not self.rmsprop_post and self.jacobian == "matfree":
+            raise ValueError(
+                f"`rmsprop=True` rescales the columns of the materialised Jacobian (rmsprop_post=False), which "
+                f"`jacobian={self.jacobian!r}` does not form; use jacobian='auto', 'hooks' or 'autograd', or "
+                f"rmsprop_post=True (on the direction, with adaptive_damping=False)"
+            )
         if self.max_retries is None:
             put("max_retries", LM_RETRIES if self.scale else 3)
         put("max_retries", check_nonneg_int("max_retries", self.max_retries))

@@ -14,7 +14,7 @@ from . import distributed as dist_
 from . import functional as SF
 from . import update
 from ._compile import eager
-from ._validation import check_option_names, closure_errors, warn_ignored_grads
+from ._validation import check_not_inference_mode, check_option_names, closure_errors, warn_ignored_grads
 from .config import (
     GLOBAL_OPTIONS,
     GROUP_OPTIONS,
@@ -269,11 +269,7 @@ class Sven(Optimizer):
         Returns:
             The closure's output (detached; this rank's rows).
         """
-        if closure is None:
-            raise ValueError(
-                "Sven.step needs a closure that re-evaluates the model and returns the per-sample losses, "
-                "e.g. `opt.step(lambda: ((model(x) - y) ** 2).sum(dim=-1))`"
-            )
+        closure = _check_step_call(closure)
         blocks = blocks_of_groups([_check_momentum(self, g) for g in self.param_groups])  # a scheduler may set it
         if not blocks:
             raise ValueError("Sven has no parameter that requires grad to optimise")
@@ -343,6 +339,17 @@ class Sven(Optimizer):
 
     def _fault(self, info: StepInfo, losses: torch.Tensor, fault: StepFault) -> None:
         _skip(self.config, self._counters, info, losses, fault)
+
+
+def _check_step_call(closure: Callable[[], torch.Tensor] | None) -> Callable[[], torch.Tensor]:
+    """``closure``, checked: ``step`` needs one, and autograd (not ``torch.inference_mode()``)."""
+    if closure is None:
+        raise ValueError(
+            "Sven.step needs a closure that re-evaluates the model and returns the per-sample losses, "
+            "e.g. `opt.step(lambda: ((model(x) - y) ** 2).sum(dim=-1))`"
+        )
+    check_not_inference_mode()
+    return closure
 
 
 def _probed(closure: Callable[[], torch.Tensor], seen: dict[str, bool]) -> Callable[[], torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -327,6 +328,17 @@ def test_raw_parameter_usage_is_unsupported() -> None:
     model = Scaled().double()
     reason = r"^Scaled \(parameters #0 of shape \(1,\)\) has optimised"
     _unsupported(lambda: model(x).squeeze(-1) ** 2, list(model.parameters()), reason)
+    # parameters a supported layer owns but its factors do not use: the hook-based weight_norm's g and v
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        normed = nn.utils.weight_norm(nn.Linear(3, 2).double())
+    names = [n for n, _ in normed.named_parameters()]
+    _unsupported(
+        lambda: normed(x).pow(2).sum(-1),
+        list(normed.parameters()),
+        r"parameter\(s\) 'weight_g', 'weight_v' are used outside",
+        names=names,
+    )
 
 
 def test_unsupported_layer_configurations_name_the_module() -> None:
@@ -365,6 +377,29 @@ def test_coupling_found_by_verification_is_remembered() -> None:
     # without verification the (wrong) factors are trusted
     trusted = LayerGram(verify=False)(closure, list(model.parameters()), rows=_flat)
     assert isinstance(trusted, GramJacobian)
+
+
+def test_a_closure_that_starts_coupling_the_samples_later_is_verified_again() -> None:
+    """The verification is keyed by the forward structure *and* the closure's own arithmetic after the model
+    (the head of its graph): a per-sample loss verified at the first step does not vouch for a loss normalised
+    over the batch that the same modules feed later (a curriculum, a changed objective)."""
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(8, 1, dtype=F64)
+    params = list(model.parameters())
+
+    def per_sample() -> torch.Tensor:
+        return model(x).squeeze(-1) ** 2
+
+    def centred() -> torch.Tensor:
+        out = model(x).squeeze(-1)
+        return (out - out.mean()) ** 2
+
+    lg = LayerGram()
+    _agree(per_sample, params, lg=lg)
+    later = lg(centred, params, rows=_flat)
+    assert isinstance(later, Unsupported) and "disagrees with autograd" in later.reason
+    _agree(per_sample, params, lg=lg)  # and the per-sample loss is still served
 
 
 def test_bad_closures_and_the_global_hook() -> None:

@@ -242,6 +242,60 @@ def test_column_scaling_direction_is_the_scaled_lm_step() -> None:
     np.testing.assert_allclose(w.detach().numpy(), ref.numpy(), rtol=1e-9)
 
 
+def test_column_scaling_leaves_a_round_off_column_unscaled() -> None:
+    """A column that is zero but for round-off (the bias before a BatchNorm, an attention key bias) gets the
+    largest column norm as its scale, not its own: scaled to unit norm, round-off became a direction of the
+    step, and the step along it ``1/eps`` (an attention key bias went to 8e15)."""
+    from sven.params import blocks_of_groups
+    from sven.precondition import ColumnScaling
+
+    g = torch.Generator().manual_seed(5)
+    M = torch.randn(10, 4, generator=g, dtype=F64) * torch.tensor([1.0, 1e-6, 3e-17, 0.0], dtype=F64)
+    w = torch.nn.Parameter(torch.zeros(4, dtype=F64))
+    blocks = blocks_of_groups([{"params": [w], "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False}])
+    state: dict = {w: {}}
+    scaled = ColumnScaling().jacobian(M, blocks, state)
+    norms = M.norm(dim=0)
+    D = ColumnScaling().weights(blocks, state)
+    torch.testing.assert_close(D, torch.stack([norms[0], norms[1], norms[0], torch.ones((), dtype=F64)]))
+    torch.testing.assert_close(scaled, M / D)
+
+
+@pytest.mark.parametrize("layer", ["attention", "conv-batchnorm"])
+def test_residual_mode_with_a_round_off_column_keeps_the_parameters_bounded(layer: str) -> None:
+    """Residual mode's defaults (Moré's scaling on) on a model with a parameter the output does not depend on
+    but for round-off: the step stays of the size of the other parameters' steps."""
+    torch.manual_seed(6)
+    if layer == "attention":
+        attn = torch.nn.MultiheadAttention(6, 2, batch_first=True).double()
+        first: torch.nn.Module = torch.nn.Linear(4, 6).double()
+        x = torch.randn(8, 5, 4, dtype=F64)
+        head = torch.nn.Linear(6, 2).double()
+
+        def model(t: torch.Tensor) -> torch.Tensor:
+            h = first(t)
+            return head(torch.tanh(attn(h, h, h, need_weights=False)[0]).mean(1))
+
+        params = [*first.parameters(), *attn.parameters(), *head.parameters()]
+    else:
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(2, 3, 3),
+            torch.nn.BatchNorm2d(3),
+            torch.nn.Tanh(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(48, 2),
+        ).double()
+        x = torch.randn(8, 2, 6, 6, dtype=F64)
+        model, params = net, list(net.parameters())
+    y = torch.randn(8, 2, dtype=F64)
+    before = [p.detach().clone() for p in params]
+    opt = sven.Sven(params, residuals=True)
+    assert opt.config.scale
+    for _ in range(3):
+        opt.step(lambda: model(x) - y)
+    assert max(float((p - q).abs().max()) for p, q in zip(params, before)) < 100
+
+
 def test_an_exact_fit_at_round_off_is_convergence_not_a_stall() -> None:
     """Once the residuals are at round-off, every try is rejected: that is the end of the fit, so no stall warning."""
     x = torch.linspace(0, 1, 100, dtype=torch.float64)

@@ -88,6 +88,18 @@ def test_step_works_inside_no_grad(route: str, policy: str) -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_step_inside_inference_mode_says_so() -> None:
+    """``torch.inference_mode()`` turns autograd off even for ``enable_grad``: the error names it (not the closure),
+    and the parameters are untouched."""
+    x, y = _data()
+    model = _net(1)
+    opt = sven.Sven(model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inside torch\.inference_mode\(\)"):
+        opt.step(lambda: per_sample_mse(model(x), y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_rmsprop_on_the_jacobian_works_inside_no_grad() -> None:
     x, y = _data()
     model = _net(2)

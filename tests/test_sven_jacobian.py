@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -109,6 +111,47 @@ def test_parameters_outside_linear_layers_fall_back() -> None:
     res = PerSampleJacobian("auto")(closure, params, rows=lambda t: t)
     assert res.method == "autograd"
     torch.testing.assert_close(res.jacobian, _reference(closure, params))
+
+
+@pytest.mark.parametrize("layer", ["conv", "embedding", "weight_norm"])
+def test_hooks_without_verification_still_cover_every_parameter(layer: str) -> None:
+    """``"hooks"`` skips the coupling check, not the coverage test: a parameter that a layer other than
+    ``nn.Linear`` uses (here a convolution or an embedding, samples independent), or that a Linear owns but its
+    formula does not use (``weight_g``, ``weight_v`` of the hook-based ``weight_norm``), must not get a zero
+    column."""
+    torch.manual_seed(8)
+    x = torch.randn(6, 2, 5, dtype=torch.float64)
+    if layer == "conv":
+        first: nn.Module = nn.Conv1d(2, 3, 3)
+    elif layer == "embedding":
+        first = nn.Embedding(7, 3)
+        x = torch.randint(0, 7, (6, 3))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # (deprecated for torch.nn.utils.parametrizations)
+            first = nn.utils.weight_norm(nn.Linear(5, 3).double())
+        x = torch.randn(6, 3, 5, dtype=torch.float64)
+    model = nn.Sequential(first, nn.Tanh(), nn.Flatten(), nn.Linear(9, 1)).double()
+    y = torch.randn(6, 1, dtype=torch.float64)
+    params = list(model.parameters())
+
+    def closure() -> torch.Tensor:
+        return per_sample_mse(model(x), y)
+
+    res = PerSampleJacobian("hooks")(closure, params, rows=lambda t: t)
+    assert res.method == "autograd"
+    torch.testing.assert_close(res.jacobian, _reference(closure, params))
+    # and through the optimizer: the same step as the autograd route, the first layer moved
+    steps = []
+    for jacobian in ("hooks", "autograd"):
+        start = [p.detach().clone() for p in params]
+        sven.Sven(params, jacobian=jacobian).step(closure)
+        steps.append(torch.cat([(p - q).detach().reshape(-1) for p, q in zip(params, start)]))
+        with torch.no_grad():
+            for p, q in zip(params, start):
+                p.copy_(q)
+    assert float(steps[0][: params[0].numel()].norm()) > 0
+    torch.testing.assert_close(steps[0], steps[1])
 
 
 def test_optimizer_paths_give_the_same_step() -> None:

@@ -102,6 +102,19 @@ def test_every_route_gives_the_materialised_update(kind: str, kappa: float, rout
     _close(got, ref, base)
 
 
+@pytest.mark.parametrize("route", ["auto", "gram", "hooks", "autograd", "matfree"])
+def test_a_sparse_embedding_gives_the_update_of_the_dense_one(route: str) -> None:
+    """``nn.Embedding(sparse=True)`` hands autograd sparse gradients: every route takes the step of the same
+    model with ``sparse=False`` (not an error from a sparse kernel)."""
+    model, x, y = _case("seq")
+    base = _flat(model)
+    sparse = copy.deepcopy(model)
+    sparse.emb.sparse = True
+    got, _ = _run(sparse, x, y, jacobian=route)
+    ref, _ = _run(model, x, y, jacobian=route)
+    _close(got, ref, base)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "seq"])
 def test_residual_mode_on_the_gram_route(kind: str) -> None:
     """Residual mode: D = 2 rows per sample, one backward pass per output column."""
@@ -140,6 +153,25 @@ def test_seed_api_gram_route_matches_the_materialised_path(options: dict[str, ob
     _close(wg.params.detach(), wd.params.detach(), base)
 
 
+@pytest.mark.parametrize("jacobian", ["auto", "func", "hooks", "autograd"])
+def test_seed_api_sparse_embedding_gives_the_update_of_the_dense_one(jacobian: str) -> None:
+    """The seed API on ``nn.Embedding(sparse=True)``: ``torch.func`` has no rule for its sparse gradient, so the
+    wrapper's ``func`` Jacobian comes from the graph instead; every method takes the dense model's step."""
+    model, x, y = _case("seq")
+    sparse = copy.deepcopy(model)
+    sparse.emb.sparse = True
+    loss = lambda p, t: ((p - t) ** 2).sum(dim=-1)  # noqa: E731
+    ws, wd = (SvenWrapper(m, loss, "cpu", jacobian=jacobian) for m in (sparse, model))
+    base = wd.params.detach().clone()
+    os_, od = SeedSven(ws, 0.4, 8, 1e-6), SeedSven(wd, 0.4, 8, 1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the Gram route's fallback notice under "auto"
+        for w, o in ((ws, os_), (wd, od)):
+            w.loss_and_grad((x, y))
+            o.step()
+    _close(ws.params.detach(), wd.params.detach(), base)
+
+
 def test_unsupported_models_fall_back_once_with_a_warning_naming_the_layer() -> None:
     torch.manual_seed(5)
     # BatchNorm's exact coupling term (2 x 8 columns) is not smaller than the 16 rows: materialised instead
@@ -164,6 +196,15 @@ def test_gram_route_rejects_rmsprop_on_the_jacobian() -> None:
     opt = sven.Sven(model.parameters(), jacobian="gram", rmsprop=True)
     with pytest.raises(ValueError, match="cannot be combined with RMSProp on the Jacobian"):
         opt.step(lambda: ((model(x) - y) ** 2).sum(dim=-1))
+
+
+def test_matrix_free_route_rejects_rmsprop_on_the_jacobian_when_built() -> None:
+    """The matrix-free route forms no columns to rescale: a ValueError naming the options when the optimizer is
+    built (was a TypeError from inside the first step)."""
+    model, _, _ = _case("mlp")
+    with pytest.raises(ValueError, match=r"`rmsprop=True`.*`jacobian='matfree'`.*rmsprop_post=True"):
+        sven.Sven(model.parameters(), jacobian="matfree", rmsprop=True)
+    sven.Sven(model.parameters(), jacobian="matfree", rmsprop=True, rmsprop_post=True, adaptive_damping=False)
 
 
 def test_auto_uses_the_gram_route_for_large_models_and_the_solver_when_one_is_chosen() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -393,3 +394,15 @@ def test_polyak_validates() -> None:
         PolyakSGD(p, eps=-1)
     with pytest.raises(ValueError, match=r"needs a closure"):
         PolyakSGD(p).step()
+
+
+def test_wrapping_a_model_with_frozen_parameters_says_they_will_be_trained() -> None:
+    """The wrapper optimises every parameter (as the original did): a ``requires_grad=False`` parameter is trained
+    from then on, which a user who froze it must be told, by name."""
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+    model[0].weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"optimises every parameter.*'0\.weight'.*sven\.Sven"):
+        SvenWrapper(model, lambda p, y: ((p - y) ** 2).sum(-1), "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none when nothing was frozen
+        SvenWrapper(nn.Linear(2, 1), lambda p, y: ((p - y) ** 2).sum(-1), "cpu")

@@ -10,6 +10,7 @@ turns the rows into Sven's residuals :math:`R` and :math:`M = \partial R/\partia
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,8 +30,41 @@ __all__ = [
     "RowTransformed",
     "Unsupported",
     "WithGram",
+    "graph_head",
     "row_transform",
+    "strided",
 ]
+
+#: Autograd nodes of :func:`graph_head`: enough for a loss's own arithmetic after the model's output.
+HEAD_NODES = 12
+
+
+def strided(g: torch.Tensor) -> torch.Tensor:
+    """A gradient as a dense (strided) tensor: autograd hands ``nn.Embedding(sparse=True)``'s weight a sparse
+    COO gradient, which has no ``reshape``, ``isfinite`` or batching rule."""
+    return g.to_dense() if g.layout != torch.strided else g
+
+
+def graph_head(t: Any, size: int = HEAD_NODES) -> tuple[str, ...]:
+    """The types of the first ``size`` autograd nodes behind ``t`` (breadth first; ``()`` without a graph).
+
+    The routes that verify a forward structure once (the Gram route, the hook path) add it to the key of
+    their caches: the modules called do not show the closure's own arithmetic after them, so a per-sample loss
+    verified once would otherwise vouch for a loss normalised over the batch computed later from the same
+    modules. A constant cost (``size`` nodes), whatever the size of the model.
+    """
+    fn = getattr(t, "grad_fn", None)
+    queue: deque[Any] = deque([fn] if fn is not None else [])
+    seen: set[int] = set()
+    names: list[str] = []
+    while queue and len(names) < size:
+        node = queue.popleft()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        names.append(type(node).__name__)
+        queue.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return tuple(names)
 
 
 class GramOperator(LinearOperator, Protocol):

@@ -23,7 +23,9 @@ Three ways to compute it are provided; :class:`PerSampleJacobian` picks one.
     The independence assumption fails for layers that mix samples (BatchNorm
     in training mode, a loss normalised over the batch, ...). It is therefore
     *verified*: the first time a forward structure is seen (the sequence of
-    modules called and their ``training`` flags), one extra
+    modules called and their ``training`` flags, and the types of the first
+    autograd nodes behind the closure's output, :func:`~sven.linearize.base.graph_head`:
+    the loss's own arithmetic), one extra
     backward pass computes the exact :math:`J^\top u` for a random ``u`` and
     compares it with the hook result. If they disagree, or if some optimised
     parameter is used outside a ``Linear`` module, the exact fallback is used
@@ -53,7 +55,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from ..functional import host
-from .base import Linearization, RowSpec
+from .base import Linearization, RowSpec, graph_head, strided
 from .matfree import ClosureJacobian
 from .recorder import Call, Labels, Recorder, recording
 
@@ -100,7 +102,7 @@ def agrees_with_a_vjp(out: torch.Tensor, params: Sequence[torch.Tensor], J: torc
     exact = torch.autograd.grad(out, list(params), grad_outputs=u, retain_graph=True, allow_unused=True)
     ref = torch.cat(
         [
-            torch.zeros(p.numel(), dtype=J.dtype, device=J.device) if g is None else g.reshape(-1).to(J.dtype)
+            torch.zeros(p.numel(), dtype=J.dtype, device=J.device) if g is None else strided(g).reshape(-1).to(J.dtype)
             for p, g in zip(params, exact)
         ]
     )
@@ -183,7 +185,17 @@ def autograd_jacobian(out: torch.Tensor, params: Sequence[torch.Tensor]) -> torc
         except RuntimeError:
             pass  # an operation without a double backward: the rows
     eye = torch.eye(n, dtype=out.dtype, device=out.device)
-    grads = torch.autograd.grad(out, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+    grads: Sequence[torch.Tensor | None]
+    try:
+        grads = torch.autograd.grad(
+            out, params, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
+        )
+    except RuntimeError:  # a backward without a batching rule that raises (a sparse gradient): row by row
+        rows = [torch.autograd.grad(out, params, grad_outputs=e, retain_graph=True, allow_unused=True) for e in eye]
+        grads = [
+            None if r[0] is None else torch.stack([torch.zeros_like(p) if g is None else strided(g) for g in r])
+            for p, r in zip(params, zip(*rows))
+        ]
     cols = [
         torch.zeros(n, p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(n, -1)
         for p, g in zip(params, grads)
@@ -233,13 +245,21 @@ def func_jacobian(
     """Jacobian of ``rows_fn(module(*inputs))`` w.r.t. the named parameters by ``torch.func.jacrev``.
 
     Buffers are passed as (non-differentiated) inputs of the transform so that
-    modules that update them in place (BatchNorm running statistics) work.
+    modules that update them in place (BatchNorm running statistics) work. A module with a
+    sparse gradient (``nn.Embedding(sparse=True)``, which ``torch.func`` cannot batch) is run
+    once as it is and differentiated through its graph (:func:`autograd_jacobian`).
 
     Returns:
         ``(rows, J, pred)``: the ``(N,)`` rows, the ``(N, P_active)`` Jacobian in
         the order of ``active``, and the module output.
     """
     named = dict(module.named_parameters())
+    if any(getattr(m, "sparse", False) is True for m in module.modules()):
+        # nn.Embedding(sparse=True): its sparse gradient has no batching rule in torch.func; the graph's rows
+        with torch.enable_grad():
+            pred = module(*inputs)
+            rows = rows_fn(pred)
+        return rows.detach(), autograd_jacobian(rows, [named[n] for n in active]), pred.detach()
     act = {n: named[n].detach() for n in active}
     frozen = {n: p.detach() for n, p in named.items() if n not in act}
     buffers = dict(module.named_buffers())
@@ -282,8 +302,9 @@ class PerSampleJacobian:
     Args:
         method: ``"auto"`` (hook fast path, verified once per forward
             structure, exact fallback otherwise), ``"hooks"`` (fast path
-            without verification: only for models known to treat samples
-            independently), or ``"autograd"`` (always the batched backward).
+            without the coupling check: only for models known to treat samples
+            independently; a parameter used outside ``nn.Linear`` still gets the
+            exact fallback), or ``"autograd"`` (always the batched backward).
         seed: seed of the random probe vector used for verification.
 
     The instance keeps the verification outcomes, so keep one per optimizer.
@@ -299,6 +320,11 @@ class PerSampleJacobian:
     def __getstate__(self) -> dict[str, Any]:
         # verification outcomes are keyed by object ids: not meaningful elsewhere
         return {"method": self.method, "seed": self.seed, "_verified": {}}
+
+    def _remember(self, key: tuple[Any, ...], ok: bool) -> None:
+        if len(self._verified) >= _MAX_CACHED:
+            self._verified.clear()
+        self._verified[key] = ok
 
     def __call__(
         self,
@@ -335,21 +361,34 @@ class PerSampleJacobian:
         if not out.requires_grad:
             raise ValueError(
                 "the closure's output does not depend on the optimised parameters (it has no autograd graph); "
-                "do not compute it under torch.no_grad() or from detached tensors"
+                "do not compute it under torch.no_grad() or from detached tensors, "
+                "nor call the step inside torch.inference_mode()"
             )
         calls = rec.calls
         if not calls or any(c.inp.dim() < 2 or c.inp.shape[0] != n for c in calls):
             return JacobianResult(out.detach(), exact(out), exact_name)
-        # the forward structure: which modules ran, in which mode, on which parameters
-        # (not the shapes: a shorter last batch or another sequence length couples nothing new)
-        key = (tuple(rec.structure), tuple(id(p) for p in params))
+        # the forward structure: which modules ran, in which mode, on which parameters, and the closure's own
+        # arithmetic after them (graph_head); not the shapes: a shorter last batch or another sequence length
+        # couples nothing new
+        key = (
+            tuple(rec.structure),
+            tuple(id(p) for p in params),
+            graph_head(raw if isinstance(raw, torch.Tensor) else out),
+        )
         known = self._verified.get(key)
         if known is False:
             return JacobianResult(out.detach(), exact(out), exact_name)
         verify = known is None and self.method == "auto"
 
         outs = [c.out for c in calls]
-        gs = torch.autograd.grad(out.sum(), outs, retain_graph=verify, allow_unused=True)
+        # the coverage test (also under "hooks", which skips only the coupling check): an optimised parameter
+        # that no recorded Linear call owns but the rows reach (a convolution's, an embedding's) has no hook
+        # formula; a zero column would freeze it and bend the step of the others. Structurally reachable: used.
+        uncovered = [p for p in params if id(p) not in rec.covered] if known is None else []
+        gs = torch.autograd.grad(out.sum(), outs + uncovered, retain_graph=verify or bool(uncovered), allow_unused=True)
+        if any(g is not None for g in gs[len(outs) :]):
+            self._remember(key, False)
+            return JacobianResult(out.detach(), exact(out), exact_name)
         pieces: dict[int, torch.Tensor] = {}
         for c, g in zip(calls, gs):
             if g is None:
@@ -368,9 +407,7 @@ class PerSampleJacobian:
 
         if verify:
             ok = agrees_with_a_vjp(out, params, J, seed=self.seed)
-            if len(self._verified) >= _MAX_CACHED:
-                self._verified.clear()
-            self._verified[key] = ok
+            self._remember(key, ok)
             if not ok:
                 return JacobianResult(out.detach(), exact(out), exact_name)
         return JacobianResult(out.detach(), J, "hooks")

@@ -91,7 +91,8 @@ What is *unsupported* (:class:`Unsupported`, with a reason naming the layer or p
 
 Verification
     As in :mod:`sven.linearize.dense`, the first time a forward structure is seen
-    (the modules called, their ``training`` flags, the parameters and ``D``),
+    (the modules called, their ``training`` flags, the parameters, ``D`` and the closure's own
+    arithmetic after the model, :func:`~sven.linearize.base.graph_head`),
     :math:`J^\top u` from the factors is compared with the exact
     vector-Jacobian product for a random ``u`` (seeded); a mismatch marks the
     structure unsupported from then on.
@@ -113,7 +114,7 @@ import torch
 from torch import nn
 
 from .._validation import _is_real
-from .base import Declined, Linearization, RowSpec, Unsupported
+from .base import Declined, Linearization, RowSpec, Unsupported, graph_head, strided
 from .gram_bn import BATCHNORM_MODES, add_coupling, coupling
 from .gram_factors import GramJacobian, Piece, call_pieces, make_blocks
 from .recorder import Labels, Recorder, recording, supported_modules
@@ -241,7 +242,8 @@ class LayerGram:
         if not out.requires_grad:
             raise ValueError(
                 "the closure's output does not depend on the optimised parameters (it has no autograd graph); "
-                "do not compute it under torch.no_grad() or from detached tensors"
+                "do not compute it under torch.no_grad() or from detached tensors, "
+                "nor call the step inside torch.inference_mode()"
             )
         n = int(out.shape[0])
         if max_rows is not None and n > max_rows:
@@ -259,7 +261,7 @@ class LayerGram:
         if isinstance(B, str):
             return Unsupported(B, out)
         D = n // B
-        key = (tuple(rec.structure), tuple(index), D)
+        key = (tuple(rec.structure), tuple(index), D, graph_head(raw if isinstance(raw, torch.Tensor) else out))
         seen = key in self._verified
         known = self._verified.get(key)
         if known is not None:
@@ -339,7 +341,10 @@ class LayerGram:
         gen = torch.Generator(device=out.device)
         gen.manual_seed(self.seed)
         u = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
-        exact = torch.autograd.grad(out, params, grad_outputs=u, retain_graph=True, allow_unused=True)
+        exact = [
+            None if e is None else strided(e)
+            for e in torch.autograd.grad(out, params, grad_outputs=u, retain_graph=True, allow_unused=True)
+        ]
         with torch.no_grad():
             mine = torch.split(G.rmatmat(u[:, None].to(G.dtype))[:, 0].double(), [p.numel() for p in params])
             scale = math.sqrt(max(float(G.gram.diagonal().sum()), 0.0)) * float(u.double().norm())
@@ -351,7 +356,7 @@ class LayerGram:
             tol = min(1e3 * eps, 0.02) * scale
             bad = []
             for i, (e, m) in enumerate(zip(exact, mine)):
-                ref = torch.zeros_like(m) if e is None else (e.to_dense() if e.is_sparse else e).reshape(-1).double()
+                ref = torch.zeros_like(m) if e is None else e.reshape(-1).double()
                 if not float((m - ref).norm()) <= tol:
                     bad.append(labels[i])
         if not bad:

@@ -59,6 +59,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from .base import strided
 from .gram_factors import GramJacobian, bn_xhat, layer_input
 from .recorder import Call, StatsSwitch
 
@@ -170,11 +171,8 @@ def coupling(
             # (is_grads_batched) pass through a convolution on the CPU
             for v in _vectors(x, xhat):
                 vjp = torch.autograd.grad(x, list(params), grad_outputs=v, retain_graph=True, allow_unused=True)
-                cols.append(
-                    torch.cat(
-                        [torch.zeros_like(p).reshape(-1) if d is None else d.reshape(-1) for p, d in zip(params, vjp)]
-                    )
-                )
+                flat = [torch.zeros_like(p) if d is None else strided(d) for p, d in zip(params, vjp)]
+                cols.append(torch.cat([f.reshape(-1) for f in flat]))
     finally:
         switch.frozen = frozen
     return torch.cat(coefs, dim=1), torch.stack(cols, dim=1)

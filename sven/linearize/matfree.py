@@ -69,7 +69,7 @@ import torch
 
 from truncpinv import LinearOperator
 
-from .base import Linearization, RowSpec, WithGram
+from .base import Linearization, RowSpec, WithGram, strided
 
 __all__ = ["BATCHING_MODES", "ClosureJacobian", "MatfreeRoute", "gram_from_operator"]
 
@@ -343,7 +343,7 @@ class ClosureJacobian:
         cols = [
             torch.zeros(*lead, k, dtype=self.dtype, device=self.device)
             if g is None
-            else g.reshape(*lead, k).to(self.dtype)
+            else strided(g).reshape(*lead, k).to(self.dtype)
             for g, k in zip(grads, self._numels)
         ]
         return torch.cat(cols, dim=-1)

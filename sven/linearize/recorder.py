@@ -326,7 +326,11 @@ class Recorder:
             return None
         call = Call(module, kind, x, output, output._version, stats)
         self.calls.append(call)
-        self.covered.update(id(p) for p in owned)
+        # covered: the parameters the layer's factors give rows for, its ``weight`` and ``bias`` (a parameter it
+        # owns besides, as ``weight_g``/``weight_v`` of the hook-based ``weight_norm``, is used elsewhere)
+        self.covered.update(
+            id(p) for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if id(p) in self.index
+        )
         if stats is not None:
             return output
         if self.strict and kind is nn.Embedding and maybe_shared(x):

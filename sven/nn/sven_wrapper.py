@@ -398,6 +398,16 @@ class SvenWrapper:
         params = list(self.model.parameters())
         if len({id(p) for p in params}) != len(params):  # pragma: no cover - named_parameters dedups
             raise ValueError("shared parameters are not supported")
+        frozen = [name for name, p in self.model.named_parameters() if not p.requires_grad]
+        if frozen:
+            shown = ", ".join(repr(n) for n in frozen[:5]) + (f" and {len(frozen) - 5} more" if len(frozen) > 5 else "")
+            warnings.warn(
+                f"SvenWrapper optimises every parameter (as the original wrapper), so the parameters with "
+                f"requires_grad=False ({shown}) will be trained; to keep them fixed, use the torch.optim form "
+                f"sven.Sven(p for p in model.parameters() if p.requires_grad) with a closure",
+                UserWarning,
+                stacklevel=3,
+            )
         flat = parameters_to_vector(params).detach().clone() if params else torch.zeros(0, device=self.device)
         start = 0
         for name, p in list(self.model.named_parameters()):
