@@ -107,6 +107,10 @@ class SvenConfig:
         ggn: the loss rule (:mod:`sven.loss_rule`): ``True``, the closure returns softmax cross-entropy losses
             and Sven uses their generalised Gauss--Newton rows with the settings of :data:`sven.loss_rows.RULE_PRESET`;
             ``False``, never; ``None`` (default), decided at the first step from the closure's output.
+        damping_start: with the GGN rows and ``adaptive_damping`` (:class:`sven.control.CrossEntropyDamping`):
+            the damping floor starts here and doubles on each plateau of the batches' loss, up to ``damping``
+            (``None``, or a value not below ``damping``: the floor is ``damping`` throughout). Ignored without
+            the GGN rows.
     """
 
     rank: int | float | None = None
@@ -132,6 +136,7 @@ class SvenConfig:
     seed: int = 0
     chunk_size: int = 64
     ggn: bool | None = None
+    damping_start: float | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -169,6 +174,8 @@ class SvenConfig:
         put("chunk_size", check_positive_int("chunk_size", self.chunk_size))
         put("on_nonfinite", check_choice("on_nonfinite", self.on_nonfinite, ("skip", "raise")))
         put("damping", check_nonneg_float("damping", self.damping))
+        if self.damping_start is not None:
+            put("damping_start", check_nonneg_float("damping_start", self.damping_start))
         post = self.rmsprop and self.rmsprop_post
         if self.adaptive_damping is None:  # the default: on, unless another step control or RMSProp was asked for
             put("adaptive_damping", not (self.variable_k or self.check_step or self.damping > 0 or self.rmsprop))
@@ -269,10 +276,12 @@ class SvenConfig:
         """The step-control policy of the damping, variable-k, check-step and trust-radius options.
 
         With ``ggn`` and ``adaptive_damping``: :class:`sven.control.CrossEntropyDamping`, the damping never below
-        ``damping``, which judges each try on the cross-entropy (wrapped in a trust radius if one is set).
+        its floor (``damping``, or from ``damping_start`` up to ``damping``), which judges each try on the
+        cross-entropy (wrapped in a trust radius if one is set).
         """
         if self.ggn and self.adaptive_damping:
-            policy: Policy = CrossEntropyDamping(self.damping, int(self.max_retries or 0))
+            low = self.damping_start if self.damping_start is not None and 0 < self.damping_start < self.damping else None
+            policy: Policy = CrossEntropyDamping(self.damping, int(self.max_retries or 0), start=low)
             return policy if self.trust_radius is None else TrustRadius(policy, self.trust_radius)
         return make_policy(
             damping=self.damping,

@@ -13,7 +13,8 @@ residuals :math:`R`, ``direction(lam)`` (the filtered Sven direction
 preconditioned), ``apply(d, sign)``, ``predict(d)`` (the linear model's change of
 :math:`R`), ``save()`` (a snapshot to restore), ``evaluate`` (the loss after
 the step) and ``xnorm()`` (:math:`\|D\theta\|` in the column scaling). The
-policy returns the applied direction and its diagnostics.
+policy returns the applied direction and its diagnostics. :func:`sven.step_context.step_context`
+wires a factorisation to the parameters as that context.
 
 ==============================  ===================================================================
 policy                          rule
@@ -21,7 +22,8 @@ policy                          rule
 :class:`Plain`                  apply :math:`d_0` (hard truncation only)
 :class:`Tikhonov`               apply :math:`d_\lambda` for a fixed damping :math:`\lambda`
 :class:`AdaptiveDamping`        Levenberg--Marquardt: gain ratio, Madsen--Nielsen update, rejection
-:class:`CrossEntropyDamping`    the same, judged on the cross-entropy, never below a floor (the loss rule's)
+:class:`CrossEntropyDamping`    the same, judged on the cross-entropy, never below a floor that doubles on a
+                                plateau of the batches' loss (the loss rule's)
 :class:`VariableK`              greedy rank: rank-one components while the loss does not increase
 :class:`CheckStep`              wraps a policy: undo a step that makes the loss non-finite
 :class:`TrustRadius`            wraps a policy: cap :math:`\|\eta d\|` at a radius
@@ -47,17 +49,13 @@ import torch
 from truncpinv import TruncatedPinv
 
 from . import functional as SF
-from . import normal_equations as NE
-from . import update
 from .info import StepFault
 from .linearize.base import RowSpec
-from .params import ParamBlock, apply_direction, lr_scaled, save_parameters
-from .precondition import ColumnScaling, RMSProp
 
 __all__ = [
     "ADAPTIVE_DAMPING_START", "STALL_COSINE", "AdaptiveDamping", "CheckStep", "CrossEntropyDamping", "Evaluator",
     "Outcome", "Plain", "Policy", "StepContext", "Tikhonov", "TrustRadius", "VariableK", "evaluator", "make_policy",
-    "stall_cosine", "step_context", "warn_stall",
+    "stall_cosine", "warn_stall",
 ]  # fmt: skip
 
 #: Starting damping of :class:`AdaptiveDamping` when none is given.
@@ -343,10 +341,62 @@ class CrossEntropyDamping(AdaptiveDamping):
     where it does not (the first steps from a random start, where the step overshoots and the logits blow up).
     ``evaluate.rows()`` must return the closure's per-sample cross-entropy losses after the step (as
     :class:`sven.Sven` does under the loss rule); ``ctx.loss()`` is their mean before it.
+
+    **A floor that starts low** (``start < floor``, the loss rule's :data:`sven.loss_rows.RULE_PRESET`): the
+    floor begins at ``start`` and doubles, up to ``floor``, whenever the batches stop improving: the mean of
+    ``ctx.loss()`` (each batch's cross-entropy *before* its step, on a batch the step has not yet fitted) over
+    a block of ``window`` steps is not at least ``gain`` (a fraction) below the previous block's
+    (:meth:`observe`). A low floor takes long steps. Where the batches agree, they fit the data in fewer
+    epochs; where they disagree (noisy or overlapping classes), each step fits its own batch and the next
+    batch's loss stops falling: the noise floor that a too-large learning rate gives SGD, and the doubling is
+    the step-size decay on that plateau. The current floor, the previous block's mean and the current block
+    are saved by :meth:`state_dict`.
     """
 
-    def __init__(self, floor: float, max_retries: int = 3) -> None:
-        super().__init__(floor, max_retries, floor=floor)
+    def __init__(
+        self, floor: float, max_retries: int = 3, *, start: float | None = None, window: int = 32, gain: float = 0.05
+    ) -> None:
+        if start is not None and not 0 < start <= floor:
+            raise ValueError(f"`start` must lie in (0, floor] = (0, {floor:g}], got {start!r}")
+        if isinstance(window, bool) or int(window) != window or window < 1:
+            raise ValueError(f"`window` must be a positive integer, got {window!r}")
+        if not 0 <= gain < 1:
+            raise ValueError(f"`gain` must lie in [0, 1), got {gain!r}")
+        low = floor if start is None else float(start)
+        super().__init__(low, max_retries, floor=low)
+        self.cap, self.window, self.gain = float(floor), int(window), float(gain)
+        self.block: list[float] = []
+        self.previous = math.nan
+
+    def observe(self, loss: float) -> None:
+        """Count one batch's mean cross-entropy before its step; double the floor (up to the cap) on a plateau."""
+        if self.floor >= self.cap or not math.isfinite(loss):
+            return
+        self.block.append(float(loss))
+        if len(self.block) < self.window:
+            return
+        mean = sum(self.block) / len(self.block)
+        if mean > (1.0 - self.gain) * self.previous:  # False while ``previous`` is NaN (the first block)
+            self.floor = min(self.cap, 2.0 * self.floor)
+            self.state.lam = max(self.state.lam, self.floor)
+        self.previous, self.block = mean, []
+
+    def run(self, ctx: StepContext) -> Outcome:
+        if self.floor < self.cap:
+            self.observe(ctx.loss())
+        return super().run(ctx)
+
+    def state_dict(self) -> dict[str, float]:
+        # the block is saved as its sum and count, so that every entry stays a float
+        return {**super().state_dict(), "floor": self.floor, "previous": self.previous,
+                "block_sum": sum(self.block), "block_steps": float(len(self.block))}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "floor" in state:
+            self.floor, self.previous = float(state["floor"]), float(state.get("previous", math.nan))
+            steps = int(state.get("block_steps", 0))
+            self.block = [float(state.get("block_sum", 0.0)) / steps] * steps if steps else []
 
     def judge(self, ctx: StepContext, evaluate: Evaluator, loss: float) -> Callable[[torch.Tensor], float]:
         """The gain ratio on the cross-entropy: its fall over the GGN model's predicted fall."""
@@ -481,111 +531,3 @@ def make_policy(
     if trust_radius is not None:
         policy = TrustRadius(policy, trust_radius)
     return policy
-
-
-def step_context(
-    F: TruncatedPinv,
-    R: torch.Tensor,
-    M: Any,
-    blocks: list[ParamBlock],
-    *,
-    state: Any,
-    precondition: RMSProp | ColumnScaling | None,
-    loss: Callable[[], float],
-    evaluate: Evaluator | None,
-    reject: Callable[[], None],
-    exact: Callable[[], TruncatedPinv] | None = None,
-    cosine: torch.Tensor | None = None,
-) -> StepContext:
-    """Wire a factorisation to the parameters: the :class:`StepContext` an optimizer hands its policy.
-
-    ``M`` is the Jacobian *before* preconditioning (the linear model of ``R``);
-    ``state`` holds the preconditioner's and the update stage's per-parameter
-    buffers. Every ``apply`` goes through the update stage (:mod:`sven.update`:
-    momentum and weight decay); its carry is added on the first ``apply`` and
-    taken back by ``save()``'s restore; ``predict`` includes it. ``exact()``
-    factorises ``M`` by the SVD, for a damping that ``F`` from the normal equations
-    cannot resolve (``resolve``). ``cosine``: :func:`sven.functional.gradient_cosine` of
-    ``F`` and ``R`` when the caller has it.
-    """
-    n = blocks[-1].stop if blocks else 0
-    # the matrix-free route differentiates through the graph of the closure, recorded at these parameters:
-    # a rejected try restores them, and the next prediction must still find the graph valid
-    untracked = bool(getattr(M, "keeps_graph", False))
-    carry = update.carry(blocks, state, n, like=blocks[0].param) if blocks else None
-    carried = [carry is None]  # the carry is in the parameters (or there is none)
-
-    def apply(d: torch.Tensor, sign: float) -> None:
-        u = update.scaled(blocks, d)
-        if not carried[0] and carry is not None:
-            carried[0] = True
-            u, sign = u * sign + carry.to(u.dtype), 1.0
-        apply_direction(blocks, u, sign, untracked=untracked)
-
-    current = [F]
-    angle = [cosine]
-    # Moré's D is fixed within a step (a new Jacobian updates it): read once, for every direction and xnorm
-    scale = precondition.weights(blocks, state) if isinstance(precondition, ColumnScaling) else None
-
-    def resolve(lam: float) -> TruncatedPinv:
-        if exact is not None and not NE.resolves(current[0], lam):
-            current[0] = ctx.F = exact()
-            angle[0] = None
-        return current[0]
-
-    def cosine_of_f() -> float:
-        cos = angle[0]
-        if cos is None:
-            cos = angle[0] = SF.gradient_cosine(current[0], R)
-        return float(cos)
-
-    def direction(lam: float) -> torch.Tensor:
-        d = SF.filtered_direction(resolve(lam), R, damping=lam)
-        if not SF.all_finite(d):
-            raise StepFault("the Sven direction")
-        if scale is not None:
-            return d / (scale if scale.dtype == d.dtype else scale.to(d.dtype))
-        return precondition.direction(d, blocks, state) if precondition is not None else d
-
-    def predict(d: torch.Tensor) -> torch.Tensor:
-        u = update.scaled(blocks, d)
-        x = u if carry is None else u + carry.to(u.dtype)
-        if any(b.lr != 1.0 for b in blocks):
-            x = lr_scaled(blocks, x)
-        x = x if x.dtype == M.dtype else x.to(M.dtype)
-        return M @ x if isinstance(M, torch.Tensor) else M.matmat(x[:, None])[:, 0]
-
-    def save() -> Callable[[], None]:
-        params = save_parameters(blocks, untracked=untracked)
-        buffers = precondition.save(blocks, state) if precondition is not None else None
-        was_carried = carried[0]
-
-        def restore() -> None:
-            params()
-            carried[0] = was_carried
-            if buffers is not None:
-                buffers()
-
-        return restore
-
-    def xnorm() -> float:
-        x = torch.cat([b.param.detach().reshape(-1) if b.index is None else b.param.detach().reshape(-1)[b.index]
-                       for b in blocks]).double()  # fmt: skip
-        return SF.weighted_norm(x, scale)
-
-    ctx = StepContext(
-        F=F,
-        R=R,
-        loss=loss,
-        direction=direction,
-        apply=apply,
-        predict=predict,
-        norm=lambda d: float(lr_scaled(blocks, d).double().norm()),
-        save=save,
-        reject=reject,
-        evaluate=evaluate,
-        xnorm=xnorm,
-        resolve=resolve,
-        cosine=cosine_of_f,
-    )
-    return ctx

@@ -24,7 +24,8 @@ A :class:`sven.damped_gram.DampedGram` gives :math:`M d_\lambda = K y` of its Ch
 Only an exact eigendecomposition qualifies: a randomized or Lanczos factorisation gives :math:`M V_r`
 only to its own accuracy, and the normal equations' :math:`U` need not be orthonormal. The direction must
 also be the plain filtered one applied at one learning rate :math:`\eta`: no preconditioner (it rescales
-:math:`d`), no momentum or weight decay (their carry enters the prediction), one ``lr`` for every parameter.
+:math:`d`), no momentum (its carry enters the prediction; weight decay does not, :mod:`sven.update`), one ``lr`` for
+every parameter.
 Anything else keeps the context's own ``predict``.
 """
 
@@ -39,7 +40,6 @@ import torch
 from truncpinv import TruncatedPinv
 
 from . import functional as SF
-from . import update
 from .control import StepContext
 from .damped_gram import DampedGram
 from .params import ParamBlock
@@ -73,7 +73,7 @@ def model_change(F: TruncatedPinv, R: torch.Tensor, *, damping: float) -> torch.
 def with_factored_model(ctx: StepContext, blocks: Sequence[ParamBlock], precondition: Any) -> StepContext:
     r"""``ctx`` whose ``predict`` of a direction from its own ``direction(lam)`` uses :func:`model_change`.
 
-    Applies when ``precondition`` is ``None``, the blocks carry no momentum or weight decay and share one
+    Applies when ``precondition`` is ``None``, the blocks carry no momentum and share one
     learning rate :math:`\eta` (then ``predict(d)`` is :math:`M \eta d`); otherwise ``ctx`` is returned
     unchanged. Each ``direction(lam)`` remembers the direction it returned and the factorisation it came
     from; ``predict`` of that very tensor, if the factorisation is exact (:func:`exact_model`), is
@@ -82,7 +82,7 @@ def with_factored_model(ctx: StepContext, blocks: Sequence[ParamBlock], precondi
     rows (the loss rule, or ``ggn=True``): their :class:`sven.control.CrossEntropyDamping` predicts each try.
     """
     lrs = {b.lr for b in blocks}
-    if precondition is not None or update.active(blocks) or len(lrs) != 1:
+    if precondition is not None or any(b.momentum != 0.0 for b in blocks) or len(lrs) != 1:
         return ctx
     lr = float(lrs.pop())
     last: dict[str, Any] = {}

@@ -55,13 +55,18 @@ from ._validation import check_bool
 from .linearize import RowSpec
 from .loss_rows import GGN_CLASSES, RULE_PRESET, cross_entropy_targets, ggn_rows
 
-__all__ = ["GGN_SETTINGS", "RULE_OPTIONS", "CrossEntropyLosses", "CrossEntropyRows", "recognise", "with_ggn_rule"]
+__all__ = [
+    "GGN_SETTINGS", "RULE_OPTIONS", "CrossEntropyLosses", "CrossEntropyRows", "recognise", "rule_weight_decay",
+    "with_ggn_rule",
+]  # fmt: skip
 
 log = logging.getLogger("sven")
 
-#: The options with which Sven takes the GGN rows: :data:`sven.loss_rows.RULE_PRESET` (its ``lr`` is set on the
-#: parameter groups when the rule switches, :meth:`sven.Sven.step`).
-GGN_SETTINGS: dict[str, Any] = {**{k: v for k, v in RULE_PRESET.items() if k != "lr"}, "ggn": True}
+#: The options with which Sven takes the GGN rows: :data:`sven.loss_rows.RULE_PRESET` (its ``lr`` and
+#: ``weight_decay`` are per-group options, set on the parameter groups when the rule switches, :meth:`sven.Sven.step`).
+GGN_SETTINGS: dict[str, Any] = {
+    **{k: v for k, v in RULE_PRESET.items() if k not in ("lr", "weight_decay")}, "ggn": True
+}
 #: Options that choose the rows or the step control: setting any of them (or ``lr``, or ``control``) keeps the
 #: per-sample losses unless ``ggn=True`` is asked for.
 RULE_OPTIONS = (
@@ -203,5 +208,19 @@ def decided(options: dict[str, Any], found: bool) -> dict[str, Any]:
             "with the settings of sven.loss_rows.RULE_PRESET (%s); ggn=False turns this off",
             ", ".join(f"{k}={v}" for k, v in RULE_PRESET.items()),
         )
-        return {**options, **GGN_SETTINGS}
+        kept = {"damping_start": options["damping_start"]} if "damping_start" in options else {}
+        return {**options, **GGN_SETTINGS, **kept}
     return {**options, "ggn": False}
+
+
+def rule_weight_decay(options: dict[str, Any], params: Any, weight_decay: Any) -> tuple[Any, bool]:
+    """The constructor's ``weight_decay`` and whether the user set one (in the constructor or any group).
+
+    Unset, it is :data:`sven.loss_rows.RULE_PRESET`'s with ``ggn=True`` and ``0`` otherwise; the loss rule sets
+    the preset's on every group when it switches at the first step, unless the user set one.
+    """
+    groups = params if isinstance(params, list) else []
+    given = weight_decay is not None or any(isinstance(g, dict) and "weight_decay" in g for g in groups)
+    if weight_decay is not None:
+        return weight_decay, given
+    return (RULE_PRESET["weight_decay"] if options.get("ggn") is True else 0.0), given

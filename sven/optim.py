@@ -25,14 +25,16 @@ from .config import (
     with_momentum_rule,
     with_scale_rule,
 )
-from .control import Evaluator, Policy, step_context
+from .control import Evaluator, Policy
 from .factored_model import with_factored_model
 from .factorize import factorize, solver_for_step
 from .info import StepFault, StepInfo
 from .linearize import DataParallel, Unsupported
-from .loss_rule import CrossEntropyRows, decided, with_ggn_rule
-from .params import ParamBlock, blocks_of_groups, closure_mode
+from .loss_rows import RULE_PRESET
+from .loss_rule import CrossEntropyRows, decided, rule_weight_decay, with_ggn_rule
+from .params import ParamBlock, apply_direction, blocks_of_groups, closure_mode
 from .sequence_rule import apply_sequence_rule, recognise_sequence
+from .step_context import step_context
 
 __all__ = ["GLOBAL_OPTIONS", "StepInfo", "Sven"]
 
@@ -110,8 +112,8 @@ class Sven(Optimizer):
         momentum: heavy-ball momentum :math:`\mu \in [0, 1)` on the Sven direction (per group; default 0,
             and giving it, like ``nesterov``, turns the loss and sequence rules off;
             :mod:`sven.update`): :math:`b \leftarrow \mu b + d`, :math:`\theta \leftarrow \theta - \eta b`.
-        weight_decay: decoupled weight decay :math:`w` (per group, as AdamW):
-            :math:`\theta \leftarrow \theta - \eta w \theta`.
+        weight_decay: decoupled weight decay :math:`w` (per group, as AdamW): :math:`\theta \leftarrow \theta -
+            \eta w \theta`; default 0, or ``1e-3`` on the GGN rows of the loss rule (``RULE_PRESET``) if none is given.
         nesterov: Nesterov momentum (per group): the step is :math:`d + \mu b`.
         control: a :class:`sven.control.Policy`, instead of the options
             ``damping``, ``adaptive_damping``, ``max_retries``, ``variable_k``,
@@ -158,7 +160,7 @@ class Sven(Optimizer):
         lr: float | None = None,
         *args: Any,
         momentum: float | None = None,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         nesterov: bool | None = None,
         control: Policy | None = None,
         route: Any = None,
@@ -174,6 +176,7 @@ class Sven(Optimizer):
             route = None
         params = listed_params(params)  # groups' iterators listed once, in copies: the rules below count them
         options = with_ggn_rule(options, params, explicit=any(v is not None for v in (lr, control, momentum, nesterov)))
+        weight_decay, self._weight_decay_given = rule_weight_decay(options, params, weight_decay)
         self._options = options = with_scale_rule(with_momentum_rule(options, params, momentum), params)
         self.config = cfg = SvenConfig(**options)
         self.solver = cfg.solver
@@ -319,6 +322,7 @@ class Sven(Optimizer):
             F, exact = _factorize(self, pre, R.numel())
             info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
             info._gradient_cosine = cos = SF.gradient_cosine(F, R)
+            decay = update.decay(blocks, blocks[-1].stop, blocks[0].param) if blocks else None
             ctx = step_context(
                 F, R, M, blocks,
                 state=self.state, precondition=self.precondition,
@@ -331,6 +335,8 @@ class Sven(Optimizer):
             self._fault(info, losses, fault)
             return info
         update.commit(blocks, self.state, out.direction)  # momentum buffers: only for a step that was kept
+        if decay is not None and out.direction is not None:  # weight decay, outside the judged step (sven/update.py)
+            apply_direction(blocks, decay)
         info.record(out, [(b.start, b.stop, b.lr) for b in blocks])
         return info
 
@@ -374,9 +380,10 @@ def _decide(opt: Sven, found: bool, sequence: bool) -> list[ParamBlock] | None:
     cfg = opt.config
     if cfg.ggn or cfg.adaptive_damping != before.adaptive_damping:
         opt.rows, opt.control = cfg.rows(), cfg.policy()
-    if cfg.ggn:  # the rule acts only when no ``lr`` was given: its ``lr`` on every group
+    if cfg.ggn:  # the rule acts only when no ``lr`` was given: its ``lr`` (and weight decay, if none) on every group
         for g in [opt.defaults, *opt.param_groups]:
             g["lr"] = cfg.default_lr
+            g["weight_decay"] = g["weight_decay"] if opt._weight_decay_given else RULE_PRESET["weight_decay"]
         blocks = blocks_of_groups(opt.param_groups)
     return blocks
 

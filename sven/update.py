@@ -14,12 +14,18 @@ decay :math:`w` and learning rate :math:`\eta` of a group:
 with :math:`s = 1,\ \mu' = \mu` (heavy ball) or, with ``nesterov``,
 :math:`s = 1 + \mu,\ \mu' = \mu^2` (the step is :math:`d_t + \mu b_t`). The
 weight decay is decoupled, as in AdamW: it shrinks :math:`\theta` and never
-enters the buffer. The *carry* :math:`c_t` is fixed at the start of the step
-and added once, on the first ``apply``; the part in :math:`d_t` is linear, so
-the policies that apply a direction in pieces (variable-k) or undo a try
-(adaptive damping, check-step: they restore the parameters, and with them the
-carry) stay exact. The buffer :math:`b` is written only after the policy has
-finished (:func:`commit`), so a rejected or undone step leaves it unchanged.
+enters the buffer. The *carry* :math:`\mu' b_{t-1}` is fixed at the start of
+the step and added once, on the first ``apply``; the part in :math:`d_t` is
+linear, so the policies that apply a direction in pieces (variable-k) or undo
+a try (adaptive damping, check-step: they restore the parameters, and with
+them the carry) stay exact. The decay :math:`\eta w\,\theta_t` (:func:`decay`,
+of the parameters before the step) is applied after the policy has kept a
+step, outside the step it judges, as AdamW applies it outside its adaptive
+step: a rejected step leaves the parameters unchanged, and the policy's
+prediction of each try needs no product with :math:`M` for it (the factored
+prediction of :mod:`sven.factored_model` stays available). The buffer
+:math:`b` is written only after the policy has finished (:func:`commit`), so a
+rejected or undone step leaves it unchanged.
 
 The buffers (``"heavy_ball"``) live in the optimizer's per-parameter
 ``state`` and are saved by ``state_dict()``.
@@ -34,7 +40,7 @@ import torch
 
 from .params import ParamBlock, state_slice, store_slice
 
-__all__ = ["BUFFER", "active", "carry", "commit", "scaled"]
+__all__ = ["BUFFER", "active", "carry", "commit", "decay", "scaled"]
 
 #: Name of the momentum buffer in the optimizer's per-parameter state.
 BUFFER = "heavy_ball"
@@ -59,18 +65,29 @@ def scaled(blocks: Sequence[ParamBlock], d: torch.Tensor) -> torch.Tensor:
 
 
 def carry(blocks: Sequence[ParamBlock], state: _State, n: int, like: torch.Tensor) -> torch.Tensor | None:
-    r"""The carry :math:`c = \mu' b_{t-1} + w\,\theta_t` in Jacobian columns (``None`` when it is zero)."""
-    if not active(blocks):
+    r"""The carry :math:`c = \mu' b_{t-1}` in Jacobian columns (``None`` when it is zero)."""
+    if not any(b.momentum != 0.0 and BUFFER in state.get(b.param, {}) for b in blocks):
         return None
     c = torch.zeros(n, dtype=like.dtype, device=like.device)
     for b in blocks:
-        piece = c[b.start : b.stop]
         if b.momentum != 0.0 and BUFFER in state.get(b.param, {}):
             mu = b.momentum * b.momentum if b.nesterov else b.momentum
-            piece.add_(state_slice(state[b.param], b, BUFFER).to(c.dtype), alpha=mu)
+            c[b.start : b.stop].add_(state_slice(state[b.param], b, BUFFER).to(c.dtype), alpha=mu)
+    return c
+
+
+def decay(blocks: Sequence[ParamBlock], n: int, like: torch.Tensor) -> torch.Tensor | None:
+    r"""The decoupled weight decay :math:`w\,\theta_t` in Jacobian columns, of the parameters now (``None``: none).
+
+    :class:`sven.Sven` applies it (times each block's ``lr``) once the step control has kept the step.
+    """
+    if not any(b.weight_decay != 0.0 for b in blocks):
+        return None
+    c = torch.zeros(n, dtype=like.dtype, device=like.device)
+    for b in blocks:
         if b.weight_decay != 0.0:
             theta = b.param.detach().reshape(-1)
-            piece.add_((theta if b.index is None else theta[b.index]).to(c.dtype), alpha=b.weight_decay)
+            c[b.start : b.stop].add_((theta if b.index is None else theta[b.index]).to(c.dtype), alpha=b.weight_decay)
     return c
 
 

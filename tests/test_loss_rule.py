@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,8 +102,10 @@ def test_default_sven_takes_the_ggn_rows_for_cross_entropy(loss: str, caplog: py
                 torch.testing.assert_close(out, expected)  # step returns the losses, not the rows
     assert opt.config.ggn is True and opt.last_step is not None and opt.last_step.ggn
     assert opt.config.residuals and opt.config.damping == RULE["damping"] and opt.config.adaptive_damping
-    assert isinstance(opt.control, CrossEntropyDamping) and opt.control.floor == RULE["damping"]
+    assert isinstance(opt.control, CrossEntropyDamping) and opt.control.cap == RULE["damping"]
+    assert opt.control.floor == RULE["damping_start"] < RULE["damping"]  # two steps: no block of the plateau test yet
     assert opt.param_groups[0]["lr"] == RULE["lr"] and not opt.config.scale
+    assert opt.param_groups[0]["weight_decay"] == RULE["weight_decay"]
     assert out.shape == (x.shape[0],) and opt.last_step.losses.shape == (x.shape[0],)
     said = [r for r in caplog.records if r.name == "sven" and "cross-entropy" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.INFO
@@ -197,7 +200,8 @@ def test_the_step_is_the_explicit_preset_step(jacobian: str, extra: dict) -> Non
     a, b = _model(), _model()
     x, y = _data()
     oa = sven.Sven(a.parameters(), ggn=True, adaptive_damping=False, jacobian=jacobian)  # a fixed damping
-    ob = sven.losses.optimizer(b.parameters(), jacobian=jacobian, damping=RULE["damping"], lr=RULE["lr"])
+    ob = sven.losses.optimizer(b.parameters(), jacobian=jacobian, damping=RULE["damping"], lr=RULE["lr"],
+                               weight_decay=RULE["weight_decay"])  # fmt: skip
     for _ in range(3):
         oa.step(lambda: F.cross_entropy(a(x), y, reduction="none", **extra))
         ob.step(lambda: sven.losses.cross_entropy(b(x), y, **extra))
@@ -206,7 +210,8 @@ def test_the_step_is_the_explicit_preset_step(jacobian: str, extra: dict) -> Non
 
 
 def test_the_step_is_the_damped_ggn_step() -> None:
-    r"""Two classes: ``-lr (G + damping * lambda_max(G) I)^{-1} g`` with ``G = sum_i J_i^T H_i J_i``, built densely."""
+    r"""Two classes: ``-lr (G + damping_start * lambda_max(G) I)^{-1} g - lr w theta`` with ``G = sum_i J_i^T H_i J_i``,
+    built densely (the first step's floor is the preset's start; the weight decay ``w`` comes after the kept step)."""
     m = _model(n_out=2)
     x, y = _data(classes=2)
     names = [n for n, _ in m.named_parameters()]
@@ -225,8 +230,9 @@ def test_the_step_is_the_damped_ggn_step() -> None:
     H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     G = torch.einsum("bcp,bcd,bdq->pq", J, H, J)
     g = torch.einsum("bcp,bc->p", J, p - F.one_hot(y, 2).to(DT))
-    lam = RULE["damping"] * float(torch.linalg.eigvalsh(G)[-1])
+    lam = RULE["damping_start"] * float(torch.linalg.eigvalsh(G)[-1])
     want = flat - RULE["lr"] * torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=DT), g)
+    want = want - RULE["lr"] * RULE["weight_decay"] * flat
     opt = sven.Sven(m.parameters())
     opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
     # the first try is at the floor of the damping; it lowered the batch loss, so it was kept
@@ -355,7 +361,7 @@ def test_the_damping_stays_at_its_floor_while_the_model_predicts_the_loss() -> N
     """Short steps are all kept (rho near 1): the damping is the floor, and the steps are the fixed-damping steps."""
     a, x, y = _softmax_regression()
     b, _, _ = _softmax_regression()
-    oa = sven.Sven(a.parameters(), ggn=True, lr=0.05, damping=0.2)
+    oa = sven.Sven(a.parameters(), ggn=True, lr=0.05, damping=0.2, damping_start=None)
     ob = sven.Sven(b.parameters(), ggn=True, lr=0.05, damping=0.2, adaptive_damping=False)
     assert isinstance(ob.control, Tikhonov)
     for _ in range(5):
@@ -367,7 +373,7 @@ def test_the_damping_stays_at_its_floor_while_the_model_predicts_the_loss() -> N
 
 def test_ggn_with_a_trust_radius_caps_the_judged_step() -> None:
     m, x, y = _softmax_regression()
-    opt = sven.Sven(m.parameters(), ggn=True, trust_radius=1e-3)
+    opt = sven.Sven(m.parameters(), ggn=True, trust_radius=1e-3, weight_decay=0.0)  # the decay is outside the cap
     assert isinstance(opt.control, TrustRadius) and isinstance(opt.control.inner, CrossEntropyDamping)
     start = _params(m)
     opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
@@ -425,3 +431,92 @@ def test_the_screened_floors_are_scale_free_and_match_their_definitions(scale: f
     q = ScaledFloor(1.0, "quantile", q=0.75).relative_floor(ctx)
     assert 1 / 16 < q < 1 / 4
     assert q == pytest.approx(float(torch.quantile(torch.cat([lam, torch.zeros(4, dtype=DT)]), 0.75)), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- the floor that starts low
+def test_the_floor_doubles_on_a_plateau_up_to_its_cap() -> None:
+    """Blocks of ``window`` batch losses: a block not ``gain`` below the previous one doubles the floor (and lifts
+    the damping to it), a falling block keeps it, the cap stops it, and non-finite losses are not counted."""
+    c = CrossEntropyDamping(0.1, start=0.025, window=4, gain=0.05)
+    assert c.floor == c.damping == 0.025 and c.cap == 0.1
+    seen = []
+    for level in (1.0, 0.99, 0.5, 0.49, 0.2, 0.2):  # first block; plateau; falls; plateau; falls; plateau (capped)
+        for v in (level, float("nan"), level, level, level):
+            c.observe(v)
+        seen.append(c.floor)
+    assert seen == [0.025, 0.05, 0.05, 0.1, 0.1, 0.1]
+    assert c.damping >= c.floor
+
+
+def test_a_fall_just_short_of_the_gain_is_a_plateau() -> None:
+    """The test is strict about the fraction: 4.9 % below the previous block doubles, 5.1 % does not."""
+    for fall, doubled in ((0.049, True), (0.051, False)):
+        c = CrossEntropyDamping(0.1, start=0.02, window=2, gain=0.05)
+        for v in (1.0, 1.0, 1.0 - fall, 1.0 - fall):
+            c.observe(v)
+        assert (c.floor == 0.04) is doubled
+
+
+def test_the_plateau_state_is_saved_and_restored() -> None:
+    a = CrossEntropyDamping(0.1, start=0.025, window=4)
+    for v in (1.0, 1.0, 1.0, 1.0, 0.99, 0.99):  # one block and half of the next
+        a.observe(v)
+    b = CrossEntropyDamping(0.1, start=0.025, window=4)
+    b.load_state_dict(a.state_dict())
+    assert all(isinstance(v, float) for v in a.state_dict().values())
+    for c in (a, b):
+        c.observe(0.99)
+        c.observe(0.99)  # completes the second block: a plateau
+    assert a.floor == b.floor == 0.05 and a.previous == pytest.approx(b.previous)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"start": 0.2}, r"`start` must lie in \(0, floor\] = \(0, 0.1\], got 0.2"),
+        ({"start": 0.0}, r"`start` must lie in"),
+        ({"window": 0}, r"`window` must be a positive integer, got 0"),
+        ({"window": 2.5}, r"`window` must be a positive integer"),
+        ({"gain": 1.0}, r"`gain` must lie in \[0, 1\), got 1.0"),
+    ],
+)
+def test_the_plateau_arguments_are_checked(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CrossEntropyDamping(0.1, **kwargs)
+
+
+def test_damping_start_none_keeps_a_fixed_floor_and_numpy_scalars_are_taken() -> None:
+    m = _model()
+    fixed = sven.Sven(m.parameters(), ggn=True, damping_start=None)
+    assert isinstance(fixed.control, CrossEntropyDamping)
+    assert fixed.control.floor == fixed.control.cap == RULE["damping"]
+    low = sven.Sven(m.parameters(), ggn=True, damping_start=np.float32(0.02), weight_decay=np.float64(0.0))
+    assert low.control.floor == pytest.approx(0.02) and low.param_groups[0]["weight_decay"] == 0.0
+    above = sven.Sven(m.parameters(), ggn=True, damping=0.05, damping_start=0.2)  # not below the cap: fixed
+    assert above.control.floor == above.control.cap == 0.05
+    with pytest.raises(ValueError, match=r"`damping_start` must be a non-negative float, got -1"):
+        sven.Sven(m.parameters(), damping_start=-1)
+
+
+def test_the_rule_sets_its_weight_decay_only_where_none_was_given() -> None:
+    """No weight decay given: the rule's on every group when it switches (and ``ggn=True``'s from the start). A
+    weight decay given anywhere, even 0, is the user's, and the rule leaves every group as it is."""
+    x, y = _data()
+    for params, want in (
+        (lambda m: m.parameters(), [RULE["weight_decay"]]),
+        (lambda m: [{"params": list(m.parameters()), "weight_decay": 0.0}], [0.0]),
+    ):
+        m = _model()
+        opt = sven.Sven(params(m))
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.0]  # undecided before the first step
+        opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))  # noqa: B023
+        assert [g["weight_decay"] for g in opt.param_groups] == want
+    m = _model()
+    opt = sven.Sven(m.parameters(), weight_decay=0.0)
+    opt.step(lambda: F.cross_entropy(m(x), y, reduction="none"))
+    assert opt.config.ggn is True and opt.param_groups[0]["weight_decay"] == 0.0
+    assert sven.Sven(_model().parameters(), ggn=True).param_groups[0]["weight_decay"] == RULE["weight_decay"]
+    m = _model()
+    opt = sven.Sven(m.parameters())
+    opt.step(lambda: ((m(x) - 1.0) ** 2).sum(1))  # not cross-entropy: no rule, no weight decay
+    assert opt.config.ggn is False and opt.param_groups[0]["weight_decay"] == 0.0

@@ -13,9 +13,9 @@ import sven
 import truncpinv
 from sven import functional as SF
 from sven import normal_equations as NE
-from sven.control import step_context
 from sven.factorize import factorize
 from sven.params import blocks_of_groups
+from sven.step_context import step_context
 from sven.trust_region import TrustRegion
 
 F64 = torch.float64

@@ -18,6 +18,7 @@ from sven import control as C
 from sven.info import StepFault
 from sven.linearize import GRAM_MIN_ENTRIES, RowSpec, choose_route
 from sven.params import ParamBlock
+from sven.step_context import step_context
 from sven.tasks import mlp, per_sample_mse
 
 
@@ -45,7 +46,7 @@ class _Problem:
             return self.residuals() + self.shift
 
         rejected = []
-        ctx = C.step_context(
+        ctx = step_context(
             F, R, self.A, self.blocks,
             state=state if state is not None else {},
             precondition=None,
