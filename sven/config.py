@@ -280,7 +280,8 @@ class SvenConfig:
         cross-entropy (wrapped in a trust radius if one is set).
         """
         if self.ggn and self.adaptive_damping:
-            low = self.damping_start if self.damping_start is not None and 0 < self.damping_start < self.damping else None
+            start = self.damping_start
+            low = start if start is not None and 0 < start < self.damping else None
             policy: Policy = CrossEntropyDamping(self.damping, int(self.max_retries or 0), start=low)
             return policy if self.trust_radius is None else TrustRadius(policy, self.trust_radius)
         return make_policy(
