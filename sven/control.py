@@ -307,8 +307,13 @@ class AdaptiveDamping(Policy):
             ctx.reject()
         out.rejected, out.retries, out.direction = True, tries, None
         out.stalled = self.state.lam >= SF.DAMPING_MAX
-        warn_stall(ctx, out, loss, self.peak, f"the damping at its ceiling ({SF.DAMPING_MAX:g} sigma_max^2)")
+        if not self.fitted(ctx):
+            warn_stall(ctx, out, loss, self.peak, f"the damping at its ceiling ({SF.DAMPING_MAX:g} sigma_max^2)")
         return out
+
+    def fitted(self, ctx: StepContext) -> bool:
+        """Whether a stall here is convergence for another reason than residuals at round-off (none here)."""
+        return False
 
     def judge(self, ctx: StepContext, evaluate: Evaluator, loss: float) -> Callable[[torch.Tensor], float]:
         r"""The gain ratio of the applied try, from the model's change ``M d`` (``loss`` = :math:`\|R\|^2`)."""
@@ -397,6 +402,12 @@ class CrossEntropyDamping(AdaptiveDamping):
             self.floor, self.previous = float(state["floor"]), float(state.get("previous", math.nan))
             steps = int(state.get("block_steps", 0))
             self.block = [float(state.get("block_sum", 0.0)) / steps] * steps if steps else []
+
+    def fitted(self, ctx: StepContext) -> bool:
+        """The batch's mean cross-entropy is at most ``1e3 eps`` of its dtype: every sample is fitted (its true
+        class at probability ``1 - 1e-4`` in float32), the losses are at their rounding (that of the logits'
+        log-sum-exp), and no try can show a fall; a stall there is convergence, and stays silent."""
+        return ctx.loss() <= 1e3 * torch.finfo(ctx.R.dtype).eps
 
     def judge(self, ctx: StepContext, evaluate: Evaluator, loss: float) -> Callable[[torch.Tensor], float]:
         """The gain ratio on the cross-entropy: its fall over the GGN model's predicted fall."""

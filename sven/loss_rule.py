@@ -33,10 +33,12 @@ no ``lr``, ``momentum`` or ``nesterov`` (in the constructor or a parameter group
 them turns the rule off (``ggn=False``), so an explicit configuration means
 what it says. The closure's output at the first step decides for the whole
 run: recognised, the optimizer switches to the rows and the settings of
-:data:`sven.loss_rows.RULE_PRESET` (``residuals=True``, ``lr=0.5``, set on
-every parameter group, and :class:`sven.control.CrossEntropyDamping`: the
-damping judged on the cross-entropy the closure returns after each try, never
-below ``0.1``; :meth:`CrossEntropyRows.evaluated` hands it those losses); it
+:data:`sven.loss_rows.RULE_PRESET` (``residuals=True``, ``lr=0.5`` and, unless
+a ``weight_decay`` was given, weight decay ``1e-3``, set on every parameter
+group; :class:`sven.control.CrossEntropyDamping`: the damping judged on the
+cross-entropy the closure returns after each try, never below a floor that
+starts at ``0.03`` and doubles on each plateau of the batches' loss up to
+``0.1``; :meth:`CrossEntropyRows.evaluated` hands it those losses); it
 records the choice in ``opt.config.ggn`` and ``opt.last_step.ggn`` and logs it once
 (``logging`` at level INFO, logger ``"sven"``). ``step`` still returns the
 closure's per-sample losses. ``ggn=True`` asks for the rows from the start

@@ -10,6 +10,7 @@ preset of ``sven.losses``.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -520,3 +521,21 @@ def test_the_rule_sets_its_weight_decay_only_where_none_was_given() -> None:
     opt = sven.Sven(m.parameters())
     opt.step(lambda: ((m(x) - 1.0) ** 2).sum(1))  # not cross-entropy: no rule, no weight decay
     assert opt.config.ggn is False and opt.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_a_batch_fitted_to_round_off_stalls_in_silence() -> None:
+    """One batch of random labels fitted again and again: its cross-entropy reaches the rounding of the logits'
+    log-sum-exp (about 1e-8 in float32), every later try is rejected, and that is convergence, not a stall: no
+    warning, though the angle of the rows is not small. The same stall at a loss of order one still warns
+    (``test_a_stall_of_the_judged_step_warns``)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    opt = sven.Sven(net.parameters())
+    stalled = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(200):
+            losses = opt.step(lambda: F.cross_entropy(net(x), y, reduction="none"))
+            stalled += bool(opt.last_step is not None and opt.last_step.stalled)
+    assert stalled > 0 and float(losses.mean()) <= 1e3 * torch.finfo(torch.float32).eps
