@@ -112,8 +112,8 @@ class Sven(Optimizer):
         momentum: heavy-ball momentum :math:`\mu \in [0, 1)` on the Sven direction (per group; default 0,
             and giving it, like ``nesterov``, turns the loss and sequence rules off;
             :mod:`sven.update`): :math:`b \leftarrow \mu b + d`, :math:`\theta \leftarrow \theta - \eta b`.
-        weight_decay: decoupled weight decay :math:`w` (per group, as AdamW): :math:`\theta \leftarrow \theta -
-            \eta w \theta`; default 0, or ``1e-3`` on the GGN rows of the loss rule (``RULE_PRESET``) if none is given.
+        weight_decay: decoupled weight decay :math:`w` (per group, as AdamW; default 0, or the loss rule's ``1e-3``):
+            :math:`\theta \leftarrow \theta - \eta w \theta`.
         nesterov: Nesterov momentum (per group): the step is :math:`d + \mu b`.
         control: a :class:`sven.control.Policy`, instead of the options
             ``damping``, ``adaptive_damping``, ``max_retries``, ``variable_k``,
@@ -226,12 +226,12 @@ class Sven(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The ``torch.optim`` state dict plus ``"sven"``: the counters and the step control's state.
 
-        ``"sven"`` holds ``steps``, ``skipped_steps``, ``rejected_steps`` and the
-        damping (``damping``, ``nu``). Randomized solvers are seeded from
-        ``seed`` and the step counter, so no generator state is needed.
+        ``"sven"`` holds ``steps``, ``skipped_steps``, ``rejected_steps``, the step control's state (``damping``,
+        ``nu``, ...) and ``rule`` (what the first step decided). Randomized solvers are seeded from ``seed`` and the
+        step counter, so no generator state is needed.
         """
         sd = super().state_dict()
-        sd["sven"] = {**self._counters, **self.control.state_dict()}
+        sd["sven"] = {**self._counters, **self.control.state_dict(), **_rule_state(self)}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -241,14 +241,12 @@ class Sven(Optimizer):
         super().load_state_dict(sd)
         if extra is not None:
             self._counters = {k: int(extra.get(k, 0)) for k in _COUNTERS}
+            _restore_rule(self, extra)
             self.control.load_state_dict(extra)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        for k in ("config", "solver", "rows", "route", "control", "precondition", "last_step", "_counters", "_options"):
-            state[k] = getattr(self, k)
-        state["process_group"] = None  # a process group cannot be pickled
-        return state
+        mine = {k: self.__dict__[k] for k in _PICKLED if k in self.__dict__}
+        return {**super().__getstate__(), **mine, "process_group": None}  # a process group cannot be pickled
 
     @property
     def skipped_steps(self) -> int:
@@ -369,23 +367,49 @@ def _probed(closure: Callable[[], torch.Tensor], seen: dict[str, bool]) -> Calla
     return probed
 
 
-def _decide(opt: Sven, found: bool, sequence: bool) -> list[ParamBlock] | None:
+def _decide(opt: Sven, found: bool, sequence: bool, *, groups: bool = True) -> list[ParamBlock] | None:
     """The first step's decision of the loss rule and the sequence rule (``sven/loss_rule.py``,
-    ``sven/sequence_rule.py``): set ``opt.config`` (and its rows and control); the new blocks if groups changed."""
-    options, blocks = decided(opt._options, found), None
+    ``sven/sequence_rule.py``): set ``opt.config`` (and its rows and control); the new blocks if groups changed.
+    ``groups=False`` (a restored decision, :func:`_restore_rule`) leaves the loaded groups' values alone."""
+    options, blocks, opt._rule = decided(opt._options, found), None, "ggn" if found else "none"
     if not found and sequence:
-        options = apply_sequence_rule(opt._options, opt.param_groups, opt.config.default_lr)
+        options = apply_sequence_rule(opt._options, opt.param_groups if groups else [], opt.config.default_lr)
         blocks = blocks_of_groups(opt.param_groups)
+        opt._rule = "sequence" if options.get("adaptive_damping") is False else "none"  # not with a scheduler
     before, opt.config = opt.config, SvenConfig(**options)
     cfg = opt.config
     if cfg.ggn or cfg.adaptive_damping != before.adaptive_damping:
         opt.rows, opt.control = cfg.rows(), cfg.policy()
-    if cfg.ggn:  # the rule acts only when no ``lr`` was given: its ``lr`` (and weight decay, if none) on every group
+    if cfg.ggn and groups:  # the rule acts only when no ``lr`` was given: its ``lr`` (and weight decay, if none)
         for g in [opt.defaults, *opt.param_groups]:
             g["lr"] = cfg.default_lr
             g["weight_decay"] = g["weight_decay"] if opt._weight_decay_given else RULE_PRESET["weight_decay"]
         blocks = blocks_of_groups(opt.param_groups)
     return blocks
+
+
+#: What ``pickle`` keeps of a :class:`Sven` besides ``torch.optim``'s state (a process group cannot be pickled).
+_PICKLED = ("config", "solver", "rows", "route", "control", "precondition", "last_step", "_counters", "_options",
+            "_weight_decay_given", "_rule")  # fmt: skip
+
+#: ``state_dict()["sven"]["rule"]``: what the first step decided (absent before it).
+_RULES = {"none": 0.0, "ggn": 1.0, "sequence": 2.0}
+
+
+def _rule_state(opt: Sven) -> dict[str, float]:
+    """The decision of the first step, for :meth:`Sven.state_dict` (nothing while it is not made)."""
+    rule = opt.__dict__.get("_rule")
+    return {} if rule is None else {"rule": _RULES[rule]}
+
+
+def _restore_rule(opt: Sven, extra: dict[str, Any]) -> None:
+    """Make a saved decision again on an optimizer that has not decided yet, so that the step control the
+    decision builds is the one whose state is loaded next; the loaded groups keep their values."""
+    if opt.config.ggn is not None or "rule" not in extra or opt.__dict__.get("_rule") is not None:
+        return
+    rule = {v: k for k, v in _RULES.items()}.get(float(extra["rule"]))
+    if rule is not None:
+        _decide(opt, rule == "ggn", rule == "sequence", groups=False)
 
 
 def _factorize(opt: Sven, pre: Any, rows: int) -> tuple[Any, Callable[[], Any]]:

@@ -10,6 +10,7 @@ preset of ``sven.losses``.
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 
 import numpy as np
@@ -539,3 +540,30 @@ def test_a_batch_fitted_to_round_off_stalls_in_silence() -> None:
             losses = opt.step(lambda: F.cross_entropy(net(x), y, reduction="none"))
             stalled += bool(opt.last_step is not None and opt.last_step.stalled)
     assert stalled > 0 and float(losses.mean()) <= 1e3 * torch.finfo(torch.float32).eps
+
+
+def test_a_resumed_run_keeps_the_rule_and_its_floor() -> None:
+    """``state_dict`` records what the first step decided, so a new optimizer that loads it makes the same decision
+    before it loads the step control's state: the raised floor, the damping and the plateau's block carry over
+    (before, the rule was decided again at the next step and its floor started over), and the groups keep the
+    loaded ``lr`` (a scheduler's) instead of the rule's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+    X, Y = torch.randn(640, 8), torch.randint(0, 3, (640,))
+    opt = sven.Sven(net.parameters())
+    for k in range(100):
+        x, y = X[64 * (k % 10) : 64 * (k % 10 + 1)], Y[64 * (k % 10) : 64 * (k % 10 + 1)]
+        opt.step(lambda: F.cross_entropy(net(x), y, reduction="none"))  # noqa: B023
+    assert opt.control.floor > RULE["damping_start"]  # raised on a plateau within the 100 steps
+    opt.param_groups[0]["lr"] = 0.25  # as a scheduler would
+    sd = opt.state_dict()
+    assert sd["sven"]["rule"] == 1.0
+    twin = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+    twin.load_state_dict(net.state_dict())
+    opt2 = sven.Sven(twin.parameters())
+    opt2.load_state_dict(sd)
+    assert opt2.config.ggn is True and isinstance(opt2.control, CrossEntropyDamping)
+    assert opt2.control.floor == opt.control.floor and opt2.control.damping == opt.control.damping
+    assert opt2.param_groups[0]["lr"] == 0.25 and opt2.param_groups[0]["weight_decay"] == RULE["weight_decay"]
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.config.ggn is True and clone.control.floor == opt.control.floor
