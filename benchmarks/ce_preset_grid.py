@@ -562,7 +562,8 @@ def seeds_table(rows: list[dict[str, Any]]) -> str:
         for t in tasks:
             got = sorted((r.get("seed", 0), r["loss"]) for r in sv if _key(r) == k and r["task"] == t)
             losses = [v for _, v in got]
-            cells.append(f"{statistics.median(losses):.3g} [{', '.join(f'{v:.3g}' for v in losses)}]" if losses else "-")
+            listed = ", ".join(f"{v:.3g}" for v in losses)
+            cells.append(f"{statistics.median(losses):.3g} [{listed}]" if losses else "-")
         lines.append(f"| {_label(k)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
