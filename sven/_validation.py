@@ -10,6 +10,9 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import os
+import sys
+import types
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +33,7 @@ __all__ = [
     "check_positive_int",
     "check_unit_interval",
     "closure_errors",
+    "user_stacklevel",
     "warn_ignored_grads",
 ]
 
@@ -216,7 +220,7 @@ def warn_ignored_grads(params: Sequence[Any]) -> None:
                 f"`trust_radius=r` (||delta theta|| <= r), and log `opt.last_step.step_norm` instead of a "
                 f"gradient norm. If another optimizer left these gradients, call zero_grad() before Sven's step",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
             return
 
@@ -237,3 +241,21 @@ def check_not_inference_mode() -> None:
             "torch.enable_grad(), so the closure's rows have no Jacobian; call step outside it "
             "(torch.no_grad() around the step is fine)"
         )
+
+
+#: Frames in these folders are Sven's or torch's own (torch.optim's step wrappers, its context managers).
+_INTERNAL = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the first caller outside ``sven`` and ``torch``.
+
+    Called by the function that warns (``warnings.warn(..., stacklevel=user_stacklevel())``): a warning raised
+    deep inside ``opt.step`` then names the user's ``opt.step(...)`` line, however many of Sven's and torch's
+    frames (policies, wrappers, ``torch.optim``'s hooks) lie in between.
+    """
+    frame: types.FrameType | None = sys._getframe(2)  # the caller of the function that warns: stacklevel 2
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -49,6 +49,7 @@ import torch
 from truncpinv import TruncatedPinv
 
 from . import functional as SF
+from ._validation import user_stacklevel
 from .info import StepFault
 from .linearize.base import RowSpec
 
@@ -191,7 +192,7 @@ def warn_stall(ctx: StepContext, out: Outcome, loss: float, peak: float, where: 
             f"detached (or, with momentum, that the carried steps do not push every try uphill: "
             f"adaptive_damping=False, or momentum=0 with a `control` object such as TrustRegion).",
             RuntimeWarning,
-            stacklevel=6,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -14,7 +14,13 @@ from . import distributed as dist_
 from . import functional as SF
 from . import update
 from ._compile import eager
-from ._validation import check_not_inference_mode, check_option_names, closure_errors, warn_ignored_grads
+from ._validation import (
+    check_not_inference_mode,
+    check_option_names,
+    closure_errors,
+    user_stacklevel,
+    warn_ignored_grads,
+)  # fmt: skip
 from .config import (
     GLOBAL_OPTIONS,
     GROUP_OPTIONS,
@@ -479,7 +485,7 @@ def _skip(cfg: SvenConfig, counters: dict[str, int], info: StepInfo, losses: tor
     msg = _skip_message(fault, counters)
     if cfg.on_nonfinite == "raise":
         raise FloatingPointError(msg)
-    warnings.warn(msg, RuntimeWarning, stacklevel=5)
+    warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _assigned_option(cfg: SvenConfig | None, name: str, value: Any) -> tuple[str, Any]:

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from ._validation import user_stacklevel
 from .loss_rule import _signed  # an int64 argument as autograd saves it
 
 __all__ = ["SEQUENCE_GROUP", "SEQUENCE_OPTIONS", "apply_sequence_rule", "recognise_sequence"]
@@ -130,7 +131,7 @@ def apply_sequence_rule(options: dict[str, Any], groups: list[dict[str, Any]], d
             "and would scale lr=0.5; the defaults stay as they were. Pass lr=0.02, momentum=0.9, nesterov=True, "
             "adaptive_damping=False to the constructor to use them with the scheduler",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         return {**options, "ggn": False}
     for g in fresh:

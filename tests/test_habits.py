@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import sven
@@ -250,3 +251,34 @@ def test_the_seed_api_with_a_compiled_model_gets_the_uncompiled_step() -> None:
     assert _our_warnings(caught) == []
     torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-12, atol=1e-14)
     assert backend.compiled == 0
+
+
+def test_warnings_from_inside_step_name_the_callers_line() -> None:
+    """A warning raised deep inside ``opt.step`` (the step control, the route's fallback, a skipped step, ignored
+    ``.grad``) is attributed to the user's ``opt.step(...)`` line, past Sven's frames and torch.optim's hooks."""
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    bn = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+
+    def stall() -> None:
+        sven.Sven(m.parameters(), ggn=True, max_retries=40).step(
+            lambda: F.cross_entropy((2 * m(x)).detach() - m(x), y, reduction="none"))  # fmt: skip
+
+    def fallback() -> None:
+        sven.Sven(bn.parameters()).step(lambda: ((bn(x) - 1) ** 2).sum(1))
+
+    def skipped() -> None:
+        sven.Sven(m.parameters()).step(lambda: (m(x) * float("nan")).sum(1))
+
+    def ignored_grad() -> None:
+        m(x).sum().backward()
+        sven.Sven(m.parameters()).step(lambda: (m(x) ** 2).sum(1))
+        m.zero_grad(set_to_none=True)
+
+    for case in (stall, fallback, skipped, ignored_grad):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            case()
+        assert caught, case.__name__
+        assert all(w.filename == __file__ for w in caught), [(w.filename, str(w.message)[:40]) for w in caught]

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .._validation import user_stacklevel
 from .base import Declined, Linearization, RowSpec, Unsupported
 from .dense import DenseRoute, autograd_jacobian
 from .gram import GramRoute
@@ -207,7 +208,7 @@ class Linearizer:
                     f"Sven: the Gram route does not apply ({reason}); using the materialised Jacobian instead "
                     f"(memory B x P). Pass jacobian='hooks' or 'autograd' to silence this warning.",
                     RuntimeWarning,
-                    stacklevel=5,
+                    stacklevel=user_stacklevel(),
                 )
             if isinstance(res, Unsupported) and res.output is not None:
                 return _materialised(res.output, params)

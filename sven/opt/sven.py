@@ -19,6 +19,7 @@ from .._validation import (
     check_nonneg_int,
     check_positive_int,
     check_unit_interval,
+    user_stacklevel,
 )
 from ..config import SEED_NAMES
 from ..control import Evaluator
@@ -406,5 +407,5 @@ class WrappedSven(Sven, form=SvenWrapper):
                 super()._fault(info, losses, fault)
             except FloatingPointError as err:  # also the original's type: torch.linalg.LinAlgError
                 raise NonFiniteStepError(str(err)) from None
-        for w in caught:  # attributed to the caller: _fault < _descend < no_grad < step < torch.optim hooks < caller
-            warnings.warn(w.message, w.category, stacklevel=6)
+        for w in caught:  # attributed to the caller of step
+            warnings.warn(w.message, w.category, stacklevel=user_stacklevel())
