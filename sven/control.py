@@ -388,8 +388,7 @@ class CrossEntropyDamping(AdaptiveDamping):
         self.previous, self.block = mean, []
 
     def run(self, ctx: StepContext) -> Outcome:
-        if self.floor < self.cap:
-            self.observe(ctx.loss())
+        self.observe(ctx.loss())
         return super().run(ctx)
 
     def state_dict(self) -> dict[str, float]:

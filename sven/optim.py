@@ -389,7 +389,8 @@ def _decide(opt: Sven, found: bool, sequence: bool, *, groups: bool = True) -> l
     if cfg.ggn and groups:  # the rule acts only when no ``lr`` was given: its ``lr`` (and weight decay, if none)
         for g in [opt.defaults, *opt.param_groups]:
             g["lr"] = cfg.default_lr
-            g["weight_decay"] = g["weight_decay"] if opt._weight_decay_given else RULE_PRESET["weight_decay"]
+            if not opt._weight_decay_given:
+                g["weight_decay"] = RULE_PRESET["weight_decay"]
         blocks = blocks_of_groups(opt.param_groups)
     return blocks
 
@@ -411,7 +412,7 @@ def _rule_state(opt: Sven) -> dict[str, float]:
 def _restore_rule(opt: Sven, extra: dict[str, Any]) -> None:
     """Make a saved decision again on an optimizer that has not decided yet, so that the step control the
     decision builds is the one whose state is loaded next; the loaded groups keep their values."""
-    if opt.config.ggn is not None or "rule" not in extra or opt.__dict__.get("_rule") is not None:
+    if opt.config.ggn is not None or "rule" not in extra:  # (decided already: ggn is True or False)
         return
     rule = {v: k for k, v in _RULES.items()}.get(float(extra["rule"]))
     if rule is not None:

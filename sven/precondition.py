@@ -202,12 +202,12 @@ ROUND_OFF = 1e3
 
 def round_off_columns(norms: torch.Tensor) -> torch.Tensor:
     r"""Column norms with those at round-off of the largest, :math:`0 < n_j \le` :data:`ROUND_OFF`
-    :math:`arepsilon \max_k n_k`, raised to the largest.
+    :math:`\varepsilon \max_k n_k`, raised to the largest.
 
     A parameter the rows do not depend on in exact arithmetic (a bias cancelled by a BatchNorm's mean, the
     key bias of attention, whose softmax is invariant to it) still gets a column of round-off. Scaled by its
     own norm it becomes a unit column: a direction the truncation keeps and the step follows by about
-    :math:`1/arepsilon` (an attention key bias went to 8e15 in three steps). With the largest norm as its
+    :math:`1/\varepsilon` (an attention key bias went to 8e15 in three steps). With the largest norm as its
     scale it stays at round-off of the scaled Jacobian, as it is unscaled; a small genuine column taken for
     round-off is only damped as without the scaling. Zero columns stay zero (:math:`d_j = 1`).
     """

@@ -45,8 +45,8 @@ def step_context(
     ``M`` is the Jacobian *before* preconditioning (the linear model of ``R``);
     ``state`` holds the preconditioner's and the update stage's per-parameter
     buffers. Every ``apply`` goes through the update stage (:mod:`sven.update`:
-    momentum and weight decay); its carry is added on the first ``apply`` and
-    taken back by ``save()``'s restore; ``predict`` includes it. ``exact()``
+    momentum; weight decay comes after the policy, outside the step it judges); its carry is added on the
+    first ``apply`` and taken back by ``save()``'s restore; ``predict`` includes it. ``exact()``
     factorises ``M`` by the SVD, for a damping that ``F`` from the normal equations
     cannot resolve (``resolve``). ``cosine``: :func:`sven.functional.gradient_cosine` of
     ``F`` and ``R`` when the caller has it.

@@ -8,8 +8,7 @@ decay :math:`w` and learning rate :math:`\eta` of a group:
 .. math::
 
     b_t = \mu\, b_{t-1} + d_t, \qquad
-    \theta_{t+1} = \theta_t - \eta\,(s\, d_t + c_t), \qquad
-    c_t = \mu' b_{t-1} + w\,\theta_t,
+    \theta_{t+1} = \theta_t - \eta\,(s\, d_t + \mu' b_{t-1}) - \eta\, w\,\theta_t,
 
 with :math:`s = 1,\ \mu' = \mu` (heavy ball) or, with ``nesterov``,
 :math:`s = 1 + \mu,\ \mu' = \mu^2` (the step is :math:`d_t + \mu b_t`). The
@@ -40,17 +39,12 @@ import torch
 
 from .params import ParamBlock, state_slice, store_slice
 
-__all__ = ["BUFFER", "active", "carry", "commit", "decay", "scaled"]
+__all__ = ["BUFFER", "carry", "commit", "decay", "scaled"]
 
 #: Name of the momentum buffer in the optimizer's per-parameter state.
 BUFFER = "heavy_ball"
 
 _State = dict[Any, dict[str, torch.Tensor]]
-
-
-def active(blocks: Sequence[ParamBlock]) -> bool:
-    """Whether any block has momentum or weight decay (otherwise the stage is the identity)."""
-    return any(b.momentum != 0.0 or b.weight_decay != 0.0 for b in blocks)
 
 
 def scaled(blocks: Sequence[ParamBlock], d: torch.Tensor) -> torch.Tensor:
