@@ -168,7 +168,7 @@ def test_an_operator_whose_products_lose_its_declared_precision_is_refused(solve
 
 def test_an_operator_product_must_keep_the_block_shape() -> None:
     """A product that returns a vector for a block of several columns is named; for a one-column block the
-    vector is unambiguous and taken as that column."""
+    vector is unambiguous and taken as that column, and a vector's product returned as one column as the vector."""
     from truncpinv._validation import FiniteCheckedOperator
 
     A = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -180,6 +180,10 @@ def test_an_operator_product_must_keep_the_block_shape() -> None:
     y = FiniteCheckedOperator(flat).matmat(x)
     assert y.shape == (6, 1)
     torch.testing.assert_close(y, A @ x)
+    column = tp.CallableOperator((6, 4), lambda X: (A @ X).reshape(6, 1), lambda Y: A.T @ Y, dtype=A.dtype)
+    v = FiniteCheckedOperator(column).matmat(x[:, 0])  # a vector's product returned as one column: the vector
+    assert v.shape == (6,)
+    torch.testing.assert_close(v, (A @ x)[:, 0])
 
 
 @pytest.mark.parametrize(

@@ -63,8 +63,8 @@ class FiniteCheckedOperator(OperatorView):
     one reduction per product (a sum: NaN and Inf propagate through it; an
     overflowing sum of finite values falls through to an exact scan). Each
     product is also checked to be a tensor with as many rows as the operator's
-    shape says (and, for a 2-D block, as many columns as the input; a vector is
-    taken for a one-column block), and to be no less precise than the dtype the
+    shape says (and, for a 2-D block, as many columns as the input; a vector and a
+    one-column block are taken for each other), and to be no less precise than the dtype the
     operator declares (a float32 product of a float64 operator would cap every
     solver's accuracy at float32 without a word): a wrong one raises an error
     naming the product instead of a shape error deep in a solver or in SciPy.
@@ -78,17 +78,18 @@ class FiniteCheckedOperator(OperatorView):
                 f"`A`'s `{what}` must return a torch.Tensor, got {type(Y).__name__}; convert its result with "
                 f"torch.as_tensor"
             )
-        if Y.ndim == 1 and X.ndim == 2 and X.shape[1] == 1 and Y.shape[0] == rows:
-            Y = Y[:, None]  # one column returned as a vector: the product is still unambiguous
+        if X.ndim == 2 and X.shape[1] == 1 and Y.ndim == 1:
+            Y = Y[:, None]  # one column returned as a vector (or a vector's product as one column): unambiguous
+        elif X.ndim == 1 and Y.ndim == 2 and Y.shape[1] == 1:
+            Y = Y[:, 0]
         if Y.ndim != X.ndim or Y.shape[0] != rows or (X.ndim == 2 and Y.shape[1] != X.shape[1]):
             raise ValueError(
                 f"`A`'s `{what}` must map a block of shape ({n if what == 'matmat' else m}, k) to one of shape "
                 f"({rows}, k) (the operator's shape is ({m}, {n})), but it returned shape {tuple(Y.shape)} for an "
                 f"input of shape {tuple(X.shape)}"
             )
-        if Y.is_complex() != self.dtype.is_complex or (
-            Y.is_floating_point() and torch.finfo(Y.dtype).eps > torch.finfo(self.dtype).eps
-        ) or not (Y.is_floating_point() or Y.is_complex()):
+        field = Y.is_complex() == self.dtype.is_complex and (Y.is_floating_point() or Y.is_complex())
+        if not field or torch.finfo(Y.dtype).eps > torch.finfo(self.dtype).eps:
             got, want = str(Y.dtype).replace("torch.", ""), str(self.dtype).replace("torch.", "")
             raise TypeError(
                 f"`A`'s `{what}` returned dtype {got}, but the operator declares dtype {want}: its products would "
