@@ -31,6 +31,7 @@ from ._validation import (
 from .control import CrossEntropyDamping, Policy, TrustRadius, make_policy
 from .functional import DAMPING_MIN
 from .linearize import ROUTES, Linearizer, RowSpec
+from .linearize.finite import FD_SCHEMES, FiniteDifferences, GivenJacobian
 from .loss_rows import RULE_PRESET
 from .loss_rule import CrossEntropyRows
 from .precondition import ColumnScaling, RMSProp
@@ -88,7 +89,9 @@ class SvenConfig:
         residuals: the closure returns residuals (any shape, flattened) instead of losses.
         variable_k: greedy rank choice (:class:`sven.control.VariableK`).
         rmsprop, rmsprop_alpha, rmsprop_eps, rmsprop_momentum, rmsprop_post: :class:`sven.precondition.RMSProp`.
-        jacobian: the route, one of :data:`sven.linearize.ROUTES`.
+        jacobian: the route, one of :data:`sven.linearize.ROUTES`; or finite differences of the closure,
+            ``"2-point"`` or ``"3-point"``; or a callable ``jac()`` returning the ``(N, P)`` Jacobian at the current
+            parameters (:mod:`sven.linearize.finite`).
         on_nonfinite: ``"skip"`` or ``"raise"``.
         damping: Tikhonov damping :math:`\lambda/\sigma_{max}^2`: fixed, or the start value with
             ``adaptive_damping``.
@@ -125,7 +128,7 @@ class SvenConfig:
     rmsprop_eps: float = 1e-8
     rmsprop_momentum: float = 0.0
     rmsprop_post: bool = False
-    jacobian: str = "auto"
+    jacobian: Any = "auto"
     on_nonfinite: str = "skip"
     damping: float = 0.0
     adaptive_damping: bool | None = None
@@ -170,7 +173,12 @@ class SvenConfig:
                 "`variable_k=True` cannot be combined with `rmsprop_post=True`: the greedy rank search applies "
                 "the rank-one components of the raw direction; use rmsprop_post=False (RMSProp on the Jacobian)"
             )
-        put("jacobian", check_choice("jacobian", self.jacobian, ROUTES))
+        named = isinstance(self.jacobian, str) and self.jacobian in ROUTES + FD_SCHEMES
+        if not (named or callable(self.jacobian)):
+            raise ValueError(
+                f"`jacobian` must be one of {list(ROUTES + FD_SCHEMES)} or a callable returning the (N, P) Jacobian, "
+                f"got {self.jacobian!r}"
+            )
         put("chunk_size", check_positive_int("chunk_size", self.chunk_size))
         put("on_nonfinite", check_choice("on_nonfinite", self.on_nonfinite, ("skip", "raise")))
         put("damping", check_nonneg_float("damping", self.damping))
@@ -189,7 +197,8 @@ class SvenConfig:
             )
         if self.rtol is None:  # numerically zero (truncpinv's default) where damping regularises residuals
             put("rtol", None if self.residuals and (self.adaptive_damping or self.damping > 0) else DEFAULT_RTOL)
-        materialised = self.jacobian in ("auto", "hooks", "autograd")  # the routes that can give M's columns
+        # the routes that can give M's columns
+        materialised = callable(self.jacobian) or self.jacobian in ("auto", "hooks", "autograd", *FD_SCHEMES)
         if self.scale is None:  # not with ggn: its adaptive damping judges the cross-entropy, not the rows
             put("scale", bool(self.residuals and self.adaptive_damping and not self.rmsprop and materialised
                               and not self.ggn))  # fmt: skip
@@ -254,8 +263,13 @@ class SvenConfig:
             return CrossEntropyRows()
         return RowSpec(residuals=self.residuals, kappa=self.kappa)
 
-    def route(self) -> Linearizer:
-        """The route choice of ``jacobian`` (:class:`sven.linearize.Linearizer`)."""
+    def route(self) -> Linearizer | FiniteDifferences | GivenJacobian:
+        """The route choice of ``jacobian`` (:class:`sven.linearize.Linearizer`), or its finite differences or
+        callable (:mod:`sven.linearize.finite`)."""
+        if callable(self.jacobian):
+            return GivenJacobian(self.jacobian)
+        if self.jacobian in FD_SCHEMES:
+            return FiniteDifferences(self.jacobian)
         return Linearizer(
             self.jacobian,
             gram_allowed=isinstance(self.solver, truncpinv.Auto),

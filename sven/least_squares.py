@@ -12,8 +12,10 @@ cached factorisation of :math:`J D^{-1}`, :math:`\lambda` chosen so that
 update instead (:class:`sven.control.AdaptiveDamping`, started at ``damping``),
 and ``control`` any policy that re-evaluates the residuals. A Jacobian of at most 10 columns is factorised
 by one small SVD (:mod:`sven.factorize`); a tall one with at least 16 from its normal equations where they
-resolve the step's damping (:mod:`sven.normal_equations`), by the SVD otherwise. This module only
-adds scipy's stopping rules, evaluation counts and the result object;
+resolve the step's damping (:mod:`sven.normal_equations`), by the SVD otherwise.
+The Jacobian comes from autograd, or as scipy's ``jac`` option asks: finite differences (``"2-point"``,
+``"3-point"``) or a callable (:mod:`sven.linearize.finite`); a problem of at most 10 parameters takes the lean
+step of :mod:`sven.tiny`. This module only adds scipy's stopping rules, evaluation counts and the result object;
 everything runs in torch, on the device of the parameters.
 
 Stopping rules (``status`` as in :func:`scipy.optimize.least_squares`):
@@ -58,7 +60,9 @@ from ._validation import check_nonneg_float, check_positive_int
 from .config import LM_RETRIES
 from .control import stall_cosine
 from .info import StepInfo
+from .linearize.base import RowSpec
 from .linearize.dense import autograd_jacobian
+from .linearize.finite import FD_SCHEMES, FiniteDifferences, GivenJacobian, checked_jacobian
 from .optim import Sven
 from .trust_region import TrustRegion
 
@@ -170,6 +174,7 @@ def least_squares(
     xtol: float = 1e-8,
     gtol: float = 1e-8,
     max_nfev: int | None = None,
+    jac: Any = "autograd",
     **options: Any,
 ) -> LeastSquaresResult:
     r"""Minimise :math:`\tfrac12\|r(x)\|^2` by Levenberg--Marquardt (:class:`sven.Sven` in residual mode).
@@ -187,7 +192,13 @@ def least_squares(
         args, kwargs: extra arguments of ``fun``.
         ftol, xtol, gtol: the stopping rules of the module docstring (scipy's defaults, ``1e-8``; a positive one
             below the dtype's machine epsilon is raised to it, ``0`` turns a test off).
-        max_nfev: the most residual evaluations (default ``100 * (n + 1)``, as scipy's ``lm``).
+        max_nfev: the most residual evaluations, those of finite differences included (default ``100 * (n + 1)``;
+            with ``jac="2-point"`` ``100 * n * (n + 1)``, as scipy's ``lm``, and ``100 * n * (2n + 1)`` with
+            ``"3-point"``).
+        jac: the Jacobian: ``"autograd"`` (the default: exact, by autograd through ``fun``), ``"2-point"`` or
+            ``"3-point"`` (finite differences of ``fun``, scipy's steps: :mod:`sven.linearize.finite`; for a
+            ``fun`` autograd cannot differentiate, or one cheaper to evaluate ``n`` times than to differentiate),
+            or a callable with ``fun``'s arguments returning the ``(m, n)`` Jacobian (a tensor or an array).
         **options: further :class:`sven.Sven` options: ``control`` (default
             :class:`~sven.trust_region.TrustRegion` with ``ftol``/``xtol``), ``damping`` (the multiplicative
             update of :class:`~sven.control.AdaptiveDamping`, started there), ``scale``, ``solver``, ``rtol``,
@@ -217,6 +228,9 @@ def least_squares(
             raise ValueError(f"`{bad}` is fixed by least_squares (residuals=True, on_nonfinite='raise')")
     ps, takes_x, x = _start(params)
     n = sum(p.numel() for p in ps)
+    route = _jacobian_route(jac, options, x, args, kw)
+    if max_nfev is None and isinstance(route, FiniteDifferences):  # scipy's lm: the differences count
+        max_nfev = 100 * n * ((n if route.scheme == "2-point" else 2 * n) + 1)
     ftol, xtol, gtol, max_nfev = _tolerances(ftol, xtol, gtol, max_nfev, n)
     last: list[torch.Tensor] = []
     calls = [0]
@@ -249,7 +263,9 @@ def least_squares(
         options["control"] = TrustRegion(options.pop("max_retries", LM_RETRIES), ftol=ftol, xtol=xtol)
     elif "control" not in options:  # the multiplicative damping update, started at `damping` (alone: fixed)
         options["adaptive_damping"] = True
-    if takes_x and "jacobian" not in options and "route" not in options:
+    if route is not None:
+        options["route"] = route
+    elif takes_x and "jacobian" not in options and "route" not in options:
         options["jacobian"] = "autograd"  # a bare tensor belongs to no layer: no hooks to record
     opt = Sven(ps, residuals=True, on_nonfinite="raise", **options)
     if not getattr(opt.control, "needs_evaluate", False):
@@ -283,9 +299,13 @@ def least_squares(
             status = 4 if f_ok and x_ok else 2 if f_ok else 3 if x_ok else -1
         if status < 0 and nfev >= max_nfev:
             status = 0
-    with torch.enable_grad():
-        out = closure()
-        J = autograd_jacobian(out, ps)
+    if route is None:
+        with torch.enable_grad():
+            out = closure()
+            J = autograd_jacobian(out, ps)
+    else:  # (as scipy: the Jacobian at the solution is not counted in nfev)
+        lin = route(closure, ps, RowSpec(residuals=True))
+        out, J = lin.rows, cast(torch.Tensor, lin.jacobian)
     njev += 1
     r = out.detach()
     grad = J.T @ r.to(J.dtype)
@@ -325,6 +345,28 @@ def least_squares(
         njev=njev,
         nit=nit,
     )
+
+
+def _jacobian_route(
+    jac: Any, options: dict[str, Any], x: torch.Tensor | None, args: tuple[Any, ...], kw: dict[str, Any]
+) -> FiniteDifferences | GivenJacobian | None:
+    """The route of ``jac`` (``None``: autograd, the Sven options' own route), or a clear error naming ``jac``."""
+    if isinstance(jac, str) and jac == "autograd":
+        return None
+    if not (callable(jac) or isinstance(jac, str)):
+        raise TypeError(f"`jac` must be a string ('autograd', '2-point', '3-point') or a callable, got {jac!r}")
+    if not (callable(jac) or jac in FD_SCHEMES):
+        raise ValueError(
+            f"`jac` must be 'autograd', '2-point', '3-point' or a callable returning the (m, n) Jacobian, got {jac!r}"
+        )
+    given = [k for k in ("jacobian", "route") if k in options]
+    if given:
+        raise ValueError(f"pass the Jacobian once: `jac` or `{given[0]}`, not both")
+    if isinstance(jac, str):
+        return FiniteDifferences(jac)
+    if x is not None:
+        return GivenJacobian(lambda: jac(x.detach(), *args, **kw), name="jac")
+    return GivenJacobian(lambda: jac(*args, **kw), name="jac")
 
 
 def _as_tensor(name: str, value: Any, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -369,7 +411,9 @@ def curve_fit(
         p0: the start, ``n`` values; ``None``: ones, with ``n`` from ``f``'s signature.
         sigma: the standard deviations of ``ydata`` (scalar or ``m`` values), or ``None``.
         absolute_sigma: ``sigma`` is absolute (do not rescale ``pcov`` by :math:`s^2`).
-        **kwargs: passed to :func:`least_squares` (``ftol``, ``max_nfev``, Sven options, ...).
+        **kwargs: passed to :func:`least_squares` (``ftol``, ``max_nfev``, ``jac``, Sven options, ...); a callable
+            ``jac`` has scipy's form here: ``jac(xdata, *p)`` returns the model's ``(m, n)`` Jacobian (``sigma`` is
+            applied to it as to the residuals).
 
     Returns:
         ``(popt, pcov)``: ``(n,)`` and ``(n, n)`` tensors, on ``ydata``'s device.
@@ -418,6 +462,14 @@ def curve_fit(
         r = model.reshape(-1) - yf
         return r if weight is None else r * weight
 
+    jac = kwargs.get("jac")
+    if callable(jac):  # scipy's form: jac(xdata, *p) is the model's (m, n) Jacobian, weighted here as the residuals
+
+        def jacobian(p: torch.Tensor) -> torch.Tensor:
+            J = checked_jacobian(jac(xd, *p.unbind()), "jac", (yf.numel(), p.numel()), yf)
+            return J if weight is None else J * weight[:, None]
+
+        kwargs["jac"] = jacobian
     res = least_squares(residuals, start, **kwargs)
     J = res.jac
     m, n = J.shape

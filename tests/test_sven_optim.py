@@ -334,7 +334,8 @@ def test_negative_losses_with_fractional_kappa_are_explained() -> None:
         ({"rmsprop_momentum": -0.1}, r"`rmsprop_momentum` must be a float in \[0, 1\)"),
         (
             {"jacobian": "fast"},
-            r"`jacobian` must be one of \['auto', 'gram', 'hooks', 'autograd', 'matfree', 'pointwise'\], got 'fast'",
+            r"`jacobian` must be one of \['auto', 'gram', 'hooks', 'autograd', 'matfree', 'pointwise', '2-point', "
+            r"'3-point'\] or a callable returning the \(N, P\) Jacobian, got 'fast'",
         ),
         ({"on_nonfinite": "ignore"}, r"`on_nonfinite` must be one of \['skip', 'raise'\], got 'ignore'"),
         (
