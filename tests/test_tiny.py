@@ -1,0 +1,120 @@
+"""The lean step of tiny dense least-squares problems (``sven/tiny.py``): the general step's iterates, faster."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sven
+import sven.tiny as tiny
+from sven.control import AdaptiveDamping
+from sven.trust_region import TrustRegion
+
+F64 = torch.float64
+
+
+def _problem(seed: int, p: int, m: int, dtype: torch.dtype = F64):  # type: ignore[no-untyped-def]
+    """A smooth nonlinear residual function of ``p`` parameters and ``m`` rows, with a random start."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, p, generator=g, dtype=F64).to(dtype)
+    B = (torch.randn(p, p, generator=g, dtype=F64) / p**0.5).to(dtype)
+    scale = torch.logspace(-2, 2, p, dtype=F64).to(dtype)[torch.randperm(p, generator=g)]  # badly scaled columns
+    y = torch.randn(m, generator=g, dtype=F64).to(dtype)
+    x0 = torch.randn(p, generator=g, dtype=F64).to(dtype)
+
+    def fun(x: torch.Tensor) -> torch.Tensor:
+        return A @ (torch.tanh(B @ x) * scale) + 0.1 * (A @ x) ** 2 - y
+
+    return fun, x0
+
+
+def _run(fun, x0, control, steps: int, *, lean: bool, jacobian: str = "autograd"):  # type: ignore[no-untyped-def]
+    x = torch.nn.Parameter(x0.clone())
+    jac = (lambda: torch.func.jacrev(fun)(x.detach())) if jacobian == "callable" else jacobian
+    opt = sven.Sven([x], residuals=True, control=control, jacobian=jac)
+    path, infos = [], []
+    with pytest.MonkeyPatch.context() as mp:
+        if not lean:
+            mp.setattr(tiny, "applies", lambda opt: False)
+        for _ in range(steps):
+            opt.step(lambda: fun(x))
+            path.append(x.detach().clone())
+            infos.append(opt.last_step)
+    return path, infos, opt
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    p=st.integers(1, tiny.TINY_COLUMNS),
+    extra=st.integers(0, 40),
+    trust=st.booleans(),
+    jacobian=st.sampled_from(["autograd", "callable"]),
+)
+def test_the_lean_step_gives_the_general_steps_iterates(
+    seed: int, p: int, extra: int, trust: bool, jacobian: str
+) -> None:
+    fun, x0 = _problem(seed, p, p + extra)
+    runs = [_run(fun, x0, TrustRegion() if trust else AdaptiveDamping(), 4, lean=lean, jacobian=jacobian)
+            for lean in (True, False)]  # fmt: skip
+    (lean_path, lean_infos, lean_opt), (path, infos, opt) = runs
+    for a, b, ia, ib in zip(lean_path, path, lean_infos, infos):
+        # the same decisions (a gain ratio at a threshold to round-off could flip one: none met in these draws)
+        assert (ia.rejected, ia.retries, ia.rank) == (ib.rejected, ib.retries, ib.rank)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12 * (1.0 + float(b.abs().max())))
+        assert ia.damping == pytest.approx(ib.damping, rel=1e-8, abs=1e-300)
+        assert ia.gradient_cosine == pytest.approx(ib.gradient_cosine, rel=1e-7, abs=1e-14)
+    assert lean_opt.state_dict()["sven"].keys() == opt.state_dict()["sven"].keys()
+    torch.testing.assert_close(lean_opt.state[lean_opt.param_groups[0]["params"][0]]["col_scale"],
+                               opt.state[opt.param_groups[0]["params"][0]]["col_scale"])  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme", ["2-point", "3-point"])
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_finite_difference_step_is_the_general_one(scheme: str, trust: bool) -> None:
+    # one step only: the differences divide the round-off of later iterates by h ~ 1e-8 (or 6e-6)
+    fun, x0 = _problem(5, 6, 40)
+    (a, ia, _), (b, ib, _) = (_run(fun, x0, TrustRegion() if trust else None, 1, lean=lean, jacobian=scheme)
+                              for lean in (True, False))  # fmt: skip
+    assert ia[0].jacobian_method == ib[0].jacobian_method == scheme
+    torch.testing.assert_close(a[0], b[0], rtol=1e-9, atol=1e-12)
+    assert not torch.equal(a[0], x0)
+
+
+def test_the_lean_step_is_taken_for_tiny_problems_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: list[int] = []
+    lean = tiny._descend
+    monkeypatch.setattr(tiny, "_descend", lambda opt, R, M, *a: taken.append(M.shape[1]) or lean(opt, R, M, *a))
+    for p in (3, tiny.TINY_COLUMNS, tiny.TINY_COLUMNS + 1):
+        fun, x0 = _problem(0, p, 30)
+        _run(fun, x0, None, 1, lean=True)
+    assert taken == [3, tiny.TINY_COLUMNS]  # 11 columns: the general step
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"momentum": 0.5}, {"weight_decay": 0.1}, {"rank": 2}, {"residuals": False}, {"rmsprop": True}],
+)
+def test_configurations_outside_the_lean_step_keep_the_general_one(options: dict) -> None:  # type: ignore[type-arg]
+    x = torch.nn.Parameter(torch.ones(3, dtype=F64))
+    kw = {"residuals": True, **options}
+    opt = sven.Sven([x], **kw)
+    assert not tiny.applies(opt)
+
+
+def test_a_lean_step_that_meets_nan_skips_and_leaves_the_parameters() -> None:
+    x = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=F64))
+    opt = sven.Sven([x], residuals=True)
+    with pytest.warns(RuntimeWarning, match="NaN or Inf in the residuals"):
+        opt.step(lambda: torch.stack([x[0] * torch.tensor(float("nan")), x[1]]))
+    assert x.tolist() == [1.0, 2.0] and opt.skipped_steps == 1 and opt.last_step.skipped
+
+
+def test_a_float32_problem_takes_the_lean_step_with_the_general_iterates() -> None:
+    fun, x0 = _problem(3, 4, 25, torch.float32)
+    (a, *_), (b, *_) = (_run(fun, x0, TrustRegion(), 3, lean=lean) for lean in (True, False))
+    for u, v in zip(a, b):
+        assert u.dtype == torch.float32
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
