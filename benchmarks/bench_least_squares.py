@@ -46,37 +46,48 @@ from .mgh import PROBLEMS, Problem, solved
 ROUNDS = 15
 
 
-def _scipy(p: Problem, method: str) -> tuple[float, int, float]:
+def _scipy(p: Problem, method: str, differences: bool = False) -> tuple[float, int, float]:
+    """scipy's fit: with the exact ``jacrev`` Jacobian (``nfev`` as scipy reports it), or (``differences``) its own
+    2-point differences. There every call of the residuals counts, as :func:`sven.least_squares` counts its own
+    differences (scipy's ``nfev`` leaves them out), except the ``n + 1`` of the Jacobian scipy forms at the
+    solution (Sven does not count its own there either)."""
     from scipy.optimize import least_squares
 
     jac = torch.func.jacrev(p.fun)
+    calls = [0]
+
+    def fun(x: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        return p.fun(torch.from_numpy(x)).numpy()
+
     t0 = time.perf_counter()
     r = least_squares(
-        lambda x: p.fun(torch.from_numpy(x)).numpy(),
-        np.array(p.x0),
-        jac=lambda x: jac(torch.from_numpy(x)).numpy(),
-        method=method,
+        fun, np.array(p.x0), jac="2-point" if differences else lambda x: jac(torch.from_numpy(x)).numpy(), method=method
     )
-    return 2.0 * float(r.cost), int(r.nfev), time.perf_counter() - t0
+    nfev = calls[0] - (p.n + 1 if method == "lm" else 0) if differences else int(r.nfev)
+    return 2.0 * float(r.cost), nfev, time.perf_counter() - t0
 
 
-def _sven(p: Problem) -> tuple[float, int, float, int, list[str]]:
+def _sven(p: Problem, jac: str = "autograd") -> tuple[float, int, float, int, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        r = sven.least_squares(p.fun, p.start())
+        r = sven.least_squares(p.fun, p.start(), jac=jac)
         dt = time.perf_counter() - t0
     return 2.0 * r.cost, r.nfev, dt, r.status, [str(w.message)[:60] for w in caught]
 
 
-def mgh() -> None:
+def mgh(jac: str = "autograd") -> None:
+    """The MGH table; ``jac="2-point"``: Sven and scipy both by finite differences, their evaluations counted."""
+    fd = jac != "autograd"
+    print(f"\nJacobians: {'2-point finite differences (counted in nfev)' if fd else 'exact (autograd / jacrev)'}")
     print("| # | problem | n | m | Sven | nfev | ms | scipy lm | nfev | ms | scipy trf | nfev | ms | Sven status |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lm_solved = within = 0
     for p in PROBLEMS:
-        f_s, n_s, t_s, status, warned = _sven(p)
-        f_l, n_l, t_l = _scipy(p, "lm")
-        f_t, n_t, t_t = _scipy(p, "trf")
+        f_s, n_s, t_s, status, warned = _sven(p, jac)
+        f_l, n_l, t_l = _scipy(p, "lm", fd)
+        f_t, n_t, t_t = _scipy(p, "trf", fd)
         ok = [solved(f, p.fstar, rtol=p.rtol) for f in (f_s, f_l, f_t)]
         if ok[1]:
             lm_solved += 1
@@ -201,6 +212,8 @@ def overhead(repeats: int) -> None:
         )
 
     jacobians(fun, repeats)
+    lean_steps(repeats)
+    scipy_parity(repeats)
 
     # the whole front end, per residual evaluation, against scipy's lm given the same torch residuals and jacrev
     x0 = np.array([1.0, 1.0, 0.0])
@@ -224,6 +237,118 @@ def overhead(repeats: int) -> None:
         f"{best_scipy * 1e3:.1f} ms for {nfev_scipy} ({best_scipy / nfev_scipy * 1e3:.2f} ms each); "
         f"ratio {best_sven / best_scipy:.1f} (best of {ROUNDS})"
     )
+
+
+_Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _exponentials(p: int) -> tuple[_Fn, _Fn, list[float]]:
+    """A sum of ``p // 2`` decaying exponentials (plus a constant when ``p`` is odd) at 100 points: the residuals,
+    their analytic ``(100, p)`` Jacobian and a start."""
+    t = torch.linspace(0, 1, 100, dtype=torch.float64)
+    k = p // 2
+    truth = torch.tensor([v for i in range(k) for v in (1.0 + i, 1.0 + 2.0 * i)], dtype=torch.float64)
+    y = sum(truth[2 * i] * torch.exp(-truth[2 * i + 1] * t) for i in range(k)) + 0.01 * torch.sin(50 * t)
+    y = y + (0.5 if p % 2 else 0.0)
+
+    def fun(z: torch.Tensor) -> torch.Tensor:
+        r = sum(z[2 * i] * torch.exp(-z[2 * i + 1] * t) for i in range(k)) - y
+        return r + z[-1] if p % 2 else r
+
+    def jac(z: torch.Tensor) -> torch.Tensor:
+        cols = []
+        for i in range(k):
+            e = torch.exp(-z[2 * i + 1] * t)
+            cols += [e, -z[2 * i] * t * e]
+        return torch.stack(cols + ([torch.ones_like(t)] if p % 2 else []), 1)
+
+    start = [v * 0.8 for v in truth.tolist()] + ([0.0] if p % 2 else [])
+    return fun, jac, start
+
+
+def lean_steps(repeats: int) -> list[tuple[int, str, str, float, float, float]]:
+    """One Sven step (``m = 100``, ``P = 3`` and ``10``) with each Jacobian option and step control: the lean step
+    of :mod:`sven.tiny` against the general step (:func:`sven.tiny.applies` switched off) in the same run, both
+    against one residual evaluation. Steps are timed at the fit's solution after 10 warm-up steps (as the step
+    above: tries are rejected there, so a step evaluates the residuals about 2-3 times)."""
+    import sven.tiny as tiny
+
+    applies = tiny.applies
+    rows: list[tuple[int, str, str, float, float, float]] = []
+    print(
+        "\n| P | Jacobian | control | lean step us | general step us | lean / general | lean / residuals "
+        "| evaluations per step | goal 0.3 ms |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    for p in (3, 10):
+        fun, jac, start = _exponentials(p) if p != 3 else (*_exponentials(3)[:2], [1.0, 1.0, 0.0])
+        z = torch.tensor(start, dtype=torch.float64)
+        for way in ("autograd", "2-point", "3-point", "callable"):
+            for name, make in (("AdaptiveDamping", lambda: None), ("TrustRegion", TrustRegion)):
+                best = {True: float("inf"), False: float("inf")}
+                calls = [0]
+                setups = {}
+                for lean in (True, False):
+                    x = torch.nn.Parameter(z.clone())
+                    j: Any = (lambda x=x, jac=jac: jac(x.detach())) if way == "callable" else way
+
+                    def closure(x: torch.Tensor = x, fun: _Fn = fun, calls: list[int] = calls) -> torch.Tensor:
+                        calls[0] += 1
+                        return fun(x)
+
+                    tiny.applies = applies if lean else (lambda opt: False)
+                    opt = sven.Sven([x], residuals=True, control=make(), jacobian=j)
+                    for _ in range(10):
+                        opt.step(closure)
+                    setups[lean] = (opt, closure)
+                tiny.applies = applies
+                evals = best_eval = float("inf")
+                for _ in range(ROUNDS):  # alternating, so that both see the same load
+                    for lean in (True, False):
+                        tiny.applies = applies if lean else (lambda opt: False)
+                        opt, closure = setups[lean]
+                        calls[0] = 0
+                        t0 = time.perf_counter()
+                        for _ in range(repeats):
+                            opt.step(closure)
+                        best[lean] = min(best[lean], (time.perf_counter() - t0) / repeats)
+                        if lean:
+                            evals = calls[0] / repeats
+                    t0 = time.perf_counter()
+                    for _ in range(repeats):
+                        fun(z)
+                    best_eval = min(best_eval, (time.perf_counter() - t0) / repeats)
+                tiny.applies = applies
+                lean_s, general_s = best[True], best[False]
+                rows.append((p, way, name, lean_s, general_s, best_eval))
+                print(
+                    f"| {p} | {way} | {name} | {lean_s * 1e6:.0f} | {general_s * 1e6:.0f} | {lean_s / general_s:.2f} | "
+                    f"{lean_s / best_eval:.1f} | {evals:.2f} | {'met' if lean_s <= 3e-4 else 'missed'} |"
+                )
+    return rows
+
+
+def scipy_parity(repeats: int) -> None:
+    """The whole :func:`sven.least_squares` against scipy's ``lm`` with the same Jacobian option (``P = 3`` and
+    ``10``): wall time and evaluations (finite differences counted, as scipy counts them)."""
+    from scipy.optimize import least_squares
+
+    print("\n| P | jac | Sven ms | nfev | scipy lm ms | nfev | Sven / scipy |\n|---|---|---|---|---|---|---|")
+    for p in (3, 10):
+        fun, jac, start = _exponentials(p) if p != 3 else (*_exponentials(3)[:2], [1.0, 1.0, 0.0])
+        x0 = np.array(start)
+        for way in ("autograd", "2-point", "callable"):
+            sj: Any = "2-point" if way == "2-point" else (lambda v, jac=jac: jac(torch.from_numpy(v)).numpy())
+            vj: Any = jac if way == "callable" else way
+            best_s = best_c = float("inf")
+            n_s = n_c = 0
+            for _ in range(max(3, ROUNDS // 3)):
+                t0 = time.perf_counter()
+                r = sven.least_squares(fun, torch.from_numpy(x0), jac=vj)
+                best_s, n_s = min(best_s, time.perf_counter() - t0), r.nfev
+                t0 = time.perf_counter()
+                c = least_squares(lambda v, fun=fun: fun(torch.from_numpy(v)).numpy(), x0, jac=sj, method="lm")
+                best_c, n_c = min(best_c, time.perf_counter() - t0), int(c.nfev)
+            print(f"| {p} | {way} | {best_s * 1e3:.1f} | {n_s} | {best_c * 1e3:.1f} | {n_c} | {best_s / best_c:.1f} |")
 
 
 def jacobians(fun: Callable[[torch.Tensor], torch.Tensor], repeats: int) -> None:
@@ -264,6 +389,7 @@ def jacobians(fun: Callable[[torch.Tensor], torch.Tensor], repeats: int) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mgh", action="store_true")
+    parser.add_argument("--jac", choices=("autograd", "2-point", "3-point"), default="autograd", help="for --mgh")
     parser.add_argument("--sinc", action="store_true")
     parser.add_argument("--sinc-seconds", type=float, default=5.0)
     parser.add_argument("--overhead", action="store_true")
@@ -273,7 +399,7 @@ def main() -> None:
     if not (args.mgh or args.sinc or args.overhead):
         args.mgh = args.sinc = args.overhead = True
     if args.mgh:
-        mgh()
+        mgh(args.jac)
     if args.sinc:
         sinc(args.sinc_seconds)
     if args.overhead:
