@@ -99,27 +99,33 @@ def _columns(
     """The columns of ``p``'s entries (``(N, p.numel())``), each entry perturbed in place and written back.
 
     The divisor is the perturbation the dtype took: :math:`x + h - x` (2-point), :math:`(x + h) - (x - h)` (3-point).
+    Each entry is written as a Python float, which holds every float32 and float64 value exactly.
     """
     target = p.detach()  # shares the storage and the version counter: autograd sees every write
     x = target.reshape(-1).clone()
     h = fd_steps(x, scheme, eps)
     up, down = x + h, x - h
-    width = (h if scheme == "2-point" else up - down).double().tolist()
+    width = (h if scheme == "2-point" else up - down).to(r0.dtype)
+    values, ups, downs = x.tolist(), up.tolist(), down.tolist()
+    flat = target.view(-1) if target.is_contiguous() else None  # (else each entry by its index tuple)
     shape = tuple(target.shape)
-    J = torch.empty(r0.shape[0], x.numel(), dtype=r0.dtype, device=r0.device)
+    plus: list[torch.Tensor] = []
+    minus: list[torch.Tensor] = []
     for j in range(x.numel()):
-        at = tuple(int(i) for i in np.unravel_index(j, shape))
+        at: Any = j if flat is not None else tuple(int(i) for i in np.unravel_index(j, shape))
+        dest = flat if flat is not None else target
         try:
-            target[at] = up[j]
-            plus = _evaluated(closure, rows, r0)
+            dest[at] = ups[j]
+            plus.append(_evaluated(closure, rows, r0))
             if scheme == "3-point":
-                target[at] = down[j]
-                J[:, j] = (plus - _evaluated(closure, rows, r0)) / width[j]
-            else:
-                J[:, j] = (plus - r0) / width[j]
+                dest[at] = downs[j]
+                minus.append(_evaluated(closure, rows, r0))
         finally:
-            target[at] = x[j]
-    return J
+            dest[at] = values[j]
+    if not plus:
+        return r0.new_zeros(r0.shape[0], 0)
+    hi = torch.stack(plus, dim=1)
+    return ((hi - torch.stack(minus, dim=1)) if minus else (hi - r0[:, None])) / width
 
 
 def _evaluated(closure: Callable[[], Any], rows: RowSpec, r0: torch.Tensor) -> torch.Tensor:
