@@ -185,16 +185,16 @@ def _column_scale(opt: Any, a: np.ndarray, blocks: list[ParamBlock]) -> np.ndarr
     """Moré's ``D`` after this Jacobian (:meth:`sven.precondition.ColumnScaling.jacobian`, the same state)."""
     with np.errstate(over="ignore"):
         sq = np.einsum("ij,ij->j", a, a)
-    if not np.isfinite(sq).all():  # a square overflowed: the general column norms, by the largest magnitude
+    norms = np.sqrt(sq)
+    if not np.isfinite(sq.sum()):  # a square overflowed: the general column norms, by the largest magnitude
         c = np.abs(a).max(0)
         c = np.where(c > 0, c, 1.0)
         norms = c * np.sqrt(((a / c) ** 2).sum(0))
-    else:
-        norms = np.sqrt(sq)
-    if norms.size:
+    if norms.size:  # columns at round-off of the largest count as the largest (round_off_columns)
         top = norms.max()
         cut = ROUND_OFF * np.finfo(norms.dtype).eps * top
-        norms = np.where((norms > 0) & (norms <= cut), top, norms)
+        if (norms <= cut).any():
+            norms = np.where((norms > 0) & (norms <= cut), top, norms)
     parts = []
     for b in blocks:
         st = opt.state[b.param]
@@ -204,7 +204,9 @@ def _column_scale(opt: Any, a: np.ndarray, blocks: list[ParamBlock]) -> np.ndarr
         np.maximum(d, norms[b.start : b.stop].astype(d.dtype, copy=False), out=d)
         parts.append(d)
     D = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return np.where(D > 0, D, 1.0).astype(a.dtype, copy=False)
+    if not D.min(initial=1.0) > 0:  # a column never seen (always zero) counts 1
+        D = np.where(D > 0, D, 1.0)
+    return D.astype(a.dtype, copy=False)
 
 
 def _factorize(opt: Any, a: np.ndarray) -> TinyFactors:
@@ -214,7 +216,7 @@ def _factorize(opt: Any, a: np.ndarray) -> TinyFactors:
         U, S, Vh = np.linalg.svd(a.astype(np.float64, copy=False), full_matrices=False)
     except np.linalg.LinAlgError as err:
         raise StepFault(f"the solver failed (LinAlgError: {err})", fault=True) from err
-    if not (np.isfinite(S).all() and np.isfinite(U).all() and np.isfinite(Vh).all()):
+    if not np.isfinite(S.sum()):  # (LAPACK's vectors of a finite matrix are finite where its values are)
         raise StepFault("the Jacobian")
     cfg = opt.config
     rtol = truncpinv.default_rtol((m, n), torch.float64 if a.dtype == np.float64 else torch.float32)
@@ -222,9 +224,10 @@ def _factorize(opt: Any, a: np.ndarray) -> TinyFactors:
     cut = max(float(cfg.atol), float(rtol) * (float(S[0]) if S.size else 0.0))
     k = int(np.count_nonzero(S > cut))
     dt = a.dtype
-    U, S, V = U.astype(dt, copy=False), S.astype(dt, copy=False), Vh.T.astype(dt, copy=False)
+    if dt != np.float64:
+        U, S, Vh = U.astype(dt), S.astype(dt), Vh.astype(dt)
     t = torch.from_numpy
-    return TinyFactors(t(U[:, :k]), t(S[:k]), t(np.ascontiguousarray(V[:, :k])), t(S), k, cut)
+    return TinyFactors(t(U[:, :k]), t(S[:k]), t(Vh[:k].T), t(S), k, cut)
 
 
 def _context(
