@@ -7,7 +7,8 @@ validation, momentum and weight-decay stages, torch calls of 3-10 us each) cost 
 it. :func:`step` runs the same step directly when nothing of that machinery can apply, and hands every other
 case back (``None``):
 
-* residual mode with the loss rule decided off, one process, truncpinv's ``Auto`` solver without a ``rank``
+* :class:`sven.Sven` itself (a subclass keeps the general step, which it may extend), in
+  residual mode with the loss rule decided off, one process, truncpinv's ``Auto`` solver without a ``rank``
   cap, no RMSProp, no momentum and no weight decay in any group, and the step control exactly
   :class:`sven.control.AdaptiveDamping` or :class:`sven.trust_region.TrustRegion`;
 * after the linearisation (the configured route, unchanged: autograd, finite differences or a callable
@@ -90,8 +91,7 @@ def applies(opt: Any) -> bool:
     """Whether ``opt``'s configuration allows the lean step (module docstring; the Jacobian is checked later)."""
     cfg = opt.config
     return (
-        type(opt).__name__ == "Sven"  # (a subclass keeps the general step, which it may extend)
-        and cfg.residuals
+        cfg.residuals
         and cfg.ggn is False
         and cfg.rank is None
         and type(opt.control) in _POLICIES
