@@ -133,7 +133,7 @@ class Sven(Optimizer):
             (default ``1e-4``), ``atol``, ``kappa``, ``solver``, ``residuals``,
             ``variable_k``, ``rmsprop``, ``rmsprop_alpha``, ``rmsprop_eps``,
             ``rmsprop_momentum``, ``rmsprop_post``, ``jacobian`` (``"auto"``,
-            ``"gram"``, ``"hooks"``, ``"autograd"``, ``"matfree"``),
+            ``"gram"``, ``"hooks"``, ``"autograd"``, ``"matfree"``, ``"2-point"``, ``"3-point"`` or a callable),
             ``on_nonfinite``, ``damping``, ``adaptive_damping`` (default: on),
             ``max_retries``, ``trust_radius``, ``check_step``, ``seed``,
             ``chunk_size``, ``ggn``. ``docs/sven.md`` explains each.

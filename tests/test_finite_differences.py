@@ -190,3 +190,21 @@ def test_jac_and_a_sven_route_are_not_given_together() -> None:
 def test_numpy_scalars_start_a_difference_fit() -> None:
     res = sven.least_squares(lambda p: p**2 - 4.0, np.float64(1.0), jac="2-point")
     assert res.success and abs(float(res.x) - 2.0) < 1e-6
+
+
+def test_parameters_fitted_in_place_take_each_jac() -> None:
+    X = torch.linspace(-1, 1, 20, dtype=F64)[:, None]
+    target = 3 * X[:, 0] - 1
+    fits = []
+    for jac in ("2-point", "callable"):
+        model = torch.nn.Linear(1, 1).double()
+
+        def fun() -> torch.Tensor:
+            return model(X)[:, 0] - target  # noqa: B023 (called at once)
+
+        option = (lambda: torch.cat([X, torch.ones_like(X)], 1)) if jac == "callable" else jac  # d/d(weight, bias)
+        res = sven.least_squares(fun, model.parameters(), jac=option)
+        assert res.success
+        fits.append(torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]))
+    for fit in fits:
+        torch.testing.assert_close(fit, torch.tensor([3.0, -1.0], dtype=F64), rtol=1e-7, atol=1e-8)

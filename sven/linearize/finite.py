@@ -70,16 +70,12 @@ class FiniteDifferences:
 
     Args:
         scheme: ``"2-point"`` (forward differences, ``P`` extra evaluations) or ``"3-point"`` (central, ``2P``).
-
-    Attributes:
-        evaluations: the closure's evaluations of the last call (``1 + P`` or ``1 + 2P``).
     """
 
     def __init__(self, scheme: str = "2-point") -> None:
         if scheme not in FD_SCHEMES:
             raise ValueError(f"`scheme` must be one of {list(FD_SCHEMES)}, got {scheme!r}")
         self.scheme = scheme
-        self.evaluations = 0
 
     def __call__(self, closure: Callable[[], Any], params: Sequence[torch.Tensor], rows: RowSpec) -> Linearization:
         """Evaluate the closure at the parameters and at each perturbation; the parameters are restored exactly."""
@@ -88,7 +84,6 @@ class FiniteDifferences:
             r0 = rows(closure()).detach()
             eps = max(float(torch.finfo(r0.dtype).eps), *(float(torch.finfo(p.dtype).eps) for p in params))
             cols = [_columns(closure, rows, p, r0, self.scheme, eps) for p in params]
-        self.evaluations = 1 + sum(c.shape[1] for c in cols) * (2 if self.scheme == "3-point" else 1)
         J = cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
         return Linearization(r0, r0, J, self.scheme)
 
