@@ -155,6 +155,8 @@ class Tridiagonal:
         """The eigenvalues ``first .. first + count - 1`` of the descending order (ascending) and their
         orthonormal eigenvectors ``(m, count)``; ``None`` if LAPACK fails."""
         m = self.d.shape[0]
+        if m == 1:  # (T is K, its eigenvector 1; SciPy's wrappers refuse the empty off-diagonal)
+            return self.d.copy(), np.ones((1, 1))
         il, iu = m - first - count + 1, m - first  # (1-based, ascending)
         k, w, iblock, isplit, info = scipy.linalg.lapack.dstebz(self.d, self.e, 3, 0.0, 0.0, il, iu, 0.0, "B")
         if info != 0 or k != count:
