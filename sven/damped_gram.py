@@ -121,13 +121,15 @@ class Tridiagonal:
     r"""The Householder tridiagonalisation :math:`K = Q T Q^\top` (LAPACK's ``dsytrd``), shared by the spectrum
     and the eigenvectors of a few eigenvalues, so that ``K`` is reduced once.
 
-    ``eigh``/``eigvalsh`` and the interval driver ``syevr`` each start with this reduction (:math:`\tfrac43 m^3`
-    flops, most of their time at ``m = 128``); :class:`DampedGram` used to pay it twice, once for the spectrum
-    and once for the deflated band. Here the spectrum is ``dsterf`` of :math:`T` (what ``eigvalsh`` runs after
-    the reduction), a band's eigenvalues are bisection of :math:`T` (``dstebz``), their vectors inverse
-    iteration on :math:`T` (``dstein``) taken back by :math:`Q` (``dormqr`` on the reflectors below the
-    subdiagonal: ``dormtr``'s own reduction). Every step is backward stable, as ``syevr``'s, and the
-    vectors are judged a posteriori anyway (the residual and orthonormality terms of :meth:`DampedGram._plan`).
+    ``eigvalsh`` is this reduction (:math:`\tfrac43 m^3` flops) followed by ``dsterf``'s QR sweeps on
+    :math:`T`, and the interval driver ``syevr`` starts with the same reduction: :class:`DampedGram` used to
+    pay it twice, once for the spectrum and once for the deflated band. Here the spectrum is ``dstemr`` of
+    :math:`T` without vectors (its dqds; at ``m = 128`` a small fraction of ``dsterf``'s time, which is as
+    long as the reduction's), a band's eigenvalues are bisection of :math:`T` (``dstebz``), their vectors
+    inverse iteration on :math:`T` (``dstein``) taken back by :math:`Q` (``dormqr`` on the reflectors below
+    the subdiagonal, as ``dormtr`` applies them). The eigenvalues are accurate to the reduction's backward
+    error :math:`O(m\,\epsilon_{64}\lambda_1)`, as ``eigvalsh``'s, and the vectors are judged a posteriori
+    anyway (the residual and orthonormality terms of :meth:`DampedGram._plan`).
     """
 
     def __init__(self, reflectors: np.ndarray, d: np.ndarray, e: np.ndarray, tau: np.ndarray) -> None:
@@ -143,13 +145,17 @@ class Tridiagonal:
         return cls(c, d, e, tau)
 
     def eigenvalues(self) -> np.ndarray:
-        """All eigenvalues of ``K``, descending (``dsterf``); ``NaN`` where it did not converge."""
-        if self.d.shape[0] == 1:  # (T is K; SciPy's wrapper refuses the empty off-diagonal)
+        """All eigenvalues of ``K``, descending: ``dstemr`` without vectors (its dqds: :math:`O(m^2)`, a fraction
+        of ``dsterf``'s time; ``dsterf`` where it fails); ``NaN`` where neither converged."""
+        m = self.d.shape[0]
+        if m == 1:  # (T is K; SciPy's wrappers refuse the empty off-diagonal)
             return self.d.copy()
-        w, info = scipy.linalg.lapack.dsterf(self.d, self.e)
-        if info != 0:
-            w = np.full_like(self.d, np.nan)
-        return np.ascontiguousarray(w[::-1])
+        k, w, _, info = scipy.linalg.lapack.dstemr(self.d, np.append(self.e, 0.0), 0, 0.0, 0.0, 0, 0, compute_v=0)
+        if info != 0 or k != m:
+            w, info = scipy.linalg.lapack.dsterf(self.d, self.e)
+            if info != 0:
+                w = np.full_like(self.d, np.nan)
+        return np.ascontiguousarray(np.sort(w[:m])[::-1])
 
     def band(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The eigenvalues ``first .. first + count - 1`` of the descending order (ascending) and their

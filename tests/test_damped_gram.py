@@ -338,3 +338,17 @@ def test_a_failed_band_declines_to_the_exact_path(monkeypatch: pytest.MonkeyPatc
     assert D is not None and D._W is not None  # (the band of the value 1e-4, deflated)
     monkeypatch.setattr(DG.Tridiagonal, "band", lambda self, first, count: None)
     assert _damped(op, rtol=1e-2) is None
+
+
+def test_tridiagonal_spectrum_falls_back_to_dsterf(monkeypatch: pytest.MonkeyPatch):
+    """Where ``dstemr`` reports a failure, the spectrum is ``dsterf``'s: the same values to round-off."""
+    K = torch.from_numpy(make_matrix(20, 30, "geometric", 5)[0]).double()
+    K = K @ K.T
+    T = DG.Tridiagonal.of(K.numpy())
+    assert T is not None
+    fast = T.eigenvalues()
+    monkeypatch.setattr(DG.scipy.linalg.lapack, "dstemr", lambda *a, **k: (0, np.zeros(20), None, 1))
+    slow = T.eigenvalues()
+    assert float(np.abs(fast - slow).max()) <= 100 * 20 * 2.3e-16 * float(fast[0])
+    ref = torch.linalg.eigvalsh(K).flip(0).numpy()
+    assert float(np.abs(slow - ref).max()) <= 100 * 20 * 2.3e-16 * float(ref[0])
