@@ -304,7 +304,8 @@ class DampedGram(TruncatedPinv):
         lam1 = float(self._lamn[0])
         lam_abs = damping * lam1
         m = self.shape[0]
-        A = self._Kn + lam_abs * np.eye(m)
+        A = self._Kn.copy()
+        A.flat[:: m + 1] += lam_abs  # K + lambda I
         L, info = scipy.linalg.lapack.dpotrf(A, lower=1, clean=0, overwrite_a=1)
         d: torch.Tensor | None = None
         y = np.zeros(m)
