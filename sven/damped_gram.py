@@ -19,7 +19,7 @@ direction is one Cholesky solve, with no eigenvectors:
     d^{c}_\lambda = M^\top y, \qquad (K + \lambda I)\, y = R, \qquad
     M d^{c}_\lambda = K y \quad\text{(the control's prediction, no product with } M\text{)} .
 
-:class:`DampedGram` takes the eigenvalues only (``eigvalsh``: the same spectrum, rank and cut-off as the
+:class:`DampedGram` takes the eigenvalues only (:class:`Tridiagonal`: the same spectrum, rank and cut-off as the
 exact path, for ``opt.last_step``) and solves by Cholesky; each retry with a larger damping is one more
 Cholesky. The two directions differ by the components the truncation drops,
 :math:`d^{c}_\lambda - d_\lambda = M^\top P_{drop}\, y`, whose norm is at most
@@ -57,7 +57,7 @@ from truncpinv import TruncatedPinv
 from truncpinv._gram import PARTIAL_MIN_ROWS, _singular_values
 from truncpinv._tolerance import make_tolerance
 
-__all__ = ["BAND_MAX", "MIN_DAMPING", "NAME", "DampedGram", "accuracy", "applies", "factorize_damped"]
+__all__ = ["BAND_MAX", "MIN_DAMPING", "NAME", "DampedGram", "Tridiagonal", "accuracy", "applies", "factorize_damped"]
 
 #: ``stats["method"]`` of a :class:`DampedGram` (``stats["solver"]`` is ``"from_gram"``, as the exact path's).
 NAME = "eigvalsh+cholesky"
@@ -102,19 +102,82 @@ def factorize_damped(
     (:meth:`DampedGram.certifiable`: nothing kept, a value at the cut-off, too many dropped values above round-off,
     or a remaining dropped eigenvalue above :math:`(\text{accuracy})^2 \lambda_1`, where the bound fails for any
     ``R`` because :math:`\|d\| \le \sigma_1 \|y\|`)."""
-    K = M.gram.to(torch.float64)
-    try:
-        lam = torch.linalg.eigvalsh(K).flip(0)
-    except torch.linalg.LinAlgError:
+    K = M.gram.to(torch.float64).contiguous()
+    tri = Tridiagonal.of(K.numpy())
+    if tri is None:
         return None
+    lam = torch.from_numpy(tri.eigenvalues())
     m, n = int(M.shape[0]), int(M.shape[1])
     try:
         S = _singular_values(lam, min(m, n), eps_k=_EPS64, side=max(m, n), exact=True)
     except ValueError:
         return None
     tol = make_tolerance((m, n), M.dtype, rank=rank, rtol=rtol, atol=atol)
-    D = DampedGram(K, lam, S.to(M.dtype), M, tol=tol, solver=solver, rank=rank, rtol=rtol, atol=atol)
+    D = DampedGram(K, lam, S.to(M.dtype), M, tol=tol, solver=solver, rank=rank, rtol=rtol, atol=atol, tri=tri)
     return D if D.certifiable() else None
+
+
+class Tridiagonal:
+    r"""The Householder tridiagonalisation :math:`K = Q T Q^\top` (LAPACK's ``dsytrd``), shared by the spectrum
+    and the eigenvectors of a few eigenvalues, so that ``K`` is reduced once.
+
+    ``eigvalsh`` is this reduction (:math:`\tfrac43 m^3` flops) followed by ``dsterf``'s QR sweeps on
+    :math:`T`, and the interval driver ``syevr`` starts with the same reduction: :class:`DampedGram` used to
+    pay it twice, once for the spectrum and once for the deflated band. Here the spectrum is ``dstemr`` of
+    :math:`T` without vectors (its dqds; at ``m = 128`` a small fraction of ``dsterf``'s time, which is as
+    long as the reduction's), a band's eigenvalues are bisection of :math:`T` (``dstebz``), their vectors
+    inverse iteration on :math:`T` (``dstein``) taken back by :math:`Q` (``dormqr`` on the reflectors below
+    the subdiagonal, as ``dormtr`` applies them). The eigenvalues are accurate to the reduction's backward
+    error :math:`O(m\,\epsilon_{64}\lambda_1)`, as ``eigvalsh``'s, and the vectors are judged a posteriori
+    anyway (the residual and orthonormality terms of :meth:`DampedGram._plan`).
+    """
+
+    def __init__(self, reflectors: np.ndarray, d: np.ndarray, e: np.ndarray, tau: np.ndarray) -> None:
+        self.reflectors, self.d, self.e, self.tau = reflectors, d, e, tau
+
+    @classmethod
+    def of(cls, K: np.ndarray) -> Tridiagonal | None:
+        """The reduction of the symmetric float64 ``K`` (its lower triangle; ``K`` is not changed), or ``None``
+        if it is not finite or LAPACK fails."""
+        c, d, e, tau, info = scipy.linalg.lapack.dsytrd(K, lower=1)
+        if info != 0 or not (np.isfinite(d).all() and np.isfinite(e).all()):
+            return None
+        return cls(c, d, e, tau)
+
+    def eigenvalues(self) -> np.ndarray:
+        """All eigenvalues of ``K``, descending: ``dstemr`` without vectors (its dqds: :math:`O(m^2)`, a fraction
+        of ``dsterf``'s time; ``dsterf`` where it fails); ``NaN`` where neither converged."""
+        m = self.d.shape[0]
+        if m == 1:  # (T is K; SciPy's wrappers refuse the empty off-diagonal)
+            return self.d.copy()
+        k, w, _, info = scipy.linalg.lapack.dstemr(self.d, np.append(self.e, 0.0), 0, 0.0, 0.0, 0, 0, compute_v=0)
+        if info != 0 or k != m:
+            w, info = scipy.linalg.lapack.dsterf(self.d, self.e)
+            if info != 0:
+                w = np.full_like(self.d, np.nan)
+        return np.ascontiguousarray(np.sort(w[:m])[::-1])
+
+    def band(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The eigenvalues ``first .. first + count - 1`` of the descending order (ascending) and their
+        orthonormal eigenvectors ``(m, count)``; ``None`` if LAPACK fails."""
+        m = self.d.shape[0]
+        if m == 1:  # (T is K, its eigenvector 1; SciPy's wrappers refuse the empty off-diagonal)
+            return self.d.copy(), np.ones((1, 1))
+        il, iu = m - first - count + 1, m - first  # (1-based, ascending)
+        k, w, iblock, isplit, info = scipy.linalg.lapack.dstebz(self.d, self.e, 3, 0.0, 0.0, il, iu, 0.0, "B")
+        if info != 0 or k != count:
+            return None
+        z, info = scipy.linalg.lapack.dstein(self.d, self.e, w[:k], iblock, isplit)
+        if info != 0:
+            return None
+        W = np.empty((m, k))
+        W[0] = z[0]
+        W[1:], _, info = scipy.linalg.lapack.dormqr("L", "N", self.reflectors[1:, : m - 1], self.tau, z[1:],
+                                                    lwork=max(1, 64 * k))  # fmt: skip
+        if info != 0:
+            return None
+        order = np.argsort(w[:k])
+        return w[:k][order], W[:, order]
 
 
 class DampedGram(TruncatedPinv):
@@ -128,7 +191,8 @@ class DampedGram(TruncatedPinv):
 
     **The dropped values above round-off** (a residual's weight on them can make the Cholesky direction differ
     from the exact one by more than the step itself: seen on the MNIST MLP) are deflated: their eigenvectors
-    :math:`W` alone (LAPACK's ``syevr`` for the values in an interval, at most :data:`BAND_MAX` of them) and
+    :math:`W` alone (:meth:`Tridiagonal.band`, from the reduction the spectrum was computed from, at most
+    :data:`BAND_MAX` of them) and
     :math:`y \leftarrow y - W W^\top y`. The bound then holds the remaining dropped values (round-off) and the
     angle :math:`\theta` between :math:`W` and the exact eigenvectors, by Davis--Kahan
     :math:`\sin\theta \le \|K W - W \mathrm{M}\|_F / \text{gap}` (:math:`\mathrm{M}` the computed values, gap
@@ -150,6 +214,7 @@ class DampedGram(TruncatedPinv):
         rank: int | None,
         rtol: float | None,
         atol: float,
+        tri: Tridiagonal,
     ) -> None:
         # (no TruncatedPinv.__init__: the factors it stores are the exact path's, formed on demand by __getattr__)
         self._K, self._lam, self._S, self._M = K, lam, S, M
@@ -162,6 +227,7 @@ class DampedGram(TruncatedPinv):
         self.stats: dict[str, Any] = {"solver": "from_gram", "method": NAME, "matvecs": 0, "iterations": 1}
         self._W: np.ndarray | None = None
         self._rest, self._theta = math.inf, math.inf
+        self._tri = tri
         self._plan()
 
     def __getattr__(self, name: str) -> Any:
@@ -220,11 +286,10 @@ class DampedGram(TruncatedPinv):
         if k == 0:
             self._theta = 0.0
             return
-        band = lam[r : r + k]
-        vu, vl = 0.5 * (float(lam[r - 1]) + float(band[0])), 0.5 * (float(band[-1]) + below)
-        mu, W = scipy.linalg.eigh(self._Kn, subset_by_value=(vl, vu), driver="evr", check_finite=False)
-        if mu.shape[0] != k:
+        got = self._tri.band(r, k)
+        if got is None:
             return
+        mu, W = got
         gap = min(float(lam[r - 1]) - float(mu.max()), float(mu.min()) - below)
         rho = float(np.linalg.norm(self._Kn @ W - W * mu))
         ortho = float(np.linalg.norm(W.T @ W - np.eye(k)))
@@ -239,7 +304,8 @@ class DampedGram(TruncatedPinv):
         lam1 = float(self._lamn[0])
         lam_abs = damping * lam1
         m = self.shape[0]
-        A = self._Kn + lam_abs * np.eye(m)
+        A = self._Kn.copy()
+        A.flat[:: m + 1] += lam_abs  # K + lambda I
         L, info = scipy.linalg.lapack.dpotrf(A, lower=1, clean=0, overwrite_a=1)
         d: torch.Tensor | None = None
         y = np.zeros(m)

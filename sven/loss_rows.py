@@ -19,7 +19,9 @@ import torch
 
 from ._validation import check_unit_interval
 
-__all__ = ["GGN_CLASSES", "PRESET", "RULE_PRESET", "check_logits", "cross_entropy_targets", "ggn_rows"]
+__all__ = [
+    "GGN_CLASSES", "PRESET", "RULE_PRESET", "check_logits", "cross_entropy_targets", "ggn_rows", "top_class_rows",
+]  # fmt: skip
 
 #: The :class:`sven.Sven` options of :func:`sven.losses.optimizer`, for a closure that returns
 #: :func:`sven.losses.cross_entropy` rows (and of the loss rule, :mod:`sven.loss_rule`):
@@ -204,3 +206,34 @@ def _compress(lin: torch.Tensor, value: torch.Tensor, p: torch.Tensor, k: int) -
     u = r_rest / torch.where(norm > 0, norm, 1.0)
     lin_rest = (u * lin).sum(-1, keepdim=True)
     return torch.cat([lin.gather(-1, top), lin_rest], -1), torch.cat([value.gather(-1, top), norm], -1)
+
+
+def top_class_rows(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    r"""The rows of :func:`ggn_rows` with ``classes=1`` for class-index targets, no class weights and no ignored
+    sample, without the general path's passes: ``(B, 2)``, graph kept.
+
+    With every :math:`s = 1` and :math:`q = e_t` (sample's class :math:`t`), the values are :math:`\sqrt p_c`
+    except :math:`\sqrt p_t - 1/\sqrt p_t` at the target, and the compressed rows are linear in :math:`\log p`
+    with fixed (detached) coefficients: :math:`\sqrt p_k\,\log p_k` for the most probable class :math:`k`, and
+    :math:`\sum_c u_c \sqrt p_c \log p_c` with :math:`u` the unit residual of the other classes. So the rows are
+    one batched product ``coef @ log p`` (one autograd node), and every value and every derivative is the
+    general path's, operation for operation (``tests/test_loss_rows_fast.py``): the same products of the same
+    factors, where the general path multiplies by ``s = 1`` or adds zeros.
+
+    Args:
+        logp: ``(B, C)`` log-probabilities with their graph, ``C >= 2``.
+        target: ``(B,)`` class indices in ``[0, C)`` (as :func:`torch.nn.functional.cross_entropy` accepted them).
+    """
+    lp = logp.detach()
+    p = lp.exp()
+    root_p = p.sqrt()
+    t = target.detach().to(device=lp.device, dtype=torch.long)[:, None]
+    inv_t = torch.exp(-0.5 * lp.gather(1, t).clamp(min=math.log(torch.finfo(lp.dtype).tiny)))
+    value = root_p.scatter(1, t, root_p.gather(1, t) - inv_t)  # (p - q) / sqrt(p)
+    top = p.topk(1, dim=-1).indices
+    r_rest = value.scatter(1, top, 0.0)
+    norm = r_rest.norm(dim=-1, keepdim=True)
+    u = r_rest / torch.where(norm > 0, norm, 1.0)
+    coef = torch.stack([torch.zeros_like(root_p).scatter_(1, top, root_p.gather(1, top)), u * root_p], 1)
+    lin = torch.bmm(coef, logp[:, :, None])[:, :, 0]
+    return lin - lin.detach() + torch.cat([value.gather(1, top), norm], -1)

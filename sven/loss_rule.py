@@ -55,7 +55,7 @@ import torch
 
 from ._validation import check_bool
 from .linearize import RowSpec
-from .loss_rows import GGN_CLASSES, RULE_PRESET, cross_entropy_targets, ggn_rows
+from .loss_rows import GGN_CLASSES, RULE_PRESET, cross_entropy_targets, ggn_rows, top_class_rows
 
 __all__ = [
     "GGN_SETTINGS", "RULE_OPTIONS", "CrossEntropyLosses", "CrossEntropyRows", "recognise", "rule_weight_decay",
@@ -67,7 +67,8 @@ log = logging.getLogger("sven")
 #: The options with which Sven takes the GGN rows: :data:`sven.loss_rows.RULE_PRESET` (its ``lr`` and
 #: ``weight_decay`` are per-group options, set on the parameter groups when the rule switches, :meth:`sven.Sven.step`).
 GGN_SETTINGS: dict[str, Any] = {
-    **{k: v for k, v in RULE_PRESET.items() if k not in ("lr", "weight_decay")}, "ggn": True
+    **{k: v for k, v in RULE_PRESET.items() if k not in ("lr", "weight_decay")},
+    "ggn": True,
 }
 #: Options that choose the rows or the step control: setting any of them (or ``lr``, or ``control``) keeps the
 #: per-sample losses unless ``ggn=True`` is asked for.
@@ -100,6 +101,9 @@ class CrossEntropyLosses:
 
     def rows(self) -> torch.Tensor:
         """The ``(B, GGN_CLASSES + 1)`` GGN rows of these losses, flattened (sample-major)."""
+        if GGN_CLASSES == 1 and self.weight is None and self.logp.shape[1] > 1:
+            if bool((self.target != self.ignore_index).all()):  # the common graph: its own path, the same rows
+                return top_class_rows(self.logp, self.target).reshape(-1)
         q, s = cross_entropy_targets(self.logp, self.target, weight=self.weight, ignore_index=self.ignore_index)
         return ggn_rows(self.logp, q, s, GGN_CLASSES).reshape(-1)
 

@@ -38,7 +38,7 @@ from .info import StepFault, StepInfo
 from .linearize import DataParallel, Unsupported
 from .loss_rows import RULE_PRESET
 from .loss_rule import CrossEntropyRows, decided, rule_weight_decay, with_ggn_rule
-from .params import ParamBlock, apply_direction, blocks_of_groups, closure_mode
+from .params import ParamBlock, blocks_of_groups, closure_mode
 from .sequence_rule import apply_sequence_rule, recognise_sequence
 from .step_context import step_context
 
@@ -328,7 +328,7 @@ class Sven(Optimizer):
             F, exact = _factorize(self, pre, R.numel())
             info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
             info._gradient_cosine = cos = SF.gradient_cosine(F, R)
-            decay = update.decay(blocks, blocks[-1].stop, blocks[0].param) if blocks else None
+            decay = update.decay(blocks)
             ctx = step_context(
                 F, R, M, blocks,
                 state=self.state, precondition=self.precondition,
@@ -342,7 +342,7 @@ class Sven(Optimizer):
             return info
         update.commit(blocks, self.state, out.direction)  # momentum buffers: only for a step that was kept
         if decay is not None and out.direction is not None:  # weight decay, outside the judged step (sven/update.py)
-            apply_direction(blocks, decay)
+            update.apply_decay(blocks, decay)
         info.record(out, [(b.start, b.stop, b.lr) for b in blocks])
         return info
 

@@ -39,7 +39,7 @@ import torch
 
 from .params import ParamBlock, state_slice, store_slice
 
-__all__ = ["BUFFER", "carry", "commit", "decay", "scaled"]
+__all__ = ["BUFFER", "apply_decay", "carry", "commit", "decay", "scaled"]
 
 #: Name of the momentum buffer in the optimizer's per-parameter state.
 BUFFER = "heavy_ball"
@@ -70,19 +70,46 @@ def carry(blocks: Sequence[ParamBlock], state: _State, n: int, like: torch.Tenso
     return c
 
 
-def decay(blocks: Sequence[ParamBlock], n: int, like: torch.Tensor) -> torch.Tensor | None:
-    r"""The decoupled weight decay :math:`w\,\theta_t` in Jacobian columns, of the parameters now (``None``: none).
+def decay(blocks: Sequence[ParamBlock]) -> list[torch.Tensor | None] | None:
+    r"""The decoupled weight decay :math:`w\,\theta_t` of each block, of the parameters now (``None`` for a block
+    without decay; ``None`` when no block has one): each block's own tensor, the parameter's shape (its
+    ``index`` entries for a gathered block), from one fused product per decay rate.
 
-    :class:`sven.Sven` applies it (times each block's ``lr``) once the step control has kept the step.
+    :class:`sven.Sven` applies it (:func:`apply_decay`, times each block's ``lr``) once the step control has kept
+    the step.
     """
-    if not any(b.weight_decay != 0.0 for b in blocks):
+    rates = {b.weight_decay for b in blocks if b.weight_decay != 0.0}
+    if not rates:
         return None
-    c = torch.zeros(n, dtype=like.dtype, device=like.device)
-    for b in blocks:
-        if b.weight_decay != 0.0:
-            theta = b.param.detach().reshape(-1)
-            c[b.start : b.stop].add_((theta if b.index is None else theta[b.index]).to(c.dtype), alpha=b.weight_decay)
-    return c
+    terms: list[torch.Tensor | None] = [None] * len(blocks)
+    for w in rates:
+        mine = [i for i, b in enumerate(blocks) if b.weight_decay == w]
+        thetas = [_decayed(blocks[i]) for i in mine]
+        for i, t in zip(mine, torch._foreach_mul(thetas, w)):
+            terms[i] = t
+    return terms
+
+
+def _decayed(b: ParamBlock) -> torch.Tensor:
+    theta = b.param.detach()
+    return theta if b.index is None else theta.reshape(-1)[b.index]
+
+
+def apply_decay(blocks: Sequence[ParamBlock], terms: Sequence[torch.Tensor | None]) -> None:
+    r""":math:`\theta \leftarrow \theta - \eta\,(w\,\theta_t)` for the terms of :func:`decay` (one fused call per
+    learning rate; ``index_add_`` for a gathered block), in place: call it under ``torch.no_grad()``."""
+    by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for b, t in zip(blocks, terms):
+        if t is None or b.lr == 0.0:
+            continue
+        if b.index is not None:
+            b.param.view(-1).index_add_(0, b.index, t, alpha=-b.lr)
+        else:
+            ps, ts = by_lr.setdefault(b.lr, ([], []))
+            ps.append(b.param)
+            ts.append(t)
+    for lr, (ps, ts) in by_lr.items():
+        torch._foreach_add_(ps, ts, alpha=-lr)
 
 
 def commit(blocks: Sequence[ParamBlock], state: _State, d: torch.Tensor | None) -> None:

@@ -287,3 +287,68 @@ def test_a_residual_in_the_null_space_is_not_certified():
     assert D is not None
     assert D.damped_direction(Q[:, 16:].sum(dim=1).to(F32), 0.1) is None
     assert D.damped_direction(Q[:, :16].sum(dim=1).to(F32), 0.1) is not None
+
+
+@given(
+    kind=st.sampled_from(KINDS),
+    shape=st.sampled_from([(1, 5), (2, 3), (24, 60), (40, 16), (33, 33)]),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_tridiagonal_spectrum_and_band(kind: str, shape: tuple[int, int], seed: int, data: st.DataObject):
+    """:class:`~sven.damped_gram.Tridiagonal`: its spectrum is ``eigvalsh``'s to the backward error
+    ``m eps64 lambda_1``, and a band of ``count`` values from position ``first`` (descending) are those values
+    with orthonormal eigenvectors (residual and orthonormality at round-off, and the same invariant subspace as
+    ``eigh``'s where the band is separated from the rest)."""
+    m = shape[0]
+    K = torch.from_numpy(make_matrix(*shape, kind, seed)[0]).double()
+    K = K @ K.T
+    T = DG.Tridiagonal.of(K.numpy())
+    assert T is not None
+    lam, Q = torch.linalg.eigh(K)
+    lam, Q = lam.flip(0), Q.flip(1)
+    scale = m * 2.3e-16 * max(float(lam[0]), 1e-300)
+    got = torch.from_numpy(T.eigenvalues())
+    assert got.shape == (m,) and bool((got[:-1] >= got[1:]).all())
+    assert float((got - lam).abs().max()) <= 10 * scale
+    first = data.draw(st.integers(0, m - 1), label="first")
+    count = data.draw(st.integers(1, m - first), label="count")
+    band = T.band(first, count)
+    assert band is not None
+    mu, W = band
+    assert mu.shape == (count,) and W.shape == (m, count) and bool(np.all(np.diff(mu) >= 0))
+    assert float(np.abs(mu - lam.numpy()[first : first + count][::-1]).max()) <= 10 * scale
+    Kn = K.numpy()
+    assert float(np.linalg.norm(Kn @ W - W * mu)) <= 100 * scale
+    assert float(np.linalg.norm(W.T @ W - np.eye(count))) <= 100 * m * 2.3e-16
+    gaps = [float(lam[first - 1] - lam[first])] if first > 0 else []
+    gaps += [float(lam[first + count - 1] - lam[first + count])] if first + count < m else []
+    gap = min(gaps, default=math.inf)
+    if gap > 1e-6 * float(lam[0]):  # a separated band: the subspace is eigh's (Davis--Kahan: residual / gap)
+        P = Q[:, first : first + count].numpy()
+        assert float(np.linalg.norm(W - P @ (P.T @ W))) <= 100 * scale / gap + 1e-10
+
+
+def test_a_failed_band_declines_to_the_exact_path(monkeypatch: pytest.MonkeyPatch):
+    """A band the tridiagonal route cannot give (LAPACK fails) leaves the eigenvectors to the exact path: the
+    factorisation declines where the band was needed (the deflation test's problem)."""
+    A = torch.diag(torch.tensor([4.0, 2.0, 1e-4], dtype=F64)) @ torch.linalg.qr(torch.randn(3, 3, dtype=F64))[0]
+    op = GramOperator(torch.cat([A, torch.zeros(3, 5, dtype=F64)], 1).to(F32))
+    D = _damped(op, rtol=1e-2)
+    assert D is not None and D._W is not None  # (the band of the value 1e-4, deflated)
+    monkeypatch.setattr(DG.Tridiagonal, "band", lambda self, first, count: None)
+    assert _damped(op, rtol=1e-2) is None
+
+
+def test_tridiagonal_spectrum_falls_back_to_dsterf(monkeypatch: pytest.MonkeyPatch):
+    """Where ``dstemr`` reports a failure, the spectrum is ``dsterf``'s: the same values to round-off."""
+    K = torch.from_numpy(make_matrix(20, 30, "geometric", 5)[0]).double()
+    K = K @ K.T
+    T = DG.Tridiagonal.of(K.numpy())
+    assert T is not None
+    fast = T.eigenvalues()
+    monkeypatch.setattr(DG.scipy.linalg.lapack, "dstemr", lambda *a, **k: (0, np.zeros(20), None, 1))
+    slow = T.eigenvalues()
+    assert float(np.abs(fast - slow).max()) <= 100 * 20 * 2.3e-16 * float(fast[0])
+    ref = torch.linalg.eigvalsh(K).flip(0).numpy()
+    assert float(np.abs(slow - ref).max()) <= 100 * 20 * 2.3e-16 * float(ref[0])

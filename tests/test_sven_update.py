@@ -172,3 +172,30 @@ def test_schedulers_that_cycle_momentum_work_with_their_defaults(kind: str) -> N
         moms.append(opt.param_groups[0]["momentum"])
     assert len(set(moms)) > 2 and all(0.0 < m < 1.0 for m in moms)
     assert torch.isfinite(_flat(model)).all() and opt.skipped_steps == 0
+
+
+def test_decay_terms_and_their_application():
+    """:func:`sven.update.decay` and :func:`~sven.update.apply_decay`: :math:`\\theta - \\eta w \\theta` per block, with
+    rates and learning rates that differ between blocks, a block without decay, a gathered (``index``) block and a
+    float64 block beside float32 ones; nothing at all without decay."""
+    from sven.params import ParamBlock
+    from sven.update import apply_decay, decay
+
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g), torch.randn(6, generator=g, dtype=torch.float64),
+          torch.randn(7, generator=g)]  # fmt: skip
+    index = torch.tensor([0, 2, 5])
+    blocks = [ParamBlock(ps[0], 0.5, 0, 12, weight_decay=0.1), ParamBlock(ps[1], 0.25, 12, 17, weight_decay=0.3),
+              ParamBlock(ps[2], 0.5, 17, 23, weight_decay=0.1), ParamBlock(ps[3], 1.0, 23, 26, index, weight_decay=0.2),
+              ]  # fmt: skip
+    want = [p - b.lr * b.weight_decay * p for p, b in zip(ps, blocks)]
+    want[3] = ps[3].clone()
+    want[3][index] -= 0.2 * ps[3][index]
+    assert decay([ParamBlock(ps[0], 0.5, 0, 12)]) is None
+    terms = decay([*blocks, ParamBlock(torch.ones(2), 1.0, 26, 28)])
+    assert terms is not None and terms[-1] is None
+    with torch.no_grad():
+        apply_decay(blocks, terms[:-1])
+    for p, w in zip(ps, want):
+        assert p.dtype == w.dtype
+        torch.testing.assert_close(p, w, rtol=4 * torch.finfo(p.dtype).eps, atol=0.0)

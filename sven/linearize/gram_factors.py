@@ -62,8 +62,8 @@ def _gram64(M: torch.Tensor) -> torch.Tensor:
 
 def _host_gram64(x: np.ndarray) -> np.ndarray:
     """``x x^T`` in float64 by NumPy's ``dsyrk``, at most ``_CHUNK`` columns converted at a time."""
-    if x.dtype == np.float64:
-        xc = np.ascontiguousarray(x)
+    if x.dtype == np.float64 or x.shape[1] <= _CHUNK:  # (one chunk: its product is K, no sum)
+        xc = np.ascontiguousarray(x, dtype=np.float64)
         return xc @ xc.T  # type: ignore[no-any-return]
     K = np.zeros((x.shape[0], x.shape[0]))
     for j in range(0, x.shape[1], _CHUNK):
