@@ -483,3 +483,16 @@ def test_vector_product_is_the_matrix_product(m, n, density, fmt, dtype, index, 
         got = mv(x)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-12 if want.dtype == np.float64 else 1e-5, atol=1e-12)
+
+
+@given(k=st.integers(1, 400), n=st.integers(2, 2000))
+def test_arpack_ncv_is_a_valid_krylov_dimension(k: int, n: int) -> None:
+    """ARPACK needs ``k < ncv <= n``; ``arpack_ncv`` gives at least SciPy's ``max(2 k + 1, 20)`` where it fits,
+    and more than that only below rank 20."""
+    if k >= n:
+        return
+    ncv = SS.arpack_ncv(k, n)
+    assert k < ncv <= n
+    assert ncv >= min(n, max(2 * k + 1, 20))
+    if k >= 20:
+        assert ncv == min(n, 2 * k + 1)

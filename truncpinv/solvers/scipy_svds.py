@@ -125,8 +125,9 @@ class ScipySVDS(Solver):
     are accurate and clearly below the kept ones are deflated too, which widens the gap the
     check has to resolve (on a flat spectrum its length goes like
     ``1 / sqrt(1 - (sigma_{d+1} / sigma_k)^2)`` for ``d`` deflated triplets). They come
-    nearly free: ARPACK's final Lanczos factorisation holds ``2k + 1`` Ritz pairs with free
-    residual bounds, and the first ``e`` after the ``k`` converged ones join the Rayleigh–Ritz
+    nearly free: ARPACK's final Lanczos factorisation holds ``ncv`` Ritz pairs (``2k + 1``, 40 at
+    ranks 10 to 19: :func:`arpack_ncv`) with free residual bounds, and the first ``e`` after the ``k``
+    converged ones join the Rayleigh–Ritz
     step, for the ``e`` (at most ``k``) that minimises the predicted cost, two block columns
     each plus the check's predicted length (:func:`extra_pairs`, :func:`arpack_ritz`,
     :func:`arpack_triplets`). On the 20000 x 3000 matrix of ``benchmarks/sparse_table.py`` at
