@@ -476,8 +476,8 @@ def formed_gram(C: Any) -> Any:
     """
     import scipy.sparse as sp
 
-    M, columns = getattr(C, "M", None), getattr(C, "columns", None)
-    if columns is None or not sp.issparse(M) or getattr(M, "format", None) not in ("csr", "csc") or M.nnz == 0:
+    M: Any = getattr(C, "M", None)
+    if getattr(C, "columns", None) is None or not sp.issparse(M) or M.format not in ("csr", "csc") or M.nnz == 0:
         return None
     rows = int(M.shape[0])
     per_row = np.diff(M.indptr) if M.format == "csr" else np.bincount(M.indices, minlength=rows)
