@@ -108,7 +108,9 @@ class ScipySVDS(Solver):
     Gram operator ``G = A^T A`` (``A A^T`` for wide ``A``) and then a Rayleigh–Ritz
     step through ``A`` itself (:func:`arpack_triplets`), as
     :func:`scipy.sparse.linalg.svds` does, with a ``k x k`` eigendecomposition
-    in place of the SVD of an ``m x k`` matrix. ARPACK stops when
+    in place of the SVD of an ``m x k`` matrix (on a sparse matrix whose rows hold one or two
+    entries, a graph's incidence matrix, ARPACK multiplies ``G`` formed once: :func:`formed_gram`).
+    ARPACK stops when
     ``||G v - \theta v|| \le t^2 \theta``; for a triplet this means
     ``||A^T u - \sigma v|| = ||G v - \sigma^2 v|| / \sigma \le t^2 \sigma``,
     so ``t^2 = tol / 10`` asks for a tenth of the certified residual
