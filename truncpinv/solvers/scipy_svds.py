@@ -304,6 +304,7 @@ def arpack_triplets(
     ``C V`` is the product that the residual ``C v - \sigma u`` needs, already computed.
     """
     from scipy.linalg import eigh, qr, svd
+
     n = int(C.shape[1])
     G = _Gram(C)
     v0 = np.random.default_rng(seed).standard_normal(n).astype(C.dtype)
