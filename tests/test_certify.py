@@ -241,3 +241,58 @@ def test_extra_pairs_takes_loose_ritz_pairs_only_where_they_pay() -> None:
     assert SS.extra_pairs(sv, res, 5, 1e-12, 3000) == 5 + int(SS.EXTRA_PER_RANK * 5) + 1
     wide = np.concatenate([2.0 - 0.25 * np.arange(5), 0.5 * 0.9 ** np.arange(26)])  # sigma_6 / sigma_5 = 0.5
     assert SS.extra_pairs(wide, res, 5, 1e-12, 3000) == 5  # a wide gap already: none pays
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    s=st.integers(5, 60),
+    d=st.integers(0, 5),
+    noise=st.sampled_from([0.0, 1e-9, 1e-4, 1.0]),
+    repeat=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_orthonormal_basis_spans_the_columns(s: int, d: int, noise: float, repeat: bool, seed: int) -> None:
+    """``orthonormal_basis`` returns orthonormal columns spanning those of ``X``: by Cholesky QR for nearly
+    orthonormal ``X`` (noise 0, 1e-9), by Householder QR otherwise (1e-4, a random ``X``, a repeated column)."""
+    from truncpinv._certify import orthonormal_basis
+
+    d = min(d, s - 1)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.linalg.qr(torch.randn(s, d, dtype=torch.float64, generator=g)).Q
+    X = X + noise * torch.randn(s, d, dtype=torch.float64, generator=g)
+    if repeat and d >= 2:
+        X[:, -1] = X[:, 0]  # rank deficient: Householder still returns d orthonormal columns
+    Q = orthonormal_basis(X)
+    assert Q.shape == X.shape
+    if d == 0:
+        return
+    assert float((Q.T @ Q - torch.eye(d, dtype=torch.float64)).abs().max()) < 1e-12
+    # every column of X lies in the span of Q
+    assert float((X - Q @ (Q.T @ X)).abs().max()) < 1e-12 * max(1.0, float(X.abs().max()))
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 5000), cols=st.integers(1, 70), seed=st.integers(0, 2**31 - 1))
+def test_residual_norms_in_blocks_are_the_column_norms(rows: int, cols: int, seed: int) -> None:
+    """``||y_i - s_i x_i||`` in cache-sized row blocks equals the norm of the whole column (blocks of
+    ``BLOCK_ENTRIES / cols`` rows: several blocks for the larger draws)."""
+    from truncpinv._certify import _column_norms
+
+    g = torch.Generator().manual_seed(seed)
+    Y, X = (torch.randn(rows, cols, dtype=torch.float64, generator=g) for _ in range(2))
+    S = torch.rand(cols, dtype=torch.float64, generator=g)
+    want = torch.linalg.vector_norm(Y - X * S, dim=0)
+    torch.testing.assert_close(_column_norms(Y, X, S), want, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)], ids=["tall", "wide"])
+def test_a_repeated_triplet_does_not_hide_a_missed_value(shape: tuple[int, int]) -> None:
+    """Triplets 1, 1, 2, 3, 5: every residual is zero, and the vectors are not orthonormal (the deflation takes
+    Householder QR, not Cholesky QR); they span 4 directions, and sigma_4 > sigma_5 = tau is left in ``A P``."""
+    A, U, S, V = _svd(*shape)
+    idx = torch.tensor([0, 0, 1, 2, 4])
+    cert = tp.certify(A, U[:, idx], S[idx], V[:, idx], _TOL, rtol_res=1e-12)
+    assert cert.residual < 1e-13
+    assert not cert.certified
+    assert cert.deflated_norm >= cert.threshold
+    assert cert.deflated_norm <= float(S[3]) * (1 + 1e-12)  # a lower estimate of ||A P|| = sigma_4

@@ -483,3 +483,65 @@ def test_vector_product_is_the_matrix_product(m, n, density, fmt, dtype, index, 
         got = mv(x)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-12 if want.dtype == np.float64 else 1e-5, atol=1e-12)
+
+
+@given(k=st.integers(1, 400), n=st.integers(2, 2000))
+def test_arpack_ncv_is_a_valid_krylov_dimension(k: int, n: int) -> None:
+    """ARPACK needs ``k < ncv <= n``; ``arpack_ncv`` gives at least SciPy's ``max(2 k + 1, 20)`` where it fits,
+    and more than that only below rank 20."""
+    if k >= n:
+        return
+    ncv = SS.arpack_ncv(k, n)
+    assert k < ncv <= n
+    assert ncv >= min(n, max(2 * k + 1, 20))
+    if k >= 20:
+        assert ncv == min(n, 2 * k + 1)
+
+
+def _incidence(nodes: int, edges: int, seed: int) -> sp.csr_matrix:
+    """Signed edge-node incidence matrix of a random multigraph (rows of two entries, +1 and -1)."""
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, nodes, edges)
+    j = (i + rng.integers(1, nodes, edges)) % nodes
+    vals = np.tile([1.0, -1.0], edges)
+    return sp.csr_matrix((vals, (np.repeat(np.arange(edges), 2), np.stack([i, j], 1).ravel())), shape=(edges, nodes))
+
+
+@settings(max_examples=20, deadline=None)
+@given(nodes=st.integers(3, 60), edges=st.integers(3, 200), seed=st.integers(0, 2**31 - 1), wide=st.booleans())
+def test_a_formed_gram_matrix_is_the_product_pair(nodes: int, edges: int, seed: int, wide: bool) -> None:
+    """Where rows have one or two entries (an incidence matrix, or its transpose seen from the other side),
+    ARPACK multiplies ``C^T C`` formed once, if it has at most ``GRAM_NNZ nnz(C)`` entries (a sparse graph;
+    not a small dense one): each product equals ``C^T (C x)`` and counts two columns. With rows of many
+    entries (a dense block) nothing is formed."""
+    A = _incidence(nodes, edges, seed)
+    C = SS._Counted(A.T.tocsr()).T if wide else SS._Counted(A)  # wide: C = (A^T)^T, a CSC view of A
+    G = SS._Gram(C)
+    assert (G._formed is not None) == ((A.T @ A).nnz <= SS.GRAM_NNZ * A.nnz)
+    x = np.random.default_rng(seed).standard_normal(nodes)
+    np.testing.assert_allclose(G.matvec(x), A.T @ (A @ x), rtol=0, atol=1e-12 * max(1.0, float(np.abs(x).max())))
+    assert C.columns[0] == 2
+    assert SS._Gram(SS._Counted(_incidence(60, 100, seed)))._formed is not None  # a sparse graph
+    assert SS._Gram(SS._Counted(sp.csr_matrix(np.ones((40, 30)))))._formed is None
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["tall", "wide"])
+def test_svds_on_an_incidence_matrix_with_the_formed_gram_is_certified(wide: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """ARPACK on the formed ``C^T C`` (the graph Laplacian) finds the same triplets, certified: the Rayleigh-Ritz
+    step and the certificate multiply ``A`` itself."""
+    A = _incidence(300, 1500, 3)
+    A = A.T.tocsr() if wide else A
+    formed: list[bool] = []
+    real = SS.formed_gram
+
+    def spy(C: object) -> object:
+        out = real(C)
+        formed.append(out is not None)
+        return out
+
+    monkeypatch.setattr(SS, "formed_gram", spy)
+    F = tp.ScipySVDS().factorize(A, rank=12, rtol=1e-8)
+    assert formed == [True]
+    assert F.stats["certified"]
+    ref = np.linalg.svd(A.toarray(), compute_uv=False)[:12]
+    np.testing.assert_allclose(np.asarray(F.S), ref, rtol=1e-10)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._certify import check_steps, check_tol, default_tol, predicted_gap
+from .._certify import check_steps, check_tol, default_tol, orthonormal_basis, predicted_gap
 from .._factorization import Triplets
 from .._operator import LinearOperator, ScipyOperator, TensorOperator
 from .._tolerance import Tolerance
@@ -26,6 +26,14 @@ EXTRA_PER_RANK = 1.0
 #: ...each costing about this many single-vector product columns: two block columns (Rayleigh-Ritz and
 #: residual), at about 0.6 of a single column's time each with SciPy's sparse kernels (measured, 20000 x 3000).
 EXTRA_COST = 1.2
+#: ARPACK is asked for ``tol / ARPACK_MARGIN`` on the Gram operator (see ``ScipySVDS``).
+ARPACK_MARGIN = 10.0
+#: ARPACK's Krylov dimension at low ranks (:func:`arpack_ncv`).
+NCV_LOW_RANK = 40
+#: ``C^T C`` is formed for ARPACK when its entries are bounded by ``GRAM_BOUND nnz(C)``... (:func:`formed_gram`)
+GRAM_BOUND = 4.0
+#: ...and kept when it has at most ``GRAM_NNZ nnz(C)`` entries (one pass over them against two over ``C``).
+GRAM_NNZ = 1.5
 #: ARPACK's ``info`` when the operator maps its start vector to zero.
 _ZERO_START = -9
 
@@ -100,7 +108,9 @@ class ScipySVDS(Solver):
     Gram operator ``G = A^T A`` (``A A^T`` for wide ``A``) and then a Rayleigh–Ritz
     step through ``A`` itself (:func:`arpack_triplets`), as
     :func:`scipy.sparse.linalg.svds` does, with a ``k x k`` eigendecomposition
-    in place of the SVD of an ``m x k`` matrix. ARPACK stops when
+    in place of the SVD of an ``m x k`` matrix (on a sparse matrix whose rows hold one or two
+    entries, a graph's incidence matrix, ARPACK multiplies ``G`` formed once: :func:`formed_gram`).
+    ARPACK stops when
     ``||G v - \theta v|| \le t^2 \theta``; for a triplet this means
     ``||A^T u - \sigma v|| = ||G v - \sigma^2 v|| / \sigma \le t^2 \sigma``,
     so ``t^2 = tol / 10`` asks for a tenth of the certified residual
@@ -121,8 +131,9 @@ class ScipySVDS(Solver):
     are accurate and clearly below the kept ones are deflated too, which widens the gap the
     check has to resolve (on a flat spectrum its length goes like
     ``1 / sqrt(1 - (sigma_{d+1} / sigma_k)^2)`` for ``d`` deflated triplets). They come
-    nearly free: ARPACK's final Lanczos factorisation holds ``2k + 1`` Ritz pairs with free
-    residual bounds, and the first ``e`` after the ``k`` converged ones join the Rayleigh–Ritz
+    nearly free: ARPACK's final Lanczos factorisation holds ``ncv`` Ritz pairs (``2k + 1``, 40 at
+    ranks 10 to 19: :func:`arpack_ncv`) with free residual bounds, and the first ``e`` after the ``k``
+    converged ones join the Rayleigh–Ritz
     step, for the ``e`` (at most ``k``) that minimises the predicted cost, two block columns
     each plus the check's predicted length (:func:`extra_pairs`, :func:`arpack_ritz`,
     :func:`arpack_triplets`). On the 20000 x 3000 matrix of ``benchmarks/sparse_table.py`` at
@@ -202,7 +213,7 @@ class ScipySVDS(Solver):
         g = 0 if self.guard is None else self.guard
         k = k + max(0, min(g, (s - 1) // 2 - k))  # the guard triplets, as far as ARPACK has room
         if self.method == "arpack":
-            t_svds, maxiter = math.sqrt(rtol_res / 10), None
+            t_svds, maxiter = math.sqrt(rtol_res / ARPACK_MARGIN), None
         else:  # PROPACK's tolerance t^2 bounds the error of sigma, and a residual r moves sigma by only
             # r^2 / gap: ask t ~ tol; below t^2 = 1e-14 it stops converging
             t_svds, maxiter = max(rtol_res / 10, 1e-7), 20 * k + 200
@@ -293,10 +304,9 @@ def arpack_triplets(
     ``C V`` is the product that the residual ``C v - \sigma u`` needs, already computed.
     """
     from scipy.linalg import eigh, qr, svd
-    from scipy.sparse.linalg import LinearOperator as SpLinOp
 
-    n, CT = int(C.shape[1]), C.T
-    G = SpLinOp((n, n), matvec=lambda x: CT @ (C @ x), dtype=C.dtype)
+    n = int(C.shape[1])
+    G = _Gram(C)
     v0 = np.random.default_rng(seed).standard_normal(n).astype(C.dtype)
     theta, E, est = arpack_ritz(G, k, tol, v0)
     t = k
@@ -304,7 +314,8 @@ def arpack_triplets(
         # triplet residual of a Ritz pair: ||A^T u - s v|| / s_1 = ||G e - theta e|| / sqrt(theta theta_1)
         res = est / np.sqrt(np.maximum(theta, np.finfo(theta.dtype).tiny) * theta[0])
         t = extra_pairs(np.sqrt(np.maximum(theta, 0.0)), res, k, rtol_res, n)
-    E = np.linalg.qr(E[:, :t])[0]  # ARPACK's vectors of clustered values need not be orthonormal (as svds)
+    # ARPACK's vectors of clustered values need not be orthonormal (svds takes a QR too)
+    E = orthonormal_basis(torch.from_numpy(np.ascontiguousarray(E[:, :t]))).numpy()
     Y = np.asarray(C @ E)
     lam, W = eigh(Y.T @ Y)
     lam, W = lam[::-1].clip(min=0.0), W[:, ::-1]
@@ -312,7 +323,8 @@ def arpack_triplets(
     if lam[-1] > 0 and eps * lam[0] / lam[-1] <= _GRAM_RR:
         S = np.sqrt(lam)
         CV = Y @ W
-        return CV / S, S, E @ W, CV
+        # U = C V / sigma into Y's memory (no longer needed): a fresh tall array costs its first touches
+        return np.divide(CV, S, out=Y), S, E @ W, CV
     Q, R = qr(Y, mode="economic")
     Ur, S, Wt = svd(R)
     return Q @ Ur, S, E @ Wt.T, Y @ Wt.T
@@ -367,7 +379,7 @@ def arpack_ritz(G: Any, k: int, tol: float, v0: np.ndarray) -> tuple[np.ndarray,
     except ImportError:  # SciPy moved its ARPACK driver: eigsh's k wanted pairs alone
         lam, E = eigsh(G, k=k, tol=tol, v0=v0)
         return _descending(lam, E, tol)
-    p = _SymmetricArpackParams(n, k, np.dtype(G.dtype).char, G.matvec, tol=tol, v0=v0)
+    p = _SymmetricArpackParams(n, k, np.dtype(G.dtype).char, G.matvec, tol=tol, v0=v0, ncv=arpack_ncv(k, n))
     while not p.converged:
         p.iterate()
     m = int(p.ncv)
@@ -381,6 +393,20 @@ def arpack_ritz(G: Any, k: int, tol: float, v0: np.ndarray) -> tuple[np.ndarray,
     theta, Y = eigh_tridiagonal(diag, off)
     theta, Y = theta[::-1], Y[:, ::-1]
     return theta, V @ Y, float(np.linalg.norm(p.resid)) * np.abs(Y[-1])
+
+
+def arpack_ncv(k: int, n: int) -> int:
+    """ARPACK's Krylov dimension ``ncv`` for ``k`` wanted pairs of an ``n x n`` operator:
+    ``max(2 k + 1, 20, min(NCV_LOW_RANK, 4 k))``, at most ``n``.
+
+    SciPy's default is ``max(2 k + 1, 20)``. At ranks 10 to 19 a space of 40 shortens both ARPACK's
+    restarts and the certificate's check (more further Ritz pairs resolved well enough to deflate):
+    on the rank-10 and rank-15 cases of ``benchmarks/sparse_table.py``'s matrices 828 products against
+    992 and 906 against 956 (random 20000 x 3000), 554 against 628 and 676 against 750 (incidence), time
+    0.89x to 0.95x; at rank 5 a space of 40 cost more than it saved (1.05x to 1.13x on the power-law and
+    incidence matrices), hence ``4 k`` below rank 10.
+    """
+    return min(n, max(2 * k + 1, 20, min(NCV_LOW_RANK, 4 * k)))
 
 
 def _descending(lam: np.ndarray, E: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -416,6 +442,54 @@ def vector_product(M: Any) -> Any:
         return y
 
     return product
+
+
+class _Gram:
+    """``G = C^T C`` for ARPACK: ``shape``, ``dtype`` and ``matvec`` (``x -> C^T (C x)``, or ``G x`` with ``G``
+    formed where that is cheaper: :func:`formed_gram`), without the checks of a SciPy ``LinearOperator`` around
+    each of ARPACK's hundreds of products (``eigsh`` takes it through ``aslinearoperator`` where it needs one).
+    A product with a formed ``G`` counts as the two columns it replaces in ``C``'s counter."""
+
+    def __init__(self, C: Any) -> None:
+        n = int(C.shape[1])
+        self.C, self.CT, self.shape, self.dtype = C, C.T, (n, n), np.dtype(C.dtype)
+        self._formed = formed_gram(C)
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        if self._formed is not None:
+            self.C.columns[0] += 2
+            return np.asarray(self._formed(x))
+        return np.asarray(self.CT @ (self.C @ x))
+
+
+def formed_gram(C: Any) -> Any:
+    r"""``x -> (C^T C) x`` with ``C^T C`` formed as a sparse matrix, or ``None`` where the pair of products
+    ``C^T (C x)`` is as cheap: ``C`` is a :class:`_Counted` SciPy CSR or CSC matrix.
+
+    ``C^T C = \sum_i c_i c_i^\top`` over the rows ``c_i`` of ``C``, so it has at most ``\sum_i nnz(c_i)^2``
+    entries, and forming it costs about as many operations. Where that bound is within
+    :data:`GRAM_BOUND` ``nnz(C)`` (rows of one to two entries, as in the incidence matrix of a graph,
+    whose ``C^T C`` is the graph's Laplacian) it is formed, and kept when it has at most
+    :data:`GRAM_NNZ` ``nnz(C)`` entries: one pass over them replaces the two passes over ``C`` (a gather and
+    a scatter). On the 30000-edge incidence matrix of ``benchmarks/sparse_table.py`` ``C^T C`` has 64932
+    entries against ``C``'s 60000, a product costs 0.068 ms against 0.143 ms for the pair, and forming it
+    2.6 ms (about 18 pairs; ARPACK takes 200 to 1300 of them there). ARPACK already squares ``C``, so its
+    products carry the same rounding ``eps \|C\|^2`` either way; the Rayleigh–Ritz step and the certificate
+    multiply ``C`` itself.
+    """
+    import scipy.sparse as sp
+
+    M: Any = getattr(C, "M", None)
+    if getattr(C, "columns", None) is None or not sp.issparse(M) or M.format not in ("csr", "csc") or M.nnz == 0:
+        return None
+    rows = int(M.shape[0])
+    per_row = np.diff(M.indptr) if M.format == "csr" else np.bincount(M.indices, minlength=rows)
+    if float(np.square(per_row, dtype=np.float64).sum()) > GRAM_BOUND * M.nnz:
+        return None
+    G = (M.T @ M).tocsr()
+    if G.nnz > GRAM_NNZ * M.nnz:
+        return None
+    return vector_product(G)
 
 
 class _SparseProducts:
