@@ -68,28 +68,32 @@ _DTYPES = (torch.float64, torch.float32)
 _EPS = {np.dtype(np.float64): float(np.finfo(np.float64).eps), np.dtype(np.float32): float(np.finfo(np.float32).eps)}
 
 
-@dataclass
 class TinyFactors:
     """The kept factors of the scaled Jacobian, as the two policies read a :class:`truncpinv.TruncatedPinv`.
 
     Attributes:
-        U, S, V: ``(N, r)``, ``(r,)``, ``(P, r)``: the kept singular triplets (tensors over NumPy memory).
-        singular_values: every singular value computed.
+        arrays: ``(u, s, v)``: the kept singular triplets, ``(N, r)``, ``(r,)``, ``(P, r)`` NumPy arrays.
+        U, S, V: the same as tensors over their memory (made on first use: the policies read ``arrays``).
+        singular_values: every singular value computed (a tensor).
         rank, cutoff: the kept count and the cut-off :math:`\\max(atol, rtol\\,\\sigma_1)`.
     """
 
-    U: torch.Tensor
-    S: torch.Tensor
-    V: torch.Tensor
-    singular_values: torch.Tensor
-    rank: int
-    cutoff: float
-    #: ``U``, ``S`` and ``V`` as the NumPy arrays they view
-    arrays: tuple[np.ndarray, np.ndarray, np.ndarray] = field(default=(), repr=False)  # type: ignore[assignment]
+    def __init__(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], values: np.ndarray, cutoff: float) -> None:
+        self.arrays, self.rank, self.cutoff = arrays, arrays[1].shape[0], cutoff
+        self.singular_values = torch.from_numpy(values)
+        self.dtype = self.singular_values.dtype
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.U.dtype
+    def U(self) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[0])
+
+    @property
+    def S(self) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[1])
+
+    @property
+    def V(self) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[2])
 
 
 def applies(opt: Any) -> bool:
@@ -306,13 +310,17 @@ def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
         norms = c * np.sqrt(((a / c) ** 2).sum(0))
     top = norms.max()  # columns at round-off of the largest count as the largest (round_off_columns)
     cut = ROUND_OFF * _EPS[norms.dtype] * top
-    if norms.min() <= cut:
+    low = norms.min()
+    if low <= cut:
         norms = np.where((norms > 0) & (norms <= cut), top, norms)
     parts = tp.scale_buffers(opt.state)
-    for b, d in zip(tp.blocks, parts):
-        np.maximum(d, norms[b.start : b.stop].astype(d.dtype, copy=False), out=d)
+    if len(parts) == 1:
+        np.maximum(parts[0], norms.astype(parts[0].dtype, copy=False), out=parts[0])
+    else:
+        for b, d in zip(tp.blocks, parts):
+            np.maximum(d, norms[b.start : b.stop].astype(d.dtype, copy=False), out=d)
     D = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if not D.min() > 0:  # a column never seen (always zero) counts 1
+    if not low > 0 and not D.min() > 0:  # a column never seen (always zero) counts 1 (D >= norms > 0 else)
         D = np.where(D > 0, D, 1.0)
     return D.astype(a.dtype, copy=False)
 
@@ -331,9 +339,7 @@ def _factorize(opt: Any, tp: TinyPlan, a: np.ndarray) -> TinyFactors:
     dt = a.dtype
     if dt != np.float64:
         U, S, Vh = U.astype(dt), S.astype(dt), Vh.astype(dt)
-    u, s, v = U[:, :k], S[:k], Vh[:k].T
-    t = torch.from_numpy
-    return TinyFactors(t(u), t(s), t(v), t(S), k, cut, (u, s, v))
+    return TinyFactors((U[:, :k], S[:k], Vh[:k].T), S, cut)
 
 
 def _context(
@@ -365,7 +371,7 @@ def _context(
             d = v @ (c * (1.0 / s if lam == 0.0 else s / (s * s + lam * s0sq)))
         if not _finite(d):
             raise StepFault("the Sven direction")
-        d = d if D is None else d / D.astype(d.dtype, copy=False)
+        d = d if D is None else d / D  # (D is in the Jacobian's dtype, as d)
         last[:] = torch.from_numpy(d), d
         return last[0]  # type: ignore[no-any-return]
 
