@@ -9,14 +9,19 @@ case back (``None``):
 
 * :class:`sven.Sven` itself (a subclass keeps the general step, which it may extend), in
   residual mode with the loss rule decided off, one process, truncpinv's ``Auto`` solver without a ``rank``
-  cap, no RMSProp, no momentum and no weight decay in any group, and the step control exactly
-  :class:`sven.control.AdaptiveDamping` or :class:`sven.trust_region.TrustRegion`;
+  cap, no RMSProp, no momentum and no weight decay in any group, the step control exactly
+  :class:`sven.control.AdaptiveDamping` or :class:`sven.trust_region.TrustRegion`, and float32 or float64
+  CPU parameters. That decision, the parameter blocks, NumPy views of the parameters, the columns' learning
+  rates and the cut-off's ``rtol`` are worked out once and kept (:class:`TinyPlan`) until the
+  :func:`signature` of the groups and options changes: a new ``lr`` or option, a parameter added, frozen or
+  given new storage;
 * after the linearisation (the configured route, unchanged: autograd, finite differences or a callable
   Jacobian, :mod:`sven.linearize.finite`), a materialised CPU Jacobian in float32 or float64 of at most
   :data:`TINY_COLUMNS` columns and :data:`TINY_ENTRIES` entries (anything else goes to the general stage).
 
 The step is the general one, computed in NumPy on views of the same memory: Moré's column scaling
-(:class:`sven.precondition.ColumnScaling`, the same state buffer ``col_scale``), one float64 LAPACK SVD of
+(:class:`sven.precondition.ColumnScaling`, the same state buffer ``col_scale``), one float64 LAPACK SVD
+(``gesdd``, as ``numpy.linalg.svd`` without its dispatch) of
 :math:`\hat M = M D^{-1} = U \Sigma V^\top` (what :mod:`sven.factorize` computes for at most 10 columns), the
 truncation :math:`\sigma_i > \max(atol, rtol\,\sigma_1)`, and the policy's own ``run`` on a
 :class:`sven.control.StepContext` whose directions are
