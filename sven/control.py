@@ -320,8 +320,7 @@ class AdaptiveDamping(Policy):
         r"""The gain ratio of the applied try, from the model's change ``M d`` (``loss`` = :math:`\|R\|^2`)."""
 
         def gain(change: torch.Tensor) -> float:
-            R_pred = ctx.R - change.to(ctx.R.dtype)
-            return SF.gain_ratio_of(loss, SF.squared_norm(evaluate.residuals()), SF.squared_norm(R_pred))
+            return SF.gain_ratio_of(loss, SF.squared_norm(evaluate.residuals()), SF.squared_distance(ctx.R, change))
 
         return gain
 

@@ -172,8 +172,8 @@ def host(t: torch.Tensor, *, limit: int | None = None) -> np.ndarray | None:
     larger or have no storage of their own (inside :mod:`torch.func` transforms) keep torch's path: there a
     kernel launch or a pass over the data, not the call, is the cost.
     """
-    small = t.numel() <= (HOST_SMALL if limit is None else limit)
-    if small and t.is_cpu and not t.requires_grad and t.dtype in _HOST_DTYPES:
+    small = HOST_SMALL if limit is None else limit
+    if t.dtype in _HOST_DTYPES and t.is_cpu and not t.requires_grad and t.numel() <= small:
         try:
             return t.numpy()
         except RuntimeError:  # no storage of its own: a tensor inside a torch.func transform (grad, vmap)
@@ -384,9 +384,20 @@ def squared_norm(R: torch.Tensor) -> float:
     r""":math:`\|R\|^2`, accumulated in float64 (in NumPy for a small CPU tensor, :func:`host`)."""
     a = host(R)
     if a is not None:
-        a = a.reshape(-1).astype(np.float64, copy=False)
-        return float(a @ a)
+        a = a if a.ndim == 1 and a.dtype == np.float64 else a.reshape(-1).astype(np.float64, copy=False)
+        return float(a.dot(a))
     return float(R.double().pow(2).sum())
+
+
+def squared_distance(R: torch.Tensor, change: torch.Tensor) -> float:
+    r""":math:`\|R - c\|^2` (:func:`squared_norm`) for the change ``c`` in ``R``'s dtype: the linear model's
+    :math:`\|R + M\delta\|^2` for :math:`c = -M\delta`, the difference taken in NumPy for small CPU tensors."""
+    a, b = host(R), host(change)
+    if a is not None and b is not None and a.shape == b.shape:
+        diff = a - (b if b.dtype == a.dtype else b.astype(a.dtype))
+        diff = diff if diff.ndim == 1 and diff.dtype == np.float64 else diff.reshape(-1).astype(np.float64)
+        return float(diff.dot(diff))
+    return squared_norm(R - (change if change.dtype == R.dtype else change.to(R.dtype)))
 
 
 def weighted_norm(x: torch.Tensor, weights: torch.Tensor | None = None) -> float:

@@ -71,7 +71,7 @@ class StepInfo:
     stalled: bool = False
     ggn: bool = False
     converged: tuple[str, ...] = ()
-    _gradient_cosine: torch.Tensor | None = field(default=None, repr=False)
+    _gradient_cosine: torch.Tensor | float | None = field(default=None, repr=False)
     _direction: torch.Tensor | None = field(default=None, repr=False)
     _lrs: list[tuple[int, int, float]] = field(default_factory=list, repr=False)
 

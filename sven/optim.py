@@ -14,6 +14,7 @@ from . import distributed as dist_
 from . import functional as SF
 from . import tiny, update
 from ._compile import eager
+from ._step_hooks import observed_step
 from ._validation import (
     check_not_inference_mode,
     check_option_names,
@@ -351,6 +352,10 @@ class Sven(Optimizer):
 
     def _fault(self, info: StepInfo, losses: torch.Tensor, fault: StepFault) -> None:
         _skip(self.config, self._counters, info, losses, fault)
+
+
+#: ``torch.optim``'s step wrapper, skipped while no profiler runs and no step hook is registered (sven/_step_hooks.py)
+Sven.step = observed_step(Sven.step)  # type: ignore[method-assign]
 
 
 def _check_step_call(closure: Callable[[], torch.Tensor] | None) -> Callable[[], torch.Tensor]:

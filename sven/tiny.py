@@ -9,14 +9,19 @@ case back (``None``):
 
 * :class:`sven.Sven` itself (a subclass keeps the general step, which it may extend), in
   residual mode with the loss rule decided off, one process, truncpinv's ``Auto`` solver without a ``rank``
-  cap, no RMSProp, no momentum and no weight decay in any group, and the step control exactly
-  :class:`sven.control.AdaptiveDamping` or :class:`sven.trust_region.TrustRegion`;
+  cap, no RMSProp, no momentum and no weight decay in any group, the step control exactly
+  :class:`sven.control.AdaptiveDamping` or :class:`sven.trust_region.TrustRegion`, and float32 or float64
+  CPU parameters. That decision, the parameter blocks, NumPy views of the parameters, the columns' learning
+  rates and the cut-off's ``rtol`` are worked out once and kept (:class:`TinyPlan`) until the
+  :func:`signature` of the groups and options changes: a new ``lr`` or option, a parameter added, frozen or
+  given new storage;
 * after the linearisation (the configured route, unchanged: autograd, finite differences or a callable
   Jacobian, :mod:`sven.linearize.finite`), a materialised CPU Jacobian in float32 or float64 of at most
   :data:`TINY_COLUMNS` columns and :data:`TINY_ENTRIES` entries (anything else goes to the general stage).
 
 The step is the general one, computed in NumPy on views of the same memory: Moré's column scaling
-(:class:`sven.precondition.ColumnScaling`, the same state buffer ``col_scale``), one float64 LAPACK SVD of
+(:class:`sven.precondition.ColumnScaling`, the same state buffer ``col_scale``), one float64 LAPACK SVD
+(``gesdd``, as ``numpy.linalg.svd`` without its dispatch) of
 :math:`\hat M = M D^{-1} = U \Sigma V^\top` (what :mod:`sven.factorize` computes for at most 10 columns), the
 truncation :math:`\sigma_i > \max(atol, rtol\,\sigma_1)`, and the policy's own ``run`` on a
 :class:`sven.control.StepContext` whose directions are
@@ -33,11 +38,13 @@ checks it on random problems for both policies).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, cast
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import scipy.linalg.lapack as lapack
 import torch
 
 import truncpinv
@@ -50,11 +57,11 @@ from .factorize import DIRECT_SIDE
 from .functional import HOST_SMALL
 from .info import StepFault, StepInfo
 from .linearize import Unsupported
-from .params import ParamBlock, blocks_of_groups, closure_mode, lr_scaled, save_parameters
+from .params import ParamBlock, blocks_of_groups, closure_mode, lr_scaled
 from .precondition import ROUND_OFF, ColumnScaling
 from .trust_region import TrustRegion
 
-__all__ = ["TINY_COLUMNS", "TINY_ENTRIES", "TinyFactors", "applies", "step"]
+__all__ = ["TINY_COLUMNS", "TINY_ENTRIES", "TinyFactors", "TinyPlan", "applies", "plan", "step"]
 
 #: At most this many parameters (the columns of ``M``): :data:`sven.factorize.DIRECT_SIDE`'s direct SVD.
 TINY_COLUMNS = DIRECT_SIDE
@@ -63,28 +70,35 @@ TINY_COLUMNS = DIRECT_SIDE
 TINY_ENTRIES = HOST_SMALL
 _POLICIES = (AdaptiveDamping, TrustRegion)
 _DTYPES = (torch.float64, torch.float32)
+_EPS = {np.dtype(np.float64): float(np.finfo(np.float64).eps), np.dtype(np.float32): float(np.finfo(np.float32).eps)}
 
 
-@dataclass
 class TinyFactors:
     """The kept factors of the scaled Jacobian, as the two policies read a :class:`truncpinv.TruncatedPinv`.
 
     Attributes:
-        U, S, V: ``(N, r)``, ``(r,)``, ``(P, r)``: the kept singular triplets (tensors over NumPy memory).
-        singular_values: every singular value computed.
+        arrays: ``(u, s, v)``: the kept singular triplets, ``(N, r)``, ``(r,)``, ``(P, r)`` NumPy arrays.
+        U, S, V: the same as tensors over their memory (made on first use: the policies read ``arrays``).
+        singular_values: every singular value computed (a tensor).
         rank, cutoff: the kept count and the cut-off :math:`\\max(atol, rtol\\,\\sigma_1)`.
     """
 
-    U: torch.Tensor
-    S: torch.Tensor
-    V: torch.Tensor
-    singular_values: torch.Tensor
-    rank: int
-    cutoff: float
+    def __init__(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], values: np.ndarray, cutoff: float) -> None:
+        self.arrays, self.rank, self.cutoff = arrays, arrays[1].shape[0], cutoff
+        self.singular_values = torch.from_numpy(values)
+        self.dtype = self.singular_values.dtype
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.U.dtype
+    def U(self) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[0])
+
+    @property
+    def S(self) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[1])
+
+    @property
+    def V(self) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[2])
 
 
 def applies(opt: Any) -> bool:
@@ -102,15 +116,119 @@ def applies(opt: Any) -> bool:
     )
 
 
+@dataclass(eq=False)
+class TinyPlan:
+    """What the lean step reads from the optimizer's configuration and groups, worked out once (:func:`plan`).
+
+    Attributes:
+        key: the :func:`signature` it was made for; a step whose signature differs makes a new plan.
+        refs: the objects whose ids ``key`` holds, kept alive so that no id is reused while the plan is.
+        lean: whether the lean step applies: :func:`applies`, and at least one column, every parameter that
+            requires grad a float32 or float64 CPU tensor.
+        blocks, params: the parameter blocks (:func:`sven.params.blocks_of_groups`) and their tensors.
+        views: NumPy views of the parameters (their memory: valid while their storage is, which ``key`` checks).
+        spans: ``(start, stop, lr)`` of each block, as :class:`~sven.info.StepInfo` records them.
+        rtols: the relative cut-off per Jacobian shape and dtype (``rtol``, or truncpinv's default).
+        lrs: the learning rate of every column per dtype (``None``: all are 1).
+        scales: each block's ``col_scale`` state tensor and its flat NumPy view, renewed when the state is.
+    """
+
+    key: tuple[Any, ...]
+    refs: list[Any]
+    lean: bool
+    blocks: list[ParamBlock] = field(default_factory=list)
+    params: list[torch.Tensor] = field(default_factory=list)
+    views: list[np.ndarray] = field(default_factory=list)
+    spans: list[tuple[int, int, float]] = field(default_factory=list)
+    rtols: dict[tuple[int, int, Any], float] = field(default_factory=dict)
+    lrs: dict[Any, np.ndarray | None] = field(default_factory=dict)
+    scales: list[tuple[torch.Tensor, np.ndarray] | None] = field(default_factory=list)
+
+    def rtol(self, opt: Any, shape: tuple[int, int], dtype: Any) -> float:
+        """The ``rtol`` of :func:`sven.factorize.factorize` for an ``M`` of this shape and dtype."""
+        key = (shape[0], shape[1], dtype)
+        if key not in self.rtols:
+            rtol = opt.config.rtol
+            torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
+            self.rtols[key] = float(truncpinv.default_rtol(shape, torch_dtype) if rtol is None else rtol)
+        return self.rtols[key]
+
+    def column_lrs(self, dtype: Any) -> np.ndarray | None:
+        """Every column's learning rate in ``dtype`` (``None`` where all are 1: ``d`` needs no scaling)."""
+        if dtype not in self.lrs:
+            lrs = np.concatenate([np.full(b.stop - b.start, b.lr, dtype=dtype) for b in self.blocks])
+            self.lrs[dtype] = None if bool((lrs == 1.0).all()) else lrs
+        return self.lrs[dtype]
+
+    def scale_buffers(self, state: Any) -> list[np.ndarray]:
+        """Flat NumPy views of the blocks' ``col_scale`` state (created as zeros, as the general step does)."""
+        out = []
+        for i, b in enumerate(self.blocks):
+            st = state[b.param]
+            t = st.get("col_scale")
+            cached = self.scales[i]
+            if t is None or cached is None or cached[0] is not t:
+                if t is None:
+                    t = st["col_scale"] = torch.zeros_like(b.param, memory_format=torch.contiguous_format)
+                cached = self.scales[i] = (t, t.view(-1).numpy())
+            out.append(cached[1])
+        return out
+
+    def flat(self) -> np.ndarray:
+        """The parameters' values as one float64 vector (a view where there is one float64 parameter)."""
+        if len(self.views) == 1 and self.views[0].dtype == np.float64:
+            return self.views[0].reshape(-1)
+        return np.concatenate([v.reshape(-1).astype(np.float64) for v in self.views])
+
+
+def signature(opt: Any) -> tuple[tuple[Any, ...], list[Any]]:
+    """What a :class:`TinyPlan` depends on: the pipeline's objects (by identity), the distributed world, each group's
+    ``lr``, ``momentum``, ``weight_decay`` and parameters (by identity, ``requires_grad``, shape, dtype, device and
+    storage); and the objects whose ids it holds. Assigning an option (``opt.rtol = ...``) makes a new ``config``."""
+    refs: list[Any] = [applies, opt.config, opt.control, opt.solver, opt.precondition, opt.process_group]
+    key: list[Any] = [id(r) for r in refs]
+    key.append(dist_.world_size(opt.process_group))
+    for g in opt.param_groups:
+        ps = g["params"]
+        key += (g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0), len(ps))
+        for p in ps:
+            refs.append(p)
+            key += (id(p), p.requires_grad, p.shape, p.dtype, p.device, p.data_ptr())
+    return tuple(key), refs
+
+
+def plan(opt: Any) -> TinyPlan:
+    """``opt``'s :class:`TinyPlan`: the cached one while :func:`signature` is unchanged, else a new one."""
+    key, refs = signature(opt)
+    cached = opt.__dict__.get("_tiny_plan")
+    if cached is not None and cached.key == key:
+        return cached  # type: ignore[no-any-return]
+    made = TinyPlan(key, refs, lean=False)
+    if applies(opt):
+        blocks = blocks_of_groups(opt.param_groups)
+        ok = bool(blocks) and blocks[-1].stop > 0
+        if ok and all(b.param.is_cpu and b.param.dtype in _DTYPES for b in blocks):
+            made = TinyPlan(
+                key,
+                refs,
+                lean=True,
+                blocks=blocks,
+                params=[b.param for b in blocks],
+                views=[b.param.detach().numpy() for b in blocks],
+                spans=[(b.start, b.stop, b.lr) for b in blocks],
+                scales=[None] * len(blocks),
+            )
+    opt.__dict__["_tiny_plan"] = made  # (not an option: past Sven.__setattr__; not pickled)
+    return made
+
+
 def step(opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     """The lean step (module docstring): the closure's residuals, or ``None`` where it does not apply."""
-    if not applies(opt):
+    tp = plan(opt)
+    if not tp.lean:
         return None
     check_not_inference_mode()
-    blocks = blocks_of_groups(opt.param_groups)
-    if not blocks:
-        return None  # (the general step says why)
-    params = [b.param for b in blocks]
+    params = tp.params
     warn_ignored_grads(params)
     with eager():  # as the general step: compiled closures run eagerly
         with torch.enable_grad(), closure_errors(params):
@@ -125,13 +243,13 @@ def step(opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
                 with closure_mode(params):
                     return opt.rows.evaluated(closure()).detach()
 
-            opt._descend(R, R, M, blocks, evaluate=Evaluator(rows_after, opt.rows), method=lin.method)
+            opt._descend(R, R, M, tp.blocks, evaluate=Evaluator(rows_after, opt.rows), method=lin.method)
             return lin.local
         # the tries re-evaluate the closure as the general step does (grad mode on, the parameters without
         # requires_grad: sven.params.closure_mode), switched once for the whole step rather than at every try
         with closure_mode(params):
             evaluate = Evaluator(lambda: opt.rows.evaluated(closure()).detach(), opt.rows)
-            _descend(opt, R, cast(torch.Tensor, M), blocks, evaluate, lin.method)
+            _descend(opt, R, M, tp, evaluate, lin.method)
     return lin.local
 
 
@@ -147,95 +265,94 @@ def _small(M: Any) -> bool:
     )
 
 
-def _descend(
-    opt: Any, R: torch.Tensor, M: torch.Tensor, blocks: list[ParamBlock], evaluate: Evaluator, method: str
-) -> StepInfo:
+def _finite(x: np.ndarray) -> bool:
+    # NaN and Inf propagate through a sum; a sum that overflowed is told apart by the entries themselves
+    return math.isfinite(x.sum()) or bool(np.isfinite(x).all())
+
+
+def _norm(x: np.ndarray) -> float:
+    # np.linalg.norm of a real vector, without its dispatch: the square root of x . x
+    return math.sqrt(float(x.dot(x)))
+
+
+def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate: Evaluator, method: str) -> StepInfo:
     """:meth:`sven.Sven._descend` for a tiny dense ``M``, in NumPy (module docstring)."""
     opt._counters["steps"] += 1
     info = StepInfo(losses=R, jacobian_method=method, damping=opt.control.damping, ggn=False)
     opt.last_step = info
     try:
-        r, a = _host(R), _host(M)
-        if not np.isfinite(r).all():
+        r, a = R.detach().numpy(), M.numpy()
+        if not _finite(r):
             raise StepFault("the residuals")
-        if not np.isfinite(a).all():
+        D = _column_scale(opt, tp, a) if opt.precondition is not None else None
+        if D is None and not _finite(a):
             raise StepFault("the Jacobian")
-        D = _column_scale(opt, a, blocks) if opt.precondition is not None else None
-        F = _factorize(opt, a if D is None else a / D)
+        F = _factorize(opt, tp, a if D is None else a / D)
         info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
-        u, s = F.U.numpy(), F.S.numpy()
+        u, s, _ = F.arrays
         c = r.astype(u.dtype, copy=False) @ u
-        g, scale = float(np.linalg.norm(s * c)), (float(s[0]) * float(np.linalg.norm(r)) if F.rank else 0.0)
-        cos = g / scale if scale > 0 else 0.0
-        info._gradient_cosine = torch.tensor(cos, dtype=R.dtype)  # (as the general step records it)
-        ctx = _context(opt, F, R, M, blocks, evaluate, c=c, D=D, cos=cos)
-        out = opt.control.run(ctx)
+        g, scale = _norm(s * c), (float(s[0]) * _norm(r) if F.rank else 0.0)
+        info._gradient_cosine = cos = g / scale if scale > 0 else 0.0  # (a float: the property reads it as one)
+        out = opt.control.run(_context(opt, tp, F, R, a, evaluate, c=c, D=D, cos=cos))
     except StepFault as fault:
         opt._fault(info, R, fault)
         return info
-    info.record(out, [(b.start, b.stop, b.lr) for b in blocks])
+    info.record(out, tp.spans)
     return info
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy()
-
-
-def _column_scale(opt: Any, a: np.ndarray, blocks: list[ParamBlock]) -> np.ndarray:
-    """Moré's ``D`` after this Jacobian (:meth:`sven.precondition.ColumnScaling.jacobian`, the same state)."""
-    with np.errstate(over="ignore"):
-        sq = np.einsum("ij,ij->j", a, a)
-    norms = np.sqrt(sq)
-    if not np.isfinite(sq.sum()):  # a square overflowed: the general column norms, by the largest magnitude
+def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
+    """Moré's ``D`` after this Jacobian (:meth:`sven.precondition.ColumnScaling.jacobian`, the same state);
+    a StepFault if the Jacobian is not finite (its squares' sum is not, nor its entries)."""
+    sq = np.einsum("ij,ij->j", a, a)  # (an overflow gives inf without a warning)
+    if math.isfinite(sq.sum()):
+        norms = np.sqrt(sq)
+    else:  # NaN or Inf, or a square overflowed: the general column norms, by the largest magnitude
+        if not np.isfinite(a).all():
+            raise StepFault("the Jacobian")
         c = np.abs(a).max(0)
         c = np.where(c > 0, c, 1.0)
         norms = c * np.sqrt(((a / c) ** 2).sum(0))
-    if norms.size:  # columns at round-off of the largest count as the largest (round_off_columns)
-        top = norms.max()
-        cut = ROUND_OFF * np.finfo(norms.dtype).eps * top
-        if (norms <= cut).any():
-            norms = np.where((norms > 0) & (norms <= cut), top, norms)
-    parts = []
-    for b in blocks:
-        st = opt.state[b.param]
-        if "col_scale" not in st:
-            st["col_scale"] = torch.zeros_like(b.param, memory_format=torch.contiguous_format)
-        d = st["col_scale"].view(-1).numpy()
-        np.maximum(d, norms[b.start : b.stop].astype(d.dtype, copy=False), out=d)
-        parts.append(d)
+    top = norms.max()  # columns at round-off of the largest count as the largest (round_off_columns)
+    cut = ROUND_OFF * _EPS[norms.dtype] * top
+    low = norms.min()
+    if low <= cut:
+        norms = np.where((norms > 0) & (norms <= cut), top, norms)
+    parts = tp.scale_buffers(opt.state)
+    if len(parts) == 1:
+        np.maximum(parts[0], norms.astype(parts[0].dtype, copy=False), out=parts[0])
+    else:
+        for b, d in zip(tp.blocks, parts):
+            np.maximum(d, norms[b.start : b.stop].astype(d.dtype, copy=False), out=d)
     D = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if not D.min(initial=1.0) > 0:  # a column never seen (always zero) counts 1
+    if not low > 0 and not D.min() > 0:  # a column never seen (always zero) counts 1 (D >= norms > 0 else)
         D = np.where(D > 0, D, 1.0)
     return D.astype(a.dtype, copy=False)
 
 
-def _factorize(opt: Any, a: np.ndarray) -> TinyFactors:
-    """One float64 SVD of ``a``, truncated as every solver truncates (:func:`sven.factorize.factorize`)."""
-    m, n = a.shape
-    try:
-        U, S, Vh = np.linalg.svd(a.astype(np.float64, copy=False), full_matrices=False)
-    except np.linalg.LinAlgError as err:
-        raise StepFault(f"the solver failed (LinAlgError: {err})", fault=True) from err
-    if not np.isfinite(S.sum()):  # (LAPACK's vectors of a finite matrix are finite where its values are)
+def _factorize(opt: Any, tp: TinyPlan, a: np.ndarray) -> TinyFactors:
+    """One float64 SVD of ``a`` (LAPACK's ``gesdd``), truncated as every solver truncates
+    (:func:`sven.factorize.factorize`)."""
+    U, S, Vh, status = lapack.dgesdd(a.astype(np.float64, copy=False), full_matrices=0)
+    if status != 0:
+        raise StepFault("the solver failed (LinAlgError: SVD did not converge)", fault=True)
+    sv = S.tolist()
+    if not all(map(math.isfinite, sv)):  # (LAPACK's vectors of a finite matrix are finite where its values are)
         raise StepFault("the Jacobian")
-    cfg = opt.config
-    rtol = truncpinv.default_rtol((m, n), torch.float64 if a.dtype == np.float64 else torch.float32)
-    rtol = rtol if cfg.rtol is None else cfg.rtol
-    cut = max(float(cfg.atol), float(rtol) * (float(S[0]) if S.size else 0.0))
-    k = int(np.count_nonzero(S > cut))
+    cut = max(float(opt.config.atol), tp.rtol(opt, a.shape, a.dtype) * sv[0])
+    k = sum(v > cut for v in sv)
     dt = a.dtype
     if dt != np.float64:
         U, S, Vh = U.astype(dt), S.astype(dt), Vh.astype(dt)
-    t = torch.from_numpy
-    return TinyFactors(t(U[:, :k]), t(S[:k]), t(Vh[:k].T), t(S), k, cut)
+    return TinyFactors((U[:, :k], S[:k], Vh[:k].T), S, cut)
 
 
 def _context(
     opt: Any,
+    tp: TinyPlan,
     F: TinyFactors,
     R: torch.Tensor,
-    M: torch.Tensor,
-    blocks: list[ParamBlock],
+    a: np.ndarray,
     evaluate: Evaluator,
     *,
     c: np.ndarray,
@@ -243,50 +360,68 @@ def _context(
     cos: float,
 ) -> StepContext:
     """The :class:`~sven.control.StepContext` of :func:`sven.step_context.step_context`, on NumPy views."""
-    s, v, a = F.S.numpy(), F.V.numpy(), _host(M)
-    lrs = np.concatenate([np.full(b.stop - b.start, b.lr, dtype=a.dtype) for b in blocks])
-    plain = bool((lrs == 1.0).all())
+    _, s, v = F.arrays
+    s0sq = s[0] ** 2 if F.rank else 0.0
+    lrs = tp.column_lrs(a.dtype)
+    blocks, params, views = tp.blocks, tp.params, tp.views
+    # one flat parameter of the directions' dtype: a direction is added to it as it is
+    whole = len(blocks) == 1 and params[0].dim() == 1 and params[0].dtype == F.dtype
+
+    last: list[Any] = [None, None]  # the last direction and its array
 
     def direction(lam: float) -> torch.Tensor:
         if F.rank == 0:
             d = np.zeros(v.shape[0], dtype=v.dtype)
-        else:
-            phi = 1.0 / np.where(s > 0, s, 1.0) * (s > 0) if lam == 0.0 else s / (s * s + lam * s[0] ** 2)
-            d = v @ (c * phi.astype(s.dtype, copy=False))
-        if not np.isfinite(d).all():
+        else:  # (every kept value is above the cut-off, so positive)
+            d = v @ (c * (1.0 / s if lam == 0.0 else s / (s * s + lam * s0sq)))
+        if not _finite(d):
             raise StepFault("the Sven direction")
-        return torch.from_numpy(d if D is None else d / D.astype(d.dtype, copy=False))
+        d = d if D is None else d / D  # (D is in the Jacobian's dtype, as d)
+        last[:] = torch.from_numpy(d), d
+        return last[0]  # type: ignore[no-any-return]
 
     def predict(d: torch.Tensor) -> torch.Tensor:
-        x = d.numpy()
-        x = x if plain else x * lrs
+        x = last[1] if d is last[0] else d.numpy()  # (the direction just made: its array, without a call)
+        x = x if lrs is None else x * lrs
         return torch.from_numpy(a @ x.astype(a.dtype, copy=False))
 
     def apply(d: torch.Tensor, sign: float) -> None:
         # sven.params.apply_direction, one block at a time: theta_b -= sign * lr_b * d_b (inside closure_mode: the
         # parameters do not require grad, and the in-place change bumps their version counters)
+        if whole:
+            params[0].add_(d, alpha=-sign * blocks[0].lr)
+            return
         for b in blocks:
             piece = d[b.start : b.stop]
             piece = piece if piece.dtype == b.param.dtype else piece.to(b.param.dtype)
             b.param.add_(piece.view_as(b.param), alpha=-sign * b.lr)
 
+    def save() -> Callable[[], None]:
+        saved = [x.copy() for x in views]  # (sven.params.save_parameters: bit for bit)
+
+        def restore() -> None:
+            with torch.no_grad():
+                for p, x in zip(params, saved):
+                    p.copy_(torch.from_numpy(x))
+
+        return restore
+
     def xnorm() -> float:
-        x = np.concatenate([b.param.detach().reshape(-1).double().numpy() for b in blocks])
-        return float(np.linalg.norm(x if D is None else x * D))
+        x = tp.flat()
+        return _norm(x if D is None else x * D)
 
     def reject() -> None:
         opt._counters["rejected_steps"] += 1
 
-    losses = R
     return StepContext(
-        F=cast(Any, F),
+        F=F,  # type: ignore[arg-type]
         R=R,
-        loss=lambda: opt.rows.mean_loss(losses),
+        loss=lambda: opt.rows.mean_loss(R),
         direction=direction,
         apply=apply,
         predict=predict,
         norm=lambda d: float(lr_scaled(blocks, d).double().norm()),
-        save=lambda: save_parameters(blocks),
+        save=save,
         reject=reject,
         evaluate=evaluate,
         xnorm=xnorm,

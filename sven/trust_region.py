@@ -88,6 +88,8 @@ def lm_parameter(S: np.ndarray, c: np.ndarray, radius: float, *, rtol: float = 1
     """
     if not radius > 0:
         raise ValueError(f"`radius` must be positive, got {radius!r}")
+    if S.size <= _SCALAR_SIZE:
+        return _lm_parameter_scalar(S.tolist(), c.tolist(), radius, rtol=rtol, max_iter=max_iter)
     keep = S > 0  # a zero singular value (nothing truncated at all) adds nothing to the step
     w = (S[keep] * c[keep]) ** 2
     s2 = S[keep] ** 2
@@ -109,6 +111,35 @@ def lm_parameter(S: np.ndarray, c: np.ndarray, radius: float, *, rtol: float = 1
             break
         # ||q||^2 / sum(q_i^2 / den_i), with q scaled by its largest entry
         lam += (norm / radius - 1.0) * uu / float(u.dot(u / den))
+    return lam
+
+
+#: Spectra of at most this many values take :func:`lm_parameter` in Python floats (a curve fit's few
+#: parameters: a NumPy call on a handful of entries costs more than the arithmetic).
+_SCALAR_SIZE = 16
+
+
+def _lm_parameter_scalar(S: list[float], c: list[float], radius: float, *, rtol: float, max_iter: int) -> float:
+    """:func:`lm_parameter` on Python floats: the same operations, one value at a time (the same to round-off)."""
+    s2 = [s * s for s, _ in zip(S, c) if s > 0]
+    w = [(s * x) ** 2 for s, x in zip(S, c) if s > 0]
+    norm = math.sqrt(sum(wi / (si * si) for wi, si in zip(w, s2))) if w else 0.0
+    if norm <= (1.0 + rtol) * radius:
+        return 0.0
+    lam = 0.0
+    sc = [math.sqrt(wi) for wi in w]
+    for _ in range(max_iter):
+        den = [si + lam for si in s2]
+        q = [a / b for a, b in zip(sc, den)]
+        top = max(q, default=0.0)
+        if top == 0.0:
+            break
+        u = [qi / top for qi in q]
+        uu = sum(ui * ui for ui in u)
+        norm = top * math.sqrt(uu)
+        if norm - radius <= rtol * radius:
+            break
+        lam += (norm / radius - 1.0) * uu / sum(ui * ui / d for ui, d in zip(u, den))
     return lam
 
 
@@ -226,18 +257,17 @@ class TrustRegion(Policy):
                 lam = lm_parameter(S, c, self.radius)
             den = S * S + lam
             q = S * c / np.where(den > 0, den, 1.0)  # (a zero singular value gives a zero component)
-            pnorm = float(np.linalg.norm(q))
+            pnorm = _norm(q)
             if first:
                 self.radius = min(self.radius, pnorm) if pnorm > 0 else self.radius
                 first = False
             self.lam = out.damping = lam / sigma2
             d = ctx.direction(self.lam)
             pred = ctx.predict(d)  # before the step: a matrix-free M needs the old graph
-            R_pred = ctx.R - (pred if pred.dtype == ctx.R.dtype else pred.to(ctx.R.dtype))
             ctx.apply(d, 1.0)
             out.direction = d
             R_new = evaluate.residuals()
-            jnorm = float(np.linalg.norm(S * q))
+            jnorm = _norm(S * q)
             if pnorm > 0 and R_new.dtype == ctx.R.dtype and torch.equal(R_new, ctx.R):
                 # the step is lost in round-off: converged by the tests that hold, else a stall
                 restore()
@@ -248,7 +278,7 @@ class TrustRegion(Policy):
                 warn_stall(ctx, out, fnorm2, self.peak, f"the step lost in round-off (radius {self.radius:.3g})")
                 return out
             fnew2 = SF.squared_norm(R_new)
-            rho = out.gain_ratio = SF.gain_ratio_of(fnorm2, fnew2, SF.squared_norm(R_pred))
+            rho = out.gain_ratio = SF.gain_ratio_of(fnorm2, fnew2, SF.squared_distance(ctx.R, pred))
             self._update(rho, lam, pnorm, jnorm, fnorm2, fnew2)
             kept = rho >= ACCEPT
             out.converged = self._converged(rho, lam, pnorm, jnorm, fnorm2, fnew2, ctx.xnorm() if kept else xnorm)
@@ -303,6 +333,11 @@ class TrustRegion(Policy):
             self.radius = pnorm / 0.5
 
 
+def _norm(x: np.ndarray) -> float:
+    """``np.linalg.norm`` of a float64 vector (the same square root of ``x . x``), without its dispatch."""
+    return math.sqrt(float(x.dot(x)))
+
+
 def _cosine(ctx: Any) -> float:
     """:func:`sven.functional.gradient_cosine` of the step (cached by the context when it offers it)."""
     return ctx.cosine() if ctx.cosine is not None else float(SF.gradient_cosine(ctx.F, ctx.R))
@@ -311,8 +346,10 @@ def _cosine(ctx: Any) -> float:
 def _spectrum(F: Any, R: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The kept singular values of ``F`` and :math:`c = U^\\top R`, as float64 arrays (``c = S`` at rank 0)."""
     S_, Rf = F.S, R if R.dtype == F.dtype else R.to(F.dtype)
-    s, r = SF.host(S_), SF.host(Rf)
-    if s is not None and r is not None and (u := SF.host(F.U)) is not None:  # small CPU factors: in NumPy
+    arrays = getattr(F, "arrays", None)  # (factors that carry their NumPy arrays: sven.tiny.TinyFactors)
+    u, s, _ = arrays if arrays else (SF.host(F.U), SF.host(S_), None)
+    r = SF.host(Rf)
+    if s is not None and r is not None and u is not None:  # small CPU factors: in NumPy
         S = s.astype(np.float64)
         return S, (r @ u).astype(np.float64) if F.rank else S
     S = S_.detach().double().cpu().numpy()

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import sven
 import sven.tiny as tiny
+import truncpinv
 from sven.control import AdaptiveDamping
 from sven.trust_region import TrustRegion
 
@@ -118,3 +119,57 @@ def test_a_float32_problem_takes_the_lean_step_with_the_general_iterates() -> No
     for u, v in zip(a, b):
         assert u.dtype == torch.float32
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+
+
+def _pair(fun, x0, **options):  # type: ignore[no-untyped-def]
+    """Two optimizers from ``x0``: one that takes the lean step, one kept on the general step."""
+    xs = [torch.nn.Parameter(x0.clone()) for _ in range(2)]
+    return xs, [sven.Sven([x], residuals=True, **options) for x in xs]
+
+
+def _steps(fun, xs, opts, n: int) -> None:  # type: ignore[no-untyped-def]
+    for lean, x, opt in zip((True, False), xs, opts):
+        with pytest.MonkeyPatch.context() as mp:
+            if not lean:
+                mp.setattr(tiny, "applies", lambda opt: False)
+            for _ in range(n):
+                opt.step(lambda x=x: fun(x))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["lr", "rtol", "atol", "solver", "momentum", "new group", "frozen"],
+)
+def test_a_change_between_steps_is_honoured_by_the_lean_step(change: str) -> None:
+    # the lean step keeps what it read from the groups and options (sven.tiny.plan) until they change
+    fun, x0 = _problem(11, 4, 30)
+    xs, opts = _pair(fun, x0)
+    _steps(fun, xs, opts, 2)
+    extra = [torch.nn.Parameter(torch.ones(2, dtype=F64)) for _ in opts]
+    taken: list[int] = []
+    for x, opt, e in zip(xs, opts, extra):
+        if change == "lr":
+            opt.param_groups[0]["lr"] = 0.25
+        elif change in ("rtol", "atol"):
+            setattr(opt, change, 0.3 if change == "rtol" else 1e-1)  # truncates: a different step
+        elif change == "solver":
+            opt.solver = truncpinv.DenseSVD()  # not Auto: the general step
+        elif change == "momentum":
+            opt.param_groups[0]["momentum"] = 0.5  # (a scheduler's): the general step, with momentum
+        elif change == "new group":  # a second parameter that the residuals do not depend on: a zero column
+            opt.add_param_group({"params": [e], "lr": 0.5})
+        else:
+            x.requires_grad_(False)  # nothing left to optimise: the general step's error
+    lean = tiny._descend
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tiny, "_descend", lambda opt, R, M, *a: taken.append(M.shape[1]) or lean(opt, R, M, *a))
+        if change == "frozen":
+            for opt, x in zip(opts, xs):
+                with pytest.raises(ValueError, match="no parameter that requires grad"):
+                    opt.step(lambda x=x: fun(x))
+            return
+        _steps(fun, xs, opts, 2)
+    expected = {"momentum": [], "solver": [], "new group": [6, 6]}.get(change, [4, 4])
+    assert taken == expected  # the lean step only where it applies, with the columns of the groups as they are
+    torch.testing.assert_close(xs[0], xs[1], rtol=1e-9, atol=1e-12)
+    assert not torch.equal(xs[0], x0)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sven
+import sven.trust_region as TR
 from benchmarks.mgh import PROBLEMS, solved
 from sven.trust_region import TrustRegion, lm_parameter
 
@@ -25,7 +26,7 @@ def _length(S: np.ndarray, c: np.ndarray, lam: float) -> float:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    k=st.integers(1, 8),
+    k=st.integers(1, 24),  # (up to 16 values in Python floats, more in NumPy)
     seed=st.integers(0, 2**31 - 1),
     decades=st.floats(0.0, 12.0),
     shrink=st.floats(1e-6, 2.0),
@@ -42,6 +43,29 @@ def test_lm_parameter_gives_the_step_of_the_radius(k: int, seed: int, decades: f
     else:  # ||q(lam)|| = radius, approached from above (Newton on the concave 1/||q||)
         # (a k = 1 root is exact: round-off may land it an ulp below)
         assert (1 - 1e-12) * radius <= _length(S, c, lam) <= (1 + 1e-6) * radius * (1 + 1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(1, TR._SCALAR_SIZE),
+    seed=st.integers(0, 2**31 - 1),
+    decades=st.floats(0.0, 12.0),
+    shrink=st.floats(1e-6, 2.0),
+    zero=st.booleans(),
+)
+def test_lm_parameter_in_python_floats_is_the_numpy_one(k: int, seed: int, decades: float, shrink: float,
+                                                        zero: bool) -> None:  # fmt: skip
+    rng = np.random.default_rng(seed)
+    S = np.sort(10.0 ** rng.uniform(-decades, 0.0, k))[::-1].copy()
+    S[-1] = 0.0 if zero and k > 1 else S[-1]  # a zero value adds nothing to the step
+    c = rng.standard_normal(k)
+    radius = shrink * _length(S[S > 0], c[S > 0], 0.0)
+    scalar = lm_parameter(S, c, radius)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TR, "_SCALAR_SIZE", 0)
+        vector = lm_parameter(S, c, radius)
+    # the same operations, summed in another order: equal to round-off (the Newton steps amplify it little)
+    assert scalar == pytest.approx(vector, rel=1e-11, abs=0.0)
 
 
 def test_lm_parameter_is_the_damped_normal_equations_solution() -> None:

@@ -32,6 +32,7 @@ its value (bit-identical), in a ``finally``, also when the closure raises.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +45,8 @@ from .base import Linearization, RowSpec
 
 __all__ = ["FD_SCHEMES", "FiniteDifferences", "GivenJacobian", "fd_steps"]
 
+#: The dtypes of a Jacobian taken as it is (any other real dtype is checked further).
+_FLOATS = (torch.float64, torch.float32)
 #: The finite-difference schemes (the ``jacobian`` values of :class:`sven.Sven`, scipy's ``jac`` strings).
 FD_SCHEMES = ("2-point", "3-point")
 
@@ -162,19 +165,20 @@ def checked_jacobian(J: Any, name: str, shape: tuple[int, int], like: torch.Tens
         J = torch.from_numpy(J)
     if not isinstance(J, torch.Tensor):
         raise TypeError(f"`{name}` must return the Jacobian as a torch.Tensor or a NumPy array, got {type(J).__name__}")
-    if J.is_complex() or not (J.is_floating_point() or J.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"`{name}` must return a real Jacobian, got dtype {J.dtype}")
+    dt = J.dtype
+    if dt not in _FLOATS and (J.is_complex() or not (J.is_floating_point() or dt in (torch.int32, torch.int64))):
+        raise TypeError(f"`{name}` must return a real Jacobian, got dtype {dt}")
     if J.dim() == 1 and shape[1] == 1 and J.shape[0] == shape[0]:
         J = J[:, None]  # one parameter: a vector of the rows' derivatives, as scipy accepts
-    if tuple(J.shape) != shape:
+    if J.shape != shape:
         raise ValueError(
             f"`{name}` must return the ({shape[0]}, {shape[1]}) Jacobian (rows x parameters), got shape "
             f"{tuple(J.shape)}"
         )
-    J = J.detach()
-    if J.dtype != like.dtype or J.device != like.device:
+    J = J.detach() if J.requires_grad else J
+    if J.dtype != like.dtype or not ((J.is_cpu and like.is_cpu) or J.device == like.device):
         J = J.to(dtype=like.dtype, device=like.device)
-    a = host(J)  # a small CPU Jacobian: the test in NumPy, on a view
-    if not (bool(np.isfinite(a).all()) if a is not None else bool(torch.isfinite(J).all())):
+    a = host(J)  # a small CPU Jacobian: the test in NumPy, on a view (a sum is finite only if every entry is)
+    if not (math.isfinite(a.sum()) or bool(np.isfinite(a).all()) if a is not None else bool(torch.isfinite(J).all())):
         raise ValueError(f"`{name}` returned a Jacobian with NaN or Inf entries")
     return J
