@@ -14,7 +14,9 @@ on its mean), from the same batches in both workers. On the default tasks, the c
 squared error) takes the regression default (:class:`sven.control.AdaptiveDamping`) and ``charlm`` (per-sequence
 token cross-entropy) the sequence rule. A worker's Sven step cost is the median of its Sven blocks over the
 median of its own Adam blocks, so that each ratio comes from one process and load on the machine hits both
-workers alike.
+workers alike. ``--clock cpu`` times the blocks by the worker's CPU time (``time.thread_time``) instead of the
+wall clock: on a machine shared with other jobs, time spent waiting for a core then does not count (their
+traffic through the caches still does).
 
 Both workers take the same steps: the script also reports the largest relative difference between the two
 workers' batch losses over the whole run (``--warmup + --rounds x --steps`` steps). Training amplifies
@@ -81,9 +83,10 @@ def worker(src: str, noise: float) -> None:
             idx = torch.randperm(x.shape[0], generator=gen)[: req["steps"] * BATCH]  # type: ignore[attr-defined]
             batches = [(x[idx[i : i + BATCH]], y[idx[i : i + BATCH]]) for i in range(0, len(idx), BATCH)]  # type: ignore[index]
             times, losses = {}, []
+            clock = time.thread_time if req.get("clock") == "cpu" else time.perf_counter
             for name in ("adam", "sven") if req["adam_first"] else ("sven", "adam"):
                 net, opt = state[f"{name}_net"], state[name]
-                t0 = time.perf_counter()
+                t0 = clock()
                 for xb, yb in batches:
                     if name == "adam":
                         opt.zero_grad()  # type: ignore[attr-defined]
@@ -92,7 +95,7 @@ def worker(src: str, noise: float) -> None:
                     else:
                         out = opt.step(lambda: task.per_sample_loss(net(xb), yb))  # type: ignore[attr-defined,operator]  # noqa: B023
                         losses.append(float(out.double().mean()))
-                times[name] = time.perf_counter() - t0
+                times[name] = clock() - t0
             reply = {"times": times, "losses": losses}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
@@ -135,7 +138,9 @@ def _largest_difference(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
 
 
-def measure(task: str, before: Path, *, rounds: int, steps: int, warmup: int, noise: float) -> dict[str, float]:
+def measure(
+    task: str, before: Path, *, rounds: int, steps: int, warmup: int, noise: float, clock: str = "wall"
+) -> dict[str, float]:
     """Both workers' Sven/Adam step ratios (medians of blocks), the largest relative difference of their batch
     losses, and (``noise > 0``) that of "after" with float32 noise in the Gram products (the module docstring)."""
     workers = {"before": Worker(before), "after": Worker(ROOT)}
@@ -150,7 +155,7 @@ def measure(task: str, before: Path, *, rounds: int, steps: int, warmup: int, no
             n = warmup if k < 0 else steps
             order = list(workers) if k % 2 else list(reversed(workers))
             for name in order:
-                r = workers[name].ask(op="block", seed=k + 1, steps=n, adam_first=bool(k % 2))
+                r = workers[name].ask(op="block", seed=k + 1, steps=n, adam_first=bool(k % 2), clock=clock)
                 losses[name] += r["losses"]  # type: ignore[arg-type, operator]
                 if k >= 0 and name != "perturbed":
                     for opt in ("adam", "sven"):
@@ -176,15 +181,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--noise", type=float, default=6e-8, help="relative noise of the yardstick run (0: none)")
+    ap.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="time blocks by the wall clock or by the worker's CPU time (time.thread_time: less swayed by other "
+        "jobs on a shared machine, though their cache traffic still counts)",
+    )  # fmt: skip
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         before = extract(a.against, Path(tmp))
-        print(f"before: {a.against}; after: this checkout; {a.rounds} rounds of {a.steps} steps, one thread")
+        print(f"before: {a.against}; after: this checkout; {a.rounds} rounds of {a.steps} steps, one thread, "
+              f"{a.clock} clock")  # fmt: skip
         print("| task | Adam step, ms | Sven step / Adam's, before | after | saved | batch losses, largest relative "
               "difference: before/after | after/after with float32 noise |")  # fmt: skip
         print("|---|---|---|---|---|---|---|")
         for task in a.tasks:
-            r = measure(task, before, rounds=a.rounds, steps=a.steps, warmup=a.warmup, noise=a.noise)
+            r = measure(task, before, rounds=a.rounds, steps=a.steps, warmup=a.warmup, noise=a.noise, clock=a.clock)
             noisy = "-" if math.isnan(r["noise_difference"]) else format(r["noise_difference"], ".1e")
             print(f"| {task} | {r['after_adam_ms']:.2f} | {r['before']:.2f}x | {r['after']:.2f}x | "
                   f"{1 - r['after'] / r['before']:.0%} | {r['loss_difference']:.1e} | {noisy} |",

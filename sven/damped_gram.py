@@ -102,7 +102,8 @@ def factorize_damped(
     (:meth:`DampedGram.certifiable`: nothing kept, a value at the cut-off, too many dropped values above round-off,
     or a remaining dropped eigenvalue above :math:`(\text{accuracy})^2 \lambda_1`, where the bound fails for any
     ``R`` because :math:`\|d\| \le \sigma_1 \|y\|`)."""
-    K = M.gram.to(torch.float64).contiguous()
+    K = M.gram
+    K = K if K.dtype == torch.float64 and K.is_contiguous() else K.to(torch.float64).contiguous()
     tri = Tridiagonal.of(K.numpy())
     if tri is None:
         return None

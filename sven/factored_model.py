@@ -59,7 +59,7 @@ def model_change(F: TruncatedPinv, R: torch.Tensor, *, damping: float) -> torch.
     Equal to ``M @ sven.functional.filtered_direction(F, R, damping=damping)`` when :func:`exact_model` of
     ``F`` holds (module docstring), at the cost of two ``(m, r)`` products. In ``F``'s dtype.
     """
-    Rf = R.to(F.dtype)
+    Rf = R if R.dtype == F.dtype else R.to(F.dtype)
     if F.rank == 0:
         return torch.zeros_like(Rf)
     if isinstance(F, DampedGram):

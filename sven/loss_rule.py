@@ -102,10 +102,20 @@ class CrossEntropyLosses:
     def rows(self) -> torch.Tensor:
         """The ``(B, GGN_CLASSES + 1)`` GGN rows of these losses, flattened (sample-major)."""
         if GGN_CLASSES == 1 and self.weight is None and self.logp.shape[1] > 1:
-            if bool((self.target != self.ignore_index).all()):  # the common graph: its own path, the same rows
+            if _none_ignored(self.target, self.ignore_index):  # the common graph: its own path, the same rows
                 return top_class_rows(self.logp, self.target).reshape(-1)
         q, s = cross_entropy_targets(self.logp, self.target, weight=self.weight, ignore_index=self.ignore_index)
         return ggn_rows(self.logp, q, s, GGN_CLASSES).reshape(-1)
+
+
+def _none_ignored(target: torch.Tensor, ignore_index: int) -> bool:
+    """Whether no target is ``ignore_index`` (in NumPy on a view of a CPU target: one call, not three)."""
+    if target.is_cpu and not target.requires_grad:
+        try:
+            return bool((target.numpy() != ignore_index).all())
+        except RuntimeError:  # no storage of its own: inside a torch.func transform
+            pass
+    return bool((target != ignore_index).all())
 
 
 def _shape(out: Any) -> str:

@@ -3,6 +3,7 @@ r"""The Sven optimizer as a :class:`torch.optim.Optimizer`: parameter groups, st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -333,7 +334,7 @@ class Sven(Optimizer):
             ctx = step_context(
                 F, R, M, blocks,
                 state=self.state, precondition=self.precondition,
-                loss=lambda: self.rows.mean_loss(losses),
+                loss=functools.cache(lambda: self.rows.mean_loss(losses)),  # (the policy may ask more than once)
                 evaluate=evaluate, exact=exact, cosine=cos,
                 reject=lambda: self._counters.__setitem__("rejected_steps", self._counters["rejected_steps"] + 1),
             )  # fmt: skip

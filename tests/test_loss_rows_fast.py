@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sven import loss_rows
 from sven.loss_rows import cross_entropy_targets, ggn_rows, top_class_rows
 from sven.loss_rule import recognise
 
@@ -35,6 +36,11 @@ def _rows_and_jacobian(build, z: torch.Tensor) -> tuple[torch.Tensor, list[torch
     return rows.detach(), [torch.autograd.grad(rows[:, d].sum(), z, retain_graph=True)[0] for d in range(2)]
 
 
+#: Both paths of the fast rows: the detached arithmetic in NumPy (small CPU batches) or in torch (limit 0).
+PATHS = pytest.mark.parametrize("limit", [loss_rows._HOST_SMALL, 0], ids=["numpy", "torch"])
+
+
+@PATHS
 @given(
     B=st.integers(1, 40),
     C=st.integers(2, 12),
@@ -42,7 +48,7 @@ def _rows_and_jacobian(build, z: torch.Tensor) -> tuple[torch.Tensor, list[torch
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
 )
-def test_fast_rows_are_the_general_rows(B: int, C: int, scale: float, dtype: torch.dtype, seed: int):
+def test_fast_rows_are_the_general_rows(limit: int, B: int, C: int, scale: float, dtype: torch.dtype, seed: int):
     """Values and the Jacobian at the logits, on random logits (large scales: probabilities that underflow, where
     the clamp of ``1/sqrt(p)`` acts) and random targets."""
     gen = torch.Generator().manual_seed(seed)
@@ -53,17 +59,22 @@ def test_fast_rows_are_the_general_rows(B: int, C: int, scale: float, dtype: tor
         return ggn_rows(logp, *cross_entropy_targets(logp, y), 1)
 
     ref, ref_jac = _rows_and_jacobian(general, z)
-    got, jac = _rows_and_jacobian(lambda logp: top_class_rows(logp, y), z)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loss_rows, "_HOST_SMALL", limit)
+        got, jac = _rows_and_jacobian(lambda logp: top_class_rows(logp, y), z)
     assert _close(got, ref)
     assert all(_close(a, b) for a, b in zip(jac, ref_jac))
 
 
-def test_the_fast_path_can_fail():
+@PATHS
+def test_the_fast_path_can_fail(limit: int):
     """Not vacuous: the comparison tells rows of the opposite sign apart."""
     z, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 5, (8,))
     logp = torch.log_softmax(z, 1)
     ref = ggn_rows(logp, *cross_entropy_targets(logp, y), 1)
-    assert not _close(-top_class_rows(logp, y), ref)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loss_rows, "_HOST_SMALL", limit)
+        assert not _close(-top_class_rows(logp, y), ref)
 
 
 @pytest.mark.parametrize(
@@ -90,3 +101,14 @@ def test_recognised_losses_take_the_rows_of_the_general_builder(options: dict):
         a = torch.autograd.grad(got, z, go.reshape(-1), retain_graph=True)[0]
         b = torch.autograd.grad(ref, z, go.reshape(-1), retain_graph=True)[0]
         assert _close(a, b)
+
+
+def test_a_small_cpu_batch_takes_the_numpy_path():
+    """The ``numpy`` cases above test that path: a small CPU batch takes it, an accelerator-sized one does not."""
+    z, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    lp = torch.log_softmax(z, 1)
+    p = lp.exp()
+    top = p.topk(1, dim=-1).indices
+    assert loss_rows._host_coefficients(lp, p, y, top) is not None
+    big = torch.log_softmax(torch.randn(1000, 10), 1)
+    assert loss_rows._host_coefficients(big, big.exp(), torch.zeros(1000, dtype=torch.long), top) is None

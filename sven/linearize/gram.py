@@ -270,7 +270,11 @@ class LayerGram:
         uncovered = [p for p in params if id(p) not in rec.covered]
         coupled = any(c.stats is not None for c in rec.calls)
         # the least precise dtype of the computation (bfloat16 models, torch.autocast): the verification's tolerance
-        low = max((*(p.dtype for p in params), *(c.out.dtype for c in rec.calls)), key=lambda t: torch.finfo(t).eps)
+        low = (
+            max((*(p.dtype for p in params), *(c.out.dtype for c in rec.calls)), key=lambda t: torch.finfo(t).eps)
+            if verify
+            else torch.float32  # (unused: nothing to verify)
+        )
         outs: list[Any] = [c.out for c in rec.calls]
         like = [(c.out.shape, c.out.dtype) for c in rec.calls]
         if not coupled:

@@ -288,7 +288,9 @@ def _combine(pieces: list[Piece], D: int, dtype: torch.dtype) -> Piece:
     """One piece for one parameter from its calls: concatenated over calls, or formed and summed."""
     if len(pieces) == 1 and not isinstance(pieces[0], _Index):
         p = pieces[0]
-        return _Outer(p.a.to(dtype), p.g.to(dtype), p.ones) if isinstance(p, _Outer) else _Rows(p.m.to(dtype))
+        if isinstance(p, _Outer):
+            return p if p.a.dtype == dtype and p.g.dtype == dtype else _Outer(p.a.to(dtype), p.g.to(dtype), p.ones)
+        return _Rows(p.m.to(dtype))
     if all(isinstance(p, _Outer) for p in pieces):
         outer = [p for p in pieces if isinstance(p, _Outer)]
         a, g = torch.cat([p.a.to(dtype) for p in outer], 1), torch.cat([p.g.to(dtype) for p in outer], 1)
