@@ -287,12 +287,88 @@ def test_residual_norms_in_blocks_are_the_column_norms(rows: int, cols: int, see
 
 @pytest.mark.parametrize("shape", [(300, 40), (40, 300)], ids=["tall", "wide"])
 def test_a_repeated_triplet_does_not_hide_a_missed_value(shape: tuple[int, int]) -> None:
-    """Triplets 1, 1, 2, 3, 5: every residual is zero, and the vectors are not orthonormal (the deflation takes
-    Householder QR, not Cholesky QR); they span 4 directions, and sigma_4 > sigma_5 = tau is left in ``A P``."""
+    """Triplets 1, 1, 2, 3, 5: every residual is zero, and the vectors are not orthonormal; they span 4
+    directions, and sigma_4 > sigma_5 = tau is left in ``A P``. The orthonormality test refuses them before the
+    missed-value check; the deflation alone (Householder QR of the span, not Cholesky QR) leaves the miss in
+    ``A P`` too."""
+    from truncpinv._certify import orthonormal_basis
+
     A, U, S, V = _svd(*shape)
     idx = torch.tensor([0, 0, 1, 2, 4])
     cert = tp.certify(A, U[:, idx], S[idx], V[:, idx], _TOL, rtol_res=1e-12)
     assert cert.residual < 1e-13
     assert not cert.certified
-    assert cert.deflated_norm >= cert.threshold
-    assert cert.deflated_norm <= float(S[3]) * (1 + 1e-12)  # a lower estimate of ||A P|| = sigma_4
+    assert cert.orthonormality > 0.5 > cert.tol and "orthonormal" in cert.explain("lanczos")
+    X = (U if shape[0] <= shape[1] else V)[:, idx]
+    Q = orthonormal_basis(X)
+    AP = A - A @ Q @ Q.T if shape[0] > shape[1] else A - Q @ (Q.T @ A)
+    # ||A P|| <= sigma_4 (P removes directions 1, 2, 3, 5 and the arbitrary fifth column of Q), and above tau
+    assert float(S[4]) < float(torch.linalg.matrix_norm(AP, ord=2)) <= float(S[3]) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)], ids=["tall", "wide"])
+def test_a_repeated_triplet_with_the_miss_below_the_cut_is_refused(shape: tuple[int, int]) -> None:
+    """Triplets 1, 1, 2, 3, 4 at rank 5: every residual is zero and the 4 directions they span leave only
+    sigma_5 < sigma_4 = tau in ``A P``, so the missed-value check passes; but ``V S^{-1} U^T`` counts sigma_1
+    twice. Only the orthonormality of the returned vectors (``||X^T X - I|| = 1`` here) can refuse it."""
+    A, U, S, V = _svd(*shape)
+    idx = torch.tensor([0, 0, 1, 2, 3])
+    Ub, Sb, Vb = U[:, idx], S[idx], V[:, idx]
+    wrong = (Vb / Sb) @ Ub.T - (V[:, :4] / S[:4]) @ U[:, :4].T  # the direction 1 counted twice
+    assert float(torch.linalg.matrix_norm(wrong, ord=2)) > 0.1
+    cert = tp.certify(A, Ub, Sb, Vb, _TOL, rtol_res=1e-12)
+    assert cert.residual < 1e-13
+    assert not cert.certified
+    assert cert.orthonormality > 0.5 > cert.tol
+    assert "orthonormal" in cert.explain("lanczos")
+
+
+def _repeated(m: int, n: int, mult: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A matrix whose singular value ``1.5`` has multiplicity ``mult`` (between ``2`` and ``1``), and its SVD."""
+    g = torch.Generator().manual_seed(seed)
+    q = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, q, dtype=torch.float64, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, q, dtype=torch.float64, generator=g)).Q
+    S = torch.cat([torch.tensor([2.0]), torch.full((mult,), 1.5), 0.9 ** torch.arange(q - mult - 1)]).double()
+    return (U * S) @ V.T, U, S, V
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    wide=st.booleans(),
+    mult=st.integers(2, 4),
+    eps=st.floats(1e-9, 1e-2),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_orthonormality_is_checked_up_to_tol_and_a_basis_of_a_multiple_value_is_free(
+    wide: bool, mult: int, eps: float, seed: int
+) -> None:
+    """Inside a multiple singular value ``sigma`` any basis is exact: ``A V_k M = sigma U_k M`` for every ``M``,
+    so all residuals stay zero. An orthogonal ``M`` gives another exact SVD and stays certified; ``M = Q (I + E)``
+    with symmetric ``E`` of norm ``eps`` (far above ``tol = 1e-12``) does not: ``(V_k M)(U_k M)^T / sigma`` is
+    ``V_k (I + E)^2 U_k^T / sigma``, a wrong pseudoinverse, and the certificate refuses it, naming the
+    orthonormality ``||M^T M - I||_2 = ||(I + E)^2 - I||_2``."""
+    m, n = (60, 90) if wide else (90, 60)
+    A, U, S, V = _repeated(m, n, mult, seed % 1000)
+    g = torch.Generator().manual_seed(seed)
+    k = mult + 2  # sigma_1, the multiple value, one more; rank k, tau = sigma_k
+    Q = torch.linalg.qr(torch.randn(mult, mult, dtype=torch.float64, generator=g)).Q
+    block = slice(1, 1 + mult)
+    tol = tp.Tolerance(rank=k, rtol=1e-8, atol=0.0)
+
+    def certify(M: torch.Tensor) -> tp.Certificate:
+        Ub, Vb = U[:, :k].clone(), V[:, :k].clone()
+        Ub[:, block], Vb[:, block] = U[:, block] @ M, V[:, block] @ M
+        return tp.certify(A, Ub, S[:k], Vb, tol, rtol_res=1e-12)
+
+    good = certify(Q)
+    assert good.certified, good
+    assert good.orthonormality < 1e-13
+    E = torch.randn(mult, mult, dtype=torch.float64, generator=g)
+    E = eps * (E + E.T) / torch.linalg.matrix_norm(E + E.T, ord=2)
+    bad = certify(Q @ (torch.eye(mult, dtype=torch.float64) + E))
+    assert bad.residual < 1e-12, "a basis of a multiple value: the residuals cannot see it"
+    assert not bad.certified
+    # ||(I + E)^2 - I||_2 = max |2 e + e^2| over the eigenvalues e of E, one of them +-eps
+    assert bad.orthonormality >= (2 - eps) * eps * (1 - 1e-6)
+    assert "orthonormal" in bad.explain("lanczos")
