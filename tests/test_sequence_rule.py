@@ -60,12 +60,12 @@ RECOGNISED = {
     "flattened tokens": lambda z: F.cross_entropy(z.flatten(0, 1), Y.flatten(), reduction="none").view(B, T).mean(1),
     "nn.CrossEntropyLoss": lambda z: nn.CrossEntropyLoss(reduction="none")(z.transpose(1, 2), Y).mean(-1),
     "nll_loss(log_softmax)": lambda z: F.nll_loss(F.log_softmax(z.transpose(1, 2), 1), Y, reduction="none").mean(1),
-    "log_softmax(dim=-1) of the flattened tokens": lambda z: F.nll_loss(
-        F.log_softmax(z.reshape(-1, C), -1), Y.reshape(-1), reduction="none"
-    ).view(B, T).mean(-1),
-    "log_softmax(dim=-1), then flattened": lambda z: F.nll_loss(
-        F.log_softmax(z, -1).reshape(-1, C), Y.reshape(-1), reduction="none"
-    ).view(B, T).mean(-1),
+    "log_softmax(dim=-1) of the flattened tokens": lambda z: (
+        F.nll_loss(F.log_softmax(z.reshape(-1, C), -1), Y.reshape(-1), reduction="none").view(B, T).mean(-1)
+    ),
+    "log_softmax(dim=-1), then flattened": lambda z: (
+        F.nll_loss(F.log_softmax(z, -1).reshape(-1, C), Y.reshape(-1), reduction="none").view(B, T).mean(-1)
+    ),
     "log_softmax(dim=-2) of (B, C, T)": lambda z: F.nll_loss(F.log_softmax(z.mT, -2), Y, reduction="none").mean(1),
 }
 NOT_RECOGNISED = {
@@ -77,9 +77,9 @@ NOT_RECOGNISED = {
     "a scaled loss": lambda z: (2 * F.cross_entropy(z.transpose(1, 2), Y, reduction="none")).mean(1),
     "squared error": lambda z: (z**2).sum(-1).mean(-1),
     "log_softmax over positions": lambda z: F.nll_loss(F.log_softmax(z.mT, 2), Y, reduction="none").mean(1),
-    "log_softmax over positions, then flattened": lambda z: F.nll_loss(
-        F.log_softmax(z, 1).reshape(-1, C), Y.reshape(-1), reduction="none"
-    ).view(B, T).mean(-1),
+    "log_softmax over positions, then flattened": lambda z: (
+        F.nll_loss(F.log_softmax(z, 1).reshape(-1, C), Y.reshape(-1), reduction="none").view(B, T).mean(-1)
+    ),
     "nll_loss of raw scores": lambda z: F.nll_loss(z.transpose(1, 2), Y, reduction="none").mean(1),
     "no graph": lambda z: F.cross_entropy(z.detach().transpose(1, 2), Y, reduction="none").mean(1),
 }
