@@ -37,6 +37,7 @@ import torch
 
 from truncpinv import Solver, TruncatedPinv
 
+from ._arrays import squared_norm_of
 from .damped_gram import DampedGram
 from .normal_equations import explicit_factors
 
@@ -383,10 +384,7 @@ def gain_ratio(R_old: torch.Tensor, R_new: torch.Tensor, R_pred: torch.Tensor) -
 def squared_norm(R: torch.Tensor) -> float:
     r""":math:`\|R\|^2`, accumulated in float64 (in NumPy for a small CPU tensor, :func:`host`)."""
     a = host(R)
-    if a is not None:
-        a = a if a.ndim == 1 and a.dtype == np.float64 else a.reshape(-1).astype(np.float64, copy=False)
-        return float(a.dot(a))
-    return float(R.double().pow(2).sum())
+    return squared_norm_of(a) if a is not None else float(R.double().pow(2).sum())
 
 
 def squared_distance(R: torch.Tensor, change: torch.Tensor) -> float:
@@ -394,9 +392,7 @@ def squared_distance(R: torch.Tensor, change: torch.Tensor) -> float:
     :math:`\|R + M\delta\|^2` for :math:`c = -M\delta`, the difference taken in NumPy for small CPU tensors."""
     a, b = host(R), host(change)
     if a is not None and b is not None and a.shape == b.shape:
-        diff = a - (b if b.dtype == a.dtype else b.astype(a.dtype))
-        diff = diff if diff.ndim == 1 and diff.dtype == np.float64 else diff.reshape(-1).astype(np.float64)
-        return float(diff.dot(diff))
+        return squared_norm_of(a - (b if b.dtype == a.dtype else b.astype(a.dtype)))
     return squared_norm(R - (change if change.dtype == R.dtype else change.to(R.dtype)))
 
 

@@ -50,6 +50,7 @@ import torch
 import truncpinv
 
 from . import distributed as dist_
+from ._arrays import finite_array, vector_norm
 from ._compile import eager
 from ._validation import check_not_inference_mode, closure_errors, warn_ignored_grads
 from .control import AdaptiveDamping, Evaluator, StepContext
@@ -58,7 +59,7 @@ from .functional import HOST_SMALL
 from .info import StepFault, StepInfo
 from .linearize import Unsupported
 from .params import ParamBlock, blocks_of_groups, closure_mode, lr_scaled
-from .precondition import ROUND_OFF, ColumnScaling
+from .precondition import ROUND_OFF, ColumnScaling, column_norms
 from .trust_region import TrustRegion
 
 __all__ = ["TINY_COLUMNS", "TINY_ENTRIES", "TinyFactors", "TinyPlan", "applies", "plan", "step"]
@@ -265,16 +266,6 @@ def _small(M: Any) -> bool:
     )
 
 
-def _finite(x: np.ndarray) -> bool:
-    # NaN and Inf propagate through a sum; a sum that overflowed is told apart by the entries themselves
-    return math.isfinite(x.sum()) or bool(np.isfinite(x).all())
-
-
-def _norm(x: np.ndarray) -> float:
-    # np.linalg.norm of a real vector, without its dispatch: the square root of x . x
-    return math.sqrt(float(x.dot(x)))
-
-
 def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate: Evaluator, method: str) -> StepInfo:
     """:meth:`sven.Sven._descend` for a tiny dense ``M``, in NumPy (module docstring)."""
     opt._counters["steps"] += 1
@@ -282,16 +273,16 @@ def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate:
     opt.last_step = info
     try:
         r, a = R.detach().numpy(), M.numpy()
-        if not _finite(r):
+        if not finite_array(r):
             raise StepFault("the residuals")
         D = _column_scale(opt, tp, a) if opt.precondition is not None else None
-        if D is None and not _finite(a):
+        if D is None and not finite_array(a):
             raise StepFault("the Jacobian")
         F = _factorize(opt, tp, a if D is None else a / D)
         info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
         u, s, _ = F.arrays
         c = r.astype(u.dtype, copy=False) @ u
-        g, scale = _norm(s * c), (float(s[0]) * _norm(r) if F.rank else 0.0)
+        g, scale = vector_norm(s * c), (float(s[0]) * vector_norm(r) if F.rank else 0.0)
         info._gradient_cosine = cos = g / scale if scale > 0 else 0.0  # (a float: the property reads it as one)
         out = opt.control.run(_context(opt, tp, F, R, a, evaluate, c=c, D=D, cos=cos))
     except StepFault as fault:
@@ -307,12 +298,10 @@ def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
     sq = np.einsum("ij,ij->j", a, a)  # (an overflow gives inf without a warning)
     if math.isfinite(sq.sum()):
         norms = np.sqrt(sq)
-    else:  # NaN or Inf, or a square overflowed: the general column norms, by the largest magnitude
+    else:  # NaN or Inf, or a square overflowed: the general column norms (by the largest magnitude)
         if not np.isfinite(a).all():
             raise StepFault("the Jacobian")
-        c = np.abs(a).max(0)
-        c = np.where(c > 0, c, 1.0)
-        norms = c * np.sqrt(((a / c) ** 2).sum(0))
+        norms = column_norms(torch.from_numpy(a)).numpy()
     top = norms.max()  # columns at round-off of the largest count as the largest (round_off_columns)
     cut = ROUND_OFF * _EPS[norms.dtype] * top
     low = norms.min()
@@ -374,7 +363,7 @@ def _context(
             d = np.zeros(v.shape[0], dtype=v.dtype)
         else:  # (every kept value is above the cut-off, so positive)
             d = v @ (c * (1.0 / s if lam == 0.0 else s / (s * s + lam * s0sq)))
-        if not _finite(d):
+        if not finite_array(d):
             raise StepFault("the Sven direction")
         d = d if D is None else d / D  # (D is in the Jacobian's dtype, as d)
         last[:] = torch.from_numpy(d), d
@@ -408,7 +397,7 @@ def _context(
 
     def xnorm() -> float:
         x = tp.flat()
-        return _norm(x if D is None else x * D)
+        return vector_norm(x if D is None else x * D)
 
     def reject() -> None:
         opt._counters["rejected_steps"] += 1

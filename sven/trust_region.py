@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from . import functional as SF
+from ._arrays import vector_norm
 from ._validation import check_nonneg_float, check_nonneg_int, check_positive_float
 from .control import Outcome, Policy, StepContext, evaluator, stall_cosine, warn_stall
 
@@ -257,7 +258,7 @@ class TrustRegion(Policy):
                 lam = lm_parameter(S, c, self.radius)
             den = S * S + lam
             q = S * c / np.where(den > 0, den, 1.0)  # (a zero singular value gives a zero component)
-            pnorm = _norm(q)
+            pnorm = vector_norm(q)
             if first:
                 self.radius = min(self.radius, pnorm) if pnorm > 0 else self.radius
                 first = False
@@ -267,7 +268,7 @@ class TrustRegion(Policy):
             ctx.apply(d, 1.0)
             out.direction = d
             R_new = evaluate.residuals()
-            jnorm = _norm(S * q)
+            jnorm = vector_norm(S * q)
             if pnorm > 0 and R_new.dtype == ctx.R.dtype and torch.equal(R_new, ctx.R):
                 # the step is lost in round-off: converged by the tests that hold, else a stall
                 restore()
@@ -331,11 +332,6 @@ class TrustRegion(Policy):
             self.radius = max(mu * min(self.radius or math.inf, pnorm / 0.1), _TINY)
         elif lam == 0.0 or rho >= 0.75:
             self.radius = pnorm / 0.5
-
-
-def _norm(x: np.ndarray) -> float:
-    """``np.linalg.norm`` of a float64 vector (the same square root of ``x . x``), without its dispatch."""
-    return math.sqrt(float(x.dot(x)))
 
 
 def _cosine(ctx: Any) -> float:

@@ -134,10 +134,6 @@ class Route(Protocol):
     ) -> Linearization | Unsupported: ...
 
 
-#: Row dtypes that need no further check.
-_FLOATS = (torch.float64, torch.float32)
-
-
 @dataclass(frozen=True)
 class RowSpec:
     r"""What the closure returns and how it becomes Sven's residuals.
@@ -154,8 +150,6 @@ class RowSpec:
 
     def __call__(self, out: Any) -> torch.Tensor:
         """Validate the closure's output and flatten it to rows."""
-        if self.residuals and type(out) is torch.Tensor and out.dtype in _FLOATS and out.dim() == 1 and out.numel():
-            return out  # (already rows: the checks below, passed)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the closure must return a tensor of per-sample losses, got {type(out).__name__}")
         if not out.is_floating_point():
