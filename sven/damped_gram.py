@@ -63,8 +63,10 @@ __all__ = ["BAND_MAX", "MIN_DAMPING", "NAME", "DampedGram", "Tridiagonal", "accu
 NAME = "eigvalsh+cholesky"
 _EPS64 = float(torch.finfo(torch.float64).eps)
 #: At most this many dropped eigenvalues above round-off are deflated (their eigenvectors computed); more: the
-#: exact path.
-BAND_MAX = 16
+#: exact path. On the MNIST MLP (128 rows) up to 25 occur, in about one step in eight; their vectors
+#: (:meth:`Tridiagonal.band`) cost a fraction of the exact path's full eigendecomposition there, which a bound
+#: of 16 sent those steps to after the spectrum had been computed for nothing.
+BAND_MAX = 48
 #: The smallest damping floor (relative to :math:`\sigma_1^2`) served. A residual's weight on the round-off
 #: eigenvalues enters :math:`\|y\|` as :math:`1/\lambda`, so at small dampings the bound fails unless ``R`` is
 #: nearly orthogonal to them, and the eigenvalues would be computed for nothing. Not tuned: the loss rule's floor
@@ -124,17 +126,19 @@ class Tridiagonal:
 
     ``eigvalsh`` is this reduction (:math:`\tfrac43 m^3` flops) followed by ``dsterf``'s QR sweeps on
     :math:`T`, and the interval driver ``syevr`` starts with the same reduction: :class:`DampedGram` used to
-    pay it twice, once for the spectrum and once for the deflated band. Here the spectrum is ``dstemr`` of
-    :math:`T` without vectors (its dqds; at ``m = 128`` a small fraction of ``dsterf``'s time, which is as
-    long as the reduction's), a band's eigenvalues are bisection of :math:`T` (``dstebz``), their vectors
-    inverse iteration on :math:`T` (``dstein``) taken back by :math:`Q` (``dormqr`` on the reflectors below
-    the subdiagonal, as ``dormtr`` applies them). The eigenvalues are accurate to the reduction's backward
-    error :math:`O(m\,\epsilon_{64}\lambda_1)`, as ``eigvalsh``'s, and the vectors are judged a posteriori
-    anyway (the residual and orthonormality terms of :meth:`DampedGram._plan`).
+    pay it twice, once for the spectrum and once for the deflated band. Here the spectrum is ``dsterf`` of
+    :math:`T` (``dstemr``'s dqds where it fails; on the Gram matrices of the four sven-bench classifiers,
+    ``m = 128``, ``dstemr`` took 1.6-1.9x ``dsterf``'s time per new :math:`T`, medians). A band's vectors are
+    inverse iteration on :math:`T` (``dstein``) at those eigenvalues (no bisection: ``dstebz`` only where
+    :math:`T` splits into blocks, whose numbering ``dstein`` needs), taken back by :math:`Q` (``dormqr`` on
+    the reflectors below the subdiagonal, as ``dormtr`` applies them). The eigenvalues are accurate to the
+    reduction's backward error :math:`O(m\,\epsilon_{64}\lambda_1)`, as ``eigvalsh``'s, and the vectors are
+    judged a posteriori anyway (the residual and orthonormality terms of :meth:`DampedGram._plan`).
     """
 
     def __init__(self, reflectors: np.ndarray, d: np.ndarray, e: np.ndarray, tau: np.ndarray) -> None:
         self.reflectors, self.d, self.e, self.tau = reflectors, d, e, tau
+        self._ascending: np.ndarray | None = None  # the spectrum of :meth:`eigenvalues`, ascending, once computed
 
     @classmethod
     def of(cls, K: np.ndarray) -> Tridiagonal | None:
@@ -146,17 +150,18 @@ class Tridiagonal:
         return cls(c, d, e, tau)
 
     def eigenvalues(self) -> np.ndarray:
-        """All eigenvalues of ``K``, descending: ``dstemr`` without vectors (its dqds: :math:`O(m^2)`, a fraction
-        of ``dsterf``'s time; ``dsterf`` where it fails); ``NaN`` where neither converged."""
+        """All eigenvalues of ``K``, descending: ``dsterf`` (:math:`O(m^2)`); ``dstemr`` without vectors (its dqds)
+        where it fails; ``NaN`` where neither converged."""
         m = self.d.shape[0]
         if m == 1:  # (T is K; SciPy's wrappers refuse the empty off-diagonal)
             return self.d.copy()
-        k, w, _, info = scipy.linalg.lapack.dstemr(self.d, np.append(self.e, 0.0), 0, 0.0, 0.0, 0, 0, compute_v=0)
-        if info != 0 or k != m:
-            w, info = scipy.linalg.lapack.dsterf(self.d, self.e)
-            if info != 0:
-                w = np.full_like(self.d, np.nan)
-        return np.ascontiguousarray(np.sort(w[:m])[::-1])
+        w, info = scipy.linalg.lapack.dsterf(self.d, self.e)
+        if info != 0:
+            k, w, _, info = scipy.linalg.lapack.dstemr(self.d, np.append(self.e, 0.0), 0, 0.0, 0.0, 0, 0, compute_v=0)
+            if info != 0 or k != m:
+                return np.full_like(self.d, np.nan)
+        self._ascending = np.sort(w[:m])
+        return np.ascontiguousarray(self._ascending[::-1])
 
     def band(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The eigenvalues ``first .. first + count - 1`` of the descending order (ascending) and their
@@ -165,9 +170,15 @@ class Tridiagonal:
         if m == 1:  # (T is K, its eigenvector 1; SciPy's wrappers refuse the empty off-diagonal)
             return self.d.copy(), np.ones((1, 1))
         il, iu = m - first - count + 1, m - first  # (1-based, ascending)
-        k, w, iblock, isplit, info = scipy.linalg.lapack.dstebz(self.d, self.e, 3, 0.0, 0.0, il, iu, 0.0, "B")
-        if info != 0 or k != count:
-            return None
+        if self._ascending is not None and not self._splits():
+            # the values are known (to the reduction's accuracy, as bisection's): one block, no bisection
+            w, k = self._ascending[il - 1 : iu], count
+            iblock, isplit = np.ones(m, dtype=np.int32), np.zeros(m, dtype=np.int32)
+            isplit[0] = m
+        else:
+            k, w, iblock, isplit, info = scipy.linalg.lapack.dstebz(self.d, self.e, 3, 0.0, 0.0, il, iu, 0.0, "B")
+            if info != 0 or k != count:
+                return None
         z, info = scipy.linalg.lapack.dstein(self.d, self.e, w[:k], iblock, isplit)
         if info != 0:
             return None
@@ -179,6 +190,13 @@ class Tridiagonal:
             return None
         order = np.argsort(w[:k])
         return w[:k][order], W[:, order]
+
+    def _splits(self) -> bool:
+        """Whether ``dstebz`` would split :math:`T` into blocks: an off-diagonal with
+        :math:`e_j^2 < \text{ulp}^2 |d_j d_{j+1}| + \text{safmin}` (its criterion; ``dstein`` then needs the
+        blocks' numbering, which only ``dstebz`` gives)."""
+        ulp, safmin = np.finfo(np.float64).eps, np.finfo(np.float64).tiny  # (dlamch's 'P' and 'S')
+        return bool(np.any(self.e**2 < ulp**2 * np.abs(self.d[:-1] * self.d[1:]) + safmin))
 
 
 class DampedGram(TruncatedPinv):

@@ -313,6 +313,9 @@ def test_tridiagonal_spectrum_and_band(kind: str, shape: tuple[int, int], seed: 
     assert float((got - lam).abs().max()) <= 10 * scale
     first = data.draw(st.integers(0, m - 1), label="first")
     count = data.draw(st.integers(1, m - first), label="count")
+    if data.draw(st.booleans(), label="before the spectrum"):  # (bisection finds the band's values itself)
+        T = DG.Tridiagonal.of(K.numpy())
+        assert T is not None
     band = T.band(first, count)
     assert band is not None
     mu, W = band
@@ -329,6 +332,34 @@ def test_tridiagonal_spectrum_and_band(kind: str, shape: tuple[int, int], seed: 
         assert float(np.linalg.norm(W - P @ (P.T @ W))) <= 100 * scale / gap + 1e-10
 
 
+def test_band_reuses_the_spectrum_unless_the_tridiagonal_splits(monkeypatch: pytest.MonkeyPatch):
+    """After :meth:`~sven.damped_gram.Tridiagonal.eigenvalues`, a band's values are taken from that spectrum
+    (no bisection) where :math:`T` is one block; where it splits (here ``K`` with a zero coupling, so an exact zero
+    off-diagonal) bisection numbers the blocks, and the band is still ``K``'s eigenpairs."""
+    gen = np.random.default_rng(3)
+    A = gen.standard_normal((12, 30))
+    K = A @ A.T
+    T = DG.Tridiagonal.of(K)
+    assert T is not None and not T._splits()
+    T.eigenvalues()
+    calls = []
+    bisection = DG.scipy.linalg.lapack.dstebz
+    monkeypatch.setattr(DG.scipy.linalg.lapack, "dstebz", lambda *a, **k: calls.append(1) or bisection(*a, **k))
+    mu, W = T.band(3, 4)
+    assert not calls
+    assert float(np.linalg.norm(K @ W - W * mu)) <= 1e-12 * float(np.linalg.norm(K))
+    blocks = np.zeros((12, 12))
+    blocks[:5, :5], blocks[5:, 5:] = K[:5, :5], K[5:, 5:]
+    T = DG.Tridiagonal.of(blocks)
+    assert T is not None and T._splits()
+    lam = T.eigenvalues()
+    mu, W = T.band(3, 4)
+    assert calls
+    assert float(np.abs(mu - lam[3:7][::-1]).max()) <= 1e-12 * float(lam[0])
+    assert float(np.linalg.norm(blocks @ W - W * mu)) <= 1e-12 * float(np.linalg.norm(blocks))
+    assert float(np.linalg.norm(W.T @ W - np.eye(4))) <= 1e-12
+
+
 def test_a_failed_band_declines_to_the_exact_path(monkeypatch: pytest.MonkeyPatch):
     """A band the tridiagonal route cannot give (LAPACK fails) leaves the eigenvectors to the exact path: the
     factorisation declines where the band was needed (the deflation test's problem)."""
@@ -340,15 +371,18 @@ def test_a_failed_band_declines_to_the_exact_path(monkeypatch: pytest.MonkeyPatc
     assert _damped(op, rtol=1e-2) is None
 
 
-def test_tridiagonal_spectrum_falls_back_to_dsterf(monkeypatch: pytest.MonkeyPatch):
-    """Where ``dstemr`` reports a failure, the spectrum is ``dsterf``'s: the same values to round-off."""
+def test_tridiagonal_spectrum_falls_back_to_dstemr(monkeypatch: pytest.MonkeyPatch):
+    """Where ``dsterf`` reports a failure, the spectrum is ``dstemr``'s: the same values to round-off; where both
+    fail, it is NaN (and the damped path declines)."""
     K = torch.from_numpy(make_matrix(20, 30, "geometric", 5)[0]).double()
     K = K @ K.T
     T = DG.Tridiagonal.of(K.numpy())
     assert T is not None
-    fast = T.eigenvalues()
-    monkeypatch.setattr(DG.scipy.linalg.lapack, "dstemr", lambda *a, **k: (0, np.zeros(20), None, 1))
-    slow = T.eigenvalues()
-    assert float(np.abs(fast - slow).max()) <= 100 * 20 * 2.3e-16 * float(fast[0])
+    first = T.eigenvalues()
+    monkeypatch.setattr(DG.scipy.linalg.lapack, "dsterf", lambda d, e: (np.zeros(20), 1))
+    second = T.eigenvalues()
+    assert float(np.abs(first - second).max()) <= 100 * 20 * 2.3e-16 * float(first[0])
     ref = torch.linalg.eigvalsh(K).flip(0).numpy()
-    assert float(np.abs(slow - ref).max()) <= 100 * 20 * 2.3e-16 * float(ref[0])
+    assert float(np.abs(second - ref).max()) <= 100 * 20 * 2.3e-16 * float(ref[0])
+    monkeypatch.setattr(DG.scipy.linalg.lapack, "dstemr", lambda *a, **k: (0, np.zeros(20), None, 1))
+    assert bool(np.isnan(T.eigenvalues()).all())
