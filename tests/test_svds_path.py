@@ -387,8 +387,8 @@ def test_harvested_ritz_pairs_widen_the_gap_of_the_check(monkeypatch) -> None:  
     np.testing.assert_allclose(np.asarray(F.S), s[:10], rtol=1e-12)
     real = SS.arpack_triplets
 
-    def k_only(C: object, k: int, tol: float, seed: int, rtol_res: float = 0.0) -> object:
-        return real(C, k, tol, seed, 0.0)
+    def k_only(C: object, k: int, tol: float, seed: int, rtol_res: float = 0.0, G: object = None) -> object:
+        return real(C, k, tol, seed, 0.0, G)
 
     monkeypatch.setattr(SS, "arpack_triplets", k_only)
     with warnings.catch_warnings():
