@@ -127,7 +127,8 @@ class ScipySVDS(Solver):
     other side is one more block product), and no missed singular value above
     the kept ones, checked by **one** Lanczos run on the deflated operator
     (``runs=1``: SciPy's sparse kernels cost per column, and one run needs the fewest
-    of them for the same bound) of at most ``check_steps`` steps. Further triplets that
+    of them for the same bound) of at most ``check_steps`` steps, which multiplies ARPACK's
+    formed ``C^T C`` where there is one (:func:`formed_gram`; ``certify(gram=...)``). Further triplets that
     are accurate and clearly below the kept ones are deflated too, which widens the gap the
     check has to resolve (on a flat spectrum its length goes like
     ``1 / sqrt(1 - (sigma_{d+1} / sigma_k)^2)`` for ``d`` deflated triplets). They come
