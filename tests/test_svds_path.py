@@ -387,8 +387,8 @@ def test_harvested_ritz_pairs_widen_the_gap_of_the_check(monkeypatch) -> None:  
     np.testing.assert_allclose(np.asarray(F.S), s[:10], rtol=1e-12)
     real = SS.arpack_triplets
 
-    def k_only(C: object, k: int, tol: float, seed: int, rtol_res: float = 0.0) -> object:
-        return real(C, k, tol, seed, 0.0)
+    def k_only(C: object, k: int, tol: float, seed: int, rtol_res: float = 0.0, G: object = None) -> object:
+        return real(C, k, tol, seed, 0.0, G)
 
     monkeypatch.setattr(SS, "arpack_triplets", k_only)
     with warnings.catch_warnings():
@@ -517,12 +517,12 @@ def test_a_formed_gram_matrix_is_the_product_pair(nodes: int, edges: int, seed: 
     A = _incidence(nodes, edges, seed)
     C = SS._Counted(A.T.tocsr()).T if wide else SS._Counted(A)  # wide: C = (A^T)^T, a CSC view of A
     G = SS._Gram(C)
-    assert (G._formed is not None) == ((A.T @ A).nnz <= SS.GRAM_NNZ * A.nnz)
+    assert (G.formed is not None) == ((A.T @ A).nnz <= SS.GRAM_NNZ * A.nnz)
     x = np.random.default_rng(seed).standard_normal(nodes)
     np.testing.assert_allclose(G.matvec(x), A.T @ (A @ x), rtol=0, atol=1e-12 * max(1.0, float(np.abs(x).max())))
     assert C.columns[0] == 2
-    assert SS._Gram(SS._Counted(_incidence(60, 100, seed)))._formed is not None  # a sparse graph
-    assert SS._Gram(SS._Counted(sp.csr_matrix(np.ones((40, 30)))))._formed is None
+    assert SS._Gram(SS._Counted(_incidence(60, 100, seed))).formed is not None  # a sparse graph
+    assert SS._Gram(SS._Counted(sp.csr_matrix(np.ones((40, 30))))).formed is None
 
 
 @pytest.mark.parametrize("wide", [False, True], ids=["tall", "wide"])
@@ -544,4 +544,62 @@ def test_svds_on_an_incidence_matrix_with_the_formed_gram_is_certified(wide: boo
     assert formed == [True]
     assert F.stats["certified"]
     ref = np.linalg.svd(A.toarray(), compute_uv=False)[:12]
+    np.testing.assert_allclose(np.asarray(F.S), ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["tall", "wide"])
+def test_the_check_on_the_formed_gram_matrix_catches_a_missed_value(wide: bool) -> None:
+    """The missed-value check multiplies the formed ``C^T C`` (``gram``) in place of the pair ``C^T (C x)``: on
+    exact triplets it certifies with the same estimate and the same count of columns as the pair, and with the
+    5th triplet left out (every residual zero) it proves the miss, as the pair does."""
+    A = _incidence(200, 900, 4)
+    A = A.T.tocsr() if wide else A
+    C = SS._Counted(A.T.tocsr() if wide else A)  # the short side's C: A^T for wide A
+    G = SS._Gram(C)
+    assert G.formed is not None
+    U, S, Vh = np.linalg.svd(A.toarray(), full_matrices=False)
+    U, S, V = (torch.from_numpy(np.ascontiguousarray(X)) for X in (U, S, Vh.T))
+    tol = tp.Tolerance(rank=8, rtol=1e-8, atol=0.0)
+    op = tp.aslinearoperator(A)
+    for idx, ok in ((list(range(8)), True), ([0, 1, 2, 3, 5, 6, 7, 8], False)):
+        i = torch.tensor(idx)
+        certs = [
+            tp.certify(op, U[:, i], S[i], V[:, i], tol, rtol_res=1e-12, runs=1, max_steps=400, gram=g)
+            for g in (None, G.formed)
+        ]
+        for cert in certs:
+            assert cert.certified == ok, cert
+            assert cert.residual < 1e-12
+        if not ok:  # the missed sigma_5 shows up in A (I - V V^T) either way
+            assert all(cert.deflated_norm >= cert.threshold for cert in certs)
+        assert certs[0].matvecs == certs[1].matvecs
+        assert certs[0].steps == certs[1].steps
+        assert abs(certs[0].deflated_norm - certs[1].deflated_norm) <= 1e-10 * float(S[0])
+
+
+@pytest.mark.parametrize("shape", [(1500, 300), (300, 1500), (300, 300)], ids=["tall", "wide", "square"])
+def test_svds_hands_its_formed_gram_matrix_to_the_check_in_the_same_orientation(
+    shape: tuple[int, int], monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """ARPACK's formed ``C^T C`` goes to the certificate where the two take the same short side (tall and
+    wide); a square matrix, whose check takes ``A A^T`` while ARPACK takes ``A^T A``, multiplies the pair."""
+    import truncpinv.solvers._base as base
+
+    m, n = shape
+    A = _incidence(min(m, n), max(m, n), 5)
+    A = A.T.tocsr() if m < n else A
+    if m == n:  # a square incidence-like matrix: one +1 and one -1 per row
+        A = _incidence(n, m, 5)
+    seen: list[bool] = []
+    real = base.certify
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs.get("gram") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(base, "certify", spy)
+    F = tp.ScipySVDS().factorize(A, rank=6, rtol=1e-8)
+    assert seen == [m != n]
+    assert F.stats["certified"]
+    ref = np.linalg.svd(A.toarray(), compute_uv=False)[:6]
     np.testing.assert_allclose(np.asarray(F.S), ref, rtol=1e-10)

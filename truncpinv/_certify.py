@@ -112,6 +112,7 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,6 +257,7 @@ def certify(
     runs: int = RUNS,
     AV: torch.Tensor | None = None,
     AtU: torch.Tensor | None = None,
+    gram: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Certificate:
     """Certify the triplets ``(U, S, V)`` of ``A`` (descending ``S``) for the truncation ``tol``.
 
@@ -266,6 +268,12 @@ def certify(
     computed with ``A`` and these very vectors (a Rayleigh–Ritz step's): they are reused for
     that side's residual instead of being multiplied again. The other side is always multiplied
     here, and the two together are the residual test.
+    ``gram``, when given (CPU only), is ``x -> C^T C x`` for a 1-D float64 NumPy ``x`` of the short side
+    (``C = A^T`` for ``m <= n``, else ``A``) with ``C^T C`` formed by the solver as a sparse matrix (the
+    Laplacian of a graph's incidence matrix, :func:`truncpinv.solvers.scipy_svds.formed_gram`): the
+    missed-value check multiplies it in place of the pair ``C^T (C x)`` (one pass over its entries against
+    two over ``A``'s), counted as the two columns it replaces. It is the same operator up to the rounding of
+    the pair's own products; the residuals always multiply ``A``.
     """
     m, n = int(A.shape[0]), int(A.shape[1])
     dt, dev = A.dtype, A.device
@@ -318,12 +326,15 @@ def certify(
     # the product, and NumPy's per-call cost is a fraction of torch's (0.14 against 0.25 ms a step, s = 3000)
     cpu = dev.type == "cpu"
     Kd, Kb = (QdT.numpy(), Qb.numpy()) if cpu else (QdT, Qb)
+    formed = gram if cpu else None
 
-    def gram(X: Any) -> Any:
+    def gram_product(X: Any) -> Any:
         # C^T C X on the short side (rows of X), C = A (tall) or A^T (wide), float64; the projections P on
         # either side are in the orthogonalisation (_check_step)
         nonlocal matvecs
         matvecs += 2 * X.shape[0]
+        if formed is not None:
+            return np.stack([np.asarray(formed(x), dtype=np.float64) for x in X])
         Y = torch.from_numpy(X.T) if cpu else X.T
         Y = Y if dt == _F64 else Y.to(dt)
         Z = mm(rmm(Y)) if wide else rmm(mm(Y))
@@ -337,7 +348,7 @@ def certify(
     floor = 1e-13 * max(smax, tau, 1e-300) ** 2  # a run whose new vector is below this has broken down
     delta, prob, q, next_test = 0.0, 1.0, 0, CHECK_EVERY
     for j in range(steps_max):
-        W, a, bn = _check_step(gram(Kb[:, j]), Kd, Kb, j, beta[:, j - 1] if j > 0 else None)
+        W, a, bn = _check_step(gram_product(Kb[:, j]), Kd, Kb, j, beta[:, j - 1] if j > 0 else None)
         alpha[:, j] = a
         if bn.min() > floor:  # no run has broken down (the common case)
             beta[:, j] = bn

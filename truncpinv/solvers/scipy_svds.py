@@ -127,7 +127,8 @@ class ScipySVDS(Solver):
     other side is one more block product), and no missed singular value above
     the kept ones, checked by **one** Lanczos run on the deflated operator
     (``runs=1``: SciPy's sparse kernels cost per column, and one run needs the fewest
-    of them for the same bound) of at most ``check_steps`` steps. Further triplets that
+    of them for the same bound) of at most ``check_steps`` steps, which multiplies ARPACK's
+    formed ``C^T C`` where there is one (:func:`formed_gram`; ``certify(gram=...)``). Further triplets that
     are accurate and clearly below the kept ones are deflated too, which widens the gap the
     check has to resolve (on a flat spectrum its length goes like
     ``1 / sqrt(1 - (sigma_{d+1} / sigma_k)^2)`` for ``d`` deflated triplets). They come
@@ -220,14 +221,16 @@ class ScipySVDS(Solver):
         M = scipy_view(A)
         count = _Counted(M)
         wide = m < n
+        # ARPACK's Gram operator, formed once where that is cheaper (formed_gram); the check multiplies it too
+        G = _Gram(count.T if wide else count) if self.method == "arpack" else None
         try:
-            U, S, V, CV = self._triplets(count, k, t_svds, maxiter, seed, wide, rtol_res)
+            U, S, V, CV = self._triplets(count, k, t_svds, maxiter, seed, wide, rtol_res, G)
         except SolverError:
             if k == tol.rank:
                 raise
             # guard triplets below ARPACK's resolution (sqrt(eps) sigma_1 on the Gram operator) need not
             # converge: without them
-            U, S, V, CV = self._triplets(count, tol.rank, t_svds, maxiter, seed, wide, rtol_res)
+            U, S, V, CV = self._triplets(count, tol.rank, t_svds, maxiter, seed, wide, rtol_res, G)
         dev, dt = A.device, A.dtype
         U_t, S_t, V_t = (torch.from_numpy(np.ascontiguousarray(X)).to(device=dev, dtype=dt) for X in (U, S, V))
         stats = {"matvecs": count.columns[0], "method": self.method, "triplets": int(S.size)}
@@ -239,15 +242,28 @@ class ScipySVDS(Solver):
         own: dict[str, Any] = {}
         if CV is not None:
             own["AtU" if wide else "AV"] = torch.from_numpy(np.ascontiguousarray(CV)).to(device=dev, dtype=dt)
+        if G is not None and G.formed is not None and wide == (m <= n) and dev.type == "cpu":
+            # the check's short-side Gram operator is ARPACK's (a square A: the certificate takes A A^T,
+            # ARPACK A^T A, and the pair is multiplied)
+            own["gram"] = G.formed
         certify_triplets(A_cert, trip, tol, rtol_res=rtol_res, seed=seed, runs=1, max_steps=self.check_steps, **own)
         trip.stats["converged"] = True
         return trip
 
     def _triplets(
-        self, op: _Counted, k: int, t: float, maxiter: int | None, seed: int, wide: bool, rtol_res: float
+        self,
+        op: _Counted,
+        k: int,
+        t: float,
+        maxiter: int | None,
+        seed: int,
+        wide: bool,
+        rtol_res: float,
+        G: _Gram | None = None,
     ) -> tuple[Any, Any, Any, Any]:
-        """``(U, S, V, C V)``, ``S`` descending: ARPACK through :func:`arpack_triplets` (``C V`` its
-        Rayleigh–Ritz product, ``C = A``, or ``A^T`` for wide ``A``), PROPACK through ``svds`` (``C V = None``).
+        """``(U, S, V, C V)``, ``S`` descending: ARPACK through :func:`arpack_triplets` on the Gram operator
+        ``G`` of ``C`` (``C V`` its Rayleigh–Ritz product, ``C = A``, or ``A^T`` for wide ``A``), PROPACK
+        through ``svds`` (``C V = None``).
         Zero triplets when ARPACK's start vector maps to zero (``A = 0`` almost surely: the certificate then
         checks it), a :class:`SolverError` when it does not converge."""
         from scipy.sparse.linalg import ArpackError, svds
@@ -259,7 +275,7 @@ class ScipySVDS(Solver):
                 U, S, Vh = svds(op.linear_operator(), k=k, tol=t, solver="propack", maxiter=maxiter, random_state=rng)
                 order = np.argsort(-S, kind="stable")
                 return U[:, order], S[order], Vh[order].T, None
-            Uc, S, Vc, CV = arpack_triplets(op.T if wide else op, k, t * t, seed, rtol_res)
+            Uc, S, Vc, CV = arpack_triplets(op.T if wide else op, k, t * t, seed, rtol_res, G)
             return (Vc, S, Uc, CV) if wide else (Uc, S, Vc, CV)
         except (ArpackError, np.linalg.LinAlgError) as e:
             if not str(e).startswith(f"ARPACK error {_ZERO_START}:"):  # ArpackError keeps no code
@@ -277,7 +293,7 @@ _GRAM_RR = 1e-10
 
 
 def arpack_triplets(
-    C: Any, k: int, tol: float, seed: int, rtol_res: float = 0.0
+    C: Any, k: int, tol: float, seed: int, rtol_res: float = 0.0, G: _Gram | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     r"""The ``k`` largest singular triplets of a tall ``C`` (``m >= n``; anything with ``@`` and ``.T``: a
     SciPy sparse matrix or ``LinearOperator``, a NumPy array) by ARPACK, plus the further triplets of
@@ -302,11 +318,12 @@ def arpack_triplets(
     ``eps (\sigma_1 / \sigma_i)^2``, within :data:`_GRAM_RR`; else ``Y = Q R`` and
     the SVD of ``R``). Returns ``(U, S, V, C V)`` with ``S`` descending (at least ``k`` triplets):
     ``C V`` is the product that the residual ``C v - \sigma u`` needs, already computed.
+    ``G`` is ARPACK's operator ``C^T C`` (:class:`_Gram`), built here when not given.
     """
     from scipy.linalg import eigh, qr, svd
 
     n = int(C.shape[1])
-    G = _Gram(C)
+    G = _Gram(C) if G is None else G
     v0 = np.random.default_rng(seed).standard_normal(n).astype(C.dtype)
     theta, E, est = arpack_ritz(G, k, tol, v0)
     t = k
@@ -453,12 +470,13 @@ class _Gram:
     def __init__(self, C: Any) -> None:
         n = int(C.shape[1])
         self.C, self.CT, self.shape, self.dtype = C, C.T, (n, n), np.dtype(C.dtype)
-        self._formed = formed_gram(C)
+        #: ``x -> (C^T C) x`` with ``C^T C`` formed, or ``None`` (:func:`formed_gram`)
+        self.formed = formed_gram(C)
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
-        if self._formed is not None:
+        if self.formed is not None:
             self.C.columns[0] += 2
-            return np.asarray(self._formed(x))
+            return np.asarray(self.formed(x))
         return np.asarray(self.CT @ (self.C @ x))
 
 
