@@ -50,7 +50,7 @@ import torch
 import truncpinv
 
 from . import distributed as dist_
-from ._arrays import finite_array, vector_norm
+from ._arrays import finite_array, squared_norm_of, vector_norm
 from ._compile import eager
 from ._validation import check_not_inference_mode, closure_errors, warn_ignored_grads
 from .control import AdaptiveDamping, Evaluator, StepContext
@@ -70,6 +70,8 @@ TINY_COLUMNS = DIRECT_SIDE
 #: (:data:`sven.functional.HOST_SMALL`), so that both paths round alike.
 TINY_ENTRIES = HOST_SMALL
 _POLICIES = (AdaptiveDamping, TrustRegion)
+#: :data:`sven.precondition.ROUND_OFF` times the machine epsilon, in each dtype (the cut of round_off_columns)
+_ROUND_OFF_CUT = {np.dtype(t): np.dtype(t).type(ROUND_OFF * float(np.finfo(t).eps)) for t in (np.float64, np.float32)}
 _DTYPES = (torch.float64, torch.float32)
 _EPS = {np.dtype(np.float64): float(np.finfo(np.float64).eps), np.dtype(np.float32): float(np.finfo(np.float32).eps)}
 
@@ -270,10 +272,11 @@ def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate:
     """:meth:`sven.Sven._descend` for a tiny dense ``M``, in NumPy (module docstring)."""
     opt._counters["steps"] += 1
     info = StepInfo(losses=R, jacobian_method=method, damping=opt.control.damping, ggn=False)
-    opt.last_step = info
+    opt.__dict__["last_step"] = info  # (what Sven.__setattr__ does for a name that is not an option)
     try:
         r, a = R.detach().numpy(), M.numpy()
-        if not finite_array(r):
+        rr = squared_norm_of(r)  # ||R||^2: finite where every residual is (or a square overflowed)
+        if not math.isfinite(rr) and not np.isfinite(r).all():
             raise StepFault("the residuals")
         D = _column_scale(opt, tp, a) if opt.precondition is not None else None
         if D is None and not finite_array(a):
@@ -281,8 +284,8 @@ def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate:
         F = _factorize(opt, tp, a if D is None else a / D)
         info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
         u, s, _ = F.arrays
-        c = r.astype(u.dtype, copy=False) @ u
-        g, scale = vector_norm(s * c), (float(s[0]) * vector_norm(r) if F.rank else 0.0)
+        c = (r if r.dtype == u.dtype else r.astype(u.dtype)) @ u
+        g, scale = vector_norm(s * c), (float(s[0]) * math.sqrt(rr) if F.rank else 0.0)
         info._gradient_cosine = cos = g / scale if scale > 0 else 0.0  # (a float: the property reads it as one)
         out = opt.control.run(_context(opt, tp, F, R, a, evaluate, c=c, D=D, cos=cos))
     except StepFault as fault:
@@ -294,8 +297,25 @@ def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate:
 
 def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
     """Moré's ``D`` after this Jacobian (:meth:`sven.precondition.ColumnScaling.jacobian`, the same state);
-    a StepFault if the Jacobian is not finite (its squares' sum is not, nor its entries)."""
+    a StepFault if the Jacobian is not finite (its squares' sum is not, nor its entries).
+
+    The column norms, the round-off columns (:func:`sven.precondition.round_off_columns`) and the running
+    maximum are taken on Python floats (at most :data:`TINY_COLUMNS` of them: a NumPy call each would cost
+    more); the state buffer is written in place. Every value is one of the dtype's (the norms are rounded
+    to it first), and the round-off cut is taken in the dtype, so both ways give the same ``D``.
+    """
     sq = np.einsum("ij,ij->j", a, a)  # (an overflow gives inf without a warning)
+    parts = tp.scale_buffers(opt.state)
+    norms_ = np.sqrt(sq).tolist()
+    if math.isfinite(sum(norms_)) and len(parts) == 1 and parts[0].dtype == a.dtype:
+        top, low = max(norms_), min(norms_)
+        cut = float(_ROUND_OFF_CUT[a.dtype] * a.dtype.type(top))  # (in the dtype, as round_off_columns)
+        if low <= cut:  # columns at round-off of the largest count as the largest
+            norms_ = [top if 0.0 < v <= cut else v for v in norms_]
+        buf = parts[0]
+        new = [max(x, y) for x, y in zip(buf.tolist(), norms_)]
+        buf[:] = new  # (the col_scale state, in place: each value is the buffer's or a norm, exact in its dtype)
+        return np.array(new if low > 0 or min(new) > 0 else [v if v > 0 else 1.0 for v in new], dtype=a.dtype)
     if math.isfinite(sq.sum()):
         norms = np.sqrt(sq)
     else:  # NaN or Inf, or a square overflowed: the general column norms (by the largest magnitude)
@@ -307,7 +327,6 @@ def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
     low = norms.min()
     if low <= cut:
         norms = np.where((norms > 0) & (norms <= cut), top, norms)
-    parts = tp.scale_buffers(opt.state)
     if len(parts) == 1:
         np.maximum(parts[0], norms.astype(parts[0].dtype, copy=False), out=parts[0])
     else:
@@ -322,14 +341,16 @@ def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
 def _factorize(opt: Any, tp: TinyPlan, a: np.ndarray) -> TinyFactors:
     """One float64 SVD of ``a`` (LAPACK's ``gesdd``), truncated as every solver truncates
     (:func:`sven.factorize.factorize`)."""
-    U, S, Vh, status = lapack.dgesdd(a.astype(np.float64, copy=False), full_matrices=0)
+    U, S, Vh, status = lapack.dgesdd(a if a.dtype == np.float64 else a.astype(np.float64), full_matrices=0)
     if status != 0:
         raise StepFault("the solver failed (LinAlgError: SVD did not converge)", fault=True)
     sv = S.tolist()
-    if not all(map(math.isfinite, sv)):  # (LAPACK's vectors of a finite matrix are finite where its values are)
+    if not math.isfinite(sum(sv)):  # (LAPACK's vectors of a finite matrix are finite where its values are)
         raise StepFault("the Jacobian")
     cut = max(float(opt.config.atol), tp.rtol(opt, a.shape, a.dtype) * sv[0])
-    k = sum(v > cut for v in sv)
+    k = len(sv)
+    while k and not sv[k - 1] > cut:  # (descending: the kept values are the first k)
+        k -= 1
     dt = a.dtype
     if dt != np.float64:
         U, S, Vh = U.astype(dt), S.astype(dt), Vh.astype(dt)
