@@ -63,6 +63,11 @@ def blocks_of_groups(param_groups: Iterable[dict[str, Any]]) -> list[ParamBlock]
     return blocks
 
 
+#: The grad-mode switch that ``torch.enable_grad`` and ``torch.set_grad_enabled`` call (both are classes whose
+#: construction costs more than the switch; :class:`closure_mode` is entered up to twice per step).
+_set_grad_enabled = torch._C._set_grad_enabled
+
+
 class closure_mode:  # (a lower-case name: used as a function, ``with closure_mode(params):``)
     """Grad mode on, but the optimised parameters do not require grad: to re-evaluate a closure after a step.
 
@@ -89,10 +94,10 @@ class closure_mode:  # (a lower-case name: used as a function, ``with closure_mo
         except BaseException:
             self._restore()
             raise
-        torch.set_grad_enabled(True)
+        _set_grad_enabled(True)
 
     def __exit__(self, *exc: object) -> None:
-        torch.set_grad_enabled(self._grad)
+        _set_grad_enabled(self._grad)
         self._restore()
 
     def _restore(self) -> None:

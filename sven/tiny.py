@@ -50,16 +50,18 @@ import torch
 import truncpinv
 
 from . import distributed as dist_
+from . import tiny_control
 from ._arrays import finite_array, squared_norm_of, vector_norm
 from ._compile import eager
-from ._validation import check_not_inference_mode, closure_errors, warn_ignored_grads
-from .control import AdaptiveDamping, Evaluator, StepContext
+from ._validation import closure_errors, warn_ignored_grads
+from .control import AdaptiveDamping, Evaluator
 from .factorize import DIRECT_SIDE
 from .functional import HOST_SMALL
 from .info import StepFault, StepInfo
 from .linearize import Unsupported
-from .params import ParamBlock, blocks_of_groups, closure_mode, lr_scaled
+from .params import ParamBlock, blocks_of_groups, closure_mode
 from .precondition import ROUND_OFF, ColumnScaling, column_norms
+from .tiny_control import Lean
 from .trust_region import TrustRegion
 
 __all__ = ["TINY_COLUMNS", "TINY_ENTRIES", "TinyFactors", "TinyPlan", "applies", "plan", "step"]
@@ -71,9 +73,9 @@ TINY_COLUMNS = DIRECT_SIDE
 TINY_ENTRIES = HOST_SMALL
 _POLICIES = (AdaptiveDamping, TrustRegion)
 #: :data:`sven.precondition.ROUND_OFF` times the machine epsilon, in each dtype (the cut of round_off_columns)
-_ROUND_OFF_CUT = {np.dtype(t): np.dtype(t).type(ROUND_OFF * float(np.finfo(t).eps)) for t in (np.float64, np.float32)}
+_ROUND_OFF_CUT = {np.dtype(t).char: t(ROUND_OFF * float(np.finfo(t).eps)) for t in (np.float64, np.float32)}
 _DTYPES = (torch.float64, torch.float32)
-_EPS = {np.dtype(np.float64): float(np.finfo(np.float64).eps), np.dtype(np.float32): float(np.finfo(np.float32).eps)}
+_EPS = {np.dtype(t).char: float(np.finfo(t).eps) for t in (np.float64, np.float32)}  # (by type code: cheap to hash)
 
 
 class TinyFactors:
@@ -143,13 +145,13 @@ class TinyPlan:
     params: list[torch.Tensor] = field(default_factory=list)
     views: list[np.ndarray] = field(default_factory=list)
     spans: list[tuple[int, int, float]] = field(default_factory=list)
-    rtols: dict[tuple[int, int, Any], float] = field(default_factory=dict)
-    lrs: dict[Any, np.ndarray | None] = field(default_factory=dict)
+    rtols: dict[tuple[int, int, str], float] = field(default_factory=dict)
+    lrs: dict[str, np.ndarray | None] = field(default_factory=dict)
     scales: list[tuple[torch.Tensor, np.ndarray] | None] = field(default_factory=list)
 
     def rtol(self, opt: Any, shape: tuple[int, int], dtype: Any) -> float:
         """The ``rtol`` of :func:`sven.factorize.factorize` for an ``M`` of this shape and dtype."""
-        key = (shape[0], shape[1], dtype)
+        key = (shape[0], shape[1], dtype.char)  # (a dtype's type code hashes faster than the dtype)
         if key not in self.rtols:
             rtol = opt.config.rtol
             torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
@@ -158,10 +160,11 @@ class TinyPlan:
 
     def column_lrs(self, dtype: Any) -> np.ndarray | None:
         """Every column's learning rate in ``dtype`` (``None`` where all are 1: ``d`` needs no scaling)."""
-        if dtype not in self.lrs:
+        code = dtype.char  # (hashes faster than the dtype)
+        if code not in self.lrs:
             lrs = np.concatenate([np.full(b.stop - b.start, b.lr, dtype=dtype) for b in self.blocks])
-            self.lrs[dtype] = None if bool((lrs == 1.0).all()) else lrs
-        return self.lrs[dtype]
+            self.lrs[code] = None if bool((lrs == 1.0).all()) else lrs
+        return self.lrs[code]
 
     def scale_buffers(self, state: Any) -> list[np.ndarray]:
         """Flat NumPy views of the blocks' ``col_scale`` state (created as zeros, as the general step does)."""
@@ -230,8 +233,7 @@ def step(opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     tp = plan(opt)
     if not tp.lean:
         return None
-    check_not_inference_mode()
-    params = tp.params
+    params = tp.params  # (Sven.step has checked for inference mode)
     warn_ignored_grads(params)
     with eager():  # as the general step: compiled closures run eagerly
         with torch.enable_grad(), closure_errors(params):
@@ -274,7 +276,7 @@ def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate:
     info = StepInfo(losses=R, jacobian_method=method, damping=opt.control.damping, ggn=False)
     opt.__dict__["last_step"] = info  # (what Sven.__setattr__ does for a name that is not an option)
     try:
-        r, a = R.detach().numpy(), M.numpy()
+        r, a = (R.detach() if R.requires_grad else R).numpy(), M.numpy()
         rr = squared_norm_of(r)  # ||R||^2: finite where every residual is (or a square overflowed)
         if not math.isfinite(rr) and not np.isfinite(r).all():
             raise StepFault("the residuals")
@@ -287,7 +289,7 @@ def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate:
         c = (r if r.dtype == u.dtype else r.astype(u.dtype)) @ u
         g, scale = vector_norm(s * c), (float(s[0]) * math.sqrt(rr) if F.rank else 0.0)
         info._gradient_cosine = cos = g / scale if scale > 0 else 0.0  # (a float: the property reads it as one)
-        out = opt.control.run(_context(opt, tp, F, R, a, evaluate, c=c, D=D, cos=cos))
+        out = tiny_control.run(opt.control, Lean(opt, tp, F, R, r, rr, a, c=c, D=D, cos=cos, evaluate=evaluate))
     except StepFault as fault:
         opt._fault(info, R, fault)
         return info
@@ -309,7 +311,7 @@ def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
     norms_ = np.sqrt(sq).tolist()
     if math.isfinite(sum(norms_)) and len(parts) == 1 and parts[0].dtype == a.dtype:
         top, low = max(norms_), min(norms_)
-        cut = float(_ROUND_OFF_CUT[a.dtype] * a.dtype.type(top))  # (in the dtype, as round_off_columns)
+        cut = float(_ROUND_OFF_CUT[a.dtype.char] * a.dtype.type(top))  # (in the dtype, as round_off_columns)
         if low <= cut:  # columns at round-off of the largest count as the largest
             norms_ = [top if 0.0 < v <= cut else v for v in norms_]
         buf = parts[0]
@@ -323,7 +325,7 @@ def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
             raise StepFault("the Jacobian")
         norms = column_norms(torch.from_numpy(a)).numpy()
     top = norms.max()  # columns at round-off of the largest count as the largest (round_off_columns)
-    cut = ROUND_OFF * _EPS[norms.dtype] * top
+    cut = ROUND_OFF * _EPS[norms.dtype.char] * top
     low = norms.min()
     if low <= cut:
         norms = np.where((norms > 0) & (norms <= cut), top, norms)
@@ -355,86 +357,3 @@ def _factorize(opt: Any, tp: TinyPlan, a: np.ndarray) -> TinyFactors:
     if dt != np.float64:
         U, S, Vh = U.astype(dt), S.astype(dt), Vh.astype(dt)
     return TinyFactors((U[:, :k], S[:k], Vh[:k].T), S, cut)
-
-
-def _context(
-    opt: Any,
-    tp: TinyPlan,
-    F: TinyFactors,
-    R: torch.Tensor,
-    a: np.ndarray,
-    evaluate: Evaluator,
-    *,
-    c: np.ndarray,
-    D: np.ndarray | None,
-    cos: float,
-) -> StepContext:
-    """The :class:`~sven.control.StepContext` of :func:`sven.step_context.step_context`, on NumPy views."""
-    _, s, v = F.arrays
-    s0sq = s[0] ** 2 if F.rank else 0.0
-    lrs = tp.column_lrs(a.dtype)
-    blocks, params, views = tp.blocks, tp.params, tp.views
-    # one flat parameter of the directions' dtype: a direction is added to it as it is
-    whole = len(blocks) == 1 and params[0].dim() == 1 and params[0].dtype == F.dtype
-
-    last: list[Any] = [None, None]  # the last direction and its array
-
-    def direction(lam: float) -> torch.Tensor:
-        if F.rank == 0:
-            d = np.zeros(v.shape[0], dtype=v.dtype)
-        else:  # (every kept value is above the cut-off, so positive)
-            d = v @ (c * (1.0 / s if lam == 0.0 else s / (s * s + lam * s0sq)))
-        if not finite_array(d):
-            raise StepFault("the Sven direction")
-        d = d if D is None else d / D  # (D is in the Jacobian's dtype, as d)
-        last[:] = torch.from_numpy(d), d
-        return last[0]  # type: ignore[no-any-return]
-
-    def predict(d: torch.Tensor) -> torch.Tensor:
-        x = last[1] if d is last[0] else d.numpy()  # (the direction just made: its array, without a call)
-        x = x if lrs is None else x * lrs
-        return torch.from_numpy(a @ x.astype(a.dtype, copy=False))
-
-    def apply(d: torch.Tensor, sign: float) -> None:
-        # sven.params.apply_direction, one block at a time: theta_b -= sign * lr_b * d_b (inside closure_mode: the
-        # parameters do not require grad, and the in-place change bumps their version counters)
-        if whole:
-            params[0].add_(d, alpha=-sign * blocks[0].lr)
-            return
-        for b in blocks:
-            piece = d[b.start : b.stop]
-            piece = piece if piece.dtype == b.param.dtype else piece.to(b.param.dtype)
-            b.param.add_(piece.view_as(b.param), alpha=-sign * b.lr)
-
-    def save() -> Callable[[], None]:
-        saved = [x.copy() for x in views]  # (sven.params.save_parameters: bit for bit)
-
-        def restore() -> None:
-            with torch.no_grad():
-                for p, x in zip(params, saved):
-                    p.copy_(torch.from_numpy(x))
-
-        return restore
-
-    def xnorm() -> float:
-        x = tp.flat()
-        return vector_norm(x if D is None else x * D)
-
-    def reject() -> None:
-        opt._counters["rejected_steps"] += 1
-
-    return StepContext(
-        F=F,  # type: ignore[arg-type]
-        R=R,
-        loss=lambda: opt.rows.mean_loss(R),
-        direction=direction,
-        apply=apply,
-        predict=predict,
-        norm=lambda d: float(lr_scaled(blocks, d).double().norm()),
-        save=save,
-        reject=reject,
-        evaluate=evaluate,
-        xnorm=xnorm,
-        resolve=None,
-        cosine=lambda: cos,
-    )
