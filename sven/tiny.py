@@ -75,6 +75,7 @@ _POLICIES = (AdaptiveDamping, TrustRegion)
 #: :data:`sven.precondition.ROUND_OFF` times the machine epsilon, in each dtype (the cut of round_off_columns)
 _ROUND_OFF_CUT = {np.dtype(t).char: t(ROUND_OFF * float(np.finfo(t).eps)) for t in (np.float64, np.float32)}
 _DTYPES = (torch.float64, torch.float32)
+_DIST = dist_.dist.is_available()  # (torch.distributed is compiled in: fixed for the process)
 _EPS = {np.dtype(t).char: float(np.finfo(t).eps) for t in (np.float64, np.float32)}  # (by type code: cheap to hash)
 
 
@@ -131,6 +132,8 @@ class TinyPlan:
         lean: whether the lean step applies: :func:`applies`, and at least one column, every parameter that
             requires grad a float32 or float64 CPU tensor.
         blocks, params: the parameter blocks (:func:`sven.params.blocks_of_groups`) and their tensors.
+        targets: the parameters detached (the same storage and version counter: written in place without
+            autograd, the change is seen by any graph that saved them).
         views: NumPy views of the parameters (their memory: valid while their storage is, which ``key`` checks).
         spans: ``(start, stop, lr)`` of each block, as :class:`~sven.info.StepInfo` records them.
         rtols: the relative cut-off per Jacobian shape and dtype (``rtol``, or truncpinv's default).
@@ -143,6 +146,7 @@ class TinyPlan:
     lean: bool
     blocks: list[ParamBlock] = field(default_factory=list)
     params: list[torch.Tensor] = field(default_factory=list)
+    targets: list[torch.Tensor] = field(default_factory=list)
     views: list[np.ndarray] = field(default_factory=list)
     spans: list[tuple[int, int, float]] = field(default_factory=list)
     rtols: dict[tuple[int, int, str], float] = field(default_factory=dict)
@@ -187,28 +191,35 @@ class TinyPlan:
         return np.concatenate([v.reshape(-1).astype(np.float64) for v in self.views])
 
 
-def signature(opt: Any) -> tuple[tuple[Any, ...], list[Any]]:
-    """What a :class:`TinyPlan` depends on: the pipeline's objects (by identity), the distributed world, each group's
-    ``lr``, ``momentum``, ``weight_decay`` and parameters (by identity, ``requires_grad``, shape, dtype, device and
-    storage); and the objects whose ids it holds. Assigning an option (``opt.rtol = ...``) makes a new ``config``."""
-    refs: list[Any] = [applies, opt.config, opt.control, opt.solver, opt.precondition, opt.process_group]
-    key: list[Any] = [id(r) for r in refs]
-    key.append(dist_.world_size(opt.process_group))
+def signature(opt: Any) -> tuple[Any, ...]:
+    """What a :class:`TinyPlan` depends on: :func:`applies` and the pipeline's objects (by identity), the
+    distributed world, each group's ``lr``, ``momentum``, ``weight_decay`` and parameters (by identity,
+    ``requires_grad``, shape, dtype, device and storage). Assigning an option (``opt.rtol = ...``) makes a new
+    ``config``."""
+    group = opt.process_group
+    key: list[Any] = [id(applies), id(opt.config), id(opt.control), id(opt.solver), id(opt.precondition), id(group)]
+    key.append(dist_.world_size(group) if _DIST and dist_.dist.is_initialized() else 1)  # (1: not initialised)
     for g in opt.param_groups:
         ps = g["params"]
         key += (g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0), len(ps))
         for p in ps:
-            refs.append(p)
             key += (id(p), p.requires_grad, p.shape, p.dtype, p.device, p.data_ptr())
-    return tuple(key), refs
+    return tuple(key)
+
+
+def _referents(opt: Any) -> list[Any]:
+    """The objects whose ids :func:`signature` holds (kept alive with the plan, so that no id is reused)."""
+    refs = [applies, opt.config, opt.control, opt.solver, opt.precondition, opt.process_group]
+    return refs + [p for g in opt.param_groups for p in g["params"]]
 
 
 def plan(opt: Any) -> TinyPlan:
     """``opt``'s :class:`TinyPlan`: the cached one while :func:`signature` is unchanged, else a new one."""
-    key, refs = signature(opt)
+    key = signature(opt)
     cached = opt.__dict__.get("_tiny_plan")
     if cached is not None and cached.key == key:
         return cached  # type: ignore[no-any-return]
+    refs = _referents(opt)
     made = TinyPlan(key, refs, lean=False)
     if applies(opt):
         blocks = blocks_of_groups(opt.param_groups)
@@ -220,6 +231,7 @@ def plan(opt: Any) -> TinyPlan:
                 lean=True,
                 blocks=blocks,
                 params=[b.param for b in blocks],
+                targets=[b.param.detach() for b in blocks],
                 views=[b.param.detach().numpy() for b in blocks],
                 spans=[(b.start, b.stop, b.lr) for b in blocks],
                 scales=[None] * len(blocks),

@@ -115,27 +115,26 @@ class Lean:
     def apply(self, d: torch.Tensor, sign: float) -> None:
         """:func:`sven.params.apply_direction`, one block at a time: :math:`\\theta_b \\mathrel{-}= s\\,\\eta_b d_b`.
 
-        Inside :class:`sven.params.closure_mode`: the parameters do not require grad, and the in-place change
-        bumps their version counters.
+        On the plan's detached aliases of the parameters (``TinyPlan.targets``): the in-place change bumps the
+        parameters' version counters, as on the parameters themselves.
         """
         tp = self.tp
         if self.whole:
-            tp.params[0].add_(d, alpha=-sign * tp.blocks[0].lr)
+            tp.targets[0].add_(d, alpha=-sign * tp.blocks[0].lr)
             return
-        for b in tp.blocks:
+        for b, target in zip(tp.blocks, tp.targets):
             piece = d[b.start : b.stop]
             piece = piece if piece.dtype == b.param.dtype else piece.to(b.param.dtype)
-            b.param.add_(piece.view_as(b.param), alpha=-sign * b.lr)
+            target.add_(piece.view_as(target), alpha=-sign * b.lr)
 
     def save(self) -> Callable[[], None]:
         """A snapshot of the parameters (:func:`sven.params.save_parameters`: bit for bit) and its restore."""
         tp = self.tp
         saved = [x.copy() for x in tp.views]
 
-        def restore() -> None:
-            with torch.no_grad():
-                for p, x in zip(tp.params, saved):
-                    p.copy_(torch.from_numpy(x))
+        def restore() -> None:  # (on the detached aliases, as ``apply``)
+            for target, x in zip(tp.targets, saved):
+                target.copy_(torch.from_numpy(x))
 
         return restore
 
@@ -211,10 +210,8 @@ def _adaptive(policy: AdaptiveDamping, lean: Lean) -> Outcome:
         lean.reject()
     out.rejected, out.retries, out.direction = True, tries, None
     out.stalled = policy.state.lam >= SF.DAMPING_MAX
-    if out.stalled:  # (warn_stall returns at once otherwise)
-        ctx = lean.context()
-        if not policy.fitted(ctx):
-            warn_stall(ctx, out, loss, policy.peak, f"the damping at its ceiling ({SF.DAMPING_MAX:g} sigma_max^2)")
+    # (AdaptiveDamping.fitted is False: a subclass that overrides it never comes here, run dispatches on the type)
+    _warn(lean, out, loss, policy.peak, f"the damping at its ceiling ({SF.DAMPING_MAX:g} sigma_max^2)")
     return out
 
 
@@ -278,6 +275,8 @@ def _trust_region(policy: TrustRegion, lean: Lean) -> Outcome:
 
 
 def _warn(lean: Lean, out: Outcome, loss: float, peak: float, where: str) -> None:
-    """:func:`sven.control.warn_stall` on the full context, built only for a stall (it returns at once else)."""
-    if out.stalled:
+    """:func:`sven.control.warn_stall` on the full context, built only where it warns: a stall (``out.stalled``)
+    above round-off (``loss`` over ``(1e3 eps)^2 peak``) at a point that is not stationary (its two tests)."""
+    dtype = lean.R.dtype
+    if out.stalled and loss > (1e3 * torch.finfo(dtype).eps) ** 2 * peak and lean.cos > stall_cosine(dtype):
         warn_stall(lean.context(), out, loss, peak, where)

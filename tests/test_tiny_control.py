@@ -201,3 +201,17 @@ def test_a_try_that_gives_nan_is_rejected_by_the_twin(kind: str) -> None:
     assert (na, sa) == (nb, sb) and na >= 1 and sa == 0  # tries met NaN and were undone; no step was skipped
     torch.testing.assert_close(xa, xb, rtol=1e-12, atol=0.0)
     assert 0.0 < float(xa[0]) <= 1.2
+
+
+@pytest.mark.parametrize("kind", ["adaptive", "trust"])
+def test_a_graph_recorded_before_a_lean_step_sees_the_parameters_change(kind: str) -> None:
+    # the twin writes through detached aliases: the version counter still moves, so autograd refuses the stale graph
+    fun, x0 = _problem(1, 3, 12)
+    x = torch.nn.Parameter(x0.clone())
+    stale = (x**3).sum()  # (its backward reads x itself)
+    opt = sven.Sven([x], residuals=True, control=_control(kind))
+    version = x._version
+    opt.step(lambda: fun(x))
+    assert not opt.last_step.rejected and x._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()
