@@ -23,8 +23,9 @@ The step is the general one, computed in NumPy on views of the same memory: MorÃ
 (:class:`sven.precondition.ColumnScaling`, the same state buffer ``col_scale``), one float64 LAPACK SVD
 (``gesdd``, as ``numpy.linalg.svd`` without its dispatch) of
 :math:`\hat M = M D^{-1} = U \Sigma V^\top` (what :mod:`sven.factorize` computes for at most 10 columns), the
-truncation :math:`\sigma_i > \max(atol, rtol\,\sigma_1)`, and the policy's own ``run`` on a
-:class:`sven.control.StepContext` whose directions are
+truncation :math:`\sigma_i > \max(atol, rtol\,\sigma_1)`, and the step control's tries
+(:func:`sven.tiny_control.run`: the twins of ``AdaptiveDamping.run`` and ``TrustRegion.run`` on the arrays,
+with the policy objects' own state and update functions) on the directions
 
 .. math::
 
@@ -32,8 +33,8 @@ truncation :math:`\sigma_i > \max(atol, rtol\,\sigma_1)`, and the policy's own `
     \text{predicted change } M (\eta\, d_\lambda).
 
 The policy objects, their state and their decisions are the general path's; only the arithmetic around
-them is leaner, so the iterates agree with the general path's to round-off (``tests/test_tiny.py``
-checks it on random problems for both policies).
+them is leaner, so the iterates agree with the general path's to round-off (``tests/test_tiny.py`` and
+``tests/test_tiny_control.py`` check it on random problems for both policies).
 """
 
 from __future__ import annotations
