@@ -377,12 +377,24 @@ def jacobians(fun: Callable[[torch.Tensor], torch.Tensor], repeats: int) -> None
         with fwAD.dual_level():
             return torch.stack([fwAD.unpack_dual(fun(fwAD.make_dual(z, eye_p[j]))).tangent for j in range(3)], 1)
 
+    t = torch.linspace(0, 1, m, dtype=z.dtype)
+
+    def dual_product(plain: bool) -> Callable[[], Any]:  # one product of a dual tensor, as fun's arithmetic has
+        def once() -> Any:
+            with fwAD.dual_level():
+                dual = fwAD.make_dual(t, t)
+                return dual * (t if plain else dual)
+
+        return once
+
     ways: dict[str, Callable[[], Any]] = {
         "double backward, P columns (Sven's tall route)": lambda: autograd_jacobian(fun(x), [x]),
         "batched backward, m rows": rows,
         "torch.func.jacrev (+ residuals)": lambda: (fun(z), jacrev(z)),
         "torch.func.jacfwd (+ residuals)": lambda: (fun(z), jacfwd(z)),
         "forward AD, P passes": forward_ad,
+        "forward AD: one product dual x dual (m entries)": dual_product(False),
+        "forward AD: one product dual x plain tensor (m entries; the plain side's zero tangent)": dual_product(True),
     }
     print("\n| Jacobian (P=3, m=100), one thread | us |\n|---|---|")
     for name, way in ways.items():

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -38,23 +38,67 @@ __all__ = ["eager"]
 #: The warning ``OptimizedModule.__call__`` issues whenever a global module hook is installed; Sven's
 #: recorder is one, and it handles the extra call of the wrapper (it owns no parameters).
 _GLOBAL_HOOK_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks"
+# one filter entry, put in and taken out by hand: ``warnings.catch_warnings`` would reset every module's
+# record of the warnings already shown, so that "once per line" warnings would repeat at every step
+_FILTER = ("ignore", re.compile(_GLOBAL_HOOK_WARNING), UserWarning, None, 0)
 
 
-@contextmanager
-def eager() -> Iterator[None]:
-    """Run compiled code (``torch.compile``) eagerly inside the block (a no-op before PyTorch 2.6)."""
-    # PyTorch < 2.6 has no stance to switch. (TorchDynamo is already imported: torch.optim.Optimizer's
-    # constructor imports it, so the switch costs microseconds, not an import.)
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is None:
-        yield
-        return
-    # one filter entry, put in and taken out by hand: ``warnings.catch_warnings`` would reset every module's
-    # record of the warnings already shown, so that "once per line" warnings would repeat at every step
-    entry = ("ignore", re.compile(_GLOBAL_HOOK_WARNING), UserWarning, None, 0)
-    warnings.filters.insert(0, entry)  # type: ignore[attr-defined]
+def _stance_switch() -> tuple[Any, Any] | None:
+    """TorchDynamo's own stance setter and its ``"force_eager"`` stance, where this torch has them.
+
+    ``torch.compiler.set_stance`` is a decorator class that builds its stance object and imports its setter at
+    every use (about 10 us, twice per step: a tenth of a curve fit's step, :mod:`sven.tiny`); this is the
+    setter it calls, ``_set_stance(stance) -> previous``, with the stance built once. ``None`` where the
+    module lacks them: :func:`eager` then takes the public context manager.
+    """
     try:
-        with set_stance("force_eager"):
-            yield
-    finally:
-        warnings.filters.remove(entry)  # type: ignore[attr-defined]
+        from torch._dynamo import eval_frame
+    except ImportError:  # pragma: no cover - a torch without TorchDynamo
+        return None
+    setter, kind = getattr(eval_frame, "_set_stance", None), getattr(eval_frame, "DynamoStance", None)
+    if setter is None or kind is None:
+        return None  # pragma: no cover - another torch's internals
+    return setter, kind("force_eager")
+
+
+# PyTorch < 2.6 has no stance to switch. (TorchDynamo is already imported: torch.optim.Optimizer's
+# constructor imports it, so the switch costs microseconds, not an import.)
+_PUBLIC = getattr(torch.compiler, "set_stance", None)
+_SWITCH = _stance_switch() if _PUBLIC is not None else None
+
+
+class eager:  # (a lower-case name: used as a function, ``with eager():``)
+    """Run compiled code (``torch.compile``) eagerly inside the block (a no-op before PyTorch 2.6).
+
+    The previous stance is put back on exit, also when the block raises; the warning filter of
+    :data:`_GLOBAL_HOOK_WARNING` is in place for the block only.
+    """
+
+    __slots__ = ("_prev",)
+
+    def __enter__(self) -> None:
+        if _PUBLIC is None:
+            return
+        warnings.filters.insert(0, _FILTER)  # type: ignore[attr-defined]
+        try:
+            if _SWITCH is not None:
+                self._prev = _SWITCH[0](_SWITCH[1])
+            else:  # pragma: no cover - another torch's internals: the public context manager
+                self._prev = _PUBLIC("force_eager")
+                self._prev.__enter__()
+        except BaseException:
+            warnings.filters.remove(_FILTER)  # type: ignore[attr-defined]
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if _PUBLIC is None:
+            return
+        try:
+            if _SWITCH is not None:
+                _SWITCH[0](self._prev)
+            else:  # pragma: no cover
+                self._prev.__exit__(exc_type, exc, tb)
+        finally:
+            warnings.filters.remove(_FILTER)  # type: ignore[attr-defined]

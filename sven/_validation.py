@@ -14,8 +14,7 @@ import os
 import sys
 import types
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -167,8 +166,7 @@ _NO_BACKWARD = (
 )
 
 
-@contextmanager
-def closure_errors(params: Sequence[Any] = ()) -> Iterator[None]:
+class closure_errors:  # (a lower-case name: used as a function, ``with closure_errors(params):``)
     """Turn the errors of a closure that calls ``backward()`` (L-BFGS style, Lightning's automatic mode) into advice.
 
     Three signs, each checked only once an error has been raised: autograd's
@@ -179,25 +177,37 @@ def closure_errors(params: Sequence[Any] = ()) -> Iterator[None]:
     ``None`` before, or its version counter moved). The advice is raised as the
     same built-in exception type, chained to the original.
     """
-    before = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
-    try:
-        yield
-    except (ValueError, TypeError, RuntimeError) as err:
-        text = str(err)
-        kind = next(k for k in (ValueError, TypeError, RuntimeError) if isinstance(err, k))  # one-argument init
-        if _BACKWARD_OF_VECTOR in text:
-            raise kind(
-                f"the closure differentiated a non-scalar tensor without `grad_outputs` ({_BACKWARD_OF_VECTOR}). "
-                f"If it calls backward() on the per-sample losses, it must not: {_NO_BACKWARD}"
-            ) from err
-        wrote = any(
-            p.grad is not None and (g is None or p.grad is not g or p.grad._version != v)
-            for p, (g, v) in zip(params, before)
-        )
-        if wrote or (isinstance(err, RuntimeError) and any(s in text for s in _BACKWARD_IN_CLOSURE)):
-            called = "the closure called backward() (it wrote the parameters' `.grad`): " if wrote else ""
-            raise kind(f"{called}{_NO_BACKWARD}") from err
-        raise
+
+    __slots__ = ("_before", "_params")
+
+    def __init__(self, params: Sequence[Any] = ()) -> None:
+        self._params = params
+        self._before = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind_: type[BaseException] | None, err: BaseException | None, tb: object) -> None:
+        if isinstance(err, (ValueError, TypeError, RuntimeError)):
+            _advise(err, self._params, self._before)
+
+
+def _advise(err: ValueError | TypeError | RuntimeError, params: Sequence[Any], before: list[Any]) -> None:
+    """Raise the advice of :class:`closure_errors` for ``err``, chained to it, where one of its signs holds."""
+    text = str(err)
+    kind = next(k for k in (ValueError, TypeError, RuntimeError) if isinstance(err, k))  # one-argument init
+    if _BACKWARD_OF_VECTOR in text:
+        raise kind(
+            f"the closure differentiated a non-scalar tensor without `grad_outputs` ({_BACKWARD_OF_VECTOR}). "
+            f"If it calls backward() on the per-sample losses, it must not: {_NO_BACKWARD}"
+        ) from err
+    wrote = any(
+        p.grad is not None and (g is None or p.grad is not g or p.grad._version != v)
+        for p, (g, v) in zip(params, before)
+    )
+    if wrote or (isinstance(err, RuntimeError) and any(s in text for s in _BACKWARD_IN_CLOSURE)):
+        called = "the closure called backward() (it wrote the parameters' `.grad`): " if wrote else ""
+        raise kind(f"{called}{_NO_BACKWARD}") from err
 
 
 def warn_ignored_grads(params: Sequence[Any]) -> None:

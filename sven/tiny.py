@@ -23,8 +23,9 @@ The step is the general one, computed in NumPy on views of the same memory: MorÃ
 (:class:`sven.precondition.ColumnScaling`, the same state buffer ``col_scale``), one float64 LAPACK SVD
 (``gesdd``, as ``numpy.linalg.svd`` without its dispatch) of
 :math:`\hat M = M D^{-1} = U \Sigma V^\top` (what :mod:`sven.factorize` computes for at most 10 columns), the
-truncation :math:`\sigma_i > \max(atol, rtol\,\sigma_1)`, and the policy's own ``run`` on a
-:class:`sven.control.StepContext` whose directions are
+truncation :math:`\sigma_i > \max(atol, rtol\,\sigma_1)`, and the step control's tries
+(:func:`sven.tiny_control.run`: the twins of ``AdaptiveDamping.run`` and ``TrustRegion.run`` on the arrays,
+with the policy objects' own state and update functions) on the directions
 
 .. math::
 
@@ -32,8 +33,8 @@ truncation :math:`\sigma_i > \max(atol, rtol\,\sigma_1)`, and the policy's own `
     \text{predicted change } M (\eta\, d_\lambda).
 
 The policy objects, their state and their decisions are the general path's; only the arithmetic around
-them is leaner, so the iterates agree with the general path's to round-off (``tests/test_tiny.py``
-checks it on random problems for both policies).
+them is leaner, so the iterates agree with the general path's to round-off (``tests/test_tiny.py`` and
+``tests/test_tiny_control.py`` check it on random problems for both policies).
 """
 
 from __future__ import annotations
@@ -50,16 +51,18 @@ import torch
 import truncpinv
 
 from . import distributed as dist_
-from ._arrays import finite_array, vector_norm
+from . import tiny_control
+from ._arrays import finite_array, squared_norm_of, vector_norm
 from ._compile import eager
-from ._validation import check_not_inference_mode, closure_errors, warn_ignored_grads
-from .control import AdaptiveDamping, Evaluator, StepContext
+from ._validation import closure_errors, warn_ignored_grads
+from .control import AdaptiveDamping, Evaluator
 from .factorize import DIRECT_SIDE
 from .functional import HOST_SMALL
 from .info import StepFault, StepInfo
 from .linearize import Unsupported
-from .params import ParamBlock, blocks_of_groups, closure_mode, lr_scaled
+from .params import ParamBlock, blocks_of_groups, closure_mode
 from .precondition import ROUND_OFF, ColumnScaling, column_norms
+from .tiny_control import Lean
 from .trust_region import TrustRegion
 
 __all__ = ["TINY_COLUMNS", "TINY_ENTRIES", "TinyFactors", "TinyPlan", "applies", "plan", "step"]
@@ -70,8 +73,11 @@ TINY_COLUMNS = DIRECT_SIDE
 #: (:data:`sven.functional.HOST_SMALL`), so that both paths round alike.
 TINY_ENTRIES = HOST_SMALL
 _POLICIES = (AdaptiveDamping, TrustRegion)
+#: :data:`sven.precondition.ROUND_OFF` times the machine epsilon, in each dtype (the cut of round_off_columns)
+_ROUND_OFF_CUT = {np.dtype(t).char: t(ROUND_OFF * float(np.finfo(t).eps)) for t in (np.float64, np.float32)}
 _DTYPES = (torch.float64, torch.float32)
-_EPS = {np.dtype(np.float64): float(np.finfo(np.float64).eps), np.dtype(np.float32): float(np.finfo(np.float32).eps)}
+_DIST = dist_.dist.is_available()  # (torch.distributed is compiled in: fixed for the process)
+_EPS = {np.dtype(t).char: float(np.finfo(t).eps) for t in (np.float64, np.float32)}  # (by type code: cheap to hash)
 
 
 class TinyFactors:
@@ -127,6 +133,8 @@ class TinyPlan:
         lean: whether the lean step applies: :func:`applies`, and at least one column, every parameter that
             requires grad a float32 or float64 CPU tensor.
         blocks, params: the parameter blocks (:func:`sven.params.blocks_of_groups`) and their tensors.
+        targets: the parameters detached (the same storage and version counter: written in place without
+            autograd, the change is seen by any graph that saved them).
         views: NumPy views of the parameters (their memory: valid while their storage is, which ``key`` checks).
         spans: ``(start, stop, lr)`` of each block, as :class:`~sven.info.StepInfo` records them.
         rtols: the relative cut-off per Jacobian shape and dtype (``rtol``, or truncpinv's default).
@@ -139,15 +147,16 @@ class TinyPlan:
     lean: bool
     blocks: list[ParamBlock] = field(default_factory=list)
     params: list[torch.Tensor] = field(default_factory=list)
+    targets: list[torch.Tensor] = field(default_factory=list)
     views: list[np.ndarray] = field(default_factory=list)
     spans: list[tuple[int, int, float]] = field(default_factory=list)
-    rtols: dict[tuple[int, int, Any], float] = field(default_factory=dict)
-    lrs: dict[Any, np.ndarray | None] = field(default_factory=dict)
+    rtols: dict[tuple[int, int, str], float] = field(default_factory=dict)
+    lrs: dict[str, np.ndarray | None] = field(default_factory=dict)
     scales: list[tuple[torch.Tensor, np.ndarray] | None] = field(default_factory=list)
 
     def rtol(self, opt: Any, shape: tuple[int, int], dtype: Any) -> float:
         """The ``rtol`` of :func:`sven.factorize.factorize` for an ``M`` of this shape and dtype."""
-        key = (shape[0], shape[1], dtype)
+        key = (shape[0], shape[1], dtype.char)  # (a dtype's type code hashes faster than the dtype)
         if key not in self.rtols:
             rtol = opt.config.rtol
             torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
@@ -156,10 +165,11 @@ class TinyPlan:
 
     def column_lrs(self, dtype: Any) -> np.ndarray | None:
         """Every column's learning rate in ``dtype`` (``None`` where all are 1: ``d`` needs no scaling)."""
-        if dtype not in self.lrs:
+        code = dtype.char  # (hashes faster than the dtype)
+        if code not in self.lrs:
             lrs = np.concatenate([np.full(b.stop - b.start, b.lr, dtype=dtype) for b in self.blocks])
-            self.lrs[dtype] = None if bool((lrs == 1.0).all()) else lrs
-        return self.lrs[dtype]
+            self.lrs[code] = None if bool((lrs == 1.0).all()) else lrs
+        return self.lrs[code]
 
     def scale_buffers(self, state: Any) -> list[np.ndarray]:
         """Flat NumPy views of the blocks' ``col_scale`` state (created as zeros, as the general step does)."""
@@ -182,28 +192,35 @@ class TinyPlan:
         return np.concatenate([v.reshape(-1).astype(np.float64) for v in self.views])
 
 
-def signature(opt: Any) -> tuple[tuple[Any, ...], list[Any]]:
-    """What a :class:`TinyPlan` depends on: the pipeline's objects (by identity), the distributed world, each group's
-    ``lr``, ``momentum``, ``weight_decay`` and parameters (by identity, ``requires_grad``, shape, dtype, device and
-    storage); and the objects whose ids it holds. Assigning an option (``opt.rtol = ...``) makes a new ``config``."""
-    refs: list[Any] = [applies, opt.config, opt.control, opt.solver, opt.precondition, opt.process_group]
-    key: list[Any] = [id(r) for r in refs]
-    key.append(dist_.world_size(opt.process_group))
+def signature(opt: Any) -> tuple[Any, ...]:
+    """What a :class:`TinyPlan` depends on: :func:`applies` and the pipeline's objects (by identity), the
+    distributed world, each group's ``lr``, ``momentum``, ``weight_decay`` and parameters (by identity,
+    ``requires_grad``, shape, dtype, device and storage). Assigning an option (``opt.rtol = ...``) makes a new
+    ``config``."""
+    group = opt.process_group
+    key: list[Any] = [id(applies), id(opt.config), id(opt.control), id(opt.solver), id(opt.precondition), id(group)]
+    key.append(dist_.world_size(group) if _DIST and dist_.dist.is_initialized() else 1)  # (1: not initialised)
     for g in opt.param_groups:
         ps = g["params"]
         key += (g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0), len(ps))
         for p in ps:
-            refs.append(p)
             key += (id(p), p.requires_grad, p.shape, p.dtype, p.device, p.data_ptr())
-    return tuple(key), refs
+    return tuple(key)
+
+
+def _referents(opt: Any) -> list[Any]:
+    """The objects whose ids :func:`signature` holds (kept alive with the plan, so that no id is reused)."""
+    refs = [applies, opt.config, opt.control, opt.solver, opt.precondition, opt.process_group]
+    return refs + [p for g in opt.param_groups for p in g["params"]]
 
 
 def plan(opt: Any) -> TinyPlan:
     """``opt``'s :class:`TinyPlan`: the cached one while :func:`signature` is unchanged, else a new one."""
-    key, refs = signature(opt)
+    key = signature(opt)
     cached = opt.__dict__.get("_tiny_plan")
     if cached is not None and cached.key == key:
         return cached  # type: ignore[no-any-return]
+    refs = _referents(opt)
     made = TinyPlan(key, refs, lean=False)
     if applies(opt):
         blocks = blocks_of_groups(opt.param_groups)
@@ -215,6 +232,7 @@ def plan(opt: Any) -> TinyPlan:
                 lean=True,
                 blocks=blocks,
                 params=[b.param for b in blocks],
+                targets=[b.param.detach() for b in blocks],
                 views=[b.param.detach().numpy() for b in blocks],
                 spans=[(b.start, b.stop, b.lr) for b in blocks],
                 scales=[None] * len(blocks),
@@ -228,8 +246,7 @@ def step(opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     tp = plan(opt)
     if not tp.lean:
         return None
-    check_not_inference_mode()
-    params = tp.params
+    params = tp.params  # (Sven.step has checked for inference mode)
     warn_ignored_grads(params)
     with eager():  # as the general step: compiled closures run eagerly
         with torch.enable_grad(), closure_errors(params):
@@ -270,10 +287,11 @@ def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate:
     """:meth:`sven.Sven._descend` for a tiny dense ``M``, in NumPy (module docstring)."""
     opt._counters["steps"] += 1
     info = StepInfo(losses=R, jacobian_method=method, damping=opt.control.damping, ggn=False)
-    opt.last_step = info
+    opt.__dict__["last_step"] = info  # (what Sven.__setattr__ does for a name that is not an option)
     try:
-        r, a = R.detach().numpy(), M.numpy()
-        if not finite_array(r):
+        r, a = (R.detach() if R.requires_grad else R).numpy(), M.numpy()
+        rr = squared_norm_of(r)  # ||R||^2: finite where every residual is (or a square overflowed)
+        if not math.isfinite(rr) and not np.isfinite(r).all():
             raise StepFault("the residuals")
         D = _column_scale(opt, tp, a) if opt.precondition is not None else None
         if D is None and not finite_array(a):
@@ -281,10 +299,10 @@ def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate:
         F = _factorize(opt, tp, a if D is None else a / D)
         info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
         u, s, _ = F.arrays
-        c = r.astype(u.dtype, copy=False) @ u
-        g, scale = vector_norm(s * c), (float(s[0]) * vector_norm(r) if F.rank else 0.0)
+        c = (r if r.dtype == u.dtype else r.astype(u.dtype)) @ u
+        g, scale = vector_norm(s * c), (float(s[0]) * math.sqrt(rr) if F.rank else 0.0)
         info._gradient_cosine = cos = g / scale if scale > 0 else 0.0  # (a float: the property reads it as one)
-        out = opt.control.run(_context(opt, tp, F, R, a, evaluate, c=c, D=D, cos=cos))
+        out = tiny_control.run(opt.control, Lean(opt, tp, F, R, r, rr, a, c=c, D=D, cos=cos, evaluate=evaluate))
     except StepFault as fault:
         opt._fault(info, R, fault)
         return info
@@ -294,8 +312,25 @@ def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate:
 
 def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
     """MorÃ©'s ``D`` after this Jacobian (:meth:`sven.precondition.ColumnScaling.jacobian`, the same state);
-    a StepFault if the Jacobian is not finite (its squares' sum is not, nor its entries)."""
+    a StepFault if the Jacobian is not finite (its squares' sum is not, nor its entries).
+
+    The column norms, the round-off columns (:func:`sven.precondition.round_off_columns`) and the running
+    maximum are taken on Python floats (at most :data:`TINY_COLUMNS` of them: a NumPy call each would cost
+    more); the state buffer is written in place. Every value is one of the dtype's (the norms are rounded
+    to it first), and the round-off cut is taken in the dtype, so both ways give the same ``D``.
+    """
     sq = np.einsum("ij,ij->j", a, a)  # (an overflow gives inf without a warning)
+    parts = tp.scale_buffers(opt.state)
+    norms_ = np.sqrt(sq).tolist()
+    if math.isfinite(sum(norms_)) and len(parts) == 1 and parts[0].dtype == a.dtype:
+        top, low = max(norms_), min(norms_)
+        cut = float(_ROUND_OFF_CUT[a.dtype.char] * a.dtype.type(top))  # (in the dtype, as round_off_columns)
+        if low <= cut:  # columns at round-off of the largest count as the largest
+            norms_ = [top if 0.0 < v <= cut else v for v in norms_]
+        buf = parts[0]
+        new = [max(x, y) for x, y in zip(buf.tolist(), norms_)]
+        buf[:] = new  # (the col_scale state, in place: each value is the buffer's or a norm, exact in its dtype)
+        return np.array(new if low > 0 or min(new) > 0 else [v if v > 0 else 1.0 for v in new], dtype=a.dtype)
     if math.isfinite(sq.sum()):
         norms = np.sqrt(sq)
     else:  # NaN or Inf, or a square overflowed: the general column norms (by the largest magnitude)
@@ -303,11 +338,10 @@ def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
             raise StepFault("the Jacobian")
         norms = column_norms(torch.from_numpy(a)).numpy()
     top = norms.max()  # columns at round-off of the largest count as the largest (round_off_columns)
-    cut = ROUND_OFF * _EPS[norms.dtype] * top
+    cut = ROUND_OFF * _EPS[norms.dtype.char] * top
     low = norms.min()
     if low <= cut:
         norms = np.where((norms > 0) & (norms <= cut), top, norms)
-    parts = tp.scale_buffers(opt.state)
     if len(parts) == 1:
         np.maximum(parts[0], norms.astype(parts[0].dtype, copy=False), out=parts[0])
     else:
@@ -322,98 +356,17 @@ def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
 def _factorize(opt: Any, tp: TinyPlan, a: np.ndarray) -> TinyFactors:
     """One float64 SVD of ``a`` (LAPACK's ``gesdd``), truncated as every solver truncates
     (:func:`sven.factorize.factorize`)."""
-    U, S, Vh, status = lapack.dgesdd(a.astype(np.float64, copy=False), full_matrices=0)
+    U, S, Vh, status = lapack.dgesdd(a if a.dtype == np.float64 else a.astype(np.float64), full_matrices=0)
     if status != 0:
         raise StepFault("the solver failed (LinAlgError: SVD did not converge)", fault=True)
     sv = S.tolist()
-    if not all(map(math.isfinite, sv)):  # (LAPACK's vectors of a finite matrix are finite where its values are)
+    if not math.isfinite(sum(sv)):  # (LAPACK's vectors of a finite matrix are finite where its values are)
         raise StepFault("the Jacobian")
     cut = max(float(opt.config.atol), tp.rtol(opt, a.shape, a.dtype) * sv[0])
-    k = sum(v > cut for v in sv)
+    k = len(sv)
+    while k and not sv[k - 1] > cut:  # (descending: the kept values are the first k)
+        k -= 1
     dt = a.dtype
     if dt != np.float64:
         U, S, Vh = U.astype(dt), S.astype(dt), Vh.astype(dt)
     return TinyFactors((U[:, :k], S[:k], Vh[:k].T), S, cut)
-
-
-def _context(
-    opt: Any,
-    tp: TinyPlan,
-    F: TinyFactors,
-    R: torch.Tensor,
-    a: np.ndarray,
-    evaluate: Evaluator,
-    *,
-    c: np.ndarray,
-    D: np.ndarray | None,
-    cos: float,
-) -> StepContext:
-    """The :class:`~sven.control.StepContext` of :func:`sven.step_context.step_context`, on NumPy views."""
-    _, s, v = F.arrays
-    s0sq = s[0] ** 2 if F.rank else 0.0
-    lrs = tp.column_lrs(a.dtype)
-    blocks, params, views = tp.blocks, tp.params, tp.views
-    # one flat parameter of the directions' dtype: a direction is added to it as it is
-    whole = len(blocks) == 1 and params[0].dim() == 1 and params[0].dtype == F.dtype
-
-    last: list[Any] = [None, None]  # the last direction and its array
-
-    def direction(lam: float) -> torch.Tensor:
-        if F.rank == 0:
-            d = np.zeros(v.shape[0], dtype=v.dtype)
-        else:  # (every kept value is above the cut-off, so positive)
-            d = v @ (c * (1.0 / s if lam == 0.0 else s / (s * s + lam * s0sq)))
-        if not finite_array(d):
-            raise StepFault("the Sven direction")
-        d = d if D is None else d / D  # (D is in the Jacobian's dtype, as d)
-        last[:] = torch.from_numpy(d), d
-        return last[0]  # type: ignore[no-any-return]
-
-    def predict(d: torch.Tensor) -> torch.Tensor:
-        x = last[1] if d is last[0] else d.numpy()  # (the direction just made: its array, without a call)
-        x = x if lrs is None else x * lrs
-        return torch.from_numpy(a @ x.astype(a.dtype, copy=False))
-
-    def apply(d: torch.Tensor, sign: float) -> None:
-        # sven.params.apply_direction, one block at a time: theta_b -= sign * lr_b * d_b (inside closure_mode: the
-        # parameters do not require grad, and the in-place change bumps their version counters)
-        if whole:
-            params[0].add_(d, alpha=-sign * blocks[0].lr)
-            return
-        for b in blocks:
-            piece = d[b.start : b.stop]
-            piece = piece if piece.dtype == b.param.dtype else piece.to(b.param.dtype)
-            b.param.add_(piece.view_as(b.param), alpha=-sign * b.lr)
-
-    def save() -> Callable[[], None]:
-        saved = [x.copy() for x in views]  # (sven.params.save_parameters: bit for bit)
-
-        def restore() -> None:
-            with torch.no_grad():
-                for p, x in zip(params, saved):
-                    p.copy_(torch.from_numpy(x))
-
-        return restore
-
-    def xnorm() -> float:
-        x = tp.flat()
-        return vector_norm(x if D is None else x * D)
-
-    def reject() -> None:
-        opt._counters["rejected_steps"] += 1
-
-    return StepContext(
-        F=F,  # type: ignore[arg-type]
-        R=R,
-        loss=lambda: opt.rows.mean_loss(R),
-        direction=direction,
-        apply=apply,
-        predict=predict,
-        norm=lambda d: float(lr_scaled(blocks, d).double().norm()),
-        save=save,
-        reject=reject,
-        evaluate=evaluate,
-        xnorm=xnorm,
-        resolve=None,
-        cosine=lambda: cos,
-    )

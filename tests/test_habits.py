@@ -210,6 +210,26 @@ def test_a_compiled_model_gets_the_uncompiled_step(how: str, route: str) -> None
     assert backend.compiled >= 1
 
 
+def test_the_eager_switch_is_undone_when_its_block_raises() -> None:
+    """``sven._compile.eager`` puts back the stance and the warning filters, also after an error in the block."""
+    from sven._compile import eager
+
+    torch._dynamo.reset()
+    backend = _Counting()
+    f = torch.compile(lambda t: t * 2.0, backend=backend)
+    filters = list(warnings.filters)
+    with pytest.raises(ValueError, match="inside"):
+        with eager():
+            f(torch.ones(3))
+            raise ValueError("inside")
+    assert backend.compiled == 0 and warnings.filters == filters
+    with eager(), eager():  # nested: the inner block restores the outer's stance
+        f(torch.ones(3))
+    assert backend.compiled == 0 and warnings.filters == filters
+    f(torch.ones(3))
+    assert backend.compiled == 1
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_a_model_compiled_with_inductor_trains() -> None:
     """The default backend: its compiled backward cannot take the batched tensors of the exact Jacobian."""

@@ -164,7 +164,7 @@ class RowSpec:
                     "with `residuals=True` the closure must return the residuals (e.g. `pred - y`), "
                     "one or more per sample, but it returned a scalar"
                 )
-            return out.reshape(-1)
+            return out if out.dim() == 1 else out.reshape(-1)
         if out.dim() == 0:
             raise ValueError(
                 "the closure returned a scalar loss, but Sven needs one loss per sample, shape (B,): compute the "
