@@ -215,3 +215,28 @@ def test_a_graph_recorded_before_a_lean_step_sees_the_parameters_change(kind: st
     assert not opt.last_step.rejected and x._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         stale.backward()
+
+
+@pytest.mark.parametrize("jacobian", ["autograd", "callable"])
+def test_the_twins_xtol_test_reads_the_parameters_after_the_step(jacobian: str) -> None:
+    # from x = 0 the parameters' norm before the step is 0 (no xtol test can hold) and after it the step's own
+    # length: with a loose xtol the test holds after the first (accepted) step, on both controls
+    gen = torch.Generator().manual_seed(7)
+    A = torch.randn(12, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(12, generator=gen, dtype=torch.float64)
+
+    def fun(z: torch.Tensor) -> torch.Tensor:
+        return A @ z - b
+
+    infos = []
+    for way in ("twin", "control"):
+        x = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        jac = (lambda x=x: A.clone()) if jacobian == "callable" else jacobian
+        opt = sven.Sven([x], residuals=True, control=TrustRegion(xtol=5.0), jacobian=jac)
+        with pytest.MonkeyPatch.context() as mp:
+            if way == "control":
+                mp.setattr(tiny_control, "run", _general_control)
+            opt.step(lambda x=x: fun(x))
+        infos.append(opt.last_step)
+    assert not infos[0].rejected and "xtol" in infos[0].converged
+    assert _decisions(infos[0]) == _decisions(infos[1])
