@@ -114,6 +114,9 @@ class SvenConfig:
             the damping floor starts here and doubles on each plateau of the batches' loss, up to ``damping``
             (``None``, or a value not below ``damping``: the floor is ``damping`` throughout). Ignored without
             the GGN rows.
+        judge_every: with the GGN rows and ``adaptive_damping``: judge only every ``judge_every``-th step on the
+            cross-entropy once the judged steps are calm at the floor (:class:`sven.control.CrossEntropyDamping`;
+            ``1``: every step). Ignored without the GGN rows.
     """
 
     rank: int | float | None = None
@@ -140,6 +143,7 @@ class SvenConfig:
     chunk_size: int = 64
     ggn: bool | None = None
     damping_start: float | None = None
+    judge_every: int = 1
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -184,6 +188,7 @@ class SvenConfig:
         put("damping", check_nonneg_float("damping", self.damping))
         if self.damping_start is not None:
             put("damping_start", check_nonneg_float("damping_start", self.damping_start))
+        put("judge_every", check_positive_int("judge_every", self.judge_every))
         post = self.rmsprop and self.rmsprop_post
         if self.adaptive_damping is None:  # the default: on, unless another step control or RMSProp was asked for
             put("adaptive_damping", not (self.variable_k or self.check_step or self.damping > 0 or self.rmsprop))
@@ -296,7 +301,9 @@ class SvenConfig:
         if self.ggn and self.adaptive_damping:
             start = self.damping_start
             low = start if start is not None and 0 < start < self.damping else None
-            policy: Policy = CrossEntropyDamping(self.damping, int(self.max_retries or 0), start=low)
+            policy: Policy = CrossEntropyDamping(
+                self.damping, int(self.max_retries or 0), start=low, judge_every=self.judge_every
+            )
             return policy if self.trust_radius is None else TrustRadius(policy, self.trust_radius)
         return make_policy(
             damping=self.damping,

@@ -356,11 +356,27 @@ class CrossEntropyDamping(AdaptiveDamping):
     batch's loss stops falling: the noise floor that a too-large learning rate gives SGD, and the doubling is
     the step-size decay on that plateau. The current floor, the previous block's mean and the current block
     are saved by :meth:`state_dict`.
+
+    **Judging only every** ``judge_every``-th step (``1``, the default: every step). At the floor, an accepted try
+    leaves the damping there exactly when :math:`\rho \ge \tfrac12` (the Madsen--Nielsen factor
+    :math:`1 - (2\rho - 1)^3` is then at most 1), so judging it changes nothing and costs a forward pass.
+    Once the last ``calm`` judged steps were all such (first try, the damping at the floor, :math:`\rho \ge
+    \tfrac12`), only every ``judge_every``-th step is judged; the others apply the direction at the floor
+    unjudged (``Outcome.gain_ratio`` ``None``). A judged step that is not calm (a rejected try, or
+    :math:`\rho < \tfrac12`, which raises the damping) restarts the count: every step is judged again until
+    ``calm`` in a row are. The first ``calm`` steps are judged. :meth:`observe` reads ``ctx.loss()``, the step's
+    own forward pass, so the plateau test is unchanged. (On the four sven-bench classifiers no try with
+    :math:`\rho \le 0` followed 4 or more calm steps; docs/results_notes.md, "Judging only every k-th step".)
     """
 
     def __init__(
-        self, floor: float, max_retries: int = 3, *, start: float | None = None, window: int = 32, gain: float = 0.05
-    ) -> None:
+        self, floor: float, max_retries: int = 3, *, start: float | None = None, window: int = 32, gain: float = 0.05,
+        judge_every: int = 1, calm: int = 8,
+    ) -> None:  # fmt: skip
+        for name, value in (("judge_every", judge_every), ("calm", calm)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        self.judge_every, self.calm, self.calmed, self.unjudged = int(judge_every), int(calm), 0, 0
         if start is not None and not 0 < start <= floor:
             raise ValueError(f"`start` must lie in (0, floor] = (0, {floor:g}], got {start!r}")
         if isinstance(window, bool) or int(window) != window or window < 1:
@@ -386,17 +402,33 @@ class CrossEntropyDamping(AdaptiveDamping):
             self.state.lam = max(self.state.lam, self.floor)
         self.previous, self.block = mean, []
 
+    def skips(self) -> bool:
+        """Whether this step goes unjudged: ``calm`` calm judged steps in a row, the damping at the floor, and
+        fewer than ``judge_every - 1`` unjudged steps since the last judged one."""
+        at_floor = self.state.lam <= self.floor
+        return self.judge_every > 1 and at_floor and self.calmed >= self.calm and self.unjudged < self.judge_every - 1
+
     def run(self, ctx: StepContext) -> Outcome:
         self.observe(ctx.loss())
-        return super().run(ctx)
+        if self.skips():
+            self.unjudged += 1
+            d = ctx.direction(self.state.lam)
+            ctx.apply(d, 1.0)
+            return Outcome(direction=d, damping=self.state.lam)
+        out = super().run(ctx)
+        quiet = out.retries == 0 and not out.rejected and out.damping <= self.floor and (out.gain_ratio or 0) >= 0.5
+        self.calmed, self.unjudged = (self.calmed + 1 if quiet else 0), 0
+        return out
 
     def state_dict(self) -> dict[str, float]:
         # the block is saved as its sum and count, so that every entry stays a float
         return {**super().state_dict(), "floor": self.floor, "previous": self.previous,
-                "block_sum": sum(self.block), "block_steps": float(len(self.block))}  # fmt: skip
+                "block_sum": float(sum(self.block)), "block_steps": float(len(self.block)),
+                "calmed": float(self.calmed), "unjudged": float(self.unjudged)}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self.calmed, self.unjudged = int(state.get("calmed", 0)), int(state.get("unjudged", 0))
         if "floor" in state:
             self.floor, self.previous = float(state["floor"]), float(state.get("previous", math.nan))
             steps = int(state.get("block_steps", 0))
