@@ -13,7 +13,11 @@ run, or a final loss above 10x the same seed's at ``judge_every=1``)::
     OMP_NUM_THREADS=1 python benchmarks/judge_skip.py --rho --task mnist-subset mnist-subset-cnn mnist1d digits-ce
     OMP_NUM_THREADS=1 python benchmarks/judge_skip.py --screen 2 4 8 --seeds 0 --out runs/s0.json
     OMP_NUM_THREADS=1 python benchmarks/judge_skip.py --screen 4 --seeds 1 2 --out runs/s12.json
+    OMP_NUM_THREADS=1 python benchmarks/judge_skip.py --stress 1 4 8 --seeds 0 1 2 --task mnist-subset
     python benchmarks/judge_skip.py --from-json docs/data/judge_skip.json        # the stored screen
+
+``--stress`` trains with the batch order of ``benchmarks/ce_step_ab.py`` instead (220 steps, each block of five
+from its own random draw), where a run of unjudged steps once blew a model up (:func:`stress`).
 
 The tasks are those of ``benchmarks/ce_preset_grid.py``: the four sven-bench classifiers and the held-out
 classifiers of ``benchmarks/ce_heldout.py`` (``heldout``, ``heldout-cnn``, ``heldout-quantiles``), one thread.
@@ -22,6 +26,7 @@ classifiers of ``benchmarks/ce_heldout.py`` (``heldout``, ``heldout-cnn``, ``hel
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -140,26 +145,52 @@ def screen(tasks: tuple[str, ...], everys: list[int], seeds: list[int]) -> list[
     return rows
 
 
+def stress(task_name: str, k: int, seed: int, *, blocks: int = 40, steps: int = 5, warmup: int = 20) -> dict[str, Any]:
+    """The batch order of ``benchmarks/ce_step_ab.py`` (``warmup`` steps, then ``blocks`` blocks of ``steps`` steps,
+    each from its own random draw of the training set), model seed ``seed``, ``judge_every=k``: the largest batch
+    loss after the first 20 steps, the mean of the last 20, the fraction judged and the stalls (every try rejected).
+    """
+    torch.set_num_threads(1)
+    task = _task(task_name)
+    data = task.build_data()
+    net = task.model(seed)
+    opt = sven.Sven(net.parameters(), judge_every=k)
+    losses, judged, stalls = [], 0, 0
+    for r in range(-1, blocks):
+        gen = torch.Generator().manual_seed(r + 1)
+        idx = torch.randperm(data.x_train.shape[0], generator=gen)[: (warmup if r < 0 else steps) * task.batch_size]
+        for j in idx.split(task.batch_size):
+            xb, yb = data.x_train[j], data.y_train[j]
+            losses.append(float(opt.step(lambda xb=xb, yb=yb: task.per_sample_loss(net(xb), yb)).mean()))
+            info = opt.last_step
+            judged += info is not None and info.gain_ratio is not None
+            stalls += info is not None and info.rejected
+    return {"task": task_name, "judge_every": k, "seed": seed, "peak": max(losses[20:]),
+            "last": statistics.mean(losses[-20:]), "judged": judged / len(losses), "stalls": stalls}  # fmt: skip
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    """Median test loss per task and ``judge_every``, the change against 1, judged fraction, blow-ups."""
+    """Per task and ``judge_every``: the median test loss, its change against the median at ``judge_every=1`` on
+    the same seeds, the largest change of one seed, the median fraction of steps judged, the blow-ups."""
     ref = {(r["task"], r["seed"]): r["loss"] for r in rows if r["judge_every"] == 1}
     everys = sorted({r["judge_every"] for r in rows} - {1})
-    head = "| task | seeds | judge_every=1 |"
-    head += "".join(f" judge_every={k} (change, judged, blow-ups) |" for k in everys)
-    out = [head, "|---" * (3 + len(everys)) + "|"]
+    head = "| task | judge_every=1 (seeds) |"
+    head += "".join(f" judge_every={k}: median (change, worst seed, judged, blow-ups) |" for k in everys)
+    out = [head, "|---" * (2 + len(everys)) + "|"]
     for task in dict.fromkeys(r["task"] for r in rows):
-
-        def of(k: int, task: str = task) -> list[dict[str, Any]]:
-            return [r for r in rows if r["task"] == task and r["judge_every"] == k]
-
-        base = statistics.median(r["loss"] for r in of(1))
-        cells = [task, str(len(of(1))), f"{base:.4f}"]
+        base = [r["loss"] for r in rows if r["task"] == task and r["judge_every"] == 1]
+        cells = [task, f"{statistics.median(base):.4f} ({len(base)})"]
         for k in everys:
-            runs = of(k)
+            runs = [r for r in rows if r["task"] == task and r["judge_every"] == k and (task, r["seed"]) in ref]
+            if not runs:
+                cells.append("-")
+                continue
             med = statistics.median(r["loss"] for r in runs)
-            blow = sum(r["diverged"] or not r["loss"] <= 10 * ref.get((task, r["seed"]), math.inf) for r in runs)
+            same = statistics.median(ref[task, r["seed"]] for r in runs)
+            worst = max(r["loss"] / ref[task, r["seed"]] - 1 for r in runs)
+            blow = sum(r["diverged"] or not r["loss"] <= 10 * ref[task, r["seed"]] for r in runs)
             judged = statistics.median(r["judged"] for r in runs)
-            cells.append(f"{med:.4f} ({med / base - 1:+.1%}, {judged:.0%}, {blow})")
+            cells.append(f"{med:.4f} ({med / same - 1:+.1%}, {worst:+.1%}, {judged:.0%}, {blow}) on {len(runs)}")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -170,12 +201,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rho", action="store_true", help="log the loss rule's gain ratios (seed 0)")
     ap.add_argument("--screen", nargs="+", type=int, metavar="K", help="screen these judge_every against 1")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="model seeds (default 0)")
+    ap.add_argument("--stress", nargs="+", type=int, metavar="K", help="ce_step_ab's batch order at these judge_every")
     ap.add_argument("--out", help="write the screen's runs here (JSON)")
     ap.add_argument("--from-json", nargs="+", help="print the table of earlier screens, run nothing")
     args = ap.parse_args(argv)
     if args.rho:
         for t in args.task or FOUR:
             print(rho_report(t, rho_log(t)), flush=True)
+        return
+    if args.stress:
+        print("| task | seed | judge_every | largest batch loss after step 20 | last 20, mean | judged | stalls |")
+        print("|---|---|---|---|---|---|---|")
+        for t, seed, k in itertools.product(args.task or ("mnist-subset", "mnist-subset-cnn"), args.seeds, args.stress):
+            r = stress(t, k, seed)
+            print(f"| {t} | {seed} | {k} | {r['peak']:.3f} | {r['last']:.3f} | {r['judged']:.0%} | {r['stalls']} |",
+                  flush=True)  # fmt: skip
         return
     if args.from_json:
         rows = [r for f in args.from_json for r in json.load(open(f))]
