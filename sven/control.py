@@ -54,9 +54,9 @@ from .info import StepFault
 from .linearize.base import RowSpec
 
 __all__ = [
-    "ADAPTIVE_DAMPING_START", "JUMP", "STALL_COSINE", "AdaptiveDamping", "CheckStep", "CrossEntropyDamping", "Evaluator",
-    "Outcome", "Plain", "Policy", "StepContext", "Tikhonov", "TrustRadius", "VariableK", "evaluator", "make_policy",
-    "stall_cosine", "warn_stall",
+    "ADAPTIVE_DAMPING_START", "JUMP", "STALL_COSINE", "AdaptiveDamping", "CheckStep", "CrossEntropyDamping",
+    "Evaluator", "Outcome", "Plain", "Policy", "StepContext", "Tikhonov", "TrustRadius", "VariableK", "evaluator",
+    "make_policy", "stall_cosine", "warn_stall",
 ]  # fmt: skip
 
 #: Starting damping of :class:`AdaptiveDamping` when none is given.
@@ -66,7 +66,7 @@ ADAPTIVE_DAMPING_START = 1e-3
 #: angle can never reach it.
 STALL_COSINE = 1e-4
 #: :class:`CrossEntropyDamping` judges a step whose batch loss before it exceeds this many times the running level
-#: of those losses, even where it could skip (batches of the sven-bench classifiers exceed 2x in 0-4 % of steps).
+#: of those losses, even where it could skip (batches of the sven-bench classifiers exceed 2x in 0-6 % of steps).
 JUMP = 2.0
 
 
