@@ -24,6 +24,10 @@ round-off, so that difference is set against a yardstick: a third worker runs "a
 float64 Gram products perturbed by float32 round-off (relative noise ``--noise``, 6e-8: half a float32 ulp),
 and its largest relative difference from "after" is reported too (``--noise 0``: no third worker). A change
 that keeps the mathematics to round-off stays within about that envelope.
+
+``--options JSON``: keyword options of ``sven.Sven`` for "after" (and its yardstick) only, e.g.
+``--options '{"judge_every": 4}'`` times an option of this checkout against ``REF``'s default (a change of the
+mathematics: its batch losses leave the envelope).
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = 64
 
 
-def worker(src: str, noise: float) -> None:
+def worker(src: str, noise: float, options: str = "{}") -> None:
     """Serve the driver's requests on stdin/stdout with ``sven`` imported from ``src`` (one JSON line each).
 
-    ``noise > 0``: each input ``X`` of the Gram products ``X X^T`` is multiplied by ``1 + noise * N(0, 1)``.
+    ``noise > 0``: each input ``X`` of the Gram products ``X X^T`` is multiplied by ``1 + noise * N(0, 1)``;
+    ``options``: the JSON of ``sven.Sven``'s keyword options.
     """
     sys.path.insert(0, src)
     import time
@@ -75,7 +80,7 @@ def worker(src: str, noise: float) -> None:
             data = task.build_data()
             state.update(task=task, x=data.x_train, y=data.y_train, adam_net=task.model(0), sven_net=task.model(0))
             state["adam"] = torch.optim.Adam(state["adam_net"].parameters(), lr=1e-3)  # type: ignore[attr-defined]
-            state["sven"] = sven.Sven(state["sven_net"].parameters())  # type: ignore[attr-defined]
+            state["sven"] = sven.Sven(state["sven_net"].parameters(), **json.loads(options))  # type: ignore[attr-defined]
             reply: dict[str, object] = {"ok": True, "sven": str(Path(sven.__file__).parent)}
         else:  # "block": time the Adam and the Sven block of this round's batches
             task, x, y = state["task"], state["x"], state["y"]
@@ -104,10 +109,10 @@ def worker(src: str, noise: float) -> None:
 class Worker:
     """A worker process importing ``sven`` from ``src``."""
 
-    def __init__(self, src: Path, noise: float = 0.0) -> None:
+    def __init__(self, src: Path, noise: float = 0.0, options: str = "{}") -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(src), repr(noise)],
+            [sys.executable, __file__, "--worker", str(src), repr(noise), options],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
 
@@ -139,13 +144,14 @@ def _largest_difference(a: list[float], b: list[float]) -> float:
 
 
 def measure(
-    task: str, before: Path, *, rounds: int, steps: int, warmup: int, noise: float, clock: str = "wall"
-) -> dict[str, float]:
+    task: str, before: Path, *, rounds: int, steps: int, warmup: int, noise: float, clock: str = "wall",
+    options: str = "{}",
+) -> dict[str, float]:  # fmt: skip
     """Both workers' Sven/Adam step ratios (medians of blocks), the largest relative difference of their batch
     losses, and (``noise > 0``) that of "after" with float32 noise in the Gram products (the module docstring)."""
-    workers = {"before": Worker(before), "after": Worker(ROOT)}
+    workers = {"before": Worker(before), "after": Worker(ROOT, options=options)}
     if noise > 0:
-        workers["perturbed"] = Worker(ROOT, noise)
+        workers["perturbed"] = Worker(ROOT, noise, options)
     try:
         for w in workers.values():
             w.ask(op="setup", task=task)
@@ -186,16 +192,20 @@ def main() -> None:
         help="time blocks by the wall clock or by the worker's CPU time (time.thread_time: less swayed by other "
         "jobs on a shared machine, though their cache traffic still counts)",
     )  # fmt: skip
+    ap.add_argument("--options", default="{}", help="sven.Sven's keyword options for 'after' (JSON)")
     a = ap.parse_args()
+    if not isinstance(json.loads(a.options), dict):
+        ap.error(f"--options must be a JSON object of sven.Sven's keyword options, got {a.options!r}")
     with tempfile.TemporaryDirectory() as tmp:
         before = extract(a.against, Path(tmp))
-        print(f"before: {a.against}; after: this checkout; {a.rounds} rounds of {a.steps} steps, one thread, "
-              f"{a.clock} clock")  # fmt: skip
+        print(f"before: {a.against}; after: this checkout {a.options}; {a.rounds} rounds of {a.steps} steps, "
+              f"one thread, {a.clock} clock")  # fmt: skip
         print("| task | Adam step, ms | Sven step / Adam's, before | after | saved | batch losses, largest relative "
               "difference: before/after | after/after with float32 noise |")  # fmt: skip
         print("|---|---|---|---|---|---|---|")
         for task in a.tasks:
-            r = measure(task, before, rounds=a.rounds, steps=a.steps, warmup=a.warmup, noise=a.noise, clock=a.clock)
+            r = measure(task, before, rounds=a.rounds, steps=a.steps, warmup=a.warmup, noise=a.noise, clock=a.clock,
+                        options=a.options)  # fmt: skip
             noisy = "-" if math.isnan(r["noise_difference"]) else format(r["noise_difference"], ".1e")
             print(f"| {task} | {r['after_adam_ms']:.2f} | {r['before']:.2f}x | {r['after']:.2f}x | "
                   f"{1 - r['after'] / r['before']:.0%} | {r['loss_difference']:.1e} | {noisy} |",
@@ -203,7 +213,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], float(sys.argv[3]))
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], float(sys.argv[3]), sys.argv[4])
     else:
         main()

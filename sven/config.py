@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_RTOL",
     "GLOBAL_OPTIONS",
     "GROUP_OPTIONS",
+    "JUDGE_EVERY",
     "LM_RETRIES",
     "RESIDUAL_LR",
     "SEED_NAMES",
@@ -58,6 +59,11 @@ __all__ = [
 #: keeps the original's defaults.
 DEFAULT_LR = 0.5
 DEFAULT_RTOL = 1e-4
+#: The loss rule's :class:`sven.control.CrossEntropyDamping` judges every 4th step once its judged steps are calm
+#: at the floor (``judge_every``). Seven classifiers, three seeds: no median test loss moved by more than 1.6 %
+#: (the largest rise 0.5 %), none blew up, and 26-44 % of the steps were judged (docs/results_notes.md, "Judging
+#: only every k-th step").
+JUDGE_EVERY = 4
 #: Retries of a step with Moré's scaling (``scale``): ten doublings of the Madsen--Nielsen growth factor take any
 #: damping to its ceiling, so a step either succeeds or the control stalls (and says so). A try costs one forward
 #: pass. Measured on poisson2d (one seed, 20 s): the first step of the scaled control needs 5 tries.
@@ -114,6 +120,9 @@ class SvenConfig:
             the damping floor starts here and doubles on each plateau of the batches' loss, up to ``damping``
             (``None``, or a value not below ``damping``: the floor is ``damping`` throughout). Ignored without
             the GGN rows.
+        judge_every: with the GGN rows and ``adaptive_damping``: judge only every ``judge_every``-th step on the
+            cross-entropy once the judged steps are calm at the floor (:class:`sven.control.CrossEntropyDamping`;
+            ``1``: every step). Default :data:`JUDGE_EVERY`. Ignored without the GGN rows.
     """
 
     rank: int | float | None = None
@@ -140,6 +149,7 @@ class SvenConfig:
     chunk_size: int = 64
     ggn: bool | None = None
     damping_start: float | None = None
+    judge_every: int = JUDGE_EVERY
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -184,6 +194,7 @@ class SvenConfig:
         put("damping", check_nonneg_float("damping", self.damping))
         if self.damping_start is not None:
             put("damping_start", check_nonneg_float("damping_start", self.damping_start))
+        put("judge_every", check_positive_int("judge_every", self.judge_every))
         post = self.rmsprop and self.rmsprop_post
         if self.adaptive_damping is None:  # the default: on, unless another step control or RMSProp was asked for
             put("adaptive_damping", not (self.variable_k or self.check_step or self.damping > 0 or self.rmsprop))
@@ -296,7 +307,9 @@ class SvenConfig:
         if self.ggn and self.adaptive_damping:
             start = self.damping_start
             low = start if start is not None and 0 < start < self.damping else None
-            policy: Policy = CrossEntropyDamping(self.damping, int(self.max_retries or 0), start=low)
+            policy: Policy = CrossEntropyDamping(
+                self.damping, int(self.max_retries or 0), start=low, judge_every=self.judge_every
+            )
             return policy if self.trust_radius is None else TrustRadius(policy, self.trust_radius)
         return make_policy(
             damping=self.damping,

@@ -54,9 +54,9 @@ from .info import StepFault
 from .linearize.base import RowSpec
 
 __all__ = [
-    "ADAPTIVE_DAMPING_START", "STALL_COSINE", "AdaptiveDamping", "CheckStep", "CrossEntropyDamping", "Evaluator",
-    "Outcome", "Plain", "Policy", "StepContext", "Tikhonov", "TrustRadius", "VariableK", "evaluator", "make_policy",
-    "stall_cosine", "warn_stall",
+    "ADAPTIVE_DAMPING_START", "JUMP", "STALL_COSINE", "AdaptiveDamping", "CheckStep", "CrossEntropyDamping",
+    "Evaluator", "Outcome", "Plain", "Policy", "StepContext", "Tikhonov", "TrustRadius", "VariableK", "evaluator",
+    "make_policy", "stall_cosine", "warn_stall",
 ]  # fmt: skip
 
 #: Starting damping of :class:`AdaptiveDamping` when none is given.
@@ -65,6 +65,9 @@ ADAPTIVE_DAMPING_START = 1e-3
 #: exceeds this: far above the round-off of the gradient (``~ sqrt(eps)`` in float64) yet a stationary point's
 #: angle can never reach it.
 STALL_COSINE = 1e-4
+#: :class:`CrossEntropyDamping` judges a step whose batch loss before it exceeds this many times the running level
+#: of those losses, even where it could skip (batches of the sven-bench classifiers exceed 2x in 0-6 % of steps).
+JUMP = 2.0
 
 
 def stall_cosine(dtype: torch.dtype) -> float:
@@ -356,11 +359,30 @@ class CrossEntropyDamping(AdaptiveDamping):
     batch's loss stops falling: the noise floor that a too-large learning rate gives SGD, and the doubling is
     the step-size decay on that plateau. The current floor, the previous block's mean and the current block
     are saved by :meth:`state_dict`.
+
+    **Judging only every** ``judge_every``-th step (``1``, the default: every step; the loss rule's is
+    ``sven.config.SvenConfig.judge_every``). At the floor, an accepted try leaves the damping there exactly when
+    :math:`\rho \ge \tfrac12` (the Madsen--Nielsen factor :math:`1 - (2\rho - 1)^3` is then at most 1), so
+    judging it changes nothing and costs a forward pass. Once the last ``calm`` judged steps were all such (first
+    try, the damping at the floor, :math:`\rho \ge \tfrac12`), only every ``judge_every``-th step is judged; the
+    others apply the direction at the floor unjudged (``Outcome.gain_ratio`` ``None``). A judged step that is not
+    calm (a rejected try, or :math:`\rho < \tfrac12`, which raises the damping) restarts the count: every step
+    is judged until ``calm`` in a row are. A batch loss before the step above :data:`JUMP` times its running level
+    (an exponential average over about ten steps) is judged too: an unjudged step that raised the loss shows
+    there, one step late, and the judge then damps or undoes the next try before a run of unjudged steps can
+    compound it. :meth:`observe` reads ``ctx.loss()``, the step's own forward pass, so the plateau test is
+    unchanged. docs/results_notes.md ("Judging only every k-th step") has the gain ratios behind the rule.
     """
 
     def __init__(
-        self, floor: float, max_retries: int = 3, *, start: float | None = None, window: int = 32, gain: float = 0.05
-    ) -> None:
+        self, floor: float, max_retries: int = 3, *, start: float | None = None, window: int = 32, gain: float = 0.05,
+        judge_every: int = 1, calm: int = 8,
+    ) -> None:  # fmt: skip
+        for name, value in (("judge_every", judge_every), ("calm", calm)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        self.judge_every, self.calm, self.calmed, self.unjudged = int(judge_every), int(calm), 0, 0
+        self.level = math.nan
         if start is not None and not 0 < start <= floor:
             raise ValueError(f"`start` must lie in (0, floor] = (0, {floor:g}], got {start!r}")
         if isinstance(window, bool) or int(window) != window or window < 1:
@@ -386,17 +408,40 @@ class CrossEntropyDamping(AdaptiveDamping):
             self.state.lam = max(self.state.lam, self.floor)
         self.previous, self.block = mean, []
 
+    def skips(self, loss: float) -> bool:
+        """Whether this step goes unjudged: ``calm`` calm judged steps in a row, the damping at the floor, fewer
+        than ``judge_every - 1`` unjudged steps since the last judged one, and the batch's loss before the step
+        (``loss``) at most :data:`JUMP` times the running level of those losses (a jump: an unjudged step may
+        have hurt)."""
+        quiet = self.calmed >= self.calm and self.unjudged < self.judge_every - 1 and loss <= JUMP * self.level
+        return self.judge_every > 1 and self.state.lam <= self.floor and quiet
+
     def run(self, ctx: StepContext) -> Outcome:
-        self.observe(ctx.loss())
-        return super().run(ctx)
+        loss = ctx.loss()
+        self.observe(loss)
+        skip = self.skips(loss)
+        if math.isfinite(loss):  # the level: an exponential average over about ten steps
+            self.level = loss if math.isnan(self.level) else 0.9 * self.level + 0.1 * loss
+        if skip:
+            self.unjudged += 1
+            d = ctx.direction(self.state.lam)
+            ctx.apply(d, 1.0)
+            return Outcome(direction=d, damping=self.state.lam)
+        out = super().run(ctx)
+        quiet = out.retries == 0 and not out.rejected and out.damping <= self.floor and (out.gain_ratio or 0) >= 0.5
+        self.calmed, self.unjudged = (self.calmed + 1 if quiet else 0), 0
+        return out
 
     def state_dict(self) -> dict[str, float]:
         # the block is saved as its sum and count, so that every entry stays a float
         return {**super().state_dict(), "floor": self.floor, "previous": self.previous,
-                "block_sum": sum(self.block), "block_steps": float(len(self.block))}  # fmt: skip
+                "block_sum": float(sum(self.block)), "block_steps": float(len(self.block)),
+                "calmed": float(self.calmed), "unjudged": float(self.unjudged), "level": self.level}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self.calmed, self.unjudged = int(state.get("calmed", 0)), int(state.get("unjudged", 0))
+        self.level = float(state.get("level", math.nan))
         if "floor" in state:
             self.floor, self.previous = float(state["floor"]), float(state.get("previous", math.nan))
             steps = int(state.get("block_steps", 0))

@@ -43,7 +43,8 @@ class StepInfo:
         damping: the damping :math:`\lambda/\sigma_{max}^2` of the applied
             (or last tried) step.
         gain_ratio: actual over predicted decrease of :math:`\|R\|^2`
-            (``adaptive_damping`` only).
+            (``adaptive_damping`` only; ``None`` on a step the loss rule's control did not judge,
+            :class:`sven.control.CrossEntropyDamping`'s ``judge_every``).
         retries: rejected tries before the applied step.
         rejected: every try was rejected; the parameters are unchanged.
         capped: the step was shortened to ``trust_radius``.
