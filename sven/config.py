@@ -32,7 +32,7 @@ from .control import CrossEntropyDamping, Policy, TrustRadius, make_policy
 from .functional import DAMPING_MIN
 from .linearize import ROUTES, Linearizer, RowSpec
 from .linearize.finite import FD_SCHEMES, FiniteDifferences, GivenJacobian
-from .loss_rows import RULE_PRESET
+from .loss_rows import JUDGE_EVERY, RULE_PRESET
 from .loss_rule import CrossEntropyRows
 from .precondition import ColumnScaling, RMSProp
 
@@ -59,11 +59,6 @@ __all__ = [
 #: keeps the original's defaults.
 DEFAULT_LR = 0.5
 DEFAULT_RTOL = 1e-4
-#: The loss rule's :class:`sven.control.CrossEntropyDamping` judges every 4th step once its judged steps are calm
-#: at the floor (``judge_every``). Seven classifiers, three seeds: no median test loss moved by more than 1.6 %
-#: (the largest rise 0.5 %), none blew up, and 26-44 % of the steps were judged (docs/results_notes.md, "Judging
-#: only every k-th step").
-JUDGE_EVERY = 4
 #: Retries of a step with Moré's scaling (``scale``): ten doublings of the Madsen--Nielsen growth factor take any
 #: damping to its ceiling, so a step either succeeds or the control stalls (and says so). A try costs one forward
 #: pass. Measured on poisson2d (one seed, 20 s): the first step of the scaled control needs 5 tries.

@@ -55,7 +55,7 @@ import torch
 
 from ._validation import check_bool
 from .linearize import RowSpec
-from .loss_rows import GGN_CLASSES, RULE_PRESET, cross_entropy_targets, ggn_rows, top_class_rows
+from .loss_rows import GGN_CLASSES, JUDGE_EVERY, RULE_PRESET, cross_entropy_targets, ggn_rows, top_class_rows
 
 __all__ = [
     "GGN_SETTINGS", "RULE_OPTIONS", "CrossEntropyLosses", "CrossEntropyRows", "recognise", "rule_weight_decay",
@@ -221,8 +221,10 @@ def decided(options: dict[str, Any], found: bool) -> dict[str, Any]:
     if found:
         log.info(
             "sven.Sven: the closure returns softmax cross-entropy losses, so Sven uses their Gauss-Newton rows "
-            "with the settings of sven.loss_rows.RULE_PRESET (%s); ggn=False turns this off",
+            "with the settings of sven.loss_rows.RULE_PRESET (%s), judging every %d-th calm step (judge_every); "
+            "ggn=False turns this off",
             ", ".join(f"{k}={v}" for k, v in RULE_PRESET.items()),
+            options.get("judge_every", JUDGE_EVERY),
         )
         kept = {"damping_start": options["damping_start"]} if "damping_start" in options else {}
         return {**options, **GGN_SETTINGS, **kept}
