@@ -106,15 +106,13 @@ def worker(src: str, noise: float, options: str = "{}") -> None:
         sys.stdout.flush()
 
 
-class Worker:
-    """A worker process importing ``sven`` from ``src``."""
+class JsonWorker:
+    """A worker process (``argv``, one thread, ``PYTHONPATH`` set to ``path``) that answers one JSON line per
+    request line: the driver's side of the A/B scripts (this one and ``benchmarks/tiny_step_ab.py``)."""
 
-    def __init__(self, src: Path, noise: float = 0.0, options: str = "{}") -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(src), repr(noise), options],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
+    def __init__(self, argv: list[str], path: str) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(self, **req: object) -> dict[str, object]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -129,6 +127,13 @@ class Worker:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait()
+
+
+class Worker(JsonWorker):
+    """A worker process importing ``sven`` from ``src`` (:func:`worker`)."""
+
+    def __init__(self, src: Path, noise: float = 0.0, options: str = "{}") -> None:
+        super().__init__([sys.executable, __file__, "--worker", str(src), repr(noise), options], str(src))
 
 
 def extract(ref: str, into: Path) -> Path:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ce_step_ab import extract  # noqa: E402
+from benchmarks.ce_step_ab import JsonWorker, extract  # noqa: E402
 
 #: The configurations: (P, Jacobian option, step control).
 CONFIGS = [(p, way, control) for p in (3, 10) for way in ("autograd", "2-point", "callable")
@@ -78,29 +77,11 @@ def worker(src: str) -> None:
         sys.stdout.flush()
 
 
-class Worker:
-    """A worker process importing ``sven`` from ``src``."""
+class Worker(JsonWorker):
+    """A worker process importing ``sven`` from ``src`` (:func:`worker`)."""
 
     def __init__(self, src: Path) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{src}{os.pathsep}{ROOT}"}
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(src)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=env,
-        )  # fmt: skip
-
-    def ask(self, **req: object) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the worker for {req} ended without an answer")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait()
+        super().__init__([sys.executable, __file__, "--worker", str(src)], f"{src}{os.pathsep}{ROOT}")
 
 
 def main() -> None:
