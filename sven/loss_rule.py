@@ -221,8 +221,7 @@ def decided(options: dict[str, Any], found: bool) -> dict[str, Any]:
     if found:
         log.info(
             "sven.Sven: the closure returns softmax cross-entropy losses, so Sven uses their Gauss-Newton rows "
-            "with the settings of sven.loss_rows.RULE_PRESET (%s), judging every %d-th calm step (judge_every); "
-            "ggn=False turns this off",
+            "with the settings of sven.loss_rows.RULE_PRESET (%s) and judge_every=%d; ggn=False turns this off",
             ", ".join(f"{k}={v}" for k, v in RULE_PRESET.items()),
             options.get("judge_every", JUDGE_EVERY),
         )
