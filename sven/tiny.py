@@ -243,6 +243,9 @@ def plan(opt: Any) -> TinyPlan:
 
 def step(opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     """The lean step (module docstring): the closure's residuals, or ``None`` where it does not apply."""
+    cfg = opt.config
+    if not cfg.residuals or cfg.ggn is not False:  # (a classifier's or a per-sample loss's step: no plan to look up)
+        return None
     tp = plan(opt)
     if not tp.lean:
         return None

@@ -492,8 +492,9 @@ def formed_gram(C: Any) -> Any:
     a scatter). On the 30000-edge incidence matrix of ``benchmarks/sparse_table.py`` ``C^T C`` has 64932
     entries against ``C``'s 60000, a product costs 0.068 ms against 0.143 ms for the pair, and forming it
     2.6 ms (about 18 pairs; ARPACK takes 200 to 1300 of them there). ARPACK already squares ``C``, so its
-    products carry the same rounding ``eps \|C\|^2`` either way; the Rayleigh–Ritz step and the certificate
-    multiply ``C`` itself.
+    products carry the same rounding ``eps \|C\|^2`` either way; the Rayleigh–Ritz step and the certificate's
+    residuals multiply ``C`` itself (its missed-value check multiplies the formed ``C^T C`` too:
+    ``certify(gram=...)``).
     """
     import scipy.sparse as sp
 
