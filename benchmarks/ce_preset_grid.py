@@ -330,6 +330,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "plateau0.02-wd5e-4": {"ggn": True, "weight_decay": 5e-4, "damping_start": 0.02},
     # the loss rule's preset before 2026-12-05 (a fixed floor 0.1, no weight decay); "today" is the new one
     "fixed-floor0.1": {"ggn": True, "damping_start": None, "weight_decay": 0.0},
+    # no truncation above the Gram's round-off (rtol 0): every direction the damping keeps (docs/results_notes.md)
+    "keep-all": {"rtol": 0.0},
 }  # fmt: skip
 
 

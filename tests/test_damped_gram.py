@@ -260,20 +260,22 @@ def _train(monkeypatch: pytest.MonkeyPatch, *, cholesky: bool, steps: int = 5) -
 
 
 def test_loss_rule_trajectory_is_unchanged(monkeypatch: pytest.MonkeyPatch):
-    """Five steps of the loss rule with the Cholesky directions against the eigendecomposition's, and what
-    ``last_step`` reports after them (the parameters differ by round-off, so its values to ``1e-3``).
+    """Five steps of the loss rule with the Cholesky directions (nothing cut: :class:`~sven.damped_gram.Untruncated`)
+    against the eigendecomposition's with ``rtol=0`` (which cuts ``K``'s round-off), and what ``last_step`` reports
+    after them (the parameters differ by round-off, so its values to ``1e-3``).
 
-    Each certified direction is the exact one to ``accuracy(64) = 64 eps32`` plus float32 products of the same size;
-    over five steps the relative difference of the parameters stays below ``5 * 2 * 64 eps32 < 1e-4``.
+    Each direction is the exact one to ``accuracy(64) = 64 eps32`` plus float32 products of the same size and the
+    damped directions below the Gram route's zero floor (relative weight below ``sqrt(P eps64) / 0.03``, ``1e-5``);
+    over five steps the relative difference of the parameters stays below ``1e-4``.
     """
     new, used, info = _train(monkeypatch, cholesky=True)
     old, unused, info_old = _train(monkeypatch, cholesky=False)
     assert used >= 3 and unused == 0
     assert float((new - old).norm()) <= 1e-4 * float(old.norm())
-    # what last_step reports: the same spectrum, rank and cut-off; the angle from every value, within rtol
+    # what last_step reports: sigma_max alone, every direction kept (no cut-off); the angle from every value
     s, s_old = info.singular_values.double(), info_old.singular_values.double()
-    assert info.rank == info_old.rank and float((s - s_old).abs().max()) <= 1e-3 * float(s_old[0])
-    assert info.cutoff == pytest.approx(info_old.cutoff, rel=1e-3)
+    assert s.shape == (1,) and float((s[0] - s_old[0]).abs()) <= 1e-3 * float(s_old[0])
+    assert info.rank == 64 > info_old.rank and info.cutoff == 0.0
     assert abs(info.gradient_cosine - info_old.gradient_cosine) <= 1e-3 + truncpinv.default_rtol((64, new.numel()), F32)
 
 
@@ -386,3 +388,136 @@ def test_tridiagonal_spectrum_falls_back_to_dstemr(monkeypatch: pytest.MonkeyPat
     assert float(np.abs(second - ref).max()) <= 100 * 20 * 2.3e-16 * float(ref[0])
     monkeypatch.setattr(DG.scipy.linalg.lapack, "dstemr", lambda *a, **k: (0, np.zeros(20), None, 1))
     assert bool(np.isnan(T.eigenvalues()).all())
+
+
+# --- nothing to cut (rtol = atol = 0): Untruncated, lambda_1 by Lanczos --------------------------------------------
+
+
+@given(
+    kind=st.sampled_from(KINDS),
+    shape=st.sampled_from([(1, 4), (2, 7), (24, 60), (40, 16), (33, 33), (128, 300)]),
+    scale=st.sampled_from([1e-30, 1.0, 1e30]),
+    seed=st.integers(0, 2**16),
+)
+def test_top_eigenvalue_is_lambda_1(kind: str, shape: tuple[int, int], scale: float, seed: int):
+    r""":func:`~sven.damped_gram.top_eigenvalue` against ``eigvalsh``: a Rayleigh quotient (never above
+    :math:`\lambda_1` beyond round-off) within its stopping residual :data:`~sven.damped_gram.LANCZOS_RTOL`
+    :math:`\lambda_1` of it, on tall and wide ``A`` (so ``K = A A^T`` full or rank-deficient), every spectrum kind,
+    at any scale."""
+    A = make_matrix(*shape, kind, seed)[0] * math.sqrt(scale)
+    K = A @ A.T
+    lam1 = float(np.linalg.eigvalsh(K)[-1])
+    theta = DG.top_eigenvalue(K)
+    m = shape[0]
+    assert theta <= lam1 * (1 + 10 * m * 2.3e-16)
+    assert theta >= lam1 * (1 - 2 * DG.LANCZOS_RTOL) - 10 * m * 2.3e-16 * lam1
+
+
+def test_top_eigenvalue_edge_cases():
+    """Zero (an invariant subspace at once), ``1 x 1``, a rank-one ``K`` and a start vector orthogonal to nothing
+    found: exact; a non-finite ``K``: NaN."""
+    assert DG.top_eigenvalue(np.zeros((5, 5))) == 0.0
+    assert DG.top_eigenvalue(np.array([[3.5]])) == 3.5
+    u = np.arange(1.0, 9.0)
+    assert DG.top_eigenvalue(np.outer(u, u)) == pytest.approx(float(u @ u), rel=1e-13)
+    K = np.eye(6)
+    K[2, 3] = K[3, 2] = np.nan
+    assert math.isnan(DG.top_eigenvalue(K))
+    K[2, 3] = K[3, 2] = np.inf
+    assert math.isnan(DG.top_eigenvalue(K))
+
+
+def _untruncated(op: GramOperator) -> DG.DampedGram | None:
+    return DG.factorize_damped(op, truncpinv.Auto(), rank=None, rtol=0.0, atol=0.0)
+
+
+@given(
+    kind=st.sampled_from(KINDS),
+    shape=st.sampled_from([(24, 60), (40, 16), (32, 32), (1, 9), (9, 1)]),
+    dampings=st.lists(st.sampled_from([1e-3, 1e-2, 0.03, 0.1, 1.0]), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_untruncated_direction_is_levenberg_marquardt(
+    kind: str, shape: tuple[int, int], dampings: list[float], seed: int
+):
+    r"""With nothing to cut, each direction (retries on one factorisation included) solves the damped normal
+    equations :math:`(M^\top M + \lambda I)\,d = M^\top R`, :math:`\lambda = \text{damping}\cdot\sigma_1^2`,
+    computed here in float64 from the float32 ``M`` (tall, wide, rank-deficient), to the float32 product
+    :math:`M^\top y`'s rounding; its model change is ``M d``; only :math:`\sigma_1` is reported."""
+    op, R = _problem(*shape, kind, seed)
+    D = _untruncated(op)
+    assert isinstance(D, DG.Untruncated) and D.stats["method"] == DG.UNTRUNCATED
+    m, n = shape
+    M64, R64 = op.M.double(), R.double()
+    s1 = float(torch.linalg.matrix_norm(M64, ord=2))
+    assert D.rank == min(m, n) and D.cutoff == 0.0 and D.singular_values.shape == (1,)
+    assert float(D.singular_values[0]) == pytest.approx(s1, rel=1e-6)
+    for damping in dampings:
+        d = D.damped_direction(R, damping)
+        if d is None:  # (R in K's null space to rounding: not certified; never on these draws with m <= n)
+            assert m > n
+            continue
+        lam = damping * s1**2
+        y = torch.linalg.solve(M64 @ M64.T + lam * torch.eye(m, dtype=F64), R64)
+        slack = 4 * m * EPS32 * float(M64.norm()) * float(y.norm()) + 1e-6 * float((M64.T @ y).norm())
+        normal = M64.T @ M64 @ d.double() + lam * d.double() - M64.T @ R64
+        assert float(normal.norm()) <= (s1**2 + lam) * slack
+        change = model_change(D, R, damping=damping).double()  # K y, against M d with d = M^T y rounded
+        assert float((change - M64 @ d.double()).norm()) <= float(M64.norm()) * slack
+
+
+def test_untruncated_agrees_with_the_exact_path_where_nothing_is_below_round_off():
+    """A full-rank ``M`` whose smallest value is far above the Gram route's zero floor: the exact path with
+    ``rtol=0`` cuts nothing either, so the two directions are the same to round-off, and reading the factors hands
+    over to it."""
+    op, R = _problem(24, 60, "geometric", 11)
+    D, F = _untruncated(op), _exact(op, rtol=1e-300)
+    assert isinstance(D, DG.Untruncated) and F.rank == 24
+    for damping in (0.03, 0.1):
+        d = D.damped_direction(R, damping)
+        assert d is not None
+        ref = _reference(op, R, damping, 24)
+        assert float((d.double() - ref).norm()) <= _tolerance(op, R, damping)
+    x = D @ R  # the factors: the exact path from now on
+    assert D.stats["method"] == "eigh" and D.damped_direction(R, 0.1) is None
+    assert float((x - F @ R).norm()) <= 10 * 24 * EPS32 * float((F @ R).norm())
+
+
+def test_untruncated_declines_what_it_cannot_serve():
+    """A zero or non-finite Gram matrix goes to the exact path (which reports it); a residual in ``K``'s null space
+    gives no certified direction."""
+    op, _ = _problem(24, 60, "flat", 2)
+    assert _untruncated(GramOperator(op.M, torch.zeros(24, 24, dtype=F64))) is None
+    bad = op.gram.clone()
+    bad[0, 0] = math.nan
+    assert _untruncated(GramOperator(op.M, bad)) is None
+    tall, _ = _problem(40, 16, "flat", 6)
+    Q = torch.linalg.qr(tall.M.double(), mode="complete").Q
+    D = _untruncated(tall)
+    assert D is not None
+    assert D.damped_direction(Q[:, 16:].sum(dim=1).to(F32), 0.1) is None
+    assert D.damped_direction(Q[:, :16].sum(dim=1).to(F32), 0.1) is not None
+
+
+def test_loss_rule_cuts_nothing_unless_told():
+    """The loss rule resolves ``rtol`` to 0 (every direction damped, :class:`~sven.damped_gram.Untruncated`); a
+    ``rtol`` the user gave is kept, and so is the regression default's numerically-zero cut."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 10, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+    for kwargs, want in (({}, 0.0), ({"rtol": 1e-3}, 1e-3), ({"ggn": True}, 0.0)):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        opt = sven.Sven(net.parameters(), route="gram", **kwargs)
+        opt.step(lambda net=net: torch.nn.functional.cross_entropy(net(x), y, reduction="none"))
+        assert opt.config.ggn and opt.config.rtol == want
+        info = opt.last_step
+        assert info is not None
+        if want == 0.0:
+            assert info.rank == 64 and info.cutoff == 0.0 and info.singular_values.shape == (1,)
+        else:
+            assert info.rank < 64 and info.singular_values.shape == (64,)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = sven.Sven(net.parameters(), residuals=True)
+    opt.step(lambda: net(x)[:, 0] - 1.0)
+    assert not opt.config.ggn and opt.config.rtol is None
