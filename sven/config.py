@@ -84,8 +84,9 @@ class SvenConfig:
             only numerically zero values are cut (``max(B, P) * eps``, :func:`truncpinv.default_rtol`): the
             damping :math:`\sigma/(\sigma^2+\lambda)` already shrinks the small directions, and cutting them
             would stop Levenberg--Marquardt from ever correcting a badly scaled parameter. With the GGN rows
-            (``ggn``, the loss rule) and damping, nothing is cut (``0``): the step is
-            :math:`M^\top(K+\lambda I)^{-1}R` with every direction damped, one Cholesky solve and
+            (``ggn``, the loss rule) on the Gram route's Cholesky path (:mod:`sven.damped_gram`: float32, CPU,
+            every try damped by at least ``1e-3``), nothing is cut: ``K`` is float64 there, and the step is
+            :math:`M^\top(K+\lambda I)^{-1}R` with every direction damped, one Cholesky solve per try and
             :math:`\sigma_{max}` alone (:class:`sven.damped_gram.Untruncated`).
         atol: keep :math:`\sigma > atol`.
         kappa: the residual exponent, :math:`R = \ell^{\kappa/2}`.
@@ -204,10 +205,8 @@ class SvenConfig:
                 "the damping relies on, so rejected steps repeat; use rmsprop_post=False (RMSProp on the "
                 "Jacobian) or adaptive_damping=False"
             )
-        if self.rtol is None:  # where damping regularises residuals: numerically zero (truncpinv's default), or
-            # nothing with the GGN rows (sven.damped_gram.Untruncated: every direction damped, none cut)
-            damped = self.residuals and (self.adaptive_damping or self.damping > 0)
-            put("rtol", (0.0 if self.ggn else None) if damped else DEFAULT_RTOL)
+        if self.rtol is None:  # numerically zero (truncpinv's default) where damping regularises residuals
+            put("rtol", None if self.residuals and (self.adaptive_damping or self.damping > 0) else DEFAULT_RTOL)
         # the routes that can give M's columns
         materialised = callable(self.jacobian) or self.jacobian in ("auto", "hooks", "autograd", *FD_SCHEMES)
         if self.scale is None:  # not with ggn: its adaptive damping judges the cross-entropy, not the rows

@@ -36,14 +36,15 @@ fails, the Cholesky factorisation fails, an eigenvalue lies within the eigensolv
 more than :data:`BAND_MAX` values to deflate) computes the eigenvectors then, as before, and so does every
 use of the factors (``F.U``, ``F.V``, ``F @ b``).
 
-**Nothing to cut** (``rtol = atol = 0``, as the loss rule's GGN rows resolve ``rtol``: :class:`sven.config.SvenConfig`):
-the step is then :math:`d_\lambda = M^\top (K + \lambda I)^{-1} R` by definition, every direction damped and none
-dropped, Levenberg--Marquardt's. :class:`Untruncated` needs no spectrum at all, only :math:`\lambda_1` for the
-damping's scale (:func:`top_eigenvalue`, Lanczos on ``K``: a few dozen products with the ``m x m`` matrix against
-the reduction's :math:`\tfrac43 m^3` flops, the spectrum and the band). Directions ``K`` cannot resolve (its
-round-off, :math:`\lambda \lesssim \max(m, n)\,\epsilon_{64}\lambda_1`, which the exact path with
-``rtol=0`` cuts) enter damped, at most :math:`\sqrt{\max(m,n)\,\epsilon_{64}}\,\sigma_1/\lambda` times their
-residual: the bound then holds only the solve's rounding.
+**Nothing to cut** (``untruncated=True``: the loss rule's GGN rows with the default ``rtol``,
+:func:`sven.factorize.factorize`): the step is then :math:`d_\lambda = M^\top (K + \lambda I)^{-1} R` by
+definition, every direction damped and none dropped, Levenberg--Marquardt's. :class:`Untruncated` needs no
+spectrum at all, only :math:`\lambda_1` for the damping's scale (:func:`top_eigenvalue`, Lanczos on ``K``: a few
+dozen products with the ``m x m`` matrix against the reduction's :math:`\tfrac43 m^3` flops, the spectrum and the
+band). Directions ``K`` cannot resolve (its round-off, :math:`\lambda \lesssim \max(m, n)\,\epsilon_{64}
+\lambda_1`) enter damped, at most :math:`\sqrt{\max(m,n)\,\epsilon_{64}}\,\sigma_1/\lambda` times their
+residual: the bound then holds only the solve's rounding. What the factors serve stays the exact path's, with
+the default cut.
 
 Where it pays and where it does not: with float32 Jacobians the round-off eigenvalues contribute about
 :math:`\sqrt{m\,\epsilon_{64}}\,\sigma_1\|y\|`, below :math:`m\,\epsilon_{32}\|d\|` while the damping is a
@@ -113,18 +114,24 @@ def applies(M: Any, solver: truncpinv.Solver, *, rank: int | None, damping: floa
 
 
 def factorize_damped(
-    M: Any, solver: truncpinv.Solver, *, rank: int | None, rtol: float | None, atol: float
+    M: Any, solver: truncpinv.Solver, *, rank: int | None, rtol: float | None, atol: float, untruncated: bool = False
 ) -> DampedGram | None:
     r"""The eigenvalues of ``K = M.gram`` and a :class:`DampedGram` for Cholesky directions; ``None`` if ``K`` or its
     spectrum is not finite (the exact path then reports why), or if no direction can be certified
     (:meth:`DampedGram.certifiable`: nothing kept, a value at the cut-off, too many dropped values above round-off,
     or a remaining dropped eigenvalue above :math:`(\text{accuracy})^2 \lambda_1`, where the bound fails for any
-    ``R`` because :math:`\|d\| \le \sigma_1 \|y\|`)."""
+    ``R`` because :math:`\|d\| \le \sigma_1 \|y\|`).
+
+    ``untruncated``: nothing is cut from the Cholesky directions (an :class:`Untruncated`, :math:`\lambda_1` alone);
+    ``rank``, ``rtol`` and ``atol`` are then the exact path's, for whatever the factors serve (``None`` if ``K`` is
+    not finite or zero)."""
     K = M.gram
     K = K if K.dtype == torch.float64 and K.is_contiguous() else K.to(torch.float64).contiguous()
-    if rtol == 0 and atol == 0:  # nothing to cut: lambda_1 alone (Untruncated)
+    if untruncated:  # nothing to cut: lambda_1 alone
         lam1 = top_eigenvalue(K.numpy())
-        return Untruncated(K, lam1, M, solver=solver) if math.isfinite(lam1) and lam1 > 0 else None
+        if not (math.isfinite(lam1) and lam1 > 0):
+            return None
+        return Untruncated(K, lam1, M, solver=solver, rank=rank, rtol=rtol, atol=atol)
     tri = Tridiagonal.of(K.numpy())
     if tri is None:
         return None
@@ -463,21 +470,26 @@ class DampedGram(TruncatedPinv):
 
 
 class Untruncated(DampedGram):
-    r"""The damped step with nothing cut (``rtol = atol = 0``): :math:`d_\lambda = M^\top (K + \lambda I)^{-1} R`,
+    r"""The damped step with nothing cut: :math:`d_\lambda = M^\top (K + \lambda I)^{-1} R`,
     :math:`\lambda = \text{damping}\cdot\lambda_1`, by Cholesky for every try, with :math:`\lambda_1` from
     :func:`top_eigenvalue` and no other eigenvalue (module docstring, "Nothing to cut").
 
     ``singular_values`` (and ``S``) hold :math:`\sigma_1` alone, ``rank`` is ``min(m, n)`` (no direction is cut)
     and ``cutoff`` is 0. The bound of :meth:`DampedGram._certified` keeps only the solve's rounding: a direction
-    fails it where ``R`` lies (to that rounding) in the null space of ``K``, and then, like every use of the factors,
-    comes from the exact path (:func:`truncpinv.pinv_from_gram` with ``rtol=0``, which cuts ``K``'s round-off).
+    fails it where ``R`` lies (to that rounding) in the null space of ``K``, and then, like every use of the factors
+    (``F.U``, ``F.V``, ``F @ b``), comes from the exact path with the given ``rank``, ``rtol`` and ``atol``
+    (:func:`truncpinv.pinv_from_gram`; the caller's numerically-zero cut): re-filtering its factors by
+    ``F.solve`` divides their round-off by the kept values, which values at ``K``'s round-off would blow up.
     """
 
-    def __init__(self, K: torch.Tensor, lam1: float, M: Any, *, solver: truncpinv.Solver) -> None:
+    def __init__(
+        self, K: torch.Tensor, lam1: float, M: Any, *, solver: truncpinv.Solver, rank: int | None,
+        rtol: float | None, atol: float,
+    ) -> None:  # fmt: skip
         m, n = int(M.shape[0]), int(M.shape[1])
         lam = torch.tensor([lam1], dtype=torch.float64)
-        tol = make_tolerance((m, n), M.dtype, rank=None, rtol=0.0, atol=0.0)
-        super().__init__(K, lam, lam.sqrt().to(M.dtype), M, tol=tol, solver=solver, rank=None, rtol=0.0, atol=0.0,
+        tol = make_tolerance((m, n), M.dtype, rank=rank, rtol=rtol, atol=atol)
+        super().__init__(K, lam, lam.sqrt().to(M.dtype), M, tol=tol, solver=solver, rank=rank, rtol=rtol, atol=atol,
                          tri=None)  # fmt: skip
         self.stats["method"] = UNTRUNCATED
 

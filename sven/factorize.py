@@ -65,6 +65,7 @@ def factorize(
     damping: float | None = None,
     seed: tuple[int, int] | None = None,
     floor: float | None = None,
+    untruncated: bool = False,
 ) -> truncpinv.TruncatedPinv:
     """``M_k^+``: keep at most ``rank`` singular values above ``max(atol, rtol * sigma_max)``.
 
@@ -76,10 +77,14 @@ def factorize(
     ``floor``: the smallest damping every direction of the step uses (:meth:`sven.control.Policy.smallest_damping`),
     when it is positive: a float32 Gram operator then gets a :class:`sven.damped_gram.DampedGram` (Cholesky
     directions; :func:`sven.damped_gram.applies`).
+    ``untruncated``: with ``rtol=None`` and ``atol=0``, that Cholesky path cuts nothing
+    (:class:`sven.damped_gram.Untruncated`: every direction damped, :math:`\\sigma_{max}` alone computed), where
+    the default would cut the numerically-zero values of ``M``'s dtype; every other path keeps that cut.
 
     Raises:
         StepFault: the solver failed, or ``M`` or its spectrum is not finite.
     """
+    whole = untruncated and rtol is None and atol == 0
     if rtol is None:
         rtol = truncpinv.default_rtol((int(M.shape[0]), int(M.shape[1])), M.dtype)
     if isinstance(M, torch.Tensor) and isinstance(solver, truncpinv.Auto) and not M.is_complex():
@@ -88,7 +93,7 @@ def factorize(
         if F is not None:
             return F
     if DG.applies(M, solver, rank=rank, damping=floor):
-        D = DG.factorize_damped(M, solver, rank=rank, rtol=rtol, atol=atol)
+        D = DG.factorize_damped(M, solver, rank=rank, rtol=rtol, atol=atol, untruncated=whole)
         if D is not None:
             return D
     if seed is not None:

@@ -32,10 +32,13 @@ class StepInfo:
     Attributes:
         losses: ``(B,)`` the per-sample losses (or residuals) the step used, detached.
         singular_values: every singular value the solver computed (kept or
-            not), descending; ``None`` if the step was skipped.
+            not), descending; ``None`` if the step was skipped. Where nothing is cut
+            (the loss rule's damped step, :class:`sven.damped_gram.Untruncated`), only
+            :math:`\sigma_{max}`, the damping's scale, is computed.
         rank: number of singular values kept by the truncation (under
-            ``variable_k`` the step uses the first ``k_used`` of them).
-        cutoff: the absolute singular-value cut-off that was applied.
+            ``variable_k`` the step uses the first ``k_used`` of them); ``min(B, P)``
+            where nothing is cut.
+        cutoff: the absolute singular-value cut-off that was applied (``0`` where nothing is cut).
         skipped: the step was skipped because of non-finite values.
         jacobian_method: how the Jacobian was computed (``"hooks"``, ``"autograd"``, ``"func"``, ...).
         k_used: components kept by ``variable_k`` (``None`` otherwise).

@@ -435,7 +435,9 @@ def _factorize(opt: Sven, pre: Any, rows: int) -> tuple[Any, Callable[[], Any]]:
     rank, seed = cfg.rank_cap(rows), (cfg.seed, opt._counters["steps"])
     hint = opt.control.expected_damping() if isinstance(opt.control, Policy) else None
     floor = opt.control.smallest_damping() if isinstance(opt.control, Policy) else None
-    F = factorize(pre, opt.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, damping=hint, seed=seed, floor=floor)
+    whole = bool(cfg.ggn)  # the GGN rows' damped step cuts nothing (sven.damped_gram.Untruncated)
+    F = factorize(pre, opt.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, damping=hint, seed=seed, floor=floor,
+                  untruncated=whole)  # fmt: skip
     return F, lambda: factorize(pre, opt.solver, rank=rank, rtol=cfg.rtol, atol=cfg.atol, seed=seed)
 
 

@@ -88,6 +88,10 @@ def _damped(op: GramOperator, rtol: float | None = None) -> DG.DampedGram | None
     return DG.factorize_damped(op, truncpinv.Auto(), rank=None, rtol=rtol or _rtol(op), atol=0.0)
 
 
+def _untruncated(op: GramOperator) -> DG.DampedGram | None:
+    return DG.factorize_damped(op, truncpinv.Auto(), rank=None, rtol=_rtol(op), atol=0.0, untruncated=True)
+
+
 @given(
     kind=st.sampled_from(KINDS),
     shape=st.sampled_from([(24, 60), (40, 16), (32, 32)]),
@@ -279,13 +283,15 @@ def test_loss_rule_trajectory_is_unchanged(monkeypatch: pytest.MonkeyPatch):
     assert abs(info.gradient_cosine - info_old.gradient_cosine) <= 1e-3 + truncpinv.default_rtol((64, new.numel()), F32)
 
 
-def test_a_residual_in_the_null_space_is_not_certified():
+@pytest.mark.parametrize("cut", [True, False], ids=["cut", "nothing-cut"])
+def test_a_residual_in_the_null_space_is_not_certified(cut: bool):
     """A tall ``M`` and a residual orthogonal to its columns' span: both directions are round-off (``M^T R = 0``),
     so no relative accuracy can be certified; the direction comes from the factors. A residual in the span is
-    certified on the same factorisation (the bound depends on ``R``, not only on the spectrum)."""
+    certified on the same factorisation (the bound depends on ``R``, not only on the spectrum). The same with
+    nothing cut (:class:`~sven.damped_gram.Untruncated`)."""
     op, _ = _problem(40, 16, "flat", 6)
     Q = torch.linalg.qr(op.M.double(), mode="complete").Q
-    D = _damped(op)
+    D = _damped(op) if cut else _untruncated(op)
     assert D is not None
     assert D.damped_direction(Q[:, 16:].sum(dim=1).to(F32), 0.1) is None
     assert D.damped_direction(Q[:, :16].sum(dim=1).to(F32), 0.1) is not None
@@ -427,10 +433,6 @@ def test_top_eigenvalue_edge_cases():
     assert math.isnan(DG.top_eigenvalue(K))
 
 
-def _untruncated(op: GramOperator) -> DG.DampedGram | None:
-    return DG.factorize_damped(op, truncpinv.Auto(), rank=None, rtol=0.0, atol=0.0)
-
-
 @given(
     kind=st.sampled_from(KINDS),
     shape=st.sampled_from([(24, 60), (40, 16), (32, 32), (1, 9), (9, 1)]),
@@ -467,11 +469,11 @@ def test_untruncated_direction_is_levenberg_marquardt(
 
 
 def test_untruncated_agrees_with_the_exact_path_where_nothing_is_below_round_off():
-    """A full-rank ``M`` whose smallest value is far above the Gram route's zero floor: the exact path with
-    ``rtol=0`` cuts nothing either, so the two directions are the same to round-off, and reading the factors hands
-    over to it."""
+    """A full-rank ``M`` whose smallest value (``0.7^23 s_1``) is far above the numerically-zero cut: the exact path
+    cuts nothing either, so the two directions are the same to round-off, and reading the factors hands over to it
+    (with the default cut)."""
     op, R = _problem(24, 60, "geometric", 11)
-    D, F = _untruncated(op), _exact(op, rtol=1e-300)
+    D, F = _untruncated(op), _exact(op)
     assert isinstance(D, DG.Untruncated) and F.rank == 24
     for damping in (0.03, 0.1):
         d = D.damped_direction(R, damping)
@@ -484,40 +486,40 @@ def test_untruncated_agrees_with_the_exact_path_where_nothing_is_below_round_off
 
 
 def test_untruncated_declines_what_it_cannot_serve():
-    """A zero or non-finite Gram matrix goes to the exact path (which reports it); a residual in ``K``'s null space
-    gives no certified direction."""
+    """A zero or non-finite Gram matrix goes to the exact path (which reports it); so does a residual in ``K``'s
+    null space (:func:`test_a_residual_in_the_null_space_is_not_certified`)."""
     op, _ = _problem(24, 60, "flat", 2)
     assert _untruncated(GramOperator(op.M, torch.zeros(24, 24, dtype=F64))) is None
     bad = op.gram.clone()
     bad[0, 0] = math.nan
     assert _untruncated(GramOperator(op.M, bad)) is None
-    tall, _ = _problem(40, 16, "flat", 6)
-    Q = torch.linalg.qr(tall.M.double(), mode="complete").Q
-    D = _untruncated(tall)
-    assert D is not None
-    assert D.damped_direction(Q[:, 16:].sum(dim=1).to(F32), 0.1) is None
-    assert D.damped_direction(Q[:, :16].sum(dim=1).to(F32), 0.1) is not None
 
 
 def test_loss_rule_cuts_nothing_unless_told():
-    """The loss rule resolves ``rtol`` to 0 (every direction damped, :class:`~sven.damped_gram.Untruncated`); a
-    ``rtol`` the user gave is kept, and so is the regression default's numerically-zero cut."""
+    """The loss rule's damped step on the Gram route cuts nothing (:class:`~sven.damped_gram.Untruncated`); a
+    ``rtol`` the user gave is kept, and so is the numerically-zero cut of the GGN rows with no damping floor
+    (``damping=0``), of a route that materialises ``M`` (its SVD's re-filtering would amplify the round-off of
+    values at zero) and of the regression default."""
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 10, generator=gen), torch.randint(0, 4, (32,), generator=gen)
-    for kwargs, want in (({}, 0.0), ({"rtol": 1e-3}, 1e-3), ({"ggn": True}, 0.0)):
+    cases = (
+        ({"route": "gram"}, True), ({"route": "gram", "rtol": 1e-3}, False), ({"route": "gram", "ggn": True}, True),
+        ({"route": "gram", "ggn": True, "damping": 0.0}, False), ({"route": "autograd"}, False),
+    )  # fmt: skip
+    for kwargs, whole in cases:
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-        opt = sven.Sven(net.parameters(), route="gram", **kwargs)
+        opt = sven.Sven(net.parameters(), **kwargs)
         opt.step(lambda net=net: torch.nn.functional.cross_entropy(net(x), y, reduction="none"))
-        assert opt.config.ggn and opt.config.rtol == want
         info = opt.last_step
-        assert info is not None
-        if want == 0.0:
+        assert opt.config.ggn and info is not None
+        if whole:
             assert info.rank == 64 and info.cutoff == 0.0 and info.singular_values.shape == (1,)
-        else:
-            assert info.rank < 64 and info.singular_values.shape == (64,)
+        else:  # a cut: the user's, or the numerically-zero one
+            assert info.rank < 64 and info.singular_values.shape == (64,) and info.cutoff > 0
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     opt = sven.Sven(net.parameters(), residuals=True)
     opt.step(lambda: net(x)[:, 0] - 1.0)
-    assert not opt.config.ggn and opt.config.rtol is None
+    assert not opt.config.ggn and opt.config.rtol is None and opt.last_step is not None
+    assert opt.last_step.singular_values.shape == (32,)
