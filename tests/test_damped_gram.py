@@ -485,6 +485,23 @@ def test_untruncated_agrees_with_the_exact_path_where_nothing_is_below_round_off
     assert float((x - F @ R).norm()) <= 10 * 24 * EPS32 * float((F @ R).norm())
 
 
+def test_factorize_cuts_nothing_only_where_asked_and_served():
+    """:func:`sven.factorize.factorize` with ``untruncated=True``: an :class:`~sven.damped_gram.Untruncated` on the
+    damped Cholesky path with the default cut; a ``rtol`` or ``atol`` given, no damping floor, or a tensor ``M``
+    (the SVD paths) keep the cut."""
+    op, _ = _problem(24, 60, "deficient", 8)
+    whole = factorize(op, truncpinv.Auto(), rank=None, rtol=None, atol=0.0, floor=0.1, untruncated=True)
+    assert isinstance(whole, DG.Untruncated) and whole.rank == 24 and whole.cutoff == 0.0
+    for kwargs in ({"rtol": 1e-3}, {"atol": 1e-6}):
+        F = factorize(op, truncpinv.Auto(), **{"rank": None, "rtol": None, "atol": 0.0, **kwargs}, floor=0.1,
+                      untruncated=True)  # fmt: skip
+        assert not isinstance(F, DG.Untruncated) and F.rank == 12
+    for M, floor in ((op, None), (op.M, 0.1)):
+        F = factorize(M, truncpinv.Auto(), rank=None, rtol=None, atol=0.0, floor=floor, untruncated=True)
+        assert not isinstance(F, DG.DampedGram) and F.rank == 12  # the deficient half is cut
+    assert whole.exact().rank == 12  # (the factors: the exact path with the default cut)
+
+
 def test_untruncated_declines_what_it_cannot_serve():
     """A zero or non-finite Gram matrix goes to the exact path (which reports it); so does a residual in ``K``'s
     null space (:func:`test_a_residual_in_the_null_space_is_not_certified`)."""
