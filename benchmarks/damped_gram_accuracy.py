@@ -10,7 +10,9 @@ error of the direction):
 
 * the reference: :math:`y^\\star = U_r (\\Lambda_r + \\lambda)^{-1} U_r^\\top R` from the float64 ``eigh`` of
   :math:`K` (the exact path's step in float64);
-* the Cholesky path: ``y`` of :meth:`sven.damped_gram.DampedGram.damped_direction` (deflated, certified);
+* the Cholesky path: ``y`` of :meth:`sven.damped_gram.DampedGram.damped_direction` (deflated, certified), against
+  the step of every eigenpair where nothing is cut (:class:`sven.damped_gram.Untruncated`, the loss rule's
+  default since 2026-12-05), of the kept ones otherwise;
 * the exact path's float32 re-filtering, as :func:`sven.functional.filtered_direction` computes it:
   :math:`U (U^\\top b) / S^2` with :math:`b = U (S \\phi(S) U^\\top R)`, all in float32.
 
@@ -40,6 +42,11 @@ DAMPING = 0.1
 
 def _knorm(K: torch.Tensor, v: torch.Tensor) -> float:
     return math.sqrt(max(float(v @ (K @ v)), 0.0))
+
+
+def _reference(Q: torch.Tensor, lam: torch.Tensor, R: torch.Tensor, r: int) -> torch.Tensor:
+    """The float64 step of the ``r`` leading eigenpairs of ``K`` (descending ``lam``, ``Q``) at :data:`DAMPING`."""
+    return Q[:, :r] @ ((Q[:, :r].T @ R.double()) / (lam[:r] + DAMPING * float(lam[0])))
 
 
 def measure(name: str, steps: int) -> dict[str, Any]:
@@ -72,14 +79,17 @@ def measure(name: str, steps: int) -> dict[str, Any]:
             deflated += F._W is not None
             K = F._K
             lam, Q = torch.linalg.eigh(K)
-            lam, Q = lam.flip(0)[: F.rank], Q.flip(1)[:, : F.rank]
-            ref = Q @ ((Q.T @ R.double()) / (lam + DAMPING * float(lam[0])))
+            lam, Q = lam.flip(0), Q.flip(1)
             exact = truncpinv.pinv_from_gram(K, M, rtol=F._rtol, atol=F._atol, check_finite=False)
+
             U, S = exact.U, exact.S
             b = U @ ((U.T @ R.to(U.dtype)) * SF.filter_factors(S, damping=DAMPING) * S)
             y32 = U @ ((U.T @ b) / (S * S))
+            ref = _reference(Q, lam, R, exact.rank)  # the exact path against its own (truncated) step
             old.append(_knorm(K, y32.double() - ref) / _knorm(K, ref))
-            fresh = DG.factorize_damped(M, truncpinv.Auto(), rank=None, rtol=F._rtol, atol=F._atol)
+            whole = isinstance(F, DG.Untruncated)  # nothing cut: the reference keeps every eigenpair
+            ref = _reference(Q, lam, R, K.shape[0]) if whole else ref
+            fresh = DG.factorize_damped(M, truncpinv.Auto(), rank=None, rtol=F._rtol, atol=F._atol, untruncated=whole)
             if fresh is not None and fresh.damped_direction(R, DAMPING) is not None:
                 certified += 1
                 _, ych = fresh._solve(R, DAMPING)
