@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ._validation import check_unit_interval
+from .linearize.base import LinearRows
 
 #: Up to this many ``(B, C)`` entries the fast rows' detached arithmetic runs in NumPy (as
 #: :data:`sven.functional.HOST_SMALL`, not imported: :mod:`sven.functional` needs the solvers).
@@ -25,7 +26,7 @@ _HOST_SMALL = 4096
 
 __all__ = [
     "GGN_CLASSES", "JUDGE_EVERY", "PRESET", "RULE_PRESET", "check_logits", "cross_entropy_targets", "ggn_rows",
-    "top_class_rows",
+    "top_class_coefficients", "top_class_rows",
 ]  # fmt: skip
 
 #: The :class:`sven.Sven` options of :func:`sven.losses.optimizer`, for a closure that returns
@@ -240,14 +241,19 @@ def top_class_rows(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logp: ``(B, C)`` log-probabilities with their graph, ``C >= 2``.
         target: ``(B,)`` class indices in ``[0, C)`` (as :func:`torch.nn.functional.cross_entropy` accepted them).
     """
+    return LinearRows(logp, *top_class_coefficients(logp, target)).graph()
+
+
+def top_class_coefficients(logp: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_class_rows` as its detached coefficients ``coef`` ``(B, 2, C)`` and values ``(B, 2)``: the rows are
+    ``LinearRows(logp, coef, values).graph()`` (:class:`sven.linearize.base.LinearRows`; the arguments of
+    :func:`top_class_rows`)."""
     lp = logp.detach()
     p = lp.exp()
     top = p.topk(1, dim=-1).indices  # (torch's choice among tied classes, on either path)
     host = _host_coefficients(lp, p, target, top)
     if host is not None:  # a small CPU batch: the detached arithmetic in NumPy (about 1 us a call against 3-10)
-        coef, values = host
-        lin = torch.bmm(coef, logp[:, :, None])[:, :, 0]
-        return lin - lin.detach() + values
+        return host
     root_p = p.sqrt()
     t = target.detach().to(device=lp.device, dtype=torch.long)[:, None]
     inv_t = torch.exp(-0.5 * lp.gather(1, t).clamp(min=math.log(torch.finfo(lp.dtype).tiny)))
@@ -256,8 +262,7 @@ def top_class_rows(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     norm = r_rest.norm(dim=-1, keepdim=True)
     u = r_rest / torch.where(norm > 0, norm, 1.0)
     coef = torch.stack([torch.zeros_like(root_p).scatter_(1, top, root_p.gather(1, top)), u * root_p], 1)
-    lin = torch.bmm(coef, logp[:, :, None])[:, :, 0]
-    return lin - lin.detach() + torch.cat([value.gather(1, top), norm], -1)
+    return coef, torch.cat([value.gather(1, top), norm], -1)
 
 
 def _host_coefficients(

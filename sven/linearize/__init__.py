@@ -27,6 +27,7 @@ from .auto import GRAM_MIN_ENTRIES, ROUTES, TALL_RATIO, Linearizer, choose_route
 from .base import (
     Declined,
     GramOperator,
+    LinearRows,
     Linearization,
     Route,
     RowSpec,
@@ -58,6 +59,7 @@ __all__ = [
     "GramRoute",
     "JacobianResult",
     "LayerGram",
+    "LinearRows",
     "Linearization",
     "Linearizer",
     "MatfreeRoute",
