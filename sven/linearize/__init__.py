@@ -27,8 +27,8 @@ from .auto import GRAM_MIN_ENTRIES, ROUTES, TALL_RATIO, Linearizer, choose_route
 from .base import (
     Declined,
     GramOperator,
-    LinearRows,
     Linearization,
+    LinearRows,
     Route,
     RowSpec,
     RowTransformed,
