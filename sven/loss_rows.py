@@ -261,15 +261,18 @@ def top_class_coefficients(logp: torch.Tensor, target: torch.Tensor) -> tuple[to
     r_rest = value.scatter(1, top, 0.0)
     norm = r_rest.norm(dim=-1, keepdim=True)
     u = r_rest / torch.where(norm > 0, norm, 1.0)
-    coef = torch.stack([torch.zeros_like(root_p).scatter_(1, top, root_p.gather(1, top)), u * root_p], 1)
-    return coef, torch.cat([value.gather(1, top), norm], -1)
+    coef = torch.stack([torch.zeros_like(root_p).scatter_(1, top, root_p.gather(1, top)), u * root_p])
+    return coef.transpose(0, 1), torch.cat([value.gather(1, top), norm], -1)  # (as _host_coefficients' layout)
 
 
 def _host_coefficients(
     lp: torch.Tensor, p: torch.Tensor, target: torch.Tensor, top: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`top_class_rows`' detached coefficients ``(B, 2, C)`` and values ``(B, 2)``, computed in NumPy on views
-    of the CPU tensors (the same operations, elementwise functions and sums to a few ulps); ``None`` for a batch
+    of the CPU tensors (the same operations, elementwise functions and sums to a few ulps). The coefficients are a
+    view of a ``(2, B, C)`` array: each row's ``(B, C)`` coefficients, the cotangent with which the Gram route
+    starts that row's backward pass (:class:`sven.linearize.base.LinearRows`), are contiguous, as
+    ``log_softmax``'s backward needs them (it copies others). ``None`` for a batch
     of more than :data:`sven.functional.HOST_SMALL` entries, on an accelerator or in another dtype (torch's path)."""
     if not (lp.is_cpu and target.is_cpu and lp.dtype in (torch.float32, torch.float64) and not target.requires_grad):
         return None
@@ -290,9 +293,9 @@ def _host_coefficients(
     values[:, 0] = value[rows, K]
     norm = values[:, 1]
     np.sqrt(np.einsum("bc,bc->b", rest, rest), out=norm)
-    coef = np.zeros((LP.shape[0], 2, LP.shape[1]), dtype=LP.dtype)
-    coef[rows, 0, K] = root[rows, K]
-    u = coef[:, 1]
+    coef = np.zeros((2, LP.shape[0], LP.shape[1]), dtype=LP.dtype)  # (each row's coefficients contiguous)
+    coef[0, rows, K] = root[rows, K]
+    u = coef[1]
     np.divide(rest, np.where(norm > 0, norm, 1.0)[:, None], out=u)
     u *= root
-    return torch.from_numpy(coef), torch.from_numpy(values)
+    return torch.from_numpy(coef).transpose(0, 1), torch.from_numpy(values)
