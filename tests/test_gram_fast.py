@@ -191,3 +191,24 @@ def test_jt_c_of_every_block_kind_is_the_jacobians(seed: int, B: int, D: int, r:
     C = torch.randn(B * D, r, generator=gen, dtype=torch.float64)
     assert torch.allclose(G.rmatmat(C), J.T @ C, rtol=1e-12, atol=1e-12)
     assert torch.allclose(G.rmatmat(C[:, 0]), J.T @ C[:, 0], rtol=1e-12, atol=1e-12)
+
+
+@given(seed=seeds(), B=st.integers(1, 6), D=st.integers(1, 3), T=st.integers(1, 3), widths=st.lists(st.integers(1, 5),
+       min_size=1, max_size=3), do=st.integers(1, 4))  # fmt: skip
+def test_one_column_written_in_place_is_the_gemm_split(seed: int, B: int, D: int, T: int, widths: list[int], do: int):
+    """``J^T c`` of a factor block written into each parameter's rows (one product each) against the block's one
+    GEMM split into its parameters' parts, to float32 round-off; a block of formed rows declines (``False``)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, T, sum(widths), generator=gen)
+    g = torch.randn(B * D, T, do, generator=gen)
+    blk = GF._OuterBlock(list(range(len(widths))), widths, a, g, D)
+    C = torch.randn(B * D, 1, generator=gen)
+    dest = [torch.full((do * w, 1), math.nan) for w in widths]
+    if blk.m is not None:  # (forming the rows was the cheaper way to K)
+        assert not blk.rmatvec_into(C, dest)
+        return
+    assert blk.rmatvec_into(C, dest)
+    for i, part in blk.rmatmat(C).items():
+        ref = part.reshape(-1, 1)
+        tol = 1e-5 * float(ref.abs().max()) + 1e-30
+        assert dest[i].shape == ref.shape and float((dest[i] - ref).abs().max()) <= tol

@@ -316,9 +316,32 @@ class _OuterBlock:
         r = C.shape[1]
         if self.m is not None:
             return self._split((self.m.T @ C).reshape(self.d_out, -1, r))
-        assert self.a is not None and self.g is not None
+        assert self.a is not None
         B, T, di = self.a.shape
-        do = self.d_out
+        # one GEMM over (sample, position): (do r, B T) @ (B T, di)
+        R = self._combined(C).T @ self.a.reshape(B * T, di)
+        return self._split(R.reshape(self.d_out, r, di).permute(0, 2, 1))
+
+    def rmatvec_into(self, C: torch.Tensor, dest: list[torch.Tensor]) -> bool:
+        """:meth:`rmatmat` of one column ``C`` ``(N, 1)``, written into each parameter's rows ``dest[i]`` (its
+        ``(numel, 1)`` view of the result): one product per parameter, ``(do, B T) @ (B T, width)``, the columns
+        of the GEMM of :meth:`rmatmat` without its result's copy into place. ``False`` (nothing written) for a
+        block of formed rows."""
+        if self.m is not None or self.a is None:
+            return False
+        B, T, di = self.a.shape
+        gC, a, start = self._combined(C).T, self.a.reshape(B * T, di), 0
+        for i, w in zip(self.params, self.widths):
+            torch.mm(gC, a[:, start : start + w], out=dest[i].view(self.d_out, w))
+            start += w
+        return True
+
+    def _combined(self, C: torch.Tensor) -> torch.Tensor:
+        """``g`` with each row scaled by its coefficients in ``C`` ``(N, r)``, each sample's ``D`` rows summed:
+        ``(B T, d_out r)``."""
+        assert self.a is not None and self.g is not None
+        B, T, _ = self.a.shape
+        do, r = self.d_out, C.shape[1]
         if self.D == 1:
             gC = self.g[..., None] * C[:, None, None, :]
         elif T == 1 and r == 1:  # each sample's D rows combined: sum_d g[b, d, :] C[b, d] (a product, one sum)
@@ -327,9 +350,7 @@ class _OuterBlock:
             gC = torch.bmm(self.g.reshape(B, self.D, do).transpose(1, 2), C.reshape(B, self.D, r))
         else:
             gC = torch.einsum("bdto,bdr->btor", self.g.reshape(B, self.D, T, do), C.reshape(B, self.D, r))
-        # one GEMM over (sample, position): (do r, B T) @ (B T, di)
-        R = gC.reshape(B * T, do * r).T @ self.a.reshape(B * T, di)
-        return self._split(R.reshape(do, r, di).permute(0, 2, 1))
+        return gC.reshape(B * T, do * r)
 
     def matmat(self, xs: list[torch.Tensor]) -> torch.Tensor:
         do = self.d_out
@@ -491,21 +512,23 @@ class GramJacobian:
         """
         vec = C.dim() == 1
         C2 = (C[:, None] if vec else C).to(self._dtype)
-        parts: dict[int, torch.Tensor] = {}
-        for blk in self._blocks:
-            parts.update(blk.rmatmat(C2))
         r = C2.shape[1]
-        # each parameter's part copied into its rows once (a block's part may be a strided view)
         out = torch.empty(sum(self._numels), r, dtype=self._dtype, device=self.device)
-        start = 0
-        for i, n in enumerate(self._numels):
-            rows = out[start : start + n]
-            part = parts.get(i)
-            if part is None:
-                rows.zero_()
+        rows = list(torch.split(out, self._numels))  # each parameter's rows
+        parts: dict[int, torch.Tensor] = {}
+        done: list[int] = []
+        for blk in self._blocks:
+            # one column (a direction) from factors: written in place; else each part copied into place once
+            if r == 1 and isinstance(blk, _OuterBlock) and blk.rmatvec_into(C2, rows):
+                done += blk.params
             else:
-                rows.view(part.shape).copy_(part)
-            start += n
+                parts.update(blk.rmatmat(C2))
+        for i, dst in enumerate(rows):
+            part = parts.get(i)
+            if part is not None:
+                dst.view(part.shape).copy_(part)  # (a block's part may be a strided view)
+            elif i not in done:
+                dst.zero_()
         if self.low_rank is not None:
             Cl, W = self.low_rank
             out += W @ (Cl.T @ C2)
