@@ -23,6 +23,10 @@ from .linearize.base import LinearRows
 #: Up to this many ``(B, C)`` entries the fast rows' detached arithmetic runs in NumPy (as
 #: :data:`sven.functional.HOST_SMALL`, not imported: :mod:`sven.functional` needs the solvers).
 _HOST_SMALL = 4096
+#: The NumPy path's dtypes, with the log of their smallest normal number (the clamp of ``1/sqrt(p)``), and the
+#: target dtypes it indexes with.
+_LOG_TINY = {dt: math.log(torch.finfo(dt).tiny) for dt in (torch.float32, torch.float64)}
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8)
 
 __all__ = [
     "GGN_CLASSES", "JUDGE_EVERY", "PRESET", "RULE_PRESET", "check_logits", "cross_entropy_targets", "ggn_rows",
@@ -274,27 +278,30 @@ def _host_coefficients(
     starts that row's backward pass (:class:`sven.linearize.base.LinearRows`), are contiguous, as
     ``log_softmax``'s backward needs them (it copies others). ``None`` for a batch
     of more than :data:`sven.functional.HOST_SMALL` entries, on an accelerator or in another dtype (torch's path)."""
-    if not (lp.is_cpu and target.is_cpu and lp.dtype in (torch.float32, torch.float64) and not target.requires_grad):
+    if not (lp.is_cpu and target.is_cpu and lp.dtype in _LOG_TINY and not target.requires_grad):
         return None
-    if lp.numel() > _HOST_SMALL or target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
+    if lp.numel() > _HOST_SMALL or target.dtype not in _INDEX_DTYPES:
         return None
     try:
         LP, P, T, K = lp.numpy(), p.numpy(), target.numpy(), top.numpy()[:, 0]
     except RuntimeError:  # no storage of its own: inside a torch.func transform
         return None
-    rows = np.arange(LP.shape[0])
+    B, C = LP.shape
+    at = np.arange(0, B * C, C)  # each row's first entry in the flattened (B, C) arrays
+    t, k = at + T, at + K  # the target's and the most probable class's entries (1-D indexing: cheaper)
     root = np.sqrt(P)
-    inv_t = np.exp(-0.5 * np.maximum(LP[rows, T], math.log(torch.finfo(lp.dtype).tiny)))
+    flat = root.reshape(-1)
+    inv_t = np.exp(-0.5 * np.maximum(LP.reshape(-1)[t], _LOG_TINY[lp.dtype]))
     value = root.copy()
-    value[rows, T] = root[rows, T] - inv_t  # (p - q) / sqrt(p)
+    value.reshape(-1)[t] = flat[t] - inv_t  # (p - q) / sqrt(p)
     rest = value.copy()
-    rest[rows, K] = 0.0
-    values = np.empty((LP.shape[0], 2), dtype=LP.dtype)
-    values[:, 0] = value[rows, K]
+    rest.reshape(-1)[k] = 0.0
+    values = np.empty((B, 2), dtype=LP.dtype)
+    values[:, 0] = value.reshape(-1)[k]
     norm = values[:, 1]
     np.sqrt(np.einsum("bc,bc->b", rest, rest), out=norm)
-    coef = np.zeros((2, LP.shape[0], LP.shape[1]), dtype=LP.dtype)  # (each row's coefficients contiguous)
-    coef[0, rows, K] = root[rows, K]
+    coef = np.zeros((2, B, C), dtype=LP.dtype)  # (each row's coefficients contiguous)
+    coef[0].reshape(-1)[k] = flat[k]
     u = coef[1]
     np.divide(rest, np.where(norm > 0, norm, 1.0)[:, None], out=u)
     u *= root

@@ -490,11 +490,12 @@ class GramJacobian:
         self._numels = numels
         self._dtype = dtype
         self.low_rank: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._shape = (int(output.shape[0]), sum(numels))  # (read many times a step)
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(N, P)``: rows and parameters (the columns of :mod:`sven.linearize.dense`'s ``J``)."""
-        return (int(self.output.shape[0]), sum(self._numels))
+        return self._shape
 
     @property
     def dtype(self) -> torch.dtype:
@@ -513,7 +514,7 @@ class GramJacobian:
         vec = C.dim() == 1
         C2 = (C[:, None] if vec else C).to(self._dtype)
         r = C2.shape[1]
-        out = torch.empty(sum(self._numels), r, dtype=self._dtype, device=self.device)
+        out = torch.empty(self._shape[1], r, dtype=self._dtype, device=self.device)
         rows = list(torch.split(out, self._numels))  # each parameter's rows
         parts: dict[int, torch.Tensor] = {}
         done: list[int] = []
