@@ -129,10 +129,10 @@ class LinearRows:
     ``rows[b, d]`` has the value ``values[b, d]`` and the derivative :math:`\sum_c \text{coef}[b, d, c]\,
     \partial\,\text{base}[b, c]`: :meth:`graph` builds them as ``lin - lin.detach() + values`` with
     ``lin = coef @ base`` (one batched product; :func:`sven.loss_rows.top_class_rows`, the GGN rows of softmax
-    cross-entropy in :math:`\log p`). A route that
-    differentiates the rows one column ``d`` at a time can start each backward pass at ``base`` with the cotangent
-    ``coef[:, d]``, which is what the rows' own backward hands ``base``: ``coef^T e_d`` (to the sign of a zero),
-    so the rows need no graph of their own (:class:`sven.linearize.gram.LayerGram`).
+    cross-entropy in :math:`\log p`). A route that differentiates the rows one column ``d`` at a time can start
+    each backward pass at ``base`` with the cotangent ``coef[:, d]``, which is what the rows' own backward hands
+    ``base`` for the cotangent :math:`e_d`, :math:`\text{coef}^\top e_d` (to the sign of a zero): the rows then
+    need no graph of their own (:class:`sven.linearize.gram.LayerGram`).
 
     Attributes:
         base: ``(B, C)`` with its graph.

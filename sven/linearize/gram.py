@@ -242,7 +242,7 @@ class LayerGram:
             with recording(rec):
                 raw = closure()
             head = _linear(rows, raw)  # rows linear in a tensor with a graph: no graph of their own (below)
-            out = rows(raw) if head is None else head.detached().reshape(-1)  # (a reshape under no_grad cuts it)
+            out = rows(raw) if head is None else head.detached().reshape(-1)  # (rows(raw) under no_grad: no graph)
         if not isinstance(out, torch.Tensor) or out.dim() != 1:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"`rows` must return the rows as a 1-D tensor, got {got}")
@@ -388,8 +388,7 @@ class LayerGram:
 def _linear(rows: Callable[[Any], torch.Tensor], raw: Any) -> LinearRows | None:
     """``rows.linear(raw)`` where ``rows`` is a :class:`~sven.linearize.base.RowSpec` that gives the rows as
     :class:`~sven.linearize.base.LinearRows` of a ``(B, C)`` tensor with a graph, else ``None``."""
-    linear = getattr(rows, "linear", None)
-    head = linear(raw) if isinstance(rows, RowSpec) and linear is not None else None
+    head = rows.linear(raw) if isinstance(rows, RowSpec) else None
     return head if isinstance(head, LinearRows) and head.base.dim() == 2 and head.coef.dim() == 3 else None
 
 
