@@ -18,14 +18,19 @@ import numpy as np
 import torch
 
 from ._validation import check_unit_interval
+from .linearize.base import LinearRows
 
 #: Up to this many ``(B, C)`` entries the fast rows' detached arithmetic runs in NumPy (as
 #: :data:`sven.functional.HOST_SMALL`, not imported: :mod:`sven.functional` needs the solvers).
 _HOST_SMALL = 4096
+#: The NumPy path's dtypes, with the log of their smallest normal number (the clamp of ``1/sqrt(p)``), and the
+#: target dtypes it indexes with.
+_LOG_TINY = {dt: math.log(torch.finfo(dt).tiny) for dt in (torch.float32, torch.float64)}
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8)
 
 __all__ = [
     "GGN_CLASSES", "JUDGE_EVERY", "PRESET", "RULE_PRESET", "check_logits", "cross_entropy_targets", "ggn_rows",
-    "top_class_rows",
+    "top_class_coefficients", "top_class_rows",
 ]  # fmt: skip
 
 #: The :class:`sven.Sven` options of :func:`sven.losses.optimizer`, for a closure that returns
@@ -240,14 +245,19 @@ def top_class_rows(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logp: ``(B, C)`` log-probabilities with their graph, ``C >= 2``.
         target: ``(B,)`` class indices in ``[0, C)`` (as :func:`torch.nn.functional.cross_entropy` accepted them).
     """
+    return LinearRows(logp, *top_class_coefficients(logp, target)).graph()
+
+
+def top_class_coefficients(logp: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_class_rows` as its detached coefficients ``coef`` ``(B, 2, C)`` and values ``(B, 2)``: the rows are
+    ``LinearRows(logp, coef, values).graph()`` (:class:`sven.linearize.base.LinearRows`; the arguments of
+    :func:`top_class_rows`)."""
     lp = logp.detach()
     p = lp.exp()
     top = p.topk(1, dim=-1).indices  # (torch's choice among tied classes, on either path)
     host = _host_coefficients(lp, p, target, top)
     if host is not None:  # a small CPU batch: the detached arithmetic in NumPy (about 1 us a call against 3-10)
-        coef, values = host
-        lin = torch.bmm(coef, logp[:, :, None])[:, :, 0]
-        return lin - lin.detach() + values
+        return host
     root_p = p.sqrt()
     t = target.detach().to(device=lp.device, dtype=torch.long)[:, None]
     inv_t = torch.exp(-0.5 * lp.gather(1, t).clamp(min=math.log(torch.finfo(lp.dtype).tiny)))
@@ -255,39 +265,44 @@ def top_class_rows(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     r_rest = value.scatter(1, top, 0.0)
     norm = r_rest.norm(dim=-1, keepdim=True)
     u = r_rest / torch.where(norm > 0, norm, 1.0)
-    coef = torch.stack([torch.zeros_like(root_p).scatter_(1, top, root_p.gather(1, top)), u * root_p], 1)
-    lin = torch.bmm(coef, logp[:, :, None])[:, :, 0]
-    return lin - lin.detach() + torch.cat([value.gather(1, top), norm], -1)
+    coef = torch.stack([torch.zeros_like(root_p).scatter_(1, top, root_p.gather(1, top)), u * root_p])
+    return coef.transpose(0, 1), torch.cat([value.gather(1, top), norm], -1)  # (as _host_coefficients' layout)
 
 
 def _host_coefficients(
     lp: torch.Tensor, p: torch.Tensor, target: torch.Tensor, top: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`top_class_rows`' detached coefficients ``(B, 2, C)`` and values ``(B, 2)``, computed in NumPy on views
-    of the CPU tensors (the same operations, elementwise functions and sums to a few ulps); ``None`` for a batch
+    of the CPU tensors (the same operations, elementwise functions and sums to a few ulps). The coefficients are a
+    view of a ``(2, B, C)`` array: each row's ``(B, C)`` coefficients, the cotangent with which the Gram route
+    starts that row's backward pass (:class:`sven.linearize.base.LinearRows`), are contiguous, as
+    ``log_softmax``'s backward needs them (it copies others). ``None`` for a batch
     of more than :data:`sven.functional.HOST_SMALL` entries, on an accelerator or in another dtype (torch's path)."""
-    if not (lp.is_cpu and target.is_cpu and lp.dtype in (torch.float32, torch.float64) and not target.requires_grad):
+    if not (lp.is_cpu and target.is_cpu and lp.dtype in _LOG_TINY and not target.requires_grad):
         return None
-    if lp.numel() > _HOST_SMALL or target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
+    if lp.numel() > _HOST_SMALL or target.dtype not in _INDEX_DTYPES:
         return None
     try:
         LP, P, T, K = lp.numpy(), p.numpy(), target.numpy(), top.numpy()[:, 0]
     except RuntimeError:  # no storage of its own: inside a torch.func transform
         return None
-    rows = np.arange(LP.shape[0])
+    B, C = LP.shape
+    at = np.arange(0, B * C, C)  # each row's first entry in the flattened (B, C) arrays
+    t, k = at + T, at + K  # the target's and the most probable class's entries (1-D indexing: cheaper)
     root = np.sqrt(P)
-    inv_t = np.exp(-0.5 * np.maximum(LP[rows, T], math.log(torch.finfo(lp.dtype).tiny)))
+    flat = root.reshape(-1)
+    inv_t = np.exp(-0.5 * np.maximum(LP.reshape(-1)[t], _LOG_TINY[lp.dtype]))
     value = root.copy()
-    value[rows, T] = root[rows, T] - inv_t  # (p - q) / sqrt(p)
+    value.reshape(-1)[t] = flat[t] - inv_t  # (p - q) / sqrt(p)
     rest = value.copy()
-    rest[rows, K] = 0.0
-    values = np.empty((LP.shape[0], 2), dtype=LP.dtype)
-    values[:, 0] = value[rows, K]
+    rest.reshape(-1)[k] = 0.0
+    values = np.empty((B, 2), dtype=LP.dtype)
+    values[:, 0] = value.reshape(-1)[k]
     norm = values[:, 1]
     np.sqrt(np.einsum("bc,bc->b", rest, rest), out=norm)
-    coef = np.zeros((LP.shape[0], 2, LP.shape[1]), dtype=LP.dtype)
-    coef[rows, 0, K] = root[rows, K]
-    u = coef[:, 1]
+    coef = np.zeros((2, B, C), dtype=LP.dtype)  # (each row's coefficients contiguous)
+    coef[0].reshape(-1)[k] = flat[k]
+    u = coef[1]
     np.divide(rest, np.where(norm > 0, norm, 1.0)[:, None], out=u)
     u *= root
-    return torch.from_numpy(coef), torch.from_numpy(values)
+    return torch.from_numpy(coef).transpose(0, 1), torch.from_numpy(values)

@@ -54,8 +54,8 @@ from typing import Any
 import torch
 
 from ._validation import check_bool
-from .linearize import RowSpec
-from .loss_rows import GGN_CLASSES, JUDGE_EVERY, RULE_PRESET, cross_entropy_targets, ggn_rows, top_class_rows
+from .linearize import LinearRows, RowSpec
+from .loss_rows import GGN_CLASSES, JUDGE_EVERY, RULE_PRESET, cross_entropy_targets, ggn_rows, top_class_coefficients
 
 __all__ = [
     "GGN_SETTINGS", "RULE_OPTIONS", "CrossEntropyLosses", "CrossEntropyRows", "recognise", "rule_weight_decay",
@@ -101,11 +101,20 @@ class CrossEntropyLosses:
 
     def rows(self) -> torch.Tensor:
         """The ``(B, GGN_CLASSES + 1)`` GGN rows of these losses, flattened (sample-major)."""
-        if GGN_CLASSES == 1 and self.weight is None and self.logp.shape[1] > 1:
-            if _none_ignored(self.target, self.ignore_index):  # the common graph: its own path, the same rows
-                return top_class_rows(self.logp, self.target).reshape(-1)
+        head = self.linear()
+        if head is not None:  # the common graph: its own path, the same rows
+            return head.graph().reshape(-1)
         q, s = cross_entropy_targets(self.logp, self.target, weight=self.weight, ignore_index=self.ignore_index)
         return ggn_rows(self.logp, q, s, GGN_CLASSES).reshape(-1)
+
+    def linear(self) -> LinearRows | None:
+        r"""The rows of :meth:`rows` as :class:`~sven.linearize.base.LinearRows` in :math:`\log p`, on the common
+        graph (class-index targets, no class weight, none ignored: :func:`sven.loss_rows.top_class_rows`), else
+        ``None``."""
+        if GGN_CLASSES == 1 and self.weight is None and self.logp.shape[1] > 1:
+            if _none_ignored(self.target, self.ignore_index):
+                return LinearRows(self.logp, *top_class_coefficients(self.logp, self.target))
+        return None
 
 
 def _none_ignored(target: torch.Tensor, ignore_index: int) -> bool:
@@ -174,6 +183,16 @@ class CrossEntropyRows(RowSpec):
             )
         self._seen["losses"] = out.detach()
         return ce.rows()
+
+    def linear(self, out: Any) -> LinearRows | None:
+        r"""The GGN rows of the recognised losses ``out`` as :class:`~sven.linearize.base.LinearRows` in
+        :math:`\log p` (kept for :meth:`output`, as by a call), where :meth:`CrossEntropyLosses.linear` gives them;
+        else ``None`` (then the call gives the rows)."""
+        ce = recognise(out)
+        head = ce.linear() if ce is not None else None
+        if head is not None:
+            self._seen["found"], self._seen["losses"] = True, out.detach()
+        return head
 
     @property
     def found(self) -> bool:

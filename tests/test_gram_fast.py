@@ -2,6 +2,8 @@
 
 * ``_gram64``: ``M M^T`` in float64 by NumPy's symmetric rank-k update on the CPU, against torch's float64
   product (the same sums in another order), also across the column chunks it converts one at a time;
+* ``rows_times_samples``: a layer's Hadamard product of the rows' and the samples' Gram matrices in NumPy,
+  against torch's broadcast (the same products: bit for bit);
 * ``_patches``: the unfolded patches of a convolution from a strided view, against ``F.unfold`` (the same
   values, copied: bit for bit);
 * ``_Outer.rows``: the formed per-row gradients without repeating a sample's input factor for each of its
@@ -12,6 +14,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +25,7 @@ from torch import nn
 
 import sven
 from sven.linearize import gram_factors as GF
+from sven.linearize import gram_products as GP
 
 from .strategies import seeds
 
@@ -39,14 +44,14 @@ def test_gram64_is_the_float64_product(seed: int, n: int, q: int, dtype: torch.d
     gen = torch.Generator().manual_seed(seed)
     M = torch.randn(q, n, generator=gen, dtype=dtype).T if transposed else torch.randn(n, q, generator=gen, dtype=dtype)
     M = M * torch.logspace(-3, 3, q, dtype=dtype)  # columns of very different scales
-    old, GF._CHUNK = GF._CHUNK, chunk
+    old, GP.CHUNK = GP.CHUNK, chunk
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the NumPy path (dsyrk) is taken on one torch thread only
     try:
-        assert GF._host_view(M) is not None
-        K = GF._gram64(M)
+        assert GP.host_view(M) is not None
+        K = GP.gram64(M)
     finally:
-        GF._CHUNK = old
+        GP.CHUNK = old
         torch.set_num_threads(threads)
     ref = _reference_gram(M)
     norms = M.double().norm(dim=1)
@@ -61,8 +66,8 @@ def test_gram64_keeps_torch_beside_more_torch_threads():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert GF._host_view(M) is None
-        K2 = GF._gram64(M)
+        assert GP.host_view(M) is None
+        K2 = GP.gram64(M)
     finally:
         torch.set_num_threads(threads)
     ref = _reference_gram(M)
@@ -73,8 +78,31 @@ def test_gram64_keeps_torch_beside_more_torch_threads():
 def test_gram64_keeps_torch_for_tensors_without_storage():
     """Inside ``torch.func`` transforms (no storage: no NumPy view) the product is torch's."""
     M = torch.randn(5, 3, dtype=torch.float64)
-    out = torch.func.vmap(lambda m: GF._gram64(m[None])[0, 0])(M)
+    out = torch.func.vmap(lambda m: GP.gram64(m[None])[0, 0])(M)
     assert torch.allclose(out, (M**2).sum(1))
+
+
+def _broadcast_product(Kg: torch.Tensor, Ka: torch.Tensor, D: int) -> torch.Tensor:
+    B = Ka.shape[0]
+    return (Kg.reshape(B, D, B, D) * Ka[:, None, :, None]).reshape(B * D, B * D)
+
+
+@given(seed=seeds(), B=st.integers(1, 12), D=st.integers(1, 3), contiguous=st.booleans())
+def test_rows_times_samples_is_the_broadcast_product(seed: int, B: int, D: int, contiguous: bool):
+    """``K_nm = Kg_nm Ka_b(n)b(m)`` in place in NumPy (or torch's broadcast for a strided ``Kg``): bit for bit the
+    broadcast product, on entries of very different scales, an infinite and a NaN one among them."""
+    gen = torch.Generator().manual_seed(seed)
+    N = B * D
+    Kg = torch.randn(N, N, generator=gen, dtype=torch.float64) * torch.logspace(-150, 150, N, dtype=torch.float64)
+    Ka = torch.randn(B, B, generator=gen, dtype=torch.float64) * 1e200
+    Ka[0, -1], Kg[-1, 0] = math.inf, math.nan
+    ref = _broadcast_product(Kg, Ka, D)
+    given_kg = Kg.clone() if contiguous else Kg.T.clone().T  # (a transposed copy: not C-contiguous)
+    got = GP.rows_times_samples(given_kg, Ka, D)
+    assert got.shape == (N, N) and torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(ref))
+    if contiguous:
+        assert got is given_kg  # (written in place)
 
 
 @given(seed=seeds(), kh=st.integers(1, 3), kw=st.integers(1, 3), dil=st.tuples(st.integers(1, 2), st.integers(1, 2)),
@@ -109,7 +137,8 @@ def test_outer_rows_without_repeating_the_input(seed: int, B: int, D: int, T: in
 
 def _plain(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every piece back to its plain formula: torch's float64 product, ``F.unfold``, repeated inputs."""
-    monkeypatch.setattr(GF, "_host_view", lambda M: None)
+    monkeypatch.setattr(GP, "host_view", lambda M: None)
+    monkeypatch.setattr(GF, "rows_times_samples", _broadcast_product)
     monkeypatch.setattr(GF, "_patches", lambda xp, ks, dil, st: F.unfold(xp, ks, dilation=dil, stride=st))
     monkeypatch.setattr(GF._Outer, "rows", _repeated_rows)
 
@@ -162,3 +191,24 @@ def test_jt_c_of_every_block_kind_is_the_jacobians(seed: int, B: int, D: int, r:
     C = torch.randn(B * D, r, generator=gen, dtype=torch.float64)
     assert torch.allclose(G.rmatmat(C), J.T @ C, rtol=1e-12, atol=1e-12)
     assert torch.allclose(G.rmatmat(C[:, 0]), J.T @ C[:, 0], rtol=1e-12, atol=1e-12)
+
+
+@given(seed=seeds(), B=st.integers(1, 6), D=st.integers(1, 3), T=st.integers(1, 3), widths=st.lists(st.integers(1, 5),
+       min_size=1, max_size=3), do=st.integers(1, 4))  # fmt: skip
+def test_one_column_written_in_place_is_the_gemm_split(seed: int, B: int, D: int, T: int, widths: list[int], do: int):
+    """``J^T c`` of a factor block written into each parameter's rows (one product each) against the block's one
+    GEMM split into its parameters' parts, to float32 round-off; a block of formed rows declines (``False``)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(B, T, sum(widths), generator=gen)
+    g = torch.randn(B * D, T, do, generator=gen)
+    blk = GF._OuterBlock(list(range(len(widths))), widths, a, g, D)
+    C = torch.randn(B * D, 1, generator=gen)
+    dest = [torch.full((do * w, 1), math.nan) for w in widths]
+    if blk.m is not None:  # (forming the rows was the cheaper way to K)
+        assert not blk.rmatvec_into(C, dest)
+        return
+    assert blk.rmatvec_into(C, dest)
+    for i, part in blk.rmatmat(C).items():
+        ref = part.reshape(-1, 1)
+        tol = 1e-5 * float(ref.abs().max()) + 1e-30
+        assert dest[i].shape == ref.shape and float((dest[i] - ref).abs().max()) <= tol

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -219,3 +221,14 @@ def test_all_finite() -> None:
     assert not SF.all_finite(torch.tensor([float("inf")]))
     big = torch.full((4,), 3e38)  # the float32 sum overflows, the entries are finite
     assert SF.all_finite(big)
+    # past the NumPy path (more than 2**16 entries): the sum first, the entries where it is not finite
+    large = torch.ones(70_000)
+    assert SF.all_finite(large) and SF.all_finite(torch.full((70_000,), 3e38))
+    for bad in (math.nan, math.inf, -math.inf):
+        hit = large.clone()
+        hit[12_345] = bad
+        assert not SF.all_finite(hit)
+    cplx = torch.ones(70_000, dtype=torch.complex64)
+    assert SF.all_finite(cplx)
+    cplx[7] = complex(1.0, math.inf)
+    assert not SF.all_finite(cplx)

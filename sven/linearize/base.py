@@ -24,6 +24,7 @@ from .. import functional as SF
 __all__ = [
     "Declined",
     "GramOperator",
+    "LinearRows",
     "Linearization",
     "Route",
     "RowSpec",
@@ -121,6 +122,40 @@ class Declined(Unsupported):
     """
 
 
+@dataclass
+class LinearRows:
+    r"""Rows that are a fixed linear map of a tensor with a graph, plus a constant: what :meth:`RowSpec.linear` gives.
+
+    ``rows[b, d]`` has the value ``values[b, d]`` and the derivative :math:`\sum_c \text{coef}[b, d, c]\,
+    \partial\,\text{base}[b, c]`: :meth:`graph` builds them as ``lin - lin.detach() + values`` with
+    ``lin = coef @ base`` (one batched product; :func:`sven.loss_rows.top_class_rows`, the GGN rows of softmax
+    cross-entropy in :math:`\log p`). A route that differentiates the rows one column ``d`` at a time can start
+    each backward pass at ``base`` with the cotangent ``coef[:, d]``, which is what the rows' own backward hands
+    ``base`` for the cotangent :math:`e_d`, :math:`\text{coef}^\top e_d` (to the sign of a zero): the rows then
+    need no graph of their own (:class:`sven.linearize.gram.LayerGram`).
+
+    Attributes:
+        base: ``(B, C)`` with its graph.
+        coef: ``(B, D, C)`` detached coefficients.
+        values: ``(B, D)`` detached values.
+    """
+
+    base: torch.Tensor
+    coef: torch.Tensor
+    values: torch.Tensor
+
+    def graph(self) -> torch.Tensor:
+        """The ``(B, D)`` rows with their graph."""
+        lin = torch.bmm(self.coef, self.base[:, :, None])[:, :, 0]
+        return lin - lin.detach() + self.values
+
+    def detached(self) -> torch.Tensor:
+        """The ``(B, D)`` rows without a graph: the values of :meth:`graph`, from the same operations."""
+        with torch.no_grad():
+            lin = torch.bmm(self.coef, self.base.detach()[:, :, None])[:, :, 0]
+            return lin - lin + self.values
+
+
 class Route(Protocol):
     """A way to linearise a closure: ``route(closure, params, rows) -> Linearization | Unsupported``.
 
@@ -178,6 +213,11 @@ class RowSpec:
                 f"residuals to be flattened"
             )
         return out
+
+    def linear(self, out: Any) -> LinearRows | None:
+        """The rows of ``out`` as :class:`LinearRows`, where they are a fixed linear map of a tensor with a graph
+        (then instead of ``self(out)``: the same rows, no graph of their own), else ``None`` (call ``self(out)``)."""
+        return None
 
     def evaluated(self, out: Any) -> torch.Tensor:
         """The rows of the closure's output ``out`` re-evaluated after a step (for the step control)."""

@@ -20,6 +20,12 @@ Factors
     the cost of a reverse-mode Jacobian of ``D`` outputs; a batched
     ``is_grads_batched`` backward measured no faster and falls back to slow
     loops for operators without a batching rule).
+    Rows that are a fixed linear map of a tensor with a graph
+    (:meth:`~sven.linearize.base.RowSpec.linear`: the loss rule's GGN rows,
+    linear in :math:`\log p`) start each pass at that tensor with the
+    cotangent ``coef[:, d]`` (:class:`~sven.linearize.base.LinearRows`): the
+    same gradients, without the rows' own autograd nodes, which are built only
+    for a fallback or the verification.
 
 Per-layer Gram blocks (``t, s`` run over the extra dimensions of a call, e.g. a
 sequence, and over repeated calls of a shared layer; :math:`b(n)` is the sample of row ``n``)
@@ -114,7 +120,7 @@ import torch
 from torch import nn
 
 from .._validation import _is_real
-from .base import Declined, Linearization, RowSpec, Unsupported, graph_head, strided
+from .base import Declined, Linearization, LinearRows, RowSpec, Unsupported, graph_head, strided
 from .gram_bn import BATCHNORM_MODES, add_coupling, coupling
 from .gram_factors import GramJacobian, Piece, call_pieces, make_blocks
 from .recorder import Labels, Recorder, recording, supported_modules
@@ -235,11 +241,13 @@ class LayerGram:
         with torch.enable_grad():
             with recording(rec):
                 raw = closure()
-            out = rows(raw)  # (a reshape under no_grad would cut the graph)
+            head = _linear(rows, raw)  # rows linear in a tensor with a graph: no graph of their own (below)
+            out = rows(raw) if head is None else head.detached().reshape(-1)  # (rows(raw) under no_grad: no graph)
         if not isinstance(out, torch.Tensor) or out.dim() != 1:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"`rows` must return the rows as a 1-D tensor, got {got}")
-        if not out.requires_grad:
+        graph = _graph_of(out, head)  # the rows with their graph, for a fallback and the verification
+        if not (out if head is None else head.base).requires_grad:
             raise ValueError(
                 "the closure's output does not depend on the optimised parameters (it has no autograd graph); "
                 "do not compute it under torch.no_grad() or from detached tensors, "
@@ -247,25 +255,28 @@ class LayerGram:
             )
         n = int(out.shape[0])
         if max_rows is not None and n > max_rows:
-            return Declined(f"{n} rows outnumber the {max_rows} the Gram route takes here", out)
+            return Declined(f"{n} rows outnumber the {max_rows} the Gram route takes here", graph())
         if rec.problem is not None:
-            return Unsupported(rec.problem, out)
+            return Unsupported(rec.problem, graph())
         for c in rec.calls:
             if c.out._version != c.version:
                 return Unsupported(
                     f"the output of {rec.describe(c.module)} was modified in place (e.g. by ReLU(inplace=True)); "
                     f"use the out-of-place operation",
-                    out,
+                    graph(),
                 )
         B = _batch_size(raw, n, rec)
         if isinstance(B, str):
-            return Unsupported(B, out)
+            return Unsupported(B, graph())
         D = n // B
+        if head is not None and tuple(head.coef.shape[:2]) != (B, D):
+            head = None  # (not one row per column of the coefficients: the rows' own graph)
+            out = graph()
         key = (tuple(rec.structure), tuple(index), D, graph_head(raw if isinstance(raw, torch.Tensor) else out))
         seen = key in self._verified
         known = self._verified.get(key)
         if known is not None:
-            return Unsupported(known, out)
+            return Unsupported(known, graph())
         verify = self.verify and not seen
         uncovered = [p for p in params if id(p) not in rec.covered]
         coupled = any(c.stats is not None for c in rec.calls)
@@ -285,7 +296,9 @@ class LayerGram:
                 c.release_output()
         rec.switch.frozen = True  # the per-sample factors: batch statistics held constant
         try:
-            gs, used = _backward(out, outs, like, uncovered, B, D, retain=verify or bool(uncovered) or coupled)
+            gs, used = _backward(
+                out if head is None else head, outs, like, uncovered, B, D, retain=verify or bool(uncovered) or coupled
+            )
         finally:
             rec.switch.frozen = False
         del outs
@@ -293,7 +306,7 @@ class LayerGram:
             which = ", ".join(labels[index[id(p)]] for p in used)
             outside = f"parameter(s) {which} are used outside the forward of a supported layer"
             self._remember(key, outside)
-            return Unsupported(outside, out, quiet=not rec.calls)
+            return Unsupported(outside, graph(), quiet=not rec.calls)
 
         # the products in the parameters' dtype, at least float32 (bfloat16/float16 models: the factors are cast)
         dtype = functools.reduce(torch.promote_types, (p.dtype for p in params), torch.float32)
@@ -315,20 +328,20 @@ class LayerGram:
             term = coupling(rec.calls, gs, params, B, D, rec.switch)
             if isinstance(term, str):
                 self._remember(key, term)
-                return Unsupported(term, out)
+                return Unsupported(term, graph())
             if term is not None:
                 with torch.no_grad():
                     add_coupling(G, *term)
         if verify:
             rec.switch.frozen = coupled and self.batchnorm == "frozen"  # compare with the same linearisation
             try:
-                decided, reason = self._check(out, params, G, labels, low)
+                decided, reason = self._check(graph(), params, G, labels, low)
             finally:
                 rec.switch.frozen = False
             if decided:
                 self._remember(key, reason)
             if reason is not None:
-                return Unsupported(reason, out)
+                return Unsupported(reason, graph())
         return G
 
     def _check(
@@ -372,6 +385,28 @@ class LayerGram:
         )
 
 
+def _linear(rows: Callable[[Any], torch.Tensor], raw: Any) -> LinearRows | None:
+    """``rows.linear(raw)`` where ``rows`` is a :class:`~sven.linearize.base.RowSpec` that gives the rows as
+    :class:`~sven.linearize.base.LinearRows` of a ``(B, C)`` tensor with a graph, else ``None``."""
+    head = rows.linear(raw) if isinstance(rows, RowSpec) else None
+    return head if isinstance(head, LinearRows) and head.base.dim() == 2 and head.coef.dim() == 3 else None
+
+
+def _graph_of(out: torch.Tensor, head: LinearRows | None) -> Callable[[], torch.Tensor]:
+    """The flattened rows with their graph: ``out`` itself, or built from ``head`` once, on first use."""
+    if head is None:
+        return lambda: out
+    built: list[torch.Tensor] = []
+
+    def graph() -> torch.Tensor:
+        if not built:
+            with torch.enable_grad():
+                built.append(head.graph().reshape(-1))
+        return built[0]
+
+    return graph
+
+
 def _sum_of_blocks(blocks: Sequence[Any], n: int, device: torch.device) -> torch.Tensor:
     """``K``: the sum of the blocks' ``n x n`` float64 Gram matrices, in block order (the first one is the start of
     the sum, as ``0 + K_0`` is ``K_0``: no zero matrix and no extra pass)."""
@@ -386,7 +421,7 @@ def _sum_of_blocks(blocks: Sequence[Any], n: int, device: torch.device) -> torch
 
 
 def _backward(
-    out: torch.Tensor,
+    out: torch.Tensor | LinearRows,
     outs: list[Any],
     like: list[tuple[torch.Size, torch.dtype]],
     uncovered: list[torch.Tensor],
@@ -400,21 +435,26 @@ def _backward(
     One backward pass of ``sum(rows)`` when ``D = 1``; otherwise one per
     column ``d`` of the ``(B, D)`` rows (cotangent ``e_d`` in every sample).
     ``outs``: the recorded outputs or their gradient edges; ``like``: their shapes and dtypes.
+    Rows given as :class:`~sven.linearize.base.LinearRows` (``coef`` of shape ``(B, D, C)``): each pass starts at
+    their ``base`` with the cotangent ``coef[:, d]``, what the rows' own backward would hand it.
     """
     inputs = outs + uncovered
     if not inputs:
         return [], []
+    like_device = (out.base if isinstance(out, LinearRows) else out).device
     per_d: list[tuple[torch.Tensor | None, ...]] = []
     used: list[torch.Tensor] = []
     for d in range(D):
-        if D == 1:
-            go = torch.ones_like(out)
+        if isinstance(out, LinearRows):
+            src, go = out.base, out.coef[:, d]
+        elif D == 1:
+            src, go = out, torch.ones_like(out)
         else:
             go = torch.zeros(B, D, dtype=out.dtype, device=out.device)
             go[:, d] = 1
-            go = go.reshape(-1)
+            src, go = out, go.reshape(-1)
         ins = inputs if d == 0 else outs
-        gs = torch.autograd.grad(out, ins, grad_outputs=go, retain_graph=retain or d < D - 1, allow_unused=True)
+        gs = torch.autograd.grad(src, ins, grad_outputs=go, retain_graph=retain or d < D - 1, allow_unused=True)
         if d == 0:
             # structurally reachable from the rows: used, whatever the value of the gradient
             used = [p for p, g in zip(uncovered, gs[len(outs) :]) if g is not None]
@@ -429,7 +469,7 @@ def _backward(
         if all(g is None for g in col):
             result.append(None)
             continue
-        full = [torch.zeros(shape, dtype=dtype, device=out.device) if g is None else g for g in col]
+        full = [torch.zeros(shape, dtype=dtype, device=like_device) if g is None else g for g in col]
         result.append(torch.stack(full, dim=1).reshape(B * D, *shape[1:]))
     return result, []
 

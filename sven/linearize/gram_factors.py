@@ -6,7 +6,7 @@ outer-product factors (:class:`_Outer`: Linear, Conv), an index table
 LayerNorm, RMSNorm, BatchNorm). Pieces are grouped into *blocks*, each able to add its
 part of ``K`` and to apply its columns of ``J`` (``J^T C`` and ``J X``).
 :class:`GramJacobian` is the sum of the blocks. The maths of each block is in
-the docstring of :mod:`sven.linearize.gram`.
+the docstring of :mod:`sven.linearize.gram`; the float64 products are in :mod:`sven.linearize.gram_products`.
 """
 
 from __future__ import annotations
@@ -16,82 +16,20 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..functional import host
 from .attention import LinearSlice
+from .gram_products import expand_rows as _expand_rows
+from .gram_products import gram64 as _gram64  # (one name here: benchmarks/ce_step_ab.py perturbs the products)
+from .gram_products import rows_times_samples
 
 __all__ = ["GramJacobian", "Piece", "bn_xhat", "call_pieces", "layer_input", "make_blocks"]
 
-#: Columns converted to float64 at a time when the Gram matrix of formed per-row gradients is accumulated.
-_CHUNK = 2048
-
 
 # --------------------------------------------------------------------------- factors of one call
-def _gram64(M: torch.Tensor) -> torch.Tensor:
-    """``M M^T`` in float64 for ``(N, q)`` ``M``, converting at most ``_CHUNK`` columns at a time.
-
-    On the CPU the product is NumPy's, on a view of ``M``: NumPy computes ``X X^T`` by the symmetric
-    rank-k update (BLAS ``dsyrk``), half the multiplications of the general product that torch calls,
-    and the result is exactly symmetric. The same sums in another order: equal to round-off
-    (``tests/test_gram_fast.py``). Other devices, and tensors without storage of their own (inside
-    :mod:`torch.func` transforms), keep torch's product.
-
-    Only while torch runs on one intra-op thread: NumPy's BLAS has its own thread pool
-    (``OMP_NUM_THREADS``, ``threadpoolctl``), which ``torch.set_num_threads`` does not set, and its
-    threads wait spinning after a call. Beside torch's own threads on the same cores that made a
-    product-heavy loop 1.4-1.7x slower (2 cores, both pools at 2 threads); with torch on one thread the
-    NumPy path was 0.72-0.76x the torch path's time. So with more torch threads the product is torch's.
-    """
-    x = _host_view(M)
-    if x is not None:
-        return torch.from_numpy(_host_gram64(x))
-    if M.dtype == torch.float64:
-        return M @ M.T
-    K = torch.zeros(M.shape[0], M.shape[0], dtype=torch.float64, device=M.device)
-    for j in range(0, M.shape[1], _CHUNK):
-        Mc = M[:, j : j + _CHUNK].double()
-        K += Mc @ Mc.T
-        del Mc  # one converted chunk alive at a time
-    return K
-
-
-def _host_gram64(x: np.ndarray) -> np.ndarray:
-    """``x x^T`` in float64 by NumPy's ``dsyrk``, at most ``_CHUNK`` columns converted at a time."""
-    if x.dtype == np.float64 or x.shape[1] <= _CHUNK:  # (one chunk: its product is K, no sum)
-        xc = np.ascontiguousarray(x, dtype=np.float64)
-        return xc @ xc.T  # type: ignore[no-any-return]
-    K = np.zeros((x.shape[0], x.shape[0]))
-    for j in range(0, x.shape[1], _CHUNK):
-        xc = np.ascontiguousarray(x[:, j : j + _CHUNK], dtype=np.float64)
-        K += xc @ xc.T
-        del xc  # one converted chunk alive at a time
-    return K
-
-
-def _host_view(M: torch.Tensor) -> np.ndarray | None:
-    """A NumPy view of a real float32/float64 CPU tensor ``M`` (detached, any size: :func:`sven.functional.host`)
-    while torch runs on one thread (see :func:`_gram64`), or ``None`` (torch's path)."""
-    return host(M.detach(), limit=M.numel()) if torch.get_num_threads() == 1 else None
-
-
-def _expand_rows(K: torch.Tensor, D: int, dims: tuple[int, int]) -> torch.Tensor:
-    """Repeat each sample's entries ``D`` times along ``dims`` (sample -> its ``D`` rows), in one copy."""
-    if D == 1:
-        return K
-    i, j = dims
-    shape = list(K.shape)
-    E = K.unsqueeze(j + 1).unsqueeze(i + 1)  # (..., B, 1, ..., B, 1, ...): a new axis after each sample axis
-    sizes = list(E.shape)
-    sizes[i + 1], sizes[j + 2] = D, D
-    shape[i], shape[j] = shape[i] * D, shape[j] * D
-    return E.expand(sizes).reshape(shape)
-
-
 @dataclass
 class _Outer:
     """Row ``n``'s gradient of a ``(d_out, d_in)`` matrix is ``sum_t g[n, t] a[b(n), t]^T``.
@@ -359,9 +297,8 @@ class _OuterBlock:
         a, g = self.a, self.g
         B, T, di = a.shape
         N = g.shape[0]
-        if T == 1:  # (K_a with each sample's entries repeated for its D rows, by broadcasting)
-            D = self.D
-            return (_gram64(g[:, 0]).reshape(B, D, B, D) * _gram64(a[:, 0])[:, None, :, None]).reshape(N, N)
+        if T == 1:  # (K_a with each sample's entries repeated for its D rows)
+            return rows_times_samples(_gram64(g[:, 0]), _gram64(a[:, 0]), self.D)
         Ka = _expand_rows(_gram64(a.reshape(B * T, di)).reshape(B, T, B, T), self.D, (0, 2))
         Kg = _gram64(g.reshape(N * T, -1)).reshape(N, T, N, T)
         return (Ka * Kg).sum((1, 3))
@@ -379,9 +316,32 @@ class _OuterBlock:
         r = C.shape[1]
         if self.m is not None:
             return self._split((self.m.T @ C).reshape(self.d_out, -1, r))
-        assert self.a is not None and self.g is not None
+        assert self.a is not None
         B, T, di = self.a.shape
-        do = self.d_out
+        # one GEMM over (sample, position): (do r, B T) @ (B T, di)
+        R = self._combined(C).T @ self.a.reshape(B * T, di)
+        return self._split(R.reshape(self.d_out, r, di).permute(0, 2, 1))
+
+    def rmatvec_into(self, C: torch.Tensor, dest: list[torch.Tensor]) -> bool:
+        """:meth:`rmatmat` of one column ``C`` ``(N, 1)``, written into each parameter's rows ``dest[i]`` (its
+        ``(numel, 1)`` view of the result): one product per parameter, ``(do, B T) @ (B T, width)``, the columns
+        of the GEMM of :meth:`rmatmat` without its result's copy into place. ``False`` (nothing written) for a
+        block of formed rows."""
+        if self.m is not None or self.a is None:
+            return False
+        B, T, di = self.a.shape
+        gC, a, start = self._combined(C).T, self.a.reshape(B * T, di), 0
+        for i, w in zip(self.params, self.widths):
+            torch.mm(gC, a[:, start : start + w], out=dest[i].view(self.d_out, w))
+            start += w
+        return True
+
+    def _combined(self, C: torch.Tensor) -> torch.Tensor:
+        """``g`` with each row scaled by its coefficients in ``C`` ``(N, r)``, each sample's ``D`` rows summed:
+        ``(B T, d_out r)``."""
+        assert self.a is not None and self.g is not None
+        B, T, _ = self.a.shape
+        do, r = self.d_out, C.shape[1]
         if self.D == 1:
             gC = self.g[..., None] * C[:, None, None, :]
         elif T == 1 and r == 1:  # each sample's D rows combined: sum_d g[b, d, :] C[b, d] (a product, one sum)
@@ -390,9 +350,7 @@ class _OuterBlock:
             gC = torch.bmm(self.g.reshape(B, self.D, do).transpose(1, 2), C.reshape(B, self.D, r))
         else:
             gC = torch.einsum("bdto,bdr->btor", self.g.reshape(B, self.D, T, do), C.reshape(B, self.D, r))
-        # one GEMM over (sample, position): (do r, B T) @ (B T, di)
-        R = gC.reshape(B * T, do * r).T @ self.a.reshape(B * T, di)
-        return self._split(R.reshape(do, r, di).permute(0, 2, 1))
+        return gC.reshape(B * T, do * r)
 
     def matmat(self, xs: list[torch.Tensor]) -> torch.Tensor:
         do = self.d_out
@@ -532,11 +490,12 @@ class GramJacobian:
         self._numels = numels
         self._dtype = dtype
         self.low_rank: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._shape = (int(output.shape[0]), sum(numels))  # (read many times a step)
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(N, P)``: rows and parameters (the columns of :mod:`sven.linearize.dense`'s ``J``)."""
-        return (int(self.output.shape[0]), sum(self._numels))
+        return self._shape
 
     @property
     def dtype(self) -> torch.dtype:
@@ -554,21 +513,23 @@ class GramJacobian:
         """
         vec = C.dim() == 1
         C2 = (C[:, None] if vec else C).to(self._dtype)
-        parts: dict[int, torch.Tensor] = {}
-        for blk in self._blocks:
-            parts.update(blk.rmatmat(C2))
         r = C2.shape[1]
-        # each parameter's part copied into its rows once (a block's part may be a strided view)
-        out = torch.empty(sum(self._numels), r, dtype=self._dtype, device=self.device)
-        start = 0
-        for i, n in enumerate(self._numels):
-            rows = out[start : start + n]
-            part = parts.get(i)
-            if part is None:
-                rows.zero_()
+        out = torch.empty(self._shape[1], r, dtype=self._dtype, device=self.device)
+        rows = list(torch.split(out, self._numels))  # each parameter's rows
+        parts: dict[int, torch.Tensor] = {}
+        done: list[int] = []
+        for blk in self._blocks:
+            # one column (a direction) from factors: written in place; else each part copied into place once
+            if r == 1 and isinstance(blk, _OuterBlock) and blk.rmatvec_into(C2, rows):
+                done += blk.params
             else:
-                rows.view(part.shape).copy_(part)
-            start += n
+                parts.update(blk.rmatmat(C2))
+        for i, dst in enumerate(rows):
+            part = parts.get(i)
+            if part is not None:
+                dst.view(part.shape).copy_(part)  # (a block's part may be a strided view)
+            elif i not in done:
+                dst.zero_()
         if self.low_rank is not None:
             Cl, W = self.low_rank
             out += W @ (Cl.T @ C2)
