@@ -340,7 +340,7 @@ class DampedGram(TruncatedPinv):
         self._exact: TruncatedPinv | None = None
         self._cache: tuple[float, torch.Tensor, torch.Tensor | None, np.ndarray] | None = None
         self.tol, self.shape, self.numpy_out, self._source = tol, (int(M.shape[0]), int(M.shape[1])), False, None
-        self.rank, self.cutoff = tol.keep(S)
+        self.rank, self.cutoff = 0, 0.0  # (set by _plan)
         self.stats: dict[str, Any] = {"solver": "from_gram", "method": NAME, "matvecs": 0, "iterations": 1}
         self._W: np.ndarray | None = None
         self._rest, self._theta = math.inf, math.inf
@@ -385,6 +385,7 @@ class DampedGram(TruncatedPinv):
         path. Dropped values above :math:`\tau = \max(4\delta, (\text{accuracy}/64)^2\lambda_1)` are deflated;
         the largest of the rest, plus :math:`\delta`, is :math:`\lambda_{rest}`.
         """
+        self.rank, self.cutoff = self.tol.keep(self._S)
         lam, (m, n), r = self._lamn, self.shape, self.rank
         lam1 = float(lam[0])
         if r == 0 or not lam1 > 0:
@@ -487,10 +488,9 @@ class Untruncated(DampedGram):
         rtol: float | None, atol: float,
     ) -> None:  # fmt: skip
         m, n = int(M.shape[0]), int(M.shape[1])
-        lam = torch.tensor([lam1], dtype=torch.float64)
+        lam, S = torch.tensor([lam1], dtype=torch.float64), torch.tensor([math.sqrt(lam1)], dtype=M.dtype)
         tol = make_tolerance((m, n), M.dtype, rank=rank, rtol=rtol, atol=atol)
-        super().__init__(K, lam, lam.sqrt().to(M.dtype), M, tol=tol, solver=solver, rank=rank, rtol=rtol, atol=atol,
-                         tri=None)  # fmt: skip
+        super().__init__(K, lam, S, M, tol=tol, solver=solver, rank=rank, rtol=rtol, atol=atol, tri=None)
         self.stats["method"] = UNTRUNCATED
 
     def _plan(self) -> None:
