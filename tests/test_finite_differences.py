@@ -122,6 +122,43 @@ def test_a_callable_jacobian_is_checked() -> None:
         GivenJacobian(3)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "kind", ["float64", "float32", "array", "transposed", "requires grad", "vector", "nan", "inf", "huge"]
+)
+def test_a_callable_jacobian_of_each_kind_is_taken_or_refused_alike(kind: str) -> None:
+    # a float64 CPU tensor takes the short test (values only); every other kind the general conversions: both
+    # must hand on the same Jacobian, or refuse the same non-finite one, and call jac() as under no_grad()
+    p = 1 if kind == "vector" else 2
+    x = torch.nn.Parameter(torch.arange(1.0, p + 1.0, dtype=F64))
+    ref = torch.arange(1.0, 3.0 * p + 1.0, dtype=F64).reshape(3, p)
+    if kind in ("nan", "inf", "huge"):
+        ref[1, 0] = {"nan": float("nan"), "inf": float("inf"), "huge": 1e308}[kind]
+    seen: list[tuple[bool, bool]] = []
+
+    def jac() -> object:
+        seen.append((torch.is_grad_enabled(), x.requires_grad))
+        if kind == "float32":
+            return ref.float()
+        if kind == "array":
+            return ref.numpy()
+        if kind == "transposed":
+            return ref.T.contiguous().T  # column-major: a strided view
+        if kind == "requires grad":
+            return ref.clone().requires_grad_(True)
+        return ref[:, 0] if kind == "vector" else ref
+
+    route = GivenJacobian(jac)
+    closure = lambda: torch.cat([x, x, x])[:3] * 1.0  # noqa: E731
+    if kind in ("nan", "inf"):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            route(closure, [x], RowSpec(residuals=True))
+        return
+    lin = route(closure, [x], RowSpec(residuals=True))
+    assert seen == [(False, True)] and x.requires_grad and lin.jacobian.dtype == F64
+    assert not lin.jacobian.requires_grad and not lin.rows.requires_grad
+    torch.testing.assert_close(lin.jacobian, ref.float().double() if kind == "float32" else ref, rtol=0, atol=0)
+
+
 T = torch.linspace(0, 1, 30, dtype=F64)
 Y = 2.0 * torch.exp(-3.0 * T) + 0.5
 
