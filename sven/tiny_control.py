@@ -45,6 +45,8 @@ from .trust_region import ACCEPT, TrustRegion, lm_parameter
 
 __all__ = ["Lean", "run"]
 
+_F64 = np.dtype(np.float64)  # (a builtin dtype is one object: compared by identity)
+
 
 class Lean:
     """One lean step's arrays and its actions on the parameters (the closures of a :class:`StepContext`).
@@ -60,8 +62,8 @@ class Lean:
             after a try (:meth:`residuals_after`, what :class:`sven.control.Evaluator` gives).
     """
 
-    __slots__ = ("D", "F", "R", "a", "c", "closure", "cos", "last", "lrs", "opt", "plain", "r", "rr", "s0sq", "spec",
-                 "tp", "unit", "whole")  # fmt: skip
+    __slots__ = ("D", "F", "R", "a", "c", "closure", "cos", "cs", "last", "lrs", "opt", "plain", "r", "rr", "s0sq",
+                 "spec", "ss", "tp", "unit", "whole")  # fmt: skip
 
     def __init__(
         self,
@@ -84,6 +86,8 @@ class Lean:
         self.plain = type(spec) is RowSpec and spec.residuals  # (the rows are the residuals, checked as R was)
         s = F.arrays[1]
         self.s0sq = s[0] ** 2 if F.rank else 0.0
+        if s.dtype is _F64:  # (the values of s and c as floats: direction_array)
+            self.ss, self.cs, self.s0sq = s.tolist(), c.tolist(), float(self.s0sq)
         self.lrs = tp.column_lrs(a.dtype)
         params = tp.params
         # one flat parameter of the directions' dtype: a direction is added to it as it is
@@ -98,9 +102,14 @@ class Lean:
         _, s, v = self.F.arrays
         if self.F.rank == 0:
             d = np.zeros(v.shape[0], dtype=v.dtype)
+        elif s.dtype is _F64:  # the same float64 operations, one value at a time (fewer NumPy calls)
+            m = lam * self.s0sq
+            w = [x * (1.0 / y) for x, y in zip(self.cs, self.ss)] if lam == 0.0 else [
+                x * (y / (y * y + m)) for x, y in zip(self.cs, self.ss)]  # fmt: skip
+            d = v @ np.array(w)
         else:  # (every kept value is above the cut-off, so positive)
             d = v @ (self.c * (1.0 / s if lam == 0.0 else s / (s * s + lam * self.s0sq)))
-        if not finite_array(d):
+        if not (math.isfinite(sum(d.tolist())) or finite_array(d)):
             raise StepFault("the Sven direction")
         return d if self.D is None else d / self.D  # (D is in the Jacobian's dtype, as d)
 
@@ -261,8 +270,8 @@ def _trust_region(policy: TrustRegion, lean: Lean) -> Outcome:
     restore = lean.save()
     F, R = lean.F, lean.R
     s = F.arrays[1]
-    S = s.astype(np.float64)  # (sven.trust_region._spectrum of the factors' arrays)
-    c = lean.c.astype(np.float64) if F.rank else S
+    S = s.astype(np.float64, copy=False)  # (sven.trust_region._spectrum of the factors' arrays; only read)
+    c = lean.c.astype(np.float64, copy=False) if F.rank else S
     fnorm2 = lean.rr
     policy.peak = max(policy.peak, fnorm2) if math.isfinite(fnorm2) else policy.peak
     xnorm = lean.xnorm()
@@ -273,8 +282,8 @@ def _trust_region(policy: TrustRegion, lean: Lean) -> Outcome:
     out = Outcome(damping=policy.lam)
     for attempt in range(1 + policy.max_retries):
         lam = lm_parameter(S, c, policy.radius)
-        den = S * S + lam
-        q = S * c / np.where(den > 0, den, 1.0)  # (a zero singular value gives a zero component)
+        # (every kept value is positive and lam >= 0: no zero denominator, which trust_region guards against)
+        q = S * c / (S * S + lam)
         pnorm = vector_norm(q)
         if first:
             policy.radius = min(policy.radius, pnorm) if pnorm > 0 else policy.radius

@@ -173,3 +173,41 @@ def test_a_change_between_steps_is_honoured_by_the_lean_step(change: str) -> Non
     assert taken == expected  # the lean step only where it applies, with the columns of the groups as they are
     torch.testing.assert_close(xs[0], xs[1], rtol=1e-9, atol=1e-12)
     assert not torch.equal(xs[0], x0)
+
+
+def test_the_lean_step_records_what_step_info_record_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the lean step fills its StepInfo in one update: the same fields as StepInfo.record of the same outcome
+    import sven.tiny_control as tiny_control
+    from sven.info import StepInfo
+
+    fun, x0 = _problem(2, 3, 20)
+    x = torch.nn.Parameter(x0.clone())
+    opt = sven.Sven([x], residuals=True, jacobian=lambda: torch.func.jacrev(fun)(x.detach()))
+    outcomes = []
+    run = tiny_control.run
+    monkeypatch.setattr(tiny_control, "run", lambda policy, lean: outcomes.append(run(policy, lean)) or outcomes[-1])
+    opt.step(lambda: fun(x))
+    ref = StepInfo(losses=opt.last_step.losses)
+    ref.record(outcomes[0], opt.last_step._lrs)
+    names = ("damping", "gain_ratio", "retries", "rejected", "capped", "k_used", "substep_losses", "stalled",
+             "converged", "_direction", "_lrs")  # fmt: skip
+    assert all(getattr(opt.last_step, k) is getattr(ref, k) for k in names)
+    assert opt.last_step._direction is not None and not torch.equal(x.detach(), x0)
+
+
+@pytest.mark.parametrize("shape", ["matrix", "float32 after"])
+def test_residuals_of_another_kind_after_a_try_take_the_row_checks(shape: str) -> None:
+    # the tries take a plain tensor of R's shape and dtype as it is; anything else goes through RowSpec
+    fun, x0 = _problem(4, 3, 24)
+
+    def closure(x: torch.Tensor) -> torch.Tensor:
+        r = fun(x)
+        if shape == "matrix":
+            return r.reshape(12, 2)  # flattened by RowSpec at every evaluation
+        # float64 rows to linearise (autograd: x requires grad there), float32 ones after each try
+        return r if x.requires_grad else r.float()
+
+    xs, opts = _pair(fun, x0)
+    _steps(lambda x: closure(x), xs, opts, 3)
+    torch.testing.assert_close(xs[0], xs[1], rtol=1e-9, atol=1e-12)
+    assert not torch.equal(xs[0], x0)
