@@ -57,9 +57,10 @@ from ._compile import eager
 from ._validation import closure_errors, warn_ignored_grads
 from .control import AdaptiveDamping, Evaluator
 from .factorize import DIRECT_SIDE
-from .functional import HOST_SMALL
+from .functional import HOST_SMALL, host
 from .info import StepFault, StepInfo
 from .linearize import Unsupported
+from .linearize.finite import NONFINITE, GivenJacobian
 from .params import ParamBlock, _set_grad_enabled, blocks_of_groups, closure_mode
 from .precondition import ROUND_OFF, ColumnScaling, column_norms
 from .tiny_control import Lean
@@ -279,9 +280,15 @@ def step(opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     with eager():  # as the general step: compiled closures run eagerly
         grad = torch.is_grad_enabled()
         _set_grad_enabled(True)  # torch.enable_grad(), without its objects (works inside a torch.no_grad())
+        route = opt.route
+        lin: Any  # (a route's Linearization, or Unsupported)
         try:
             with closure_errors(params):
-                lin = opt.route(closure, params, opt.rows)
+                if type(route) is GivenJacobian:  # its values tested here, on the squares the scaling reads
+                    lin = route(closure, params, opt.rows, values=False)
+                    sq = _jacobian_values(lin.jacobian, route.name)
+                else:
+                    lin, sq = route(closure, params, opt.rows), None
         finally:
             _set_grad_enabled(grad)
         if isinstance(lin, Unsupported):
@@ -299,8 +306,24 @@ def step(opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         # the tries re-evaluate the closure as the general step does (grad mode on, the parameters without
         # requires_grad: sven.params.closure_mode), switched once for the whole step rather than at every try
         with closure_mode(params):
-            _descend(opt, R, M, tp, closure, lin.method)
+            _descend(opt, R, M, tp, closure, lin.method, sq)
     return lin.local
+
+
+def _jacobian_values(J: torch.Tensor, name: str) -> np.ndarray | None:
+    """The test of a callable Jacobian's values (:func:`sven.linearize.finite.checked_jacobian`'s, the same
+    error), on the squares of its columns where it is small and on the CPU: their sum is finite where every
+    entry is (else the entries are tested: finite ones whose squares overflowed pass). Returns those squares,
+    which the column scaling reads (``None``: a Jacobian that takes torch's test)."""
+    a = host(J)
+    if a is None or a.ndim != 2:
+        if not bool(torch.isfinite(J).all()):
+            raise ValueError(NONFINITE.format(name=name))
+        return None
+    sq = _einsum("ij,ij->j", a, a)  # (an overflow gives inf without a warning)
+    if not (math.isfinite(sum(sq.tolist())) or finite_array(a)):
+        raise ValueError(NONFINITE.format(name=name))
+    return sq
 
 
 def _small(M: Any) -> bool:
@@ -316,10 +339,17 @@ def _small(M: Any) -> bool:
 
 
 def _descend(
-    opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, closure: Callable[[], torch.Tensor], method: str
+    opt: Any,
+    R: torch.Tensor,
+    M: torch.Tensor,
+    tp: TinyPlan,
+    closure: Callable[[], torch.Tensor],
+    method: str,
+    sq: np.ndarray | None = None,
 ) -> StepInfo:
     """:meth:`sven.Sven._descend` for a tiny dense ``M``, in NumPy (module docstring); ``closure`` re-evaluates
-    the residuals after a try (its rows, :class:`sven.tiny_control.Lean`)."""
+    the residuals after a try (its rows, :class:`sven.tiny_control.Lean`); ``sq``: the squares of the columns
+    of ``M`` where they are known (:func:`_jacobian_values`)."""
     opt._counters["steps"] += 1
     info = StepInfo(losses=R, jacobian_method=method, damping=opt.control.damping, ggn=False)
     opt.__dict__["last_step"] = info  # (what Sven.__setattr__ does for a name that is not an option)
@@ -329,7 +359,7 @@ def _descend(
         rr = float(r.dot(r)) if r.dtype is _F64 and r.ndim == 1 else squared_norm_of(r)
         if not math.isfinite(rr) and not np.isfinite(r).all():
             raise StepFault("the residuals")
-        D = _column_scale(opt, tp, a) if opt.precondition is not None else None
+        D = _column_scale(opt, tp, a, sq) if opt.precondition is not None else None
         if D is None and not finite_array(a):
             raise StepFault("the Jacobian")
         F = _factorize(opt, tp, *tp.scaled(a, D))
@@ -354,16 +384,18 @@ def _descend(
     return info
 
 
-def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
+def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray, sq: np.ndarray | None = None) -> np.ndarray:
     """Moré's ``D`` after this Jacobian (:meth:`sven.precondition.ColumnScaling.jacobian`, the same state);
-    a StepFault if the Jacobian is not finite (its squares' sum is not, nor its entries).
+    a StepFault if the Jacobian is not finite (its squares' sum is not, nor its entries). ``sq``: the squares
+    of the columns, where they are known.
 
     The column norms, the round-off columns (:func:`sven.precondition.round_off_columns`) and the running
     maximum are taken on Python floats (at most :data:`TINY_COLUMNS` of them: a NumPy call each would cost
     more); the state buffer is written in place. Every value is one of the dtype's (the norms are rounded
     to it first), and the round-off cut is taken in the dtype, so both ways give the same ``D``.
     """
-    sq = _einsum("ij,ij->j", a, a)  # (an overflow gives inf without a warning)
+    if sq is None:
+        sq = _einsum("ij,ij->j", a, a)  # (an overflow gives inf without a warning)
     parts = tp.scale_buffers(opt.state)
     root = np.sqrt(sq)
     norms_ = root.tolist()

@@ -211,3 +211,32 @@ def test_residuals_of_another_kind_after_a_try_take_the_row_checks(shape: str) -
     _steps(lambda x: closure(x), xs, opts, 3)
     torch.testing.assert_close(xs[0], xs[1], rtol=1e-9, atol=1e-12)
     assert not torch.equal(xs[0], x0)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_callable_jacobian_with_nan_or_inf_is_refused_before_the_step(size: str, bad: float) -> None:
+    # the lean step tests a callable Jacobian's values on its column squares (torch's test where it is large):
+    # the route's own error, nothing counted, the parameters and the scaling state untouched
+    m = 20 if size == "small" else tiny.TINY_ENTRIES
+    t = torch.linspace(0.0, 1.0, m, dtype=F64)
+    x = torch.nn.Parameter(torch.tensor([1.0, 0.5], dtype=F64))
+
+    def jac() -> torch.Tensor:
+        J = torch.stack([torch.exp(-x.detach()[1] * t), -x.detach()[0] * t * torch.exp(-x.detach()[1] * t)], 1)
+        J[m // 2, 1] = bad
+        return J
+
+    opt = sven.Sven([x], residuals=True, jacobian=jac)
+    with pytest.raises(ValueError, match="`jacobian` returned a Jacobian with NaN or Inf entries"):
+        opt.step(lambda: x[0] * torch.exp(-x[1] * t) - 1.0)
+    assert x.tolist() == [1.0, 0.5] and opt.state_dict()["sven"]["steps"] == 0 and not opt.state
+
+
+def test_a_callable_jacobian_whose_squares_overflow_is_taken() -> None:
+    # finite entries whose squares overflow: the entries themselves are tested, and the step goes on
+    x = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=F64))
+    J = torch.tensor([[1e200, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=F64)
+    opt = sven.Sven([x], residuals=True, jacobian=lambda: J)
+    opt.step(lambda: J @ x - torch.tensor([1.0, 1.0, 1.0], dtype=F64))
+    assert opt.state_dict()["sven"]["steps"] == 1 and not opt.last_step.skipped

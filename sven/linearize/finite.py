@@ -43,10 +43,12 @@ from ..functional import HOST_SMALL, host
 from ..params import _set_grad_enabled, closure_mode
 from .base import Linearization, RowSpec
 
-__all__ = ["FD_SCHEMES", "FiniteDifferences", "GivenJacobian", "fd_steps"]
+__all__ = ["FD_SCHEMES", "NONFINITE", "FiniteDifferences", "GivenJacobian", "fd_steps"]
 
 #: The dtypes of a Jacobian taken as it is (any other real dtype is checked further).
 _FLOATS = (torch.float64, torch.float32)
+#: The error of a Jacobian with NaN or Inf entries (``name``: the argument that returned it).
+NONFINITE = "`{name}` returned a Jacobian with NaN or Inf entries"
 #: The finite-difference schemes (the ``jacobian`` values of :class:`sven.Sven`, scipy's ``jac`` strings).
 FD_SCHEMES = ("2-point", "3-point")
 
@@ -149,11 +151,15 @@ class GivenJacobian:
             raise TypeError(f"`{name}` must be callable, got {type(jac).__name__}")
         self.jac, self.name = jac, name
 
-    def __call__(self, closure: Callable[[], Any], params: Sequence[torch.Tensor], rows: RowSpec) -> Linearization:
+    def __call__(
+        self, closure: Callable[[], Any], params: Sequence[torch.Tensor], rows: RowSpec, *, values: bool = True
+    ) -> Linearization:
         """Evaluate the closure (no graph) and ``jac()``; check the Jacobian's kind, shape and values.
 
         ``jac()`` runs as under ``torch.no_grad()`` (the parameters requiring grad again), the grad mode switched
         directly: a curve fit's step costs tens of microseconds, and the context manager's objects a few.
+        ``values=False`` leaves the test of the values to the caller (:data:`NONFINITE` is its error), which
+        reads them anyway (the lean step's column norms, :mod:`sven.tiny`).
         """
         with closure_mode(params):
             r0 = rows(closure())
@@ -165,11 +171,15 @@ class GivenJacobian:
         finally:
             _set_grad_enabled(grad)
         width = params[0].numel() if len(params) == 1 else sum(p.numel() for p in params)
-        return Linearization(r0, r0, checked_jacobian(J, self.name, (r0.shape[0], width), r0), "callable")
+        J = checked_jacobian(J, self.name, (r0.shape[0], width), r0, values=values)
+        return Linearization(r0, r0, J, "callable")
 
 
-def checked_jacobian(J: Any, name: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """``J`` (a tensor or array) as a tensor of ``like``'s dtype and device, or a clear error naming ``name``."""
+def checked_jacobian(
+    J: Any, name: str, shape: tuple[int, int], like: torch.Tensor, *, values: bool = True
+) -> torch.Tensor:
+    """``J`` (a tensor or array) as a tensor of ``like``'s dtype and device, or a clear error naming ``name``
+    (its values tested only with ``values``: :data:`NONFINITE`)."""
     if (
         type(J) is torch.Tensor
         and J.dtype == like.dtype
@@ -179,12 +189,14 @@ def checked_jacobian(J: Any, name: str, shape: tuple[int, int], like: torch.Tens
         and not J.requires_grad
         and J.numel() <= HOST_SMALL
     ):  # the common case of a small CPU problem: the values' test alone, in NumPy on a view
+        if not values:
+            return J
         try:
             ok = finite_array(J.numpy())
         except RuntimeError:  # no storage of its own (inside a torch.func transform): torch's test
             ok = bool(torch.isfinite(J).all())
         if not ok:
-            raise ValueError(f"`{name}` returned a Jacobian with NaN or Inf entries")
+            raise ValueError(NONFINITE.format(name=name))
         return J
     if isinstance(J, np.ndarray):
         J = torch.from_numpy(J)
@@ -203,7 +215,9 @@ def checked_jacobian(J: Any, name: str, shape: tuple[int, int], like: torch.Tens
     J = J.detach() if J.requires_grad else J
     if J.dtype != like.dtype or not ((J.is_cpu and like.is_cpu) or J.device == like.device):
         J = J.to(dtype=like.dtype, device=like.device)
+    if not values:
+        return J
     a = host(J)  # a small CPU Jacobian: the test in NumPy, on a view
     if not (finite_array(a) if a is not None else bool(torch.isfinite(J).all())):
-        raise ValueError(f"`{name}` returned a Jacobian with NaN or Inf entries")
+        raise ValueError(NONFINITE.format(name=name))
     return J
