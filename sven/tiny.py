@@ -83,6 +83,7 @@ try:  # ``np.einsum`` without its Python wrapper (which calls this where no ``op
 except ImportError:  # pragma: no cover - NumPy 1.x
     _einsum = np.einsum
 _DIST = dist_.dist.is_available()  # (torch.distributed is compiled in: fixed for the process)
+_INITIALIZED = dist_.dist.is_initialized if _DIST else None
 _EPS = {np.dtype(t).char: float(np.finfo(t).eps) for t in (np.float64, np.float32)}  # (by type code: cheap to hash)
 
 
@@ -99,7 +100,7 @@ class TinyFactors:
     def __init__(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], values: np.ndarray, cutoff: float) -> None:
         self.arrays, self.rank, self.cutoff = arrays, arrays[1].shape[0], cutoff
         self.singular_values = torch.from_numpy(values)
-        self.dtype = self.singular_values.dtype
+        self.dtype = torch.float64 if values.dtype is _F64 else torch.float32  # (the tensor's: float64 or float32)
 
     @property
     def U(self) -> torch.Tensor:
@@ -161,7 +162,6 @@ class TinyPlan:
     rtols: dict[tuple[int, int, str], float] = field(default_factory=dict)
     lrs: dict[str, np.ndarray | None] = field(default_factory=dict)
     scales: list[tuple[torch.Tensor, np.ndarray] | None] = field(default_factory=list)
-    work: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
     def rtol(self, opt: Any, shape: tuple[int, int], dtype: Any) -> float:
         """The ``rtol`` of :func:`sven.factorize.factorize` for an ``M`` of this shape and dtype."""
@@ -194,22 +194,6 @@ class TinyPlan:
             out.append(cached[1])
         return out
 
-    def scaled(self, a: np.ndarray, D: np.ndarray | None) -> tuple[np.ndarray, bool]:
-        """:math:`\\hat M = M D^{-1}` as the SVD takes it, and whether the SVD may overwrite it.
-
-        A float64 quotient is written into a Fortran-ordered buffer kept per shape (``work``), which LAPACK
-        then factorises in place (``overwrite_a``): the same values as ``a / D``, without the copy into Fortran
-        order that ``gesdd``'s wrapper makes of a C-ordered matrix. (The user's own Jacobian, unscaled, is never
-        overwritten.)
-        """
-        if D is None or a.dtype is not _F64:
-            return (a if D is None else a / D), False
-        buf = self.work.get(a.shape)
-        if buf is None:
-            buf = self.work[a.shape] = np.empty(a.shape, dtype=np.float64, order="F")
-        np.divide(a, D, out=buf)
-        return buf, True
-
     def flat(self) -> np.ndarray:
         """The parameters' values as one float64 vector (a view where there is one float64 parameter)."""
         if len(self.views) == 1 and self.views[0].dtype is _F64:
@@ -224,7 +208,7 @@ def signature(opt: Any) -> tuple[Any, ...]:
     ``config``."""
     group = opt.process_group
     key: list[Any] = [id(applies), id(opt.config), id(opt.control), id(opt.solver), id(opt.precondition), id(group)]
-    key.append(dist_.world_size(group) if _DIST and dist_.dist.is_initialized() else 1)  # (1: not initialised)
+    key.append(dist_.world_size(group) if _INITIALIZED is not None and _INITIALIZED() else 1)  # (1: not initialised)
     for g in opt.param_groups:
         ps = g["params"]
         key += (g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0), len(ps))
@@ -286,9 +270,9 @@ def step(opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
             with closure_errors(params):
                 if type(route) is GivenJacobian:  # its values tested here, on the squares the scaling reads
                     lin = route(closure, params, opt.rows, values=False)
-                    sq = _jacobian_values(lin.jacobian, route.name)
+                    known = _jacobian_values(lin.jacobian, route.name)
                 else:
-                    lin, sq = route(closure, params, opt.rows), None
+                    lin, known = route(closure, params, opt.rows), None
         finally:
             _set_grad_enabled(grad)
         if isinstance(lin, Unsupported):
@@ -306,15 +290,15 @@ def step(opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         # the tries re-evaluate the closure as the general step does (grad mode on, the parameters without
         # requires_grad: sven.params.closure_mode), switched once for the whole step rather than at every try
         with closure_mode(params):
-            _descend(opt, R, M, tp, closure, lin.method, sq)
+            _descend(opt, R, M, tp, closure, lin.method, known)
     return lin.local
 
 
-def _jacobian_values(J: torch.Tensor, name: str) -> np.ndarray | None:
+def _jacobian_values(J: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray] | None:
     """The test of a callable Jacobian's values (:func:`sven.linearize.finite.checked_jacobian`'s, the same
     error), on the squares of its columns where it is small and on the CPU: their sum is finite where every
-    entry is (else the entries are tested: finite ones whose squares overflowed pass). Returns those squares,
-    which the column scaling reads (``None``: a Jacobian that takes torch's test)."""
+    entry is (else the entries are tested: finite ones whose squares overflowed pass). Returns its array and
+    those squares, which the column scaling reads (``None``: a Jacobian that takes torch's test)."""
     a = host(J)
     if a is None or a.ndim != 2:
         if not bool(torch.isfinite(J).all()):
@@ -323,7 +307,7 @@ def _jacobian_values(J: torch.Tensor, name: str) -> np.ndarray | None:
     sq = _einsum("ij,ij->j", a, a)  # (an overflow gives inf without a warning)
     if not (math.isfinite(sum(sq.tolist())) or finite_array(a)):
         raise ValueError(NONFINITE.format(name=name))
-    return sq
+    return a, sq
 
 
 def _small(M: Any) -> bool:
@@ -345,16 +329,17 @@ def _descend(
     tp: TinyPlan,
     closure: Callable[[], torch.Tensor],
     method: str,
-    sq: np.ndarray | None = None,
+    known: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> StepInfo:
     """:meth:`sven.Sven._descend` for a tiny dense ``M``, in NumPy (module docstring); ``closure`` re-evaluates
-    the residuals after a try (its rows, :class:`sven.tiny_control.Lean`); ``sq``: the squares of the columns
-    of ``M`` where they are known (:func:`_jacobian_values`)."""
+    the residuals after a try (its rows, :class:`sven.tiny_control.Lean`); ``known``: the array of ``M`` and the
+    squares of its columns, where they are known (:func:`_jacobian_values`)."""
     opt._counters["steps"] += 1
     info = StepInfo(losses=R, jacobian_method=method, damping=opt.control.damping, ggn=False)
     opt.__dict__["last_step"] = info  # (what Sven.__setattr__ does for a name that is not an option)
     try:
-        r, a = (R.detach() if R.requires_grad else R).numpy(), M.numpy()
+        r = (R.detach() if R.requires_grad else R).numpy()
+        a, sq = known if known is not None else (M.numpy(), None)
         # ||R||^2 (squared_norm_of): finite where every residual is (or a square overflowed)
         rr = float(r.dot(r)) if r.dtype is _F64 and r.ndim == 1 else squared_norm_of(r)
         if not math.isfinite(rr) and not np.isfinite(r).all():
@@ -362,7 +347,7 @@ def _descend(
         D = _column_scale(opt, tp, a, sq) if opt.precondition is not None else None
         if D is None and not finite_array(a):
             raise StepFault("the Jacobian")
-        F = _factorize(opt, tp, *tp.scaled(a, D))
+        F = _factorize(opt, tp, a if D is None else a / D)
         info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
         u, s, _ = F.arrays
         c = (r if r.dtype == u.dtype else r.astype(u.dtype)) @ u
@@ -433,13 +418,11 @@ def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray, sq: np.ndarray | None =
     return D.astype(a.dtype, copy=False)
 
 
-def _factorize(opt: Any, tp: TinyPlan, a: np.ndarray, own: bool) -> TinyFactors:
-    """One float64 SVD of ``a`` (LAPACK's ``gesdd``; in place where ``own``: :meth:`TinyPlan.scaled`),
-    truncated as every solver truncates (:func:`sven.factorize.factorize`)."""
+def _factorize(opt: Any, tp: TinyPlan, a: np.ndarray) -> TinyFactors:
+    """One float64 SVD of ``a`` (LAPACK's ``gesdd``), truncated as every solver truncates
+    (:func:`sven.factorize.factorize`)."""
     dt = a.dtype
-    if dt is not _F64:  # (a float64 copy in Fortran order: LAPACK's own, factorised in place)
-        a, own = a.astype(np.float64, order="F"), True
-    U, S, Vh, status = lapack.dgesdd(a, full_matrices=0, overwrite_a=own)
+    U, S, Vh, status = lapack.dgesdd(a if dt is _F64 else a.astype(np.float64), full_matrices=0)
     if status != 0:
         raise StepFault("the solver failed (LinAlgError: SVD did not converge)", fault=True)
     sv = S.tolist()
