@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -245,3 +247,39 @@ def test_parameters_fitted_in_place_take_each_jac() -> None:
         fits.append(torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]))
     for fit in fits:
         torch.testing.assert_close(fit, torch.tensor([3.0, -1.0], dtype=F64), rtol=1e-7, atol=1e-8)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1.0, -1.0])),
+        min_size=1, max_size=12,
+    ),
+    scheme=st.sampled_from(["2-point", "3-point"]),
+)  # fmt: skip
+def test_the_float_steps_are_fd_steps_bit_for_bit(values: list[float], scheme: str) -> None:
+    # float64 parameters take the steps on floats: the same IEEE operations as the tensor formula, in its order
+    from sven.linearize.finite import _float_steps
+
+    want = fd_steps(torch.tensor(values, dtype=F64), scheme, EPS).tolist()
+    got = _float_steps(values, scheme, EPS)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):  # bit for bit: NaN where NaN, the sign of a zero included
+        assert (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1.0, a) == math.copysign(1.0, b))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_differences_write_each_entry_back_and_bump_the_version(dtype: torch.dtype, layout: str) -> None:
+    # a contiguous CPU parameter is perturbed on its NumPy view, any other through torch's indexing: the same
+    # columns, every entry written back bit for bit, and the version counter moving at each write
+    torch.manual_seed(0)
+    base = torch.randn(3, 2, dtype=dtype)
+    w = torch.nn.Parameter(base.clone() if layout == "contiguous" else base.T.contiguous().T)
+    X = torch.randn(5, 3, dtype=dtype)
+    before, version = w.detach().clone(), w._version
+    lin = FiniteDifferences("3-point")(lambda: (X @ w).sin().reshape(-1), [w], RowSpec(residuals=True))
+    assert torch.equal(w.detach(), before) and w._version >= version + 3 * w.numel()
+    exact = torch.autograd.functional.jacobian(lambda v: (X @ v).sin().reshape(-1), before.clone())
+    tol = 1e-6 if dtype == F64 else 2e-3
+    torch.testing.assert_close(lin.jacobian, exact.reshape(10, 6), rtol=tol, atol=tol)

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from .._arrays import finite_array
 from ..functional import HOST_SMALL, host
@@ -102,30 +103,65 @@ def _columns(
     Each entry is written as a Python float, which holds every float32 and float64 value exactly.
     """
     target = p.detach()  # shares the storage and the version counter: autograd sees every write
-    x = target.reshape(-1).clone()
-    h = fd_steps(x, scheme, eps)
-    up, down = x + h, x - h
-    width = (h if scheme == "2-point" else up - down).to(r0.dtype)
-    values, ups, downs = x.tolist(), up.tolist(), down.tolist()
-    flat = target.view(-1) if target.is_contiguous() else None  # (else each entry by its index tuple)
-    shape = tuple(target.shape)
+    if target.dtype == torch.float64:  # the same float64 operations on floats (fd_steps: a few entries, no kernels)
+        values = target.reshape(-1).tolist()
+        hs = _float_steps(values, scheme, eps)
+        ups = [v + h for v, h in zip(values, hs)]
+        downs = [v - h for v, h in zip(values, hs)]
+        widths = hs if scheme == "2-point" else [u - d for u, d in zip(ups, downs)]
+        width = torch.tensor(widths, dtype=r0.dtype, device=r0.device)
+    else:
+        x = target.reshape(-1).clone()
+        h = fd_steps(x, scheme, eps)
+        up, down = x + h, x - h
+        width = (h if scheme == "2-point" else up - down).to(r0.dtype)
+        values, ups, downs = x.tolist(), up.tolist(), down.tolist()
+    write = _writer(target)
     plus: list[torch.Tensor] = []
     minus: list[torch.Tensor] = []
-    for j in range(x.numel()):
-        at: Any = j if flat is not None else tuple(int(i) for i in np.unravel_index(j, shape))
-        dest = flat if flat is not None else target
+    for j in range(len(values)):
         try:
-            dest[at] = ups[j]
+            write(j, ups[j])
             plus.append(_evaluated(closure, rows, r0))
             if scheme == "3-point":
-                dest[at] = downs[j]
+                write(j, downs[j])
                 minus.append(_evaluated(closure, rows, r0))
         finally:
-            dest[at] = values[j]
+            write(j, values[j])
     if not plus:
         return r0.new_zeros(r0.shape[0], 0)
     hi = torch.stack(plus, dim=1)
     return ((hi - torch.stack(minus, dim=1)) if minus else (hi - r0[:, None])) / width
+
+
+def _float_steps(values: list[float], scheme: str, eps: float) -> list[float]:
+    """:func:`fd_steps` of float64 entries given as floats: the same operations, in the same order, one at a time."""
+    rel = eps**0.5 if scheme == "2-point" else eps ** (1.0 / 3.0)
+    return [(v + (rel * (1.0 if v >= 0 else -1.0)) * max(abs(v), 1.0)) - v for v in values]
+
+
+def _writer(target: torch.Tensor) -> Callable[[int, float], None]:
+    """``write(j, value)``: entry ``j`` (row-major) of ``target`` set to ``value``, its version counter bumped as an
+    in-place torch write bumps it. On a NumPy view where ``target`` is a float32 or float64 CPU tensor (a torch
+    ``__setitem__`` costs several microseconds); else by torch's indexing (a non-contiguous tensor: its index tuple)."""
+    if target.dtype in _FLOATS and target.is_cpu and target.is_contiguous():
+        flat = target.view(-1).numpy()  # (the same memory)
+
+        def write(j: int, value: float) -> None:
+            flat[j] = value
+            increment_version(target)
+
+        return write
+    view = target.view(-1) if target.is_contiguous() else None
+    shape = tuple(target.shape)
+
+    def write_torch(j: int, value: float) -> None:
+        if view is not None:
+            view[j] = value
+        else:
+            target[tuple(int(i) for i in np.unravel_index(j, shape))] = value
+
+    return write_torch
 
 
 def _evaluated(closure: Callable[[], Any], rows: RowSpec, r0: torch.Tensor) -> torch.Tensor:
