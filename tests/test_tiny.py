@@ -240,3 +240,26 @@ def test_a_callable_jacobian_whose_squares_overflow_is_taken() -> None:
     opt = sven.Sven([x], residuals=True, jacobian=lambda: J)
     opt.step(lambda: J @ x - torch.tensor([1.0, 1.0, 1.0], dtype=F64))
     assert opt.state_dict()["sven"]["steps"] == 1 and not opt.last_step.skipped
+
+
+@pytest.mark.parametrize("case", ["used", "unused", "two outputs"])
+def test_the_batched_backward_is_torch_autograd_grads_bit_for_bit(case: str) -> None:
+    # sven.linearize.dense.batched_grad runs the engine call of torch.autograd.grad(is_grads_batched=True) itself
+    from sven.linearize.dense import batched_grad
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, generator=g, dtype=F64, requires_grad=True)
+    leaf = torch.randn(6, generator=g, dtype=F64, requires_grad=True)
+    A = torch.randn(6, 4, generator=g, dtype=F64)
+    (gw,) = torch.autograd.grad(torch.tanh(A @ w) @ leaf, w, create_graph=True)
+    outs = [gw] if case == "used" else [gw, gw.sin()]
+    if case == "unused":
+        outs = [w * 2.0]  # no path to ``leaf``: None
+    eyes = [torch.eye(4, dtype=F64) for _ in outs]
+    want = torch.autograd.grad(outs, leaf, grad_outputs=eyes, is_grads_batched=True, allow_unused=True,
+                               retain_graph=True)  # fmt: skip
+    got = batched_grad(outs, leaf, eyes)  # (frees the graph)
+    if case == "unused":
+        assert got == (None,) and want == (None,)
+    else:
+        assert got[0] is not None and torch.equal(got[0], want[0])
