@@ -263,3 +263,30 @@ def test_the_batched_backward_is_torch_autograd_grads_bit_for_bit(case: str) -> 
         assert got == (None,) and want == (None,)
     else:
         assert got[0] is not None and torch.equal(got[0], want[0])
+
+
+class _Logged(torch.Tensor):
+    """A tensor subclass that overrides torch functions (``torch.autograd.grad`` hands such calls to it)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("kind", ["parameter", "subclass"])
+def test_the_graph_vjp_is_torch_autograd_grads_bit_for_bit(kind: str) -> None:
+    # sven.linearize.dense.graph_grad: J^T u with its graph, by the engine call torch.autograd.grad makes
+    # (a parameter), or by torch.autograd.grad itself (a subclass that overrides torch functions)
+    from sven.linearize.dense import graph_grad
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, generator=g, dtype=F64)
+    w = torch.nn.Parameter(base) if kind == "parameter" else base.as_subclass(_Logged).requires_grad_(True)
+    t = torch.linspace(0.0, 1.0, 7, dtype=F64)
+    out = w[0] * torch.exp(-w[1] * t) + w[2]
+    leaf = torch.randn(7, generator=g, dtype=F64).requires_grad_(True)
+    (want,) = torch.autograd.grad(out, [w], grad_outputs=leaf, create_graph=True, allow_unused=True)
+    (got,) = graph_grad(out, [w], leaf)
+    assert got is not None and got.requires_grad and torch.equal(got.detach(), want.detach())
+    (second,) = torch.autograd.grad(got.sum(), leaf)  # its own graph: J 1, differentiated in u
+    torch.testing.assert_close(second, torch.autograd.grad(want.sum(), leaf)[0], rtol=0, atol=0)

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev
+from torch.overrides import has_torch_function
 
 from .._arrays import vector_norm
 from ..functional import host
@@ -218,7 +219,7 @@ def _columns(out: torch.Tensor, params: Sequence[torch.Tensor], u: torch.Tensor)
     Raises ``RuntimeError`` when a backward step does not record its own derivative.
     """
     leaf = u.detach().requires_grad_(True)
-    gs = torch.autograd.grad(out, list(params), grad_outputs=leaf, create_graph=True, allow_unused=True)
+    gs = graph_grad(out, params, leaf)
     numels = [p.numel() for p in params]
     p_total = sum(numels)
     eye = torch.eye(p_total, dtype=out.dtype, device=out.device)
@@ -242,6 +243,29 @@ _VMAP_DONE = getattr(torch._C, "_vmapmode_decrement_nesting", None)
 _ENGINE = getattr(torch.autograd.graph, "_engine_run_backward", None)
 
 
+def _engine_applies(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether :func:`graph_grad` and :func:`batched_grad` may call the engine themselves: this torch has the
+    internals, and no tensor overrides torch functions (``torch.autograd.grad``'s own test, which then hands the
+    call to the override)."""
+    return _ENGINE is not None and not has_torch_function(tensors)
+
+
+def graph_grad(
+    out: torch.Tensor, params: Sequence[torch.Tensor], leaf: torch.Tensor
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(out, params, grad_outputs=leaf, create_graph=True, allow_unused=True)``: the
+    vector-Jacobian product :math:`J^\\top u` with its own graph (``u = leaf``), the graph of ``out`` kept.
+
+    ``leaf`` has ``out``'s shape and dtype. The same engine call as ``torch.autograd.grad`` makes, without the
+    Python that prepares it (about 50 us of a tiny problem's Jacobian, :mod:`sven.tiny`); with ``torch``'s own
+    function where a tensor overrides torch functions or this torch lacks the internals.
+    """
+    inputs = tuple(params)
+    if not _engine_applies((out, *inputs)):
+        return torch.autograd.grad(out, list(inputs), grad_outputs=leaf, create_graph=True, allow_unused=True)
+    return _ENGINE((out,), (leaf,), True, True, inputs, True, accumulate_grad=False)  # type: ignore[misc, no-any-return]
+
+
 def batched_grad(
     outputs: Sequence[torch.Tensor], leaf: torch.Tensor, grad_outputs: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor | None]:
@@ -250,17 +274,10 @@ def batched_grad(
 
     The same engine call on the same batched tensors as ``torch.autograd.grad`` makes (so the same values, bit for
     bit), without the Python around it: its legacy ``vmap`` flattens and checks the arguments as pytrees at every
-    call, about 0.15 ms of a tiny problem's 0.5 ms Jacobian (:mod:`sven.tiny`). Plain tensors only, where this torch
-    has those internals; anything else (a tensor subclass that overrides torch functions) takes
-    ``torch.autograd.grad`` itself.
+    call, about 0.15 ms of a tiny problem's 0.5 ms Jacobian (:mod:`sven.tiny`). Where a tensor overrides torch
+    functions, or this torch lacks those internals, ``torch.autograd.grad`` itself (:func:`_engine_applies`).
     """
-    if (
-        _VMAP_LEVEL is None
-        or _VMAP_DONE is None
-        or _ENGINE is None
-        or type(leaf) is not torch.Tensor
-        or any(type(t) is not torch.Tensor for t in (*outputs, *grad_outputs))
-    ):
+    if _VMAP_LEVEL is None or _VMAP_DONE is None or not _engine_applies((*outputs, leaf)):
         return torch.autograd.grad(  # type: ignore[return-value]
             list(outputs), leaf, grad_outputs=list(grad_outputs), is_grads_batched=True, allow_unused=True
         )
@@ -268,7 +285,7 @@ def batched_grad(
     level = _VMAP_LEVEL()
     try:
         batched = tuple(torch._add_batch_dim(g, 0, level) for g in grad_outputs)  # type: ignore[attr-defined]
-        (res,) = _ENGINE(tuple(outputs), batched, False, False, (leaf,), True, accumulate_grad=False)
+        (res,) = _ENGINE(tuple(outputs), batched, False, False, (leaf,), True, accumulate_grad=False)  # type: ignore[misc]
         return (None if res is None else torch._remove_batch_dim(res, level, size, 0),)  # type: ignore[attr-defined]
     finally:
         _VMAP_DONE()
