@@ -43,28 +43,44 @@ _GLOBAL_HOOK_WARNING = r"Using `torch\.compile\(module\)` when there are global 
 _FILTER = ("ignore", re.compile(_GLOBAL_HOOK_WARNING), UserWarning, None, 0)
 
 
-def _stance_switch() -> tuple[Any, Any] | None:
-    """TorchDynamo's own stance setter and its ``"force_eager"`` stance, where this torch has them.
+def _stance_switch() -> tuple[Any, Any, Any] | None:
+    """TorchDynamo's stance module, its ``"force_eager"`` stance and its frame-callback getter, where this torch
+    has them.
 
     ``torch.compiler.set_stance`` is a decorator class that builds its stance object and imports its setter at
-    every use (about 10 us, twice per step: a tenth of a curve fit's step, :mod:`sven.tiny`); this is the
-    setter it calls, ``_set_stance(stance) -> previous``, with the stance built once. ``None`` where the
-    module lacks them: :func:`eager` then takes the public context manager.
+    every use (about 10 us, twice per step: a tenth of a curve fit's step, :mod:`sven.tiny`). The setter it
+    calls, ``eval_frame._set_stance(stance) -> previous``, imports the callback getter at every call too (about
+    4 us), refuses inside a compiled region (a frame callback is set), then swaps the module's global
+    ``_stance``, which every compiled call reads on entry (``_callback_from_stance``). :func:`eager` does the
+    same: the getter's test, then the swap; inside a compiled region it calls the setter, which raises its own
+    error. ``None`` where the module lacks any of them: :func:`eager` then takes the public context manager.
     """
     try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
         from torch._dynamo import eval_frame
     except ImportError:  # pragma: no cover - a torch without TorchDynamo
         return None
     setter, kind = getattr(eval_frame, "_set_stance", None), getattr(eval_frame, "DynamoStance", None)
-    if setter is None or kind is None:
+    if setter is None or kind is None or not hasattr(eval_frame, "_stance"):
         return None  # pragma: no cover - another torch's internals
-    return setter, kind("force_eager")
+    return eval_frame, kind("force_eager"), get_eval_frame_callback
 
 
 # PyTorch < 2.6 has no stance to switch. (TorchDynamo is already imported: torch.optim.Optimizer's
 # constructor imports it, so the switch costs microseconds, not an import.)
 _PUBLIC = getattr(torch.compiler, "set_stance", None)
 _SWITCH = _stance_switch() if _PUBLIC is not None else None
+
+
+def _swap(stance: Any) -> Any:
+    """``eval_frame._set_stance(stance)`` without its import: the previous stance (:func:`_stance_switch`)."""
+    module, _, callback = _SWITCH  # type: ignore[misc]
+    cb = callback()
+    if cb is not False and cb is not None:  # inside a compiled region: the setter's own error
+        return module._set_stance(stance)
+    prev = module._stance
+    module._stance = stance
+    return prev
 
 
 class eager:  # (a lower-case name: used as a function, ``with eager():``)
@@ -82,7 +98,7 @@ class eager:  # (a lower-case name: used as a function, ``with eager():``)
         warnings.filters.insert(0, _FILTER)  # type: ignore[attr-defined]
         try:
             if _SWITCH is not None:
-                self._prev = _SWITCH[0](_SWITCH[1])
+                self._prev = _swap(_SWITCH[1])
             else:  # pragma: no cover - another torch's internals: the public context manager
                 self._prev = _PUBLIC("force_eager")
                 self._prev.__enter__()
@@ -97,7 +113,7 @@ class eager:  # (a lower-case name: used as a function, ``with eager():``)
             return
         try:
             if _SWITCH is not None:
-                _SWITCH[0](self._prev)
+                _swap(self._prev)
             else:  # pragma: no cover
                 self._prev.__exit__(exc_type, exc, tb)
         finally:

@@ -57,10 +57,11 @@ from ._compile import eager
 from ._validation import closure_errors, warn_ignored_grads
 from .control import AdaptiveDamping, Evaluator
 from .factorize import DIRECT_SIDE
-from .functional import HOST_SMALL
+from .functional import HOST_SMALL, host
 from .info import StepFault, StepInfo
 from .linearize import Unsupported
-from .params import ParamBlock, blocks_of_groups, closure_mode
+from .linearize.finite import NONFINITE, GivenJacobian
+from .params import ParamBlock, _set_grad_enabled, blocks_of_groups, closure_mode
 from .precondition import ROUND_OFF, ColumnScaling, column_norms
 from .tiny_control import Lean
 from .trust_region import TrustRegion
@@ -76,7 +77,13 @@ _POLICIES = (AdaptiveDamping, TrustRegion)
 #: :data:`sven.precondition.ROUND_OFF` times the machine epsilon, in each dtype (the cut of round_off_columns)
 _ROUND_OFF_CUT = {np.dtype(t).char: t(ROUND_OFF * float(np.finfo(t).eps)) for t in (np.float64, np.float32)}
 _DTYPES = (torch.float64, torch.float32)
+_F64 = np.dtype(np.float64)  # (a builtin dtype is one object: compared by identity)
+try:  # ``np.einsum`` without its Python wrapper (which calls this where no ``optimize`` is asked for)
+    from numpy._core.multiarray import c_einsum as _einsum
+except ImportError:  # pragma: no cover - NumPy 1.x
+    _einsum = np.einsum
 _DIST = dist_.dist.is_available()  # (torch.distributed is compiled in: fixed for the process)
+_INITIALIZED = dist_.dist.is_initialized if _DIST else None
 _EPS = {np.dtype(t).char: float(np.finfo(t).eps) for t in (np.float64, np.float32)}  # (by type code: cheap to hash)
 
 
@@ -93,7 +100,7 @@ class TinyFactors:
     def __init__(self, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], values: np.ndarray, cutoff: float) -> None:
         self.arrays, self.rank, self.cutoff = arrays, arrays[1].shape[0], cutoff
         self.singular_values = torch.from_numpy(values)
-        self.dtype = self.singular_values.dtype
+        self.dtype = torch.float64 if values.dtype is _F64 else torch.float32  # (the tensor's: float64 or float32)
 
     @property
     def U(self) -> torch.Tensor:
@@ -137,6 +144,7 @@ class TinyPlan:
             autograd, the change is seen by any graph that saved them).
         views: NumPy views of the parameters (their memory: valid while their storage is, which ``key`` checks).
         spans: ``(start, stop, lr)`` of each block, as :class:`~sven.info.StepInfo` records them.
+        atol: the absolute cut-off (``atol``, a float).
         rtols: the relative cut-off per Jacobian shape and dtype (``rtol``, or truncpinv's default).
         lrs: the learning rate of every column per dtype (``None``: all are 1).
         scales: each block's ``col_scale`` state tensor and its flat NumPy view, renewed when the state is.
@@ -150,6 +158,7 @@ class TinyPlan:
     targets: list[torch.Tensor] = field(default_factory=list)
     views: list[np.ndarray] = field(default_factory=list)
     spans: list[tuple[int, int, float]] = field(default_factory=list)
+    atol: float = 0.0
     rtols: dict[tuple[int, int, str], float] = field(default_factory=dict)
     lrs: dict[str, np.ndarray | None] = field(default_factory=dict)
     scales: list[tuple[torch.Tensor, np.ndarray] | None] = field(default_factory=list)
@@ -187,7 +196,7 @@ class TinyPlan:
 
     def flat(self) -> np.ndarray:
         """The parameters' values as one float64 vector (a view where there is one float64 parameter)."""
-        if len(self.views) == 1 and self.views[0].dtype == np.float64:
+        if len(self.views) == 1 and self.views[0].dtype is _F64:
             return self.views[0].reshape(-1)
         return np.concatenate([v.reshape(-1).astype(np.float64) for v in self.views])
 
@@ -199,7 +208,7 @@ def signature(opt: Any) -> tuple[Any, ...]:
     ``config``."""
     group = opt.process_group
     key: list[Any] = [id(applies), id(opt.config), id(opt.control), id(opt.solver), id(opt.precondition), id(group)]
-    key.append(dist_.world_size(group) if _DIST and dist_.dist.is_initialized() else 1)  # (1: not initialised)
+    key.append(dist_.world_size(group) if _INITIALIZED is not None and _INITIALIZED() else 1)  # (1: not initialised)
     for g in opt.param_groups:
         ps = g["params"]
         key += (g["lr"], g.get("momentum", 0.0), g.get("weight_decay", 0.0), len(ps))
@@ -230,6 +239,7 @@ def plan(opt: Any) -> TinyPlan:
                 key,
                 refs,
                 lean=True,
+                atol=float(opt.config.atol),
                 blocks=blocks,
                 params=[b.param for b in blocks],
                 targets=[b.param.detach() for b in blocks],
@@ -252,8 +262,19 @@ def step(opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     params = tp.params  # (Sven.step has checked for inference mode)
     warn_ignored_grads(params)
     with eager():  # as the general step: compiled closures run eagerly
-        with torch.enable_grad(), closure_errors(params):
-            lin = opt.route(closure, params, opt.rows)
+        grad = torch.is_grad_enabled()
+        _set_grad_enabled(True)  # torch.enable_grad(), without its objects (works inside a torch.no_grad())
+        route = opt.route
+        lin: Any  # (a route's Linearization, or Unsupported)
+        try:
+            with closure_errors(params):
+                if type(route) is GivenJacobian:  # its values tested here, on the squares the scaling reads
+                    lin = route(closure, params, opt.rows, values=False)
+                    known = _jacobian_values(lin.jacobian, route.name)
+                else:
+                    lin, known = route(closure, params, opt.rows), None
+        finally:
+            _set_grad_enabled(grad)
         if isinstance(lin, Unsupported):
             raise ValueError(f"the route does not apply to this model: {lin.reason}")
         R, M = lin.rows, lin.jacobian
@@ -269,9 +290,24 @@ def step(opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         # the tries re-evaluate the closure as the general step does (grad mode on, the parameters without
         # requires_grad: sven.params.closure_mode), switched once for the whole step rather than at every try
         with closure_mode(params):
-            evaluate = Evaluator(lambda: opt.rows.evaluated(closure()).detach(), opt.rows)
-            _descend(opt, R, M, tp, evaluate, lin.method)
+            _descend(opt, R, M, tp, closure, lin.method, known)
     return lin.local
+
+
+def _jacobian_values(J: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The test of a callable Jacobian's values (:func:`sven.linearize.finite.checked_jacobian`'s, the same
+    error), on the squares of its columns where it is small and on the CPU: their sum is finite where every
+    entry is (else the entries are tested: finite ones whose squares overflowed pass). Returns its array and
+    those squares, which the column scaling reads (``None``: a Jacobian that takes torch's test)."""
+    a = host(J)
+    if a is None or a.ndim != 2:
+        if not bool(torch.isfinite(J).all()):
+            raise ValueError(NONFINITE.format(name=name))
+        return None
+    sq = _einsum("ij,ij->j", a, a)  # (an overflow gives inf without a warning)
+    if not (math.isfinite(sum(sq.tolist())) or finite_array(a)):
+        raise ValueError(NONFINITE.format(name=name))
+    return a, sq
 
 
 def _small(M: Any) -> bool:
@@ -286,51 +322,77 @@ def _small(M: Any) -> bool:
     )
 
 
-def _descend(opt: Any, R: torch.Tensor, M: torch.Tensor, tp: TinyPlan, evaluate: Evaluator, method: str) -> StepInfo:
-    """:meth:`sven.Sven._descend` for a tiny dense ``M``, in NumPy (module docstring)."""
+def _descend(
+    opt: Any,
+    R: torch.Tensor,
+    M: torch.Tensor,
+    tp: TinyPlan,
+    closure: Callable[[], torch.Tensor],
+    method: str,
+    known: tuple[np.ndarray, np.ndarray] | None = None,
+) -> StepInfo:
+    """:meth:`sven.Sven._descend` for a tiny dense ``M``, in NumPy (module docstring); ``closure`` re-evaluates
+    the residuals after a try (its rows, :class:`sven.tiny_control.Lean`); ``known``: the array of ``M`` and the
+    squares of its columns, where they are known (:func:`_jacobian_values`)."""
     opt._counters["steps"] += 1
     info = StepInfo(losses=R, jacobian_method=method, damping=opt.control.damping, ggn=False)
     opt.__dict__["last_step"] = info  # (what Sven.__setattr__ does for a name that is not an option)
     try:
-        r, a = (R.detach() if R.requires_grad else R).numpy(), M.numpy()
-        rr = squared_norm_of(r)  # ||R||^2: finite where every residual is (or a square overflowed)
+        r = (R.detach() if R.requires_grad else R).numpy()
+        a, sq = known if known is not None else (M.numpy(), None)
+        # ||R||^2 (squared_norm_of): finite where every residual is (or a square overflowed)
+        rr = float(r.dot(r)) if r.dtype is _F64 and r.ndim == 1 else squared_norm_of(r)
         if not math.isfinite(rr) and not np.isfinite(r).all():
             raise StepFault("the residuals")
-        D = _column_scale(opt, tp, a) if opt.precondition is not None else None
+        D = _column_scale(opt, tp, a, sq) if opt.precondition is not None else None
         if D is None and not finite_array(a):
             raise StepFault("the Jacobian")
         F = _factorize(opt, tp, a if D is None else a / D)
         info.singular_values, info.rank, info.cutoff = F.singular_values, F.rank, F.cutoff
         u, s, _ = F.arrays
         c = (r if r.dtype == u.dtype else r.astype(u.dtype)) @ u
-        g, scale = vector_norm(s * c), (float(s[0]) * math.sqrt(rr) if F.rank else 0.0)
+        sc = s * c
+        g = math.sqrt(float(sc.dot(sc))) if sc.dtype is _F64 else vector_norm(sc)
+        scale = float(s[0]) * math.sqrt(rr) if F.rank else 0.0
         info._gradient_cosine = cos = g / scale if scale > 0 else 0.0  # (a float: the property reads it as one)
-        out = tiny_control.run(opt.control, Lean(opt, tp, F, R, r, rr, a, c=c, D=D, cos=cos, evaluate=evaluate))
+        lean = Lean(opt, tp, F, R, r, rr, a, c=c, D=D, cos=cos, closure=closure, spec=opt.rows)
+        out = tiny_control.run(opt.control, lean)
     except StepFault as fault:
         opt._fault(info, R, fault)
         return info
-    info.record(out, tp.spans)
+    # StepInfo.record, in one update of the record's attributes (a dataclass: they live in its __dict__)
+    vars(info).update(
+        damping=out.damping, gain_ratio=out.gain_ratio, retries=out.retries, rejected=out.rejected,
+        capped=out.capped, k_used=out.k_used, substep_losses=out.substep_losses, stalled=out.stalled,
+        converged=out.converged, _direction=out.direction, _lrs=tp.spans,
+    )  # fmt: skip
     return info
 
 
-def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
+def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray, sq: np.ndarray | None = None) -> np.ndarray:
     """Moré's ``D`` after this Jacobian (:meth:`sven.precondition.ColumnScaling.jacobian`, the same state);
-    a StepFault if the Jacobian is not finite (its squares' sum is not, nor its entries).
+    a StepFault if the Jacobian is not finite (its squares' sum is not, nor its entries). ``sq``: the squares
+    of the columns, where they are known.
 
     The column norms, the round-off columns (:func:`sven.precondition.round_off_columns`) and the running
     maximum are taken on Python floats (at most :data:`TINY_COLUMNS` of them: a NumPy call each would cost
     more); the state buffer is written in place. Every value is one of the dtype's (the norms are rounded
     to it first), and the round-off cut is taken in the dtype, so both ways give the same ``D``.
     """
-    sq = np.einsum("ij,ij->j", a, a)  # (an overflow gives inf without a warning)
+    if sq is None:
+        sq = _einsum("ij,ij->j", a, a)  # (an overflow gives inf without a warning)
     parts = tp.scale_buffers(opt.state)
-    norms_ = np.sqrt(sq).tolist()
+    root = np.sqrt(sq)
+    norms_ = root.tolist()
     if math.isfinite(sum(norms_)) and len(parts) == 1 and parts[0].dtype == a.dtype:
         top, low = max(norms_), min(norms_)
         cut = float(_ROUND_OFF_CUT[a.dtype.char] * a.dtype.type(top))  # (in the dtype, as round_off_columns)
-        if low <= cut:  # columns at round-off of the largest count as the largest
-            norms_ = [top if 0.0 < v <= cut else v for v in norms_]
         buf = parts[0]
+        if low > cut:  # (the usual case: no column at round-off, none zero) the running maximum, in place
+            np.maximum(buf, root, out=buf)
+            return buf  # (the state itself: every entry >= a norm > 0; the step only reads it)
+        # columns at round-off of the largest count as the largest
+        norms_ = [top if 0.0 < v <= cut else v for v in norms_]
         new = [max(x, y) for x, y in zip(buf.tolist(), norms_)]
         buf[:] = new  # (the col_scale state, in place: each value is the buffer's or a norm, exact in its dtype)
         return np.array(new if low > 0 or min(new) > 0 else [v if v > 0 else 1.0 for v in new], dtype=a.dtype)
@@ -359,17 +421,19 @@ def _column_scale(opt: Any, tp: TinyPlan, a: np.ndarray) -> np.ndarray:
 def _factorize(opt: Any, tp: TinyPlan, a: np.ndarray) -> TinyFactors:
     """One float64 SVD of ``a`` (LAPACK's ``gesdd``), truncated as every solver truncates
     (:func:`sven.factorize.factorize`)."""
-    U, S, Vh, status = lapack.dgesdd(a if a.dtype == np.float64 else a.astype(np.float64), full_matrices=0)
+    dt = a.dtype
+    U, S, Vh, status = lapack.dgesdd(a if dt is _F64 else a.astype(np.float64), full_matrices=0)
     if status != 0:
         raise StepFault("the solver failed (LinAlgError: SVD did not converge)", fault=True)
     sv = S.tolist()
     if not math.isfinite(sum(sv)):  # (LAPACK's vectors of a finite matrix are finite where its values are)
         raise StepFault("the Jacobian")
-    cut = max(float(opt.config.atol), tp.rtol(opt, a.shape, a.dtype) * sv[0])
+    cut = max(tp.atol, tp.rtol(opt, a.shape, dt) * sv[0])
     k = len(sv)
     while k and not sv[k - 1] > cut:  # (descending: the kept values are the first k)
         k -= 1
-    dt = a.dtype
-    if dt != np.float64:
+    if dt is not _F64:
         U, S, Vh = U.astype(dt), S.astype(dt), Vh.astype(dt)
+    if k == len(sv):  # (full rank, the usual case: the factors as they are)
+        return TinyFactors((U, S, Vh.T), S, cut)
     return TinyFactors((U[:, :k], S[:k], Vh[:k].T), S, cut)

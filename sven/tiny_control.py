@@ -33,15 +33,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from . import functional as SF
 from ._arrays import finite_array, squared_norm_of, vector_norm
 from .control import AdaptiveDamping, Evaluator, Outcome, StepContext, stall_cosine, warn_stall
 from .info import StepFault
+from .linearize import RowSpec
 from .params import lr_scaled
 from .trust_region import ACCEPT, TrustRegion, lm_parameter
 
 __all__ = ["Lean", "run"]
+
+_F64 = np.dtype(np.float64)  # (a builtin dtype is one object: compared by identity)
 
 
 class Lean:
@@ -54,10 +58,12 @@ class Lean:
         R: the residuals (a tensor) and ``r`` their array, ``rr`` :math:`\\|R\\|^2` (float64).
         a: the Jacobian's array; ``c`` :math:`U^\\top R` in the factors' dtype; ``D`` the column scaling
             (``None``: none); ``cos`` the gradient angle.
-        evaluate: the residuals after a try (a tensor), as :class:`sven.control.Evaluator` gives them.
+        closure, spec: the closure and its :class:`~sven.linearize.RowSpec` (residual mode): the residuals
+            after a try (:meth:`residuals_after`, what :class:`sven.control.Evaluator` gives).
     """
 
-    __slots__ = ("D", "F", "R", "a", "c", "cos", "evaluator", "last", "lrs", "opt", "r", "rr", "s0sq", "tp", "whole")
+    __slots__ = ("D", "F", "R", "a", "c", "closure", "cos", "cs", "last", "lrs", "opt", "plain", "r", "rr", "s0sq",
+                 "spec", "ss", "tp", "unit", "whole")  # fmt: skip
 
     def __init__(
         self,
@@ -72,16 +78,22 @@ class Lean:
         c: np.ndarray,
         D: np.ndarray | None,
         cos: float,
-        evaluate: Evaluator,
+        closure: Callable[[], torch.Tensor],
+        spec: Any,
     ) -> None:
         self.opt, self.tp, self.F, self.R, self.r, self.rr, self.a = opt, tp, F, R, r, rr, a
-        self.c, self.D, self.cos, self.evaluator = c, D, cos, evaluate
+        self.c, self.D, self.cos, self.closure, self.spec = c, D, cos, closure, spec
+        self.plain = type(spec) is RowSpec and spec.residuals  # (the rows are the residuals, checked as R was)
         s = F.arrays[1]
         self.s0sq = s[0] ** 2 if F.rank else 0.0
+        if s.dtype is _F64:  # (the values of s and c as floats: direction_array)
+            self.ss, self.cs, self.s0sq = s.tolist(), c.tolist(), float(self.s0sq)
         self.lrs = tp.column_lrs(a.dtype)
         params = tp.params
         # one flat parameter of the directions' dtype: a direction is added to it as it is
         self.whole = len(params) == 1 and params[0].dim() == 1 and params[0].dtype == F.dtype
+        # ... with a learning rate of 1: a direction is subtracted from its array (apply_array)
+        self.unit = self.whole and tp.blocks[0].lr == 1.0
         self.last: tuple[Any, Any] = (None, None)  # the last direction and its array
 
     # ------------------------------------------------------------------ the actions
@@ -90,9 +102,14 @@ class Lean:
         _, s, v = self.F.arrays
         if self.F.rank == 0:
             d = np.zeros(v.shape[0], dtype=v.dtype)
+        elif s.dtype is _F64:  # the same float64 operations, one value at a time (fewer NumPy calls)
+            m = lam * self.s0sq
+            w = [x * (1.0 / y) for x, y in zip(self.cs, self.ss)] if lam == 0.0 else [
+                x * (y / (y * y + m)) for x, y in zip(self.cs, self.ss)]  # fmt: skip
+            d = v @ np.array(w)
         else:  # (every kept value is above the cut-off, so positive)
             d = v @ (self.c * (1.0 / s if lam == 0.0 else s / (s * s + lam * self.s0sq)))
-        if not finite_array(d):
+        if not (math.isfinite(sum(d.tolist())) or finite_array(d)):
             raise StepFault("the Sven direction")
         return d if self.D is None else d / self.D  # (D is in the Jacobian's dtype, as d)
 
@@ -127,14 +144,27 @@ class Lean:
             piece = piece if piece.dtype == b.param.dtype else piece.to(b.param.dtype)
             target.add_(piece.view_as(target), alpha=-sign * b.lr)
 
+    def apply_array(self, d: np.ndarray) -> None:
+        """:meth:`apply` of an array (``sign`` 1). One flat parameter with ``lr = 1`` (:attr:`unit`) is changed on
+        its NumPy view, :math:`\\theta \\leftarrow \\theta - d`, its version counter bumped as an in-place torch
+        operation bumps it (:func:`torch.autograd.graph.increment_version`): the same values as ``add_`` with
+        ``alpha = -1``, whose fused :math:`\\theta + \\alpha d` rounds :math:`\\theta - d` once, as the subtraction."""
+        if self.unit:
+            view = self.tp.views[0]
+            np.subtract(view, d, out=view)
+            increment_version(self.tp.targets)
+        else:
+            self.apply(torch.from_numpy(d), 1.0)
+
     def save(self) -> Callable[[], None]:
         """A snapshot of the parameters (:func:`sven.params.save_parameters`: bit for bit) and its restore."""
         tp = self.tp
         saved = [x.copy() for x in tp.views]
 
-        def restore() -> None:  # (on the detached aliases, as ``apply``)
-            for target, x in zip(tp.targets, saved):
-                target.copy_(torch.from_numpy(x))
+        def restore() -> None:  # on the NumPy views, the version counters bumped (as ``apply_array``)
+            for view, x in zip(tp.views, saved):
+                np.copyto(view, x)
+            increment_version(tp.targets)
 
         return restore
 
@@ -142,6 +172,17 @@ class Lean:
         """:math:`\\|D\\theta\\|` (plain without the scaling)."""
         x = self.tp.flat()
         return vector_norm(x if self.D is None else x * self.D)
+
+    def residuals_after(self) -> torch.Tensor:
+        """The residuals after a try: the closure's rows (``RowSpec.evaluated``), detached (in residual mode the
+        rows are the residuals: :class:`sven.control.Evaluator`'s ``residuals()``, without its layers).
+
+        A plain tensor of the shape and dtype of the step's residuals passes ``RowSpec``'s checks (which ``R``
+        passed): it is taken as it is."""
+        out, R = self.closure(), self.R
+        if type(out) is not torch.Tensor or out.shape != R.shape or out.dtype != R.dtype or not self.plain:
+            out = self.spec.evaluated(out)
+        return out.detach() if out.requires_grad else out
 
     def reject(self) -> None:
         self.opt._counters["rejected_steps"] += 1
@@ -159,7 +200,7 @@ class Lean:
             norm=lambda d: float(lr_scaled(blocks, d).double().norm()),
             save=self.save,
             reject=self.reject,
-            evaluate=self.evaluator,
+            evaluate=Evaluator(self.residuals_after, self.spec),
             xnorm=self.xnorm,
             resolve=None,
             cosine=lambda: self.cos,
@@ -177,13 +218,21 @@ def run(policy: Any, lean: Lean) -> Outcome:
     return policy.run(lean.context())  # type: ignore[no-any-return]
 
 
-def _tried(lean: Lean, d: np.ndarray) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+def _tried(lean: Lean, d: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
     """Apply ``d`` (after its predicted change, taken first as the general controls do) and re-evaluate:
-    the direction as a tensor, the predicted change and the residuals after the try."""
+    the predicted change and the residuals after the try."""
     change = lean.predicted(d)
-    t = torch.from_numpy(d)
-    lean.apply(t, 1.0)
-    return t, change, lean.evaluator.residuals()
+    lean.apply_array(d)
+    return change, lean.residuals_after()
+
+
+def _squared_norm(t: torch.Tensor) -> float:
+    """:func:`sven.functional.squared_norm` of the residuals after a try (detached): on their array where they are
+    float64 and small, as there (:func:`sven.functional.host`), without its dispatch."""
+    if t.dtype == torch.float64 and t.dim() == 1 and t.is_cpu and t.numel() <= SF.HOST_SMALL:
+        a = t.numpy()
+        return float(a.dot(a))
+    return SF.squared_norm(t)
 
 
 def _model_distance(lean: Lean, change: np.ndarray) -> float:
@@ -201,10 +250,11 @@ def _adaptive(policy: AdaptiveDamping, lean: Lean) -> Outcome:
     out = Outcome(damping=policy.state.lam)
     for attempt in range(tries):
         lam = out.damping = policy.state.lam
-        out.direction, change, after = _tried(lean, lean.direction_array(lam))
-        out.gain_ratio = SF.gain_ratio_of(loss, SF.squared_norm(after), _model_distance(lean, change))
+        d = lean.direction_array(lam)
+        change, after = _tried(lean, d)
+        out.gain_ratio = SF.gain_ratio_of(loss, _squared_norm(after), _model_distance(lean, change))
         if SF.madsen_nielsen_update(policy.state, out.gain_ratio, floor=policy.floor):
-            out.retries = attempt
+            out.retries, out.direction = attempt, torch.from_numpy(d)
             return out
         restore()
         lean.reject()
@@ -220,8 +270,8 @@ def _trust_region(policy: TrustRegion, lean: Lean) -> Outcome:
     restore = lean.save()
     F, R = lean.F, lean.R
     s = F.arrays[1]
-    S = s.astype(np.float64)  # (sven.trust_region._spectrum of the factors' arrays)
-    c = lean.c.astype(np.float64) if F.rank else S
+    S = s.astype(np.float64, copy=False)  # (sven.trust_region._spectrum of the factors' arrays; only read)
+    c = lean.c.astype(np.float64, copy=False) if F.rank else S
     fnorm2 = lean.rr
     policy.peak = max(policy.peak, fnorm2) if math.isfinite(fnorm2) else policy.peak
     xnorm = lean.xnorm()
@@ -232,14 +282,15 @@ def _trust_region(policy: TrustRegion, lean: Lean) -> Outcome:
     out = Outcome(damping=policy.lam)
     for attempt in range(1 + policy.max_retries):
         lam = lm_parameter(S, c, policy.radius)
-        den = S * S + lam
-        q = S * c / np.where(den > 0, den, 1.0)  # (a zero singular value gives a zero component)
+        # (every kept value is positive and lam >= 0: no zero denominator, which trust_region guards against)
+        q = S * c / (S * S + lam)
         pnorm = vector_norm(q)
         if first:
             policy.radius = min(policy.radius, pnorm) if pnorm > 0 else policy.radius
             first = False
         policy.lam = out.damping = lam / sigma2
-        out.direction, pred, R_new = _tried(lean, lean.direction_array(policy.lam))
+        d = lean.direction_array(policy.lam)
+        pred, R_new = _tried(lean, d)
         jnorm = vector_norm(S * q)
         if pnorm > 0 and R_new.dtype == R.dtype and torch.equal(R_new, R):
             # the step is lost in round-off: converged by the tests that hold, else a stall
@@ -250,13 +301,14 @@ def _trust_region(policy: TrustRegion, lean: Lean) -> Outcome:
             out.stalled = not out.converged
             _warn(lean, out, fnorm2, policy.peak, f"the step lost in round-off (radius {policy.radius:.3g})")
             return out
-        fnew2 = SF.squared_norm(R_new)
+        fnew2 = _squared_norm(R_new)
         rho = out.gain_ratio = SF.gain_ratio_of(fnorm2, fnew2, _model_distance(lean, pred))
         policy._update(rho, lam, pnorm, jnorm, fnorm2, fnew2)
         kept = rho >= ACCEPT
         out.converged = policy._converged(rho, lam, pnorm, jnorm, fnorm2, fnew2, lean.xnorm() if kept else xnorm)
         if kept or out.converged:
             out.retries = attempt
+            out.direction = torch.from_numpy(d) if kept else None
             if not kept:
                 restore()
                 lean.reject()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -122,6 +124,43 @@ def test_a_callable_jacobian_is_checked() -> None:
         GivenJacobian(3)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "kind", ["float64", "float32", "array", "transposed", "requires grad", "vector", "nan", "inf", "huge"]
+)
+def test_a_callable_jacobian_of_each_kind_is_taken_or_refused_alike(kind: str) -> None:
+    # a float64 CPU tensor takes the short test (values only); every other kind the general conversions: both
+    # must hand on the same Jacobian, or refuse the same non-finite one, and call jac() as under no_grad()
+    p = 1 if kind == "vector" else 2
+    x = torch.nn.Parameter(torch.arange(1.0, p + 1.0, dtype=F64))
+    ref = torch.arange(1.0, 3.0 * p + 1.0, dtype=F64).reshape(3, p)
+    if kind in ("nan", "inf", "huge"):
+        ref[1, 0] = {"nan": float("nan"), "inf": float("inf"), "huge": 1e308}[kind]
+    seen: list[tuple[bool, bool]] = []
+
+    def jac() -> object:
+        seen.append((torch.is_grad_enabled(), x.requires_grad))
+        if kind == "float32":
+            return ref.float()
+        if kind == "array":
+            return ref.numpy()
+        if kind == "transposed":
+            return ref.T.contiguous().T  # column-major: a strided view
+        if kind == "requires grad":
+            return ref.clone().requires_grad_(True)
+        return ref[:, 0] if kind == "vector" else ref
+
+    route = GivenJacobian(jac)
+    closure = lambda: torch.cat([x, x, x])[:3] * 1.0  # noqa: E731
+    if kind in ("nan", "inf"):
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            route(closure, [x], RowSpec(residuals=True))
+        return
+    lin = route(closure, [x], RowSpec(residuals=True))
+    assert seen == [(False, True)] and x.requires_grad and lin.jacobian.dtype == F64
+    assert not lin.jacobian.requires_grad and not lin.rows.requires_grad
+    torch.testing.assert_close(lin.jacobian, ref.float().double() if kind == "float32" else ref, rtol=0, atol=0)
+
+
 T = torch.linspace(0, 1, 30, dtype=F64)
 Y = 2.0 * torch.exp(-3.0 * T) + 0.5
 
@@ -208,3 +247,39 @@ def test_parameters_fitted_in_place_take_each_jac() -> None:
         fits.append(torch.cat([model.weight.detach().reshape(-1), model.bias.detach()]))
     for fit in fits:
         torch.testing.assert_close(fit, torch.tensor([3.0, -1.0], dtype=F64), rtol=1e-7, atol=1e-8)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1.0, -1.0])),
+        min_size=1, max_size=12,
+    ),
+    scheme=st.sampled_from(["2-point", "3-point"]),
+)  # fmt: skip
+def test_the_float_steps_are_fd_steps_bit_for_bit(values: list[float], scheme: str) -> None:
+    # float64 parameters take the steps on floats: the same IEEE operations as the tensor formula, in its order
+    from sven.linearize.finite import _float_steps
+
+    want = fd_steps(torch.tensor(values, dtype=F64), scheme, EPS).tolist()
+    got = _float_steps(values, scheme, EPS)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):  # bit for bit: NaN where NaN, the sign of a zero included
+        assert (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1.0, a) == math.copysign(1.0, b))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_differences_write_each_entry_back_and_bump_the_version(dtype: torch.dtype, layout: str) -> None:
+    # a contiguous CPU parameter is perturbed on its NumPy view, any other through torch's indexing: the same
+    # columns, every entry written back bit for bit, and the version counter moving at each write
+    torch.manual_seed(0)
+    base = torch.randn(3, 2, dtype=dtype)
+    w = torch.nn.Parameter(base.clone() if layout == "contiguous" else base.T.contiguous().T)
+    X = torch.randn(5, 3, dtype=dtype)
+    before, version = w.detach().clone(), w._version
+    lin = FiniteDifferences("3-point")(lambda: (X @ w).sin().reshape(-1), [w], RowSpec(residuals=True))
+    assert torch.equal(w.detach(), before) and w._version >= version + 3 * w.numel()
+    exact = torch.autograd.functional.jacobian(lambda v: (X @ v).sin().reshape(-1), before.clone())
+    tol = 1e-6 if dtype == F64 else 2e-3
+    torch.testing.assert_close(lin.jacobian, exact.reshape(10, 6), rtol=tol, atol=tol)

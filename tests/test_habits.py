@@ -230,6 +230,22 @@ def test_the_eager_switch_is_undone_when_its_block_raises() -> None:
     assert backend.compiled == 1
 
 
+def test_the_eager_switch_puts_back_a_stance_set_through_the_public_api() -> None:
+    """``eager`` swaps TorchDynamo's stance itself (without ``set_stance``'s import): what the public API set before
+    is what stands after, and the public API's own switch still nests around it."""
+    from torch._dynamo import eval_frame
+
+    from sven._compile import eager
+
+    before = eval_frame._stance
+    with torch.compiler.set_stance("eager_on_recompile"):
+        outer = eval_frame._stance
+        with eager():
+            assert eval_frame._stance.stance == "force_eager"
+        assert eval_frame._stance is outer and outer.stance == "eager_on_recompile"
+    assert eval_frame._stance is before
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_a_model_compiled_with_inductor_trains() -> None:
     """The default backend: its compiled backward cannot take the batched tensors of the exact Jacobian."""

@@ -173,3 +173,120 @@ def test_a_change_between_steps_is_honoured_by_the_lean_step(change: str) -> Non
     assert taken == expected  # the lean step only where it applies, with the columns of the groups as they are
     torch.testing.assert_close(xs[0], xs[1], rtol=1e-9, atol=1e-12)
     assert not torch.equal(xs[0], x0)
+
+
+def test_the_lean_step_records_what_step_info_record_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the lean step fills its StepInfo in one update: the same fields as StepInfo.record of the same outcome
+    import sven.tiny_control as tiny_control
+    from sven.info import StepInfo
+
+    fun, x0 = _problem(2, 3, 20)
+    x = torch.nn.Parameter(x0.clone())
+    opt = sven.Sven([x], residuals=True, jacobian=lambda: torch.func.jacrev(fun)(x.detach()))
+    outcomes = []
+    run = tiny_control.run
+    monkeypatch.setattr(tiny_control, "run", lambda policy, lean: outcomes.append(run(policy, lean)) or outcomes[-1])
+    opt.step(lambda: fun(x))
+    ref = StepInfo(losses=opt.last_step.losses)
+    ref.record(outcomes[0], opt.last_step._lrs)
+    names = ("damping", "gain_ratio", "retries", "rejected", "capped", "k_used", "substep_losses", "stalled",
+             "converged", "_direction", "_lrs")  # fmt: skip
+    assert all(getattr(opt.last_step, k) is getattr(ref, k) for k in names)
+    assert opt.last_step._direction is not None and not torch.equal(x.detach(), x0)
+
+
+@pytest.mark.parametrize("shape", ["matrix", "float32 after"])
+def test_residuals_of_another_kind_after_a_try_take_the_row_checks(shape: str) -> None:
+    # the tries take a plain tensor of R's shape and dtype as it is; anything else goes through RowSpec
+    fun, x0 = _problem(4, 3, 24)
+
+    def closure(x: torch.Tensor) -> torch.Tensor:
+        r = fun(x)
+        if shape == "matrix":
+            return r.reshape(12, 2)  # flattened by RowSpec at every evaluation
+        # float64 rows to linearise (autograd: x requires grad there), float32 ones after each try
+        return r if x.requires_grad else r.float()
+
+    xs, opts = _pair(fun, x0)
+    _steps(lambda x: closure(x), xs, opts, 3)
+    torch.testing.assert_close(xs[0], xs[1], rtol=1e-9, atol=1e-12)
+    assert not torch.equal(xs[0], x0)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_callable_jacobian_with_nan_or_inf_is_refused_before_the_step(size: str, bad: float) -> None:
+    # the lean step tests a callable Jacobian's values on its column squares (torch's test where it is large):
+    # the route's own error, nothing counted, the parameters and the scaling state untouched
+    m = 20 if size == "small" else tiny.TINY_ENTRIES
+    t = torch.linspace(0.0, 1.0, m, dtype=F64)
+    x = torch.nn.Parameter(torch.tensor([1.0, 0.5], dtype=F64))
+
+    def jac() -> torch.Tensor:
+        J = torch.stack([torch.exp(-x.detach()[1] * t), -x.detach()[0] * t * torch.exp(-x.detach()[1] * t)], 1)
+        J[m // 2, 1] = bad
+        return J
+
+    opt = sven.Sven([x], residuals=True, jacobian=jac)
+    with pytest.raises(ValueError, match="`jacobian` returned a Jacobian with NaN or Inf entries"):
+        opt.step(lambda: x[0] * torch.exp(-x[1] * t) - 1.0)
+    assert x.tolist() == [1.0, 0.5] and opt.state_dict()["sven"]["steps"] == 0 and not opt.state
+
+
+def test_a_callable_jacobian_whose_squares_overflow_is_taken() -> None:
+    # finite entries whose squares overflow: the entries themselves are tested, and the step goes on
+    x = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=F64))
+    J = torch.tensor([[1e200, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=F64)
+    opt = sven.Sven([x], residuals=True, jacobian=lambda: J)
+    opt.step(lambda: J @ x - torch.tensor([1.0, 1.0, 1.0], dtype=F64))
+    assert opt.state_dict()["sven"]["steps"] == 1 and not opt.last_step.skipped
+
+
+@pytest.mark.parametrize("case", ["used", "unused", "two outputs"])
+def test_the_batched_backward_is_torch_autograd_grads_bit_for_bit(case: str) -> None:
+    # sven.linearize.dense.batched_grad runs the engine call of torch.autograd.grad(is_grads_batched=True) itself
+    from sven.linearize.dense import batched_grad
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, generator=g, dtype=F64, requires_grad=True)
+    leaf = torch.randn(6, generator=g, dtype=F64, requires_grad=True)
+    A = torch.randn(6, 4, generator=g, dtype=F64)
+    (gw,) = torch.autograd.grad(torch.tanh(A @ w) @ leaf, w, create_graph=True)
+    outs = [gw] if case == "used" else [gw, gw.sin()]
+    if case == "unused":
+        outs = [w * 2.0]  # no path to ``leaf``: None
+    eyes = [torch.eye(4, dtype=F64) for _ in outs]
+    want = torch.autograd.grad(outs, leaf, grad_outputs=eyes, is_grads_batched=True, allow_unused=True,
+                               retain_graph=True)  # fmt: skip
+    got = batched_grad(outs, leaf, eyes)  # (frees the graph)
+    if case == "unused":
+        assert got == (None,) and want == (None,)
+    else:
+        assert got[0] is not None and torch.equal(got[0], want[0])
+
+
+class _Logged(torch.Tensor):
+    """A tensor subclass that overrides torch functions (``torch.autograd.grad`` hands such calls to it)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("kind", ["parameter", "subclass"])
+def test_the_graph_vjp_is_torch_autograd_grads_bit_for_bit(kind: str) -> None:
+    # sven.linearize.dense.graph_grad: J^T u with its graph, by the engine call torch.autograd.grad makes
+    # (a parameter), or by torch.autograd.grad itself (a subclass that overrides torch functions)
+    from sven.linearize.dense import graph_grad
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, generator=g, dtype=F64)
+    w = torch.nn.Parameter(base) if kind == "parameter" else base.as_subclass(_Logged).requires_grad_(True)
+    t = torch.linspace(0.0, 1.0, 7, dtype=F64)
+    out = w[0] * torch.exp(-w[1] * t) + w[2]
+    leaf = torch.randn(7, generator=g, dtype=F64).requires_grad_(True)
+    (want,) = torch.autograd.grad(out, [w], grad_outputs=leaf, create_graph=True, allow_unused=True)
+    (got,) = graph_grad(out, [w], leaf)
+    assert got is not None and got.requires_grad and torch.equal(got.detach(), want.detach())
+    (second,) = torch.autograd.grad(got.sum(), leaf)  # its own graph: J 1, differentiated in u
+    torch.testing.assert_close(second, torch.autograd.grad(want.sum(), leaf)[0], rtol=0, atol=0)

@@ -37,16 +37,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from .._arrays import finite_array
-from ..functional import host
-from ..params import closure_mode
+from ..functional import HOST_SMALL, host
+from ..params import _set_grad_enabled, closure_mode
 from .base import Linearization, RowSpec
 
-__all__ = ["FD_SCHEMES", "FiniteDifferences", "GivenJacobian", "fd_steps"]
+__all__ = ["FD_SCHEMES", "NONFINITE", "FiniteDifferences", "GivenJacobian", "fd_steps"]
 
 #: The dtypes of a Jacobian taken as it is (any other real dtype is checked further).
 _FLOATS = (torch.float64, torch.float32)
+#: The error of a Jacobian with NaN or Inf entries (``name``: the argument that returned it).
+NONFINITE = "`{name}` returned a Jacobian with NaN or Inf entries"
 #: The finite-difference schemes (the ``jacobian`` values of :class:`sven.Sven`, scipy's ``jac`` strings).
 FD_SCHEMES = ("2-point", "3-point")
 
@@ -100,30 +103,65 @@ def _columns(
     Each entry is written as a Python float, which holds every float32 and float64 value exactly.
     """
     target = p.detach()  # shares the storage and the version counter: autograd sees every write
-    x = target.reshape(-1).clone()
-    h = fd_steps(x, scheme, eps)
-    up, down = x + h, x - h
-    width = (h if scheme == "2-point" else up - down).to(r0.dtype)
-    values, ups, downs = x.tolist(), up.tolist(), down.tolist()
-    flat = target.view(-1) if target.is_contiguous() else None  # (else each entry by its index tuple)
-    shape = tuple(target.shape)
+    if target.dtype == torch.float64:  # the same float64 operations on floats (fd_steps: a few entries, no kernels)
+        values = target.reshape(-1).tolist()
+        hs = _float_steps(values, scheme, eps)
+        ups = [v + h for v, h in zip(values, hs)]
+        downs = [v - h for v, h in zip(values, hs)]
+        widths = hs if scheme == "2-point" else [u - d for u, d in zip(ups, downs)]
+        width = torch.tensor(widths, dtype=r0.dtype, device=r0.device)
+    else:
+        x = target.reshape(-1).clone()
+        h = fd_steps(x, scheme, eps)
+        up, down = x + h, x - h
+        width = (h if scheme == "2-point" else up - down).to(r0.dtype)
+        values, ups, downs = x.tolist(), up.tolist(), down.tolist()
+    write = _writer(target)
     plus: list[torch.Tensor] = []
     minus: list[torch.Tensor] = []
-    for j in range(x.numel()):
-        at: Any = j if flat is not None else tuple(int(i) for i in np.unravel_index(j, shape))
-        dest = flat if flat is not None else target
+    for j in range(len(values)):
         try:
-            dest[at] = ups[j]
+            write(j, ups[j])
             plus.append(_evaluated(closure, rows, r0))
             if scheme == "3-point":
-                dest[at] = downs[j]
+                write(j, downs[j])
                 minus.append(_evaluated(closure, rows, r0))
         finally:
-            dest[at] = values[j]
+            write(j, values[j])
     if not plus:
         return r0.new_zeros(r0.shape[0], 0)
     hi = torch.stack(plus, dim=1)
     return ((hi - torch.stack(minus, dim=1)) if minus else (hi - r0[:, None])) / width
+
+
+def _float_steps(values: list[float], scheme: str, eps: float) -> list[float]:
+    """:func:`fd_steps` of float64 entries given as floats: the same operations, in the same order, one at a time."""
+    rel = eps**0.5 if scheme == "2-point" else eps ** (1.0 / 3.0)
+    return [(v + (rel * (1.0 if v >= 0 else -1.0)) * max(abs(v), 1.0)) - v for v in values]
+
+
+def _writer(target: torch.Tensor) -> Callable[[int, float], None]:
+    """``write(j, value)``: entry ``j`` (row-major) of ``target`` set to ``value``, its version counter bumped as an
+    in-place torch write bumps it. On a NumPy view where ``target`` is a float32 or float64 CPU tensor (a torch
+    ``__setitem__`` costs several microseconds); else by torch's indexing (a non-contiguous tensor: its index tuple)."""
+    if target.dtype in _FLOATS and target.is_cpu and target.is_contiguous():
+        flat = target.view(-1).numpy()  # (the same memory)
+
+        def write(j: int, value: float) -> None:
+            flat[j] = value
+            increment_version(target)
+
+        return write
+    view = target.view(-1) if target.is_contiguous() else None
+    shape = tuple(target.shape)
+
+    def write_torch(j: int, value: float) -> None:
+        if view is not None:
+            view[j] = value
+        else:
+            target[tuple(int(i) for i in np.unravel_index(j, shape))] = value
+
+    return write_torch
 
 
 def _evaluated(closure: Callable[[], Any], rows: RowSpec, r0: torch.Tensor) -> torch.Tensor:
@@ -149,18 +187,53 @@ class GivenJacobian:
             raise TypeError(f"`{name}` must be callable, got {type(jac).__name__}")
         self.jac, self.name = jac, name
 
-    def __call__(self, closure: Callable[[], Any], params: Sequence[torch.Tensor], rows: RowSpec) -> Linearization:
-        """Evaluate the closure (no graph) and ``jac()``; check the Jacobian's kind, shape and values."""
-        params = list(params)
+    def __call__(
+        self, closure: Callable[[], Any], params: Sequence[torch.Tensor], rows: RowSpec, *, values: bool = True
+    ) -> Linearization:
+        """Evaluate the closure (no graph) and ``jac()``; check the Jacobian's kind, shape and values.
+
+        ``jac()`` runs as under ``torch.no_grad()`` (the parameters requiring grad again), the grad mode switched
+        directly: a curve fit's step costs tens of microseconds, and the context manager's objects a few.
+        ``values=False`` leaves the test of the values to the caller (:data:`NONFINITE` is its error), which
+        reads them anyway (the lean step's column norms, :mod:`sven.tiny`).
+        """
         with closure_mode(params):
-            r0 = rows(closure()).detach()
-        with torch.no_grad():
-            J = checked_jacobian(self.jac(), self.name, (int(r0.shape[0]), sum(p.numel() for p in params)), r0)
+            r0 = rows(closure())
+        r0 = r0.detach() if r0.requires_grad else r0
+        grad = torch.is_grad_enabled()
+        _set_grad_enabled(False)
+        try:
+            J = self.jac()
+        finally:
+            _set_grad_enabled(grad)
+        width = params[0].numel() if len(params) == 1 else sum(p.numel() for p in params)
+        J = checked_jacobian(J, self.name, (r0.shape[0], width), r0, values=values)
         return Linearization(r0, r0, J, "callable")
 
 
-def checked_jacobian(J: Any, name: str, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """``J`` (a tensor or array) as a tensor of ``like``'s dtype and device, or a clear error naming ``name``."""
+def checked_jacobian(
+    J: Any, name: str, shape: tuple[int, int], like: torch.Tensor, *, values: bool = True
+) -> torch.Tensor:
+    """``J`` (a tensor or array) as a tensor of ``like``'s dtype and device, or a clear error naming ``name``
+    (its values tested only with ``values``: :data:`NONFINITE`)."""
+    if (
+        type(J) is torch.Tensor
+        and J.dtype == like.dtype
+        and J.shape == shape
+        and J.is_cpu
+        and like.is_cpu
+        and not J.requires_grad
+        and J.numel() <= HOST_SMALL
+    ):  # the common case of a small CPU problem: the values' test alone, in NumPy on a view
+        if not values:
+            return J
+        try:
+            ok = finite_array(J.numpy())
+        except RuntimeError:  # no storage of its own (inside a torch.func transform): torch's test
+            ok = bool(torch.isfinite(J).all())
+        if not ok:
+            raise ValueError(NONFINITE.format(name=name))
+        return J
     if isinstance(J, np.ndarray):
         J = torch.from_numpy(J)
     if not isinstance(J, torch.Tensor):
@@ -178,7 +251,9 @@ def checked_jacobian(J: Any, name: str, shape: tuple[int, int], like: torch.Tens
     J = J.detach() if J.requires_grad else J
     if J.dtype != like.dtype or not ((J.is_cpu and like.is_cpu) or J.device == like.device):
         J = J.to(dtype=like.dtype, device=like.device)
+    if not values:
+        return J
     a = host(J)  # a small CPU Jacobian: the test in NumPy, on a view
     if not (finite_array(a) if a is not None else bool(torch.isfinite(J).all())):
-        raise ValueError(f"`{name}` returned a Jacobian with NaN or Inf entries")
+        raise ValueError(NONFINITE.format(name=name))
     return J
