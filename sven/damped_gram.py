@@ -157,9 +157,9 @@ def top_eigenvalue(K: np.ndarray) -> float:
     :math:`\theta`: some eigenvalue lies within it of :math:`\theta`, and :math:`\theta \le \lambda_1` (a
     Rayleigh quotient), so :math:`\lambda_1 - \theta \le \beta_j |s_j|`, and
     :math:`\le (\beta_j s_j)^2 / \text{gap}` once :math:`\lambda_1` is isolated (at most ``1e-12`` relative on
-    the Gram matrices of three sven-bench classifiers, 300 steps, after 12-24 products). It stops too at ``j = m``
-    or where :math:`\beta_j` is at most that fraction of the largest diagonal entry of :math:`T_j` (itself at most
-    :math:`\theta`): an invariant subspace to round-off. ``NaN`` if ``K`` is not finite.
+    the Gram matrices of three sven-bench classifiers, 300 steps, after 8-24 products, median 12). It stops too at
+    ``j = m`` or where :math:`\beta_j` is at most that fraction of the largest diagonal entry of :math:`T_j` (itself
+    at most :math:`\theta`): an invariant subspace to round-off. ``NaN`` if ``K`` is not finite.
     """
     m = K.shape[0]
     if not np.isfinite(K).all():
