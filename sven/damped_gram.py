@@ -67,6 +67,8 @@ from truncpinv import TruncatedPinv
 from truncpinv._gram import PARTIAL_MIN_ROWS, _singular_values
 from truncpinv._tolerance import make_tolerance
 
+from ._arrays import finite_array
+
 __all__ = [
     "BAND_MAX", "MIN_DAMPING", "NAME", "UNTRUNCATED", "DampedGram", "Tridiagonal", "Untruncated", "accuracy",
     "applies", "factorize_damped", "top_eigenvalue",
@@ -162,7 +164,7 @@ def top_eigenvalue(K: np.ndarray) -> float:
     at most :math:`\theta`): an invariant subspace to round-off. ``NaN`` if ``K`` is not finite.
     """
     m = K.shape[0]
-    if not np.isfinite(K).all():
+    if not finite_array(K):
         return math.nan
     if m == 1:
         return float(K[0, 0])
@@ -338,7 +340,7 @@ class DampedGram(TruncatedPinv):
         self._Kn, self._lamn = K.numpy(), lam.numpy()
         self._rank, self._rtol, self._atol, self._solver = rank, rtol, atol, solver
         self._exact: TruncatedPinv | None = None
-        self._cache: tuple[float, torch.Tensor, torch.Tensor | None, np.ndarray] | None = None
+        self._cache: tuple[float, torch.Tensor, torch.Tensor | None, np.ndarray, np.ndarray] | None = None
         self.tol, self.shape, self.numpy_out, self._source = tol, (int(M.shape[0]), int(M.shape[1])), False, None
         self.rank, self.cutoff = 0, 0.0  # (set by _plan)
         self.stats: dict[str, Any] = {"solver": "from_gram", "method": NAME, "matvecs": 0, "iterations": 1}
@@ -415,7 +417,7 @@ class DampedGram(TruncatedPinv):
 
     def _solve(self, R: torch.Tensor, damping: float) -> tuple[torch.Tensor | None, np.ndarray]:
         """``(d, y)``: :math:`(K + \\lambda I) y = R`, deflated; ``d = M^T y`` or ``None`` when not certified.
-        The last one is cached (the direction and then its prediction)."""
+        The last one is cached with :math:`K y` (the certificate's, then the prediction's: :meth:`model_change`)."""
         c = self._cache
         if c is not None and c[0] == damping and (c[1] is R or torch.equal(c[1], R)):
             return c[2], c[3]
@@ -426,22 +428,23 @@ class DampedGram(TruncatedPinv):
         A.flat[:: m + 1] += lam_abs  # K + lambda I
         L, info = scipy.linalg.lapack.dpotrf(A, lower=1, clean=0, overwrite_a=1)
         d: torch.Tensor | None = None
-        y = np.zeros(m)
+        y = Ky = np.zeros(m)
         if info == 0:
             y, info = scipy.linalg.lapack.dpotrs(L, R.detach().cpu().numpy().astype(np.float64), lower=1)
             W = self._W
             if W is not None:
                 y = y - W @ (W.T @ y)
-            if info == 0 and self._certified(y, lam_abs):
+            Ky = self._Kn @ y
+            if info == 0 and self._certified(y, Ky, lam_abs):
                 Mop = self._M
                 d = Mop.rmatmat(torch.from_numpy(y).to(Mop.dtype)[:, None])[:, 0]
-        self._cache = (damping, R, d, y)
+        self._cache = (damping, R, d, y, Ky)
         return d, y
 
-    def _certified(self, y: np.ndarray, lam_abs: float) -> bool:
+    def _certified(self, y: np.ndarray, Ky: np.ndarray, lam_abs: float) -> bool:
         """The bound of the class docstring within :func:`accuracy` of :math:`\\|d\\| = \\sqrt{y^\\top K y}`."""
         m, lam1 = self.shape[0], float(self._lamn[0])
-        ynorm, dnorm2 = float(np.linalg.norm(y)), float(y @ (self._Kn @ y))
+        ynorm, dnorm2 = float(np.linalg.norm(y)), float(y @ Ky)
         if not (math.isfinite(ynorm) and math.isfinite(dnorm2)) or not lam_abs > 0:
             return False
         rounding = m * _EPS64 * (lam1 + lam_abs) / (2.0 * math.sqrt(lam_abs))
@@ -459,8 +462,9 @@ class DampedGram(TruncatedPinv):
         r""":math:`M d_\lambda = K y` of :meth:`damped_direction`'s direction (``None`` where it gave none)."""
         if self._exact is not None or not damping > 0:
             return None
-        d, y = self._solve(R, damping)
-        return None if d is None else torch.from_numpy(self._Kn @ y).to(self.dtype)
+        d, _ = self._solve(R, damping)
+        assert self._cache is not None  # (set by _solve, with K y)
+        return None if d is None else torch.from_numpy(self._cache[4]).to(self.dtype)
 
     def gradient_cosine(self, R: torch.Tensor) -> torch.Tensor:
         r""":math:`\|M^\top R\| / (\sigma_{max}\|R\|)` with :math:`\|M^\top R\|^2 = R^\top K R` (no eigenvectors)."""

@@ -80,11 +80,15 @@ class StepInfo:
     _lrs: list[tuple[int, int, float]] = field(default_factory=list, repr=False)
 
     def record(self, outcome: Any, lrs: list[tuple[int, int, float]]) -> None:
-        """Copy a step-control :class:`~sven.control.Outcome` (and the blocks' learning rates) into this record."""
-        for name in ("damping", "gain_ratio", "retries", "rejected", "capped", "k_used", "substep_losses", "stalled",
-                     "converged"):  # fmt: skip
-            setattr(self, name, getattr(outcome, name))
-        self._direction, self._lrs = outcome.direction, lrs
+        """Copy a step-control :class:`~sven.control.Outcome` (and the blocks' learning rates) into this record, in
+        one update of its attributes (a dataclass: they live in its ``__dict__``; a curve fit's step is
+        microseconds, :mod:`sven.tiny`)."""
+        o = outcome
+        vars(self).update(
+            damping=o.damping, gain_ratio=o.gain_ratio, retries=o.retries, rejected=o.rejected, capped=o.capped,
+            k_used=o.k_used, substep_losses=o.substep_losses, stalled=o.stalled, converged=o.converged,
+            _direction=o.direction, _lrs=lrs,
+        )  # fmt: skip
 
     @property
     def gradient_cosine(self) -> float:

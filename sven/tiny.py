@@ -360,12 +360,7 @@ def _descend(
     except StepFault as fault:
         opt._fault(info, R, fault)
         return info
-    # StepInfo.record, in one update of the record's attributes (a dataclass: they live in its __dict__)
-    vars(info).update(
-        damping=out.damping, gain_ratio=out.gain_ratio, retries=out.retries, rejected=out.rejected,
-        capped=out.capped, k_used=out.k_used, substep_losses=out.substep_losses, stalled=out.stalled,
-        converged=out.converged, _direction=out.direction, _lrs=tp.spans,
-    )  # fmt: skip
+    info.record(out, tp.spans)
     return info
 
 

@@ -71,12 +71,18 @@ def _same_state(a: dict, b: dict, rel: float) -> None:  # type: ignore[type-arg]
             assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-300), k
 
 
+#: the random problems of the property tests below: seed, columns, extra rows, step control
+PROBLEMS = {
+    "seed": st.integers(0, 2**31 - 1),
+    "p": st.integers(1, tiny.TINY_COLUMNS),
+    "extra": st.integers(0, 30),
+    "kind": st.sampled_from(["adaptive", "trust", "trust with tolerances"]),
+}
+
+
 @settings(max_examples=30, deadline=None)
 @given(
-    seed=st.integers(0, 2**31 - 1),
-    p=st.integers(1, tiny.TINY_COLUMNS),
-    extra=st.integers(0, 30),
-    kind=st.sampled_from(["adaptive", "trust", "trust with tolerances"]),
+    **PROBLEMS,
     dtype=st.sampled_from([torch.float64, torch.float32]),
     jacobian=st.sampled_from(["autograd", "callable", "2-point"]),
 )
@@ -101,13 +107,7 @@ def test_the_twin_takes_the_general_controls_decisions_and_steps(
 
 
 @settings(max_examples=20, deadline=None)
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    p=st.integers(1, tiny.TINY_COLUMNS),
-    extra=st.integers(0, 30),
-    kind=st.sampled_from(["adaptive", "trust", "trust with tolerances"]),
-    jacobian=st.sampled_from(["autograd", "callable"]),
-)
+@given(**PROBLEMS, jacobian=st.sampled_from(["autograd", "callable"]))
 def test_the_lean_step_with_its_twin_follows_the_general_step(
     seed: int, p: int, extra: int, kind: str, jacobian: str
 ) -> None:
